@@ -1,0 +1,1 @@
+"""Export stage: traced segments -> ONNX / TensorRT / AOTInductor engines + manifest.json."""

@@ -1,0 +1,296 @@
+"""Model and run configurations. Presets are functions; every field is documented.
+
+Shape legend used across ropesp: B batch, F latent frames, C channels, L tokens this rank holds,
+S cache slots, H heads (H_local per rank), D head_dim, P sequence-parallel size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ropesp.errors import ConfigError
+
+ROPE_THETA = 10000.0
+VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE: temporal 4x, spatial 8x
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a causal Wan2.1 DiT (names follow Wan's config.json)."""
+
+    dim: int = 1536
+    """Hidden width C."""
+    ffn_dim: int = 8960
+    """Width of the feed-forward hidden layer."""
+    freq_dim: int = 256
+    """Width of the sinusoidal timestep embedding."""
+    num_heads: int = 12
+    """Attention heads H."""
+    num_layers: int = 30
+    """Transformer blocks."""
+    in_dim: int = 16
+    """Latent channels in."""
+    out_dim: int = 16
+    """Latent channels out."""
+    text_len: int = 512
+    """Text tokens the cross-attention sees (prompt embeddings are zero-padded to this)."""
+    text_dim: int = 4096
+    """Width of the text encoder's output (umT5-XXL: 4096)."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Patch (frames, rows, cols) of the patch embedding."""
+    qk_norm: bool = True
+    """RMSNorm over all heads on q and k."""
+    cross_attn_norm: bool = True
+    """Affine LayerNorm (norm3) before the cross-attention."""
+    eps: float = 1e-6
+    """Epsilon of every LayerNorm and RMSNorm."""
+    rope_theta: float = ROPE_THETA
+    """RoPE base."""
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ConfigError(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ConfigError(f"patch_size={self.patch_size} must be three positive ints")
+        if self.patch_size[0] != 1:
+            raise ConfigError(
+                f"patch_size={self.patch_size}: only a temporal patch of 1 is supported (all Wan2.1 models)"
+            )
+        for name in ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers", "in_dim", "out_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        """D = dim / num_heads."""
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Real channels of head_dim rotated by (time, rows, cols): d-4*(d//6), 2*(d//6), 2*(d//6)."""
+        d = self.head_dim
+        return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+
+    @property
+    def patch_out(self) -> int:
+        """Channels of the head's output per token: prod(patch_size) * out_dim."""
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw * self.out_dim
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        """Build from a Wan/diffusers-style config dict; absent fields take Wan defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        required = ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers", "in_dim", "out_dim")
+        missing = [k for k in required if k not in kwargs]
+        if missing:
+            raise ConfigError(f"model config lacks required fields {missing}; a Wan config.json has them")
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(int(p) for p in kwargs["patch_size"])
+        if isinstance(kwargs.get("qk_norm"), str):  # diffusers writes "rms_norm_across_heads"
+            kwargs["qk_norm"] = kwargs["qk_norm"] in ("rms_norm_across_heads", "true", "True")
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"invalid model config: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--model-config {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--model-config {path} is not valid JSON: {exc}") from None
+        if "num_attention_heads" in raw and "num_heads" not in raw:  # diffusers transformer config
+            raw = _diffusers_config_to_wan(raw)
+        return cls.from_dict(raw)
+
+
+def _diffusers_config_to_wan(raw: dict) -> dict:
+    heads = raw["num_attention_heads"]
+    return {
+        "dim": heads * raw["attention_head_dim"],
+        "ffn_dim": raw["ffn_dim"],
+        "freq_dim": raw.get("freq_dim", 256),
+        "num_heads": heads,
+        "num_layers": raw["num_layers"],
+        "in_dim": raw.get("in_channels", 16),
+        "out_dim": raw.get("out_channels", 16),
+        "text_len": 512,
+        "text_dim": raw.get("text_dim", 4096),
+        "patch_size": raw.get("patch_size", [1, 2, 2]),
+        "qk_norm": raw.get("qk_norm", "rms_norm_across_heads"),
+        "cross_attn_norm": raw.get("cross_attn_norm", True),
+        "eps": raw.get("eps", 1e-6),
+    }
+
+
+def tiny() -> ModelConfig:
+    """CPU-fast default: 12 heads of 16 dims, 2 layers (every world size 1..12 divides or tiles)."""
+    return ModelConfig(dim=192, ffn_dim=768, num_heads=12, num_layers=2)
+
+
+def wan_1_3b() -> ModelConfig:
+    """Wan2.1-T2V-1.3B (Self-Forcing's base)."""
+    return ModelConfig()
+
+
+def wan_14b() -> ModelConfig:
+    """Wan2.1-T2V-14B."""
+    return ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+
+@dataclass(frozen=True)
+class PresetDefaults:
+    """Resolution and length a preset runs at unless told otherwise (latent units)."""
+
+    latent_height: int
+    latent_width: int
+    latent_frames: int
+
+
+PRESETS: dict[str, tuple] = {
+    "tiny": (tiny, PresetDefaults(16, 16, 9)),
+    "wan2.1-1.3b": (wan_1_3b, PresetDefaults(60, 104, 21)),
+    "wan2.1-14b": (wan_14b, PresetDefaults(60, 104, 21)),
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, PresetDefaults]:
+    """Model config and default sizes of a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+    make, defaults = PRESETS[name]
+    return make(), defaults
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Self-attention KV cache geometry, in latent frames (MODEL_SPEC.md section 4)."""
+
+    max_frames: int
+    """Frames the cache holds without a rolling window (the whole video)."""
+    local_attn_frames: int = -1
+    """Rolling window in frames, sink frames INCLUDED; -1 = global attention (no rolling)."""
+    sink_frames: int = 0
+    """Frames at the start of the stream that are never evicted (only with a rolling window)."""
+
+    def __post_init__(self) -> None:
+        if self.local_attn_frames == -1:
+            if self.sink_frames:
+                raise ConfigError(
+                    f"--sink-frames {self.sink_frames} needs --local-attn-frames (a rolling window)"
+                )
+            if self.max_frames < 1:
+                raise ConfigError(f"max_frames={self.max_frames} must be >= 1")
+        else:
+            if self.local_attn_frames < 1:
+                raise ConfigError(
+                    f"--local-attn-frames {self.local_attn_frames} must be -1 (global) or >= 1"
+                )
+            if not 0 <= self.sink_frames < self.local_attn_frames:
+                raise ConfigError(
+                    f"--sink-frames {self.sink_frames} must be in [0, --local-attn-frames="
+                    f"{self.local_attn_frames}) (the window includes the sink)"
+                )
+
+    @property
+    def rolling(self) -> bool:
+        return self.local_attn_frames != -1
+
+    @property
+    def slot_frames(self) -> int:
+        """Frames the buffer holds: the window when rolling, else max_frames."""
+        return self.local_attn_frames if self.rolling else self.max_frames
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Few-step flow-matching sampler (Self-Forcing DMD)."""
+
+    steps: tuple[int, ...] = (1000, 750, 500, 250)
+    """Denoising step list as Self-Forcing's config writes it, before warping with shift."""
+    shift: float = 5.0
+    """Timestep shift (5 for inference.py, 8 for demo.py)."""
+    chunk_frames: int = 3
+    """Latent frames generated per chunk."""
+    independent_first_frame: bool = False
+    """First chunk is a single frame, then chunks of chunk_frames."""
+    context_noise: float = 0.0
+    """Timestep of the clean-context pass that refreshes the cache (0 = clean)."""
+
+    def __post_init__(self) -> None:
+        steps = list(self.steps)
+        if not steps:
+            raise ConfigError("--steps must list at least one step")
+        if any(not isinstance(s, int) or not 1 <= s <= 1000 for s in steps):
+            raise ConfigError(f"--steps {steps}: every step must be an integer in 1..1000")
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ConfigError(f"--steps {steps}: steps must be strictly descending")
+        if self.shift <= 0:
+            raise ConfigError(f"--shift {self.shift} must be > 0")
+        if self.chunk_frames < 1:
+            raise ConfigError(f"--chunk-frames {self.chunk_frames} must be >= 1")
+
+    def chunk_sizes(self, latent_frames: int) -> list[int]:
+        """Frames per chunk for a video of latent_frames; refuses lengths that do not tile."""
+        n = self.chunk_frames
+        if self.independent_first_frame:
+            if latent_frames < 1 or (latent_frames - 1) % n:
+                raise ConfigError(
+                    f"latent frames={latent_frames} must be 1 + a multiple of --chunk-frames {n} "
+                    f"with --independent-first-frame (e.g. {1 + n}, {1 + 2 * n})"
+                )
+            return [1] + [n] * ((latent_frames - 1) // n)
+        if latent_frames < 1 or latent_frames % n:
+            raise ConfigError(
+                f"latent frames={latent_frames} must be a positive multiple of --chunk-frames {n} "
+                f"(e.g. {n}, {2 * n}, {7 * n}); video frames = 4*latent_frames - 3"
+            )
+        return [n] * (latent_frames // n)
+
+
+@dataclass(frozen=True)
+class VideoGeometry:
+    """Latent size of one stream; derives the token grid of a frame."""
+
+    latent_height: int
+    latent_width: int
+    patch_size: tuple[int, int, int] = field(default=(1, 2, 2))
+
+    def __post_init__(self) -> None:
+        _, ph, pw = self.patch_size
+        if self.latent_height < 1 or self.latent_height % ph:
+            raise ConfigError(
+                f"--latent-height {self.latent_height} must be a positive multiple of the patch size {ph}"
+            )
+        if self.latent_width < 1 or self.latent_width % pw:
+            raise ConfigError(
+                f"--latent-width {self.latent_width} must be a positive multiple of the patch size {pw}"
+            )
+
+    @property
+    def rows(self) -> int:
+        return self.latent_height // self.patch_size[1]
+
+    @property
+    def cols(self) -> int:
+        return self.latent_width // self.patch_size[2]
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens per latent frame (rows * cols); 1560 for Wan 480p."""
+        return self.rows * self.cols

@@ -1,0 +1,270 @@
+"""CausalWanDiT: the Wan2.1 DiT run chunk by chunk with a KV cache (Self-Forcing inference path).
+
+Attribute names equal the original checkpoint keys (MODEL_SPEC.md section 1), so a state dict loads
+with `load_state_dict(strict=True, assign=True)`.
+
+The model itself is single-device and knows nothing of sequence parallelism, caches or engines: the
+per-chunk forward asks a `ChunkRunner` for the four things that differ between execution modes —
+which tokens this rank holds, how q/k are rotated, how attention reaches the KV cache, and how the
+head's output is gathered. Each block is split into `pre_attention` and `post_attention` so that
+exported engines and collectives can sit between them (export/segments.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ropesp.config import ModelConfig
+
+
+class ChunkRunner(Protocol):
+    """What one chunk's forward needs from its execution mode (see runtime/ and model/local.py)."""
+
+    first_token: int
+    """Index of this rank's first token in the chunk."""
+
+    def shard(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L, C] all tokens -> [B, L_local, C] this rank's tokens (tail padded)."""
+        ...
+
+    def rope(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate q or k [B, L_local, H, D] of this rank's tokens."""
+        ...
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Self-attention of this rank's queries against the cache: [B, L_local, H, D] each."""
+        ...
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L_local, X] -> [B, L, X] all tokens of the chunk (padding dropped)."""
+        ...
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal timestep embedding in float64, [cos, sin] order. t: [N] -> [N, dim] float64."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    arg = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+def layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
+    """LayerNorm in fp32, cast back to x's dtype (as Wan's WanLayerNorm)."""
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim (all heads at once), statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32; affine only when asked (norm3 with cross_attn_norm)."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.eps, self.weight, self.bias)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with optional RMSNorm (across heads) on q and k."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+
+    def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text keys and values, computed once per prompt: [B, text_len, H, D] each."""
+        return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
+
+
+class Block(nn.Module):
+    """Transformer block with per-frame 6-way adaLN (MODEL_SPEC.md section 3)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = LayerNorm(cfg.dim, cfg.eps, affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def token_modulation(self, e0: torch.Tensor, frame_of_token: torch.Tensor) -> torch.Tensor:
+        """Per-token adaLN parameters: e0 [B, F, 6, C] -> [B, L, 6, C] (shift, scale, gate x2)."""
+        mod = self.modulation.unsqueeze(1) + e0  # [B, F, 6, C]
+        return mod[:, frame_of_token]  # [B, L, 6, C]
+
+    def pre_attention(self, x: torch.Tensor, mod: torch.Tensor, rope) -> tuple[torch.Tensor, ...]:
+        """x: [B, L, C], mod: [B, L, 6, C] -> q, k (rotated), v: [B, L, H, D]."""
+        h = layer_norm(x, self.eps) * (1 + mod[:, :, 1]) + mod[:, :, 0]
+        attn = self.self_attn
+        q = attn.heads(attn.norm_q(attn.q(h)))  # [B, L, H, D]
+        k = attn.heads(attn.norm_k(attn.k(h)))
+        v = attn.heads(attn.v(h))
+        return rope(q).type_as(v), rope(k).type_as(v), v
+
+    def post_attention(
+        self, x: torch.Tensor, o: torch.Tensor, mod: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor
+    ) -> torch.Tensor:
+        """x: [B, L, C]; o: [B, L, H, D] attention output; cross_k/v: [B, text_len, H, D]."""
+        x = x + self.self_attn.o(o.flatten(2)) * mod[:, :, 2]
+        ca = self.cross_attn
+        q = ca.heads(ca.norm_q(ca.q(self.norm3(x))))  # [B, L, H, D]
+        c = F.scaled_dot_product_attention(
+            q.transpose(1, 2), cross_k.transpose(1, 2), cross_v.transpose(1, 2)  # [B, H, L, D]
+        ).transpose(1, 2)  # [B, L, H, D]
+        x = x + ca.o(c.flatten(2))
+        h = layer_norm(x, self.eps) * (1 + mod[:, :, 4]) + mod[:, :, 3]
+        return x + self.ffn(h) * mod[:, :, 5]
+
+
+class Head(nn.Module):
+    """Modulated output head: LayerNorm, per-frame shift/scale from the time embedding, Linear."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.patch_out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e_tok: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, C]; e_tok: [B, L, C] time embedding per token -> [B, L, patch_out]."""
+        mod = self.modulation.unsqueeze(1) + e_tok.unsqueeze(2)  # [B, L, 2, C]
+        return self.head(layer_norm(x, self.eps) * (1 + mod[:, :, 1]) + mod[:, :, 0])
+
+
+class CausalWanDiT(nn.Module):
+    """Causal Wan2.1 DiT. Latents [B, F, C, H, W] in, flow (velocity) [B, F, C, H, W] out."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    # --- embeddings -------------------------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, F, C, H, W] latents -> [B, F*rows*cols, dim] tokens in (f, row, col) order."""
+        y = self.patch_embedding(x.transpose(1, 2).to(self.patch_embedding.weight.dtype))  # [B, dim, F, r, c]
+        return y.flatten(2).transpose(1, 2)  # [B, L, dim]
+
+    def embed_time(self, t_sinusoid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t_sinusoid: [B, F, freq_dim] (float64 ok) -> e [B, F, C], e0 [B, F, 6, C] in model dtype."""
+        dtype = self.time_embedding[0].weight.dtype
+        e = self.time_embedding(t_sinusoid.to(dtype))  # [B, F, C]
+        e0 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))  # [B, F, 6, C]
+        return e, e0
+
+    def embed_text(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """prompt_embeds: [B, Lt <= text_len, text_dim] -> [B, text_len, dim] (zero-padded first)."""
+        b, lt, _ = prompt_embeds.shape
+        pad = prompt_embeds.new_zeros(b, self.cfg.text_len - lt, prompt_embeds.shape[-1])
+        ctx = torch.cat([prompt_embeds, pad], dim=1).to(self.text_embedding[0].weight.dtype)
+        return self.text_embedding(ctx)
+
+    def cross_kv(self, prompt_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention K/V of every layer for one prompt: [B, text_len, H, D] each."""
+        ctx = self.embed_text(prompt_embeds)
+        return [blk.cross_attn.cross_kv(ctx) for blk in self.blocks]
+
+    def unpatchify(self, out: torch.Tensor, frames: int, rows: int, cols: int) -> torch.Tensor:
+        """out: [B, L, patch_out] -> [B, F, C_out, H, W]."""
+        pt, ph, pw = self.cfg.patch_size
+        c = self.cfg.out_dim
+        b = out.shape[0]
+        u = out.view(b, frames, rows, cols, pt, ph, pw, c)
+        u = torch.einsum("bfhwpqrc->bcfphqwr", u)  # [B, C, F, pt, rows, ph, cols, pw]
+        u = u.reshape(b, c, frames * pt, rows * ph, cols * pw)
+        return u.transpose(1, 2)  # [B, F, C, H, W]
+
+    # --- one chunk ------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t_sinusoid: torch.Tensor,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        runner: ChunkRunner,
+    ) -> torch.Tensor:
+        """One forward of a chunk.
+
+        x: [B, F, C, H, W] latents of the chunk; t_sinusoid: [B, F, freq_dim] float64
+        (`timestep_sinusoid` of each frame's timestep); cross_kv: from `cross_kv`;
+        runner: execution mode (cache, SP). Returns the flow prediction [B, F, C_out, H, W] fp32.
+        """
+        b, frames, _, height, width = x.shape
+        rows, cols = height // self.cfg.patch_size[1], width // self.cfg.patch_size[2]
+        tokens = runner.shard(self.patchify(x))  # [B, L_local, C]
+        frame_of_token = self.frame_index(runner.first_token, tokens.shape[1], frames, rows * cols, x.device)
+        e, e0 = self.embed_time(t_sinusoid)
+        for i, block in enumerate(self.blocks):
+            mod = block.token_modulation(e0, frame_of_token)
+            q, k, v = block.pre_attention(tokens, mod, runner.rope)
+            o = runner.attention(i, q, k, v)
+            tokens = block.post_attention(tokens, o, mod, *cross_kv[i])
+        out = self.head(tokens, e[:, frame_of_token])  # [B, L_local, patch_out]
+        out = runner.gather(out)  # [B, L, patch_out]
+        return self.unpatchify(out.float(), frames, rows, cols)
+
+    @staticmethod
+    def frame_index(first_token: int, length: int, frames: int, frame_tokens: int, device) -> torch.Tensor:
+        """Frame of each of this rank's tokens [L_local] int64; SP padding maps to the last frame."""
+        g = torch.arange(first_token, first_token + length, device=device)
+        return torch.clamp(g // frame_tokens, max=frames - 1)
+
+
+def init_weights(model: CausalWanDiT, seed: int) -> None:
+    """Seeded random weights with Wan-like scales (for the embedded default and benchmarks)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or name.endswith("norm3.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            elif name.endswith("modulation"):
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            else:
+                fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else p.shape[0]
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))

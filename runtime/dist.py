@@ -1,0 +1,92 @@
+"""Process groups and rank math. One launch path: torchrun's environment (or ranks we spawn).
+
+`Mapping` is read once from RANK / WORLD_SIZE / LOCAL_RANK and passed on; a single process is
+world size 1 on the same code path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ropesp.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Where this process sits: rank r of a sequence-parallel group of world_size ranks."""
+
+    world_size: int = 1
+    """P, the sequence-parallel size."""
+    rank: int = 0
+    """This process's rank in [0, world_size)."""
+    local_rank: int = 0
+    """Device index on this host."""
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is outside [0, world size {self.world_size})")
+
+    @classmethod
+    def from_env(cls, requested_world_size: int | None = None) -> Mapping:
+        """Read torchrun's variables; check them against --world-size when both are given."""
+        env_ws = os.environ.get("WORLD_SIZE")
+        if env_ws is None:
+            return cls(world_size=requested_world_size or 1)
+        ws = int(env_ws)
+        if requested_world_size is not None and requested_world_size != ws:
+            raise ConfigError(
+                f"--world-size {requested_world_size} disagrees with WORLD_SIZE={ws} from the launcher"
+            )
+        return cls(ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+
+def valid_sp_sizes(num_heads: int) -> list[int]:
+    """World sizes pure Ulysses supports: divisors of the head count."""
+    return [p for p in range(1, num_heads + 1) if num_heads % p == 0]
+
+
+def check_sp_size(num_heads: int, world_size: int) -> None:
+    if num_heads % world_size:
+        raise ConfigError(
+            f"world size {world_size} does not divide the model's {num_heads} attention heads; "
+            f"valid world sizes: {valid_sp_sizes(num_heads)}"
+        )
+
+
+def device_for(mapping: Mapping, device: str) -> torch.device:
+    """cuda:<local_rank> for CUDA runs, else cpu."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but no CUDA GPU is visible")
+        return torch.device("cuda", mapping.local_rank)
+    return torch.device(device)
+
+
+def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float = 300.0) -> None:
+    """NCCL on GPU, gloo on CPU; a no-op at world size 1. Needs MASTER_ADDR/PORT in the env."""
+    if mapping.world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        rank=mapping.rank,
+        world_size=mapping.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

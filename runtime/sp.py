@@ -1,0 +1,149 @@
+"""Sequence parallelism (Ulysses) with Causal-RoPE SP: the per-chunk runner of a P-rank group.
+
+Per block: this rank's tokens [B, L/P, H, D] get q/k/v, RMSNorm and RoPE locally — positions come
+from (start_frame, first_token, grid), so nothing is gathered for RoPE — then ONE all-to-all moves
+q, k and v together to the head-sharded layout [B, L, H/P, D]; attention runs against this rank's
+head-sharded persistent KV cache; ONE all-to-all brings the output back to [B, L/P, H, D].
+
+Baselines kept for measurement (PAPER.md): `sp_rope="allgather"` gathers q and k to the full chunk
+and applies the reference float64 RoPE there; `sp_comm="unfused"` sends q, k and v in three
+all-to-alls. All modes produce the same outputs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ropesp.model.kv_cache import CacheSlots, KVCache, attention
+from ropesp.model.rope import rope_apply_ref
+
+SP_ROPE_MODES = ("local", "allgather")
+SP_COMM_MODES = ("fused", "unfused")
+
+
+@dataclass(frozen=True)
+class TokenShard:
+    """Contiguous split of a chunk's L tokens over P ranks, tail padded to a multiple of P."""
+
+    total: int
+    """L, real tokens of the chunk."""
+    padded: int
+    """L_pad = ceil(L / P) * P."""
+    first: int
+    """This rank's first token index."""
+    length: int
+    """L_local = L_pad / P."""
+
+    @classmethod
+    def split(cls, total: int, sp_size: int, rank: int) -> TokenShard:
+        length = -(-total // sp_size)
+        return cls(total=total, padded=length * sp_size, first=rank * length, length=length)
+
+
+class Collectives:
+    """The collectives SP uses, counted per kind (tests assert the per-layer call pattern)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, sp_size: int) -> None:
+        self.group = group
+        self.sp_size = sp_size
+        self.counts: Counter[str] = Counter()
+        self._into_tensor = dist.is_initialized() and dist.get_backend(group) == "nccl"
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Exchange x [P, ...] (slice j goes to rank j) -> [P, ...] (slice j came from rank j)."""
+        self.counts["all_to_all"] += 1
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=self.group)
+        return out
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [...] on every rank -> [P, ...] stacked in rank order."""
+        self.counts["all_gather"] += 1
+        x = x.contiguous()
+        if self._into_tensor:
+            out = x.new_empty((self.sp_size, *x.shape))
+            dist.all_gather_into_tensor(out, x, group=self.group)
+            return out
+        parts = [torch.empty_like(x) for _ in range(self.sp_size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.stack(parts)
+
+
+class UlyssesRunner:
+    """ChunkRunner of one rank in a P-rank Ulysses group (P >= 2)."""
+
+    def __init__(
+        self,
+        cache: KVCache,
+        slots: CacheSlots,
+        shard: TokenShard,
+        comm: Collectives,
+        rope,
+        *,
+        sp_rope: str = "local",
+        sp_comm: str = "fused",
+        start_frame: int = 0,
+        grid: tuple[int, int, int] = (1, 1, 1),
+        theta: float = 10000.0,
+    ) -> None:
+        self.cache, self.slots, self.shard_info, self.comm = cache, slots, shard, comm
+        self.first_token = shard.first
+        self.sp = comm.sp_size
+        self.sp_comm = sp_comm
+        self._local_rope = rope
+        self.rope = self._local_rope if sp_rope == "local" else self._allgather_rope
+        self.start_frame, self.grid, self.theta = start_frame, grid, theta
+
+    # --- tokens -----------------------------------------------------------------------------
+    def shard(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L, C] -> [B, L_local, C]: pad the tail to L_pad, keep this rank's slice."""
+        s = self.shard_info
+        if s.padded != s.total:
+            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, s.padded - s.total))  # [B, L_pad, C]
+        return tokens[:, s.first : s.first + s.length]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L_local, X] -> [B, L, X]: all-gather along the sequence, drop the padding."""
+        parts = self.comm.all_gather(x)  # [P, B, L_local, X]
+        full = parts.transpose(0, 1).flatten(1, 2)  # [B, L_pad, X]
+        return full[:, : self.shard_info.total]
+
+    # --- baseline RoPE: gather, rotate the full chunk with the float64 reference, keep ours ----
+    def _allgather_rope(self, x: torch.Tensor) -> torch.Tensor:
+        full = self.comm.all_gather(x).transpose(0, 1).flatten(1, 2)  # [B, L_pad, H, D]
+        frames, rows, cols = self.grid
+        full = rope_apply_ref(full, self.start_frame, frames, rows, cols, self.theta)
+        return full[:, self.first_token : self.first_token + x.shape[1]]
+
+    # --- attention --------------------------------------------------------------------------
+    def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., B, L_local, H, D] -> [..., B, L, H/P, D] (sequence-sharded -> head-sharded)."""
+        *lead, b, l_loc, h, d = x.shape
+        n = len(lead)
+        send = x.unflatten(-2, (self.sp, h // self.sp))  # [..., B, L_local, P, H/P, D]
+        send = send.movedim(-3, 0)  # [P, ..., B, L_local, H/P, D]
+        recv = self.comm.all_to_all(send)  # all_to_all: [P(dst), ...] -> [P(src), ..., B, L_local, H/P, D]
+        recv = recv.movedim(0, n + 1)  # [..., B, P, L_local, H/P, D]
+        return recv.flatten(n + 1, n + 2)[..., : self.shard_info.total, :, :]  # [..., B, L, H/P, D]
+
+    def _to_tokens(self, o: torch.Tensor) -> torch.Tensor:
+        """[B, L, H/P, D] -> [B, L_local, H, D] (head-sharded -> sequence-sharded)."""
+        s = self.shard_info
+        if s.padded != s.total:
+            o = torch.nn.functional.pad(o, (0, 0, 0, 0, 0, s.padded - s.total))  # [B, L_pad, H/P, D]
+        b, _, hl, d = o.shape
+        send = o.view(b, self.sp, s.length, hl, d).movedim(1, 0)  # [P(dst), B, L_local, H/P, D]
+        recv = self.comm.all_to_all(send)  # all_to_all: -> [P(src head group), B, L_local, H/P, D]
+        return recv.movedim(0, 2).flatten(2, 3)  # [B, L_local, H, D]
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.sp_comm == "fused":
+            q, k, v = self._to_heads(torch.stack((q, k, v)))  # one all-to-all for q, k and v
+        else:
+            q, k, v = self._to_heads(q), self._to_heads(k), self._to_heads(v)
+        k_win, v_win = self.cache.update(layer, self.slots, k, v)  # [B, S_win, H/P, D]
+        return self._to_tokens(attention(q, k_win, v_win))
