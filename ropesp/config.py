@@ -7,6 +7,7 @@ S cache slots, H heads (H_local per rank), D head_dim, P sequence-parallel size.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,21 @@ class ModelConfig:
 
 
 def _diffusers_config_to_wan(raw: dict) -> dict:
+    """diffusers WanTransformer3DModel config -> Wan config dict (T2V only)."""
+    missing = [
+        k for k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers") if k not in raw
+    ]
+    if missing:
+        raise ConfigError(f"diffusers transformer config lacks required fields {missing}")
+    if raw.get("image_dim") is not None or raw.get("added_kv_proj_dim") is not None:
+        raise ConfigError(
+            "diffusers config is an image-to-video Wan (image_dim/added_kv_proj_dim set); only T2V is supported"
+        )
+    qk_norm = raw.get("qk_norm", "rms_norm_across_heads")
+    if qk_norm not in (None, "rms_norm_across_heads"):
+        raise ConfigError(
+            f"diffusers qk_norm={qk_norm!r} is unsupported; Wan2.1 uses 'rms_norm_across_heads' or null"
+        )
     heads = raw["num_attention_heads"]
     return {
         "dim": heads * raw["attention_head_dim"],
@@ -132,7 +148,7 @@ def _diffusers_config_to_wan(raw: dict) -> dict:
         "text_len": 512,
         "text_dim": raw.get("text_dim", 4096),
         "patch_size": raw.get("patch_size", [1, 2, 2]),
-        "qk_norm": raw.get("qk_norm", "rms_norm_across_heads"),
+        "qk_norm": qk_norm is not None,
         "cross_attn_norm": raw.get("cross_attn_norm", True),
         "eps": raw.get("eps", 1e-6),
     }
@@ -198,9 +214,7 @@ class CacheConfig:
                 raise ConfigError(f"max_frames={self.max_frames} must be >= 1")
         else:
             if self.local_attn_frames < 1:
-                raise ConfigError(
-                    f"--local-attn-frames {self.local_attn_frames} must be -1 (global) or >= 1"
-                )
+                raise ConfigError(f"--local-attn-frames {self.local_attn_frames} must be -1 (global) or >= 1")
             if not 0 <= self.sink_frames < self.local_attn_frames:
                 raise ConfigError(
                     f"--sink-frames {self.sink_frames} must be in [0, --local-attn-frames="
@@ -238,7 +252,7 @@ class SamplerConfig:
             raise ConfigError("--steps must list at least one step")
         if any(not isinstance(s, int) or not 1 <= s <= 1000 for s in steps):
             raise ConfigError(f"--steps {steps}: every step must be an integer in 1..1000")
-        if any(a <= b for a, b in zip(steps, steps[1:])):
+        if any(a <= b for a, b in itertools.pairwise(steps)):
             raise ConfigError(f"--steps {steps}: steps must be strictly descending")
         if self.shift <= 0:
             raise ConfigError(f"--shift {self.shift} must be > 0")

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from ropesp.runtime.dist import Mapping, check_sp_size
+from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, TokenShard, UlyssesRunner
 
 from ropesp.config import CacheConfig, ModelConfig, VideoGeometry
 from ropesp.errors import ConfigError
@@ -19,8 +21,6 @@ from ropesp.model.kv_cache import KVCache
 from ropesp.model.local import LocalRunner, make_rope
 from ropesp.model.rope import RopeTables
 from ropesp.model.wan import CausalWanDiT, timestep_sinusoid
-from ropesp.runtime.dist import Mapping, check_sp_size
-from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, TokenShard, UlyssesRunner
 
 
 class Executor(Protocol):
@@ -85,8 +85,14 @@ class SPState:
         self.device, self.dtype, self.batch = device, dtype, batch
         self.sp_rope, self.sp_comm = sp_rope, sp_comm
         self.cache = KVCache(
-            cfg.num_layers, batch, geometry.frame_tokens, cache_cfg,
-            cfg.num_heads // mapping.world_size, cfg.head_dim, dtype, device,
+            cfg.num_layers,
+            batch,
+            geometry.frame_tokens,
+            cache_cfg,
+            cfg.num_heads // mapping.world_size,
+            cfg.head_dim,
+            dtype,
+            device,
         )
         self.tables = RopeTables(
             cfg.head_dim, max(cache_cfg.max_frames, 1), geometry.rows, geometry.cols, cfg.rope_theta, device
@@ -98,7 +104,12 @@ class SPState:
         if end_frame > self.tables.max_frames:
             size = max(end_frame, 2 * self.tables.max_frames)
             self.tables = RopeTables(
-                self.cfg.head_dim, size, self.geometry.rows, self.geometry.cols, self.cfg.rope_theta, self.device
+                self.cfg.head_dim,
+                size,
+                self.geometry.rows,
+                self.geometry.cols,
+                self.cfg.rope_theta,
+                self.device,
             )
 
     def runner(self, slots, start_frame: int, frames: int, rope_fn=None):
@@ -107,15 +118,25 @@ class SPState:
         total = frames * g.frame_tokens
         if self.mapping.world_size == 1:
             mode = "tables" if self.sp_rope == "local" else "reference"
-            rope = rope_fn or make_rope(mode, start_frame, frames, g.rows, g.cols, 0, self.tables, self.cfg.rope_theta)
+            rope = rope_fn or make_rope(
+                mode, start_frame, frames, g.rows, g.cols, 0, self.tables, self.cfg.rope_theta
+            )
             return LocalRunner(self.cache, slots, rope)
         shard = TokenShard.split(total, self.mapping.world_size, self.mapping.rank)
         rope = rope_fn or make_rope(
             "tables", start_frame, frames, g.rows, g.cols, shard.first, self.tables, self.cfg.rope_theta
         )
         return UlyssesRunner(
-            self.cache, slots, shard, self.comm, rope, sp_rope=self.sp_rope, sp_comm=self.sp_comm,
-            start_frame=start_frame, grid=(frames, g.rows, g.cols), theta=self.cfg.rope_theta,
+            self.cache,
+            slots,
+            shard,
+            self.comm,
+            rope,
+            sp_rope=self.sp_rope,
+            sp_comm=self.sp_comm,
+            start_frame=start_frame,
+            grid=(frames, g.rows, g.cols),
+            theta=self.cfg.rope_theta,
         )
 
 
@@ -152,6 +173,8 @@ class EagerExecutor:
         slots = st.cache.begin(start_frame * ft, frames * ft)
         runner = st.runner(slots, start_frame, frames)
         with torch.inference_mode():
-            flow = self.model(x.to(self.device), sinusoid_for(self.cfg, t, b, frames, self.device), self.cross_kv, runner)
+            flow = self.model(
+                x.to(self.device), sinusoid_for(self.cfg, t, b, frames, self.device), self.cross_kv, runner
+            )
         st.cache.commit(slots)
         return flow

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from ropesp.runtime.executor import Executor
+from ropesp.runtime.sampler import FlowSchedule, NoiseStream
 
 from ropesp.config import SamplerConfig, VideoGeometry
 from ropesp.decode.base import StreamDecoder
-from ropesp.runtime.executor import Executor
-from ropesp.runtime.sampler import FlowSchedule, NoiseStream
 
 
 @dataclass

@@ -56,8 +56,9 @@ class Collectives:
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """Exchange x [P, ...] (slice j goes to rank j) -> [P, ...] (slice j came from rank j)."""
         self.counts["all_to_all"] += 1
+        x = x.contiguous()
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=self.group)
+        dist.all_to_all_single(out, x, group=self.group)
         return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ class UlyssesRunner:
     # --- attention --------------------------------------------------------------------------
     def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[..., B, L_local, H, D] -> [..., B, L, H/P, D] (sequence-sharded -> head-sharded)."""
-        *lead, b, l_loc, h, d = x.shape
+        *lead, _, _, h, _ = x.shape
         n = len(lead)
         send = x.unflatten(-2, (self.sp, h // self.sp))  # [..., B, L_local, P, H/P, D]
         send = send.movedim(-3, 0)  # [P, ..., B, L_local, H/P, D]

@@ -147,6 +147,8 @@ class KVCache:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full (unmasked) attention. q: [B, Lq, H, D]; k, v: [B, Lk, H, D] -> [B, Lq, H, D]."""
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),  # [B, H, L, D]
     )
     return out.transpose(1, 2)  # [B, Lq, H, D]

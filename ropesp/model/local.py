@@ -24,7 +24,12 @@ def make_rope(
     if mode == "tables":
         assert tables is not None
         return functools.partial(
-            rope_apply, start_frame=start_frame, tables=tables, frames=frames, rows=rows, cols=cols,
+            rope_apply,
+            start_frame=start_frame,
+            tables=tables,
+            frames=frames,
+            rows=rows,
+            cols=cols,
             first_token=first_token,
         )
     if mode == "reference":

@@ -96,12 +96,12 @@ class RopeTables:
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of x [B, L, H, D] by cos/sin [L, D/2]; fp32 math, x's dtype out."""
-    b, l, h, d = x.shape
-    xf = x.float().reshape(b, l, h, d // 2, 2)
+    b, n, h, d = x.shape
+    xf = x.float().reshape(b, n, h, d // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.reshape(b, l, h, d).to(x.dtype)
+    return out.reshape(b, n, h, d).to(x.dtype)
 
 
 def rope_apply(
@@ -131,7 +131,7 @@ def rope_apply_ref(
 
     x: [B, L, H, D] with L >= frames*rows*cols (extra tokens pass through). Baseline only.
     """
-    b, l, h, d = x.shape
+    b, _, h, d = x.shape
     c = d // 2
     n_t, n_s = c - 2 * (c // 3), c // 3
     table = torch.cat(

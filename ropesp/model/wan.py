@@ -138,14 +138,21 @@ class Block(nn.Module):
         return rope(q).type_as(v), rope(k).type_as(v), v
 
     def post_attention(
-        self, x: torch.Tensor, o: torch.Tensor, mod: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor
+        self,
+        x: torch.Tensor,
+        o: torch.Tensor,
+        mod: torch.Tensor,
+        cross_k: torch.Tensor,
+        cross_v: torch.Tensor,
     ) -> torch.Tensor:
         """x: [B, L, C]; o: [B, L, H, D] attention output; cross_k/v: [B, text_len, H, D]."""
         x = x + self.self_attn.o(o.flatten(2)) * mod[:, :, 2]
         ca = self.cross_attn
         q = ca.heads(ca.norm_q(ca.q(self.norm3(x))))  # [B, L, H, D]
         c = F.scaled_dot_product_attention(
-            q.transpose(1, 2), cross_k.transpose(1, 2), cross_v.transpose(1, 2)  # [B, H, L, D]
+            q.transpose(1, 2),
+            cross_k.transpose(1, 2),
+            cross_v.transpose(1, 2),  # [B, H, L, D]
         ).transpose(1, 2)  # [B, L, H, D]
         x = x + ca.o(c.flatten(2))
         h = layer_norm(x, self.eps) * (1 + mod[:, :, 4]) + mod[:, :, 3]
@@ -233,7 +240,7 @@ class CausalWanDiT(nn.Module):
         (`timestep_sinusoid` of each frame's timestep); cross_kv: from `cross_kv`;
         runner: execution mode (cache, SP). Returns the flow prediction [B, F, C_out, H, W] fp32.
         """
-        b, frames, _, height, width = x.shape
+        _, frames, _, height, width = x.shape
         rows, cols = height // self.cfg.patch_size[1], width // self.cfg.patch_size[2]
         tokens = runner.shard(self.patchify(x))  # [B, L_local, C]
         frame_of_token = self.frame_index(runner.first_token, tokens.shape[1], frames, rows * cols, x.device)
@@ -259,7 +266,11 @@ def init_weights(model: CausalWanDiT, seed: int) -> None:
     g = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or name.endswith("norm3.weight"):
+            if (
+                name.endswith("norm_q.weight")
+                or name.endswith("norm_k.weight")
+                or name.endswith("norm3.weight")
+            ):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))

@@ -1,0 +1,78 @@
+"""Launching ranks: under torchrun (env already set) or N local ranks spawned by ropesp itself.
+
+A failing rank makes every rank exit: torch.multiprocessing terminates the others when one exits
+non-zero, and the process group is always destroyed on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.multiprocessing as mp
+from ropesp.runtime.dist import Mapping, destroy_process_group, device_for, init_process_group
+
+from ropesp.errors import RopespError
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process_group(mapping: Mapping, device: str) -> Iterator[torch.device]:
+    """Init the group for this rank (no-op at world size 1); always destroyed on exit."""
+    dev = device_for(mapping, device)
+    try:
+        init_process_group(mapping, dev)
+        yield dev
+    finally:
+        destroy_process_group()
+
+
+def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    if not torch.cuda.is_available():
+        # CPU ranks share the host's cores: more threads than cores per rank only thrashes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        fn(Mapping(world_size, rank, rank), *args)
+    except RopespError as exc:
+        print(f"ropesp: error (rank {rank}): {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def spawn_ranks(world_size: int, fn: Callable, *args) -> None:
+    """Run fn(mapping, *args) on world_size local processes; raises RankFailure if any fails."""
+    port = free_port()
+    # fork is much faster to start on the CPU; CUDA cannot be forked once initialised
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    try:
+        mp.start_processes(
+            _rank_entry, args=(world_size, port, fn, args), nprocs=world_size, join=True, start_method=method
+        )
+    except mp.ProcessExitedException as exc:
+        raise RankFailure(f"rank {exc.error_index} exited with status {exc.exit_code}") from None
+    except mp.ProcessRaisedException as exc:
+        raise RankFailure(f"a rank failed:\n{exc}") from None
+
+
+def under_launcher() -> bool:
+    """True when torchrun (or a similar launcher) already set up this process's rank."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class RankFailure(RopespError):
+    """A spawned rank failed; every rank has exited."""

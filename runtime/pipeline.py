@@ -1,0 +1,222 @@
+"""The Python API: resolve what the user asked for into a ready StreamSession on this rank.
+
+    from ropesp.runtime.pipeline import PipelineConfig, build_session
+    session = build_session(PipelineConfig(preset="tiny"))
+    session.reset(prompt_embeds, seed=0)
+    for chunk in session: ...
+
+`PipelineConfig.resolve()` validates everything that can be checked without a process group, so a
+launcher can refuse bad input once, before it starts any rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from ropesp.runtime.dist import Mapping, check_sp_size
+from ropesp.runtime.session import StreamSession
+
+from ropesp.config import (
+    CacheConfig,
+    ModelConfig,
+    PresetDefaults,
+    SamplerConfig,
+    VideoGeometry,
+    preset,
+)
+from ropesp.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("eager", "ort", "aoti", "tensorrt")
+DEFAULT_PRESET = "tiny"
+RANDOM_WEIGHTS_SEED = 0
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a session needs; None means 'the default for this model/device'."""
+
+    checkpoint: str | None = None
+    """Self-Forcing .pt, Wan safetensors (file, index or dir) or diffusers transformer dir."""
+    model_config: str | None = None
+    """Wan config.json; else next to the checkpoint, else matched by tensor shapes."""
+    preset: str | None = None
+    """Named preset (tiny, wan2.1-1.3b, wan2.1-14b); random weights without a checkpoint."""
+    engines: str | None = None
+    """Engine directory from `ropesp build`."""
+    backend: str | None = None
+    """eager | ort | aoti | tensorrt; defaults to the engines' backend, else eager."""
+    latent_height: int | None = None
+    latent_width: int | None = None
+    latent_frames: int | None = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    max_frames: int | None = None
+    """KV cache capacity in frames without a rolling window (default: the video's length)."""
+    local_attn_frames: int = -1
+    sink_frames: int = 0
+    dtype: str | None = None
+    """float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)."""
+    device: str | None = None
+    """cuda | cpu (default: cuda when a GPU is present)."""
+    world_size: int | None = None
+    sp_rope: str = "local"
+    sp_comm: str = "fused"
+    cuda_graphs: bool = True
+
+    def resolve(self) -> ResolvedPipeline:
+        """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device not in ("cuda", "cpu"):
+            raise ConfigError(f"--device {device!r}; choose cuda or cpu")
+        dtype_name = self.dtype or ("bfloat16" if device == "cuda" else "float32")
+        if dtype_name not in DTYPES:
+            raise ConfigError(f"--dtype {dtype_name!r}; choose one of {sorted(DTYPES)}")
+        manifest = None
+        if self.engines:
+            from ropesp.export.manifest import Manifest  # stdlib-only reader
+
+            manifest = Manifest.load(self.engines)
+        backend = self.backend or (manifest.backend_for_runtime() if manifest else "eager")
+        if backend not in BACKENDS:
+            raise ConfigError(f"--backend {backend!r}; choose one of {BACKENDS}")
+        if backend != "eager" and manifest is None:
+            raise ConfigError(f"--backend {backend} needs --engines DIR from `ropesp build`")
+        cfg, defaults, random_weights = self._model_config(manifest)
+        geometry = VideoGeometry(
+            self.latent_height or defaults.latent_height,
+            self.latent_width or defaults.latent_width,
+            cfg.patch_size,
+        )
+        frames = self.latent_frames or defaults.latent_frames
+        chunks = self.sampler.chunk_sizes(frames)
+        cache = CacheConfig(self.max_frames or frames, self.local_attn_frames, self.sink_frames)
+        if cache.rolling and cache.local_attn_frames < cache.sink_frames + max(chunks):
+            raise ConfigError(
+                f"--local-attn-frames {cache.local_attn_frames} must be >= --sink-frames "
+                f"{cache.sink_frames} + chunk frames {max(chunks)}"
+            )
+        if not cache.rolling and frames > cache.max_frames:
+            raise ConfigError(
+                f"{frames} latent frames exceed the KV cache of {cache.max_frames} frames; raise "
+                "--max-frames or use a rolling window (--local-attn-frames/--sink-frames)"
+            )
+        world = Mapping.from_env(self.world_size).world_size
+        check_sp_size(cfg.num_heads, world)
+        return ResolvedPipeline(
+            self,
+            cfg,
+            geometry,
+            frames,
+            cache,
+            device,
+            DTYPES[dtype_name],
+            backend,
+            world,
+            random_weights,
+            manifest,
+        )
+
+    def _model_config(self, manifest) -> tuple[ModelConfig, PresetDefaults, bool]:
+        if manifest is not None:
+            cfg = manifest.model_config()
+            g = manifest.geometry
+            return cfg, PresetDefaults(g["latent_height"], g["latent_width"], manifest.max_frames), False
+        if self.checkpoint:
+            from ropesp.model.checkpoint import peek_config
+
+            cfg = peek_config(self.checkpoint, self.model_config, self.preset)
+            name = _preset_of(cfg)
+            defaults = preset(name)[1] if name else preset("wan2.1-1.3b")[1]
+            return cfg, defaults, False
+        if self.model_config:
+            cfg = ModelConfig.from_json(self.model_config)
+            return cfg, preset(_preset_of(cfg) or "wan2.1-1.3b")[1], True
+        cfg, defaults = preset(self.preset or DEFAULT_PRESET)
+        return cfg, defaults, True
+
+
+def _preset_of(cfg: ModelConfig) -> str | None:
+    from ropesp.config import PRESETS
+
+    for name, (make, _) in PRESETS.items():
+        if make() == cfg:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class ResolvedPipeline:
+    """A validated PipelineConfig with every default filled in."""
+
+    request: PipelineConfig
+    model: ModelConfig
+    geometry: VideoGeometry
+    latent_frames: int
+    cache: CacheConfig
+    device: str
+    dtype: torch.dtype
+    backend: str
+    world_size: int
+    random_weights: bool
+    manifest: object | None
+
+    def with_frames(self, latent_frames: int) -> ResolvedPipeline:
+        return dataclasses.replace(self, latent_frames=latent_frames)
+
+
+def load_model(res: ResolvedPipeline, device: torch.device):
+    """The eager model on device: checkpoint weights, or seeded random ones."""
+    from ropesp.model.wan import CausalWanDiT, init_weights
+
+    if res.random_weights:
+        model = CausalWanDiT(res.model)
+        init_weights(model, RANDOM_WEIGHTS_SEED)
+        return model.to(device=device, dtype=res.dtype).eval()
+    from ropesp.model.checkpoint import load_model as load_checkpoint
+
+    model, _ = load_checkpoint(
+        res.request.checkpoint,
+        res.model,
+        model_config_path=res.request.model_config,
+        dtype=res.dtype,
+        device=device,
+    )
+    return model
+
+
+def build_executor(res: ResolvedPipeline, mapping: Mapping, group=None):
+    """The executor of this rank for the resolved backend."""
+    from ropesp.runtime.dist import device_for
+    from ropesp.runtime.executor import EagerExecutor, SPState
+
+    device = device_for(mapping, res.device)
+    state = SPState(
+        res.model,
+        res.geometry,
+        res.cache,
+        mapping,
+        device,
+        res.dtype,
+        sp_rope=res.request.sp_rope,
+        sp_comm=res.request.sp_comm,
+        group=group,
+    )
+    if res.backend == "eager":
+        return EagerExecutor(load_model(res, device), state)
+    from ropesp.runtime.engine import load_engine_executor
+
+    return load_engine_executor(res, state, Path(res.request.engines), mapping)
+
+
+def build_session(
+    res: ResolvedPipeline | PipelineConfig, mapping: Mapping | None = None, decoder=None, group=None
+):
+    """A StreamSession on this rank (the process group must already exist for world size > 1)."""
+    if isinstance(res, PipelineConfig):
+        res = res.resolve()
+    mapping = mapping or Mapping.from_env(res.world_size)
+    executor = build_executor(res, mapping, group)
+    return StreamSession(executor, res.request.sampler, res.geometry, res.latent_frames, decoder)

@@ -1,0 +1,59 @@
+"""Rank functions for the spawned-world tests (importable by child processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from ropesp.runtime.launch import process_group
+from ropesp.runtime.pipeline import PipelineConfig, build_session
+
+from ropesp.config import SamplerConfig
+
+
+def base_config(**overrides) -> PipelineConfig:
+    kw = dict(
+        preset="tiny", latent_height=10, latent_width=14, latent_frames=6, device="cpu", dtype="float32"
+    )
+    kw.update(overrides)
+    return PipelineConfig(**kw)
+
+
+MODES = {
+    "optimized": dict(sp_rope="local", sp_comm="fused"),
+    "baseline": dict(sp_rope="allgather", sp_comm="unfused"),
+    "rolling": dict(
+        sp_rope="local", sp_comm="fused", local_attn_frames=4, sink_frames=1, latent_frames=9, max_frames=4
+    ),
+    "iff": dict(
+        sp_rope="local", sp_comm="fused", latent_frames=7, sampler=SamplerConfig(independent_first_frame=True)
+    ),
+}
+
+
+def run_modes(mapping, prompt, out_path, modes) -> None:
+    """Generate once per mode on this rank; rank 0 saves {mode: latents, counts: {...}}."""
+    results, counts = {}, {}
+    with process_group(mapping, "cpu"):
+        for mode in modes:
+            cfg = base_config(world_size=mapping.world_size, **MODES[mode])
+            session = build_session(cfg, mapping)
+            session.reset(prompt, seed=3)
+            comm = session.executor.state.comm
+            if comm is not None:
+                comm.counts.clear()
+                session.executor.forward(torch.zeros(1, 3, 16, 10, 14), torch.tensor(500.0), 0)
+                counts[mode] = dict(comm.counts)
+                session.reset(seed=3)
+            results[mode] = session.generate()
+    if mapping.rank == 0:
+        torch.save({"latents": results, "counts": counts}, out_path)
+
+
+def build_only(mapping) -> None:
+    with process_group(mapping, "cpu"):
+        build_session(base_config(world_size=mapping.world_size), mapping)
+
+
+def replace(cfg: PipelineConfig, **kw) -> PipelineConfig:
+    return dataclasses.replace(cfg, **kw)

@@ -1,0 +1,46 @@
+import pytest
+import torch
+from ropesp.runtime.sampler import FlowSchedule
+
+from ropesp.config import SamplerConfig
+from ropesp.errors import ConfigError
+
+
+def test_shift5_warped_timesteps():
+    ts = FlowSchedule(SamplerConfig(shift=5.0)).timesteps
+    torch.testing.assert_close(ts, torch.tensor([1000.0, 937.5, 833.3333, 625.0]), rtol=0, atol=1e-3)
+
+
+def test_shift8_warped_timesteps():
+    ts = FlowSchedule(SamplerConfig(shift=8.0)).timesteps
+    torch.testing.assert_close(ts, torch.tensor([1000.0, 960.0, 888.8889, 727.2727]), rtol=0, atol=1e-3)
+
+
+def test_sigma_lookup_and_x0():
+    sched = FlowSchedule(SamplerConfig())
+    t = sched.timesteps[1]
+    assert sched.sigma(t).item() == pytest.approx(0.9375)
+    x, v = torch.randn(1, 3, 4, 2, 2), torch.randn(1, 3, 4, 2, 2)
+    x0 = sched.to_x0(x, v, t)
+    torch.testing.assert_close(x0, (x.double() - 0.9375 * v.double()).float(), rtol=0, atol=0)
+    noisy = sched.add_noise(x0, v, sched.timesteps[2])
+    s = sched.sigma(sched.timesteps[2])
+    torch.testing.assert_close(noisy, (1 - s) * x0 + s * v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [(1000, 1000), (1000, 1200), (0, 500), (250, 500), ()],
+)
+def test_bad_steps_are_refused(steps):
+    with pytest.raises(ConfigError, match="steps"):
+        SamplerConfig(steps=steps)
+
+
+def test_chunk_sizes():
+    assert SamplerConfig().chunk_sizes(21) == [3] * 7
+    assert SamplerConfig(independent_first_frame=True).chunk_sizes(7) == [1, 3, 3]
+    with pytest.raises(ConfigError, match="multiple of --chunk-frames 3"):
+        SamplerConfig().chunk_sizes(8)
+    with pytest.raises(ConfigError, match="1 \\+ a multiple"):
+        SamplerConfig(independent_first_frame=True).chunk_sizes(6)

@@ -1,0 +1,98 @@
+import itertools
+
+import pytest
+import torch
+from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.sampler import FlowSchedule
+from ropesp.runtime.session import StreamSession
+
+from ropesp.config import ModelConfig, SamplerConfig, VideoGeometry
+
+
+class RecordingExecutor:
+    """Flow = 0, so x0 = x_t: the recorded inputs expose the noise draw order exactly."""
+
+    cfg = ModelConfig(dim=24, ffn_dim=8, num_heads=2, num_layers=1)
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = []
+
+    def set_prompt(self, p):
+        pass
+
+    def reset(self):
+        self.calls.clear()
+
+    def forward(self, x, t, start_frame):
+        self.calls.append((x.clone(), float(t), start_frame))
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        SamplerConfig(chunk_frames=3),
+        SamplerConfig(chunk_frames=2),
+        SamplerConfig(chunk_frames=3, independent_first_frame=True),
+    ],
+)
+def test_noise_follows_documented_draw_order(sampler):
+    frames = 7 if sampler.independent_first_frame else 6
+    ex = RecordingExecutor()
+    session = StreamSession(ex, sampler, VideoGeometry(4, 4), frames, skip_final_refresh=False)
+    session.reset(seed=11)
+    latents = session.generate()
+    sched = FlowSchedule(sampler)
+    g = torch.Generator("cpu").manual_seed(11)
+    calls = iter(ex.calls)
+    expected_chunks = []
+    start = 0
+    for n in sampler.chunk_sizes(frames):
+        shape = (1, n, 16, 4, 4)
+        x = torch.randn(shape, generator=g)
+        for i, t in enumerate(sched.timesteps):
+            got_x, got_t, got_start = next(calls)
+            assert torch.equal(got_x, x) and got_t == float(t) and got_start == start
+            if i + 1 < len(sched.timesteps):
+                x = sched.add_noise(x, torch.randn(shape, generator=g), sched.timesteps[i + 1])
+        clean_x, clean_t, _ = next(calls)  # the clean-context pass on x0 at t=0
+        assert torch.equal(clean_x, x) and clean_t == 0.0
+        expected_chunks.append(x)
+        start += n
+    assert torch.equal(latents, torch.cat(expected_chunks, dim=1))
+
+
+def test_same_seed_same_latents_and_reset_reuses_caches(prompt):
+    session = build_session(PipelineConfig(preset="tiny", latent_frames=6, device="cpu"))
+    k_buffer = session.executor.cache.k
+    session.reset(prompt, seed=5)
+    a = session.generate()
+    session.reset(seed=5)
+    b = session.generate()
+    session.reset(seed=6)
+    c = session.generate()
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert session.executor.cache.k is k_buffer, "reset must not reallocate the KV cache"
+
+
+def test_chunks_stream_in_order_with_preview_frames(prompt):
+    from ropesp.decode import PreviewDecoder
+
+    session = build_session(
+        PipelineConfig(preset="tiny", latent_frames=9, device="cpu"), decoder=PreviewDecoder()
+    )
+    session.reset(prompt, seed=0)
+    chunks = list(session)
+    assert [c.index for c in chunks] == [0, 1, 2]
+    assert [c.start_frame for c in chunks] == [0, 3, 6]
+    assert [c.frames.shape[1] for c in chunks] == [9, 12, 12]
+    assert chunks[0].frames.shape[2:] == (128, 128, 3)
+    assert all(a.elapsed_ms <= b.elapsed_ms for a, b in itertools.pairwise(chunks))
+
+
+def test_iterating_without_reset_is_an_error():
+    session = StreamSession(RecordingExecutor(), SamplerConfig(), VideoGeometry(4, 4), 3)
+    with pytest.raises(RuntimeError, match="reset"):
+        next(iter(session))

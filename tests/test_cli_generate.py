@@ -1,0 +1,134 @@
+"""`ropesp generate` end to end on the embedded default, and its bad-input messages."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ropesp.cli import main
+from ropesp.video import read_video_info
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "ropesp.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_generate_embedded_default_writes_mp4_and_latents(tmp_path):
+    out, lat = tmp_path / "v.mp4", tmp_path / "l.pt"
+    proc = run_cli("generate", "--output", str(out), "--latents-out", str(lat))
+    assert proc.returncode == 0, proc.stderr
+    assert "seeded random weights" in proc.stderr
+    assert "time to first chunk" in proc.stderr and "FPS" in proc.stderr
+    frames, height, width = read_video_info(out)
+    assert (frames, height, width) == (33, 128, 128)  # 9 latent frames -> 4*9-3 video frames, 16*8 px
+    latents = torch.load(lat)
+    assert latents.shape == (1, 9, 16, 16, 16) and latents.dtype == torch.float32
+    assert torch.isfinite(latents).all()
+
+
+def test_generate_is_reproducible_and_follows_flags(tmp_path, capsys):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    common = [
+        "generate",
+        "--latent-height",
+        "8",
+        "--latent-width",
+        "12",
+        "--frames",
+        "9",
+        "--seed",
+        "4",
+        "--output",
+        str(tmp_path / "x.mp4"),
+    ]
+    assert main([*common, "--latents-out", str(a)]) == 0
+    assert main([*common, "--latents-out", str(b), "--steps", "1000,500", "--shift", "8"]) == 0
+    la, lb = torch.load(a), torch.load(b)
+    assert la.shape == (1, 3, 16, 8, 12)
+    assert not torch.allclose(la, lb), "--steps/--shift must change the result"
+    assert main([*common, "--latents-out", str(b)]) == 0
+    assert torch.equal(la, torch.load(b))
+
+
+def test_prompt_embeds_files(tmp_path, tiny_cfg):
+    from safetensors.torch import save_file
+
+    emb = torch.randn(7, tiny_cfg.text_dim)
+    torch.save(emb, tmp_path / "p.pt")
+    save_file({"anything": emb[None]}, str(tmp_path / "p.safetensors"))
+    outs = []
+    for name in ("p.pt", "p.safetensors"):
+        lat = tmp_path / f"{name}.lat"
+        assert (
+            main(
+                [
+                    "generate",
+                    "--frames",
+                    "9",
+                    "--prompt-embeds",
+                    str(tmp_path / name),
+                    "--latents-out",
+                    str(lat),
+                    "--output",
+                    str(tmp_path / "x.mp4"),
+                ]
+            )
+            == 0
+        )
+        outs.append(torch.load(lat))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "1000,1200"], "integer in 1..1000"),
+        (["--steps", "750,1000"], "descending"),
+        (["--steps", "a,b"], "comma-separated integers"),
+        (["--latent-height", "15"], "--latent-height 15 must be a positive multiple of the patch size 2"),
+        (["--height", "120", "--width", "128"], "--height 120 must be a positive multiple of 16"),
+        (["--latent-frames", "8"], "must be a positive multiple of --chunk-frames 3"),
+        (["--frames", "10"], "--frames 10 must be 4*k + 1"),
+        (["--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
+        (["--latent-frames", "12", "--max-frames", "9"], "exceed the KV cache of 9 frames"),
+        (
+            ["--local-attn-frames", "3", "--sink-frames", "1"],
+            "--local-attn-frames 3 must be >= --sink-frames 1",
+        ),
+        (["--world-size", "5"], "valid world sizes"),
+        (["--backend", "aoti"], "needs --engines"),
+    ],
+)
+def test_bad_input_gives_clear_error(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) if args[0] == "--steps" else _no_exit():
+        code = main(["generate", *args, "--output", str(tmp_path / "x.mp4")])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_prompt_embeds_of_wrong_width(tmp_path, capsys):
+    torch.save(torch.randn(5, 100), tmp_path / "bad.pt")
+    assert (
+        main(["generate", "--prompt-embeds", str(tmp_path / "bad.pt"), "--output", str(tmp_path / "x.mp4")])
+        == 2
+    )
+    assert "expected [L, 4096]" in capsys.readouterr().err
+
+
+def test_bad_input_exit_code_without_traceback():
+    proc = run_cli("generate", "--latent-frames", "4")
+    assert proc.returncode == 2
+    assert "--chunk-frames 3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

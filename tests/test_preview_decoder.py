@@ -1,0 +1,32 @@
+import torch
+
+from ropesp.decode.preview import WAN21_LATENT_RGB, WAN21_LATENT_RGB_BIAS, PreviewDecoder
+
+
+def test_preview_decodes_a_known_latent():
+    # latent channel 2 = 1 everywhere -> rgb = coeff[2] + bias, mapped from [-1,1] to uint8
+    lat = torch.zeros(1, 1, 16, 2, 3)
+    lat[:, :, 2] = 1.0
+    frames = PreviewDecoder().decode(lat)
+    assert frames.shape == (1, 1, 16, 24, 3) and frames.dtype == torch.uint8
+    rgb = torch.tensor(WAN21_LATENT_RGB[2]) + torch.tensor(WAN21_LATENT_RGB_BIAS)
+    expected = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(frames[0, 0, 5, 7], expected)
+
+
+def test_preview_interpolates_four_frames_per_latent_across_chunks():
+    dec = PreviewDecoder()
+    a = torch.full((1, 1, 16, 1, 1), -1.0)
+    b = torch.full((1, 1, 16, 1, 1), 1.0)
+    first = dec.decode(a)
+    second = dec.decode(b)  # the carried state is chunk 1's last latent frame
+    assert first.shape[1] == 1 and second.shape[1] == 4
+    direct = PreviewDecoder().decode(torch.cat([a, b], dim=1))
+    assert torch.equal(torch.cat([first, second], dim=1), direct)
+    assert torch.equal(second[:, -1], PreviewDecoder().decode(b)[:, 0])
+
+
+def test_21_latent_frames_give_81_video_frames_in_9_12_chunks():
+    dec = PreviewDecoder(upscale=1)
+    counts = [dec.decode(torch.randn(1, 3, 16, 2, 2)).shape[1] for _ in range(7)]
+    assert counts == [9] + [12] * 6 and sum(counts) == 81
