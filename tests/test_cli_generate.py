@@ -132,3 +132,29 @@ class _no_exit:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_generate_from_checkpoints_equals_random_default(tmp_path, tiny_model):
+    from ropesp.model.checkpoint import save_checkpoint
+
+    save_checkpoint(tiny_model, tmp_path / "sf.pt", "self-forcing")
+    torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")
+    common = ["generate", "--frames", "9", "--output", str(tmp_path / "x.mp4")]
+    outs = []
+    for ckpt in (None, "sf.pt", "bare.pt"):
+        lat = tmp_path / f"{ckpt}.lat"
+        extra = ["--checkpoint", str(tmp_path / ckpt)] if ckpt else []
+        assert main([*common, *extra, "--latents-out", str(lat)]) == 0
+        outs.append(torch.load(lat))
+    # the embedded default is the tiny preset with init_weights(seed 0), which tiny_model also is
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_checkpoint_config_mismatch_and_corrupt_file(tmp_path, tiny_model, capsys):
+    torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")
+    assert main(["generate", "--checkpoint", str(tmp_path / "bare.pt"), "--preset", "wan2.1-1.3b"]) == 2
+    assert "does not fit the model" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert main(["generate", "--checkpoint", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "bad.pt" in err
