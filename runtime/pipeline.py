@@ -172,9 +172,11 @@ def load_model(res: ResolvedPipeline, device: torch.device):
     from ropesp.model.wan import CausalWanDiT, init_weights
 
     if res.random_weights:
-        model = CausalWanDiT(res.model)
+        with torch.device("meta"):
+            model = CausalWanDiT(res.model)
+        model.to_empty(device=device)  # draw the weights where they live: fast at full size
         init_weights(model, RANDOM_WEIGHTS_SEED)
-        return model.to(device=device, dtype=res.dtype).eval()
+        return model.to(dtype=res.dtype).eval().requires_grad_(False)
     from ropesp.model.checkpoint import load_model as load_checkpoint
 
     model, _ = load_checkpoint(

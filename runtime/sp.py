@@ -12,6 +12,8 @@ all-to-alls. All modes produce the same outputs.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -52,25 +54,56 @@ class Collectives:
         self.sp_size = sp_size
         self.counts: Counter[str] = Counter()
         self._into_tensor = dist.is_initialized() and dist.get_backend(group) == "nccl"
+        self._timing: list | None = None
+
+    def start_timing(self) -> None:
+        """Record the time of every collective from now on (CUDA events: no host sync)."""
+        self._timing = []
+
+    def elapsed_ms(self) -> float:
+        """Milliseconds spent inside collectives since start_timing (synchronizes the device)."""
+        if not self._timing:
+            return 0.0
+        if isinstance(self._timing[0][0], float):
+            return sum(end - start for start, end in self._timing) * 1e3
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self._timing)
+
+    @contextlib.contextmanager
+    def _timed(self, kind: str, device: torch.device):
+        self.counts[kind] += 1
+        if self._timing is None:
+            yield
+            return
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self._timing.append((start, end))
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """Exchange x [P, ...] (slice j goes to rank j) -> [P, ...] (slice j came from rank j)."""
-        self.counts["all_to_all"] += 1
         x = x.contiguous()
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=self.group)
+        with self._timed("all_to_all", x.device):
+            dist.all_to_all_single(out, x, group=self.group)
         return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [...] on every rank -> [P, ...] stacked in rank order."""
-        self.counts["all_gather"] += 1
         x = x.contiguous()
-        if self._into_tensor:
-            out = x.new_empty((self.sp_size, *x.shape))
-            dist.all_gather_into_tensor(out, x, group=self.group)
-            return out
-        parts = [torch.empty_like(x) for _ in range(self.sp_size)]
-        dist.all_gather(parts, x, group=self.group)
+        with self._timed("all_gather", x.device):
+            if self._into_tensor:
+                out = x.new_empty((self.sp_size, *x.shape))
+                dist.all_gather_into_tensor(out, x, group=self.group)
+                return out
+            parts = [torch.empty_like(x) for _ in range(self.sp_size)]
+            dist.all_gather(parts, x, group=self.group)
         return torch.stack(parts)
 
 

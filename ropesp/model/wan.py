@@ -262,20 +262,25 @@ class CausalWanDiT(nn.Module):
 
 
 def init_weights(model: CausalWanDiT, seed: int) -> None:
-    """Seeded random weights with Wan-like scales (for the embedded default and benchmarks)."""
-    g = torch.Generator("cpu").manual_seed(seed)
+    """Seeded random weights with Wan-like scales (for the embedded default and benchmarks).
+
+    Numbers are drawn on the parameters' device (fast for full-size models on a GPU); a given seed
+    gives the same weights for every rank of one device type.
+    """
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, device=device)
+
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if (
-                name.endswith("norm_q.weight")
-                or name.endswith("norm_k.weight")
-                or name.endswith("norm3.weight")
-            ):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
+                p.copy_(1.0 + 0.1 * randn(p.shape))
             elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+                p.copy_(0.02 * randn(p.shape))
             elif name.endswith("modulation"):
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+                p.copy_(randn(p.shape) / math.sqrt(p.shape[-1]))
             else:
                 fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else p.shape[0]
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+                p.copy_(randn(p.shape) / math.sqrt(fan_in))

@@ -1,0 +1,203 @@
+"""Streaming Wan2.1 VAE decode: chunked decoding equals one full `vae.decode`, in both checkpoint layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import helpers_media
+
+from ropesp.decode.preview import to_uint8
+from ropesp.decode.wan_vae import (
+    WanVAEDecoder,
+    diffusers_to_original,
+    infer_original_config,
+    load_wan_vae,
+    wan_vae_key_map,
+)
+from ropesp.errors import CheckpointError
+
+LATENT_FRAMES, ROWS, COLS = 9, 4, 6  # non-square, so a rows/cols mix-up changes the shape
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny VAE's convolutions are too small to gain from threads; on a busy 2-core machine, OpenMP
+    threads slow them down 10-20x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return helpers_media.make_tiny_wan_vae(seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved(vae, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan_vae")
+    return {
+        "diffusers": helpers_media.save_wan_vae_diffusers(vae, root / "vae"),
+        "original": helpers_media.save_wan_vae_original(vae, root / "Wan2.1_VAE.pth"),
+    }
+
+
+@pytest.fixture(scope="module")
+def latents():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, LATENT_FRAMES, 16, ROWS, COLS, generator=g)  # [B, F, C, h, w], normalized
+
+
+@pytest.fixture(scope="module")
+def reference(vae, latents):
+    """One non-streaming diffusers decode of all latents: [B, 3, N, H, W] in [-1, 1]."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        return vae.decode(latents.transpose(1, 2) * std + mean).sample  # [B, C, F, h, w] in
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_wan_vae_stream_equals_full_decode(layout, saved, latents, reference):
+    decoder = WanVAEDecoder(load_wan_vae(saved[layout]))
+    chunks = [decoder.decode_video(latents[:, f : f + 3]) for f in range(0, LATENT_FRAMES, 3)]
+    assert [c.shape[2] for c in chunks] == [9, 12, 12]
+    video = torch.cat(chunks, dim=2)
+    assert video.shape == (1, 3, 33, 8 * ROWS, 8 * COLS) == reference.shape
+    assert reference.std() > 0.05  # not a degenerate (constant or saturated) output
+    torch.testing.assert_close(video, reference, atol=0, rtol=0)
+
+
+def test_wan_vae_uint8_frames_and_reset(vae, latents, reference):
+    decoder = WanVAEDecoder(vae)
+    frames = [decoder.decode(latents[:, f : f + 3]) for f in range(0, LATENT_FRAMES, 3)]
+    assert [(f.dtype, f.shape) for f in frames] == [
+        (torch.uint8, (1, n, 8 * ROWS, 8 * COLS, 3)) for n in (9, 12, 12)
+    ]
+    expected = to_uint8(reference.permute(0, 2, 3, 4, 1))  # [B, N, H, W, 3]
+    assert torch.equal(torch.cat(frames, dim=1), expected)
+    decoder.reset()  # a new stream starts with 1 + 4 frames per latent frame again
+    assert torch.equal(decoder.decode(latents[:, :3]), expected[:, :9])
+
+
+def test_wan_vae_uneven_chunks(vae, latents, reference):
+    """An independent first frame ([1, 4, 4] latent frames) gives 1, 16, 16 frames, still exact."""
+    decoder = WanVAEDecoder(vae)
+    chunks = [decoder.decode_video(latents[:, a:b]) for a, b in ((0, 1), (1, 5), (5, 9))]
+    assert [c.shape[2] for c in chunks] == [1, 16, 16]
+    torch.testing.assert_close(torch.cat(chunks, dim=2), reference, atol=0, rtol=0)
+
+
+def _full_size_vae():
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        return AutoencoderKLWan()  # diffusers' defaults are Wan2.1's VAE (base_dim 96, z_dim 16)
+
+
+@pytest.mark.parametrize("size", ["tiny", "wan2.1"])
+def test_wan_vae_key_map_matches_diffusers_converter(size, vae):
+    """Our structural rename agrees with diffusers' own (hard-coded, Wan2.1-specific) converter."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    model = vae if size == "tiny" else _full_size_vae()
+    key_map = wan_vae_key_map(model)
+    assert len(set(key_map.values())) == len(key_map)  # one-to-one
+    original = diffusers_to_original(model.state_dict(), model)
+    back = convert_wan_vae_to_diffusers(original)
+    assert sorted(back) == sorted(model.state_dict())
+    assert all(back[new] is original[old] for new, old in key_map.items())
+
+
+def test_wan_vae_key_map_original_names():
+    """Literal names of Wan's wan/modules/vae.py structure (Encoder3d/Decoder3d Sequentials)."""
+    names = set(wan_vae_key_map(_full_size_vae()).values())
+    expected = {
+        "conv1.weight",
+        "conv2.bias",
+        "encoder.conv1.weight",
+        "encoder.head.0.gamma",
+        "encoder.head.2.weight",
+        "encoder.downsamples.0.residual.0.gamma",
+        "encoder.downsamples.0.residual.6.weight",
+        "encoder.downsamples.2.resample.1.weight",  # stage 0: downsample2d, no time_conv
+        "encoder.downsamples.3.shortcut.weight",  # 96 -> 192 channels
+        "encoder.downsamples.5.time_conv.weight",  # stage 1: downsample3d
+        "encoder.middle.0.residual.2.bias",
+        "encoder.middle.1.to_qkv.weight",
+        "encoder.middle.2.residual.3.gamma",
+        "decoder.conv1.weight",
+        "decoder.middle.1.proj.bias",
+        "decoder.upsamples.3.time_conv.weight",
+        "decoder.upsamples.3.resample.1.weight",
+        "decoder.upsamples.4.shortcut.weight",  # 192 -> 384 after the first upsample halves the width
+        "decoder.upsamples.7.time_conv.bias",
+        "decoder.upsamples.11.resample.1.weight",
+        "decoder.upsamples.14.residual.6.weight",
+        "decoder.head.0.gamma",
+        "decoder.head.2.bias",
+    }
+    assert expected <= names
+    assert "decoder.upsamples.11.time_conv.weight" not in names  # last upsample is 2-D only
+    assert "decoder.upsamples.15.residual.0.gamma" not in names
+
+
+def test_infer_original_config_wan21():
+    model = _full_size_vae()
+    cfg = infer_original_config(diffusers_to_original(model.state_dict(), model), "Wan2.1_VAE.pth")
+    assert cfg == {
+        "base_dim": 96,
+        "decoder_base_dim": 96,
+        "z_dim": 16,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "temperal_downsample": [False, True, True],
+    }
+
+
+def test_wan_vae_bfloat16(saved, latents, reference):
+    decoder = WanVAEDecoder(load_wan_vae(saved["diffusers"], dtype=torch.bfloat16))
+    assert next(decoder.vae.parameters()).dtype == torch.bfloat16
+    video = decoder.decode_video(latents[:, :3])
+    assert video.dtype == torch.float32 and video.shape == reference[:, :, :9].shape
+    assert (video - reference[:, :, :9]).abs().mean() < 0.05
+
+
+def test_wan_vae_load_errors(saved, vae, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_wan_vae(tmp_path / "nope")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"lacks \['diffusion_pytorch_model.safetensors'\]"):
+        load_wan_vae(tmp_path / "vae")
+
+    state = torch.load(saved["original"], weights_only=True)
+    del state["decoder.upsamples.4.shortcut.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match=r"(?s)partial\.pth.*decoder\.upsamples\.4\.shortcut\.weight"):
+        load_wan_vae(tmp_path / "partial.pth")
+
+    state = torch.load(saved["original"], weights_only=True)
+    state["decoder.head.2.bias"] = torch.zeros(4)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(CheckpointError, match=r"(?s)shape\.pth.*decoder\.conv_out\.bias"):
+        load_wan_vae(tmp_path / "shape.pth")
+
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_wan_vae(tmp_path / "list.pth")
+
+    from safetensors.torch import save_file
+
+    save_file(vae.state_dict(), str(tmp_path / "diffusers_named.safetensors"))
+    with pytest.raises(CheckpointError, match="without a config"):
+        load_wan_vae(tmp_path / "diffusers_named.safetensors")
+
+
+def test_wan_vae_rejects_bad_latents(vae):
+    with pytest.raises(ValueError, match=r"\[B, F, 16, h, w\]"):
+        WanVAEDecoder(vae).decode(torch.zeros(1, 3, 8, 4, 4))
