@@ -1,0 +1,330 @@
+"""`ropesp bench`: the optimized path against the baselines, side by side, in ONE run.
+
+Configurations (each after warm-up, timed with synchronized clocks; chunk latencies come from the
+session, which synchronizes when a chunk's latents reach the host):
+  reference  single rank, eager, RoPE as upstream (float64 table rebuilt per call), no CUDA graphs
+  paper-sp   P ranks, eager, AllGather-then-RoPE + three all-to-alls (the paper's baseline)
+  optimized  P ranks, eager, Causal-RoPE SP + one fused all-to-all
+  compiled   P ranks, built engines (--engines) + CUDA graphs
+Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
+FPS for the whole video (DiT only, and with decode), peak device memory per rank, share of time in
+collectives, and cold start (session build, first forward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ropesp.decode import PreviewDecoder, video_frames_for
+from ropesp.errors import ConfigError
+from ropesp.runtime.dist import Mapping
+from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model
+from ropesp.runtime.session import StreamSession
+
+CONFIGS = ("reference", "paper-sp", "optimized", "compiled")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure."""
+
+    pipeline: PipelineConfig
+    """Model, resolution, frames, dtype, device and world size (the optimized setup)."""
+    configs: tuple[str, ...] = ("reference", "paper-sp", "optimized")
+    """Configurations to run (compiled needs pipeline.engines)."""
+    warmup: int = 1
+    """Untimed videos per configuration."""
+    repeat: int = 2
+    """Timed videos per configuration (the median is reported)."""
+    json_out: str | None = None
+    plot_out: str | None = None
+    command: str = ""
+    """The command line, recorded in the JSON."""
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.configs if c not in CONFIGS]
+        if bad:
+            raise ConfigError(f"--configs {bad}: choose from {CONFIGS}")
+        if "compiled" in self.configs and not self.pipeline.engines:
+            raise ConfigError("--configs compiled needs --engines DIR from `ropesp build`")
+        if self.repeat < 1 or self.warmup < 0:
+            raise ConfigError(f"--repeat {self.repeat} must be >= 1 and --warmup {self.warmup} >= 0")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+
+def _run_video(session: StreamSession, prompt, device) -> tuple[list[float], float]:
+    """Per-chunk ready times (ms from start) and the total time (ms) of one video."""
+    _sync(device)
+    session.reset(prompt, seed=0)
+    times = [chunk.elapsed_ms for chunk in session]
+    _sync(device)
+    return times, times[-1]
+
+
+def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) -> dict:
+    """Time one configuration on this rank: DiT only, then with the preview decoder."""
+    t0 = time.perf_counter()
+    first_times, _ = _run_video(session, prompt, device)  # first video = cold forward + warm-up
+    cold_first_chunk_ms = first_times[0]
+    for _ in range(bench.warmup - 1):
+        _run_video(session, prompt, device)
+    warm_s = time.perf_counter() - t0
+    dit_runs, comm_ms = [], []
+    for _ in range(bench.repeat):
+        if comm is not None:
+            comm.start_timing()
+        dit_runs.append(_run_video(session, prompt, device))
+        comm_ms.append(comm.elapsed_ms() if comm is not None else 0.0)
+    session.decoder = PreviewDecoder()
+    dec_runs = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
+    session.decoder = None
+    frames = video_frames_for(session.latent_frames)
+    total_ms = _median([r[1] for r in dit_runs])
+    total_dec_ms = _median([r[1] for r in dec_runs])
+    per_chunk = [
+        _median([r[0][i] - (r[0][i - 1] if i else 0.0) for r in dit_runs]) for i in range(len(dit_runs[0][0]))
+    ]
+    return {
+        "first_chunk_ms": _median([r[0][0] for r in dit_runs]),
+        "first_frame_ms": _median([r[0][0] for r in dec_runs]),
+        "chunk_ms": per_chunk,
+        "total_ms": total_ms,
+        "fps_dit": frames / (total_ms / 1e3),
+        "fps_with_decode": frames / (total_dec_ms / 1e3),
+        "comm_share": _median(comm_ms) / total_ms if total_ms else 0.0,
+        "cold_first_chunk_ms": cold_first_chunk_ms,
+        "warmup_s": warm_s,
+    }
+
+
+def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipeline:
+    req = res.request
+    if name in ("reference", "paper-sp"):
+        req = dataclasses.replace(req, sp_rope="allgather", sp_comm="unfused", backend="eager", engines=None)
+    elif name == "optimized":
+        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", backend="eager", engines=None)
+    backend = res.backend if name == "compiled" else "eager"
+    return dataclasses.replace(res, request=req, world_size=world_size, backend=backend)
+
+
+def run_rank(
+    mapping: Mapping, res: ResolvedPipeline, bench: BenchConfig, prompt: torch.Tensor
+) -> dict | None:
+    """Every rank runs every configuration in lock-step; rank 0 returns the results."""
+    from ropesp.runtime.launch import process_group
+
+    results: dict = {}
+    with process_group(mapping, res.device) as device:
+        model = None
+        for name in bench.configs:
+            single = name == "reference"
+            if single and mapping.world_size > 1 and dist.is_initialized():
+                dist.barrier()
+            if single and mapping.rank != 0:
+                if dist.is_initialized():
+                    dist.barrier()
+                continue
+            variant = _variant(res, name, 1 if single else mapping.world_size)
+            vmap = Mapping(1, 0, mapping.local_rank) if single else mapping
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            if variant.backend == "eager":
+                from ropesp.runtime.executor import EagerExecutor, SPState
+
+                model = model if model is not None else load_model(res, device)
+                state = SPState(
+                    res.model,
+                    res.geometry,
+                    res.cache,
+                    vmap,
+                    device,
+                    res.dtype,
+                    sp_rope=variant.request.sp_rope,
+                    sp_comm=variant.request.sp_comm,
+                )
+                executor = EagerExecutor(model, state)
+            else:
+                executor = build_executor(variant, vmap)
+            session = StreamSession(executor, res.request.sampler, res.geometry, res.latent_frames)
+            build_s = time.perf_counter() - t0
+            comm = getattr(getattr(executor, "state", None), "comm", None)
+            row = measure(session, prompt, bench, device, comm)
+            row["session_build_s"] = build_s
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            if single:
+                row["peak_gib_per_rank"] = [peak]
+                if dist.is_initialized():
+                    dist.barrier()
+            else:
+                peaks = [None] * mapping.world_size
+                if dist.is_initialized():
+                    dist.all_gather_object(peaks, peak)
+                else:
+                    peaks = [peak]
+                row["peak_gib_per_rank"] = peaks
+            row["world_size"] = vmap.world_size
+            results[name] = row
+            del session, executor
+            gc.collect()
+    return results if mapping.rank == 0 else None
+
+
+def environment(res: ResolvedPipeline) -> dict:
+    """Card, versions and commit, recorded next to every number."""
+    card = (
+        torch.cuda.get_device_name(0)
+        if res.device == "cuda" and torch.cuda.is_available()
+        else platform.processor() or "cpu"
+    )
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "card": card,
+        "gpus": torch.cuda.device_count() if res.device == "cuda" else 0,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if res.device == "cuda" else None,
+        "git_commit": commit,
+        "python": platform.python_version(),
+    }
+
+
+def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
+    """Assemble the JSON, print the table, write JSON and plot as asked."""
+    out = {
+        "environment": environment(res),
+        "command": bench.command,
+        "setup": {
+            "model": res.model.to_dict(),
+            "latent_height": res.geometry.latent_height,
+            "latent_width": res.geometry.latent_width,
+            "latent_frames": res.latent_frames,
+            "video_frames": video_frames_for(res.latent_frames),
+            "dtype": str(res.dtype).removeprefix("torch."),
+            "device": res.device,
+            "world_size": res.world_size,
+            "steps": list(res.request.sampler.steps),
+            "chunk_frames": res.request.sampler.chunk_frames,
+            "warmup": bench.warmup,
+            "repeat": bench.repeat,
+        },
+        "results": results,
+    }
+    base = results.get("paper-sp") or results.get("reference")
+    print(format_table(results, base))
+    if bench.json_out:
+        Path(bench.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(bench.json_out).write_text(json.dumps(out, indent=2))
+    if bench.plot_out:
+        plot(out, bench.plot_out)
+    return out
+
+
+def format_table(results: dict, base: dict | None) -> str:
+    head = f"{'config':<10} {'P':>2} {'1st chunk ms':>12} {'1st frame ms':>12} {'FPS DiT':>8} {'FPS +dec':>8} {'vs base':>7} {'comm %':>6} {'peak GiB':>8}"
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        speed = base["total_ms"] / r["total_ms"] if base else float("nan")
+        lines.append(
+            f"{name:<10} {r['world_size']:>2} {r['first_chunk_ms']:>12.1f} {r['first_frame_ms']:>12.1f} "
+            f"{r['fps_dit']:>8.1f} {r['fps_with_decode']:>8.1f} {speed:>6.2f}x {100 * r['comm_share']:>6.1f} "
+            f"{max(r['peak_gib_per_rank']):>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(out: dict, path: str) -> None:
+    """PNG: per-chunk latency (stacked) and FPS per configuration."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib (pip install matplotlib)") from exc
+    results = out["results"]
+    names = list(results)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    bottom = [0.0] * len(names)
+    n_chunks = max(len(r["chunk_ms"]) for r in results.values())
+    for i in range(n_chunks):
+        vals = [results[n]["chunk_ms"][i] if i < len(results[n]["chunk_ms"]) else 0.0 for n in names]
+        ax1.bar(names, vals, bottom=bottom, label=f"chunk {i}")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax1.set_ylabel("ms (DiT, per chunk, stacked)")
+    ax1.set_title("latency breakdown")
+    ax1.legend(fontsize=6)
+    ax2.bar(names, [results[n]["fps_dit"] for n in names], label="DiT only")
+    ax2.bar(names, [results[n]["fps_with_decode"] for n in names], alpha=0.5, label="with preview decode")
+    ax2.set_ylabel("video frames / s")
+    ax2.set_title("throughput")
+    ax2.legend()
+    env, setup = out["environment"], out["setup"]
+    fig.suptitle(
+        f"{env['card']} x{setup['world_size']}, torch {env['torch']}, {setup['dtype']}, "
+        f"{setup['latent_height'] * 8}x{setup['latent_width'] * 8}, {setup['video_frames']} frames"
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(bench: BenchConfig, prompt: torch.Tensor) -> dict:
+    """Launch the ranks (spawned unless under torchrun) and report on rank 0."""
+    import tempfile
+
+    from ropesp.runtime.launch import spawn_ranks, under_launcher
+
+    res = bench.pipeline.resolve()
+    if res.world_size == 1 and "paper-sp" in bench.configs:
+        # one rank: the paper's SP baseline degenerates to the reference configuration
+        bench = dataclasses.replace(bench, configs=tuple(c for c in bench.configs if c != "paper-sp"))
+    if res.world_size > 1 and not under_launcher():
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "bench.json"
+            spawn_ranks(res.world_size, _spawned_rank, res, bench, prompt, str(path))
+            results = json.loads(path.read_text())
+    else:
+        mapping = Mapping.from_env(res.world_size)
+        results = run_rank(mapping, res, bench, prompt)
+        if results is None:
+            return {}
+    return report(res, bench, results)
+
+
+def _spawned_rank(mapping, res, bench, prompt, path) -> None:
+    results = run_rank(mapping, res, bench, prompt)
+    if results is not None:
+        Path(path).write_text(json.dumps(results))

@@ -1,0 +1,54 @@
+"""`ropesp bench` on the CPU: structure of the JSON and the plot, never speed."""
+
+import json
+
+import pytest
+
+from ropesp.cli import main
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_bench_writes_json_and_plot(tmp_path, world_size):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    code = main(
+        [
+            "bench",
+            "--latent-frames",
+            "6",
+            "--latent-height",
+            "8",
+            "--latent-width",
+            "8",
+            "--world-size",
+            str(world_size),
+            "--warmup",
+            "1",
+            "--repeat",
+            "1",
+            "--json",
+            str(js),
+            "--plot",
+            str(png),
+        ]
+    )
+    assert code == 0
+    out = json.loads(js.read_text())
+    expected = {"reference", "optimized"} | ({"paper-sp"} if world_size > 1 else set())
+    assert set(out["results"]) == expected
+    for name, row in out["results"].items():
+        assert row["world_size"] == (1 if name == "reference" else world_size)
+        assert len(row["chunk_ms"]) == 2 and all(v >= 0 for v in row["chunk_ms"])
+        for key in ("first_chunk_ms", "first_frame_ms", "total_ms", "fps_dit", "fps_with_decode"):
+            assert row[key] > 0, key
+        assert 0 <= row["comm_share"] <= 1
+        assert len(row["peak_gib_per_rank"]) == row["world_size"]
+    assert (out["results"]["optimized"]["comm_share"] > 0) == (world_size > 1)
+    for key in ("date", "card", "torch", "git_commit"):
+        assert out["environment"][key]
+    assert out["setup"]["video_frames"] == 21
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compiled_needs_engines(capsys):
+    assert main(["bench", "--configs", "optimized,compiled"]) == 2
+    assert "needs --engines" in capsys.readouterr().err
