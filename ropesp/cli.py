@@ -215,6 +215,38 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
             print(f"wrote {outputs.latents_out}", file=sys.stderr)
 
 
+# --- bench ---------------------------------------------------------------------------------
+def cmd_bench(args) -> None:
+    from ropesp.bench import BenchConfig, run
+    from ropesp.runtime.prompts import default_prompt_embeds
+
+    bench = BenchConfig(
+        pipeline=pipeline_config(args),
+        configs=tuple(c for c in args.configs.split(",") if c),
+        warmup=args.warmup,
+        repeat=args.repeat,
+        json_out=args.json,
+        plot_out=args.plot,
+        command="ropesp " + " ".join(sys.argv[1:]),
+    )
+    res = bench.pipeline.resolve()
+    run(bench, default_prompt_embeds(res.model))
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time the optimized path against the baselines in one run")
+    add_model_args(p)
+    add_video_args(p)
+    add_run_args(p)
+    p.add_argument("--configs", default="reference,paper-sp,optimized",
+                   help="comma-separated: reference, paper-sp, optimized, compiled")
+    p.add_argument("--warmup", type=int, default=1, help="untimed videos per configuration")
+    p.add_argument("--repeat", type=int, default=2, help="timed videos per configuration (median)")
+    p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--plot", help="write a PNG plot")
+    p.set_defaults(func=cmd_bench)
+
+
 # --- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropesp", description=__doc__.split("\n")[0])
@@ -236,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--latents-out", help="write the final latents [B, F, C, H, W] with torch.save")
     gen.add_argument("--output", help="MP4 path (default ropesp-<seed>.mp4)")
     gen.set_defaults(func=cmd_generate)
+    add_bench_parser(sub)
     return parser
 
 
