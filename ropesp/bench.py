@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ropesp.decode import PreviewDecoder, video_frames_for
 from ropesp.errors import ConfigError
 from ropesp.runtime.dist import Mapping
-from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model
+from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model, make_state
 from ropesp.runtime.session import StreamSession
 
 CONFIGS = ("reference", "paper-sp", "optimized", "compiled")
@@ -151,18 +151,11 @@ def run_rank(
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             if variant.backend == "eager":
-                from ropesp.runtime.executor import EagerExecutor, SPState
+                from ropesp.runtime.executor import EagerExecutor
 
                 model = model if model is not None else load_model(res, device)
-                state = SPState(
-                    res.model,
-                    res.geometry,
-                    res.cache,
-                    vmap,
-                    device,
-                    res.dtype,
-                    sp_rope=variant.request.sp_rope,
-                    sp_comm=variant.request.sp_comm,
+                state = make_state(
+                    res, vmap, device, sp_rope=variant.request.sp_rope, sp_comm=variant.request.sp_comm
                 )
                 executor = EagerExecutor(model, state)
             else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ropesp.config import PRESETS, SamplerConfig
-from ropesp.errors import ConfigError, RopespError
+from ropesp.errors import CheckpointError, ConfigError, RopespError
 
 
 def _steps(text: str) -> tuple[int, ...]:
@@ -77,6 +77,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         default="fused",
         help="fused = one all-to-all for q,k,v; unfused = three",
     )
+    g.add_argument(
+        "--ulysses-degree", type=int, help="U of the hybrid layout world = U x R (default: largest fit)"
+    )
+    g.add_argument(
+        "--ring-degree", type=int, help="R of the hybrid layout (ring attention over cache shards)"
+    )
     g.add_argument("--backend", choices=["eager", "ort", "aoti", "tensorrt"])
     g.add_argument("--engines", help="engine directory from `ropesp build`")
     g.add_argument("--no-cuda-graphs", action="store_true")
@@ -133,6 +139,8 @@ def pipeline_config(args):
         sp_rope=args.sp_rope,
         sp_comm=args.sp_comm,
         cuda_graphs=not args.no_cuda_graphs,
+        ulysses_degree=args.ulysses_degree,
+        ring_degree=args.ring_degree,
     )
 
 
@@ -142,15 +150,112 @@ class GenerateOutputs:
     seed: int
     output: str
     latents_out: str | None
+    decoder: str = "preview"
+    """preview | vae"""
+    vae: str | None = None
+    """Wan VAE (diffusers vae/ directory or Wan2.1_VAE.pth) for decoder 'vae'."""
+    vae_flag: str = "--vae"
+    """Where the VAE came from, for error messages."""
+    overlap_decode: bool | None = None
+    """None: decode overlapped with the DiT on CUDA; False: serial."""
+
+
+def add_model_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-dir",
+        help="diffusers Wan2.1 directory (transformer/, vae/, text_encoder/, tokenizer/); "
+        "--checkpoint overrides transformer/",
+    )
+
+
+def model_dir_of(args):
+    """The resolved --model-dir (CheckpointError for a wrong or partial one), or None."""
+    if not getattr(args, "model_dir", None):
+        return None
+    from ropesp.model_dir import resolve_model_dir
+
+    return resolve_model_dir(args.model_dir, args.checkpoint)
+
+
+def _encode_prompt(args, md, res) -> torch.Tensor:
+    """--prompt through umT5 (from --text-encoder, else --model-dir) on this process, then freed."""
+    import json
+    import time
+
+    from ropesp.runtime.dist import Mapping, device_for
+    from ropesp.text_encoder import find_text_encoder_dirs, load_text_encoder
+
+    if args.text_encoder:
+        te_path, tok_path, flag = args.text_encoder, None, f"--text-encoder {args.text_encoder}"
+    else:
+        te_path, tok_path, flag = md.text_encoder, md.tokenizer, f"--model-dir {md.root}"
+    try:
+        model_dir, _ = find_text_encoder_dirs(te_path, tok_path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{flag}: {exc}") from None
+    try:
+        d_model = json.loads((model_dir / "config.json").read_text()).get("d_model")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: {model_dir / 'config.json'} is not valid JSON: {exc}") from None
+    if d_model != res.model.text_dim:
+        raise ConfigError(
+            f"{flag}: the text encoder gives {d_model}-dim embeddings, but the model's text_dim is "
+            f"{res.model.text_dim}; use the umT5 encoder the DiT was trained with"
+        )
+    device = device_for(Mapping.from_env(res.world_size), res.device)
+    print(f"ropesp: encoding the prompt with umT5 from {model_dir} on {device}", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        encoder = load_text_encoder(te_path, res.dtype, device, res.model.text_len, tok_path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{flag}: {exc}") from None
+    try:
+        prompt = encoder.encode(args.prompt)
+    finally:
+        del encoder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"encoded the prompt in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return prompt
 
 
 def cmd_generate(args) -> None:
+    import dataclasses
+    from pathlib import Path
+
     from ropesp.runtime.executor import check_prompt_embeds
     from ropesp.runtime.launch import spawn_ranks, under_launcher
     from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
 
-    res = pipeline_config(args).resolve()
-    if args.prompt_embeds:
+    if args.text_encoder and args.prompt is None:
+        raise ConfigError("--text-encoder is only used with --prompt TEXT")
+    if args.vae and not Path(args.vae).exists():
+        raise ConfigError(f"--vae {args.vae} does not exist (a diffusers vae/ directory or Wan2.1_VAE.pth)")
+    md = model_dir_of(args)
+    if args.prompt is not None and not args.text_encoder and md is None:
+        raise ConfigError(
+            "--prompt needs a text encoder: pass --text-encoder DIR (umT5: text_encoder/ + tokenizer/) or "
+            "--model-dir DIR, or give --prompt-embeds PATH instead"
+        )
+    vae = args.vae or (str(md.vae) if md is not None else None)
+    decoder = args.decoder or ("vae" if vae else "preview")
+    if decoder == "vae" and vae is None:
+        raise ConfigError(
+            "--decoder vae needs a Wan VAE: pass --vae PATH (diffusers vae/ directory or Wan2.1_VAE.pth) "
+            "or --model-dir DIR, or use --decoder preview"
+        )
+    config = pipeline_config(args)
+    if md is not None:
+        config = dataclasses.replace(config, checkpoint=str(md.dit_weights))
+    try:
+        res = config.resolve()
+    except CheckpointError as exc:
+        if md is None or args.checkpoint:
+            raise
+        raise CheckpointError(f"--model-dir {md.root} (transformer/): {exc}") from None
+    if args.prompt is not None:
+        prompt = _encode_prompt(args, md, res)
+    elif args.prompt_embeds:
         prompt = load_prompt_embeds(args.prompt_embeds)
     else:
         prompt = default_prompt_embeds(res.model)
@@ -161,7 +266,15 @@ def cmd_generate(args) -> None:
             f"ropesp: no --checkpoint given: running the {name!r} preset on seeded random weights",
             file=sys.stderr,
         )
-    outputs = GenerateOutputs(args.seed, args.output or f"ropesp-{args.seed}.mp4", args.latents_out)
+    outputs = GenerateOutputs(
+        args.seed,
+        args.output or f"ropesp-{args.seed}.mp4",
+        args.latents_out,
+        decoder=decoder,
+        vae=vae if decoder == "vae" else None,
+        vae_flag="--vae" if args.vae else f"--model-dir {args.model_dir}",
+        overlap_decode=False if args.no_overlap_decode else None,
+    )
     if res.world_size > 1 and not under_launcher():
         spawn_ranks(res.world_size, _generate_rank, res, prompt, outputs)
     else:
@@ -179,17 +292,31 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
     from ropesp.video import Mp4Writer
 
     lead = mapping.is_first
-    with process_group(mapping, res.device):
-        session = build_session(res, mapping, decoder=PreviewDecoder() if lead else None)
+    with process_group(mapping, res.device) as device:
+        decoder = None
+        if lead and outputs.decoder == "vae":  # only rank 0 decodes
+            from ropesp.decode.wan_vae import WanVAEDecoder
+
+            try:
+                decoder = WanVAEDecoder.from_path(outputs.vae, res.dtype, device)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{outputs.vae_flag}: {exc}") from None
+        elif lead:
+            decoder = PreviewDecoder()
+        session = build_session(res, mapping, decoder=decoder, overlap_decode=outputs.overlap_decode)
+        if lead:
+            mode = "overlapped with the DiT" if session.overlapped else "after each chunk"
+            print(f"decoder: {outputs.decoder} ({mode})", file=sys.stderr)
         session.reset(prompt, outputs.seed)
         latents = []
         writer = Mp4Writer(outputs.output) if lead else None
+        stream = iter(session)
         try:
             bar = tqdm(
                 total=len(session.chunk_sizes), desc="chunks", unit="chunk", disable=not lead, file=sys.stderr
             )
             first_ms = None
-            for chunk in session:
+            for chunk in stream:
                 latents.append(chunk.latents)
                 if writer is not None:
                     writer.write(chunk.frames[0].numpy())
@@ -197,6 +324,7 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
                 bar.update(1)
             bar.close()
         finally:
+            stream.close()  # on errors too: stops an overlapped DiT thread
             if writer is not None:
                 writer.close()
         if not lead:
@@ -206,7 +334,7 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
         print(f"time to first chunk: {first_ms:.1f} ms", file=sys.stderr)
         print(
             f"generated {frames} frames ({res.latent_frames} latent) in {total_s:.2f} s: "
-            f"{frames / total_s:.1f} FPS (preview decode included)",
+            f"{frames / total_s:.1f} FPS ({outputs.decoder} decode included)",
             file=sys.stderr,
         )
         print(f"wrote {outputs.output}", file=sys.stderr)
@@ -238,8 +366,11 @@ def add_bench_parser(sub) -> None:
     add_model_args(p)
     add_video_args(p)
     add_run_args(p)
-    p.add_argument("--configs", default="reference,paper-sp,optimized",
-                   help="comma-separated: reference, paper-sp, optimized, compiled")
+    p.add_argument(
+        "--configs",
+        default="reference,paper-sp,optimized",
+        help="comma-separated: reference, paper-sp, optimized, compiled",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed videos per configuration")
     p.add_argument("--repeat", type=int, default=2, help="timed videos per configuration (median)")
     p.add_argument("--json", help="write the results as JSON")
@@ -256,7 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(gen)
     add_video_args(gen)
     add_run_args(gen)
-    gen.add_argument("--prompt-embeds", help=".pt tensor [L, text_dim] / [1, L, text_dim] or .safetensors")
+    add_model_dir_arg(gen)
+    text = gen.add_mutually_exclusive_group()
+    text.add_argument("--prompt", help="text prompt, encoded once by umT5 (--text-encoder or --model-dir)")
+    text.add_argument("--prompt-embeds", help=".pt tensor [L, text_dim] / [1, L, text_dim] or .safetensors")
+    gen.add_argument("--text-encoder", help="umT5 directory: text_encoder/ + tokenizer/, or one HF directory")
+    gen.add_argument(
+        "--decoder",
+        choices=["preview", "vae"],
+        help="vae: streaming Wan VAE (default when --vae or --model-dir gives one); preview: fast linear map",
+    )
+    gen.add_argument(
+        "--vae", help="Wan VAE: diffusers vae/ directory or Wan2.1_VAE.pth (default: --model-dir's)"
+    )
+    gen.add_argument(
+        "--no-overlap-decode",
+        action="store_true",
+        help="decode each chunk after its DiT instead of concurrently with the next chunk's (default on GPU)",
+    )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--shift", type=float, default=5.0)
     gen.add_argument(

@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from ropesp.runtime.dist import Mapping, check_sp_size
-from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, TokenShard, UlyssesRunner
 
 from ropesp.config import CacheConfig, ModelConfig, VideoGeometry
 from ropesp.errors import ConfigError
@@ -21,6 +19,9 @@ from ropesp.model.kv_cache import KVCache
 from ropesp.model.local import LocalRunner, make_rope
 from ropesp.model.rope import RopeTables
 from ropesp.model.wan import CausalWanDiT, timestep_sinusoid
+from ropesp.runtime.dist import Mapping
+from ropesp.runtime.ring import HybridRunner, RingCache, SPLayout, ring_capacity, ulysses_group
+from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, TokenShard, UlyssesRunner
 
 
 class Executor(Protocol):
@@ -60,7 +61,11 @@ def sinusoid_for(cfg: ModelConfig, t: torch.Tensor, batch: int, frames: int, dev
 
 
 class SPState:
-    """What every executor of a P-rank group shares: cache, shard, RoPE tables, collectives."""
+    """What every executor of a P-rank group shares: cache, shard, RoPE tables, collectives.
+
+    Pure Ulysses (ring degree 1) keeps a head-sharded KVCache; the hybrid layout (runtime/ring.py)
+    keeps a head- and token-sharded RingCache. `begin` / `runner` / `commit` hide the difference.
+    """
 
     def __init__(
         self,
@@ -75,29 +80,54 @@ class SPState:
         sp_rope: str = "local",
         sp_comm: str = "fused",
         group=None,
+        layout: SPLayout | None = None,
+        chunk_frames: list[int] | None = None,
     ) -> None:
-        check_sp_size(cfg.num_heads, mapping.world_size)
+        layout = layout or SPLayout.choose(cfg.num_heads, mapping.world_size, ring=1)
+        if layout.world_size != mapping.world_size:
+            raise ConfigError(f"SP layout {layout} does not match the world size {mapping.world_size}")
         if sp_rope not in SP_ROPE_MODES:
             raise ConfigError(f"--sp-rope {sp_rope!r}; choose one of {SP_ROPE_MODES}")
         if sp_comm not in SP_COMM_MODES:
             raise ConfigError(f"--sp-comm {sp_comm!r}; choose one of {SP_COMM_MODES}")
-        self.cfg, self.geometry, self.mapping = cfg, geometry, mapping
+        self.cfg, self.geometry, self.mapping, self.layout = cfg, geometry, mapping, layout
         self.device, self.dtype, self.batch = device, dtype, batch
         self.sp_rope, self.sp_comm = sp_rope, sp_comm
-        self.cache = KVCache(
-            cfg.num_layers,
-            batch,
-            geometry.frame_tokens,
-            cache_cfg,
-            cfg.num_heads // mapping.world_size,
-            cfg.head_dim,
-            dtype,
-            device,
-        )
+        local_heads = cfg.num_heads // layout.ulysses
         self.tables = RopeTables(
             cfg.head_dim, max(cache_cfg.max_frames, 1), geometry.rows, geometry.cols, cfg.rope_theta, device
         )
         self.comm = Collectives(group, mapping.world_size) if mapping.world_size > 1 else None
+        self.ulysses_comm = self.comm
+        if layout.ring == 1:
+            self.cache = KVCache(
+                cfg.num_layers,
+                batch,
+                geometry.frame_tokens,
+                cache_cfg,
+                local_heads,
+                cfg.head_dim,
+                dtype,
+                device,
+            )
+        else:
+            chunks = chunk_frames or [cache_cfg.slot_frames]
+            local_len = -(-max(chunks) * geometry.frame_tokens // mapping.world_size)
+            capacity = ring_capacity(cache_cfg, geometry.frame_tokens, chunks, layout.ulysses * local_len)
+            self.cache = RingCache(
+                layout,
+                mapping.rank,
+                cfg.num_layers,
+                batch,
+                geometry.frame_tokens,
+                cache_cfg,
+                capacity,
+                local_heads,
+                cfg.head_dim,
+                dtype,
+                device,
+            )
+            self.ulysses_comm = Collectives(ulysses_group(layout, mapping.rank), layout.ulysses)
 
     def ensure_frames(self, end_frame: int) -> None:
         """Grow the time axis of the RoPE tables (host-side, rare) for unbounded rolling streams."""
@@ -112,32 +142,50 @@ class SPState:
                 self.device,
             )
 
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def _shard(self, frames: int) -> TokenShard:
+        return TokenShard.split(
+            frames * self.geometry.frame_tokens, self.mapping.world_size, self.mapping.rank
+        )
+
+    def begin(self, start_frame: int, frames: int):
+        """Plan this forward's cache slots (and roll the window if needed); host-side."""
+        self.ensure_frames(start_frame + frames)
+        ft = self.geometry.frame_tokens
+        if self.layout.ring == 1:
+            return self.cache.begin(start_frame * ft, frames * ft)
+        shard = self._shard(frames)
+        return self.cache.begin(start_frame * ft, shard.length, shard.total)
+
+    def commit(self, slots) -> None:
+        self.cache.commit(slots)
+
     def runner(self, slots, start_frame: int, frames: int, rope_fn=None):
         """The ChunkRunner of this rank for one forward; rope_fn overrides the local RoPE."""
         g = self.geometry
-        total = frames * g.frame_tokens
         if self.mapping.world_size == 1:
             mode = "tables" if self.sp_rope == "local" else "reference"
             rope = rope_fn or make_rope(
                 mode, start_frame, frames, g.rows, g.cols, 0, self.tables, self.cfg.rope_theta
             )
             return LocalRunner(self.cache, slots, rope)
-        shard = TokenShard.split(total, self.mapping.world_size, self.mapping.rank)
+        shard = self._shard(frames)
         rope = rope_fn or make_rope(
             "tables", start_frame, frames, g.rows, g.cols, shard.first, self.tables, self.cfg.rope_theta
         )
-        return UlyssesRunner(
-            self.cache,
-            slots,
-            shard,
-            self.comm,
-            rope,
+        kwargs = dict(
+            world=self.comm,
             sp_rope=self.sp_rope,
             sp_comm=self.sp_comm,
             start_frame=start_frame,
             grid=(frames, g.rows, g.cols),
             theta=self.cfg.rope_theta,
         )
+        if self.layout.ring == 1:
+            return UlyssesRunner(self.cache, slots, shard, self.comm, rope, **kwargs)
+        return HybridRunner(self.cache, slots, None, None, shard, self.ulysses_comm, rope, **kwargs)
 
 
 class EagerExecutor:
@@ -160,7 +208,7 @@ class EagerExecutor:
             self.cross_kv = self.model.cross_kv(pe)
 
     def reset(self) -> None:
-        self.state.cache.reset()
+        self.state.reset()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
         """x: [B, F, C, H, W] float32; t: scalar timestep; returns flow [B, F, C, H, W] float32."""
@@ -168,9 +216,7 @@ class EagerExecutor:
             raise RuntimeError("set_prompt() must be called before forward()")
         b, frames = x.shape[:2]
         st = self.state
-        st.ensure_frames(start_frame + frames)
-        ft = st.geometry.frame_tokens
-        slots = st.cache.begin(start_frame * ft, frames * ft)
+        slots = st.begin(start_frame, frames)
         runner = st.runner(slots, start_frame, frames)
         with torch.inference_mode():
             flow = self.model(

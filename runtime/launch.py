@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.multiprocessing as mp
-from ropesp.runtime.dist import Mapping, destroy_process_group, device_for, init_process_group
 
 from ropesp.errors import RopespError
+from ropesp.runtime.dist import Mapping, destroy_process_group, device_for, init_process_group
 
 
 def free_port() -> int:

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from ropesp.runtime.dist import Mapping, check_sp_size
-from ropesp.runtime.session import StreamSession
 
 from ropesp.config import (
     CacheConfig,
@@ -28,6 +26,9 @@ from ropesp.config import (
     preset,
 )
 from ropesp.errors import ConfigError
+from ropesp.runtime.dist import Mapping
+from ropesp.runtime.ring import SPLayout
+from ropesp.runtime.session import StreamSession
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("eager", "ort", "aoti", "tensorrt")
@@ -64,6 +65,10 @@ class PipelineConfig:
     world_size: int | None = None
     sp_rope: str = "local"
     sp_comm: str = "fused"
+    ulysses_degree: int | None = None
+    """U of the hybrid layout P = U x R (default: the largest divisor of P and the heads)."""
+    ring_degree: int | None = None
+    """R of the hybrid layout (default: P / U)."""
     cuda_graphs: bool = True
 
     def resolve(self) -> ResolvedPipeline:
@@ -104,7 +109,7 @@ class PipelineConfig:
                 "--max-frames or use a rolling window (--local-attn-frames/--sink-frames)"
             )
         world = Mapping.from_env(self.world_size).world_size
-        check_sp_size(cfg.num_heads, world)
+        layout = SPLayout.choose(cfg.num_heads, world, self.ulysses_degree, self.ring_degree)
         return ResolvedPipeline(
             self,
             cfg,
@@ -117,6 +122,7 @@ class PipelineConfig:
             world,
             random_weights,
             manifest,
+            layout,
         )
 
     def _model_config(self, manifest) -> tuple[ModelConfig, PresetDefaults, bool]:
@@ -162,6 +168,7 @@ class ResolvedPipeline:
     world_size: int
     random_weights: bool
     manifest: object | None
+    layout: SPLayout
 
     def with_frames(self, latent_frames: int) -> ResolvedPipeline:
         return dataclasses.replace(self, latent_frames=latent_frames)
@@ -189,23 +196,34 @@ def load_model(res: ResolvedPipeline, device: torch.device):
     return model
 
 
-def build_executor(res: ResolvedPipeline, mapping: Mapping, group=None):
-    """The executor of this rank for the resolved backend."""
-    from ropesp.runtime.dist import device_for
-    from ropesp.runtime.executor import EagerExecutor, SPState
+def make_state(res: ResolvedPipeline, mapping: Mapping, device: torch.device, *, group=None, **overrides):
+    """The SP state (cache, collectives, RoPE tables) of this rank; overrides replace request fields."""
+    from ropesp.runtime.executor import SPState
 
-    device = device_for(mapping, res.device)
-    state = SPState(
+    req = dataclasses.replace(res.request, **overrides) if overrides else res.request
+    layout = res.layout if mapping.world_size == res.layout.world_size else SPLayout(1, 1)
+    return SPState(
         res.model,
         res.geometry,
         res.cache,
         mapping,
         device,
         res.dtype,
-        sp_rope=res.request.sp_rope,
-        sp_comm=res.request.sp_comm,
+        sp_rope=req.sp_rope,
+        sp_comm=req.sp_comm,
         group=group,
+        layout=layout,
+        chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
     )
+
+
+def build_executor(res: ResolvedPipeline, mapping: Mapping, group=None):
+    """The executor of this rank for the resolved backend."""
+    from ropesp.runtime.dist import device_for
+    from ropesp.runtime.executor import EagerExecutor
+
+    device = device_for(mapping, res.device)
+    state = make_state(res, mapping, device, group=group)
     if res.backend == "eager":
         return EagerExecutor(load_model(res, device), state)
     from ropesp.runtime.engine import load_engine_executor
@@ -214,11 +232,24 @@ def build_executor(res: ResolvedPipeline, mapping: Mapping, group=None):
 
 
 def build_session(
-    res: ResolvedPipeline | PipelineConfig, mapping: Mapping | None = None, decoder=None, group=None
+    res: ResolvedPipeline | PipelineConfig,
+    mapping: Mapping | None = None,
+    decoder=None,
+    group=None,
+    overlap_decode: bool | None = None,
 ):
-    """A StreamSession on this rank (the process group must already exist for world size > 1)."""
+    """A StreamSession on this rank (the process group must already exist for world size > 1).
+
+    overlap_decode: decode chunk c while the DiT runs chunk c+1 (default: with a decoder on CUDA)."""
     if isinstance(res, PipelineConfig):
         res = res.resolve()
     mapping = mapping or Mapping.from_env(res.world_size)
     executor = build_executor(res, mapping, group)
-    return StreamSession(executor, res.request.sampler, res.geometry, res.latent_frames, decoder)
+    return StreamSession(
+        executor,
+        res.request.sampler,
+        res.geometry,
+        res.latent_frames,
+        decoder,
+        overlap_decode=overlap_decode,
+    )

@@ -2,20 +2,31 @@
 
 A session owns one stream at a time; `reset(prompt_embeds, seed)` starts a new one without
 reallocating caches. Iterating yields `Chunk`s in order.
+
+Overlapped decode (`overlap_decode=True`, the default with a decoder on CUDA): the DiT loop runs in a
+producer thread (on its own CUDA stream on GPU) that hands each finished chunk's latents over a queue;
+the iterator decodes them (on another CUDA stream on GPU) and yields. So chunk c is decoded while the DiT
+already computes chunk c+1, and chunk c is yielded as soon as its decode is done. The producer draws the
+same noise in the same order and runs the same forwards, so the results are identical to the serial path.
+An exception in the producer is re-raised by the iterator; closing the iterator (or an error, or `reset`)
+stops the producer before its next forward and joins it, so no thread outlives its stream.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from ropesp.runtime.executor import Executor
-from ropesp.runtime.sampler import FlowSchedule, NoiseStream
 
 from ropesp.config import SamplerConfig, VideoGeometry
 from ropesp.decode.base import StreamDecoder
+from ropesp.runtime.executor import Executor
+from ropesp.runtime.sampler import FlowSchedule, NoiseStream
 
 
 @dataclass
@@ -34,6 +45,13 @@ class Chunk:
     """Milliseconds from the start of the stream to this chunk being ready (decode included)."""
 
 
+class _Stopped(Exception):
+    """The consumer asked the producer to stop (raised inside the producer thread only)."""
+
+
+_DONE = object()
+
+
 class StreamSession:
     """Few-step causal generation, one chunk at a time."""
 
@@ -46,6 +64,7 @@ class StreamSession:
         decoder: StreamDecoder | None = None,
         batch: int = 1,
         skip_final_refresh: bool = True,
+        overlap_decode: bool | None = None,
     ) -> None:
         self.executor = executor
         self.sampler = sampler
@@ -56,11 +75,27 @@ class StreamSession:
         self.decoder = decoder
         self.batch = batch
         self.skip_final_refresh = skip_final_refresh
+        self.overlap_decode = overlap_decode
+        """None: overlap when a decoder is set and the executor runs on CUDA; True/False: force."""
         self.seed = 0
         self._ready = False
+        self.producer: threading.Thread | None = None
+        """The DiT thread of the current (or last) overlapped stream; never alive once its iterator ends."""
+        self._stop = threading.Event()
+        self._streams: dict[str, torch.cuda.Stream] = {}
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether iterating runs the DiT in a producer thread, concurrently with the decoder."""
+        if self.decoder is None:
+            return False
+        if self.overlap_decode is None:
+            return torch.device(self.executor.device).type == "cuda"
+        return bool(self.overlap_decode)
 
     def reset(self, prompt_embeds: torch.Tensor | None = None, seed: int | None = None) -> None:
         """Start a new stream; a new prompt recomputes the cross-attention K/V."""
+        self._stop_producer()
         if prompt_embeds is not None:
             self.executor.set_prompt(prompt_embeds)
         if seed is not None:
@@ -74,32 +109,127 @@ class StreamSession:
         if not self._ready:
             raise RuntimeError("call reset(prompt_embeds, seed) before iterating a session")
         self._ready = False
-        noise = NoiseStream(self.seed)
-        c = self.executor.cfg.in_dim
-        h, w = self.geometry.latent_height, self.geometry.latent_width
-        steps = self.schedule.timesteps
-        t0 = time.perf_counter()
-        start = 0
-        for index, n in enumerate(self.chunk_sizes):
-            shape = (self.batch, n, c, h, w)
-            x = noise.draw(shape)
-            x0 = x
-            for i in range(len(steps)):
-                t = steps[i]
-                flow = self.executor.forward(x, t, start)
-                x0 = self.schedule.to_x0(x.to(flow.device), flow, t)
-                if i + 1 < len(steps):
-                    eps = noise.draw(shape)
-                    x = self.schedule.add_noise(x0, eps.to(x0.device), steps[i + 1])
-            last = index == len(self.chunk_sizes) - 1
-            if not (last and self.skip_final_refresh):
-                # clean-context pass: overwrites this chunk's cache slots; the output is not used
-                self.executor.forward(x0, torch.tensor(self.schedule.context_t), start)
-            latents = x0.cpu()
-            frames = self.decoder.decode(latents) if self.decoder is not None else None
-            yield Chunk(index, start, latents, frames, (time.perf_counter() - t0) * 1e3)
-            start += n
+        return self._iter_overlapped() if self.overlapped else self._iter_serial()
 
     def generate(self) -> torch.Tensor:
         """Run the whole stream; returns latents [B, F, C, h, w] float32."""
         return torch.cat([chunk.latents for chunk in self], dim=1)
+
+    # --- the DiT loop ------------------------------------------------------------------------
+    def _dit_chunks(self, stop: threading.Event | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(index, start_frame, latents on the CPU) of each chunk, in order; checks `stop` before each forward."""
+        noise = NoiseStream(self.seed)
+        c = self.executor.cfg.in_dim
+        h, w = self.geometry.latent_height, self.geometry.latent_width
+        steps = self.schedule.timesteps
+
+        def forward(x, t, start):
+            if stop is not None and stop.is_set():
+                raise _Stopped
+            return self.executor.forward(x, t, start)
+
+        start = 0
+        for index, n in enumerate(self.chunk_sizes):
+            with torch.profiler.record_function(f"ropesp.dit.chunk{index}"):
+                shape = (self.batch, n, c, h, w)
+                x = noise.draw(shape)
+                x0 = x
+                for i in range(len(steps)):
+                    t = steps[i]
+                    flow = forward(x, t, start)
+                    x0 = self.schedule.to_x0(x.to(flow.device), flow, t)
+                    if i + 1 < len(steps):
+                        eps = noise.draw(shape)
+                        x = self.schedule.add_noise(x0, eps.to(x0.device), steps[i + 1])
+                last = index == len(self.chunk_sizes) - 1
+                if not (last and self.skip_final_refresh):
+                    # clean-context pass: overwrites this chunk's cache slots; the output is not used
+                    forward(x0, torch.tensor(self.schedule.context_t), start)
+                latents = x0.cpu()
+            yield index, start, latents
+            start += n
+
+    def _decode(self, index: int, latents: torch.Tensor) -> torch.Tensor | None:
+        if self.decoder is None:
+            return None
+        with torch.profiler.record_function(f"ropesp.decode.chunk{index}"):
+            return self.decoder.decode(latents)
+
+    def _iter_serial(self) -> Iterator[Chunk]:
+        t0 = time.perf_counter()
+        for index, start, latents in self._dit_chunks():
+            frames = self._decode(index, latents)
+            yield Chunk(index, start, latents, frames, (time.perf_counter() - t0) * 1e3)
+
+    # --- overlapped: DiT producer thread + decoding consumer ------------------------------------
+    def _stream(self, name: str, device: torch.device) -> torch.cuda.Stream | None:
+        """A side CUDA stream per role (created once), or None off CUDA."""
+        if device.type != "cuda":
+            return None
+        key = f"{name}:{device}"
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device=device)
+        return self._streams[key]
+
+    def _decoder_device(self) -> torch.device:
+        vae = getattr(self.decoder, "vae", None)
+        if isinstance(vae, torch.nn.Module):
+            return next(vae.parameters()).device
+        return torch.device("cpu")
+
+    def _iter_overlapped(self) -> Iterator[Chunk]:
+        device = torch.device(self.executor.device)
+        dit_stream = self._stream("dit", device)
+        decode_stream = self._stream("decode", self._decoder_device())
+        handoff: queue.SimpleQueue = queue.SimpleQueue()  # unbounded: the producer never blocks
+        stop = self._stop = threading.Event()
+        grad = torch.is_grad_enabled()
+        for side in (dit_stream, decode_stream):  # prompt K/V, cache and decoder resets ran on the caller's
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(side.device))
+
+        def produce() -> None:
+            try:
+                torch.set_grad_enabled(grad)
+                if dit_stream is not None:
+                    torch.cuda.set_device(device)  # the current device is per thread
+                with torch.cuda.stream(dit_stream) if dit_stream is not None else contextlib.nullcontext():
+                    for item in self._dit_chunks(stop):
+                        handoff.put(item)
+                handoff.put(_DONE)
+            except _Stopped:
+                handoff.put(_DONE)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                handoff.put(exc)
+
+        t0 = time.perf_counter()
+        thread = self.producer = threading.Thread(target=produce, name="ropesp-dit", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = handoff.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                index, start, latents = item
+                if decode_stream is not None:
+                    with torch.cuda.stream(decode_stream):
+                        frames = self._decode(index, latents)
+                else:
+                    frames = self._decode(index, latents)
+                yield Chunk(index, start, latents, frames, (time.perf_counter() - t0) * 1e3)
+        finally:
+            self._stop_producer()
+
+    def _stop_producer(self) -> None:
+        """Ask a running producer to stop before its next forward, wait for it, and order its stream."""
+        thread = self.producer
+        if thread is None:
+            return
+        self._stop.set()
+        thread.join()
+        device = torch.device(self.executor.device)
+        dit_stream = self._streams.get(f"dit:{device}")
+        if dit_stream is not None:  # later work on the caller's stream comes after the producer's
+            torch.cuda.current_stream(device).wait_stream(dit_stream)

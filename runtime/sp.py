@@ -106,18 +106,31 @@ class Collectives:
             dist.all_gather(parts, x, group=self.group)
         return torch.stack(parts)
 
+    def ring_shift(self, send: torch.Tensor, recv: torch.Tensor, next_rank: int, prev_rank: int) -> None:
+        """One ring step: send to next_rank, receive from prev_rank (global ranks)."""
+        send = send.contiguous()
+        with self._timed("ring_p2p", send.device):
+            ops = [dist.P2POp(dist.isend, send, next_rank), dist.P2POp(dist.irecv, recv, prev_rank)]
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+
 
 class UlyssesRunner:
-    """ChunkRunner of one rank in a P-rank Ulysses group (P >= 2)."""
+    """ChunkRunner of one rank in a Ulysses group (P >= 2).
+
+    `comm` spans the Ulysses group (the all-to-alls); `world` spans every rank of the chunk (the
+    head's all-gather and the baseline's gather-then-RoPE); they are the same group in pure Ulysses.
+    """
 
     def __init__(
         self,
-        cache: KVCache,
-        slots: CacheSlots,
+        cache: KVCache | None,
+        slots: CacheSlots | None,
         shard: TokenShard,
         comm: Collectives,
         rope,
         *,
+        world: Collectives | None = None,
         sp_rope: str = "local",
         sp_comm: str = "fused",
         start_frame: int = 0,
@@ -125,6 +138,7 @@ class UlyssesRunner:
         theta: float = 10000.0,
     ) -> None:
         self.cache, self.slots, self.shard_info, self.comm = cache, slots, shard, comm
+        self.world = world or comm
         self.first_token = shard.first
         self.sp = comm.sp_size
         self.sp_comm = sp_comm
@@ -142,42 +156,51 @@ class UlyssesRunner:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L_local, X] -> [B, L, X]: all-gather along the sequence, drop the padding."""
-        parts = self.comm.all_gather(x)  # [P, B, L_local, X]
+        parts = self.world.all_gather(x)  # [P, B, L_local, X]
         full = parts.transpose(0, 1).flatten(1, 2)  # [B, L_pad, X]
         return full[:, : self.shard_info.total]
 
     # --- baseline RoPE: gather, rotate the full chunk with the float64 reference, keep ours ----
     def _allgather_rope(self, x: torch.Tensor) -> torch.Tensor:
-        full = self.comm.all_gather(x).transpose(0, 1).flatten(1, 2)  # [B, L_pad, H, D]
+        full = self.world.all_gather(x).transpose(0, 1).flatten(1, 2)  # [B, L_pad, H, D]
         frames, rows, cols = self.grid
         full = rope_apply_ref(full, self.start_frame, frames, rows, cols, self.theta)
         return full[:, self.first_token : self.first_token + x.shape[1]]
 
     # --- attention --------------------------------------------------------------------------
     def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., B, L_local, H, D] -> [..., B, L, H/P, D] (sequence-sharded -> head-sharded)."""
+        """[..., B, L_local, H, D] -> [..., B, U*L_local, H/U, D] (sequence- to head-sharded)."""
+        if self.sp == 1:  # a ring-only layout: nothing to exchange
+            return x
         *lead, _, _, h, _ = x.shape
         n = len(lead)
-        send = x.unflatten(-2, (self.sp, h // self.sp))  # [..., B, L_local, P, H/P, D]
-        send = send.movedim(-3, 0)  # [P, ..., B, L_local, H/P, D]
-        recv = self.comm.all_to_all(send)  # all_to_all: [P(dst), ...] -> [P(src), ..., B, L_local, H/P, D]
-        recv = recv.movedim(0, n + 1)  # [..., B, P, L_local, H/P, D]
-        return recv.flatten(n + 1, n + 2)[..., : self.shard_info.total, :, :]  # [..., B, L, H/P, D]
+        send = x.unflatten(-2, (self.sp, h // self.sp))  # [..., B, L_local, U, H/U, D]
+        send = send.movedim(-3, 0)  # [U, ..., B, L_local, H/U, D]
+        recv = self.comm.all_to_all(send)  # all_to_all: [U(dst), ...] -> [U(src), ..., B, L_local, H/U, D]
+        recv = recv.movedim(0, n + 1)  # [..., B, U, L_local, H/U, D]
+        return recv.flatten(n + 1, n + 2)  # [..., B, U*L_local, H/U, D]
 
     def _to_tokens(self, o: torch.Tensor) -> torch.Tensor:
-        """[B, L, H/P, D] -> [B, L_local, H, D] (head-sharded -> sequence-sharded)."""
-        s = self.shard_info
-        if s.padded != s.total:
-            o = torch.nn.functional.pad(o, (0, 0, 0, 0, 0, s.padded - s.total))  # [B, L_pad, H/P, D]
-        b, _, hl, d = o.shape
-        send = o.view(b, self.sp, s.length, hl, d).movedim(1, 0)  # [P(dst), B, L_local, H/P, D]
-        recv = self.comm.all_to_all(send)  # all_to_all: -> [P(src head group), B, L_local, H/P, D]
+        """[B, U*L_local, H/U, D] -> [B, L_local, H, D] (head-sharded -> sequence-sharded)."""
+        if self.sp == 1:
+            return o
+        b, seg, hl, d = o.shape
+        send = o.view(b, self.sp, seg // self.sp, hl, d).movedim(1, 0)  # [U(dst), B, L_local, H/U, D]
+        recv = self.comm.all_to_all(send)  # all_to_all: -> [U(src head group), B, L_local, H/U, D]
         return recv.movedim(0, 2).flatten(2, 3)  # [B, L_local, H, D]
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Head-sharded attention of the whole chunk: [B, L_pad, H/P, D] each; padding is not cached."""
+        real = self.shard_info.total
+        k_win, v_win = self.cache.update(layer, self.slots, k[:, :real], v[:, :real])  # [B, S_win, H/P, D]
+        out = attention(q[:, :real], k_win, v_win)
+        if real != q.shape[1]:
+            out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, q.shape[1] - real))  # [B, L_pad, H/P, D]
+        return out
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.sp_comm == "fused":
             q, k, v = self._to_heads(torch.stack((q, k, v)))  # one all-to-all for q, k and v
         else:
             q, k, v = self._to_heads(q), self._to_heads(k), self._to_heads(v)
-        k_win, v_win = self.cache.update(layer, self.slots, k, v)  # [B, S_win, H/P, D]
-        return self._to_tokens(attention(q, k_win, v_win))
+        return self._to_tokens(self._attend(layer, q, k, v))

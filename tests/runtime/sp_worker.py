@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import torch
-from ropesp.runtime.launch import process_group
-from ropesp.runtime.pipeline import PipelineConfig, build_session
 
 from ropesp.config import SamplerConfig
+from ropesp.runtime.launch import process_group
+from ropesp.runtime.pipeline import PipelineConfig, build_session
 
 
 def base_config(**overrides) -> PipelineConfig:
@@ -31,28 +32,31 @@ MODES = {
 }
 
 
-def run_modes(mapping, prompt, out_path, modes) -> None:
+def run_modes(mapping, prompt, out_path, modes, ring_degree=None) -> None:
     """Generate once per mode on this rank; rank 0 saves {mode: latents, counts: {...}}."""
     results, counts = {}, {}
     with process_group(mapping, "cpu"):
         for mode in modes:
-            cfg = base_config(world_size=mapping.world_size, **MODES[mode])
+            cfg = base_config(world_size=mapping.world_size, ring_degree=ring_degree, **MODES[mode])
             session = build_session(cfg, mapping)
             session.reset(prompt, seed=3)
-            comm = session.executor.state.comm
-            if comm is not None:
-                comm.counts.clear()
+            state = session.executor.state
+            comms = {id(c): c for c in (state.comm, state.ulysses_comm) if c is not None}.values()
+            if comms:
+                for c in comms:
+                    c.counts.clear()
                 session.executor.forward(torch.zeros(1, 3, 16, 10, 14), torch.tensor(500.0), 0)
-                counts[mode] = dict(comm.counts)
+                counts[mode] = dict(sum((c.counts for c in comms), Counter()))
                 session.reset(seed=3)
             results[mode] = session.generate()
     if mapping.rank == 0:
         torch.save({"latents": results, "counts": counts}, out_path)
 
 
-def build_only(mapping) -> None:
+def build_only(mapping, ulysses_degree=None) -> None:
+    """Every rank validates the layout itself (as under torchrun) and exits on a bad one."""
     with process_group(mapping, "cpu"):
-        build_session(base_config(world_size=mapping.world_size), mapping)
+        build_session(base_config(world_size=mapping.world_size, ulysses_degree=ulysses_degree), mapping)
 
 
 def replace(cfg: PipelineConfig, **kw) -> PipelineConfig:

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from ropesp.runtime.sampler import FlowSchedule
 
 from ropesp.config import SamplerConfig
 from ropesp.errors import ConfigError
+from ropesp.runtime.sampler import FlowSchedule
 
 
 def test_shift5_warped_timesteps():

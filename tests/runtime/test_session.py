@@ -2,11 +2,11 @@ import itertools
 
 import pytest
 import torch
+
+from ropesp.config import ModelConfig, SamplerConfig, VideoGeometry
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 from ropesp.runtime.sampler import FlowSchedule
 from ropesp.runtime.session import StreamSession
-
-from ropesp.config import ModelConfig, SamplerConfig, VideoGeometry
 
 
 class RecordingExecutor:

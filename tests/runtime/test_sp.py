@@ -8,10 +8,10 @@ import time
 import pytest
 import sp_worker
 import torch
-from ropesp.runtime.launch import RankFailure, spawn_ranks
-from ropesp.runtime.pipeline import build_session
 
 from ropesp.errors import ConfigError
+from ropesp.runtime.launch import RankFailure, spawn_ranks
+from ropesp.runtime.pipeline import build_session
 
 ALL_MODES = ("optimized", "baseline", "rolling", "iff")
 LAYERS = 2  # tiny preset
@@ -47,15 +47,49 @@ def test_single_rank_modes_agree(single_rank):
     torch.testing.assert_close(single_rank["baseline"], single_rank["optimized"], rtol=0, atol=1e-5)
 
 
-def test_world_size_not_dividing_heads_is_refused_before_launch():
-    with pytest.raises(ConfigError, match=r"valid world sizes: \[1, 2, 3, 4, 6, 12\]"):
-        sp_worker.base_config(world_size=5).resolve()
+@pytest.mark.parametrize(
+    ("world_size", "ring", "layout"),
+    [(5, None, (1, 5)), (8, None, (4, 2)), (6, None, (6, 1)), (4, 2, (2, 2))],
+)
+def test_hybrid_ulysses_ring_equals_single_rank(world_size, ring, layout, single_rank, prompt, tmp_path):
+    cfg = sp_worker.base_config(world_size=world_size, ring_degree=ring).resolve()
+    assert (cfg.layout.ulysses, cfg.layout.ring) == layout
+    path = tmp_path / "out.pt"
+    modes = ("optimized", "rolling") if world_size != 4 else ("optimized", "baseline", "rolling", "iff")
+    spawn_ranks(world_size, sp_worker.run_modes, prompt, str(path), modes, ring)
+    result = torch.load(path)
+    for mode in modes:
+        # fp32; log-sum-exp merging of ring partials changes only the summation order
+        torch.testing.assert_close(result["latents"][mode], single_rank[mode], rtol=0, atol=1e-5, msg=mode)
+    u, r = layout
+    counts = result["counts"]["optimized"]
+    assert counts.get("all_to_all", 0) == (2 * LAYERS if u > 1 else 0)
+    assert counts.get("ring_p2p", 0) == (r - 1) * LAYERS
+    assert counts["all_gather"] == 1
 
 
-def test_world_size_not_dividing_heads_every_rank_exits():
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            dict(world_size=8, ulysses_degree=8),
+            "--ulysses-degree 8 does not divide the model's 12 attention heads",
+        ),
+        (dict(world_size=8, ulysses_degree=3, ring_degree=2), "must equal the world size 8"),
+        (dict(world_size=6, ring_degree=4), "--ring-degree 4 must be a positive divisor of the world size 6"),
+        (dict(world_size=5, ring_degree=1), "valid Ulysses degrees for world size 5: [1]"),
+    ],
+)
+def test_bad_hybrid_layouts_are_refused(kw, message):
+    with pytest.raises(ConfigError) as err:
+        sp_worker.base_config(**kw).resolve()
+    assert message in str(err.value)
+
+
+def test_bad_layout_every_rank_exits():
     t0 = time.monotonic()
     with pytest.raises(RankFailure, match="exited with status 2"):
-        spawn_ranks(5, sp_worker.build_only)
+        spawn_ranks(4, sp_worker.build_only, 8)
     assert time.monotonic() - t0 < 120
 
 

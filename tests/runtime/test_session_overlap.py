@@ -1,0 +1,173 @@
+"""Overlapped decode: the DiT runs in a producer thread while the iterator decodes; same results as serial."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from ropesp.config import ModelConfig, SamplerConfig, VideoGeometry
+from ropesp.decode import PreviewDecoder
+from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.session import StreamSession
+
+
+class SlowExecutor:
+    """Flow = 0; each forward sleeps, counts itself and may raise on a chosen call."""
+
+    cfg = ModelConfig(dim=24, ffn_dim=8, num_heads=2, num_layers=1)
+    device = torch.device("cpu")
+
+    def __init__(self, delay_s: float = 0.0, fail_at: int | None = None):
+        self.delay_s, self.fail_at = delay_s, fail_at
+        self.calls = 0
+        self.threads: set[str] = set()
+
+    def set_prompt(self, p):
+        pass
+
+    def reset(self):
+        self.calls = 0
+
+    def forward(self, x, t, start_frame):
+        self.threads.add(threading.current_thread().name)
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise ValueError(f"executor failed at forward {self.calls}")
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return torch.zeros_like(x)
+
+
+def _session(executor, frames=9, decoder=None, overlap=True):
+    return StreamSession(
+        executor,
+        SamplerConfig(),
+        VideoGeometry(4, 4),
+        frames,
+        decoder or PreviewDecoder(),
+        overlap_decode=overlap,
+    )
+
+
+def _run(session, prompt, seed=3):
+    session.reset(prompt, seed=seed)
+    return list(session)
+
+
+def _assert_same(a, b):
+    assert [c.index for c in a] == [c.index for c in b]
+    assert [c.start_frame for c in a] == [c.start_frame for c in b]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.latents, y.latents)
+        assert torch.equal(x.frames, y.frames)
+
+
+def test_overlap_default_only_on_cuda_with_a_decoder():
+    assert not _session(SlowExecutor(), overlap=None).overlapped  # CPU executor
+    assert _session(SlowExecutor(), overlap=True).overlapped
+    no_decoder = StreamSession(SlowExecutor(), SamplerConfig(), VideoGeometry(4, 4), 3, overlap_decode=True)
+    assert not no_decoder.overlapped  # nothing to overlap with
+
+
+def test_overlapped_equals_serial_tiny_dit_preview(prompt):
+    torch.set_num_threads(1)
+    session = build_session(
+        PipelineConfig(preset="tiny", latent_frames=6, latent_height=8, latent_width=8, device="cpu"),
+        decoder=PreviewDecoder(),
+    )
+    session.overlap_decode = False
+    serial = _run(session, prompt)
+    session.overlap_decode = True
+    overlapped = _run(session, prompt)
+    assert session.producer is not None and session.producer.name == "ropesp-dit"
+    assert not session.producer.is_alive()
+    _assert_same(serial, overlapped)
+    assert [c.frames.shape[1] for c in overlapped] == [9, 12]
+
+
+def test_overlapped_equals_serial_tiny_wan_vae(prompt):
+    pytest.importorskip("diffusers")
+    import helpers_media
+
+    from ropesp.decode.wan_vae import WanVAEDecoder
+
+    torch.set_num_threads(1)
+    decoder = WanVAEDecoder(helpers_media.make_tiny_wan_vae())
+    session = build_session(
+        PipelineConfig(preset="tiny", latent_frames=6, latent_height=4, latent_width=6, device="cpu"),
+        decoder=decoder,
+    )
+    session.overlap_decode = False
+    serial = _run(session, prompt)
+    session.overlap_decode = True
+    overlapped = _run(session, prompt)
+    _assert_same(serial, overlapped)
+    assert [tuple(c.frames.shape) for c in overlapped] == [(1, 9, 32, 48, 3), (1, 12, 32, 48, 3)]
+
+
+def test_decode_runs_while_the_dit_computes_the_next_chunk():
+    executor = SlowExecutor(delay_s=0.02)
+    seen = []
+
+    class SlowDecoder(PreviewDecoder):
+        def decode(self, latents):
+            before = executor.calls
+            time.sleep(0.3)
+            seen.append((before, executor.calls))
+            return super().decode(latents)
+
+    session = _session(executor, frames=6, decoder=SlowDecoder())
+    chunks = _run(session, None)
+    assert len(chunks) == 2
+    assert executor.threads == {"ropesp-dit"}
+    # chunk 0 (4 steps + the clean-context pass) is handed over after 5 forwards; chunk 1's 4 forwards
+    # (about 0.1 s) all run while chunk 0 decodes (0.3 s)
+    assert seen[0][0] < 9 and seen[0][1] == 9, seen
+
+
+def test_executor_exception_surfaces_from_the_iterator():
+    session = _session(SlowExecutor(fail_at=7), frames=9)  # fails in chunk 1 (5 forwards per chunk)
+    session.reset(seed=0)
+    it = iter(session)
+    assert next(it).index == 0
+    with pytest.raises(ValueError, match="executor failed at forward 7"):
+        next(it)
+    assert not session.producer.is_alive()
+
+
+def test_closing_the_iterator_stops_the_producer():
+    executor = SlowExecutor(delay_s=0.01)
+    session = _session(executor, frames=60)  # 20 chunks, 100 forwards, about 1 s
+    session.reset(seed=0)
+    it = iter(session)
+    assert next(it).index == 0
+    it.close()
+    assert not session.producer.is_alive()
+    calls = executor.calls
+    assert calls < 100, "the producer must stop before the end of the stream"
+    time.sleep(0.05)
+    assert executor.calls == calls
+
+
+def test_decoder_error_and_reset_stop_the_producer():
+    class FailingDecoder(PreviewDecoder):
+        def decode(self, latents):
+            raise RuntimeError("decoder broke")
+
+    executor = SlowExecutor(delay_s=0.01)
+    session = _session(executor, frames=60, decoder=FailingDecoder())
+    session.reset(seed=0)
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        list(session)
+    assert not session.producer.is_alive() and executor.calls < 100
+
+    session = _session(SlowExecutor(delay_s=0.01), frames=60)
+    session.reset(seed=0)
+    it = iter(session)
+    next(it)
+    producer = session.producer
+    session.reset(seed=1)  # a new stream while the old one runs: the old producer is stopped first
+    assert not producer.is_alive()
+    assert len(list(session)) == 20
