@@ -97,6 +97,9 @@ class SPState:
         self.tables = RopeTables(
             cfg.head_dim, max(cache_cfg.max_frames, 1), geometry.rows, geometry.cols, cfg.rope_theta, device
         )
+        # on GPU the local RoPE is the Triton kernel of ropesp::rope_sp (start_frame stays on device)
+        self.rope_op = device.type == "cuda"
+        self._start_frame = torch.zeros(1, dtype=torch.int32, device=device)
         self.comm = Collectives(group, mapping.world_size) if mapping.world_size > 1 else None
         self.ulysses_comm = self.comm
         if layout.ring == 1:
@@ -162,19 +165,27 @@ class SPState:
     def commit(self, slots) -> None:
         self.cache.commit(slots)
 
+    def local_rope(self, start_frame: int, frames: int, first_token: int):
+        """Causal-RoPE SP for this rank's tokens: the rope_sp op on GPU, fp32 tables on the CPU."""
+        g = self.geometry
+        if self.rope_op:
+            from ropesp.plugins.rope_sp import make_rope_op
+
+            self._start_frame.fill_(start_frame)  # a device-side fill: no host sync
+            return make_rope_op(self._start_frame, frames, g.rows, g.cols, first_token, self.cfg.rope_theta)
+        return make_rope("tables", start_frame, frames, g.rows, g.cols, first_token, self.tables, self.cfg.rope_theta)
+
     def runner(self, slots, start_frame: int, frames: int, rope_fn=None):
         """The ChunkRunner of this rank for one forward; rope_fn overrides the local RoPE."""
         g = self.geometry
         if self.mapping.world_size == 1:
-            mode = "tables" if self.sp_rope == "local" else "reference"
-            rope = rope_fn or make_rope(
-                mode, start_frame, frames, g.rows, g.cols, 0, self.tables, self.cfg.rope_theta
-            )
+            if self.sp_rope == "local":
+                rope = rope_fn or self.local_rope(start_frame, frames, 0)
+            else:  # the upstream formulation: float64 table rebuilt per call
+                rope = make_rope("reference", start_frame, frames, g.rows, g.cols, 0, None, self.cfg.rope_theta)
             return LocalRunner(self.cache, slots, rope)
         shard = self._shard(frames)
-        rope = rope_fn or make_rope(
-            "tables", start_frame, frames, g.rows, g.cols, shard.first, self.tables, self.cfg.rope_theta
-        )
+        rope = rope_fn or self.local_rope(start_frame, frames, shard.first)
         kwargs = dict(
             world=self.comm,
             sp_rope=self.sp_rope,
