@@ -135,6 +135,9 @@ def run_rank(
 
     results: dict = {}
     with process_group(mapping, res.device) as device:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.empty(1, device=device)  # the allocator's statistics exist only after a first use
         model = None
         for name in bench.configs:
             single = name == "reference"

@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 
 import torch
@@ -29,11 +30,17 @@ def free_port() -> int:
 def process_group(mapping: Mapping, device: str) -> Iterator[torch.device]:
     """Init the group for this rank (no-op at world size 1); always destroyed on exit."""
     dev = device_for(mapping, device)
+    init_process_group(mapping, dev)
     try:
-        init_process_group(mapping, dev)
         yield dev
-    finally:
+    except BaseException:
+        if mapping.world_size > 1:
+            # a peer may be blocked in a collective and destroying the group would wait for it
+            # forever: leave the group to die with this process, which the launcher then reaps
+            raise
         destroy_process_group()
+        raise
+    destroy_process_group()
 
 
 def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
@@ -51,7 +58,12 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple
         fn(Mapping(world_size, rank, rank), *args)
     except RopespError as exc:
         print(f"ropesp: error (rank {rank}): {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.stderr.flush()
+        os._exit(2)  # no interpreter teardown: it could wait on peers stuck in a collective
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def spawn_ranks(world_size: int, fn: Callable, *args) -> None:

@@ -26,19 +26,19 @@ class FlowSchedule:
         self.timesteps = ext[NUM_TRAIN_TIMESTEPS - torch.tensor(cfg.steps, dtype=torch.long)]
         self.context_t = float(cfg.context_noise)
 
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+    def sigma(self, t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """Sigma of the schedule entry nearest to each timestep in t (the reference's argmin lookup)."""
         idx = torch.argmin((self.all_timesteps[None, :] - t.reshape(-1, 1)).abs(), dim=1)
-        return self.sigmas[idx]
+        return self.sigmas[idx].to(device) if device is not None else self.sigmas[idx]
 
     def to_x0(self, x_t: torch.Tensor, flow: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0 = x_t - sigma(t)*v in float64; x_t, flow: [B, F, C, H, W] fp32; t scalar tensor."""
-        sigma = self.sigma(t).double()
+        sigma = self.sigma(t, flow.device).double()
         return (x_t.double() - sigma * flow.double()).to(torch.float32)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(1 - sigma(t))*x0 + sigma(t)*eps, float32."""
-        sigma = self.sigma(t)
+        sigma = self.sigma(t, x0.device)
         return (1 - sigma) * x0 + sigma * eps
 
 

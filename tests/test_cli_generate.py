@@ -98,7 +98,7 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
             ["--local-attn-frames", "3", "--sink-frames", "1"],
             "--local-attn-frames 3 must be >= --sink-frames 1",
         ),
-        (["--world-size", "5"], "valid world sizes"),
+        (["--world-size", "8", "--ulysses-degree", "8"], "valid Ulysses degrees for world size 8: [1, 2, 4]"),
         (["--backend", "aoti"], "needs --engines"),
     ],
 )

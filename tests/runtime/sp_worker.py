@@ -61,3 +61,13 @@ def build_only(mapping, ulysses_degree=None) -> None:
 
 def replace(cfg: PipelineConfig, **kw) -> PipelineConfig:
     return dataclasses.replace(cfg, **kw)
+
+
+def fail_on_rank1(mapping) -> None:
+    """Rank 1 fails while rank 0 waits in a collective: every rank must still exit promptly."""
+    import torch.distributed as dist
+
+    with process_group(mapping, "cpu"):
+        if mapping.rank == 1:
+            raise RuntimeError("boom on rank 1")
+        dist.barrier()

@@ -105,3 +105,10 @@ def test_cli_world_size_must_match_launcher_env():
     assert proc.returncode == 2
     assert "--world-size 3 disagrees with WORLD_SIZE=2" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_crashing_rank_takes_every_rank_down_promptly():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure, match="exited with status 1"):
+        spawn_ranks(2, sp_worker.fail_on_rank1)
+    assert time.monotonic() - t0 < 60, "a rank blocked in a collective must not keep the job alive"
