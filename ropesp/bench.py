@@ -163,7 +163,9 @@ def run_rank(
                 executor = EagerExecutor(model, state)
             else:
                 executor = build_executor(variant, vmap)
-            session = StreamSession(executor, res.request.sampler, res.geometry, res.latent_frames)
+            session = StreamSession(
+                executor, res.request.sampler, res.geometry, res.latent_frames, overlap_decode=False
+            )
             build_s = time.perf_counter() - t0
             comm = getattr(getattr(executor, "state", None), "comm", None)
             row = measure(session, prompt, bench, device, comm)
