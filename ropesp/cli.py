@@ -378,6 +378,119 @@ def add_bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+# --- serve-repo / serve --------------------------------------------------------------------
+def cmd_serve_repo(args) -> None:
+    from ropesp.serving.repository import write_repository
+
+    if args.vae and args.decoder != "vae":
+        raise ConfigError("--vae is only used with --decoder vae")
+    model_dir = write_repository(
+        args.out,
+        pipeline_config(args),
+        args.world_size,
+        decoder=args.decoder,
+        vae=args.vae,
+        model_name=args.model_name,
+        link=args.link,
+        overwrite=args.force,
+    )
+    print(f"wrote {model_dir}; serve it with: ropesp serve --repo {args.out}", file=sys.stderr)
+
+
+def cmd_serve(args) -> None:
+    from ropesp.serving.server import TritonServer
+
+    server = TritonServer(
+        args.repo, http_port=args.http_port, grpc_port=args.grpc_port, ready_timeout_s=args.timeout
+    )
+    try:
+        with server:  # stopped on the way out: SIGINT and SIGTERM raise KeyboardInterrupt in here
+            print(
+                f"tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url} (log {server.log_path}); "
+                "Ctrl-C stops it",
+                file=sys.stderr,
+            )
+            server.wait()
+    except KeyboardInterrupt:
+        print("tritonserver stopped", file=sys.stderr)
+
+
+def add_serve_parsers(sub) -> None:
+    p = sub.add_parser("serve-repo", help="write a Triton Inference Server model repository (streaming)")
+    add_model_args(p)
+    add_video_args(p)
+    add_run_args(p)
+    p.add_argument("--out", required=True, help="repository directory (the model goes to OUT/<model-name>)")
+    p.add_argument("--model-name", default="ropesp")
+    p.add_argument("--decoder", choices=["preview", "vae"], default="preview", help="how frames are decoded")
+    p.add_argument("--vae", help="Wan VAE for --decoder vae (diffusers vae/ directory or Wan2.1_VAE.pth)")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--steps", type=_steps, default=(1000, 750, 500, 250), help="e.g. 1000,750,500,250")
+    p.add_argument("--link", action="store_true", help="symlink artifacts, not copies (not relocatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing model directory")
+    p.set_defaults(func=cmd_serve_repo)
+
+    p = sub.add_parser("serve", help="run tritonserver (from nvidia-pytriton) on a repository, on 127.0.0.1")
+    p.add_argument("--repo", required=True, help="model repository from `ropesp serve-repo`")
+    p.add_argument("--http-port", type=int, help="default: a free port")
+    p.add_argument("--grpc-port", type=int, help="default: a free port")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to be ready")
+    p.set_defaults(func=cmd_serve)
+
+
+# --- build ---------------------------------------------------------------------------------
+def cmd_build(args) -> None:
+    from ropesp.export.build import BuildConfig, build
+
+    build(
+        BuildConfig(
+            out=args.out,
+            backend=args.backend,
+            world_size=args.world_size,
+            checkpoint=args.checkpoint,
+            model_config=args.model_config,
+            preset=args.preset,
+            latent_height=args.latent_height,
+            latent_width=args.latent_width,
+            chunk_frames=args.chunk_frames,
+            independent_first_frame=args.independent_first_frame,
+            max_frames=args.max_frames,
+            local_attn_frames=args.local_attn_frames,
+            sink_frames=args.sink_frames,
+            dtype=args.dtype,
+            device=args.device,
+            autotune=args.autotune,
+        )
+    )
+
+
+def add_build_parser(sub) -> None:
+    p = sub.add_parser("build", help="export engines (ONNX / TensorRT / AOTInductor) for one world size")
+    add_model_args(p)
+    g = p.add_argument_group("engines")
+    g.add_argument("--backend", required=True, choices=["onnx", "tensorrt", "aoti"])
+    g.add_argument("--out", required=True, help="engine directory to write (manifest.json + rank*/)")
+    g.add_argument("--world-size", type=int, default=1, help="sequence-parallel ranks the engines are for")
+    g.add_argument("--latent-height", type=int, help="latent height (default: the preset's)")
+    g.add_argument("--latent-width", type=int, help="latent width (default: the preset's)")
+    g.add_argument("--chunk-frames", type=int, default=3)
+    g.add_argument(
+        "--independent-first-frame", action="store_true", help="also build the 1-frame first chunk"
+    )
+    window = g.add_mutually_exclusive_group()
+    window.add_argument("--max-frames", type=int, help="default video length / KV cache frames")
+    window.add_argument(
+        "--local-attn-frames", type=int, default=-1, help="rolling window, sink frames included"
+    )
+    g.add_argument("--sink-frames", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument(
+        "--device", choices=["cpu", "cuda"], help="where the engines run (default: cuda for tensorrt)"
+    )
+    g.add_argument("--autotune", action="store_true", help="AOTInductor max-autotune on CUDA (slower build)")
+    p.set_defaults(func=cmd_build)
+
+
 # --- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropesp", description=__doc__.split("\n")[0])
@@ -417,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", help="MP4 path (default ropesp-<seed>.mp4)")
     gen.set_defaults(func=cmd_generate)
     add_bench_parser(sub)
+    add_serve_parsers(sub)
+    add_build_parser(sub)
     return parser
 
 

@@ -173,7 +173,9 @@ class SPState:
 
             self._start_frame.fill_(start_frame)  # a device-side fill: no host sync
             return make_rope_op(self._start_frame, frames, g.rows, g.cols, first_token, self.cfg.rope_theta)
-        return make_rope("tables", start_frame, frames, g.rows, g.cols, first_token, self.tables, self.cfg.rope_theta)
+        return make_rope(
+            "tables", start_frame, frames, g.rows, g.cols, first_token, self.tables, self.cfg.rope_theta
+        )
 
     def runner(self, slots, start_frame: int, frames: int, rope_fn=None):
         """The ChunkRunner of this rank for one forward; rope_fn overrides the local RoPE."""
@@ -182,7 +184,9 @@ class SPState:
             if self.sp_rope == "local":
                 rope = rope_fn or self.local_rope(start_frame, frames, 0)
             else:  # the upstream formulation: float64 table rebuilt per call
-                rope = make_rope("reference", start_frame, frames, g.rows, g.cols, 0, None, self.cfg.rope_theta)
+                rope = make_rope(
+                    "reference", start_frame, frames, g.rows, g.cols, 0, None, self.cfg.rope_theta
+                )
             return LocalRunner(self.cache, slots, rope)
         shard = self._shard(frames)
         rope = rope_fn or self.local_rope(start_frame, frames, shard.first)

@@ -12,6 +12,7 @@ launcher can refuse bad input once, before it starts any rank.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,17 +74,20 @@ class PipelineConfig:
 
     def resolve(self) -> ResolvedPipeline:
         """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device not in ("cuda", "cpu"):
-            raise ConfigError(f"--device {device!r}; choose cuda or cpu")
-        dtype_name = self.dtype or ("bfloat16" if device == "cuda" else "float32")
-        if dtype_name not in DTYPES:
-            raise ConfigError(f"--dtype {dtype_name!r}; choose one of {sorted(DTYPES)}")
         manifest = None
         if self.engines:
             from ropesp.export.manifest import Manifest  # stdlib-only reader
 
             manifest = Manifest.load(self.engines)
+        # with engines, device and dtype default to what they were built for
+        device = self.device or (manifest.device if manifest else None)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device not in ("cuda", "cpu"):
+            raise ConfigError(f"--device {device!r}; choose cuda or cpu")
+        dtype_name = self.dtype or (manifest.dtype if manifest else None)
+        dtype_name = dtype_name or ("bfloat16" if device == "cuda" else "float32")
+        if dtype_name not in DTYPES:
+            raise ConfigError(f"--dtype {dtype_name!r}; choose one of {sorted(DTYPES)}")
         backend = self.backend or (manifest.backend_for_runtime() if manifest else "eager")
         if backend not in BACKENDS:
             raise ConfigError(f"--backend {backend!r}; choose one of {BACKENDS}")
@@ -97,7 +101,10 @@ class PipelineConfig:
         )
         frames = self.latent_frames or defaults.latent_frames
         chunks = self.sampler.chunk_sizes(frames)
-        cache = CacheConfig(self.max_frames or frames, self.local_attn_frames, self.sink_frames)
+        local_attn, sink = self.local_attn_frames, self.sink_frames
+        if manifest is not None and local_attn == -1 and not sink:  # the engines' rolling window
+            local_attn, sink = manifest.local_attn_frames, manifest.sink_frames
+        cache = CacheConfig(self.max_frames or frames, local_attn, sink)
         if cache.rolling and cache.local_attn_frames < cache.sink_frames + max(chunks):
             raise ConfigError(
                 f"--local-attn-frames {cache.local_attn_frames} must be >= --sink-frames "
@@ -108,7 +115,12 @@ class PipelineConfig:
                 f"{frames} latent frames exceed the KV cache of {cache.max_frames} frames; raise "
                 "--max-frames or use a rolling window (--local-attn-frames/--sink-frames)"
             )
-        world = Mapping.from_env(self.world_size).world_size
+        requested = self.world_size
+        if requested is None and manifest is not None and "WORLD_SIZE" not in os.environ:
+            requested = manifest.world_size  # engines default to the world size they were built for
+        world = Mapping.from_env(requested).world_size
+        if manifest is not None:
+            manifest.check_world_size(world)  # before any rank starts
         layout = SPLayout.choose(cfg.num_heads, world, self.ulysses_degree, self.ring_degree)
         return ResolvedPipeline(
             self,

@@ -171,3 +171,41 @@ def test_decoder_error_and_reset_stop_the_producer():
     session.reset(seed=1)  # a new stream while the old one runs: the old producer is stopped first
     assert not producer.is_alive()
     assert len(list(session)) == 20
+
+
+class _GpuConvDecoder(PreviewDecoder):
+    """A conv-heavy stand-in for the Wan VAE on the GPU: `vae` is its module, so it decodes on its device."""
+
+    def __init__(self, device):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.vae = torch.nn.Sequential(
+            torch.nn.Conv2d(16, 64, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(64, 16, 3, padding=1)
+        )
+        with torch.no_grad():
+            for p in self.vae.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        self.vae.to(device)
+
+    def decode(self, latents):
+        x = latents.to(next(self.vae.parameters()).device)
+        b, f = x.shape[:2]
+        with torch.no_grad():
+            y = self.vae(x.flatten(0, 1)).view(b, f, *x.shape[2:])
+        return super().decode(y.cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_overlapped_equals_serial_on_cuda_streams(prompt):
+    session = build_session(
+        PipelineConfig(preset="tiny", latent_frames=9, device="cuda", dtype="float32"),
+        decoder=_GpuConvDecoder("cuda"),
+    )
+    assert session.overlapped  # the default on CUDA with a decoder
+    overlapped = _run(session, prompt)
+    assert {"dit:cuda:0", "decode:cuda:0"} <= set(session._streams)
+    session.overlap_decode = False
+    serial = _run(session, prompt)
+    _assert_same(serial, overlapped)
+    session.overlap_decode = None
+    _assert_same(serial, _run(session, prompt))  # streams reused, state reset between streams

@@ -1,0 +1,303 @@
+"""`ropesp build`: trace the DiT's segments per rank and compile them for one backend.
+
+    DIR/manifest.json                    export/manifest.py
+    DIR/weights.safetensors              the state dict in the build dtype (segments take weights as inputs)
+    DIR/rank{r}/{embed,pre,post,head}.onnx|.pt2|.engine    (tensorrt keeps its .onnx beside the .engine)
+    DIR/build.log                        per-segment timings and polygraphy summaries (not an artifact)
+
+Only `pre` differs between ranks (export/segments.py): the other segments are built once and copied.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ropesp.config import (
+    PRESETS,
+    CacheConfig,
+    ModelConfig,
+    PresetDefaults,
+    SamplerConfig,
+    VideoGeometry,
+    preset,
+)
+from ropesp.errors import ConfigError
+from ropesp.export import manifest as mf
+from ropesp.export.segments import DTYPE_NAMES, SEGMENTS, Shard, make_segments
+
+BACKENDS = ("onnx", "tensorrt", "aoti")
+DTYPES = {name: dt for dt, name in DTYPE_NAMES.items() if dt.is_floating_point}
+BUILD_LOG = "build.log"
+RANDOM_WEIGHTS_SEED = 0  # the seed of the eager path's random weights (runtime/pipeline.py)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What `ropesp build` builds."""
+
+    out: str
+    """Engine directory to write (created; a previous build in it is replaced)."""
+    backend: str
+    """onnx | tensorrt | aoti."""
+    world_size: int = 1
+    """Sequence-parallel ranks P (must divide the heads)."""
+    checkpoint: str | None = None
+    """Self-Forcing .pt, Wan safetensors or diffusers dir; None: the preset's seeded random weights."""
+    model_config: str | None = None
+    """Wan config.json (else beside the checkpoint, else the preset / matching shapes)."""
+    preset: str | None = None
+    """Named preset (tiny, wan2.1-1.3b, wan2.1-14b)."""
+    latent_height: int | None = None
+    """Latent height (default: the preset's)."""
+    latent_width: int | None = None
+    """Latent width (default: the preset's)."""
+    chunk_frames: int = 3
+    """Latent frames per chunk."""
+    independent_first_frame: bool = False
+    """Also build the 1-frame first chunk."""
+    max_frames: int | None = None
+    """Default video length / KV cache capacity in latent frames (default: the preset's video)."""
+    local_attn_frames: int = -1
+    """Rolling window in frames, sink included (-1: global attention); the runtime's default."""
+    sink_frames: int = 0
+    """Frames never evicted from the rolling window."""
+    dtype: str | None = None
+    """float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)."""
+    device: str | None = None
+    """cpu | cuda: where the engines run (default: cuda for tensorrt, else cpu)."""
+    autotune: bool = False
+    """AOTInductor max-autotune on CUDA (slower build); never on the CPU."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r}; choose one of {BACKENDS}")
+        if self.world_size < 1:
+            raise ConfigError(f"--world-size {self.world_size} must be >= 1")
+        if self.chunk_frames < 1:
+            raise ConfigError(f"--chunk-frames {self.chunk_frames} must be >= 1")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ConfigError(f"--device {self.device!r}; choose cpu or cuda")
+        if self.backend == "tensorrt" and self.device == "cpu":
+            raise ConfigError("--backend tensorrt builds CUDA engines; --device cpu is not possible")
+        if self.backend == "onnx" and self.device == "cuda":
+            raise ConfigError(
+                "--backend onnx graphs run in ONNX Runtime on the CPU (`generate --backend ort`); "
+                "for CUDA engines build --backend tensorrt or aoti"
+            )
+        if self.checkpoint is None and self.preset is None and self.model_config is None:
+            raise ConfigError("give --checkpoint PATH (optionally --model-config) or --preset NAME")
+        if self.max_frames is not None and self.local_attn_frames != -1:
+            raise ConfigError("give either --max-frames or --local-attn-frames/--sink-frames, not both")
+
+    @property
+    def run_device(self) -> str:
+        if self.backend == "tensorrt":
+            return "cuda"
+        return "cpu" if self.backend == "onnx" else (self.device or "cpu")
+
+    @property
+    def dtype_name(self) -> str:
+        return self.dtype or ("bfloat16" if self.run_device == "cuda" else "float32")
+
+
+def resolve_model(cfg: BuildConfig) -> tuple[ModelConfig, PresetDefaults]:
+    """(model config, preset defaults) of the build."""
+    if cfg.checkpoint:
+        from ropesp.model.checkpoint import peek_config
+
+        model_cfg = peek_config(cfg.checkpoint, cfg.model_config, cfg.preset)
+    elif cfg.model_config:
+        model_cfg = ModelConfig.from_json(cfg.model_config)
+    else:
+        model_cfg = preset(cfg.preset)[0]
+    names = [n for n, (make, _) in PRESETS.items() if make() == model_cfg]
+    return model_cfg, preset(cfg.preset or (names[0] if names else "wan2.1-1.3b"))[1]
+
+
+def load_weights(cfg: BuildConfig, model_cfg: ModelConfig, device: torch.device):
+    """The eager model in the build dtype: checkpoint weights, or the eager path's seeded random ones
+    (drawn on the device the engines run on, as `ropesp generate` draws them)."""
+    from ropesp.model.wan import CausalWanDiT, init_weights
+
+    dtype = DTYPES[cfg.dtype_name]
+    if cfg.checkpoint:
+        from ropesp.model.checkpoint import load_model
+
+        return load_model(
+            cfg.checkpoint, model_cfg, model_config_path=cfg.model_config, dtype=dtype, device=device
+        )[0]
+    with torch.device("meta"):
+        model = CausalWanDiT(model_cfg)
+    model.to_empty(device=device)
+    init_weights(model, RANDOM_WEIGHTS_SEED)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def _prepare_out(out: Path) -> None:
+    """Create out, or empty it when it holds a previous (possibly failed) build; refuse anything else."""
+    if out.exists() and any(out.iterdir()):
+        if not ((out / mf.MANIFEST).is_file() or (out / BUILD_LOG).is_file()):
+            raise ConfigError(
+                f"--out {out} is not empty and holds no ropesp build; choose an empty directory"
+            )
+        for p in out.iterdir():  # replace the previous build
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build(cfg: BuildConfig) -> Path:
+    """Build the engine directory cfg.out; returns it. Progress per segment on stderr (tqdm)."""
+    from safetensors.torch import save_file
+
+    t_start = time.perf_counter()
+    if cfg.backend == "tensorrt":
+        from ropesp.export import tensorrt as trt_build
+
+        trt_build.require()  # fail before any work
+    model_cfg, defaults = resolve_model(cfg)
+    if model_cfg.num_heads % cfg.world_size:
+        valid = [p for p in range(1, model_cfg.num_heads + 1) if model_cfg.num_heads % p == 0]
+        raise ConfigError(
+            f"--world-size {cfg.world_size} does not divide the model's {model_cfg.num_heads} heads; valid: {valid}"
+        )
+    geometry = VideoGeometry(
+        cfg.latent_height or defaults.latent_height,
+        cfg.latent_width or defaults.latent_width,
+        model_cfg.patch_size,
+    )
+    cache = CacheConfig(cfg.max_frames or defaults.latent_frames, cfg.local_attn_frames, cfg.sink_frames)
+    shapes = [cfg.chunk_frames] + ([1] if cfg.independent_first_frame and cfg.chunk_frames != 1 else [])
+    sampler = SamplerConfig(
+        chunk_frames=cfg.chunk_frames, independent_first_frame=cfg.independent_first_frame
+    )
+    try:
+        sampler.chunk_sizes(cache.max_frames)  # the default video must tile into chunks
+    except ConfigError as exc:
+        raise ConfigError(f"--max-frames {cache.max_frames} (the default video length): {exc}") from None
+    if cache.rolling and cache.local_attn_frames < cache.sink_frames + max(shapes):
+        raise ConfigError(
+            f"--local-attn-frames {cache.local_attn_frames} must be >= --sink-frames {cache.sink_frames} "
+            f"+ chunk frames {max(shapes)}"
+        )
+    run_device = torch.device(cfg.run_device)
+    if run_device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--backend {cfg.backend} on cuda needs a CUDA GPU, and none is visible")
+    out = Path(cfg.out)
+    _prepare_out(out)
+    model = load_weights(cfg, model_cfg, run_device)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / mf.WEIGHTS)
+    )
+    trace_device = run_device if cfg.backend == "aoti" else torch.device("cpu")  # ONNX: traced on the CPU
+    specs, ranks = _build_ranks(cfg, model.to(trace_device), geometry, shapes, out, trace_device)
+    del model
+
+    artifacts = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in (mf.MANIFEST, BUILD_LOG))
+    env = mf.runtime_environment(cfg.run_device, cfg.backend)
+    versions = {k: env[k] for k in ("torch", "cuda", "ropesp", "tensorrt")}
+    if cfg.backend in ("onnx", "tensorrt"):
+        import onnx
+
+        versions["onnx"] = onnx.__version__
+    manifest = mf.Manifest(
+        backend=cfg.backend,
+        model=model_cfg.to_dict(),
+        world_size=cfg.world_size,
+        dtype=cfg.dtype_name,
+        device=cfg.run_device,
+        chunk_frames=cfg.chunk_frames,
+        frame_shapes=shapes,
+        geometry={
+            "latent_height": geometry.latent_height,
+            "latent_width": geometry.latent_width,
+            "rows": geometry.rows,
+            "cols": geometry.cols,
+            "frame_tokens": geometry.frame_tokens,
+        },
+        max_frames=cache.max_frames,
+        local_attn_frames=cache.local_attn_frames,
+        sink_frames=cache.sink_frames,
+        versions=versions,
+        gpu_arch=env["gpu_arch"],
+        segments=specs,
+        ranks=ranks,
+        files={p.relative_to(out).as_posix(): mf.sha256(p) for p in artifacts},
+        build_seconds=round(time.perf_counter() - t_start, 2),
+    )
+    manifest.save(out)
+    print(
+        f"built {cfg.backend} engines for world size {cfg.world_size} in {manifest.build_seconds:.1f} s: {out}",
+        file=sys.stderr,
+    )
+    return out
+
+
+def _build_ranks(cfg: BuildConfig, model, geometry, shapes: list[int], out: Path, device: torch.device):
+    """Every rank's segments at every chunk length -> (segment specs, RankFiles per rank)."""
+    from tqdm import tqdm
+
+    ext = mf.EXTENSIONS[cfg.backend]
+    built: dict[tuple, list[str]] = {}  # static key -> files of the first rank that built it
+    specs, ranks = [], []
+    total = cfg.world_size * len(shapes) * len(SEGMENTS)
+    with open(out / BUILD_LOG, "w") as log, tqdm(total=total, unit="segment", file=sys.stderr) as bar:
+        for rank in range(cfg.world_size):
+            rank_dir = out / f"rank{rank}"
+            rank_dir.mkdir()
+            files, first, local = {}, {}, {}
+            for frames in shapes:
+                shard = Shard.of(frames, geometry.frame_tokens, cfg.world_size, rank)
+                first[str(frames)], local[str(frames)] = shard.first, shard.length
+                for seg in make_segments(
+                    model, geometry, shard, "" if frames == cfg.chunk_frames else f"_f{frames}"
+                ):
+                    bar.set_description(f"rank {rank} {seg.spec.stem}")
+                    t0 = time.perf_counter()
+                    if seg.static_key in built:  # the same graph as another rank's: copy it
+                        for src in built[seg.static_key]:
+                            shutil.copyfile(out / src, rank_dir / Path(src).name)
+                        note = "(the same graph as an earlier rank's: copied)"
+                    else:
+                        written, note = _build_one(cfg, seg, rank_dir, device)
+                        built[seg.static_key] = [p.relative_to(out).as_posix() for p in written]
+                    files[seg.spec.stem] = f"rank{rank}/{seg.spec.stem}{ext}"
+                    if rank == 0:
+                        specs.append(seg.spec)
+                    log.write(f"== {files[seg.spec.stem]}: {time.perf_counter() - t0:.1f} s\n{note}\n")
+                    bar.update(1)
+            ranks.append(mf.RankFiles(rank, files, first, local))
+    return specs, ranks
+
+
+def _build_one(cfg: BuildConfig, seg, rank_dir: Path, device: torch.device) -> tuple[list[Path], str]:
+    """Compile one segment into rank_dir; returns the files written and a note for the build log."""
+    stem = seg.spec.stem
+    if cfg.backend == "aoti":
+        from ropesp.export.aoti import compile_segment
+
+        path = compile_segment(
+            seg.module, seg.example, rank_dir / f"{stem}.pt2", device=device, autotune=cfg.autotune
+        )
+        return [path], f"AOTInductor package for {device.type}"
+    from ropesp.export import onnx as onnx_export
+
+    onnx_path = rank_dir / f"{stem}.onnx"
+    written = onnx_export.export_segment(seg.module, seg.example, seg.spec, onnx_path)
+    onnx_export.check(onnx_path)
+    note = onnx_export.summary(onnx_path)
+    if cfg.backend == "tensorrt":
+        from ropesp.export import tensorrt as trt_build
+
+        written.append(trt_build.build_engine(onnx_path, rank_dir / f"{stem}.engine", seg.spec))
+    return written, note

@@ -1,0 +1,242 @@
+"""Write (and read back) a Triton model repository that serves a ropesp pipeline with streaming.
+
+    REPO/ropesp/config.pbtxt            python backend, decoupled, one KIND_MODEL instance
+    REPO/ropesp/1/model.py              from model.py.tmpl (TritonPythonModel)
+    REPO/ropesp/1/ropesp_config.json    pipeline config, world size, decoder, the Python environment
+    REPO/ropesp/1/artifacts/            engines, checkpoint, model config, VAE (copied or linked)
+
+The repository is relocatable: every artifact lives under `1/artifacts/` and ropesp_config.json names it
+relative to `1/`. It also records the Python environment that holds ropesp (executable, version,
+sys.path, site directories, libpython's directory): the python backend ignores PYTHONPATH, so
+model.py puts those paths on sys.path itself, and `TritonServer` runs the backend stub on that
+environment's libpython (ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import site
+import sys
+import sysconfig
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ropesp.errors import ConfigError
+
+MODEL_NAME = "ropesp"
+CONFIG_FILE = "ropesp_config.json"
+ARTIFACTS = "artifacts"
+FORMAT = 1
+"""Version of the ropesp_config.json layout."""
+DECODERS = ("preview", "vae")
+ARTIFACT_FIELDS = ("checkpoint", "model_config", "engines")
+"""PipelineConfig fields that name files; they are placed under artifacts/ and stored relative."""
+
+
+@dataclass(frozen=True)
+class PythonEnv:
+    """The Python environment that runs the model (and the worker ranks)."""
+
+    executable: str
+    """Interpreter of the worker ranks."""
+    version: str
+    """major.minor: picks the backend stub build."""
+    path: tuple[str, ...]
+    """sys.path entries, put first on the stub's sys.path."""
+    site_dirs: tuple[str, ...]
+    """Site directories whose .pth files must run (editable installs)."""
+    libdir: str | None
+    """Directory of libpython (shared builds): the stub is run on this libpython."""
+
+    @classmethod
+    def current(cls) -> PythonEnv:
+        """The environment of the running interpreter."""
+        sites = [*site.getsitepackages()]
+        if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+            sites.append(site.getusersitepackages())
+        libdir = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+        return cls(
+            sys.executable,
+            f"{sys.version_info.major}.{sys.version_info.minor}",
+            tuple(os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)),
+            tuple(s for s in sites if os.path.isdir(s)),
+            libdir,
+        )
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PythonEnv:
+        return cls(
+            raw["executable"],
+            raw["version"],
+            tuple(raw["path"]),
+            tuple(raw["site_dirs"]),
+            raw.get("libdir"),
+        )
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What ropesp_config.json holds, with artifact paths made absolute."""
+
+    pipeline: object
+    """The PipelineConfig (world size filled in)."""
+    decoder: str
+    """preview | vae"""
+    vae: str | None
+    """Wan VAE path for the vae decoder."""
+    python: PythonEnv
+
+    def make_decoder(self, res, device):
+        """Rank 0's stream decoder on device."""
+        from ropesp.decode import PreviewDecoder
+
+        if self.decoder == "preview":
+            return PreviewDecoder()
+        from ropesp.decode.wan_vae import WanVAEDecoder
+
+        return WanVAEDecoder.from_path(self.vae, res.dtype, device)
+
+
+def config_pbtxt(name: str, text_dim: int, world_size: int) -> str:
+    """The model configuration: decoupled python model, one instance that owns every rank."""
+
+    def tensor(tname: str, dtype: str, dims: str, optional: bool = False) -> str:
+        opt = " optional: true" if optional else ""
+        return f'  {{ name: "{tname}" data_type: TYPE_{dtype} dims: [ {dims} ]{opt} }}'
+
+    inputs = [
+        tensor("prompt_embeds", "FP32", f"-1, {text_dim}"),
+        tensor("seed", "INT64", "1"),
+        tensor("latent_frames", "INT32", "1"),
+        tensor("height", "INT32", "1", optional=True),
+        tensor("width", "INT32", "1", optional=True),
+    ]
+    outputs = [
+        tensor("frames", "UINT8", "-1, -1, -1, 3"),
+        tensor("latents", "FP32", "-1, -1, -1, -1"),
+        tensor("chunk_index", "INT32", "1"),
+        tensor("timing_ms", "FP32", "1"),
+    ]
+    return "\n".join(
+        [
+            f'name: "{name}"',
+            'backend: "python"',
+            "max_batch_size: 0",
+            "model_transaction_policy { decoupled: true }",
+            "input [\n" + ",\n".join(inputs) + "\n]",
+            "output [\n" + ",\n".join(outputs) + "\n]",
+            "instance_group [ { kind: KIND_MODEL count: 1 } ]",
+            f'parameters {{ key: "world_size" value: {{ string_value: "{world_size}" }} }}',
+            "",
+        ]
+    )
+
+
+def _place(src: str, artifacts: Path, name: str, link: bool) -> str:
+    """Copy (or symlink) an artifact under artifacts/name; returns its path relative to the version dir.
+
+    A sharded checkpoint's index (*.index.json) brings its whole directory; a single weights file brings
+    the config.json beside it (the loader reads it from there).
+    """
+    path = Path(src).resolve()
+    if not path.exists():
+        raise ConfigError(f"{src} does not exist")
+    root = path.parent if path.is_file() and path.name.endswith(".index.json") else path
+    dest = artifacts / name / root.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = path.parent / "config.json"
+    items = [(root, dest)]
+    if path.is_file() and root == path and sidecar.is_file() and sidecar != path:
+        items.append((sidecar, dest.parent / sidecar.name))
+    for item, target in items:
+        if link:
+            target.symlink_to(item, target_is_directory=item.is_dir())
+        elif item.is_dir():
+            shutil.copytree(item, target, symlinks=True)
+        else:
+            shutil.copy2(item, target)
+    placed = dest / path.relative_to(root) if root != path else dest
+    return placed.relative_to(artifacts.parent).as_posix()
+
+
+def write_repository(
+    out: str | Path,
+    pipeline_config,
+    world_size: int | None = None,
+    *,
+    decoder: str = "preview",
+    vae: str | None = None,
+    model_name: str = MODEL_NAME,
+    link: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write REPO/<model_name>/ for pipeline_config served by world_size ranks; returns the model dir.
+
+    Validates everything first (the same checks as `ropesp generate`), so a bad config writes nothing.
+    link=True symlinks the artifacts instead of copying them (the repository is then not relocatable).
+    """
+    from ropesp.runtime.group import config_to_dict
+
+    world = world_size or pipeline_config.world_size or 1
+    config = dataclasses.replace(pipeline_config, world_size=world)
+    res = config.resolve()
+    if decoder not in DECODERS:
+        raise ConfigError(f"decoder {decoder!r}; choose one of {DECODERS}")
+    if (decoder == "vae") != (vae is not None):
+        raise ConfigError("the vae decoder needs a Wan VAE path (and only it takes one)")
+    model_dir = Path(out) / model_name
+    if model_dir.exists():
+        if not overwrite:
+            raise ConfigError(f"{model_dir} exists; remove it or pass --force to replace it")
+        shutil.rmtree(model_dir)
+    version = model_dir / "1"
+    artifacts = version / ARTIFACTS
+    version.mkdir(parents=True)
+    placed = {
+        name: _place(getattr(config, name), artifacts, name, link)
+        for name in ARTIFACT_FIELDS
+        if getattr(config, name)
+    }
+    spec = {
+        "format": FORMAT,
+        "pipeline": config_to_dict(dataclasses.replace(config, **placed)),
+        "world_size": world,
+        "decoder": decoder,
+        "vae": _place(vae, artifacts, "vae", link) if vae else None,
+        "python": dataclasses.asdict(PythonEnv.current()),
+    }
+    (version / CONFIG_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    template = resources.files("ropesp.serving").joinpath("model.py.tmpl").read_text()
+    (version / "model.py").write_text(template)
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(model_name, res.model.text_dim, world))
+    return model_dir
+
+
+def read_model_config(version_dir: str | Path) -> ServedModel:
+    """Load <model>/1/ropesp_config.json, resolving artifact paths against the version directory."""
+    from ropesp.runtime.group import config_from_dict
+
+    version_dir = Path(version_dir)
+    spec = json.loads((version_dir / CONFIG_FILE).read_text())
+    if spec.get("format") != FORMAT:
+        raise ConfigError(
+            f"{version_dir / CONFIG_FILE} has format {spec.get('format')}; this ropesp reads {FORMAT}: "
+            "write the repository again with `ropesp serve-repo`"
+        )
+    raw = dict(spec["pipeline"])
+    for name in ARTIFACT_FIELDS:
+        if raw.get(name):
+            raw[name] = str(version_dir / raw[name])
+    vae = str(version_dir / spec["vae"]) if spec.get("vae") else None
+    return ServedModel(config_from_dict(raw), spec["decoder"], vae, PythonEnv.from_dict(spec["python"]))
+
+
+def recorded_python(repo: str | Path) -> PythonEnv | None:
+    """The Python environment recorded by the first ropesp model in a repository, if any."""
+    for spec in sorted(Path(repo).glob(f"*/*/{CONFIG_FILE}")):
+        return PythonEnv.from_dict(json.loads(spec.read_text())["python"])
+    return None

@@ -1,0 +1,310 @@
+"""Engine executor: the segments of `ropesp build` driven like the eager model (same three calls).
+
+Per chunk forward (segments: export/segments.py):
+    embed(latents, t_sinusoid) -> tokens, e, e0;  runner.shard(tokens)
+    per layer: pre(x, e0, start_frame, frame_of_token) -> q, k, v;  runner.attention(layer, q, k, v) -> o
+               post(x, o, e0, cross_k, cross_v, frame_of_token) -> x   (block `layer`'s weights as inputs)
+    head(x, e, frame_of_token) -> out;  runner.gather(out);  unpatchify
+The runner is SPState's (runtime/executor.py), as in the eager path: the token shard, the all-to-alls /
+ring around attention, the persistent KV cache write and the attention itself run here, between engine
+calls. Cross-attention K/V come from the eager text path (CausalWanDiT.cross_kv on the loaded weights),
+once per prompt, into buffers whose addresses never change (CUDA graphs and TensorRT bindings read them).
+
+Backends: `ort` (ONNX Runtime, CPU, RopeSP as an onnxruntime-extensions Python op), `aoti`
+(AOTInductor packages, CPU or CUDA), `tensorrt` (engines on the executor's CUDA stream, torch-owned buffers
+bound by address, execute_async_v3). On CUDA the chunk runs on the executor's own stream; with
+`cuda_graphs` the whole chunk forward (engine calls, collectives, attention) is captured once per distinct
+cache slot plan and replayed with its static inputs refreshed; the rolling-window copy stays outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ropesp.errors import EngineError
+from ropesp.export.manifest import Manifest, SegmentSpec
+from ropesp.model.kv_cache import CacheSlots
+from ropesp.model.wan import CausalWanDiT
+from ropesp.runtime.executor import check_prompt_embeds, sinusoid_for
+from ropesp.runtime.sp import TokenShard
+
+
+def _no_rope(x: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("engines apply Causal-RoPE SP inside the pre segment")
+
+
+# --- one segment, per backend: seg(*activations, *weights) -> [outputs] ------------------------
+class OrtSegment:
+    """An ONNX graph in ONNX Runtime on the CPU (float32: the RopeSP Python op's only dtype)."""
+
+    def __init__(self, path: Path, spec: SegmentSpec) -> None:
+        import onnxruntime as ort
+
+        from ropesp.plugins.rope_sp_onnx import ort_session
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # spawned CPU ranks share the cores
+        options.inter_op_num_threads = 1
+        self.session = ort_session(str(path), session_options=options)
+        self.inputs = [t.name for t in spec.inputs]
+        self.outputs = [t.name for t in spec.outputs]
+
+    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        feeds = {n: t.detach().contiguous().numpy() for n, t in zip(self.inputs, tensors, strict=True)}
+        return [torch.from_numpy(a) for a in self.session.run(self.outputs, feeds)]
+
+
+class AotiSegment:
+    """An AOTInductor package (rope_sp: Triton kernel compiled in on CUDA, reference op on the CPU)."""
+
+    def __init__(self, path: Path, device: torch.device, single_threaded: bool) -> None:
+        import ropesp.plugins.rope_sp  # noqa: F401  (the CPU packages call torch.ops.ropesp.rope_sp)
+
+        index = device.index if device.type == "cuda" and device.index is not None else -1
+        self.fn = torch._inductor.aoti_load_package(
+            str(path), run_single_threaded=single_threaded, device_index=index
+        )
+
+    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        out = self.fn(*(t.contiguous() for t in tensors))  # compiled for the contiguous example strides
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+class TrtSegment:
+    """A TensorRT engine; inputs and outputs are torch tensors bound by address, run on the current stream."""
+
+    ALIGN = 256  # set_tensor_address needs 256-byte aligned buffers
+
+    def __init__(self, path: Path, spec: SegmentSpec, device: torch.device) -> None:
+        from ropesp.plugins.rope_sp_trt import register_trt_plugin
+
+        register_trt_plugin()  # BackendUnavailableError without TensorRT; JIT-plugin engines need it
+        import tensorrt as trt
+
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # must outlive the engine
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"TensorRT could not deserialize {path} (built by another TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+        self.device = device
+        self.inputs = spec.inputs
+        self.outputs = [(t.name, tuple(t.shape), getattr(torch, t.dtype)) for t in spec.outputs]
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        want = {t.name for t in spec.inputs} | {n for n, _, _ in self.outputs}
+        if names != want:
+            raise EngineError(
+                f"{path}: engine I/O {sorted(names)} differs from the manifest's {sorted(want)}"
+            )
+
+    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        ctx = self.context
+        for spec, t in zip(self.inputs, tensors, strict=True):
+            if t.data_ptr() % self.ALIGN or not t.is_contiguous():
+                t = t.clone(memory_format=torch.contiguous_format)  # fresh, aligned; freed in stream order
+            if spec.dynamic:
+                ctx.set_input_shape(spec.name, tuple(t.shape))
+            ctx.set_tensor_address(spec.name, t.data_ptr())
+        outs = [torch.empty(shape, dtype=dt, device=self.device) for _, shape, dt in self.outputs]
+        for (name, _, _), t in zip(self.outputs, outs):
+            ctx.set_tensor_address(name, t.data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise EngineError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        return outs
+
+
+# --- the executor ------------------------------------------------------------------------------
+class EngineExecutor:
+    """Drives one rank's segments with SPState's runner, KV cache and collectives (Executor protocol)."""
+
+    def __init__(
+        self, manifest: Manifest, rank: int, segments: dict, model: CausalWanDiT, state, *, cuda_graphs: bool
+    ) -> None:
+        """segments: {chunk frames: {segment name: callable}}; model: the build's weights on this device
+        (the text path, unpatchify, and the weight tensors every segment call binds)."""
+        self.manifest, self.segments, self.model, self.state = manifest, segments, model, state
+        self.cfg, self.device, self.dtype = model.cfg, state.device, state.dtype
+        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # the start_frame input [1] int32: one buffer, refreshed before every call (CUDA graphs read it)
+        self.start_frame = torch.zeros(1, dtype=torch.int32, device=self.device)
+        files, ft = manifest.rank_files(rank), manifest.geometry["frame_tokens"]
+        self.frame_of_token = {  # chunk frames -> [L_local] int64, the frame of each of this rank's tokens
+            f: CausalWanDiT.frame_index(
+                files.first_token[str(f)], files.local_tokens[str(f)], f, ft, self.device
+            )
+            for f in manifest.frame_shapes
+        }
+        params = dict(model.named_parameters())
+        self.weights = {}  # (segment name, frames, layer) -> [weight tensors in input order]
+        for spec in manifest.segments:
+            for layer in range(self.cfg.num_layers) if spec.per_layer else [None]:
+                scope = spec.weight_scope.format(layer=layer)
+                self.weights[spec.name, spec.frames, layer] = [
+                    params[scope + t.name] for t in spec.inputs if t.kind == "weight"
+                ]
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.cuda_graphs = cuda_graphs and cuda
+        self.graphs: dict[tuple, tuple] = {}
+
+    @property
+    def cache(self):
+        return self.state.cache
+
+    @contextlib.contextmanager
+    def _on_stream(self):
+        """Run on the executor's stream (CUDA), ordered after and before the caller's stream."""
+        if self.stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+        caller.wait_stream(self.stream)
+
+    def set_prompt(self, prompt_embeds: torch.Tensor) -> None:
+        pe = check_prompt_embeds(self.cfg, prompt_embeds).to(self.device)
+        with torch.inference_mode(), self._on_stream():
+            kv = self.model.cross_kv(pe)  # [B, text_len, H, D] per layer
+            if self.cross_kv is None or self.cross_kv[0][0].shape != kv[0][0].shape:
+                self.cross_kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
+                self.graphs.clear()
+            else:  # same buffers: captured graphs and bound addresses stay valid
+                for (k_buf, v_buf), (k, v) in zip(self.cross_kv, kv):
+                    k_buf.copy_(k)
+                    v_buf.copy_(v)
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
+        """x: [B, F, C, H, W] float32; t: scalar timestep; returns flow [B, F, C, H, W] float32."""
+        if self.cross_kv is None:
+            raise RuntimeError("set_prompt() must be called before forward()")
+        b, frames = x.shape[:2]
+        if frames not in self.segments:
+            self.manifest.segment("embed", frames)  # raises EngineError naming the built chunk lengths
+        st = self.state
+        slots = st.begin(start_frame, frames)
+        runner = st.runner(slots, start_frame, frames, rope_fn=_no_rope)
+        latents = x.to(self.device, self.dtype)
+        t_sin = sinusoid_for(self.cfg, t, b, frames, self.device).to(self.dtype)  # [B, F, freq_dim]
+        with torch.inference_mode(), self._on_stream():
+            if self.cuda_graphs and isinstance(slots, CacheSlots):
+                flow = self._replay(runner, slots, frames, latents, t_sin, start_frame)
+            else:
+                self.start_frame.fill_(start_frame)
+                flow = self._chunk(runner, frames, latents, t_sin)
+        if self.stream is not None:  # made on our stream, used on the caller's
+            flow.record_stream(torch.cuda.current_stream(self.device))
+        st.commit(slots)
+        return flow
+
+    def _chunk(self, runner, frames: int, latents: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
+        """One chunk: the segments with the runner's shard / attention / gather between them."""
+        seg, w, fot = self.segments[frames], self.weights, self.frame_of_token[frames]
+        g = self.manifest.geometry
+        tokens, e, e0 = seg["embed"](latents, t_sin, *w["embed", frames, None])  # [B,L,C] [B,F,C] [B,F,6,C]
+        x = runner.shard(tokens)  # [B, L_local, C]
+        for layer, (cross_k, cross_v) in enumerate(self.cross_kv):
+            q, k, v = seg["pre"](x, e0, self.start_frame, fot, *w["pre", frames, layer])  # [B, L_local, H, D]
+            o = runner.attention(layer, q, k, v)  # cache write + attention (+ all-to-alls)
+            (x,) = seg["post"](x, o, e0, cross_k, cross_v, fot, *w["post", frames, layer])  # [B, L_local, C]
+        (out,) = seg["head"](x, e, fot, *w["head", frames, None])  # [B, L_local, patch_out]
+        out = runner.gather(out)  # [B, L, patch_out]
+        return self.model.unpatchify(out.float(), frames, g["rows"], g["cols"])
+
+    def _replay(self, runner, slots: CacheSlots, frames, latents, t_sin, start_frame: int) -> torch.Tensor:
+        """CUDA graph of the whole chunk for this slot plan: captured on first use, then replayed."""
+        key = (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
+        if key not in self.graphs:
+            static_x, static_t = latents.clone(), t_sin.clone()
+            self.start_frame.fill_(start_frame)
+            # warm-up outside capture (lazy init); it writes the same cache slots the replay rewrites
+            self._chunk(runner, frames, static_x, static_t)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                static_out = self._chunk(runner, frames, static_x, static_t)
+            self.graphs[key] = (graph, static_x, static_t, static_out)
+        graph, static_x, static_t, static_out = self.graphs[key]
+        static_x.copy_(latents)
+        static_t.copy_(t_sin)
+        self.start_frame.fill_(start_frame)
+        graph.replay()
+        return static_out.clone()
+
+
+# --- loading -----------------------------------------------------------------------------------
+def _check_run(manifest: Manifest, res, state, mapping) -> None:
+    """Refuse (EngineError) a run the engines were not built for; manifest.validate did files/versions."""
+    where = f"engine directory {manifest.root}"
+    runtime_backend = manifest.backend_for_runtime()
+    if res.backend != runtime_backend:
+        raise EngineError(
+            f"{where} holds {manifest.backend} artifacts, which --backend {res.backend} cannot run; "
+            f"use --backend {runtime_backend}"
+        )
+    dtype = str(state.dtype).removeprefix("torch.")
+    if dtype != manifest.dtype:
+        raise EngineError(f"{where} was built for --dtype {manifest.dtype}; this run asks for {dtype}")
+    if res.backend == "ort" and (state.device.type != "cpu" or dtype != "float32"):
+        raise EngineError("--backend ort runs float32 graphs on the CPU: pass --device cpu and an fp32 build")
+    g = manifest.geometry
+    if (res.geometry.latent_height, res.geometry.latent_width) != (g["latent_height"], g["latent_width"]):
+        raise EngineError(
+            f"{where} was built for latents {g['latent_height']}x{g['latent_width']}; this run asks for "
+            f"{res.geometry.latent_height}x{res.geometry.latent_width}: rebuild for that size"
+        )
+    chunks = sorted(set(res.request.sampler.chunk_sizes(res.latent_frames)))
+    if not set(chunks) <= set(manifest.frame_shapes):
+        raise EngineError(
+            f"{where} was built for chunks of {manifest.frame_shapes} latent frames; this run needs {chunks} "
+            "(--chunk-frames / --independent-first-frame): rebuild with matching settings"
+        )
+    if res.request.sp_rope != "local":
+        raise EngineError(
+            f"--sp-rope {res.request.sp_rope} is an eager-only baseline; engines apply RoPE locally"
+        )
+    files = manifest.rank_files(mapping.rank)
+    for frames in manifest.frame_shapes:
+        shard = TokenShard.split(frames * g["frame_tokens"], mapping.world_size, mapping.rank)
+        built = (files.first_token[str(frames)], files.local_tokens[str(frames)])
+        if (shard.first, shard.length) != built:
+            raise EngineError(
+                f"{where}: rank {mapping.rank} holds tokens {built}, the runtime splits {shard}"
+            )
+
+
+def load_weights(manifest: Manifest, device: torch.device) -> CausalWanDiT:
+    """CausalWanDiT with the build's weights.safetensors on device (for the text path and the segments)."""
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        model = CausalWanDiT(manifest.model_config())
+    state_dict = load_file(str(manifest.root / manifest.weights), device=str(device))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_engine_executor(res, state, directory: Path, mapping) -> EngineExecutor:
+    """The executor of this rank for engines in directory; validates them against the run first."""
+    manifest = res.manifest if res.manifest is not None else Manifest.load(directory)
+    manifest.validate(world_size=mapping.world_size, rank=mapping.rank, device=state.device)
+    _check_run(manifest, res, state, mapping)
+    files = manifest.rank_files(mapping.rank).files
+    cuda_graphs = res.request.cuda_graphs and state.device.type == "cuda"
+    segments: dict[int, dict] = {}
+    for spec in manifest.segments:
+        path = manifest.root / files[spec.stem]
+        if res.backend == "ort":
+            seg = OrtSegment(path, spec)
+        elif res.backend == "aoti":
+            seg = AotiSegment(path, state.device, single_threaded=cuda_graphs)
+        else:
+            seg = TrtSegment(path, spec, state.device)
+        segments.setdefault(spec.frames, {})[spec.name] = seg
+    model = load_weights(manifest, state.device)
+    return EngineExecutor(manifest, mapping.rank, segments, model, state, cuda_graphs=cuda_graphs)

@@ -1,0 +1,163 @@
+"""Stream a video from a ropesp Triton model over gRPC: per-chunk arrival times, then an MP4.
+
+    python scripts/triton_client.py --url 127.0.0.1:8001 --prompt-embeds prompt.pt --seed 0 \\
+        --latent-frames 21 --output out.mp4
+
+Without --prompt-embeds the client sends ropesp's seeded default embedding. The model is decoupled:
+one response per chunk (frames, latents, chunk_index, timing_ms), then an empty final response.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+MODEL = "ropesp"
+TIMEOUT_S = 600.0
+
+
+@dataclass
+class StreamedChunk:
+    """One response of the stream, as the client saw it."""
+
+    index: int
+    frames: np.ndarray
+    """[N, H, W, 3] uint8."""
+    latents: np.ndarray
+    """[F_chunk, C, h, w] float32."""
+    server_ms: float
+    """timing_ms: server time from the request's arrival to this chunk."""
+    arrival_ms: float
+    """Client time from sending the request to receiving this chunk."""
+
+
+def make_inputs(prompt_embeds: np.ndarray, seed: int, latent_frames: int, height=None, width=None):
+    """The model's inputs; dtypes as given (the server rejects wrong ones)."""
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, arr, dtype):
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        return t
+
+    inputs = [
+        tensor("prompt_embeds", prompt_embeds, _triton_dtype(prompt_embeds)),
+        tensor("seed", np.array([seed], dtype=np.int64), "INT64"),
+        tensor("latent_frames", np.array([latent_frames], dtype=np.int32), "INT32"),
+    ]
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            inputs.append(tensor(name, np.array([value], dtype=np.int32), "INT32"))
+    return inputs
+
+
+def _triton_dtype(arr: np.ndarray) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(arr.dtype)
+
+
+def stream(url: str, inputs, model: str = MODEL, timeout_s: float = TIMEOUT_S) -> Iterator[StreamedChunk]:
+    """Send one request on its own gRPC stream and yield its chunks in arrival order.
+
+    Raises tritonclient's InferenceServerException for an error reply. Leaving the loop early closes
+    the stream with cancel_requests=True, so the server stops the request at its next chunk.
+    """
+    import tritonclient.grpc as grpcclient
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    finished = False
+    try:
+        t0 = time.perf_counter()
+        client.async_stream_infer(
+            model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True
+        )
+        while True:
+            result, error = responses.get(timeout=timeout_s)
+            if error is not None:
+                finished = True
+                raise error
+            arrival_ms = (time.perf_counter() - t0) * 1e3
+            if result.as_numpy("frames") is not None:
+                yield StreamedChunk(
+                    int(result.as_numpy("chunk_index")[0]),
+                    result.as_numpy("frames"),
+                    result.as_numpy("latents"),
+                    float(result.as_numpy("timing_ms")[0]),
+                    arrival_ms,
+                )
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                finished = True
+                return
+    finally:
+        client.stop_stream(cancel_requests=not finished)
+        client.close()
+
+
+def _prompt(args, url: str, model: str) -> np.ndarray:
+    """The --prompt-embeds file, else the seeded default embedding for the served model's text_dim."""
+    from ropesp.config import ModelConfig
+    from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
+
+    if args.prompt_embeds:
+        return load_prompt_embeds(args.prompt_embeds)[0].numpy().astype(np.float32)
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        meta = client.get_model_metadata(model, as_json=True)
+    dims = next(i["shape"] for i in meta["inputs"] if i["name"] == "prompt_embeds")
+    return default_prompt_embeds(ModelConfig(text_dim=int(dims[-1])))[0].numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of tritonserver")
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--prompt-embeds", help=".pt [L, text_dim] / [1, L, text_dim] or .safetensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latent-frames", type=int, required=True, help="a multiple of the chunk frames")
+    p.add_argument("--height", type=int, help="pixels (must be the size the repository serves)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--output", default="triton.mp4", help="MP4 path")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds to wait for each chunk")
+    args = p.parse_args(argv)
+
+    from tritonclient.utils import InferenceServerException
+
+    from ropesp.video import Mp4Writer
+
+    prompt = _prompt(args, args.url, args.model)
+    inputs = make_inputs(prompt, args.seed, args.latent_frames, args.height, args.width)
+    frames, writer = 0, None
+    try:
+        for chunk in stream(args.url, inputs, args.model, args.timeout):
+            writer = writer or Mp4Writer(args.output)  # opened once the first chunk is in
+            writer.write(chunk.frames)
+            frames += len(chunk.frames)
+            print(
+                f"chunk {chunk.index}: arrived at {chunk.arrival_ms:8.1f} ms "
+                f"(server {chunk.server_ms:8.1f} ms), {len(chunk.frames)} frames "
+                f"{chunk.frames.shape[1]}x{chunk.frames.shape[2]}",
+                file=sys.stderr,
+            )
+    except InferenceServerException as exc:
+        print(f"triton_client: error: {exc.message()}", file=sys.stderr)
+        return 2
+    finally:
+        if writer is not None:
+            writer.close()
+    print(f"wrote {args.output} ({frames} frames)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

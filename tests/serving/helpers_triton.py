@@ -1,0 +1,102 @@
+"""Shared pieces of the Triton tests: the client script, the tiny served config, process bookkeeping."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ropesp.errors import BackendUnavailableError
+from ropesp.runtime.pipeline import PipelineConfig, build_session
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG = PipelineConfig(
+    preset="tiny",
+    latent_height=8,
+    latent_width=8,
+    latent_frames=6,
+    max_frames=30,
+    device="cpu",
+    dtype="float32",
+)
+"""2 chunks of 3 latent frames at 8x8 latents (64x64 pixels); the cache allows 30-frame requests."""
+
+
+def require_triton() -> None:
+    """Skip where the serve extra (nvidia-pytriton, tritonclient) is missing."""
+    pytest.importorskip("tritonclient.grpc")
+    from ropesp.serving.server import find_triton
+
+    try:
+        find_triton()
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+def load_client():
+    """scripts/triton_client.py as a module (scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location("triton_client", ROOT / "scripts" / "triton_client.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+class Reference:
+    """Latents [F, C, h, w] of direct in-process runs of the served config (one session, cached by seed)."""
+
+    def __init__(self, prompt: torch.Tensor) -> None:
+        self.prompt = prompt
+        self.session = build_session(CONFIG)
+        self.results: dict[int, torch.Tensor] = {}
+
+    def __call__(self, seed: int) -> torch.Tensor:
+        if seed not in self.results:
+            self.session.reset(self.prompt, seed)
+            self.results[seed] = self.session.generate()[0]
+        return self.results[seed]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()  # [state, ppid, pgrp, ...]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Running; a zombie (nobody may reap it in a container) does not count."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every live process below pid."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(int(entry))) is not None and stat[0] != "Z":
+            children.setdefault(int(stat[1]), []).append(int(entry))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            found[p] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        todo += children.get(p, [])
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (tritonserver's: its stubs and worker ranks)."""
+    return [
+        int(e)
+        for e in os.listdir("/proc")
+        if e.isdigit() and (s := _stat(int(e))) is not None and s[0] != "Z" and int(s[2]) == pgid
+    ]

@@ -1,0 +1,118 @@
+"""The model repository writer: layout, relocatable artifacts, recorded environment, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from importlib import resources
+
+import pytest
+from helpers_triton import CONFIG, require_triton
+
+from ropesp.cli import main
+from ropesp.errors import ConfigError, RopespError
+from ropesp.model.checkpoint import save_checkpoint
+from ropesp.model.wan import CausalWanDiT, init_weights
+from ropesp.serving.repository import CONFIG_FILE, read_model_config, recorded_python, write_repository
+
+
+def test_repository_layout_and_config(tmp_path):
+    model_dir = write_repository(tmp_path / "repo", CONFIG, world_size=2)
+    assert model_dir == tmp_path / "repo" / "ropesp"
+    pbtxt = (model_dir / "config.pbtxt").read_text()
+    for line in (
+        'backend: "python"',
+        "max_batch_size: 0",
+        "model_transaction_policy { decoupled: true }",
+        "instance_group [ { kind: KIND_MODEL count: 1 } ]",
+        '{ name: "prompt_embeds" data_type: TYPE_FP32 dims: [ -1, 4096 ] }',
+        '{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] }',
+        '{ name: "latent_frames" data_type: TYPE_INT32 dims: [ 1 ] }',
+        '{ name: "height" data_type: TYPE_INT32 dims: [ 1 ] optional: true }',
+        '{ name: "frames" data_type: TYPE_UINT8 dims: [ -1, -1, -1, 3 ] }',
+        '{ name: "latents" data_type: TYPE_FP32 dims: [ -1, -1, -1, -1 ] }',
+        '{ name: "chunk_index" data_type: TYPE_INT32 dims: [ 1 ] }',
+        '{ name: "timing_ms" data_type: TYPE_FP32 dims: [ 1 ] }',
+    ):
+        assert line in pbtxt
+    template = resources.files("ropesp.serving").joinpath("model.py.tmpl").read_text()
+    assert (model_dir / "1" / "model.py").read_text() == template
+    compile(template, "model.py", "exec")
+    served = read_model_config(model_dir / "1")
+    assert served.pipeline == dataclasses.replace(CONFIG, world_size=2)
+    assert served.decoder == "preview"
+    assert served.python.executable == sys.executable
+    assert served.python.version == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert recorded_python(tmp_path / "repo") == served.python
+
+
+def test_repository_checkpoint_is_copied_and_relocatable(tmp_path):
+    model = CausalWanDiT(CONFIG.resolve().model)
+    init_weights(model, 0)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", "wan-sharded")
+    index = next(ckpt.glob("*.index.json"))
+    config = dataclasses.replace(CONFIG, preset=None, checkpoint=str(index))
+    write_repository(tmp_path / "a", config)
+    spec = json.loads((tmp_path / "a" / "ropesp" / "1" / CONFIG_FILE).read_text())
+    assert spec["pipeline"]["checkpoint"] == f"artifacts/checkpoint/ckpt/{index.name}"
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(ckpt)  # the repository must not need the original
+    served = read_model_config(tmp_path / "b" / "ropesp" / "1")
+    assert served.pipeline.checkpoint == str(tmp_path / "b" / "ropesp" / "1" / spec["pipeline"]["checkpoint"])
+    res = served.pipeline.resolve()  # reads the copied shards' header and config.json
+    assert not res.random_weights and res.model == CONFIG.resolve().model
+
+
+def test_repository_link_symlinks_artifacts(tmp_path):
+    model = CausalWanDiT(CONFIG.resolve().model)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", "wan-sharded")
+    write_repository(
+        tmp_path / "r", dataclasses.replace(CONFIG, preset=None, checkpoint=str(ckpt)), link=True
+    )
+    linked = tmp_path / "r" / "ropesp" / "1" / "artifacts" / "checkpoint" / "ckpt"
+    assert linked.is_symlink() and linked.resolve() == ckpt.resolve()
+
+
+def test_repository_refusals(tmp_path):
+    write_repository(tmp_path / "r", CONFIG)
+    with pytest.raises(ConfigError, match="exists; remove it or pass --force"):
+        write_repository(tmp_path / "r", CONFIG)
+    write_repository(tmp_path / "r", CONFIG, world_size=3, overwrite=True)
+    assert read_model_config(tmp_path / "r" / "ropesp" / "1").pipeline.world_size == 3
+    with pytest.raises(ConfigError, match="positive multiple of --chunk-frames 3"):
+        write_repository(tmp_path / "bad", dataclasses.replace(CONFIG, latent_frames=4))
+    with pytest.raises(ConfigError, match="needs a Wan VAE path"):
+        write_repository(tmp_path / "bad", CONFIG, decoder="vae")
+    with pytest.raises(RopespError, match=r"nope\.pt"):
+        write_repository(tmp_path / "bad", dataclasses.replace(CONFIG, preset=None, checkpoint="nope.pt"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_serve_repo_cli_refuses_before_writing(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["serve-repo", "--out", str(out), "--preset", "tiny", "--latent-frames", "4"]) == 2
+    assert "positive multiple of --chunk-frames 3" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_server_missing_repository_is_named(tmp_path):
+    require_triton()
+    from ropesp.serving.server import ServerError, TritonServer
+
+    with pytest.raises(ServerError, match="does not exist"):
+        TritonServer(tmp_path / "nope").start()
+
+
+@pytest.mark.slow
+def test_server_that_cannot_load_reports_its_log(tmp_path):
+    require_triton()
+    from ropesp.serving.server import ServerError, TritonServer
+
+    model_dir = write_repository(tmp_path / "repo", CONFIG)
+    (model_dir / "1" / "model.py").write_text("raise RuntimeError('broken on purpose')\n")
+    server = TritonServer(tmp_path / "repo")
+    with pytest.raises(ServerError, match="broken on purpose"):
+        server.start()
+    assert server.proc is None

@@ -1,0 +1,146 @@
+"""A real tritonserver (nvidia-pytriton wheel) on a generated repository: streaming, errors, concurrency."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers_triton import CONFIG, Reference, alive, descendants, group_members, load_client, require_triton
+
+from ropesp.serving.repository import write_repository
+from ropesp.video import read_video_info
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module, on a repository that was moved after writing (relocatable)."""
+    require_triton()
+    from ropesp.serving.server import TritonServer
+
+    tmp = tmp_path_factory.mktemp("triton")
+    write_repository(tmp / "written", CONFIG)
+    shutil.move(tmp / "written", tmp / "repo")
+    server = TritonServer(tmp / "repo", log_path=tmp / "tritonserver.log")
+    procs: dict[int, str] = {}
+    try:
+        server.start()
+        procs = descendants(server.pid)
+        assert any("triton_python_backend_stub" in cmd for cmd in procs.values())
+        yield server
+    finally:
+        pgid = server.pid
+        server.stop()
+        if pgid is not None:
+            assert group_members(pgid) == [], f"left behind: {procs}"
+        assert not [p for p in procs if alive(p)], f"left behind: {procs}"
+
+
+@pytest.fixture(scope="module")
+def client():
+    return load_client()
+
+
+@pytest.fixture(scope="module")
+def reference(prompt):
+    return Reference(prompt)
+
+
+def _run(client, server, prompt: torch.Tensor, seed: int, latent_frames: int = 6, **kw):
+    inputs = client.make_inputs(prompt[0].numpy(), seed, latent_frames, **kw)
+    return list(client.stream(server.grpc_url, inputs, timeout_s=120))
+
+
+def test_triton_stream_equals_in_process_run(server, client, prompt, reference):
+    chunks = _run(client, server, prompt, seed=3)
+    assert [c.index for c in chunks] == [0, 1]
+    assert [c.frames.shape for c in chunks] == [(9, 64, 64, 3), (12, 64, 64, 3)]
+    assert all(c.frames.dtype == np.uint8 and c.latents.dtype == np.float32 for c in chunks)
+    assert chunks[0].server_ms < chunks[1].server_ms
+    latents = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
+    torch.testing.assert_close(latents, reference(3), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("fp64 prompt", "data-type"),
+        ("wrong text_dim", "shape"),
+        ("too many tokens", "the model takes 1..512"),
+        ("frames not a multiple of the chunk", "must be a positive multiple of --chunk-frames 3"),
+        ("frames beyond the cache", "exceed the KV cache of 30 frames"),
+        ("other height", "serves 64 x 64 pixels"),
+    ],
+)
+def test_triton_bad_request_gets_an_error_and_serving_goes_on(
+    server, client, prompt, reference, case, message
+):
+    from tritonclient.utils import InferenceServerException
+
+    p = prompt[0].numpy()
+    inputs = {
+        "fp64 prompt": lambda: client.make_inputs(p.astype(np.float64), 0, 6),
+        "wrong text_dim": lambda: client.make_inputs(p[:, :100], 0, 6),
+        "too many tokens": lambda: client.make_inputs(np.zeros((513, p.shape[1]), np.float32), 0, 6),
+        "frames not a multiple of the chunk": lambda: client.make_inputs(p, 0, 4),
+        "frames beyond the cache": lambda: client.make_inputs(p, 0, 33),
+        "other height": lambda: client.make_inputs(p, 0, 6, height=128, width=64),
+    }[case]()
+    with pytest.raises(InferenceServerException) as err:
+        list(client.stream(server.grpc_url, inputs, timeout_s=60))
+    assert message in err.value.message()
+    assert server.is_ready()
+    chunks = _run(client, server, prompt, seed=5)
+    got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
+    torch.testing.assert_close(got, reference(5), rtol=0, atol=1e-5)
+
+
+def test_triton_two_concurrent_streams_both_complete(server, client, prompt, reference):
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        try:
+            results[seed] = _run(client, server, prompt, seed)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (11, 12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for seed in (11, 12):
+        assert [c.index for c in results[seed]] == [0, 1]
+        got = torch.from_numpy(np.concatenate([c.latents for c in results[seed]]))
+        torch.testing.assert_close(got, reference(seed), rtol=0, atol=1e-5)
+
+
+def test_triton_cancelled_stream_stops_early(server, client, prompt):
+    """The client walks away after the first of 10 chunks; the model stops at a chunk boundary."""
+    inputs = client.make_inputs(prompt[0].numpy(), 1, 30)
+    for chunk in client.stream(server.grpc_url, inputs, timeout_s=60):
+        assert chunk.index == 0
+        break  # stop_stream(cancel_requests=True)
+    deadline = time.monotonic() + 30
+    while "request cancelled after chunk" not in server.log_tail(200) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(s for s in server.log_tail(200).splitlines() if "request cancelled after chunk" in s)
+    assert int(line.rsplit("chunk ", 1)[1].split()[0].strip('"')) < 9
+    assert [c.index for c in _run(client, server, prompt, seed=2)] == [0, 1]
+
+
+def test_triton_client_script_writes_the_mp4(server, client, prompt, tmp_path):
+    torch.save(prompt, tmp_path / "prompt.pt")
+    out = tmp_path / "out.mp4"
+    argv = ["--url", server.grpc_url, "--prompt-embeds", str(tmp_path / "prompt.pt"), "--latent-frames", "6"]
+    assert client.main([*argv, "--seed", "4", "--output", str(out)]) == 0
+    assert read_video_info(out) == (21, 64, 64)
+    assert client.main([*argv[:2], "--latent-frames", "5", "--output", str(tmp_path / "bad.mp4")]) == 2
+    assert not (tmp_path / "bad.mp4").exists()
