@@ -29,7 +29,8 @@ from ropesp.config import (
 )
 from ropesp.errors import ConfigError
 from ropesp.export import manifest as mf
-from ropesp.export.segments import DTYPE_NAMES, SEGMENTS, Shard, make_segments
+from ropesp.export.segments import DTYPE_NAMES, SEGMENTS, make_segments
+from ropesp.parallel import SPLayout, TokenShard
 
 BACKENDS = ("onnx", "tensorrt", "aoti")
 DTYPES = {name: dt for dt, name in DTYPE_NAMES.items() if dt.is_floating_point}
@@ -166,11 +167,9 @@ def build(cfg: BuildConfig) -> Path:
 
         trt_build.require()  # fail before any work
     model_cfg, defaults = resolve_model(cfg)
-    if model_cfg.num_heads % cfg.world_size:
-        valid = [p for p in range(1, model_cfg.num_heads + 1) if model_cfg.num_heads % p == 0]
-        raise ConfigError(
-            f"--world-size {cfg.world_size} does not divide the model's {model_cfg.num_heads} heads; valid: {valid}"
-        )
+    # segments hold all heads of a rank's tokens, so every Ulysses x ring layout of this world size
+    # runs on the same engines; choose() refuses a layout the heads cannot take
+    SPLayout.choose(model_cfg.num_heads, cfg.world_size)
     geometry = VideoGeometry(
         cfg.latent_height or defaults.latent_height,
         cfg.latent_width or defaults.latent_width,
@@ -257,10 +256,10 @@ def _build_ranks(cfg: BuildConfig, model, geometry, shapes: list[int], out: Path
             rank_dir.mkdir()
             files, first, local = {}, {}, {}
             for frames in shapes:
-                shard = Shard.of(frames, geometry.frame_tokens, cfg.world_size, rank)
+                shard = TokenShard.split(frames * geometry.frame_tokens, cfg.world_size, rank)
                 first[str(frames)], local[str(frames)] = shard.first, shard.length
                 for seg in make_segments(
-                    model, geometry, shard, "" if frames == cfg.chunk_frames else f"_f{frames}"
+                    model, geometry, frames, shard, "" if frames == cfg.chunk_frames else f"_f{frames}"
                 ):
                     bar.set_description(f"rank {rank} {seg.spec.stem}")
                     t0 = time.perf_counter()

@@ -40,6 +40,7 @@ from torch.func import functional_call
 from ropesp.config import ModelConfig, VideoGeometry
 from ropesp.export.manifest import SegmentSpec, TensorSpec
 from ropesp.model.wan import Block, CausalWanDiT, Head
+from ropesp.parallel import TokenShard
 from ropesp.plugins.rope_sp import make_rope_op
 
 SEGMENTS = ("embed", "pre", "post", "head")
@@ -66,27 +67,6 @@ DTYPE_NAMES = {
     torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
     torch.int32: "int32", torch.int64: "int64",
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This rank's tokens of one chunk: the contiguous, tail-padded split of runtime/sp.py's TokenShard
-    (the runtime checks the two agree when it loads engines)."""
-
-    frames: int
-    """Latent frames of the chunk."""
-    total: int
-    """L, real tokens of the chunk."""
-    first: int
-    """first_token of this rank."""
-    length: int
-    """L_local."""
-
-    @classmethod
-    def of(cls, frames: int, frame_tokens: int, world_size: int, rank: int) -> Shard:
-        total = frames * frame_tokens
-        length = -(-total // world_size)
-        return cls(frames, total, rank * length, length)
 
 
 class _Method(nn.Module):
@@ -163,7 +143,8 @@ def _spec(name, dtype, shape, kind="activation") -> TensorSpec:
 def make_segments(
     model: CausalWanDiT,
     geometry: VideoGeometry,
-    shard: Shard,
+    frames: int,
+    shard: TokenShard,
     stem_suffix: str = "",
     batch: int = 1,
 ) -> list[TracedSegment]:
@@ -171,7 +152,7 @@ def make_segments(
     cfg: ModelConfig = model.cfg
     dtype = model.patch_embedding.weight.dtype
     device = model.patch_embedding.weight.device
-    b, f, c, rows, cols = batch, shard.frames, cfg.dim, geometry.rows, geometry.cols
+    b, f, c, rows, cols = batch, frames, cfg.dim, geometry.rows, geometry.cols
     h, d, n = cfg.num_heads, cfg.head_dim, shard.length
     g = torch.Generator(device="cpu").manual_seed(0)
 

@@ -49,19 +49,6 @@ class Mapping:
         return self.rank == 0
 
 
-def valid_sp_sizes(num_heads: int) -> list[int]:
-    """World sizes pure Ulysses supports: divisors of the head count."""
-    return [p for p in range(1, num_heads + 1) if num_heads % p == 0]
-
-
-def check_sp_size(num_heads: int, world_size: int) -> None:
-    if num_heads % world_size:
-        raise ConfigError(
-            f"world size {world_size} does not divide the model's {num_heads} attention heads; "
-            f"valid world sizes: {valid_sp_sizes(num_heads)}"
-        )
-
-
 def device_for(mapping: Mapping, device: str) -> torch.device:
     """cuda:<local_rank> for CUDA runs, else cpu."""
     if device == "cuda":

@@ -28,8 +28,8 @@ from ropesp.errors import EngineError
 from ropesp.export.manifest import Manifest, SegmentSpec
 from ropesp.model.kv_cache import CacheSlots
 from ropesp.model.wan import CausalWanDiT
+from ropesp.parallel import TokenShard
 from ropesp.runtime.executor import check_prompt_embeds, sinusoid_for
-from ropesp.runtime.sp import TokenShard
 
 
 def _no_rope(x: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,10 @@ from ropesp.model.kv_cache import KVCache
 from ropesp.model.local import LocalRunner, make_rope
 from ropesp.model.rope import RopeTables
 from ropesp.model.wan import CausalWanDiT, timestep_sinusoid
+from ropesp.parallel import SPLayout, TokenShard
 from ropesp.runtime.dist import Mapping
-from ropesp.runtime.ring import HybridRunner, RingCache, SPLayout, ring_capacity, ulysses_group
-from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, TokenShard, UlyssesRunner
+from ropesp.runtime.ring import HybridRunner, RingCache, ring_capacity, ulysses_group
+from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, UlyssesRunner
 
 
 class Executor(Protocol):

@@ -27,8 +27,8 @@ from ropesp.config import (
     preset,
 )
 from ropesp.errors import ConfigError
+from ropesp.parallel import SPLayout
 from ropesp.runtime.dist import Mapping
-from ropesp.runtime.ring import SPLayout
 from ropesp.runtime.session import StreamSession
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

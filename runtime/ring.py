@@ -23,59 +23,10 @@ import torch
 
 from ropesp.config import CacheConfig
 from ropesp.errors import ConfigError
+from ropesp.parallel import SPLayout
 from ropesp.runtime.sp import UlyssesRunner
 
 Ranges = list[tuple[int, int]]  # stored tokens as [start, end) stream positions, in storage order
-
-
-@dataclass(frozen=True)
-class SPLayout:
-    """World size P = ulysses x ring."""
-
-    ulysses: int
-    """U: heads are split over U ranks (must divide the head count)."""
-    ring: int
-    """R: the cache's tokens are split over R ranks."""
-
-    @property
-    def world_size(self) -> int:
-        return self.ulysses * self.ring
-
-    def coords(self, rank: int) -> tuple[int, int]:
-        """(ring index r, Ulysses index u) of a global rank."""
-        return divmod(rank, self.ulysses)
-
-    def rank_of(self, ring_index: int, u: int) -> int:
-        return (ring_index % self.ring) * self.ulysses + u
-
-    @classmethod
-    def choose(
-        cls, num_heads: int, world_size: int, ulysses: int | None = None, ring: int | None = None
-    ) -> SPLayout:
-        """The largest Ulysses degree dividing both the heads and the world size, unless given."""
-        if ring is not None and (ring < 1 or world_size % ring):
-            raise ConfigError(
-                f"--ring-degree {ring} must be a positive divisor of the world size {world_size}"
-            )
-        if ulysses is None:
-            if ring is not None:
-                ulysses = world_size // ring
-            else:
-                ulysses = max(
-                    d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0
-                )
-        ring = world_size // ulysses if ring is None else ring
-        if ulysses < 1 or ulysses * ring != world_size:
-            raise ConfigError(
-                f"--ulysses-degree {ulysses} x --ring-degree {ring} must equal the world size {world_size}"
-            )
-        if num_heads % ulysses:
-            valid = [d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0]
-            raise ConfigError(
-                f"--ulysses-degree {ulysses} does not divide the model's {num_heads} attention heads; "
-                f"valid Ulysses degrees for world size {world_size}: {valid}"
-            )
-        return cls(ulysses, ring)
 
 
 def _count(ranges: Ranges) -> int:

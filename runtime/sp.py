@@ -15,35 +15,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ropesp.model.kv_cache import CacheSlots, KVCache, attention
 from ropesp.model.rope import rope_apply_ref
+from ropesp.parallel import TokenShard
 
 SP_ROPE_MODES = ("local", "allgather")
 SP_COMM_MODES = ("fused", "unfused")
-
-
-@dataclass(frozen=True)
-class TokenShard:
-    """Contiguous split of a chunk's L tokens over P ranks, tail padded to a multiple of P."""
-
-    total: int
-    """L, real tokens of the chunk."""
-    padded: int
-    """L_pad = ceil(L / P) * P."""
-    first: int
-    """This rank's first token index."""
-    length: int
-    """L_local = L_pad / P."""
-
-    @classmethod
-    def split(cls, total: int, sp_size: int, rank: int) -> TokenShard:
-        length = -(-total // sp_size)
-        return cls(total=total, padded=length * sp_size, first=rank * length, length=length)
 
 
 class Collectives:

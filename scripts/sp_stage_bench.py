@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ropesp.model.rope import rope_apply_ref
-from ropesp.runtime.sp import Collectives, TokenShard, UlyssesRunner
+from ropesp.parallel import TokenShard
+from ropesp.runtime.sp import Collectives, UlyssesRunner
 
 
 def timed(fn, iters: int, warmup: int = 10) -> float:

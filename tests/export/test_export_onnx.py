@@ -56,6 +56,14 @@ def test_generate_ort_equals_eager(builds, eager_latents, world_size, tmp_path):
     torch.testing.assert_close(latents, eager_latents, rtol=0, atol=ATOL)
 
 
+def test_hybrid_ulysses_ring_layout_runs_on_the_same_engines(builds, eager_latents, tmp_path):
+    """Segments hold all heads of a rank's tokens: world size 4 built once serves U=2 x R=2 (ring
+    attention over token-sharded caches) as well as pure Ulysses."""
+    root = builds("onnx", 4)
+    latents = run_generate(tmp_path, "--engines", str(root), "--ring-degree", "2")
+    torch.testing.assert_close(latents, eager_latents, rtol=0, atol=ATOL)
+
+
 def test_ort_rolling_window_runtime_owned_cache(builds, tmp_path):
     """The cache lives in the runtime: engines built for a 6-frame video run a 9-frame rolling stream."""
     rolling = ["--latent-frames", "9", "--local-attn-frames", "4", "--sink-frames", "1"]
