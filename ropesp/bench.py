@@ -47,6 +47,9 @@ class BenchConfig:
     """Untimed videos per configuration."""
     repeat: int = 2
     """Timed videos per configuration (the median is reported)."""
+    vae: str | None = None
+    """Time decode with the Wan VAE: a checkpoint path, or "random" (full size, random weights);
+    None = the preview decoder."""
     json_out: str | None = None
     plot_out: str | None = None
     command: str = ""
@@ -95,8 +98,13 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
             comm.start_timing()
         dit_runs.append(_run_video(session, prompt, device))
         comm_ms.append(comm.elapsed_ms() if comm is not None else 0.0)
-    session.decoder = PreviewDecoder()
+    session.decoder = make_decoder(bench.vae, device)
     dec_runs = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
+    overlapped = None
+    if _world_size(session) == 1:  # decode of chunk c beside the DiT of chunk c+1 (runtime/session.py)
+        session.overlap_decode = True
+        overlapped = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
+        session.overlap_decode = False
     session.decoder = None
     frames = video_frames_for(session.latent_frames)
     total_ms = _median([r[1] for r in dit_runs])
@@ -111,10 +119,32 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
         "total_ms": total_ms,
         "fps_dit": frames / (total_ms / 1e3),
         "fps_with_decode": frames / (total_dec_ms / 1e3),
+        "fps_with_decode_overlapped": (
+            frames / (_median([r[1] for r in overlapped]) / 1e3) if overlapped else None
+        ),
+        "first_frame_overlapped_ms": _median([r[0][0] for r in overlapped]) if overlapped else None,
+        "decoder": "wan-vae" if bench.vae else "preview",
         "comm_share": _median(comm_ms) / total_ms if total_ms else 0.0,
         "cold_first_chunk_ms": cold_first_chunk_ms,
         "warmup_s": warm_s,
     }
+
+
+def _world_size(session: StreamSession) -> int:
+    state = getattr(session.executor, "state", None)
+    return state.mapping.world_size if state is not None else 1
+
+
+def make_decoder(vae: str | None, device: torch.device):
+    """The decoder whose cost `bench` adds: preview, or the streaming Wan VAE (bf16 on GPU)."""
+    if vae is None:
+        return PreviewDecoder()
+    from ropesp.decode.wan_vae import WanVAEDecoder
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if vae == "random":
+        return WanVAEDecoder.random(dtype, device)
+    return WanVAEDecoder.from_path(vae, dtype, device)
 
 
 def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipeline:
@@ -250,16 +280,20 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
 
 
 def format_table(results: dict, base: dict | None) -> str:
-    head = f"{'config':<10} {'P':>2} {'1st chunk ms':>12} {'1st frame ms':>12} {'FPS DiT':>8} {'FPS +dec':>8} {'vs base':>7} {'comm %':>6} {'peak GiB':>8}"
+    head = f"{'config':<10} {'P':>2} {'1st chunk ms':>12} {'1st frame ms':>12} {'FPS DiT':>8} {'FPS +dec':>8} {'+dec ovl':>8} {'vs base':>7} {'comm %':>6} {'peak GiB':>8}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         speed = base["total_ms"] / r["total_ms"] if base else float("nan")
         lines.append(
             f"{name:<10} {r['world_size']:>2} {r['first_chunk_ms']:>12.1f} {r['first_frame_ms']:>12.1f} "
-            f"{r['fps_dit']:>8.1f} {r['fps_with_decode']:>8.1f} {speed:>6.2f}x {100 * r['comm_share']:>6.1f} "
+            f"{r['fps_dit']:>8.1f} {r['fps_with_decode']:>8.1f} {_fmt(r['fps_with_decode_overlapped']):>8} {speed:>6.2f}x {100 * r['comm_share']:>6.1f} "
             f"{max(r['peak_gib_per_rank']):>8.2f}"
         )
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def plot(out: dict, path: str) -> None:

@@ -353,6 +353,7 @@ def cmd_bench(args) -> None:
         configs=tuple(c for c in args.configs.split(",") if c),
         warmup=args.warmup,
         repeat=args.repeat,
+        vae=args.vae,
         json_out=args.json,
         plot_out=args.plot,
         command="ropesp " + " ".join(sys.argv[1:]),
@@ -373,6 +374,9 @@ def add_bench_parser(sub) -> None:
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed videos per configuration")
     p.add_argument("--repeat", type=int, default=2, help="timed videos per configuration (median)")
+    p.add_argument(
+        "--vae", help="time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)"
+    )
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write a PNG plot")
     p.set_defaults(func=cmd_bench)

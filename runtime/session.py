@@ -76,7 +76,7 @@ class StreamSession:
         self.batch = batch
         self.skip_final_refresh = skip_final_refresh
         self.overlap_decode = overlap_decode
-        """None: overlap when a decoder is set and the executor runs on CUDA; True/False: force."""
+        """None: overlap when a decoder is set and a single-rank executor runs on CUDA; True/False: force."""
         self.seed = 0
         self._ready = False
         self.producer: threading.Thread | None = None
@@ -90,7 +90,11 @@ class StreamSession:
         if self.decoder is None:
             return False
         if self.overlap_decode is None:
-            return torch.device(self.executor.device).type == "cuda"
+            # multi-rank overlap issues NCCL collectives from the producer thread on every rank; it is
+            # not yet validated on GPUs (see bench/RESULTS.md), so the default keeps it to one rank
+            state = getattr(self.executor, "state", None)
+            single = state is None or state.mapping.world_size == 1
+            return single and torch.device(self.executor.device).type == "cuda"
         return bool(self.overlap_decode)
 
     def reset(self, prompt_embeds: torch.Tensor | None = None, seed: int | None = None) -> None:

@@ -43,6 +43,8 @@ def test_bench_writes_json_and_plot(tmp_path, world_size):
         assert 0 <= row["comm_share"] <= 1
         assert len(row["peak_gib_per_rank"]) == row["world_size"]
     assert (out["results"]["optimized"]["comm_share"] > 0) == (world_size > 1)
+    # overlapped decode is measured where it is the default (one rank)
+    assert (out["results"]["optimized"]["fps_with_decode_overlapped"] is not None) == (world_size == 1)
     for key in ("date", "card", "torch", "git_commit"):
         assert out["environment"][key]
     assert out["setup"]["video_frames"] == 21
@@ -52,3 +54,35 @@ def test_bench_writes_json_and_plot(tmp_path, world_size):
 def test_bench_compiled_needs_engines(capsys):
     assert main(["bench", "--configs", "optimized,compiled"]) == 2
     assert "needs --engines" in capsys.readouterr().err
+
+
+def test_bench_times_the_wan_vae(tmp_path):
+    import helpers_media
+
+    vae_dir = tmp_path / "vae"
+    helpers_media.save_wan_vae_diffusers(helpers_media.make_tiny_wan_vae(), vae_dir)
+    js = tmp_path / "b.json"
+    code = main(
+        [
+            "bench",
+            "--latent-frames",
+            "3",
+            "--latent-height",
+            "8",
+            "--latent-width",
+            "8",
+            "--configs",
+            "optimized",
+            "--warmup",
+            "1",
+            "--repeat",
+            "1",
+            "--vae",
+            str(vae_dir),
+            "--json",
+            str(js),
+        ]
+    )
+    assert code == 0
+    row = json.loads(js.read_text())["results"]["optimized"]
+    assert row["decoder"] == "wan-vae" and row["fps_with_decode"] > 0 and row["first_frame_ms"] > 0

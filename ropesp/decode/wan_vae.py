@@ -278,6 +278,15 @@ class WanVAEDecoder:
     ) -> WanVAEDecoder:
         return cls(load_wan_vae(path, dtype, device))
 
+    @classmethod
+    def random(cls, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+        """The full-size Wan2.1 VAE (diffusers' default AutoencoderKLWan config) on seeded random
+        weights: for timing decode where no checkpoint is at hand."""
+        from diffusers import AutoencoderKLWan
+
+        torch.manual_seed(seed)
+        return cls(AutoencoderKLWan().to(device=device, dtype=dtype).eval())
+
     def reset(self) -> None:
         self._feat_cache: list = [None] * self.num_convs
         self._first = True

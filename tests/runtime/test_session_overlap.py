@@ -71,6 +71,20 @@ def test_overlap_default_only_on_cuda_with_a_decoder():
     assert not no_decoder.overlapped  # nothing to overlap with
 
 
+def test_overlap_default_is_single_rank_only():
+    from types import SimpleNamespace
+
+    from ropesp.runtime.dist import Mapping
+
+    ex = SlowExecutor()
+    ex.device = torch.device("cuda")  # only the default's decision is tested: nothing runs
+    ex.state = SimpleNamespace(mapping=Mapping(1, 0, 0))
+    assert _session(ex, overlap=None).overlapped
+    ex.state = SimpleNamespace(mapping=Mapping(2, 0, 0))
+    assert not _session(ex, overlap=None).overlapped
+    assert _session(ex, overlap=True).overlapped
+
+
 def test_overlapped_equals_serial_tiny_dit_preview(prompt):
     torch.set_num_threads(1)
     session = build_session(
