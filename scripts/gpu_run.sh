@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, check kernels, measure. Results land in $OUT (the device tool fetches it).
-# Usage: bash scripts/gpu_run.sh STEP [STEP ...]   steps: kernels rope stage parity bench1 bench2 bench4
+# Usage: bash scripts/gpu_run.sh STEP [STEP ...]
+#   steps: kernels rope stage parity bench1 bench2 bench4 compiled1 compiled2 compiled4 wan14b
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -19,6 +20,16 @@ for step in "$@"; do
     bench1) python3 -m ropesp.cli bench $COMMON --world-size 1 --configs reference,optimized --json "$OUT/bench_p1.json" --plot "$OUT/bench_p1.png" 2>&1 | tail -8 ;;
     bench2) python3 -m ropesp.cli bench $COMMON --world-size 2 --json "$OUT/bench_p2.json" --plot "$OUT/bench_p2.png" 2>&1 | tail -8 ;;
     bench4) python3 -m ropesp.cli bench $COMMON --world-size 4 --json "$OUT/bench_p4.json" --plot "$OUT/bench_p4.png" 2>&1 | tail -8 ;;
+    compiled[124])  # AOTInductor engines for P GPUs, then every configuration side by side (+ Wan VAE decode)
+      P=${step#compiled}
+      BUILD="--preset wan2.1-1.3b --latent-height 60 --latent-width 104 --max-frames 21 --dtype bfloat16 --device cuda"
+      python3 -m ropesp.cli build $BUILD --world-size "$P" --backend aoti --out "/tmp/aoti_p$P" 2>&1 | tail -3
+      cp "/tmp/aoti_p$P/build.log" "$OUT/build_p$P.log" 2>/dev/null
+      python3 -m ropesp.cli bench $COMMON --world-size "$P" --configs reference,paper-sp,optimized,compiled \
+        --engines "/tmp/aoti_p$P" --vae random --json "$OUT/bench_compiled_p$P.json" --plot "$OUT/bench_compiled_p$P.png" 2>&1 | tail -8 ;;
+    wan14b)  # Wan-14B shapes (40 heads): paper-SP vs optimized on every GPU of the machine
+      python3 -m ropesp.cli bench --preset wan2.1-14b --height 480 --width 832 --frames 81 --dtype bfloat16 \
+        --device cuda --world-size "$NGPU" --configs paper-sp,optimized --json "$OUT/bench_14b_p$NGPU.json" 2>&1 | tail -6 ;;
     *) echo "unknown step $step" ;;
   esac
 done
