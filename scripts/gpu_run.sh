@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, check kernels, measure. Results land in $OUT (the device tool fetches it).
 # Usage: bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: kernels rope stage parity bench1 bench2 bench4 compiled1 compiled2 compiled4 wan14b
+#   steps: kernels rope stage parity bench1 bench2 bench4 compiled1 compiled2 compiled4 serve wan14b
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -27,6 +27,10 @@ for step in "$@"; do
       cp "/tmp/aoti_p$P/build.log" "$OUT/build_p$P.log" 2>/dev/null
       python3 -m ropesp.cli bench $COMMON --world-size "$P" --configs reference,paper-sp,optimized,compiled \
         --engines "/tmp/aoti_p$P" --vae random --json "$OUT/bench_compiled_p$P.json" --plot "$OUT/bench_compiled_p$P.png" 2>&1 | tail -8 ;;
+    serve)  # first-chunk latency through Triton vs in-process (2 ranks when the machine has them)
+      P=$(( NGPU >= 2 ? 2 : 1 ))
+      python3 scripts/serve_latency.py --preset wan2.1-1.3b --height 480 --width 832 --latent-frames 21 \
+        --world-size "$P" --device cuda --requests 3 --json "$OUT/serve_p$P.json" 2>&1 | tail -12 ;;
     wan14b)  # Wan-14B shapes (40 heads): paper-SP vs optimized on every GPU of the machine
       python3 -m ropesp.cli bench --preset wan2.1-14b --height 480 --width 832 --frames 81 --dtype bfloat16 \
         --device cuda --world-size "$NGPU" --configs paper-sp,optimized --json "$OUT/bench_14b_p$NGPU.json" 2>&1 | tail -6 ;;
