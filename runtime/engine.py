@@ -29,7 +29,7 @@ from ropesp.export.manifest import Manifest, SegmentSpec
 from ropesp.model.kv_cache import CacheSlots
 from ropesp.model.wan import CausalWanDiT
 from ropesp.parallel import TokenShard
-from ropesp.runtime.executor import check_prompt_embeds, sinusoid_for
+from ropesp.runtime.executor import check_prompt_embeds
 
 
 def _no_rope(x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +191,7 @@ class EngineExecutor:
         slots = st.begin(start_frame, frames)
         runner = st.runner(slots, start_frame, frames, rope_fn=_no_rope)
         latents = x.to(self.device, self.dtype)
-        t_sin = sinusoid_for(self.cfg, t, b, frames, self.device).to(self.dtype)  # [B, F, freq_dim]
+        t_sin = st.sinusoid(t, b, frames).to(self.dtype)  # [B, F, freq_dim]
         with torch.inference_mode(), self._on_stream():
             if self.cuda_graphs and isinstance(slots, CacheSlots):
                 flow = self._replay(runner, slots, frames, latents, t_sin, start_frame)

@@ -101,6 +101,7 @@ class SPState:
         # on GPU the local RoPE is the Triton kernel of ropesp::rope_sp (start_frame stays on device)
         self.rope_op = device.type == "cuda"
         self._start_frame = torch.zeros(1, dtype=torch.int32, device=device)
+        self._sinusoids: dict[tuple[float, int, int], torch.Tensor] = {}
         self.comm = Collectives(group, mapping.world_size) if mapping.world_size > 1 else None
         self.ulysses_comm = self.comm
         if layout.ring == 1:
@@ -132,6 +133,14 @@ class SPState:
                 device,
             )
             self.ulysses_comm = Collectives(ulysses_group(layout, mapping.rank), layout.ulysses)
+
+    def sinusoid(self, t: torch.Tensor | float, batch: int, frames: int) -> torch.Tensor:
+        """The timestep sinusoid [B, F, freq_dim] float64 on device, computed once per distinct step
+        (a host-to-device copy per forward would stall the host behind the GPU)."""
+        key = (float(t), batch, frames)
+        if key not in self._sinusoids:
+            self._sinusoids[key] = sinusoid_for(self.cfg, torch.tensor(key[0]), batch, frames, self.device)
+        return self._sinusoids[key]
 
     def ensure_frames(self, end_frame: int) -> None:
         """Grow the time axis of the RoPE tables (host-side, rare) for unbounded rolling streams."""
@@ -235,8 +244,6 @@ class EagerExecutor:
         slots = st.begin(start_frame, frames)
         runner = st.runner(slots, start_frame, frames)
         with torch.inference_mode():
-            flow = self.model(
-                x.to(self.device), sinusoid_for(self.cfg, t, b, frames, self.device), self.cross_kv, runner
-            )
-        st.cache.commit(slots)
+            flow = self.model(x.to(self.device), st.sinusoid(t, b, frames), self.cross_kv, runner)
+        st.commit(slots)
         return flow

@@ -26,19 +26,28 @@ class FlowSchedule:
         self.timesteps = ext[NUM_TRAIN_TIMESTEPS - torch.tensor(cfg.steps, dtype=torch.long)]
         self.context_t = float(cfg.context_noise)
 
-    def sigma(self, t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-        """Sigma of the schedule entry nearest to each timestep in t (the reference's argmin lookup)."""
-        idx = torch.argmin((self.all_timesteps[None, :] - t.reshape(-1, 1)).abs(), dim=1)
-        return self.sigmas[idx].to(device) if device is not None else self.sigmas[idx]
+    def sigma(self, t: torch.Tensor | float) -> float:
+        """Sigma of the schedule entry nearest to timestep t (the reference's argmin lookup).
 
-    def to_x0(self, x_t: torch.Tensor, flow: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0 = x_t - sigma(t)*v in float64; x_t, flow: [B, F, C, H, W] fp32; t scalar tensor."""
-        sigma = self.sigma(t, flow.device).double()
+        A host float (the float32 value, exactly): the sampler's arithmetic then needs no device copy.
+        """
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(1, 1)
+        return float(self.sigmas[torch.argmin((self.all_timesteps[None, :] - t).abs(), dim=1)])
+
+    @property
+    def step_sigmas(self) -> list[float]:
+        """sigma of every denoising step, in order."""
+        return [self.sigma(t) for t in self.timesteps]
+
+    @staticmethod
+    def to_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x0 = x_t - sigma*v in float64, cast to float32. x_t, flow: [B, F, C, H, W]."""
         return (x_t.double() - sigma * flow.double()).to(torch.float32)
 
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(1 - sigma(t))*x0 + sigma(t)*eps, float32."""
-        sigma = self.sigma(t, x0.device)
+    @staticmethod
+    def add_noise(x0: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
+        """(1 - sigma)*x0 + sigma*eps in float32 (sigma is a float32 value, so 1 - sigma rounds as
+        the reference's float32 tensor arithmetic does)."""
         return (1 - sigma) * x0 + sigma * eps
 
 
@@ -50,3 +59,11 @@ class NoiseStream:
 
     def draw(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, dtype=torch.float32)
+
+    def draw_chunk(self, shape: tuple[int, ...], steps: int, device: torch.device) -> list[torch.Tensor]:
+        """A chunk's noise in the documented order — x, then one eps per step after the first — on
+        device. CUDA copies leave from pinned memory without blocking the host."""
+        draws = [self.draw(shape) for _ in range(steps)]
+        if device.type != "cuda":
+            return draws
+        return [d.pin_memory().to(device, non_blocking=True) for d in draws]

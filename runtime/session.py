@@ -125,7 +125,8 @@ class StreamSession:
         noise = NoiseStream(self.seed)
         c = self.executor.cfg.in_dim
         h, w = self.geometry.latent_height, self.geometry.latent_width
-        steps = self.schedule.timesteps
+        steps, sigmas = self.schedule.timesteps, self.schedule.step_sigmas
+        device = torch.device(self.executor.device)
 
         def forward(x, t, start):
             if stop is not None and stop.is_set():
@@ -136,15 +137,13 @@ class StreamSession:
         for index, n in enumerate(self.chunk_sizes):
             with torch.profiler.record_function(f"ropesp.dit.chunk{index}"):
                 shape = (self.batch, n, c, h, w)
-                x = noise.draw(shape)
+                x, *eps = noise.draw_chunk(shape, len(steps), device)  # no host sync inside the chunk
                 x0 = x
                 for i in range(len(steps)):
-                    t = steps[i]
-                    flow = forward(x, t, start)
-                    x0 = self.schedule.to_x0(x.to(flow.device), flow, t)
+                    flow = forward(x, steps[i], start)
+                    x0 = self.schedule.to_x0(x, flow, sigmas[i])
                     if i + 1 < len(steps):
-                        eps = noise.draw(shape)
-                        x = self.schedule.add_noise(x0, eps.to(x0.device), steps[i + 1])
+                        x = self.schedule.add_noise(x0, eps[i], sigmas[i + 1])
                 last = index == len(self.chunk_sizes) - 1
                 if not (last and self.skip_final_refresh):
                     # clean-context pass: overwrites this chunk's cache slots; the output is not used

@@ -19,13 +19,27 @@ def test_shift8_warped_timesteps():
 def test_sigma_lookup_and_x0():
     sched = FlowSchedule(SamplerConfig())
     t = sched.timesteps[1]
-    assert sched.sigma(t).item() == pytest.approx(0.9375)
+    assert sched.sigma(t) == pytest.approx(0.9375)
+    assert sched.step_sigmas == [sched.sigma(t) for t in sched.timesteps]
     x, v = torch.randn(1, 3, 4, 2, 2), torch.randn(1, 3, 4, 2, 2)
-    x0 = sched.to_x0(x, v, t)
+    x0 = sched.to_x0(x, v, sched.sigma(t))
     torch.testing.assert_close(x0, (x.double() - 0.9375 * v.double()).float(), rtol=0, atol=0)
-    noisy = sched.add_noise(x0, v, sched.timesteps[2])
-    s = sched.sigma(sched.timesteps[2])
-    torch.testing.assert_close(noisy, (1 - s) * x0 + s * v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shift", [5.0, 8.0, 1.0, 3.3])
+def test_host_float_sigma_matches_the_reference_float32_tensor_math(shift):
+    """The reference computes with float32 sigma tensors; the sampler uses host floats (no device
+    copies). Both must give bit-identical results for every step of the schedule."""
+    sched = FlowSchedule(SamplerConfig(shift=shift, steps=(1000, 900, 750, 500, 250, 10)))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 5, 6, generator=g), torch.randn(2, 3, 4, 5, 6, generator=g)
+    for t in sched.timesteps:
+        idx = torch.argmin((sched.all_timesteps[None, :] - t.reshape(1, 1)).abs(), dim=1)
+        sigma_t = sched.sigmas[idx].reshape(-1, 1, 1, 1, 1)  # float32 tensor, as upstream
+        reference = (1 - sigma_t) * x0 + sigma_t * eps
+        assert torch.equal(sched.add_noise(x0, eps, sched.sigma(t)), reference)
+        ref_x0 = (x0.double() - sigma_t.double() * eps.double()).to(torch.float32)
+        assert torch.equal(sched.to_x0(x0, eps, sched.sigma(t)), ref_x0)
 
 
 @pytest.mark.parametrize(

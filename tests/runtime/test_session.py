@@ -55,7 +55,7 @@ def test_noise_follows_documented_draw_order(sampler):
             got_x, got_t, got_start = next(calls)
             assert torch.equal(got_x, x) and got_t == float(t) and got_start == start
             if i + 1 < len(sched.timesteps):
-                x = sched.add_noise(x, torch.randn(shape, generator=g), sched.timesteps[i + 1])
+                x = sched.add_noise(x, torch.randn(shape, generator=g), sched.sigma(sched.timesteps[i + 1]))
         clean_x, clean_t, _ = next(calls)  # the clean-context pass on x0 at t=0
         assert torch.equal(clean_x, x) and clean_t == 0.0
         expected_chunks.append(x)

@@ -1,0 +1,38 @@
+"""On a GPU, the chunk loop issues no host synchronization until the chunk's latents leave the device.
+
+torch.cuda.set_sync_debug_mode("error") turns every synchronizing call (a pageable copy, .item(),
+nonzero, ...) into an exception, which is how this proves it rather than by reading a profile.
+"""
+
+import pytest
+import torch
+
+from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.prompts import default_prompt_embeds
+from ropesp.runtime.sampler import NoiseStream
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host-sync detection is CUDA's)")
+def test_chunk_loop_has_no_host_sync():
+    session = build_session(PipelineConfig(preset="tiny", latent_frames=6, device="cuda", dtype="bfloat16"))
+    ex, sched = session.executor, session.schedule
+    session.reset(default_prompt_embeds(ex.cfg), seed=0)
+    session.generate()  # warm-up: kernels compiled, sinusoids cached on the device
+    ex.reset()
+    noise, shape = NoiseStream(0), (1, 3, 16, 16, 16)
+    sigmas = sched.step_sigmas
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for start in (0, 3):
+            x, *eps = noise.draw_chunk(shape, len(sigmas), torch.device("cuda"))
+            for i, t in enumerate(sched.timesteps):
+                x0 = sched.to_x0(x, ex.forward(x, t, start), sigmas[i])
+                if i + 1 < len(sigmas):
+                    x = sched.add_noise(x0, eps[i], sigmas[i + 1])
+            ex.forward(x0, torch.tensor(0.0), start)  # the clean-context pass
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
