@@ -29,7 +29,7 @@ from ropesp.export.manifest import Manifest, SegmentSpec
 from ropesp.model.kv_cache import CacheSlots
 from ropesp.model.wan import CausalWanDiT
 from ropesp.parallel import TokenShard
-from ropesp.runtime.executor import check_prompt_embeds
+from ropesp.runtime.executor import attention_priority, check_prompt_embeds
 
 
 def _no_rope(x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +167,7 @@ class EngineExecutor:
 
     def set_prompt(self, prompt_embeds: torch.Tensor) -> None:
         pe = check_prompt_embeds(self.cfg, prompt_embeds).to(self.device)
-        with torch.inference_mode(), self._on_stream():
+        with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
             kv = self.model.cross_kv(pe)  # [B, text_len, H, D] per layer
             if self.cross_kv is None or self.cross_kv[0][0].shape != kv[0][0].shape:
                 self.cross_kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
@@ -192,7 +192,7 @@ class EngineExecutor:
         runner = st.runner(slots, start_frame, frames, rope_fn=_no_rope)
         latents = x.to(self.device, self.dtype)
         t_sin = st.sinusoid(t, b, frames).to(self.dtype)  # [B, F, freq_dim]
-        with torch.inference_mode(), self._on_stream():
+        with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
             if self.cuda_graphs and isinstance(slots, CacheSlots):
                 flow = self._replay(runner, slots, frames, latents, t_sin, start_frame)
             else:
