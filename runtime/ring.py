@@ -170,10 +170,14 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     """Attention with its log-sum-exp. q: [B, Lq, H, D]; k, v: [B, Lk, H, D] ->
     out [B, Lq, H, D], lse [B, H, Lq] float32."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
-    else:
+    if not q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+    else:  # flash takes half precision only: fp32 on a GPU goes through the explicit softmax
+        scores = (qt.float() @ kt.float().transpose(-1, -2)) * qt.shape[-1] ** -0.5  # [B, H, Lq, Lk]
+        lse = torch.logsumexp(scores, dim=-1)
+        out = (torch.exp(scores - lse.unsqueeze(-1)) @ vt.float()).to(q.dtype)
     return out.transpose(1, 2), lse.float()  # [B, Lq, H, D]
 
 
@@ -217,14 +221,20 @@ class HybridRunner(UlyssesRunner):
         cv[:, rs.write_start : rs.window_end] = v[:, :real]
         k_own, v_own = ck[:, : rs.window_end], cv[:, : rs.window_end]
         layout = self.ring.layout
-        parts = [attention_lse(q, k_own, v_own)]
-        cur = torch.stack((k_own, v_own))  # [2, B, S_own, H/U, D]
         me, u = self.ring.ring_index, self.ring.u
-        for step in range(1, layout.ring):
-            src = (me - step) % layout.ring
-            recv = cur.new_empty((2, cur.shape[1], rs.peer_lengths[src], *cur.shape[3:]))
-            self.world.ring_shift(cur, recv, layout.rank_of(me + 1, u), layout.rank_of(me - 1, u))
-            cur = recv
-            if cur.shape[2]:
-                parts.append(attention_lse(q, cur[0], cur[1]))
+        nxt, prv = layout.rank_of(me + 1, u), layout.rank_of(me - 1, u)
+        cur = torch.stack((k_own, v_own)) if layout.ring > 1 else None  # [2, B, S_own, H/U, D]
+        parts = []
+        for step in range(layout.ring):
+            pending = None
+            if step + 1 < layout.ring:  # the next shard travels while this one is attended to
+                src = (me - step - 1) % layout.ring
+                recv = cur.new_empty((2, cur.shape[1], rs.peer_lengths[src], *cur.shape[3:]))
+                pending = self.world.ring_shift_start(cur, recv, nxt, prv)
+            k_s, v_s = (k_own, v_own) if step == 0 else (cur[0], cur[1])
+            if k_s.shape[1]:
+                parts.append(attention_lse(q, k_s, v_s))
+            if pending is not None:
+                self.world.ring_shift_wait(pending)
+                cur = recv
         return merge_partials(parts) if len(parts) > 1 else parts[0][0]

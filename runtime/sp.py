@@ -87,13 +87,30 @@ class Collectives:
             dist.all_gather(parts, x, group=self.group)
         return torch.stack(parts)
 
-    def ring_shift(self, send: torch.Tensor, recv: torch.Tensor, next_rank: int, prev_rank: int) -> None:
-        """One ring step: send to next_rank, receive from prev_rank (global ranks)."""
+    def ring_shift_start(self, send: torch.Tensor, recv: torch.Tensor, next_rank: int, prev_rank: int):
+        """Start one ring step (send to next_rank, receive from prev_rank; global ranks) and return
+        its handle: compute can run until `ring_shift_wait(handle)`."""
+        self.counts["ring_p2p"] += 1
         send = send.contiguous()
-        with self._timed("ring_p2p", send.device):
-            ops = [dist.P2POp(dist.isend, send, next_rank), dist.P2POp(dist.irecv, recv, prev_rank)]
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+        start = self._now(send.device) if self._timing is not None else None
+        ops = [dist.P2POp(dist.isend, send, next_rank), dist.P2POp(dist.irecv, recv, prev_rank)]
+        return dist.batch_isend_irecv(ops), send, start
+
+    def ring_shift_wait(self, handle) -> None:
+        reqs, send, start = handle
+        for req in reqs:
+            req.wait()
+        if start is not None:
+            self._timing.append((start, self._now(send.device)))
+
+    @staticmethod
+    def _now(device: torch.device):
+        """A timestamp: a recorded CUDA event on GPU (no host sync), the host clock otherwise."""
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
 
 class UlyssesRunner:
