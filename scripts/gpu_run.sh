@@ -22,11 +22,12 @@ for step in "$@"; do
     bench4) python3 -m ropesp.cli bench $COMMON --world-size 4 --json "$OUT/bench_p4.json" --plot "$OUT/bench_p4.png" 2>&1 | tail -8 ;;
     compiled[124])  # AOTInductor engines for P GPUs, then every configuration side by side (+ Wan VAE decode)
       P=${step#compiled}
+      ENG=$(mktemp -d)/aoti_p$P
       BUILD="--preset wan2.1-1.3b --latent-height 60 --latent-width 104 --max-frames 21 --dtype bfloat16 --device cuda"
-      python3 -m ropesp.cli build $BUILD --world-size "$P" --backend aoti --out "/tmp/aoti_p$P" 2>&1 | tail -3
-      cp "/tmp/aoti_p$P/build.log" "$OUT/build_p$P.log" 2>/dev/null
+      python3 -m ropesp.cli build $BUILD --world-size "$P" --backend aoti --out "$ENG" 2>&1 | tail -3
+      cp "$ENG/build.log" "$OUT/build_p$P.log" 2>/dev/null
       python3 -m ropesp.cli bench $COMMON --world-size "$P" --configs reference,paper-sp,optimized,compiled \
-        --engines "/tmp/aoti_p$P" --vae random --json "$OUT/bench_compiled_p$P.json" --plot "$OUT/bench_compiled_p$P.png" 2>&1 | tail -8 ;;
+        --engines "$ENG" --vae random --json "$OUT/bench_compiled_p$P.json" --plot "$OUT/bench_compiled_p$P.png" 2>&1 | tail -8 ;;
     serve)  # first-chunk latency through Triton vs in-process (2 ranks when the machine has them)
       P=$(( NGPU >= 2 ? 2 : 1 ))
       python3 scripts/serve_latency.py --preset wan2.1-1.3b --height 480 --width 832 --latent-frames 21 \
