@@ -72,12 +72,6 @@ class ModelConfig:
         return self.dim // self.num_heads
 
     @property
-    def rope_split(self) -> tuple[int, int, int]:
-        """Real channels of head_dim rotated by (time, rows, cols): d-4*(d//6), 2*(d//6), 2*(d//6)."""
-        d = self.head_dim
-        return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
-
-    @property
     def patch_out(self) -> int:
         """Channels of the head's output per token: prod(patch_size) * out_dim."""
         pt, ph, pw = self.patch_size

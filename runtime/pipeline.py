@@ -182,9 +182,6 @@ class ResolvedPipeline:
     manifest: object | None
     layout: SPLayout
 
-    def with_frames(self, latent_frames: int) -> ResolvedPipeline:
-        return dataclasses.replace(self, latent_frames=latent_frames)
-
 
 def load_model(res: ResolvedPipeline, device: torch.device):
     """The eager model on device: checkpoint weights, or seeded random ones."""
