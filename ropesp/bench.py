@@ -54,6 +54,8 @@ class BenchConfig:
     plot_out: str | None = None
     command: str = ""
     """The command line, recorded in the JSON."""
+    commit: str | None = None
+    """The source commit, where the tree has no git metadata (a copy on a GPU machine)."""
 
     def __post_init__(self) -> None:
         bad = [c for c in self.configs if c not in CONFIGS]
@@ -219,23 +221,24 @@ def run_rank(
     return results if mapping.rank == 0 else None
 
 
-def environment(res: ResolvedPipeline) -> dict:
-    """Card, versions and commit, recorded next to every number."""
+def environment(res: ResolvedPipeline, commit: str | None = None) -> dict:
+    """Card, versions and commit (given, or read from git), recorded next to every number."""
     card = (
         torch.cuda.get_device_name(0)
         if res.device == "cuda" and torch.cuda.is_available()
         else platform.processor() or "cpu"
     )
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    if commit is None:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "card": card,
@@ -251,7 +254,7 @@ def environment(res: ResolvedPipeline) -> dict:
 def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
     """Assemble the JSON, print the table, write JSON and plot as asked."""
     out = {
-        "environment": environment(res),
+        "environment": environment(res, bench.commit),
         "command": bench.command,
         "setup": {
             "model": res.model.to_dict(),

@@ -354,6 +354,7 @@ def cmd_bench(args) -> None:
         warmup=args.warmup,
         repeat=args.repeat,
         vae=args.vae,
+        commit=args.commit,
         json_out=args.json,
         plot_out=args.plot,
         command="ropesp " + " ".join(sys.argv[1:]),
@@ -377,6 +378,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "--vae", help="time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)"
     )
+    p.add_argument("--commit", help="source commit to record when the tree has no git metadata")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write a PNG plot")
     p.set_defaults(func=cmd_bench)

@@ -9,7 +9,8 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpus.csv"
 NGPU=$(nvidia-smi -L | wc -l)
-COMMON="--preset wan2.1-1.3b --height 480 --width 832 --frames 81 --dtype bfloat16 --device cuda"
+# the device copy has no .git: pass the commit in, e.g. GIT_COMMIT=$(git rev-parse --short HEAD)
+COMMON="--commit ${GIT_COMMIT:-unknown} --preset wan2.1-1.3b --height 480 --width 832 --frames 81 --dtype bfloat16 --device cuda"
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
@@ -33,7 +34,7 @@ for step in "$@"; do
       python3 scripts/serve_latency.py --preset wan2.1-1.3b --height 480 --width 832 --latent-frames 21 \
         --world-size "$P" --device cuda --requests 3 --json "$OUT/serve_p$P.json" 2>&1 | tail -12 ;;
     wan14b)  # Wan-14B shapes (40 heads): paper-SP vs optimized on every GPU of the machine
-      python3 -m ropesp.cli bench --preset wan2.1-14b --height 480 --width 832 --frames 81 --dtype bfloat16 \
+      python3 -m ropesp.cli bench --commit "${GIT_COMMIT:-unknown}" --preset wan2.1-14b --height 480 --width 832 --frames 81 --dtype bfloat16 \
         --device cuda --world-size "$NGPU" --configs paper-sp,optimized --json "$OUT/bench_14b_p$NGPU.json" 2>&1 | tail -6 ;;
     *) echo "unknown step $step" ;;
   esac
