@@ -181,6 +181,9 @@ def run_rank(
                 continue
             variant = _variant(res, name, 1 if single else mapping.world_size)
             vmap = Mapping(1, 0, mapping.local_rank) if single else mapping
+            if variant.backend != "eager":
+                model = None  # engines load their own weights: the peak must not count two copies
+                gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -216,7 +219,9 @@ def run_rank(
                 row["peak_gib_per_rank"] = peaks
             row["world_size"] = vmap.world_size
             results[name] = row
+            # free this configuration's cache before the next one allocates its own (peaks are per config)
             del session, executor
+            state = None
             gc.collect()
     return results if mapping.rank == 0 else None
 

@@ -189,10 +189,12 @@ def load_model(res: ResolvedPipeline, device: torch.device):
 
     if res.random_weights:
         with torch.device("meta"):
-            model = CausalWanDiT(res.model)
-        model.to_empty(device=device)  # draw the weights where they live: fast at full size
+            model = CausalWanDiT(res.model).to(dtype=res.dtype)
+        # allocate in the run's dtype and draw the weights where they live (each tensor is drawn in
+        # fp32 and rounded once on copy): no full-size fp32 copy, fast at full size
+        model.to_empty(device=device)
         init_weights(model, RANDOM_WEIGHTS_SEED)
-        return model.to(dtype=res.dtype).eval().requires_grad_(False)
+        return model.eval().requires_grad_(False)
     from ropesp.model.checkpoint import load_model as load_checkpoint
 
     model, _ = load_checkpoint(
