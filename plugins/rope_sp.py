@@ -15,12 +15,10 @@ compiles the kernel in), else an opaque `custom_op` with a fake implementation.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.library import wrap_triton
 
-from ropesp.model.rope import RopeTables, axis_inv_freq, rotate_pairs, token_positions
+from ropesp.model.rope import cos_sin_at, head_dim_split, rotate_pairs, token_positions
 
 try:  # CPU-only torch wheels come without triton; the op then falls back to the reference
     import triton
@@ -36,19 +34,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_L = 4  # tokens per program
 BLOCK_H = 1  # heads per step of the program's loop over heads
 NUM_WARPS = 8
-
-
-def head_dim_split(head_dim: int) -> tuple[int, int, int]:
-    """(time, rows, cols) channel counts of head_dim, as RopeTables defines them.
-
-    A symbolic head_dim (tracing with every dim dynamic) is specialized: the split is static.
-    """
-    return _split(int(head_dim))
-
-
-@functools.cache
-def _split(head_dim: int) -> tuple[int, int, int]:
-    return RopeTables(head_dim, 1, 1, 1).split
 
 
 def check_args(x, start_frame, frames: int, rows: int, cols: int, first_token: int, theta: float) -> None:
@@ -79,23 +64,6 @@ def check_args(x, start_frame, frames: int, rows: int, cols: int, first_token: i
         raise ValueError(f"rope_sp: theta {theta} must be > 0")
 
 
-def _cos_sin(positions, valid: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin [L, D/2] fp32 at (time, row, col) positions [L] each; padding gets (1, 0).
-
-    Angles are float64 products position * inv_freq, exactly as RopeTables builds its tables, so the
-    fp32 values equal the gathered table entries bit for bit, for any start_frame (no frame limit).
-    """
-    angles = torch.cat(
-        [
-            pos.to(torch.float64)[:, None] * axis_inv_freq(n, theta).to(pos.device)[None, :]  # [L, n/2]
-            for pos, n in zip(positions, head_dim_split(head_dim))
-        ],
-        dim=-1,
-    )  # [L, D/2]
-    v = valid[:, None]
-    return torch.where(v, angles.cos().float(), 1.0), torch.where(v, angles.sin().float(), 0.0)
-
-
 def rope_sp_ref(
     x: torch.Tensor,
     start_frame: torch.Tensor,
@@ -113,7 +81,7 @@ def rope_sp_ref(
     time, row, col, valid = token_positions(
         start_frame, first_token, x.shape[1], frames, rows, cols, x.device
     )
-    cos, sin = _cos_sin((time, row, col), valid, x.shape[-1], theta)
+    cos, sin = cos_sin_at(time, row, col, valid, x.shape[-1], theta)
     return rotate_pairs(x, cos, sin)
 
 

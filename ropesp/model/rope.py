@@ -24,6 +24,33 @@ def axis_inv_freq(axis_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / torch.pow(theta, torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
 
 
+def head_dim_split(head_dim: int) -> tuple[int, int, int]:
+    """Real channels of head_dim rotated by (time, rows, cols): d-4*(d//6), 2*(d//6), 2*(d//6)."""
+    d = int(head_dim)
+    return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+
+
+def axis_angles(positions: torch.Tensor, axis_dim: int, theta: float) -> torch.Tensor:
+    """Rotation angles [L, axis_dim/2] float64 of integer positions [L] along one axis."""
+    inv = axis_inv_freq(axis_dim, theta).to(positions.device)
+    return positions.to(torch.float64)[:, None] * inv[None, :]
+
+
+def cos_sin_at(
+    time: torch.Tensor, row: torch.Tensor, col: torch.Tensor, valid: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, D/2] float32 at explicit positions; padding (valid False) gets (1, 0).
+
+    Angles are float64 before the cast, as in the tables, so both give the same fp32 values.
+    """
+    split = head_dim_split(head_dim)
+    angles = torch.cat(
+        [axis_angles(p, n, theta) for p, n in zip((time, row, col), split)], dim=-1
+    )  # [L, D/2]
+    v = valid[:, None]
+    return torch.where(v, angles.cos().float(), 1.0), torch.where(v, angles.sin().float(), 0.0)
+
+
 def token_positions(
     start_frame: torch.Tensor | int,
     first_token: int,
@@ -65,12 +92,11 @@ class RopeTables:
         theta: float = 10000.0,
         device: torch.device | str | None = None,
     ) -> None:
-        d = head_dim
-        self.split = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+        self.split = head_dim_split(head_dim)
         self.max_frames, self.max_rows, self.max_cols = max_frames, max_rows, max_cols
         cos, sin = [], []
         for n, axis_dim in zip((max_frames, max_rows, max_cols), self.split):
-            ang = torch.outer(torch.arange(n, dtype=torch.float64), axis_inv_freq(axis_dim, theta))
+            ang = axis_angles(torch.arange(n), axis_dim, theta)
             cos.append(ang.cos().float().to(device))
             sin.append(ang.sin().float().to(device))
         self.cos_t, self.cos_h, self.cos_w = cos
