@@ -7,7 +7,7 @@ import functools
 import torch
 
 from ropesp.model.kv_cache import CacheSlots, KVCache, attention
-from ropesp.model.rope import RopeTables, rope_apply, rope_apply_ref
+from ropesp.model.rope import RopeTables, rope_apply_ref, rotate_pairs
 
 
 def make_rope(
@@ -23,15 +23,16 @@ def make_rope(
     """x [B, L, H, D] -> rotated x, for 'tables' (fp32 precomputed) or 'reference' (float64, full chunk)."""
     if mode == "tables":
         assert tables is not None
-        return functools.partial(
-            rope_apply,
-            start_frame=start_frame,
-            tables=tables,
-            frames=frames,
-            rows=rows,
-            cols=cols,
-            first_token=first_token,
-        )
+        cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def rope(x: torch.Tensor) -> torch.Tensor:
+            # q and k of every layer share positions: gather cos/sin once per forward
+            n = x.shape[1]
+            if n not in cos_sin:
+                cos_sin[n] = tables.cos_sin(start_frame, first_token, n, frames, rows, cols)
+            return rotate_pairs(x, *cos_sin[n])
+
+        return rope
     if mode == "reference":
         assert first_token == 0, "the reference RoPE needs the full chunk"
         return functools.partial(
