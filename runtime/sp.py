@@ -56,16 +56,9 @@ class Collectives:
         if self._timing is None:
             yield
             return
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-        else:
-            start = time.perf_counter()
-            yield
-            end = time.perf_counter()
-        self._timing.append((start, end))
+        start = self._now(device)
+        yield
+        self._timing.append((start, self._now(device)))
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """Exchange x [P, ...] (slice j goes to rank j) -> [P, ...] (slice j came from rank j)."""
