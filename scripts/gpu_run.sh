@@ -31,7 +31,7 @@ for step in "$@"; do
         --engines "$ENG" --vae random --json "$OUT/bench_compiled_p$P.json" --plot "$OUT/bench_compiled_p$P.png" 2>&1 | tail -8 ;;
     serve)  # first-chunk latency through Triton vs in-process (2 ranks when the machine has them)
       P=$(( NGPU >= 2 ? 2 : 1 ))
-      python3 scripts/serve_latency.py --preset wan2.1-1.3b --height 480 --width 832 --latent-frames 21 \
+      python3 scripts/serve_latency.py --preset wan2.1-1.3b --latent-height 60 --latent-width 104 --latent-frames 21 \
         --world-size "$P" --device cuda --requests 3 --json "$OUT/serve_p$P.json" 2>&1 | tail -12 ;;
     wan14b)  # Wan-14B shapes (40 heads): paper-SP vs optimized on every GPU of the machine
       python3 -m ropesp.cli bench --commit "${GIT_COMMIT:-unknown}" --preset wan2.1-14b --height 480 --width 832 --frames 81 --dtype bfloat16 \

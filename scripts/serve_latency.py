@@ -1,6 +1,6 @@
 """First-chunk latency through Triton vs in-process, same pipeline, same machine, one run.
 
-    python scripts/serve_latency.py --preset wan2.1-1.3b --height 480 --width 832 --latent-frames 21 \\
+    python scripts/serve_latency.py --preset wan2.1-1.3b --latent-height 60 --latent-width 104 --latent-frames 21 \\
         --world-size 2 --device cuda --requests 3 --json out.json
 
 In-process: ropesp.runtime.group.SessionGroup (rank 0 + P-1 worker ranks, exactly what the Triton model
@@ -64,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--latent-height", type=int)
     ap.add_argument("--latent-width", type=int)
-    ap.add_argument("--height", type=int)
-    ap.add_argument("--width", type=int)
     ap.add_argument("--latent-frames", type=int, default=9)
     ap.add_argument("--world-size", type=int, default=1)
     ap.add_argument("--device", default=None)
@@ -73,12 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    lh = args.height // 8 if args.height else args.latent_height
-    lw = args.width // 8 if args.width else args.latent_width
     config = PipelineConfig(
         preset=args.preset,
-        latent_height=lh,
-        latent_width=lw,
+        latent_height=args.latent_height,
+        latent_width=args.latent_width,
         latent_frames=args.latent_frames,
         world_size=args.world_size,
         device=args.device,
