@@ -6,6 +6,7 @@ session, which synchronizes when a chunk's latents reach the host):
   paper-sp   P ranks, eager, AllGather-then-RoPE + three all-to-alls (the paper's baseline)
   optimized  P ranks, eager, Causal-RoPE SP + one fused all-to-all
   compiled   P ranks, built engines (--engines) + CUDA graphs
+  compiled-nograph  the same engines launched one by one (what CUDA graphs save)
 Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
 FPS for the whole video (DiT only, and with decode), peak device memory per rank, share of time in
 collectives, and cold start (session build, first forward).
@@ -32,7 +33,8 @@ from ropesp.runtime.dist import Mapping
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model, make_state
 from ropesp.runtime.session import StreamSession
 
-CONFIGS = ("reference", "paper-sp", "optimized", "compiled")
+CONFIGS = ("reference", "paper-sp", "optimized", "compiled-nograph", "compiled")
+ENGINE_CONFIGS = ("compiled-nograph", "compiled")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class BenchConfig:
     vae: str | None = None
     """Time decode with the Wan VAE: a checkpoint path, or "random" (full size, random weights);
     None = the preview decoder."""
+    decode: bool = True
+    """Also time the video with decode (False: DiT only, for scaling runs)."""
     json_out: str | None = None
     plot_out: str | None = None
     command: str = ""
@@ -61,8 +65,11 @@ class BenchConfig:
         bad = [c for c in self.configs if c not in CONFIGS]
         if bad:
             raise ConfigError(f"--configs {bad}: choose from {CONFIGS}")
-        if "compiled" in self.configs and not self.pipeline.engines:
-            raise ConfigError("--configs compiled needs --engines DIR from `ropesp build`")
+        engine_configs = [c for c in self.configs if c in ENGINE_CONFIGS]
+        if engine_configs and not self.pipeline.engines:
+            raise ConfigError(f"--configs {','.join(engine_configs)} needs --engines DIR from `ropesp build`")
+        if self.vae and not self.decode:
+            raise ConfigError("--vae times decode; it cannot be combined with --no-decode")
         if self.repeat < 1 or self.warmup < 0:
             raise ConfigError(f"--repeat {self.repeat} must be >= 1 and --warmup {self.warmup} >= 0")
 
@@ -100,32 +107,33 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
             comm.start_timing()
         dit_runs.append(_run_video(session, prompt, device))
         comm_ms.append(comm.elapsed_ms() if comm is not None else 0.0)
-    session.decoder = make_decoder(bench.vae, device)
-    dec_runs = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
-    overlapped = None
-    if _world_size(session) == 1:  # decode of chunk c beside the DiT of chunk c+1 (runtime/session.py)
-        session.overlap_decode = True
-        overlapped = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
-        session.overlap_decode = False
-    session.decoder = None
+    dec_runs, overlapped = [], None
+    if bench.decode:
+        session.decoder = make_decoder(bench.vae, device)
+        dec_runs = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
+        if _world_size(session) == 1:  # decode of chunk c beside the DiT of chunk c+1 (runtime/session.py)
+            session.overlap_decode = True
+            overlapped = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
+            session.overlap_decode = False
+        session.decoder = None
     frames = video_frames_for(session.latent_frames)
     total_ms = _median([r[1] for r in dit_runs])
-    total_dec_ms = _median([r[1] for r in dec_runs])
+    total_dec_ms = _median([r[1] for r in dec_runs]) if dec_runs else None
     per_chunk = [
         _median([r[0][i] - (r[0][i - 1] if i else 0.0) for r in dit_runs]) for i in range(len(dit_runs[0][0]))
     ]
     return {
         "first_chunk_ms": _median([r[0][0] for r in dit_runs]),
-        "first_frame_ms": _median([r[0][0] for r in dec_runs]),
+        "first_frame_ms": _median([r[0][0] for r in dec_runs]) if dec_runs else None,
         "chunk_ms": per_chunk,
         "total_ms": total_ms,
         "fps_dit": frames / (total_ms / 1e3),
-        "fps_with_decode": frames / (total_dec_ms / 1e3),
+        "fps_with_decode": frames / (total_dec_ms / 1e3) if total_dec_ms else None,
         "fps_with_decode_overlapped": (
             frames / (_median([r[1] for r in overlapped]) / 1e3) if overlapped else None
         ),
         "first_frame_overlapped_ms": _median([r[0][0] for r in overlapped]) if overlapped else None,
-        "decoder": "wan-vae" if bench.vae else "preview",
+        "decoder": None if not bench.decode else "wan-vae" if bench.vae else "preview",
         "comm_share": _median(comm_ms) / total_ms if total_ms else 0.0,
         "cold_first_chunk_ms": cold_first_chunk_ms,
         "warmup_s": warm_s,
@@ -155,7 +163,9 @@ def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipel
         req = dataclasses.replace(req, sp_rope="allgather", sp_comm="unfused", backend="eager", engines=None)
     elif name == "optimized":
         req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", backend="eager", engines=None)
-    backend = res.backend if name == "compiled" else "eager"
+    elif name == "compiled-nograph":
+        req = dataclasses.replace(req, cuda_graphs=False)
+    backend = res.backend if name in ENGINE_CONFIGS else "eager"
     return dataclasses.replace(res, request=req, world_size=world_size, backend=backend)
 
 
@@ -288,13 +298,13 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
 
 
 def format_table(results: dict, base: dict | None) -> str:
-    head = f"{'config':<10} {'P':>2} {'1st chunk ms':>12} {'1st frame ms':>12} {'FPS DiT':>8} {'FPS +dec':>8} {'+dec ovl':>8} {'vs base':>7} {'comm %':>6} {'peak GiB':>8}"
+    head = f"{'config':<16} {'P':>2} {'1st chunk ms':>12} {'1st frame ms':>12} {'FPS DiT':>8} {'FPS +dec':>8} {'+dec ovl':>8} {'vs base':>7} {'comm %':>6} {'peak GiB':>8}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
-        speed = base["total_ms"] / r["total_ms"] if base else float("nan")
+        speed = f"{base['total_ms'] / r['total_ms']:.2f}x" if base else "-"
         lines.append(
-            f"{name:<10} {r['world_size']:>2} {r['first_chunk_ms']:>12.1f} {r['first_frame_ms']:>12.1f} "
-            f"{r['fps_dit']:>8.1f} {r['fps_with_decode']:>8.1f} {_fmt(r['fps_with_decode_overlapped']):>8} {speed:>6.2f}x {100 * r['comm_share']:>6.1f} "
+            f"{name:<16} {r['world_size']:>2} {r['first_chunk_ms']:>12.1f} {_fmt(r['first_frame_ms']):>12} "
+            f"{r['fps_dit']:>8.1f} {_fmt(r['fps_with_decode']):>8} {_fmt(r['fps_with_decode_overlapped']):>8} {speed:>7} {100 * r['comm_share']:>6.1f} "
             f"{max(r['peak_gib_per_rank']):>8.2f}"
         )
     return "\n".join(lines)
@@ -326,7 +336,11 @@ def plot(out: dict, path: str) -> None:
     ax1.set_title("latency breakdown")
     ax1.legend(fontsize=6)
     ax2.bar(names, [results[n]["fps_dit"] for n in names], label="DiT only")
-    ax2.bar(names, [results[n]["fps_with_decode"] for n in names], alpha=0.5, label="with preview decode")
+    if all(results[n]["fps_with_decode"] is not None for n in names):
+        decoder = next(iter(results.values()))["decoder"]
+        ax2.bar(
+            names, [results[n]["fps_with_decode"] for n in names], alpha=0.5, label=f"with {decoder} decode"
+        )
     ax2.set_ylabel("video frames / s")
     ax2.set_title("throughput")
     ax2.legend()

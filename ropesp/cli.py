@@ -354,6 +354,7 @@ def cmd_bench(args) -> None:
         warmup=args.warmup,
         repeat=args.repeat,
         vae=args.vae,
+        decode=not args.no_decode,
         commit=args.commit,
         json_out=args.json,
         plot_out=args.plot,
@@ -371,13 +372,14 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "--configs",
         default="reference,paper-sp,optimized",
-        help="comma-separated: reference, paper-sp, optimized, compiled",
+        help="comma-separated: reference, paper-sp, optimized, compiled-nograph, compiled",
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed videos per configuration")
     p.add_argument("--repeat", type=int, default=2, help="timed videos per configuration (median)")
     p.add_argument(
         "--vae", help="time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)"
     )
+    p.add_argument("--no-decode", action="store_true", help="time the DiT only (skip the runs with decode)")
     p.add_argument("--commit", help="source commit to record when the tree has no git metadata")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write a PNG plot")

@@ -1,10 +1,12 @@
-"""SP parity on GPUs: P-rank bf16 generation vs 1 rank (Wan-1.3B shapes, random weights).
+"""Parity on GPUs: a P-rank (or engine) bf16 generation vs eager on 1 rank (random weights, same seed).
 
-    python scripts/gpu_parity.py --world-size 2 --json out.json
+    python scripts/gpu_parity.py --world-size 2 [--ulysses-degree 1 --ring-degree 2] \
+        [--engines DIR --backend aoti] [--cuda-graphs] --json out.json
 
-Both runs use the same seeded weights (drawn on the GPU) and noise; the latents' max and mean
-absolute difference are reported (bf16: differences come from reduction order, amplified over 35
-forwards and 7 chunks).
+The baseline is the eager model on one GPU; the candidate runs with the given world size, SP layout
+and backend. Engines built by `ropesp build` without a checkpoint hold the same seeded random weights
+as the eager path. The latents' max and mean absolute difference are reported (bf16: differences come
+from reduction order and kernel choice, amplified over 35 forwards and 7 chunks).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ropesp.runtime.prompts import default_prompt_embeds
 
 
 def _run(mapping, cfg: PipelineConfig, out: str) -> None:
-    with process_group(mapping, "cuda"):
+    with process_group(mapping, cfg.device):
         session = build_session(cfg, mapping)
         session.reset(default_prompt_embeds(session.executor.cfg), seed=0)
         t0 = time.perf_counter()
@@ -36,37 +38,55 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="wan2.1-1.3b")
     ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--ulysses-degree", type=int)
+    ap.add_argument("--ring-degree", type=int)
+    ap.add_argument("--engines", help="candidate runs these engines (built for --world-size)")
+    ap.add_argument("--backend", default="aoti")
+    ap.add_argument("--cuda-graphs", action="store_true", help="candidate replays CUDA graphs (engines)")
+    ap.add_argument("--latent-height", type=int, default=60)
+    ap.add_argument("--latent-width", type=int, default=104)
     ap.add_argument("--latent-frames", type=int, default=21)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     ap.add_argument("--json")
     args = ap.parse_args()
+    common = dict(
+        latent_height=args.latent_height,
+        latent_width=args.latent_width,
+        latent_frames=args.latent_frames,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    runs = {
+        "eager_ws1": PipelineConfig(preset=args.preset, world_size=1, **common),
+        "candidate": PipelineConfig(
+            preset=None if args.engines else args.preset,
+            engines=args.engines,
+            backend=args.backend if args.engines else None,
+            cuda_graphs=args.cuda_graphs,
+            world_size=args.world_size,
+            ulysses_degree=args.ulysses_degree,
+            ring_degree=args.ring_degree,
+            **common,
+        ),
+    }
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for ws in (1, args.world_size):
-            cfg = PipelineConfig(
-                preset=args.preset,
-                latent_frames=args.latent_frames,
-                dtype=args.dtype,
-                device="cuda",
-                world_size=ws,
-            )
-            path = str(Path(tmp) / f"ws{ws}.pt")
-            spawn_ranks(ws, _run, cfg, path)
-            results[ws] = torch.load(path)
-    a, b = results[1]["latents"], results[args.world_size]["latents"]
+        for name, cfg in runs.items():
+            path = str(Path(tmp) / f"{name}.pt")
+            spawn_ranks(cfg.world_size, _run, cfg, path)
+            results[name] = torch.load(path)
+    a, b = results["eager_ws1"]["latents"], results["candidate"]["latents"]
     diff = (a - b).abs()
     out = {
-        "card": torch.cuda.get_device_name(0),
+        "card": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
-        "preset": args.preset,
-        "dtype": args.dtype,
-        "latent_frames": args.latent_frames,
-        "world_size": args.world_size,
+        "args": vars(args),
         "max_abs_diff": diff.max().item(),
         "mean_abs_diff": diff.mean().item(),
         "latent_abs_mean": a.abs().mean().item(),
-        "seconds_ws1": results[1]["seconds"],
-        f"seconds_ws{args.world_size}": results[args.world_size]["seconds"],
+        "seconds_eager_ws1": results["eager_ws1"]["seconds"],
+        "seconds_candidate": results["candidate"]["seconds"],
         "finite": bool(torch.isfinite(a).all() and torch.isfinite(b).all()),
     }
     print(json.dumps(out, indent=2))

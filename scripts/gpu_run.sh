@@ -1,42 +1,136 @@
 #!/usr/bin/env bash
-# One device call: install, check kernels, measure. Results land in $OUT (the device tool fetches it).
-# Usage: bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: kernels rope stage parity bench1 bench2 bench4 compiled1 compiled2 compiled4 serve wan14b
+# One device call: install, check, build, measure. Every result lands in $RES and is packed after each
+# step into $OUT/results.tgz (the device tool returns at most 8 files; a step cut by the time limit
+# still leaves the earlier ones).
+#
+# Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
+#   steps: tests build480 bench1 bench2 bench4 parity hybrid profile vae build720 bench720 wan14b
+#          kernels rope stage (the single-kernel and SP-stage micro-benchmarks)
+# Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
+# Engines are built into $ENG_ROOT (git-ignored: a warm device machine keeps them between calls).
 set -uo pipefail
 OUT=${OUT:-out}
-mkdir -p "$OUT"
+RES=${RES:-$(mktemp -d)}
+ENG_ROOT=${ENG_ROOT:-.eng}
+PRESET=${PRESET:-wan2.1-1.3b}
+LH=${LH:-60}            # 480p latents
+LW=${LW:-104}
+LH720=${LH720:-90}      # 720p latents
+LW720=${LW720:-160}
+LF=${LF:-21}            # 81 video frames
+DTYPE=${DTYPE:-bfloat16}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT" "$RES" "$ENG_ROOT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpus.csv"
-NGPU=$(nvidia-smi -L | wc -l)
-# the device copy has no .git: pass the commit in, e.g. GIT_COMMIT=$(git rev-parse --short HEAD)
-COMMON="--commit ${GIT_COMMIT:-unknown} --preset wan2.1-1.3b --height 480 --width 832 --frames 81 --dtype bfloat16 --device cuda"
+if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (diffusers for the Wan VAE)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES/gpus.csv"
+  NGPU=$(nvidia-smi -L | wc -l)
+else
+  NGPU=${NGPU:-2}
+fi
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$RES/versions.txt"
+
+pack() { tar czf "$OUT/results.tgz" -C "$RES" . ; }
+trap pack EXIT
+bench() {  # bench NAME P [args...]: ropesp bench on P ranks, results as $RES/NAME.json/.png/.log
+  local name=$1 p=$2; shift 2
+  python3 -m ropesp.cli bench --commit "${GIT_COMMIT:-unknown}" --dtype "$DTYPE" --device "$DEVICE" \
+    --world-size "$p" --json "$RES/$name.json" --plot "$RES/$name.png" "$@" >"$RES/$name.log" 2>&1
+  local rc=$?
+  tail -n 8 "$RES/$name.log"
+  return $rc
+}
+engines() {  # engines TAG P LH LW: build once (AOTInductor), print the directory
+  local dir=$ENG_ROOT/$1
+  if [ ! -f "$dir/manifest.json" ]; then
+    local t0=$SECONDS
+    python3 -m ropesp.cli build --preset "$PRESET" --latent-height "$3" --latent-width "$4" --max-frames "$LF" \
+      --dtype "$DTYPE" --device "$DEVICE" --world-size "$2" --backend aoti --out "$dir" >"$RES/build_$1.log" 2>&1
+    echo "build $1: rc=$? wall=$((SECONDS - t0)) s" >>"$RES/build_times.txt"
+    cp "$dir/build.log" "$RES/build_$1.segments.log" 2>/dev/null
+  fi
+  echo "$dir"
+}
+build_all() {  # build_all RES_TAG LH LW: the engines for P = 1, 2, 4 (as the machine has GPUs), in parallel
+  local tag=$1 lh=$2 lw=$3 i=0
+  for p in 1 2 4; do
+    [ "$p" -le "$NGPU" ] || continue
+    if [ "$DEVICE" = cuda ]; then
+      CUDA_VISIBLE_DEVICES=$i engines "${tag}_p$p" "$p" "$lh" "$lw" >/dev/null &
+    else
+      engines "${tag}_p$p" "$p" "$lh" "$lw" >/dev/null &
+    fi
+    i=$((i + 1))
+  done
+  wait
+  cat "$RES/build_times.txt"
+}
+# bench with the engine configurations; if they fail, the eager ones alone (so the baselines still land)
+bench_cmp() {  # bench_cmp NAME P TAG LH LW CONFIGS [args...]
+  local name=$1 p=$2 tag=$3 lh=$4 lw=$5 configs=$6; shift 6
+  local eng=$ENG_ROOT/${tag}_p$p
+  local size=(--preset "$PRESET" --latent-height "$lh" --latent-width "$lw" --latent-frames "$LF")
+  if [ -f "$eng/manifest.json" ]; then
+    bench "$name" "$p" "${size[@]}" --engines "$eng" --configs "$configs" "$@" && return 0
+    echo "!! $name with engines failed; eager configurations only"
+  fi
+  bench "$name" "$p" "${size[@]}" --configs "$(echo "$configs" | tr , '\n' | grep -v compiled | paste -sd,)" "$@"
+}
+
+ENGINE_CFGS=compiled-nograph,compiled
 for step in "$@"; do
   echo "=== $step $(date +%T)"
+  t_step=$SECONDS
   case $step in
+    tests)  # every GPU-marked test (kernels, AOTInductor CUDA + graphs, no host sync), beside the builds
+      CUDA_VISIBLE_DEVICES=$((NGPU - 1)) python3 -m pytest tests -m gpu -q -x -p no:cacheprovider >"$RES/tests.log" 2>&1 &
+      TESTS_PID=$! ;;
+    build480) build_all 480 "$LH" "$LW" ;;
+    build720) build_all 720 "$LH720" "$LW720" ;;
+    bench1) bench_cmp bench480_p1 1 480 "$LH" "$LW" reference,optimized,$ENGINE_CFGS --no-decode ;;
+    bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,$ENGINE_CFGS --no-decode ;;
+    bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,$ENGINE_CFGS --no-decode ;;
+    hybrid)  # U=1 x R=2 (ring attention over cache shards) against U=2 x R=1 (bench2), same engines
+      bench_cmp hybrid480_u1r2 2 480 "$LH" "$LW" optimized,compiled --no-decode --ulysses-degree 1 --ring-degree 2 ;;
+    parity)  # engines (AOTInductor + CUDA graphs) and the hybrid layout against eager on one GPU
+      par() { local name=$1; shift
+        python3 scripts/gpu_parity.py --preset "$PRESET" --latent-height "$LH" --latent-width "$LW" \
+          --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --json "$RES/$name.json" "$@" \
+          >"$RES/$name.log" 2>&1; grep -E "max_abs|seconds" "$RES/$name.log"; }
+      [ -f "$ENG_ROOT/480_p1/manifest.json" ] && par parity_aoti_p1 --world-size 1 --engines "$ENG_ROOT/480_p1" --cuda-graphs
+      [ -f "$ENG_ROOT/480_p2/manifest.json" ] && par parity_aoti_p2 --world-size 2 --engines "$ENG_ROOT/480_p2" --cuda-graphs
+      par parity_u1r2 --world-size 2 --ulysses-degree 1 --ring-degree 2 ;;
+    profile)  # where the time goes, one GPU: eager optimized vs engines + CUDA graphs
+      python3 scripts/profile_chunk.py --preset "$PRESET" --latent-height "$LH" --latent-width "$LW" \
+        --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --json "$RES/profile_eager.json" \
+        >"$RES/profile_eager.log" 2>&1; tail -n 14 "$RES/profile_eager.log"
+      [ -f "$ENG_ROOT/480_p1/manifest.json" ] && { python3 scripts/profile_chunk.py --engines "$ENG_ROOT/480_p1" \
+        --backend aoti --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" \
+        --device "$DEVICE" --json "$RES/profile_compiled.json" --trace "$RES/trace_compiled.json.gz" \
+        >"$RES/profile_compiled.log" 2>&1; tail -n 14 "$RES/profile_compiled.log"; } ;;
+    vae)  # full-size Wan VAE (random weights): decode alone, serial and overlapped with the DiT
+      bench_cmp vae480_p1 1 480 "$LH" "$LW" optimized,compiled --vae random --repeat 2
+      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p2 2 480 "$LH" "$LW" optimized,compiled --vae random --repeat 2 ;;
+    bench720)  # 1280x720: engines vs the paper baseline for P = 1, 2, 4
+      bench_cmp bench720_p1 1 720 "$LH720" "$LW720" optimized,$ENGINE_CFGS --no-decode --repeat 1
+      for p in 2 4; do [ "$p" -le "$NGPU" ] && bench_cmp "bench720_p$p" "$p" 720 "$LH720" "$LW720" \
+        paper-sp,optimized,$ENGINE_CFGS --no-decode --repeat 1; done ;;
+    wan14b)  # Wan-14B shapes (40 heads), 480p: paper baseline vs optimized eager, P = 2 and 4
+      for p in 2 4; do [ "$p" -le "$NGPU" ] && PRESET=wan2.1-14b bench_cmp "bench14b_p$p" "$p" none "$LH" "$LW" \
+        paper-sp,optimized --no-decode --repeat 1; done ;;
     kernels) python3 -m pytest tests/plugins -m gpu -q -x 2>&1 | tail -15 ;;
-    rope) python3 scripts/bench_rope.py --json "$OUT/rope.json" 2>&1 | tail -15 ;;
-    stage) python3 -m torch.distributed.run --nproc-per-node "$NGPU" scripts/sp_stage_bench.py --json "$OUT/stage_p$NGPU.json" 2>&1 | tail -25 ;;
-    parity) python3 scripts/gpu_parity.py --world-size "$NGPU" --json "$OUT/parity_p$NGPU.json" 2>&1 | tail -20 ;;
-    bench1) python3 -m ropesp.cli bench $COMMON --world-size 1 --configs reference,optimized --json "$OUT/bench_p1.json" --plot "$OUT/bench_p1.png" 2>&1 | tail -8 ;;
-    bench2) python3 -m ropesp.cli bench $COMMON --world-size 2 --json "$OUT/bench_p2.json" --plot "$OUT/bench_p2.png" 2>&1 | tail -8 ;;
-    bench4) python3 -m ropesp.cli bench $COMMON --world-size 4 --json "$OUT/bench_p4.json" --plot "$OUT/bench_p4.png" 2>&1 | tail -8 ;;
-    compiled[124])  # AOTInductor engines for P GPUs, then every configuration side by side (+ Wan VAE decode)
-      P=${step#compiled}
-      ENG=$(mktemp -d)/aoti_p$P
-      BUILD="--preset wan2.1-1.3b --latent-height 60 --latent-width 104 --max-frames 21 --dtype bfloat16 --device cuda"
-      python3 -m ropesp.cli build $BUILD --world-size "$P" --backend aoti --out "$ENG" 2>&1 | tail -3
-      cp "$ENG/build.log" "$OUT/build_p$P.log" 2>/dev/null
-      python3 -m ropesp.cli bench $COMMON --world-size "$P" --configs reference,paper-sp,optimized,compiled \
-        --engines "$ENG" --vae random --json "$OUT/bench_compiled_p$P.json" --plot "$OUT/bench_compiled_p$P.png" 2>&1 | tail -8 ;;
-    serve)  # first-chunk latency through Triton vs in-process (2 ranks when the machine has them)
-      P=$(( NGPU >= 2 ? 2 : 1 ))
-      python3 scripts/serve_latency.py --preset wan2.1-1.3b --latent-height 60 --latent-width 104 --latent-frames 21 \
-        --world-size "$P" --device cuda --requests 3 --json "$OUT/serve_p$P.json" 2>&1 | tail -12 ;;
-    wan14b)  # Wan-14B shapes (40 heads): paper-SP vs optimized on every GPU of the machine
-      python3 -m ropesp.cli bench --commit "${GIT_COMMIT:-unknown}" --preset wan2.1-14b --height 480 --width 832 --frames 81 --dtype bfloat16 \
-        --device cuda --world-size "$NGPU" --configs paper-sp,optimized --json "$OUT/bench_14b_p$NGPU.json" 2>&1 | tail -6 ;;
+    rope) python3 scripts/bench_rope.py --json "$RES/rope.json" 2>&1 | tail -15 ;;
+    stage) python3 -m torch.distributed.run --nproc-per-node "$NGPU" scripts/sp_stage_bench.py \
+      --json "$RES/stage_p$NGPU.json" 2>&1 | tail -25 ;;
     *) echo "unknown step $step" ;;
   esac
+  echo "--- $step took $((SECONDS - t_step)) s"
+  pack
 done
+if [ -n "${TESTS_PID:-}" ]; then wait "$TESTS_PID"; echo "gpu tests rc=$?"; tail -n 5 "$RES/tests.log"; fi
 echo "=== done $(date +%T)"

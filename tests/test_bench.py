@@ -51,6 +51,19 @@ def test_bench_writes_json_and_plot(tmp_path, world_size):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_no_decode_times_the_dit_only(tmp_path, capsys):
+    js = tmp_path / "b.json"
+    args = ["bench", "--latent-frames", "3", "--latent-height", "8", "--latent-width", "8"]
+    code = main([*args, "--configs", "optimized", "--repeat", "1", "--no-decode", "--json", str(js)])
+    assert code == 0
+    row = json.loads(js.read_text())["results"]["optimized"]
+    assert row["fps_dit"] > 0 and row["decoder"] is None
+    assert row["first_frame_ms"] is None and row["fps_with_decode"] is None
+    assert row["fps_with_decode_overlapped"] is None
+    assert main([*args, "--no-decode", "--vae", "random"]) == 2
+    assert "--no-decode" in capsys.readouterr().err
+
+
 def test_bench_compiled_needs_engines(capsys):
     assert main(["bench", "--configs", "optimized,compiled"]) == 2
     assert "needs --engines" in capsys.readouterr().err

@@ -57,3 +57,20 @@ def test_aoti_cuda_graphs_equal_uncaptured_and_eager(tmp_path, prompt):
             torch.testing.assert_close(session.generate(), results[name], rtol=0, atol=0)
     torch.testing.assert_close(results["aoti"], results["eager"], rtol=0, atol=1e-3)
     torch.testing.assert_close(results["graphs"], results["aoti"], rtol=0, atol=1e-5)
+
+
+def test_bench_times_engine_configs(builds, tmp_path):
+    """`ropesp bench` runs the engine configurations beside the eager one (CPU: no graphs to capture)."""
+    import json
+
+    from engine_builds import FRAMES, GRID
+
+    from ropesp.cli import main
+
+    js = tmp_path / "b.json"
+    configs = "optimized,compiled-nograph,compiled"
+    args = ["bench", "--engines", str(builds("aoti", 1)), *GRID, *FRAMES, "--configs", configs]
+    assert main([*args, "--repeat", "1", "--no-decode", "--json", str(js)]) == 0
+    results = json.loads(js.read_text())["results"]
+    assert list(results) == configs.split(",")
+    assert all(r["fps_dit"] > 0 and len(r["chunk_ms"]) == 2 for r in results.values())

@@ -1,0 +1,138 @@
+"""Where one video's time goes on a GPU: torch.profiler over one warm 81-frame video, single rank.
+
+    python scripts/profile_chunk.py --preset wan2.1-1.3b --latent-height 60 --latent-width 104 \
+        [--engines DIR --backend aoti] [--vae random] --json prof.json --trace trace.json.gz
+
+Writes a JSON summary: GPU kernel time per category (GEMM, attention, NCCL, RoPE, fused elementwise,
+copies, other), GPU busy time against the video's wall time (the rest is the GPU waiting for the host),
+the number of synchronizing CUDA runtime calls against the number of chunks (the session reads each
+chunk's latents once; anything more is a host sync inside the chunk loop), and the top kernels.
+With --vae the decoder runs overlapped on its own stream (runtime/session.py), visible in the trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.prompts import default_prompt_embeds
+
+CATEGORIES = (  # first match wins; kernel names are lower-cased
+    ("nccl", ("nccl",)),
+    ("rope", ("rope",)),
+    ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa", "sm90_flash")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "_mm_", "matmul")),
+    ("decode (conv)", ("conv", "implicit", "winograd", "dgrad", "fprop")),
+    ("fused elementwise (inductor/triton)", ("triton_",)),
+    ("copy/memset", ("memcpy", "memset", "copy", "cat")),
+)
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="wan2.1-1.3b")
+    ap.add_argument("--latent-height", type=int, default=60)
+    ap.add_argument("--latent-width", type=int, default=104)
+    ap.add_argument("--latent-frames", type=int, default=21)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backend", default="eager")
+    ap.add_argument("--engines")
+    ap.add_argument("--vae", help="'random' or a checkpoint: decode overlapped with the DiT")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--trace", help="chrome trace (.json or .json.gz)")
+    args = ap.parse_args()
+
+    cfg = PipelineConfig(
+        preset=None if args.engines else args.preset,
+        engines=args.engines,
+        backend=args.backend,
+        latent_height=args.latent_height,
+        latent_width=args.latent_width,
+        latent_frames=args.latent_frames,
+        dtype=args.dtype,
+        device=args.device,
+        world_size=1,
+    )
+    decoder = None
+    if args.vae:
+        from ropesp.bench import make_decoder
+
+        decoder = make_decoder(args.vae, torch.device(args.device))
+    session = build_session(cfg, decoder=decoder, overlap_decode=decoder is not None)
+    prompt = default_prompt_embeds(session.executor.cfg)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(2):  # warm-up: compile, CUDA graph capture, allocator
+        session.reset(prompt, seed=0)
+        session.generate()
+    sync()
+    session.reset(prompt, seed=0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        chunks = [c.elapsed_ms for c in session]
+        sync()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+
+    per_cat: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)
+    syncs: dict[str, int] = defaultdict(int)
+    intervals = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+            per_cat[category(ev.name)] += us / 1e3
+            kernels[ev.name] += us / 1e3
+            intervals.append((ev.time_range.start, ev.time_range.end))
+        elif any(ev.name.startswith(s.strip()) for s in SYNC_CALLS):
+            syncs[ev.name] += 1
+    intervals.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in intervals:  # union of kernel intervals (streams overlap)
+        if cur_e is None or s > cur_e:
+            busy += (cur_e - cur_s) if cur_e is not None else 0.0
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += (cur_e - cur_s) if cur_e is not None else 0.0
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    out = {
+        "card": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "args": vars(args),
+        "wall_ms": wall_ms,
+        "chunk_ready_ms": chunks,
+        "gpu_busy_ms": busy / 1e3,
+        "gpu_busy_share": busy / 1e3 / wall_ms,
+        "kernel_ms_by_category": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
+        "sync_calls": dict(syncs),
+        "chunks": len(chunks),
+        "top_kernels_ms": top,
+    }
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    print(json.dumps({k: v for k, v in out.items() if k != "top_kernels_ms"}, indent=1))
+    for name, ms in top[:12]:
+        print(f"{ms:9.2f} ms  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
