@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests build480 bench1 bench2 bench4 parity hybrid profile vae build720 bench720 wan14b
+#   steps: tests diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile vae build720 bench720 wan14b
 #          kernels rope stage (the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # Engines are built into $ENG_ROOT (git-ignored: a warm device machine keeps them between calls).
@@ -92,6 +92,8 @@ for step in "$@"; do
       TESTS_PID=$! ;;
     build480) build_all 480 "$LH" "$LW" ;;
     build720) build_all 720 "$LH720" "$LW720" ;;
+    diag) python3 scripts/aoti_diag.py "$RES/diag" 2>&1 | grep -v "^\s*$" | tail -n 60 ;;
+    bench1opt) bench_cmp bench480_p1opt 1 480 "$LH" "$LW" optimized,$ENGINE_CFGS --no-decode ;;
     bench1) bench_cmp bench480_p1 1 480 "$LH" "$LW" reference,optimized,$ENGINE_CFGS --no-decode ;;
     bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,$ENGINE_CFGS --no-decode ;;
     bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,$ENGINE_CFGS --no-decode ;;
