@@ -221,11 +221,12 @@ def run_rank(
                 if dist.is_initialized():
                     dist.barrier()
             else:
-                peaks = [None] * mapping.world_size
-                if dist.is_initialized():
-                    dist.all_gather_object(peaks, peak)
-                else:
-                    peaks = [peak]
+                peaks = [peak]
+                if dist.is_initialized():  # a tensor collective (no pickled objects over NCCL)
+                    mine = torch.tensor([peak], dtype=torch.float64, device=device)
+                    parts = [torch.empty_like(mine) for _ in range(mapping.world_size)]
+                    dist.all_gather(parts, mine)
+                    peaks = [float(t.item()) for t in parts]
                 row["peak_gib_per_rank"] = peaks
             row["world_size"] = vmap.world_size
             results[name] = row

@@ -51,6 +51,10 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    if os.environ.get("ROPESP_HANG_DUMP_S"):  # diagnosis: every rank's Python stacks, periodically
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["ROPESP_HANG_DUMP_S"]), repeat=True)
     if not torch.cuda.is_available():
         # CPU ranks share the host's cores: more threads than cores per rank only thrashes
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

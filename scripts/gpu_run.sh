@@ -7,6 +7,7 @@
 #   steps: tests diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile vae build720 bench720 wan14b
 #          kernels rope stage (the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
+# BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
 # Engines are built into $ENG_ROOT (git-ignored: a warm device machine keeps them between calls).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -39,9 +40,10 @@ pack() { tar czf "$OUT/results.tgz" -C "$RES" . ; }
 trap pack EXIT
 bench() {  # bench NAME P [args...]: ropesp bench on P ranks, results as $RES/NAME.json/.png/.log
   local name=$1 p=$2; shift 2
-  python3 -m ropesp.cli bench --commit "${GIT_COMMIT:-unknown}" --dtype "$DTYPE" --device "$DEVICE" \
+  timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 -m ropesp.cli bench --commit "${GIT_COMMIT:-unknown}" --dtype "$DTYPE" --device "$DEVICE" \
     --world-size "$p" --json "$RES/$name.json" --plot "$RES/$name.png" "$@" >"$RES/$name.log" 2>&1
   local rc=$?
+  [ $rc -eq 124 ] && { echo "!! $name: timed out after $BENCH_TIMEOUT s"; pkill -9 -f multiprocessing.spawn; sleep 2; }
   tail -n 8 "$RES/$name.log"
   return $rc
 }
@@ -101,7 +103,7 @@ for step in "$@"; do
       bench_cmp hybrid480_u1r2 2 480 "$LH" "$LW" optimized,compiled --no-decode --ulysses-degree 1 --ring-degree 2 ;;
     parity)  # engines (AOTInductor + CUDA graphs) and the hybrid layout against eager on one GPU
       par() { local name=$1; shift
-        python3 scripts/gpu_parity.py --preset "$PRESET" --latent-height "$LH" --latent-width "$LW" \
+        timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/gpu_parity.py --preset "$PRESET" --latent-height "$LH" --latent-width "$LW" \
           --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --json "$RES/$name.json" "$@" \
           >"$RES/$name.log" 2>&1; grep -E "max_abs|seconds" "$RES/$name.log"; }
       [ -f "$ENG_ROOT/480_p1/manifest.json" ] && par parity_aoti_p1 --world-size 1 --engines "$ENG_ROOT/480_p1" --cuda-graphs
