@@ -2,7 +2,7 @@
 
 Configurations (each after warm-up, timed with synchronized clocks; chunk latencies come from the
 session, which synchronizes when a chunk's latents reach the host):
-  reference  single rank, eager, RoPE as upstream (float64 table rebuilt per call), no CUDA graphs
+  reference  single rank, eager, RoPE as upstream (float64 complex multiplier per call), no CUDA graphs
   paper-sp   P ranks, eager, AllGather-then-RoPE + three all-to-alls (the paper's baseline)
   optimized  P ranks, eager, Causal-RoPE SP + one fused all-to-all
   compiled   P ranks, built engines (--engines) + CUDA graphs

@@ -211,7 +211,7 @@ class SPState:
         if self.mapping.world_size == 1:
             if self.sp_rope == "local":
                 rope = rope_fn or self.local_rope(start_frame, frames, 0)
-            else:  # the upstream formulation: float64 table rebuilt per call
+            else:  # the upstream formulation: float64 complex RoPE of the full chunk per call
                 rope = make_rope(
                     "reference", start_frame, frames, g.rows, g.cols, 0, None, self.cfg.rope_theta
                 )

@@ -55,9 +55,9 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple
         import faulthandler
 
         faulthandler.dump_traceback_later(float(os.environ["ROPESP_HANG_DUMP_S"]), repeat=True)
-    if not torch.cuda.is_available():
-        # CPU ranks share the host's cores: more threads than cores per rank only thrashes
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # ranks share the host's cores: more threads than cores per rank only thrashes (GPU ranks too:
+    # their host-side tensor work spun P x all-cores OpenMP threads on a 64-core GPU host)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         fn(Mapping(world_size, rank, rank), *args)
     except RopespError as exc:

@@ -99,8 +99,11 @@ def main() -> None:
             [gdb, "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, __file__, str(out), failing[0]],
             capture_output=True, text=True, timeout=240,
         )  # fmt: skip
-        results["gdb_backtrace"] = bt.stdout[-6000:]
-        print(bt.stdout[-4000:])
+        frames = [
+            line[:240] for line in bt.stdout.splitlines() if line.startswith(("#", "Thread", "Program"))
+        ]
+        results["gdb_backtrace"] = frames[:60]  # the top frames say where it faults
+        print("\n".join(frames[:30]))
     (out / "aoti_diag.json").write_text(json.dumps(results, indent=2))
 
 

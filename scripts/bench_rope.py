@@ -4,7 +4,7 @@
     python scripts/bench_rope.py --device cpu         # smoke check at a small shape
     python scripts/bench_rope.py --json out.json
 
-Rows: the upstream reference (float64 complex table rebuilt per call, full chunk), the fp32 tables path
+Rows: the upstream reference (float64 complex multiplier per call, full chunk), the fp32 tables path
 (ropesp.model.rope.rope_apply) on the full chunk and on one rank's tokens, and the op (Triton on CUDA,
 the torch reference on the CPU) on the full chunk and on one rank's tokens (first_token = rank * L/P).
 CUDA timings use events after warm-up; the median of --iters calls is reported, eager (one call between

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 scripts/sp_stage_bench.py --json out.json
 
 RoPE stage: the paper's baseline (all-gather q and k to the full chunk, reference float64 RoPE
-rebuilt per call, keep this rank's slice) vs Causal-RoPE SP (the rope_sp kernel on local tokens).
+per call, keep this rank's slice) vs Causal-RoPE SP (the rope_sp kernel on local tokens).
 Communication: q, k, v in one fused all-to-all vs three, plus the all-to-all back. CUDA events,
 median of many iterations after warm-up; every rank runs the same loop.
 """

@@ -8,8 +8,8 @@ through unchanged. head_dim is split into (time, rows, cols) channel groups (d-4
 2*(d//6)); each adjacent channel pair (2j, 2j+1) is rotated by position * theta^(-2j/axis_dim).
 
 Two formulations live here:
-- `rope_apply_ref`: the upstream formulation (float64 complex table rebuilt on every call); the
-  baseline for parity tests and benchmarks.
+- `rope_apply_ref`: the upstream formulation (complex float64 table on the device, the per-token
+  multiplier rebuilt and applied in float64 on every call); the baseline for parity tests and benchmarks.
 - `RopeTables` + `rope_apply`: fp32 cos/sin tables precomputed once, gathered by position. This is
   the CPU reference of the `ropesp::rope_sp` operator (plugins/rope_sp.py) and the eager default.
 """
@@ -153,20 +153,16 @@ def rope_apply_ref(
     theta: float = 10000.0,
     table_frames: int = 1024,
 ) -> torch.Tensor:
-    """Upstream formulation: float64 complex table rebuilt per call, applied to a FULL chunk.
+    """Upstream formulation, applied to a FULL chunk: the float64 complex table lives on the device
+    (built once, as upstream builds it at model init) and every call rebuilds the per-token float64
+    multiplier from it (split, expand, cat) and rotates in complex float64. Baseline only.
 
-    x: [B, L, H, D] with L >= frames*rows*cols (extra tokens pass through). Baseline only.
+    x: [B, L, H, D] with L >= frames*rows*cols (extra tokens pass through).
     """
     b, _, h, d = x.shape
+    table = _ref_table(d, theta, table_frames, x.device)  # [table_frames, D/2] complex128
     c = d // 2
     n_t, n_s = c - 2 * (c // 3), c // 3
-    table = torch.cat(
-        [
-            torch.polar(torch.ones(table_frames, n, dtype=torch.float64), _angles(table_frames, 2 * n, theta))
-            for n in (n_t, n_s, n_s)
-        ],
-        dim=1,
-    )
     ft, fh, fw = table.split([n_t, n_s, n_s], dim=1)
     seq = frames * rows * cols
     mult = torch.cat(
@@ -178,8 +174,29 @@ def rope_apply_ref(
         dim=-1,
     ).reshape(seq, 1, -1)
     xc = torch.view_as_complex(x[:, :seq].to(torch.float64).reshape(b, seq, h, -1, 2))
-    out = torch.view_as_real(xc * mult.to(x.device)).flatten(3)
+    out = torch.view_as_real(xc * mult).flatten(3)
     return torch.cat([out, x[:, seq:].to(torch.float64)], dim=1).to(x.dtype)
+
+
+_REF_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _ref_table(head_dim: int, theta: float, table_frames: int, device: torch.device) -> torch.Tensor:
+    """The reference's complex128 table [table_frames, head_dim/2] on device, built once per key."""
+    key = (head_dim, float(theta), table_frames, str(device))
+    if key not in _REF_TABLES:
+        c = head_dim // 2
+        n_t, n_s = c - 2 * (c // 3), c // 3
+        _REF_TABLES[key] = torch.cat(
+            [
+                torch.polar(
+                    torch.ones(table_frames, n, dtype=torch.float64), _angles(table_frames, 2 * n, theta)
+                )
+                for n in (n_t, n_s, n_s)
+            ],
+            dim=1,
+        ).to(device)
+    return _REF_TABLES[key]
 
 
 def _angles(n: int, axis_dim: int, theta: float) -> torch.Tensor:
