@@ -7,6 +7,7 @@ session, which synchronizes when a chunk's latents reach the host):
   optimized  P ranks, eager, Causal-RoPE SP + one fused all-to-all
   compiled   P ranks, built engines (--engines) + CUDA graphs
   compiled-nograph  the same engines launched one by one (what CUDA graphs save)
+  compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
 Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
 FPS for the whole video (DiT only, and with decode), peak device memory per rank, share of time in
 collectives, and cold start (session build, first forward).
@@ -33,7 +34,7 @@ from ropesp.runtime.dist import Mapping
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model, make_state
 from ropesp.runtime.session import StreamSession
 
-CONFIGS = ("reference", "paper-sp", "optimized", "compiled-nograph", "compiled")
+CONFIGS = ("reference", "paper-sp", "optimized", "compile", "compiled-nograph", "compiled")
 ENGINE_CONFIGS = ("compiled-nograph", "compiled")
 
 
@@ -161,11 +162,11 @@ def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipel
     req = res.request
     if name in ("reference", "paper-sp"):
         req = dataclasses.replace(req, sp_rope="allgather", sp_comm="unfused", backend="eager", engines=None)
-    elif name == "optimized":
-        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", backend="eager", engines=None)
+    elif name in ("optimized", "compile"):
+        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", backend=name, engines=None)
     elif name == "compiled-nograph":
         req = dataclasses.replace(req, cuda_graphs=False)
-    backend = res.backend if name in ENGINE_CONFIGS else "eager"
+    backend = res.backend if name in ENGINE_CONFIGS else "compile" if name == "compile" else "eager"
     return dataclasses.replace(res, request=req, world_size=world_size, backend=backend)
 
 

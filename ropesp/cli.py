@@ -83,7 +83,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ring-degree", type=int, help="R of the hybrid layout (ring attention over cache shards)"
     )
-    g.add_argument("--backend", choices=["eager", "ort", "aoti", "tensorrt"])
+    g.add_argument(
+        "--backend",
+        choices=["eager", "compile", "ort", "aoti", "tensorrt"],
+        help="eager (default) | compile: regional torch.compile + CUDA graphs | engines of `ropesp build`",
+    )
     g.add_argument("--engines", help="engine directory from `ropesp build`")
     g.add_argument("--no-cuda-graphs", action="store_true")
 
@@ -372,7 +376,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "--configs",
         default="reference,paper-sp,optimized",
-        help="comma-separated: reference, paper-sp, optimized, compiled-nograph, compiled",
+        help="comma-separated: reference, paper-sp, optimized, compile, compiled-nograph, compiled",
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed videos per configuration")
     p.add_argument("--repeat", type=int, default=2, help="timed videos per configuration (median)")

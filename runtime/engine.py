@@ -30,6 +30,7 @@ from ropesp.model.kv_cache import CacheSlots
 from ropesp.model.wan import CausalWanDiT
 from ropesp.parallel import TokenShard
 from ropesp.runtime.executor import attention_priority, check_prompt_embeds
+from ropesp.runtime.graphs import ChunkGraphs
 
 
 def _no_rope(x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,7 @@ class EngineExecutor:
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.cuda_graphs = cuda_graphs and cuda
-        self.graphs: dict[tuple, tuple] = {}
+        self.graphs = ChunkGraphs(self.stream)
 
     @property
     def cache(self):
@@ -218,23 +219,10 @@ class EngineExecutor:
         return self.model.unpatchify(out.float(), frames, g["rows"], g["cols"])
 
     def _replay(self, runner, slots: CacheSlots, frames, latents, t_sin, start_frame: int) -> torch.Tensor:
-        """CUDA graph of the whole chunk for this slot plan: captured on first use, then replayed."""
-        key = (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
-        if key not in self.graphs:
-            static_x, static_t = latents.clone(), t_sin.clone()
-            self.start_frame.fill_(start_frame)
-            # warm-up outside capture (lazy init); it writes the same cache slots the replay rewrites
-            self._chunk(runner, frames, static_x, static_t)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                static_out = self._chunk(runner, frames, static_x, static_t)
-            self.graphs[key] = (graph, static_x, static_t, static_out)
-        graph, static_x, static_t, static_out = self.graphs[key]
-        static_x.copy_(latents)
-        static_t.copy_(t_sin)
+        """The chunk through its CUDA graph for this slot plan (runtime/graphs.py)."""
         self.start_frame.fill_(start_frame)
-        graph.replay()
-        return static_out.clone()
+        key = (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
+        return self.graphs.run(key, lambda x, t: self._chunk(runner, frames, x, t), latents, t_sin)
 
 
 # --- loading -----------------------------------------------------------------------------------

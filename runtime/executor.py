@@ -16,12 +16,13 @@ import torch
 
 from ropesp.config import CacheConfig, ModelConfig, VideoGeometry
 from ropesp.errors import ConfigError
-from ropesp.model.kv_cache import KVCache
+from ropesp.model.kv_cache import CacheSlots, KVCache
 from ropesp.model.local import LocalRunner, make_rope
 from ropesp.model.rope import RopeTables
 from ropesp.model.wan import CausalWanDiT, timestep_sinusoid
 from ropesp.parallel import SPLayout, TokenShard
 from ropesp.runtime.dist import Mapping
+from ropesp.runtime.graphs import ChunkGraphs
 from ropesp.runtime.ring import HybridRunner, RingCache, ring_capacity, ulysses_group
 from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, UlyssesRunner
 
@@ -232,14 +233,32 @@ class SPState:
 
 
 class EagerExecutor:
-    """The eager PyTorch model driven chunk by chunk (single rank or Ulysses SP)."""
+    """The PyTorch model driven chunk by chunk (single rank, Ulysses or hybrid SP).
 
-    def __init__(self, model: CausalWanDiT, state: SPState) -> None:
+    compile: regional torch.compile (the `compile` backend): each block's modulation, pre- and
+    post-attention and the head become Inductor graphs, traced once and shared by every layer (the
+    weights are graph inputs), with Causal-RoPE SP as the `ropesp::rope_sp` op reading start_frame from
+    a device scalar, so no chunk position recompiles. The runner's collectives, cache writes and
+    attention stay between the regions, as in the engine segments (export/segments.py).
+    cuda_graphs (CUDA only): each chunk forward is captured once per cache slot plan and replayed.
+    """
+
+    def __init__(
+        self, model: CausalWanDiT, state: SPState, *, compile: bool = False, cuda_graphs: bool = False
+    ) -> None:
         self.model = model
         self.state = state
         self.cfg = model.cfg
         self.device = state.device
         self.cross_kv: list | None = None
+        self.compiled = compile
+        if compile:
+            compile_regions(model)
+            state.rope_op = True  # start_frame as a device tensor: one graph for every chunk position
+        cuda = self.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and cuda
+        self.stream = torch.cuda.Stream(self.device) if self.cuda_graphs else None
+        self.graphs = ChunkGraphs(self.stream)
 
     @property
     def cache(self) -> KVCache:
@@ -248,7 +267,15 @@ class EagerExecutor:
     def set_prompt(self, prompt_embeds: torch.Tensor) -> None:
         pe = check_prompt_embeds(self.cfg, prompt_embeds).to(self.device)
         with torch.inference_mode():
-            self.cross_kv = self.model.cross_kv(pe)
+            kv = self.model.cross_kv(pe)
+        if self.cross_kv is not None and [k.shape for k, _ in kv] == [k.shape for k, _ in self.cross_kv]:
+            with torch.inference_mode():  # same buffers: captured graphs keep reading them
+                for (k_buf, v_buf), (k, v) in zip(self.cross_kv, kv):
+                    k_buf.copy_(k)
+                    v_buf.copy_(v)
+        else:
+            self.cross_kv = kv
+            self.graphs.clear()
 
     def reset(self) -> None:
         self.state.reset()
@@ -260,8 +287,32 @@ class EagerExecutor:
         b, frames = x.shape[:2]
         st = self.state
         slots = st.begin(start_frame, frames)
-        runner = st.runner(slots, start_frame, frames)
+        runner = st.runner(slots, start_frame, frames)  # refreshes the device start_frame (rope op)
+        t_sin = st.sinusoid(t, b, frames)
+        x = x.to(self.device)
+
+        def chunk(x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
+            return self.model(x, t_sin, self.cross_kv, runner)
+
         with torch.inference_mode(), attention_priority(self.device):
-            flow = self.model(x.to(self.device), st.sinusoid(t, b, frames), self.cross_kv, runner)
+            if self.cuda_graphs and isinstance(slots, CacheSlots):
+                caller = torch.cuda.current_stream(self.device)
+                self.stream.wait_stream(caller)
+                with torch.cuda.stream(self.stream):
+                    key = (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
+                    flow = self.graphs.run(key, chunk, x, t_sin)
+                caller.wait_stream(self.stream)
+                flow.record_stream(caller)
+            else:
+                flow = chunk(x, t_sin)
         st.commit(slots)
         return flow
+
+
+def compile_regions(model: CausalWanDiT) -> None:
+    """Regional torch.compile of the model in place: one compiled region per block method (shared by
+    all layers: Dynamo traces the parameters as inputs) and one for the head."""
+    for block in model.blocks:
+        for name in ("token_modulation", "pre_attention", "post_attention"):
+            setattr(block, name, torch.compile(getattr(block, name), fullgraph=True, dynamic=False))
+    model.head.compile(fullgraph=True, dynamic=False)

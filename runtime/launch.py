@@ -43,7 +43,9 @@ def process_group(mapping: Mapping, device: str) -> Iterator[torch.device]:
     destroy_process_group()
 
 
-def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+def _rank_entry(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, forked: bool = False
+) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -51,6 +53,12 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    if forked and "torch._inductor.async_compile" in sys.modules:
+        # the parent's Inductor compile-worker pool (its threads) does not survive fork: compiling in
+        # this process through it would wait forever, so compile in-process
+        from torch._inductor import config as inductor_config
+
+        inductor_config.compile_threads = 1
     if os.environ.get("ROPESP_HANG_DUMP_S"):  # diagnosis: every rank's Python stacks, periodically
         import faulthandler
 
@@ -77,7 +85,11 @@ def spawn_ranks(world_size: int, fn: Callable, *args) -> None:
     method = "spawn" if torch.cuda.is_available() else "fork"
     try:
         mp.start_processes(
-            _rank_entry, args=(world_size, port, fn, args), nprocs=world_size, join=True, start_method=method
+            _rank_entry,
+            args=(world_size, port, fn, args, method == "fork"),
+            nprocs=world_size,
+            join=True,
+            start_method=method,
         )
     except mp.ProcessExitedException as exc:
         raise RankFailure(f"rank {exc.error_index} exited with status {exc.exit_code}") from None

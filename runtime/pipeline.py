@@ -32,7 +32,9 @@ from ropesp.runtime.dist import Mapping
 from ropesp.runtime.session import StreamSession
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = ("eager", "ort", "aoti", "tensorrt")
+BACKENDS = ("eager", "compile", "ort", "aoti", "tensorrt")
+MODEL_BACKENDS = ("eager", "compile")
+"""Backends that run the PyTorch model itself (no --engines); the others run `ropesp build` artifacts."""
 DEFAULT_PRESET = "tiny"
 RANDOM_WEIGHTS_SEED = 0
 
@@ -50,7 +52,8 @@ class PipelineConfig:
     engines: str | None = None
     """Engine directory from `ropesp build`."""
     backend: str | None = None
-    """eager | ort | aoti | tensorrt; defaults to the engines' backend, else eager."""
+    """eager | compile (regional torch.compile + CUDA graphs) | ort | aoti | tensorrt; defaults to the
+    engines' backend, else eager."""
     latent_height: int | None = None
     latent_width: int | None = None
     latent_frames: int | None = None
@@ -91,8 +94,13 @@ class PipelineConfig:
         backend = self.backend or (manifest.backend_for_runtime() if manifest else "eager")
         if backend not in BACKENDS:
             raise ConfigError(f"--backend {backend!r}; choose one of {BACKENDS}")
-        if backend != "eager" and manifest is None:
+        if backend not in MODEL_BACKENDS and manifest is None:
             raise ConfigError(f"--backend {backend} needs --engines DIR from `ropesp build`")
+        if backend in MODEL_BACKENDS and manifest is not None:
+            raise ConfigError(
+                f"--backend {backend} runs the PyTorch model, not engines: drop --engines, or use "
+                f"--backend {manifest.backend_for_runtime()} for {self.engines}"
+            )
         cfg, defaults, random_weights = self._model_config(manifest)
         geometry = VideoGeometry(
             self.latent_height or defaults.latent_height,
@@ -235,8 +243,11 @@ def build_executor(res: ResolvedPipeline, mapping: Mapping, group=None):
 
     device = device_for(mapping, res.device)
     state = make_state(res, mapping, device, group=group)
-    if res.backend == "eager":
-        return EagerExecutor(load_model(res, device), state)
+    if res.backend in MODEL_BACKENDS:
+        compiled = res.backend == "compile"
+        return EagerExecutor(
+            load_model(res, device), state, compile=compiled, cuda_graphs=compiled and res.request.cuda_graphs
+        )
     from ropesp.runtime.engine import load_engine_executor
 
     return load_engine_executor(res, state, Path(res.request.engines), mapping)

@@ -144,12 +144,15 @@ class StreamSession:
                     x0 = self.schedule.to_x0(x, flow, sigmas[i])
                     if i + 1 < len(steps):
                         x = self.schedule.add_noise(x0, eps[i], sigmas[i + 1])
-                last = index == len(self.chunk_sizes) - 1
-                if not (last and self.skip_final_refresh):
+                latents = x0.cpu()
+            # the chunk is final here: hand it out before the clean-context pass, which only prepares
+            # the cache for the next chunk (time to first chunk = its denoising forwards)
+            yield index, start, latents
+            last = index == len(self.chunk_sizes) - 1
+            if not (last and self.skip_final_refresh):
+                with torch.profiler.record_function(f"ropesp.dit.context{index}"):
                     # clean-context pass: overwrites this chunk's cache slots; the output is not used
                     forward(x0, torch.tensor(self.schedule.context_t), start)
-                latents = x0.cpu()
-            yield index, start, latents
             start += n
 
     def _decode(self, index: int, latents: torch.Tensor) -> torch.Tensor | None:

@@ -95,12 +95,12 @@ for step in "$@"; do
     build480) build_all 480 "$LH" "$LW" ;;
     build720) build_all 720 "$LH720" "$LW720" ;;
     diag) python3 scripts/aoti_diag.py "$RES/diag" 2>&1 | grep -v "^\s*$" | tail -n 60 ;;
-    bench1opt) bench_cmp bench480_p1opt 1 480 "$LH" "$LW" optimized,$ENGINE_CFGS --no-decode ;;
-    bench1) bench_cmp bench480_p1 1 480 "$LH" "$LW" reference,optimized,$ENGINE_CFGS --no-decode ;;
-    bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,$ENGINE_CFGS --no-decode ;;
-    bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,$ENGINE_CFGS --no-decode ;;
+    bench1opt) bench_cmp bench480_p1opt 1 480 "$LH" "$LW" optimized,compile,$ENGINE_CFGS --no-decode ;;
+    bench1) bench_cmp bench480_p1 1 480 "$LH" "$LW" reference,optimized,compile,$ENGINE_CFGS --no-decode ;;
+    bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,compile,$ENGINE_CFGS --no-decode ;;
+    bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,compile,$ENGINE_CFGS --no-decode ;;
     hybrid)  # U=1 x R=2 (ring attention over cache shards) against U=2 x R=1 (bench2), same engines
-      bench_cmp hybrid480_u1r2 2 480 "$LH" "$LW" optimized,compiled --no-decode --ulysses-degree 1 --ring-degree 2 ;;
+      bench_cmp hybrid480_u1r2 2 480 "$LH" "$LW" optimized,compile,compiled --no-decode --ulysses-degree 1 --ring-degree 2 ;;
     parity)  # engines (AOTInductor + CUDA graphs) and the hybrid layout against eager on one GPU
       par() { local name=$1; shift
         timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/gpu_parity.py --preset "$PRESET" --latent-height "$LH" --latent-width "$LW" \
@@ -109,24 +109,27 @@ for step in "$@"; do
       [ -f "$ENG_ROOT/480_p1/manifest.json" ] && par parity_aoti_p1 --world-size 1 --engines "$ENG_ROOT/480_p1" --cuda-graphs
       [ -f "$ENG_ROOT/480_p2/manifest.json" ] && par parity_aoti_p2 --world-size 2 --engines "$ENG_ROOT/480_p2" --cuda-graphs
       par parity_u1r2 --world-size 2 --ulysses-degree 1 --ring-degree 2 ;;
-    profile)  # where the time goes, one GPU: eager optimized vs engines + CUDA graphs
+    profile)  # where the time goes, one GPU: eager, regional torch.compile + CUDA graphs, engines
       python3 scripts/profile_chunk.py --preset "$PRESET" --latent-height "$LH" --latent-width "$LW" \
         --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --json "$RES/profile_eager.json" \
         >"$RES/profile_eager.log" 2>&1; tail -n 14 "$RES/profile_eager.log"
+      python3 scripts/profile_chunk.py --preset "$PRESET" --backend compile --latent-height "$LH" --latent-width "$LW" \
+        --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --json "$RES/profile_compile.json" \
+        --trace "$RES/trace_compile.json.gz" >"$RES/profile_compile.log" 2>&1; tail -n 14 "$RES/profile_compile.log"
       [ -f "$ENG_ROOT/480_p1/manifest.json" ] && { python3 scripts/profile_chunk.py --engines "$ENG_ROOT/480_p1" \
         --backend aoti --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" \
         --device "$DEVICE" --json "$RES/profile_compiled.json" --trace "$RES/trace_compiled.json.gz" \
         >"$RES/profile_compiled.log" 2>&1; tail -n 14 "$RES/profile_compiled.log"; } ;;
     vae)  # full-size Wan VAE (random weights): decode alone, serial and overlapped with the DiT
-      bench_cmp vae480_p1 1 480 "$LH" "$LW" optimized,compiled --vae random --repeat 2
-      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p2 2 480 "$LH" "$LW" optimized,compiled --vae random --repeat 2 ;;
+      bench_cmp vae480_p1 1 480 "$LH" "$LW" optimized,compile --vae random --repeat 2
+      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p2 2 480 "$LH" "$LW" optimized,compile --vae random --repeat 2 ;;
     bench720)  # 1280x720: engines vs the paper baseline for P = 1, 2, 4
-      bench_cmp bench720_p1 1 720 "$LH720" "$LW720" optimized,$ENGINE_CFGS --no-decode --repeat 1
+      bench_cmp bench720_p1 1 720 "$LH720" "$LW720" optimized,compile,$ENGINE_CFGS --no-decode --repeat 1
       for p in 2 4; do [ "$p" -le "$NGPU" ] && bench_cmp "bench720_p$p" "$p" 720 "$LH720" "$LW720" \
-        paper-sp,optimized,$ENGINE_CFGS --no-decode --repeat 1; done ;;
+        paper-sp,optimized,compile,$ENGINE_CFGS --no-decode --repeat 1; done ;;
     wan14b)  # Wan-14B shapes (40 heads), 480p: paper baseline vs optimized eager, P = 2 and 4
       for p in 2 4; do [ "$p" -le "$NGPU" ] && PRESET=wan2.1-14b bench_cmp "bench14b_p$p" "$p" none "$LH" "$LW" \
-        paper-sp,optimized --no-decode --repeat 1; done ;;
+        paper-sp,optimized,compile --no-decode --repeat 1; done ;;
     kernels) python3 -m pytest tests/plugins -m gpu -q -x 2>&1 | tail -15 ;;
     rope) python3 scripts/bench_rope.py --json "$RES/rope.json" 2>&1 | tail -15 ;;
     stage) python3 -m torch.distributed.run --nproc-per-node "$NGPU" scripts/sp_stage_bench.py \
