@@ -19,7 +19,6 @@ cache slot plan and replayed with its static inputs refreshed; the rolling-windo
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -29,8 +28,7 @@ from ropesp.export.manifest import Manifest, SegmentSpec
 from ropesp.model.kv_cache import CacheSlots
 from ropesp.model.wan import CausalWanDiT
 from ropesp.parallel import TokenShard
-from ropesp.runtime.executor import attention_priority, check_prompt_embeds
-from ropesp.runtime.graphs import ChunkGraphs
+from ropesp.runtime.executor import ChunkExecutor, attention_priority
 
 
 def _no_rope(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +115,7 @@ class TrtSegment:
 
 
 # --- the executor ------------------------------------------------------------------------------
-class EngineExecutor:
+class EngineExecutor(ChunkExecutor):
     """Drives one rank's segments with SPState's runner, KV cache and collectives (Executor protocol)."""
 
     def __init__(
@@ -125,9 +123,8 @@ class EngineExecutor:
     ) -> None:
         """segments: {chunk frames: {segment name: callable}}; model: the build's weights on this device
         (the text path, unpatchify, and the weight tensors every segment call binds)."""
-        self.manifest, self.segments, self.model, self.state = manifest, segments, model, state
-        self.cfg, self.device, self.dtype = model.cfg, state.device, state.dtype
-        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        super().__init__(model, state, side_stream=True, cuda_graphs=cuda_graphs)
+        self.manifest, self.segments = manifest, segments
         # the start_frame input [1] int32: one buffer, refreshed before every call (CUDA graphs read it)
         self.start_frame = torch.zeros(1, dtype=torch.int32, device=self.device)
         files, ft = manifest.rank_files(rank), manifest.geometry["frame_tokens"]
@@ -145,46 +142,10 @@ class EngineExecutor:
                 self.weights[spec.name, spec.frames, layer] = [
                     params[scope + t.name] for t in spec.inputs if t.kind == "weight"
                 ]
-        cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self.cuda_graphs = cuda_graphs and cuda
-        self.graphs = ChunkGraphs(self.stream)
-
-    @property
-    def cache(self):
-        return self.state.cache
-
-    @contextlib.contextmanager
-    def _on_stream(self):
-        """Run on the executor's stream (CUDA), ordered after and before the caller's stream."""
-        if self.stream is None:
-            yield
-            return
-        caller = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(caller)
-        with torch.cuda.stream(self.stream):
-            yield
-        caller.wait_stream(self.stream)
-
-    def set_prompt(self, prompt_embeds: torch.Tensor) -> None:
-        pe = check_prompt_embeds(self.cfg, prompt_embeds).to(self.device)
-        with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
-            kv = self.model.cross_kv(pe)  # [B, text_len, H, D] per layer
-            if self.cross_kv is None or self.cross_kv[0][0].shape != kv[0][0].shape:
-                self.cross_kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
-                self.graphs.clear()
-            else:  # same buffers: captured graphs and bound addresses stay valid
-                for (k_buf, v_buf), (k, v) in zip(self.cross_kv, kv):
-                    k_buf.copy_(k)
-                    v_buf.copy_(v)
-
-    def reset(self) -> None:
-        self.state.reset()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
         """x: [B, F, C, H, W] float32; t: scalar timestep; returns flow [B, F, C, H, W] float32."""
-        if self.cross_kv is None:
-            raise RuntimeError("set_prompt() must be called before forward()")
+        self._require_prompt()
         b, frames = x.shape[:2]
         if frames not in self.segments:
             self.manifest.segment("embed", frames)  # raises EngineError naming the built chunk lengths
@@ -199,10 +160,8 @@ class EngineExecutor:
             else:
                 self.start_frame.fill_(start_frame)
                 flow = self._chunk(runner, frames, latents, t_sin)
-        if self.stream is not None:  # made on our stream, used on the caller's
-            flow.record_stream(torch.cuda.current_stream(self.device))
         st.commit(slots)
-        return flow
+        return self._hand_over(flow)
 
     def _chunk(self, runner, frames: int, latents: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
         """One chunk: the segments with the runner's shard / attention / gather between them."""

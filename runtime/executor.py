@@ -80,6 +80,18 @@ def attention_priority(device: torch.device):
     return sdpa_kernel(order, set_priority=True)
 
 
+def refresh_cross_kv(buffers: list | None, kv: list) -> tuple[list, bool]:
+    """A new prompt's cross-attention K/V [B, text_len, H, D] per layer, copied into the previous
+    prompt's buffers when the shapes match (CUDA graphs and bound engine addresses keep reading them);
+    returns (buffers, True if they are new tensors)."""
+    if buffers is not None and [k.shape for k, _ in buffers] == [k.shape for k, _ in kv]:
+        for (k_buf, v_buf), (k, v) in zip(buffers, kv):
+            k_buf.copy_(k)
+            v_buf.copy_(v)
+        return buffers, False
+    return [(k.contiguous(), v.contiguous()) for k, v in kv], True
+
+
 class SPState:
     """What every executor of a P-rank group shares: cache, shard, RoPE tables, collectives.
 
@@ -232,7 +244,58 @@ class SPState:
         return HybridRunner(self.cache, slots, None, None, shard, self.ulysses_comm, rope, **kwargs)
 
 
-class EagerExecutor:
+class ChunkExecutor:
+    """What every executor shares: the model (text path and weights), the SP state, the prompt's
+    cross-attention K/V in fixed buffers, the side stream (CUDA) and the chunk CUDA graphs."""
+
+    def __init__(self, model: CausalWanDiT, state: SPState, *, side_stream: bool, cuda_graphs: bool) -> None:
+        self.model, self.state = model, state
+        self.cfg, self.device, self.dtype = model.cfg, state.device, state.dtype
+        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        cuda = self.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and cuda
+        # graphs cannot be captured on the legacy default stream
+        self.stream = torch.cuda.Stream(self.device) if cuda and (side_stream or self.cuda_graphs) else None
+        self.graphs = ChunkGraphs(self.stream)
+
+    @property
+    def cache(self):
+        return self.state.cache
+
+    @contextlib.contextmanager
+    def _on_stream(self):
+        """Run on the executor's stream (if any), ordered after and before the caller's stream."""
+        if self.stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+        caller.wait_stream(self.stream)
+
+    def _hand_over(self, flow: torch.Tensor) -> torch.Tensor:
+        """flow was made on our stream and is used on the caller's: keep its memory until then."""
+        if self.stream is not None:
+            flow.record_stream(torch.cuda.current_stream(self.device))
+        return flow
+
+    def set_prompt(self, prompt_embeds: torch.Tensor) -> None:
+        pe = check_prompt_embeds(self.cfg, prompt_embeds).to(self.device)
+        with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
+            self.cross_kv, moved = refresh_cross_kv(self.cross_kv, self.model.cross_kv(pe))
+        if moved:
+            self.graphs.clear()
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def _require_prompt(self) -> None:
+        if self.cross_kv is None:
+            raise RuntimeError("set_prompt() must be called before forward()")
+
+
+class EagerExecutor(ChunkExecutor):
     """The PyTorch model driven chunk by chunk (single rank, Ulysses or hybrid SP).
 
     compile: regional torch.compile (the `compile` backend): each block's modulation, pre- and
@@ -246,44 +309,15 @@ class EagerExecutor:
     def __init__(
         self, model: CausalWanDiT, state: SPState, *, compile: bool = False, cuda_graphs: bool = False
     ) -> None:
-        self.model = model
-        self.state = state
-        self.cfg = model.cfg
-        self.device = state.device
-        self.cross_kv: list | None = None
+        super().__init__(model, state, side_stream=False, cuda_graphs=cuda_graphs)
         self.compiled = compile
         if compile:
             compile_regions(model)
             state.rope_op = True  # start_frame as a device tensor: one graph for every chunk position
-        cuda = self.device.type == "cuda"
-        self.cuda_graphs = cuda_graphs and cuda
-        self.stream = torch.cuda.Stream(self.device) if self.cuda_graphs else None
-        self.graphs = ChunkGraphs(self.stream)
-
-    @property
-    def cache(self) -> KVCache:
-        return self.state.cache
-
-    def set_prompt(self, prompt_embeds: torch.Tensor) -> None:
-        pe = check_prompt_embeds(self.cfg, prompt_embeds).to(self.device)
-        with torch.inference_mode():
-            kv = self.model.cross_kv(pe)
-        if self.cross_kv is not None and [k.shape for k, _ in kv] == [k.shape for k, _ in self.cross_kv]:
-            with torch.inference_mode():  # same buffers: captured graphs keep reading them
-                for (k_buf, v_buf), (k, v) in zip(self.cross_kv, kv):
-                    k_buf.copy_(k)
-                    v_buf.copy_(v)
-        else:
-            self.cross_kv = kv
-            self.graphs.clear()
-
-    def reset(self) -> None:
-        self.state.reset()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
         """x: [B, F, C, H, W] float32; t: scalar timestep; returns flow [B, F, C, H, W] float32."""
-        if self.cross_kv is None:
-            raise RuntimeError("set_prompt() must be called before forward()")
+        self._require_prompt()
         b, frames = x.shape[:2]
         st = self.state
         slots = st.begin(start_frame, frames)
@@ -294,19 +328,14 @@ class EagerExecutor:
         def chunk(x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
             return self.model(x, t_sin, self.cross_kv, runner)
 
-        with torch.inference_mode(), attention_priority(self.device):
+        with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
             if self.cuda_graphs and isinstance(slots, CacheSlots):
-                caller = torch.cuda.current_stream(self.device)
-                self.stream.wait_stream(caller)
-                with torch.cuda.stream(self.stream):
-                    key = (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
-                    flow = self.graphs.run(key, chunk, x, t_sin)
-                caller.wait_stream(self.stream)
-                flow.record_stream(caller)
+                key = (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
+                flow = self.graphs.run(key, chunk, x, t_sin)
             else:
                 flow = chunk(x, t_sin)
         st.commit(slots)
-        return flow
+        return self._hand_over(flow)
 
 
 def compile_regions(model: CausalWanDiT) -> None:

@@ -22,12 +22,17 @@ class ChunkGraphs:
     def __init__(self, stream: torch.cuda.Stream | None = None) -> None:
         self.stream = stream
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        # one memory pool for every graph: replays never overlap (one stream, outputs cloned), so a
+        # graph may reuse what another's dead intermediates used; separate pools would keep one chunk's
+        # activation peak per chunk position
+        self.pool = None
 
     def __len__(self) -> int:
         return len(self.graphs)
 
     def clear(self) -> None:
         self.graphs.clear()
+        self.pool = None
 
     def run(self, key: Hashable, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         """fn(*inputs) through the graph of key: inputs are copied into its static buffers, the output
@@ -38,8 +43,11 @@ class ChunkGraphs:
             # rows with the same values the capture and every replay write
             fn(*static)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(
+                graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
+            ):
                 out = fn(*static)
+            self.pool = self.pool if self.pool is not None else graph.pool()
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
         for buf, t in zip(static, inputs, strict=True):
