@@ -10,7 +10,8 @@ session, which synchronizes when a chunk's latents reach the host):
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
 Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
 FPS for the whole video (DiT only, and with decode), peak device memory per rank, share of time in
-collectives, and cold start (session build, first forward).
+collectives, and cold start (session build, first forward). Collective time is taken with events
+around each call, so a CUDA-graph replay (compile, compiled) reports none: its share reads 0.
 """
 
 from __future__ import annotations

@@ -72,16 +72,20 @@ build_all() {  # build_all RES_TAG LH LW: the engines for P = 1, 2, 4 (as the ma
   wait
   cat "$RES/build_times.txt"
 }
-# bench with the engine configurations; if they fail, the eager ones alone (so the baselines still land)
-bench_cmp() {  # bench_cmp NAME P TAG LH LW CONFIGS [args...]
+# bench_cmp NAME P TAG LH LW CONFIGS [args...]: the engine configurations run where engines TAG_pP were built;
+# if the run fails, the eager configurations alone (so the baselines still land)
+only() { echo "$1" | tr , '\n' | grep -v -- "$2" | paste -sd, ; }
+bench_cmp() {
   local name=$1 p=$2 tag=$3 lh=$4 lw=$5 configs=$6; shift 6
-  local eng=$ENG_ROOT/${tag}_p$p
+  local eng=$ENG_ROOT/${tag}_p$p engines=()
   local size=(--preset "$PRESET" --latent-height "$lh" --latent-width "$lw" --latent-frames "$LF")
-  if [ -f "$eng/manifest.json" ]; then
-    bench "$name" "$p" "${size[@]}" --engines "$eng" --configs "$configs" "$@" && return 0
-    echo "!! $name with engines failed; eager configurations only"
-  fi
-  bench "$name" "$p" "${size[@]}" --configs "$(echo "$configs" | tr , '\n' | grep -v compiled | paste -sd,)" "$@"
+  if [ -f "$eng/manifest.json" ]; then engines=(--engines "$eng"); else configs=$(only "$configs" '^compiled'); fi
+  bench "$name" "$p" "${size[@]}" "${engines[@]}" --configs "$configs" "$@" && return 0
+  local eager
+  eager=$(only "$configs" '^compile')
+  [ "$eager" != "$configs" ] || return 1
+  echo "!! $name failed; eager configurations only"
+  bench "$name" "$p" "${size[@]}" --configs "$eager" "$@"
 }
 
 ENGINE_CFGS=compiled-nograph,compiled
