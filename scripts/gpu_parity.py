@@ -1,7 +1,7 @@
 """Parity on GPUs: a P-rank (or engine) bf16 generation vs eager on 1 rank (random weights, same seed).
 
     python scripts/gpu_parity.py --world-size 2 [--ulysses-degree 1 --ring-degree 2] \
-        [--engines DIR --backend aoti] [--cuda-graphs] --json out.json
+        [--backend compile | --engines DIR] [--no-cuda-graphs] --json out.json
 
 The baseline is the eager model on one GPU; the candidate runs with the given world size, SP layout
 and backend. Engines built by `ropesp build` without a checkpoint hold the same seeded random weights
@@ -41,8 +41,8 @@ def main() -> None:
     ap.add_argument("--ulysses-degree", type=int)
     ap.add_argument("--ring-degree", type=int)
     ap.add_argument("--engines", help="candidate runs these engines (built for --world-size)")
-    ap.add_argument("--backend", default="aoti")
-    ap.add_argument("--cuda-graphs", action="store_true", help="candidate replays CUDA graphs (engines)")
+    ap.add_argument("--backend", help="candidate backend: compile, or that of --engines (default)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="candidate runs without CUDA graphs")
     ap.add_argument("--latent-height", type=int, default=60)
     ap.add_argument("--latent-width", type=int, default=104)
     ap.add_argument("--latent-frames", type=int, default=21)
@@ -62,8 +62,8 @@ def main() -> None:
         "candidate": PipelineConfig(
             preset=None if args.engines else args.preset,
             engines=args.engines,
-            backend=args.backend if args.engines else None,
-            cuda_graphs=args.cuda_graphs,
+            backend=args.backend,
+            cuda_graphs=not args.no_cuda_graphs,
             world_size=args.world_size,
             ulysses_degree=args.ulysses_degree,
             ring_degree=args.ring_degree,

@@ -105,13 +105,15 @@ for step in "$@"; do
     bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,compile,$ENGINE_CFGS --no-decode ;;
     hybrid)  # U=1 x R=2 (ring attention over cache shards) against U=2 x R=1 (bench2), same engines
       bench_cmp hybrid480_u1r2 2 480 "$LH" "$LW" optimized,compile,compiled --no-decode --ulysses-degree 1 --ring-degree 2 ;;
-    parity)  # engines (AOTInductor + CUDA graphs) and the hybrid layout against eager on one GPU
+    parity)  # compile + CUDA graphs, engines and the hybrid layout against eager on one GPU
       par() { local name=$1; shift
         timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/gpu_parity.py --preset "$PRESET" --latent-height "$LH" --latent-width "$LW" \
           --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --json "$RES/$name.json" "$@" \
           >"$RES/$name.log" 2>&1; grep -E "max_abs|seconds" "$RES/$name.log"; }
-      [ -f "$ENG_ROOT/480_p1/manifest.json" ] && par parity_aoti_p1 --world-size 1 --engines "$ENG_ROOT/480_p1" --cuda-graphs
-      [ -f "$ENG_ROOT/480_p2/manifest.json" ] && par parity_aoti_p2 --world-size 2 --engines "$ENG_ROOT/480_p2" --cuda-graphs
+      par parity_compile_p1 --world-size 1 --backend compile
+      par parity_compile_p2 --world-size 2 --backend compile
+      [ -f "$ENG_ROOT/480_p1/manifest.json" ] && par parity_aoti_p1 --world-size 1 --engines "$ENG_ROOT/480_p1"
+      [ -f "$ENG_ROOT/480_p2/manifest.json" ] && par parity_aoti_p2 --world-size 2 --engines "$ENG_ROOT/480_p2"
       par parity_u1r2 --world-size 2 --ulysses-degree 1 --ring-degree 2 ;;
     profile)  # where the time goes, one GPU: eager, regional torch.compile + CUDA graphs, engines
       python3 scripts/profile_chunk.py --preset "$PRESET" --latent-height "$LH" --latent-width "$LW" \
