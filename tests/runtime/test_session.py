@@ -63,6 +63,17 @@ def test_noise_follows_documented_draw_order(sampler):
     assert torch.equal(latents, torch.cat(expected_chunks, dim=1))
 
 
+def test_a_chunk_is_handed_out_before_its_clean_context_pass():
+    """Time to a chunk = its denoising forwards; the clean pass runs before the next chunk's forwards."""
+    ex = RecordingExecutor()
+    session = StreamSession(ex, SamplerConfig(), VideoGeometry(4, 4), 6, skip_final_refresh=False)
+    session.reset(seed=1)
+    steps = len(FlowSchedule(SamplerConfig()).timesteps)
+    seen = [len(ex.calls) for _ in session]  # forwards issued when each chunk arrives
+    assert seen == [steps, 2 * steps + 1]
+    assert len(ex.calls) == 2 * (steps + 1)  # every clean pass still runs (skip_final_refresh=False)
+
+
 def test_same_seed_same_latents_and_reset_reuses_caches(prompt):
     session = build_session(PipelineConfig(preset="tiny", latent_frames=6, device="cpu"))
     k_buffer = session.executor.cache.k
