@@ -133,14 +133,21 @@ class StreamSession:
                 raise _Stopped
             return self.executor.forward(x, t, start)
 
+        def draw(n: int) -> list[torch.Tensor]:  # a chunk's noise, no host sync
+            return noise.draw_chunk((self.batch, n, c, h, w), len(steps), device)
+
         start = 0
+        pending = draw(self.chunk_sizes[0])
         for index, n in enumerate(self.chunk_sizes):
             with torch.profiler.record_function(f"ropesp.dit.chunk{index}"):
-                shape = (self.batch, n, c, h, w)
-                x, *eps = noise.draw_chunk(shape, len(steps), device)  # no host sync inside the chunk
+                x, *eps = pending
                 x0 = x
                 for i in range(len(steps)):
                     flow = forward(x, steps[i], start)
+                    if i == 0 and index + 1 < len(self.chunk_sizes):
+                        # the next chunk's noise (the generator's order is unchanged) is drawn on the
+                        # host while the device runs this chunk, not at the next chunk's start
+                        pending = draw(self.chunk_sizes[index + 1])
                     x0 = self.schedule.to_x0(x, flow, sigmas[i])
                     if i + 1 < len(steps):
                         x = self.schedule.add_noise(x0, eps[i], sigmas[i + 1])
