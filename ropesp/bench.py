@@ -5,6 +5,7 @@ session, which synchronizes when a chunk's latents reach the host):
   reference  single rank, eager, RoPE as upstream (float64 complex multiplier per call), no CUDA graphs
   paper-sp   P ranks, eager, AllGather-then-RoPE + three all-to-alls (the paper's baseline)
   optimized  P ranks, eager, Causal-RoPE SP + one fused all-to-all
+  optimized-graphs  the same eager model replayed from CUDA graphs (launch overhead removed, no fusion)
   compiled   P ranks, built engines (--engines) + CUDA graphs
   compiled-nograph  the same engines launched one by one (what CUDA graphs save)
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
@@ -35,7 +36,15 @@ from ropesp.runtime.dist import Mapping
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model, make_state
 from ropesp.runtime.session import StreamSession
 
-CONFIGS = ("reference", "paper-sp", "optimized", "compile", "compiled-nograph", "compiled")
+CONFIGS = (
+    "reference",
+    "paper-sp",
+    "optimized",
+    "optimized-graphs",
+    "compile",
+    "compiled-nograph",
+    "compiled",
+)
 ENGINE_CONFIGS = ("compiled-nograph", "compiled")
 
 
@@ -163,8 +172,8 @@ def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipel
     req = res.request
     if name in ("reference", "paper-sp"):
         req = dataclasses.replace(req, sp_rope="allgather", sp_comm="unfused", backend="eager", engines=None)
-    elif name in ("optimized", "compile"):
-        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", backend=name, engines=None)
+    elif name in ("optimized", "optimized-graphs", "compile"):
+        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", engines=None)
     elif name == "compiled-nograph":
         req = dataclasses.replace(req, cuda_graphs=False)
     backend = res.backend if name in ENGINE_CONFIGS else "compile" if name == "compile" else "eager"
@@ -207,7 +216,7 @@ def run_rank(
                 state = make_state(
                     res, vmap, device, sp_rope=variant.request.sp_rope, sp_comm=variant.request.sp_comm
                 )
-                executor = EagerExecutor(model, state)
+                executor = EagerExecutor(model, state, cuda_graphs=name == "optimized-graphs")
             else:
                 executor = build_executor(variant, vmap)
             session = StreamSession(

@@ -376,7 +376,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "--configs",
         default="reference,paper-sp,optimized",
-        help="comma-separated: reference, paper-sp, optimized, compile, compiled-nograph, compiled",
+        help="comma-separated: reference, paper-sp, optimized, optimized-graphs, compile, compiled-nograph, compiled",
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed videos per configuration")
     p.add_argument("--repeat", type=int, default=2, help="timed videos per configuration (median)")
