@@ -179,8 +179,9 @@ def _init_group(mapping: Mapping, device: str, port: int, timeout_s: float) -> _
 
 
 def _share_cpu(res: ResolvedPipeline) -> None:
-    """CPU ranks share the host's cores: more threads than cores per rank only thrashes."""
-    if res.device == "cpu" and res.world_size > 1:
+    """Ranks share the host's cores: more threads than cores per rank only thrashes (GPU ranks too, for
+    their host-side tensor work; see runtime/launch.py)."""
+    if res.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // res.world_size))
 
 
