@@ -143,7 +143,7 @@ class UlyssesRunner:
         s = self.shard_info
         if s.padded != s.total:
             tokens = torch.nn.functional.pad(tokens, (0, 0, 0, s.padded - s.total))  # [B, L_pad, C]
-        return tokens[:, s.first : s.first + s.length]
+        return tokens[:, s.first : s.first + s.length].contiguous()  # every layer sees one layout
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L_local, X] -> [B, L, X]: all-gather along the sequence, drop the padding."""
