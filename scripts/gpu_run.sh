@@ -5,7 +5,7 @@
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
 #   steps: tests diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile vae build720 bench720 wan14b
-#          kernels rope stage (the single-kernel and SP-stage micro-benchmarks)
+#          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
 # Engines are built into $ENG_ROOT (git-ignored: a warm device machine keeps them between calls).
@@ -136,6 +136,15 @@ for step in "$@"; do
     wan14b)  # Wan-14B shapes (40 heads), 480p: paper baseline vs optimized eager, P = 2 and 4
       for p in 2 4; do [ "$p" -le "$NGPU" ] && PRESET=wan2.1-14b bench_cmp "bench14b_p$p" "$p" none "$LH" "$LW" \
         paper-sp,optimized,compile --no-decode --repeat 1; done ;;
+    serve)  # first-chunk latency through Triton vs in-process, 2 ranks, compile backend. Needs nvidia-pytriton,
+      # tritonclient and numpy<2 (the backend stub's) on PYTHONPATH: more than one call's carry, so install
+      # them into the git-ignored .site/ over two calls on a warm machine (see bench/RESULTS.md)
+      [ -d .site ] && export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
+      P=$(( NGPU >= 2 ? 2 : 1 ))
+      timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/serve_latency.py --preset "$PRESET" --latent-height "$LH" \
+        --latent-width "$LW" --latent-frames "$LF" --world-size "$P" --device "$DEVICE" --dtype "$DTYPE" \
+        --backend compile --requests 3 --json "$RES/serve_p$P.json" >"$RES/serve_p$P.log" 2>&1
+      tail -n 14 "$RES/serve_p$P.log" ;;
     kernels) python3 -m pytest tests/plugins -m gpu -q -x 2>&1 | tail -15 ;;
     rope) python3 scripts/bench_rope.py --json "$RES/rope.json" 2>&1 | tail -15 ;;
     stage) python3 -m torch.distributed.run --nproc-per-node "$NGPU" scripts/sp_stage_bench.py \

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-size", type=int, default=1)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--backend", default=None, help="eager (default) or compile")
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         world_size=args.world_size,
         device=args.device,
         dtype=args.dtype,
+        backend=args.backend,
     )
     res = config.resolve()
     prompt = default_prompt_embeds(res.model)
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "world_size": res.world_size,
         "device": res.device,
+        "backend": res.backend,
         "latent": [res.geometry.latent_height, res.geometry.latent_width, args.latent_frames],
         "requests": args.requests,
         "in_process_first_chunk_ms": statistics.median(local[0]),
