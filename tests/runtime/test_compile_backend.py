@@ -37,6 +37,14 @@ def test_compile_equals_eager_and_never_recompiles_per_chunk(prompt):
     assert counters["stats"]["unique_graphs"] == 4
 
 
+def test_compile_rolling_window_equals_eager(prompt):
+    """A rolling window with sink frames: the cache rolls between forwards (outside compiled regions)."""
+    rolling = dict(COMMON, latent_frames=12, local_attn_frames=6, sink_frames=3)
+    eager, _ = _generate(PipelineConfig(**rolling), prompt)
+    compiled, _ = _generate(PipelineConfig(**rolling, backend="compile"), prompt)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=ATOL)
+
+
 def test_compile_with_two_ranks_equals_eager(tmp_path, prompt):
     def run(*extra: str) -> torch.Tensor:
         out = tmp_path / f"l{len(list(tmp_path.glob('l*')))}.pt"
