@@ -32,7 +32,8 @@ CATEGORIES = (  # first match wins; kernel names are lower-cased
     ("fused elementwise (inductor/triton)", ("triton_",)),
     ("copy/memset", ("memcpy", "memset", "copy", "cat")),
 )
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+"""CUDA runtime calls that block the host (cudaMemcpy without Async: a synchronous copy)."""
 
 
 def category(name: str) -> str:
@@ -100,7 +101,7 @@ def main() -> None:
             per_cat[category(ev.name)] += us / 1e3
             kernels[ev.name] += us / 1e3
             intervals.append((ev.time_range.start, ev.time_range.end))
-        elif any(ev.name.startswith(s.strip()) for s in SYNC_CALLS):
+        elif ev.name in SYNC_CALLS:
             syncs[ev.name] += 1
     intervals.sort()
     busy, cur_s, cur_e = 0.0, None, None
