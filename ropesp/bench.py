@@ -11,7 +11,8 @@ session, which synchronizes when a chunk's latents reach the host):
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
 Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
 FPS for the whole video (DiT only, and with decode), peak device memory per rank, share of time in
-collectives, and cold start (session build, first forward). Collective time is taken with events
+collectives, achieved matrix TFLOP/s per GPU (ropesp/flops.py: the video's GEMM + attention FLOPs over its
+time), and cold start (session build, first forward). Collective time is taken with events
 around each call, so a CUDA-graph replay (compile, compiled) reports none: its share reads 0.
 """
 
@@ -280,6 +281,13 @@ def environment(res: ResolvedPipeline, commit: str | None = None) -> dict:
 
 def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
     """Assemble the JSON, print the table, write JSON and plot as asked."""
+    from ropesp.flops import video_flops
+
+    flops = video_flops(
+        res.model, res.geometry.frame_tokens, res.request.sampler, res.latent_frames, res.cache
+    )
+    for row in results.values():  # achieved matrix throughput, against the GPU's measured GEMM rate
+        row["tflops_per_gpu"] = flops["total"] / (row["total_ms"] / 1e3) / row["world_size"] / 1e12
     out = {
         "environment": environment(res, bench.commit),
         "command": bench.command,
@@ -296,6 +304,7 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
             "chunk_frames": res.request.sampler.chunk_frames,
             "warmup": bench.warmup,
             "repeat": bench.repeat,
+            "flops_per_video": flops,
         },
         "results": results,
     }
@@ -310,14 +319,14 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
 
 
 def format_table(results: dict, base: dict | None) -> str:
-    head = f"{'config':<16} {'P':>2} {'1st chunk ms':>12} {'1st frame ms':>12} {'FPS DiT':>8} {'FPS +dec':>8} {'+dec ovl':>8} {'vs base':>7} {'comm %':>6} {'peak GiB':>8}"
+    head = f"{'config':<16} {'P':>2} {'1st chunk ms':>12} {'1st frame ms':>12} {'FPS DiT':>8} {'FPS +dec':>8} {'+dec ovl':>8} {'vs base':>7} {'comm %':>6} {'peak GiB':>8} {'TF/s/GPU':>8}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         speed = f"{base['total_ms'] / r['total_ms']:.2f}x" if base else "-"
         lines.append(
             f"{name:<16} {r['world_size']:>2} {r['first_chunk_ms']:>12.1f} {_fmt(r['first_frame_ms']):>12} "
             f"{r['fps_dit']:>8.1f} {_fmt(r['fps_with_decode']):>8} {_fmt(r['fps_with_decode_overlapped']):>8} {speed:>7} {100 * r['comm_share']:>6.1f} "
-            f"{max(r['peak_gib_per_rank']):>8.2f}"
+            f"{max(r['peak_gib_per_rank']):>8.2f} {r['tflops_per_gpu']:>8.1f}"
         )
     return "\n".join(lines)
 

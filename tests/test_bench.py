@@ -41,6 +41,7 @@ def test_bench_writes_json_and_plot(tmp_path, world_size):
         for key in ("first_chunk_ms", "first_frame_ms", "total_ms", "fps_dit", "fps_with_decode"):
             assert row[key] > 0, key
         assert 0 <= row["comm_share"] <= 1
+        assert row["tflops_per_gpu"] > 0
         assert len(row["peak_gib_per_rank"]) == row["world_size"]
     assert (out["results"]["optimized"]["comm_share"] > 0) == (world_size > 1)
     # overlapped decode is measured where it is the default (one rank)
@@ -48,6 +49,7 @@ def test_bench_writes_json_and_plot(tmp_path, world_size):
     for key in ("date", "card", "torch", "git_commit"):
         assert out["environment"][key]
     assert out["setup"]["video_frames"] == 21
+    assert out["setup"]["flops_per_video"]["total"] > out["setup"]["flops_per_video"]["attention"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
