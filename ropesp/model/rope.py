@@ -16,6 +16,8 @@ Two formulations live here:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -160,10 +162,8 @@ def rope_apply_ref(
     x: [B, L, H, D] with L >= frames*rows*cols (extra tokens pass through).
     """
     b, _, h, d = x.shape
-    table = _ref_table(d, theta, table_frames, x.device)  # [table_frames, D/2] complex128
-    c = d // 2
-    n_t, n_s = c - 2 * (c // 3), c // 3
-    ft, fh, fw = table.split([n_t, n_s, n_s], dim=1)
+    table = _ref_table(d, float(theta), table_frames, str(x.device))  # [table_frames, D/2] complex128
+    ft, fh, fw = table.split([a // 2 for a in head_dim_split(d)], dim=1)
     seq = frames * rows * cols
     mult = torch.cat(
         [
@@ -178,26 +178,16 @@ def rope_apply_ref(
     return torch.cat([out, x[:, seq:].to(torch.float64)], dim=1).to(x.dtype)
 
 
-_REF_TABLES: dict[tuple, torch.Tensor] = {}
-
-
-def _ref_table(head_dim: int, theta: float, table_frames: int, device: torch.device) -> torch.Tensor:
+@functools.cache
+def _ref_table(head_dim: int, theta: float, table_frames: int, device: str) -> torch.Tensor:
     """The reference's complex128 table [table_frames, head_dim/2] on device, built once per key."""
-    key = (head_dim, float(theta), table_frames, str(device))
-    if key not in _REF_TABLES:
-        c = head_dim // 2
-        n_t, n_s = c - 2 * (c // 3), c // 3
-        _REF_TABLES[key] = torch.cat(
-            [
-                torch.polar(
-                    torch.ones(table_frames, n, dtype=torch.float64), _angles(table_frames, 2 * n, theta)
-                )
-                for n in (n_t, n_s, n_s)
-            ],
-            dim=1,
-        ).to(device)
-    return _REF_TABLES[key]
-
-
-def _angles(n: int, axis_dim: int, theta: float) -> torch.Tensor:
-    return torch.outer(torch.arange(n, dtype=torch.float64), axis_inv_freq(axis_dim, theta))
+    positions = torch.arange(table_frames)
+    return torch.cat(
+        [
+            torch.polar(
+                torch.ones(table_frames, a // 2, dtype=torch.float64), axis_angles(positions, a, theta)
+            )
+            for a in head_dim_split(head_dim)
+        ],
+        dim=1,
+    ).to(device)
