@@ -25,7 +25,6 @@ import torch
 
 from ropesp.errors import EngineError
 from ropesp.export.manifest import Manifest, SegmentSpec
-from ropesp.model.kv_cache import CacheSlots
 from ropesp.model.wan import CausalWanDiT
 from ropesp.parallel import TokenShard
 from ropesp.runtime.executor import ChunkExecutor, attention_priority
@@ -155,11 +154,13 @@ class EngineExecutor(ChunkExecutor):
         latents = x.to(self.device, self.dtype)
         t_sin = st.sinusoid(t, b, frames).to(self.dtype)  # [B, F, freq_dim]
         with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
-            if self.cuda_graphs and isinstance(slots, CacheSlots):
-                flow = self._replay(runner, slots, frames, latents, t_sin, start_frame)
-            else:
-                self.start_frame.fill_(start_frame)
-                flow = self._chunk(runner, frames, latents, t_sin)
+            self.start_frame.fill_(start_frame)
+
+            def chunk(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self._chunk(runner, frames, x, t)
+
+            key = self._graph_key(frames, slots)
+            flow = chunk(latents, t_sin) if key is None else self.graphs.run(key, chunk, latents, t_sin)
         st.commit(slots)
         return self._hand_over(flow)
 
@@ -176,12 +177,6 @@ class EngineExecutor(ChunkExecutor):
         (out,) = seg["head"](x, e, fot, *w["head", frames, None])  # [B, L_local, patch_out]
         out = runner.gather(out)  # [B, L, patch_out]
         return self.model.unpatchify(out.float(), frames, g["rows"], g["cols"])
-
-    def _replay(self, runner, slots: CacheSlots, frames, latents, t_sin, start_frame: int) -> torch.Tensor:
-        """The chunk through its CUDA graph for this slot plan (runtime/graphs.py)."""
-        self.start_frame.fill_(start_frame)
-        key = (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
-        return self.graphs.run(key, lambda x, t: self._chunk(runner, frames, x, t), latents, t_sin)
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -290,6 +290,13 @@ class ChunkExecutor:
     def reset(self) -> None:
         self.state.reset()
 
+    def _graph_key(self, frames: int, slots) -> tuple | None:
+        """The CUDA graph of this forward: one per cache slot plan; None runs it uncaptured (graphs
+        off, or a hybrid ring layout, whose slots are not a CacheSlots plan)."""
+        if not (self.cuda_graphs and isinstance(slots, CacheSlots)):
+            return None
+        return (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
+
     def _require_prompt(self) -> None:
         if self.cross_kv is None:
             raise RuntimeError("set_prompt() must be called before forward()")
@@ -310,7 +317,6 @@ class EagerExecutor(ChunkExecutor):
         self, model: CausalWanDiT, state: SPState, *, compile: bool = False, cuda_graphs: bool = False
     ) -> None:
         super().__init__(model, state, side_stream=False, cuda_graphs=cuda_graphs)
-        self.compiled = compile
         if compile:
             compile_regions(model)
             state.rope_op = True  # start_frame as a device tensor: one graph for every chunk position
@@ -329,11 +335,8 @@ class EagerExecutor(ChunkExecutor):
             return self.model(x, t_sin, self.cross_kv, runner)
 
         with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
-            if self.cuda_graphs and isinstance(slots, CacheSlots):
-                key = (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
-                flow = self.graphs.run(key, chunk, x, t_sin)
-            else:
-                flow = chunk(x, t_sin)
+            key = self._graph_key(frames, slots)
+            flow = chunk(x, t_sin) if key is None else self.graphs.run(key, chunk, x, t_sin)
         st.commit(slots)
         return self._hand_over(flow)
 
