@@ -138,8 +138,9 @@ for step in "$@"; do
       for p in 2 4; do [ "$p" -le "$NGPU" ] && PRESET=wan2.1-14b bench_cmp "bench14b_p$p" "$p" none "$LH" "$LW" \
         paper-sp,optimized,compile --no-decode --repeat 1; done ;;
     serve)  # first-chunk latency through Triton vs in-process, 2 ranks, compile backend. Needs nvidia-pytriton,
-      # tritonclient and numpy<2 (the backend stub's) on PYTHONPATH: more than one call's carry, so install
-      # them into the git-ignored .site/ over two calls on a warm machine (see bench/RESULTS.md)
+      # tritonclient and numpy<2 (the backend stub's): scripts/fetch_gpu_wheels.sh packs them into
+      # .whl_serve/site.tar.xz, unpacked here into the git-ignored .site/
+      if [ -f .whl_serve/site.tar.xz ] && [ ! -d .site/pytriton ]; then mkdir -p .site && tar xJf .whl_serve/site.tar.xz -C .site; fi
       [ -d .site ] && export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
       P=$(( NGPU >= 2 ? 2 : 1 ))
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/serve_latency.py --preset "$PRESET" --latent-height "$LH" \
