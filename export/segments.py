@@ -109,11 +109,11 @@ def _embed(model: CausalWanDiT, latents, t_sinusoid):
 
 def _pre(block: Block, x, e0, start_frame, frame_of_token, *, grid, first_token, theta):
     rope = make_rope_op(start_frame, *grid, first_token, theta)
-    return block.pre_attention(x, block.token_modulation(e0, frame_of_token), rope)  # q, k, v
+    return block.pre_attention(x, e0, frame_of_token, rope)  # q, k, v
 
 
 def _post(block: Block, x, o, e0, cross_k, cross_v, frame_of_token):
-    return block.post_attention(x, o, block.token_modulation(e0, frame_of_token), cross_k, cross_v)
+    return block.post_attention(x, o, e0, frame_of_token, cross_k, cross_v)
 
 
 def _head(head: Head, x, e, frame_of_token):

@@ -9,7 +9,10 @@ session, which synchronizes when a chunk's latents reach the host):
   compiled   P ranks, built engines (--engines) + CUDA graphs
   compiled-nograph  the same engines launched one by one (what CUDA graphs save)
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
-Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
+  compile-overlap  the same with `--sp-comm overlap`: the all-to-alls of two token halves pipelined
+             with computation on a communication stream (P > 1)
+Every configuration's latents are compared with the first configuration's (same seed, same weights):
+`latents_vs` in the JSON, max|d| in the table. Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
 FPS for the whole video (DiT only, and with decode), peak device memory per rank, share of time in
 collectives, achieved matrix TFLOP/s per GPU (ropesp/flops.py: the video's GEMM + attention FLOPs over its
 time), and cold start (session build, first forward). Collective time is taken with events
@@ -43,6 +46,7 @@ CONFIGS = (
     "optimized",
     "optimized-graphs",
     "compile",
+    "compile-overlap",
     "compiled-nograph",
     "compiled",
 )
@@ -96,13 +100,17 @@ def _median(xs: list[float]) -> float:
     return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
 
 
-def _run_video(session: StreamSession, prompt, device) -> tuple[list[float], float]:
+def _run_video(session: StreamSession, prompt, device, keep: list | None = None) -> tuple[list[float], float]:
     """Per-chunk ready times (ms from start) and the total time (ms) of one video. The prompt's
-    cross-attention K/V (once per prompt, not DiT chunk work) are finished before the clock starts."""
+    cross-attention K/V (once per prompt, not DiT chunk work) are finished before the clock starts.
+    keep: a list that receives the video's latents [B, F, C, H, W] (host, float32)."""
     session.reset(prompt, seed=0)
     _sync(device)
-    times = [chunk.elapsed_ms for chunk in session]
+    chunks = list(session)
     _sync(device)
+    if keep is not None:
+        keep.append(torch.cat([c.latents.float() for c in chunks], dim=1))
+    times = [chunk.elapsed_ms for chunk in chunks]
     return times, times[-1]
 
 
@@ -114,11 +122,11 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
     for _ in range(bench.warmup - 1):
         _run_video(session, prompt, device)
     warm_s = time.perf_counter() - t0
-    dit_runs, comm_ms = [], []
+    dit_runs, comm_ms, latents = [], [], []
     for _ in range(bench.repeat):
         if comm is not None:
             comm.start_timing()
-        dit_runs.append(_run_video(session, prompt, device))
+        dit_runs.append(_run_video(session, prompt, device, latents if not latents else None))
         comm_ms.append(comm.elapsed_ms() if comm is not None else 0.0)
     dec_runs, overlapped = [], None
     if bench.decode:
@@ -150,6 +158,7 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
         "comm_share": _median(comm_ms) / total_ms if total_ms else 0.0,
         "cold_first_chunk_ms": cold_first_chunk_ms,
         "warmup_s": warm_s,
+        "latents": latents[0],
     }
 
 
@@ -174,11 +183,12 @@ def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipel
     req = res.request
     if name in ("reference", "paper-sp"):
         req = dataclasses.replace(req, sp_rope="allgather", sp_comm="unfused", backend="eager", engines=None)
-    elif name in ("optimized", "optimized-graphs", "compile"):
-        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", engines=None)
+    elif name in ("optimized", "optimized-graphs", "compile", "compile-overlap"):
+        comm = "overlap" if name == "compile-overlap" else "fused"
+        req = dataclasses.replace(req, sp_rope="local", sp_comm=comm, engines=None)
     elif name == "compiled-nograph":
         req = dataclasses.replace(req, cuda_graphs=False)
-    backend = res.backend if name in ENGINE_CONFIGS else "compile" if name == "compile" else "eager"
+    backend = res.backend if name in ENGINE_CONFIGS else "compile" if name.startswith("compile") else "eager"
     return dataclasses.replace(res, request=req, world_size=world_size, backend=backend)
 
 
@@ -194,6 +204,7 @@ def run_rank(
             torch.cuda.set_device(device)
             torch.empty(1, device=device)  # the allocator's statistics exist only after a first use
         model = None
+        first: tuple[str, torch.Tensor] | None = None
         for name in bench.configs:
             single = name == "reference"
             if single and mapping.world_size > 1 and dist.is_initialized():
@@ -242,6 +253,16 @@ def run_rank(
                     peaks = [float(t.item()) for t in parts]
                 row["peak_gib_per_rank"] = peaks
             row["world_size"] = vmap.world_size
+            # every configuration draws the same noise on the same weights: its latents must match the
+            # first one's up to the dtype's rounding (bf16: ~1e-2 on values of magnitude ~1)
+            latents = row.pop("latents")
+            first = first if results else (name, latents)
+            diff = (latents - first[1]).abs()
+            row["latents_vs"] = {
+                "config": first[0],
+                "max_abs": float(diff.max()),
+                "mean_abs": float(diff.mean()),
+            }
             results[name] = row
             # free this configuration's cache before the next one allocates its own (peaks are per config)
             del session, executor
@@ -320,14 +341,14 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
 
 
 def format_table(results: dict, base: dict | None) -> str:
-    head = f"{'config':<16} {'P':>2} {'1st chunk ms':>12} {'1st frame ms':>12} {'FPS DiT':>8} {'FPS +dec':>8} {'+dec ovl':>8} {'vs base':>7} {'comm %':>6} {'peak GiB':>8} {'TF/s/GPU':>8}"
+    head = f"{'config':<16} {'P':>2} {'1st chunk ms':>12} {'1st frame ms':>12} {'FPS DiT':>8} {'FPS +dec':>8} {'+dec ovl':>8} {'vs base':>7} {'comm %':>6} {'peak GiB':>8} {'TF/s/GPU':>8} {'max|d|':>7}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         speed = f"{base['total_ms'] / r['total_ms']:.2f}x" if base else "-"
         lines.append(
             f"{name:<16} {r['world_size']:>2} {r['first_chunk_ms']:>12.1f} {_fmt(r['first_frame_ms']):>12} "
             f"{r['fps_dit']:>8.1f} {_fmt(r['fps_with_decode']):>8} {_fmt(r['fps_with_decode_overlapped']):>8} {speed:>7} {100 * r['comm_share']:>6.1f} "
-            f"{max(r['peak_gib_per_rank']):>8.2f} {r['tflops_per_gpu']:>8.1f}"
+            f"{max(r['peak_gib_per_rank']):>8.2f} {r['tflops_per_gpu']:>8.1f} {r['latents_vs']['max_abs']:>7.3f}"
         )
     return "\n".join(lines)
 

@@ -73,9 +73,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--sp-comm",
-        choices=["fused", "unfused"],
+        choices=["fused", "unfused", "overlap"],
         default="fused",
-        help="fused = one all-to-all for q,k,v; unfused = three",
+        help="fused = one all-to-all for q,k,v; unfused = three; overlap = fused, in two token halves "
+        "pipelined so the all-to-alls run under computation (eager and compile backends)",
     )
     g.add_argument(
         "--ulysses-degree", type=int, help="U of the hybrid layout world = U x R (default: largest fit)"

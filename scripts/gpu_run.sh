@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile vae build720 bench720 wan14b
+#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile vae build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -81,11 +81,17 @@ bench_cmp() {
   local size=(--preset "$PRESET" --latent-height "$lh" --latent-width "$lw" --latent-frames "$LF")
   if [ -f "$eng/manifest.json" ]; then engines=(--engines "$eng"); else configs=$(only "$configs" '^compiled'); fi
   bench "$name" "$p" "${size[@]}" "${engines[@]}" --configs "$configs" "$@" && return 0
-  local eager
-  eager=$(only "$configs" '^compile')
-  [ "$eager" != "$configs" ] || return 1
+  local fewer
+  fewer=$(only "$configs" '^compile-overlap$')
+  if [ "$fewer" != "$configs" ]; then  # the newest configuration first
+    echo "!! $name failed; again without compile-overlap"
+    cp "$RES/$name.log" "$RES/$name.failed.log"
+    bench "$name" "$p" "${size[@]}" "${engines[@]}" --configs "$fewer" "$@" && return 0
+  fi
+  fewer=$(only "$configs" '^compile')
+  [ "$fewer" != "$configs" ] || return 1
   echo "!! $name failed; eager configurations only"
-  bench "$name" "$p" "${size[@]}" --configs "$eager" "$@"
+  bench "$name" "$p" "${size[@]}" --configs "$fewer" "$@"
 }
 
 ENGINE_CFGS=compiled-nograph,compiled
@@ -102,8 +108,8 @@ for step in "$@"; do
     diag) python3 scripts/aoti_diag.py "$RES/diag" 2>&1 | grep -v "^\s*$" | tail -n 60 ;;
     bench1opt) bench_cmp bench480_p1opt 1 480 "$LH" "$LW" optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
     bench1) bench_cmp bench480_p1 1 480 "$LH" "$LW" reference,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
-    bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
-    bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
+    bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,compile-overlap,$ENGINE_CFGS --no-decode ;;
+    bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,compile-overlap,$ENGINE_CFGS --no-decode ;;
     hybrid)  # U=1 x R=2 (ring attention over cache shards) against U=2 x R=1 (bench2), same engines
       bench_cmp hybrid480_u1r2 2 480 "$LH" "$LW" optimized,compile,compiled --no-decode --ulysses-degree 1 --ring-degree 2 ;;
     parity)  # compile + CUDA graphs, engines and the hybrid layout against eager on one GPU
@@ -128,26 +134,32 @@ for step in "$@"; do
         --device "$DEVICE" --json "$RES/profile_compiled.json" --trace "$RES/trace_compiled.json.gz" \
         >"$RES/profile_compiled.log" 2>&1; tail -n 14 "$RES/profile_compiled.log"; } ;;
     vae)  # full-size Wan VAE (random weights): decode alone, serial and overlapped with the DiT
-      bench_cmp vae480_p1 1 480 "$LH" "$LW" optimized,compile --vae random --repeat 2
-      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p2 2 480 "$LH" "$LW" optimized,compile --vae random --repeat 2 ;;
+      bench_cmp vae480_p1 1 480 "$LH" "$LW" compile --vae random --repeat 1
+      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p2 2 480 "$LH" "$LW" compile --vae random --repeat 1 ;;
     bench720)  # 1280x720: engines vs the paper baseline for P = 1, 2, 4
       bench_cmp bench720_p1 1 720 "$LH720" "$LW720" optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode --repeat 1
       for p in 2 4; do [ "$p" -le "$NGPU" ] && bench_cmp "bench720_p$p" "$p" 720 "$LH720" "$LW720" \
-        paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode --repeat 1; done ;;
+        paper-sp,optimized,compile,compile-overlap,$ENGINE_CFGS --no-decode --repeat 1; done ;;
     wan14b)  # Wan-14B shapes (40 heads), 480p: paper baseline vs optimized eager, P = 2 and 4
       for p in 2 4; do [ "$p" -le "$NGPU" ] && PRESET=wan2.1-14b bench_cmp "bench14b_p$p" "$p" none "$LH" "$LW" \
-        paper-sp,optimized,compile --no-decode --repeat 1; done ;;
+        paper-sp,optimized,compile,compile-overlap --no-decode --repeat 1; done ;;
     serve)  # first-chunk latency through Triton vs in-process, 2 ranks, compile backend. Needs nvidia-pytriton,
       # tritonclient and numpy<2 (the backend stub's): scripts/fetch_gpu_wheels.sh packs them into
       # .whl_serve/site.tar.xz, unpacked here into the git-ignored .site/
       if [ -f .whl_serve/site.tar.xz ] && [ ! -d .site/pytriton ]; then mkdir -p .site && tar xJf .whl_serve/site.tar.xz -C .site; fi
-      [ -d .site ] && export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
       P=$(( NGPU >= 2 ? 2 : 1 ))
-      timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/serve_latency.py --preset "$PRESET" --latent-height "$LH" \
-        --latent-width "$LW" --latent-frames "$LF" --world-size "$P" --device "$DEVICE" --dtype "$DTYPE" \
-        --backend compile --requests 3 --json "$RES/serve_p$P.json" >"$RES/serve_p$P.log" 2>&1
+      (  # numpy<2 of .site only for this step (the image's scipy/transformers need its numpy 2)
+        [ -d .site ] && export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
+        timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/serve_latency.py --preset "$PRESET" --latent-height "$LH" \
+          --latent-width "$LW" --latent-frames "$LF" --world-size "$P" --device "$DEVICE" --dtype "$DTYPE" \
+          --backend compile --requests 3 --json "$RES/serve_p$P.json" --server-log "$RES/tritonserver_p$P.log" \
+          >"$RES/serve_p$P.log" 2>&1
+      )
       tail -n 14 "$RES/serve_p$P.log" ;;
     kernels) python3 -m pytest tests/plugins -m gpu -q -x 2>&1 | tail -15 ;;
+    quick)  # the fast GPU tests (model kernels, no host sync in the chunk loop), before timing anything
+      timeout -k 5 300 python3 -m pytest tests/model tests/runtime/test_no_host_sync.py -m gpu -q -p no:cacheprovider \
+        >"$RES/tests_quick.log" 2>&1; tail -n 4 "$RES/tests_quick.log" ;;
     rope) python3 scripts/bench_rope.py --json "$RES/rope.json" 2>&1 | tail -15 ;;
     stage) python3 -m torch.distributed.run --nproc-per-node "$NGPU" scripts/sp_stage_bench.py \
       --json "$RES/stage_p$NGPU.json" 2>&1 | tail -25 ;;

@@ -96,7 +96,10 @@ def main() -> None:
     syncs: dict[str, int] = defaultdict(int)
     intervals = []
     for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
+        # record_function ranges (ropesp.dit.*) also appear as device events spanning their kernels:
+        # counting them would double the busy time and file them under "rope"
+        annotation = getattr(ev, "is_user_annotation", False) or ev.name.startswith("ropesp.")
+        if ev.device_type == torch.autograd.DeviceType.CUDA and not annotation:
             us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
             per_cat[category(ev.name)] += us / 1e3
             kernels[ev.name] += us / 1e3

@@ -29,10 +29,17 @@ from ropesp.serving.repository import write_repository
 from ropesp.serving.server import TritonServer
 
 
+def log(msg: str) -> None:
+    """Progress on stderr (a run cut by a time limit still shows how far it got)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def in_process(config: PipelineConfig, prompt, frames: int, requests: int) -> tuple[list[float], list[float]]:
     first, total = [], []
+    log("in-process: starting the ranks")
     with SessionGroup(config) as group:
         for i in range(requests + 1):
+            log(f"in-process: request {i}")
             req = group.check(prompt, seed=i, latent_frames=frames)
             t0 = time.perf_counter()
             times = [(time.perf_counter() - t0) * 1e3 for _ in group.stream(req)]
@@ -43,14 +50,16 @@ def in_process(config: PipelineConfig, prompt, frames: int, requests: int) -> tu
 
 
 def through_triton(
-    config: PipelineConfig, prompt, frames: int, requests: int
+    config: PipelineConfig, prompt, frames: int, requests: int, server_log: str | None = None
 ) -> tuple[list[float], list[float]]:
     first, total = [], []
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         write_repository(repo, config)
-        with TritonServer(repo) as server:
+        log("triton: starting tritonserver (the model loads and starts its ranks)")
+        with TritonServer(repo, log_path=server_log) as server:
             for i in range(requests + 1):
+                log(f"triton: request {i}")
                 inputs = triton_client.make_inputs(prompt[0].numpy(), i, frames)
                 arrivals = [c.arrival_ms for c in triton_client.stream(server.grpc_url, inputs)]
                 if i:
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default=None, help="eager (default) or compile")
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--json")
+    ap.add_argument("--server-log", help="keep tritonserver's log here")
     args = ap.parse_args(argv)
     config = PipelineConfig(
         preset=args.preset,
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     res = config.resolve()
     prompt = default_prompt_embeds(res.model)
     local = in_process(config, prompt, args.latent_frames, args.requests)
-    served = through_triton(config, prompt, args.latent_frames, args.requests)
+    served = through_triton(config, prompt, args.latent_frames, args.requests, args.server_log)
     out = {
         "preset": args.preset,
         "world_size": res.world_size,

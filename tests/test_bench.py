@@ -43,6 +43,9 @@ def test_bench_writes_json_and_plot(tmp_path, world_size):
         assert 0 <= row["comm_share"] <= 1
         assert row["tflops_per_gpu"] > 0
         assert len(row["peak_gib_per_rank"]) == row["world_size"]
+        # fp32: the configurations differ by RoPE formulation and collectives only (rounding, ~1e-6)
+        assert row["latents_vs"]["config"] == next(iter(out["results"]))
+        assert row["latents_vs"]["max_abs"] < 1e-4
     assert (out["results"]["optimized"]["comm_share"] > 0) == (world_size > 1)
     # overlapped decode is measured where it is the default (one rank)
     assert (out["results"]["optimized"]["fps_with_decode_overlapped"] is not None) == (world_size == 1)
@@ -106,3 +109,15 @@ def test_bench_times_the_wan_vae(tmp_path):
     assert code == 0
     row = json.loads(js.read_text())["results"]["optimized"]
     assert row["decoder"] == "wan-vae" and row["fps_with_decode"] > 0 and row["first_frame_ms"] > 0
+
+
+def test_bench_compile_overlap_matches_optimized(tmp_path):
+    js = tmp_path / "b.json"
+    args = ["bench", "--latent-frames", "6", "--latent-height", "8", "--latent-width", "8", "--world-size",
+            "2", "--warmup", "1", "--repeat", "1", "--no-decode", "--configs", "optimized,compile-overlap",
+            "--json", str(js)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(js.read_text())["results"]
+    assert list(rows) == ["optimized", "compile-overlap"]
+    assert rows["compile-overlap"]["latents_vs"]["config"] == "optimized"
+    assert 0 < rows["compile-overlap"]["latents_vs"]["max_abs"] < 1e-4  # Inductor rounds differently

@@ -107,3 +107,22 @@ def test_per_layer_cache_holds_clean_context_keys(tiny_model, tiny_cfg, prompt):
         tiny_model(clean, _sin(tiny_cfg, [0.0] * frames), cross, Capture(frames, rows, cols, chunk))
     for layer in range(tiny_cfg.num_layers):
         torch.testing.assert_close(cache.k[layer], keys[layer], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the GELU epilogue is cuBLASLt's)"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feed_forward_gelu_epilogue_matches_tanh_gelu_on_cuda(dtype):
+    """The fused bias + GELU(tanh) GEMM epilogue equals Linear -> GELU(tanh) -> Linear: fp32 to TF32-free
+    rounding, bf16 to one bf16 rounding of the [L, ffn_dim] activation (2^-8 relative)."""
+    from ropesp.model.wan import FeedForward
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ffn = FeedForward(64, 256).to("cuda", dtype)
+    x = torch.randn(1, 300, 64, device="cuda", dtype=dtype)
+    up, act, down = ffn
+    ref = down(act(up(x).float()).to(dtype))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ffn(x), ref, **tol)
