@@ -9,8 +9,6 @@ session, which synchronizes when a chunk's latents reach the host):
   compiled   P ranks, built engines (--engines) + CUDA graphs
   compiled-nograph  the same engines launched one by one (what CUDA graphs save)
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
-  compile-overlap  the same with `--sp-comm overlap`: the all-to-alls of two token halves pipelined
-             with computation on a communication stream (P > 1)
 Every configuration's latents are compared with the first configuration's (same seed, same weights):
 `latents_vs` in the JSON, max|d| in the table. Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
 FPS for the whole video (DiT only, and with decode), peak device memory per rank, share of time in
@@ -46,7 +44,6 @@ CONFIGS = (
     "optimized",
     "optimized-graphs",
     "compile",
-    "compile-overlap",
     "compiled-nograph",
     "compiled",
 )
@@ -102,7 +99,9 @@ def _median(xs: list[float]) -> float:
 
 def _run_video(session: StreamSession, prompt, device, keep: list | None = None) -> tuple[list[float], float]:
     """Per-chunk ready times (ms from start) and the total time (ms) of one video. The prompt's
-    cross-attention K/V (once per prompt, not DiT chunk work) are finished before the clock starts.
+    cross-attention K/V (once per prompt, not DiT chunk work) are finished before the clock starts,
+    and with them the first chunk's noise, which `reset` draws on the host while the device
+    computes them.
     keep: a list that receives the video's latents [B, F, C, H, W] (host, float32)."""
     session.reset(prompt, seed=0)
     _sync(device)
@@ -183,12 +182,11 @@ def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipel
     req = res.request
     if name in ("reference", "paper-sp"):
         req = dataclasses.replace(req, sp_rope="allgather", sp_comm="unfused", backend="eager", engines=None)
-    elif name in ("optimized", "optimized-graphs", "compile", "compile-overlap"):
-        comm = "overlap" if name == "compile-overlap" else "fused"
-        req = dataclasses.replace(req, sp_rope="local", sp_comm=comm, engines=None)
+    elif name in ("optimized", "optimized-graphs", "compile"):
+        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", engines=None)
     elif name == "compiled-nograph":
         req = dataclasses.replace(req, cuda_graphs=False)
-    backend = res.backend if name in ENGINE_CONFIGS else "compile" if name.startswith("compile") else "eager"
+    backend = res.backend if name in ENGINE_CONFIGS else "compile" if name == "compile" else "eager"
     return dataclasses.replace(res, request=req, world_size=world_size, backend=backend)
 
 

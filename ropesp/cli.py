@@ -73,10 +73,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--sp-comm",
-        choices=["fused", "unfused", "overlap"],
+        choices=["fused", "unfused"],
         default="fused",
-        help="fused = one all-to-all for q,k,v; unfused = three; overlap = fused, in two token halves "
-        "pipelined so the all-to-alls run under computation (eager and compile backends)",
+        help="fused = one all-to-all for q,k,v; unfused = three",
     )
     g.add_argument(
         "--ulysses-degree", type=int, help="U of the hybrid layout world = U x R (default: largest fit)"

@@ -7,6 +7,7 @@ world size 1 on the same code path.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -75,5 +76,11 @@ def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float 
 
 
 def destroy_process_group() -> None:
+    """Leave the group (every group of this process). Callers drop their executors first, so the
+    CUDA graphs that captured NCCL collectives are destroyed before the communicators they use, and
+    the device finishes its queued work before the communicators go."""
     if dist.is_initialized():
+        gc.collect()  # the executors' CUDA graphs, freed by the caller, are gone before the comms
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         dist.destroy_process_group()

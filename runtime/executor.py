@@ -23,7 +23,6 @@ from ropesp.model.wan import CausalWanDiT, timestep_sinusoid
 from ropesp.parallel import SPLayout, TokenShard
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.graphs import ChunkGraphs
-from ropesp.runtime.overlap import check_overlap, comm_stream_for, overlapped_forward, split_point
 from ropesp.runtime.ring import HybridRunner, RingCache, ring_capacity, ulysses_group
 from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, UlyssesRunner
 
@@ -123,8 +122,6 @@ class SPState:
             raise ConfigError(f"--sp-rope {sp_rope!r}; choose one of {SP_ROPE_MODES}")
         if sp_comm not in SP_COMM_MODES:
             raise ConfigError(f"--sp-comm {sp_comm!r}; choose one of {SP_COMM_MODES}")
-        if sp_comm == "overlap":
-            check_overlap(sp_rope, layout.ring)
         self.cfg, self.geometry, self.mapping, self.layout = cfg, geometry, mapping, layout
         self.device, self.dtype, self.batch = device, dtype, batch
         self.sp_rope, self.sp_comm = sp_rope, sp_comm
@@ -221,17 +218,6 @@ class SPState:
             "tables", start_frame, frames, g.rows, g.cols, first_token, self.tables, self.cfg.rope_theta
         )
 
-    @property
-    def overlap(self) -> bool:
-        """Whether the model forward runs as two pipelined token halves (runtime/overlap.py)."""
-        return self.sp_comm == "overlap" and self.mapping.world_size > 1
-
-    def half_ropes(self, start_frame: int, frames: int) -> tuple:
-        """The local RoPE of this rank's token halves A and B (`--sp-comm overlap`)."""
-        shard = self._shard(frames)
-        cut = split_point(shard.length)
-        return tuple(self.local_rope(start_frame, frames, shard.first + off) for off in (0, cut))
-
     def runner(self, slots, start_frame: int, frames: int, rope_fn=None):
         """The ChunkRunner of this rank for one forward; rope_fn overrides the local RoPE."""
         g = self.geometry
@@ -325,8 +311,6 @@ class EagerExecutor(ChunkExecutor):
     a device scalar, so no chunk position recompiles. The runner's collectives, cache writes and
     attention stay between the regions, as in the engine segments (export/segments.py).
     cuda_graphs (CUDA only): each chunk forward is captured once per cache slot plan and replayed.
-    With `--sp-comm overlap` (P > 1) the forward runs as two pipelined token halves whose all-to-alls
-    run on a communication stream (runtime/overlap.py).
     """
 
     def __init__(
@@ -336,7 +320,6 @@ class EagerExecutor(ChunkExecutor):
         if compile:
             compile_regions(model)
             state.rope_op = True  # start_frame as a device tensor: one graph for every chunk position
-        self.comm_stream = comm_stream_for(self.device) if state.overlap else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
         """x: [B, F, C, H, W] float32; t: scalar timestep; returns flow [B, F, C, H, W] float32."""
@@ -348,13 +331,7 @@ class EagerExecutor(ChunkExecutor):
         t_sin = st.sinusoid(t, b, frames)
         x = x.to(self.device)
 
-        ropes = st.half_ropes(start_frame, frames) if st.overlap else None
-
         def chunk(x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
-            if ropes is not None:
-                return overlapped_forward(
-                    self.model, x, t_sin, self.cross_kv, runner, ropes, self.comm_stream
-                )
             return self.model(x, t_sin, self.cross_kv, runner)
 
         with torch.inference_mode(), self._on_stream(), attention_priority(self.device):

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from ropesp.config import VAE_STRIDE, SamplerConfig
 from ropesp.errors import ConfigError, RopespError
-from ropesp.runtime.dist import Mapping, device_for
+from ropesp.runtime.dist import Mapping, destroy_process_group, device_for
 from ropesp.runtime.executor import check_prompt_embeds
 from ropesp.runtime.launch import RankFailure, free_port
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_session
@@ -332,8 +332,8 @@ class SessionGroup:
                     proc.kill()
                     proc.wait()
             self.workers = []
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            self.pipeline = None  # its CUDA graphs captured NCCL calls: gone before the group
+            destroy_process_group()
             torch.set_num_threads(self._threads)
 
     def __enter__(self) -> SessionGroup:
@@ -346,6 +346,7 @@ class SessionGroup:
 def run_worker(res: ResolvedPipeline, mapping: Mapping, port: int) -> None:
     """Rank 1..P-1: join the group, then receive -> reset -> iterate in lock-step, until SHUTDOWN."""
     channel = _init_group(mapping, res.device, port, COLLECTIVE_TIMEOUT_S)
+    pipeline = None
     try:
         _share_cpu(res)
         pipeline = RankPipeline(res, mapping)
@@ -358,7 +359,8 @@ def run_worker(res: ResolvedPipeline, mapping: Mapping, port: int) -> None:
                 if channel.decision() == Command.CANCEL:
                     break
     finally:
-        dist.destroy_process_group()
+        del pipeline  # its CUDA graphs captured NCCL calls: gone before the group
+        destroy_process_group()
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -130,10 +130,6 @@ class PipelineConfig:
         if manifest is not None:
             manifest.check_world_size(world)  # before any rank starts
         layout = SPLayout.choose(cfg.num_heads, world, self.ulysses_degree, self.ring_degree)
-        if self.sp_comm == "overlap":
-            from ropesp.runtime.overlap import check_overlap
-
-            check_overlap(self.sp_rope, layout.ring, backend)
         return ResolvedPipeline(
             self,
             cfg,

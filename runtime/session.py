@@ -107,7 +107,22 @@ class StreamSession:
         self.executor.reset()
         if self.decoder is not None:
             self.decoder.reset()
+        # the first chunk's noise is drawn on the host now, while the device computes the prompt's
+        # K/V, instead of at the start of the first chunk (same generator, same order)
+        self._noise = NoiseStream(self.seed)
+        self._first_noise = self._draw(self._noise, self.chunk_sizes[0])
         self._ready = True
+
+    def _draw(self, noise: NoiseStream, frames: int) -> list[torch.Tensor]:
+        """One chunk's noise [B, frames, C, h, w] per step, on the device, without a host sync."""
+        shape = (
+            self.batch,
+            frames,
+            self.executor.cfg.in_dim,
+            self.geometry.latent_height,
+            self.geometry.latent_width,
+        )
+        return noise.draw_chunk(shape, len(self.schedule.timesteps), torch.device(self.executor.device))
 
     def __iter__(self) -> Iterator[Chunk]:
         if not self._ready:
@@ -122,22 +137,16 @@ class StreamSession:
     # --- the DiT loop ------------------------------------------------------------------------
     def _dit_chunks(self, stop: threading.Event | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(index, start_frame, latents on the CPU) of each chunk, in order; checks `stop` before each forward."""
-        noise = NoiseStream(self.seed)
-        c = self.executor.cfg.in_dim
-        h, w = self.geometry.latent_height, self.geometry.latent_width
+        noise, pending = self._noise, self._first_noise
+        self._first_noise = None
         steps, sigmas = self.schedule.timesteps, self.schedule.step_sigmas
-        device = torch.device(self.executor.device)
 
         def forward(x, t, start):
             if stop is not None and stop.is_set():
                 raise _Stopped
             return self.executor.forward(x, t, start)
 
-        def draw(n: int) -> list[torch.Tensor]:  # a chunk's noise, no host sync
-            return noise.draw_chunk((self.batch, n, c, h, w), len(steps), device)
-
         start = 0
-        pending = draw(self.chunk_sizes[0])
         for index, n in enumerate(self.chunk_sizes):
             with torch.profiler.record_function(f"ropesp.dit.chunk{index}"):
                 x, *eps = pending
@@ -147,7 +156,7 @@ class StreamSession:
                     if i == 0 and index + 1 < len(self.chunk_sizes):
                         # the next chunk's noise (the generator's order is unchanged) is drawn on the
                         # host while the device runs this chunk, not at the next chunk's start
-                        pending = draw(self.chunk_sizes[index + 1])
+                        pending = self._draw(noise, self.chunk_sizes[index + 1])
                     x0 = self.schedule.to_x0(x, flow, sigmas[i])
                     if i + 1 < len(steps):
                         x = self.schedule.add_noise(x0, eps[i], sigmas[i + 1])

@@ -7,9 +7,7 @@ head-sharded persistent KV cache; ONE all-to-all brings the output back to [B, L
 
 Baselines kept for measurement (PAPER.md): `sp_rope="allgather"` gathers q and k to the full chunk
 and applies the reference float64 RoPE there; `sp_comm="unfused"` sends q, k and v in three
-all-to-alls. `sp_comm="overlap"` is the fused exchange with the chunk in two pipelined token halves
-(runtime/overlap.py drives the model for it; here it is the fused step). All modes produce the same
-outputs.
+all-to-alls. All modes produce the same outputs.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from ropesp.model.rope import rope_apply_ref
 from ropesp.parallel import TokenShard
 
 SP_ROPE_MODES = ("local", "allgather")
-SP_COMM_MODES = ("fused", "unfused", "overlap")
+SP_COMM_MODES = ("fused", "unfused")
 
 
 class Collectives:
@@ -192,7 +190,7 @@ class UlyssesRunner:
         return out
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.sp_comm != "unfused":
+        if self.sp_comm == "fused":
             q, k, v = self._to_heads(torch.stack((q, k, v)))  # one all-to-all for q, k and v
         else:
             q, k, v = self._to_heads(q), self._to_heads(k), self._to_heads(v)

@@ -82,12 +82,6 @@ bench_cmp() {
   if [ -f "$eng/manifest.json" ]; then engines=(--engines "$eng"); else configs=$(only "$configs" '^compiled'); fi
   bench "$name" "$p" "${size[@]}" "${engines[@]}" --configs "$configs" "$@" && return 0
   local fewer
-  fewer=$(only "$configs" '^compile-overlap$')
-  if [ "$fewer" != "$configs" ]; then  # the newest configuration first
-    echo "!! $name failed; again without compile-overlap"
-    cp "$RES/$name.log" "$RES/$name.failed.log"
-    bench "$name" "$p" "${size[@]}" "${engines[@]}" --configs "$fewer" "$@" && return 0
-  fi
   fewer=$(only "$configs" '^compile')
   [ "$fewer" != "$configs" ] || return 1
   echo "!! $name failed; eager configurations only"
@@ -108,8 +102,8 @@ for step in "$@"; do
     diag) python3 scripts/aoti_diag.py "$RES/diag" 2>&1 | grep -v "^\s*$" | tail -n 60 ;;
     bench1opt) bench_cmp bench480_p1opt 1 480 "$LH" "$LW" optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
     bench1) bench_cmp bench480_p1 1 480 "$LH" "$LW" reference,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
-    bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,compile-overlap,$ENGINE_CFGS --no-decode ;;
-    bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,compile-overlap,$ENGINE_CFGS --no-decode ;;
+    bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
+    bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
     hybrid)  # U=1 x R=2 (ring attention over cache shards) against U=2 x R=1 (bench2), same engines
       bench_cmp hybrid480_u1r2 2 480 "$LH" "$LW" optimized,compile,compiled --no-decode --ulysses-degree 1 --ring-degree 2 ;;
     parity)  # compile + CUDA graphs, engines and the hybrid layout against eager on one GPU
@@ -139,10 +133,10 @@ for step in "$@"; do
     bench720)  # 1280x720: engines vs the paper baseline for P = 1, 2, 4
       bench_cmp bench720_p1 1 720 "$LH720" "$LW720" optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode --repeat 1
       for p in 2 4; do [ "$p" -le "$NGPU" ] && bench_cmp "bench720_p$p" "$p" 720 "$LH720" "$LW720" \
-        paper-sp,optimized,compile,compile-overlap,$ENGINE_CFGS --no-decode --repeat 1; done ;;
+        paper-sp,optimized,compile,$ENGINE_CFGS --no-decode --repeat 1; done ;;
     wan14b)  # Wan-14B shapes (40 heads), 480p: paper baseline vs optimized eager, P = 2 and 4
       for p in 2 4; do [ "$p" -le "$NGPU" ] && PRESET=wan2.1-14b bench_cmp "bench14b_p$p" "$p" none "$LH" "$LW" \
-        paper-sp,optimized,compile,compile-overlap --no-decode --repeat 1; done ;;
+        paper-sp,optimized,compile --no-decode --repeat 1; done ;;
     serve)  # first-chunk latency through Triton vs in-process, 2 ranks, compile backend. Needs nvidia-pytriton,
       # tritonclient and numpy<2 (the backend stub's): scripts/fetch_gpu_wheels.sh packs them into
       # .whl_serve/site.tar.xz, unpacked here into the git-ignored .site/
