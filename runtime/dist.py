@@ -76,11 +76,24 @@ def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float 
 
 
 def destroy_process_group() -> None:
-    """Leave the group (every group of this process). Callers drop their executors first, so the
-    CUDA graphs that captured NCCL collectives are destroyed before the communicators they use, and
-    the device finishes its queued work before the communicators go."""
+    """Leave the group (every group of this process), together with the other ranks: tearing down
+    NCCL communicators can wait for the peers' teardown (torch shuts the groups down in a fixed order
+    for that reason), so every rank must call this at about the same time, never one rank after
+    waiting for another's exit. Callers drop their executors first, so the CUDA graphs that captured
+    NCCL collectives are destroyed before the communicators they use."""
     if dist.is_initialized():
         gc.collect()  # the executors' CUDA graphs, freed by the caller, are gone before the comms
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
+        dist.destroy_process_group()
+
+
+def abort_process_group() -> None:
+    """Leave the group without waiting for the peers (one may have died): NCCL communicators are
+    aborted; gloo groups, which never wait in teardown, are destroyed."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
         dist.destroy_process_group()

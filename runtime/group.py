@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from ropesp.config import VAE_STRIDE, SamplerConfig
 from ropesp.errors import ConfigError, RopespError
-from ropesp.runtime.dist import Mapping, destroy_process_group, device_for
+from ropesp.runtime.dist import Mapping, abort_process_group, destroy_process_group, device_for
 from ropesp.runtime.executor import check_prompt_embeds
 from ropesp.runtime.launch import RankFailure, free_port
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_session
@@ -319,21 +319,30 @@ class SessionGroup:
             raise
 
     def close(self) -> None:
-        """Shut the workers down (killed if they do not exit) and leave the group; idempotent."""
+        """Shut the workers down (killed if they do not exit) and leave the group; idempotent.
+
+        After a clean SHUTDOWN every rank leaves the group at once (NCCL teardown waits for the peers);
+        after a failure the group is aborted, since a peer may be dead."""
         channel, self._channel = self._channel, None
+        graceful = channel is not None and not self._failure
         try:
-            if channel is not None and not self._failure:
+            if graceful:
                 channel.header({"command": int(Command.SHUTDOWN)})
+        except BaseException:
+            graceful = False
+            raise
         finally:
+            self.pipeline = None  # its CUDA graphs captured NCCL calls: gone before the group
+            if graceful:
+                destroy_process_group()  # while the workers leave it too
             for proc in self.workers:
                 try:
-                    proc.wait(STOP_TIMEOUT_S if channel is not None and not self._failure else 0.1)
+                    proc.wait(STOP_TIMEOUT_S if graceful else 0.1)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
             self.workers = []
-            self.pipeline = None  # its CUDA graphs captured NCCL calls: gone before the group
-            destroy_process_group()
+            abort_process_group()  # a no-op after the graceful path
             torch.set_num_threads(self._threads)
 
     def __enter__(self) -> SessionGroup:
