@@ -131,10 +131,11 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
     if bench.decode:
         session.decoder = make_decoder(bench.vae, device)
         dec_runs = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
-        if _world_size(session) == 1:  # decode of chunk c beside the DiT of chunk c+1 (runtime/session.py)
-            session.overlap_decode = True
-            overlapped = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
-            session.overlap_decode = False
+        # decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): the DiT, collectives
+        # included, runs on one producer thread per rank, and every rank decodes on its own device
+        session.overlap_decode = True
+        overlapped = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
+        session.overlap_decode = False
         session.decoder = None
     frames = video_frames_for(session.latent_frames)
     total_ms = _median([r[1] for r in dit_runs])
@@ -159,11 +160,6 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
         "warmup_s": warm_s,
         "latents": latents[0],
     }
-
-
-def _world_size(session: StreamSession) -> int:
-    state = getattr(session.executor, "state", None)
-    return state.mapping.world_size if state is not None else 1
 
 
 def make_decoder(vae: str | None, device: torch.device):

@@ -47,8 +47,8 @@ def test_bench_writes_json_and_plot(tmp_path, world_size):
         assert row["latents_vs"]["config"] == next(iter(out["results"]))
         assert row["latents_vs"]["max_abs"] < 1e-4
     assert (out["results"]["optimized"]["comm_share"] > 0) == (world_size > 1)
-    # overlapped decode is measured where it is the default (one rank)
-    assert (out["results"]["optimized"]["fps_with_decode_overlapped"] is not None) == (world_size == 1)
+    # overlapped decode (DiT on a producer thread per rank, collectives included) on any world size
+    assert out["results"]["optimized"]["fps_with_decode_overlapped"] > 0
     for key in ("date", "card", "torch", "git_commit"):
         assert out["environment"][key]
     assert out["setup"]["video_frames"] == 21
