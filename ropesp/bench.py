@@ -250,7 +250,8 @@ def run_rank(
             # every configuration draws the same noise on the same weights: its latents must match the
             # first one's up to the dtype's rounding (bf16: ~1e-2 on values of magnitude ~1)
             latents = row.pop("latents")
-            first = first if results else (name, latents)
+            if first is None:
+                first = (name, latents)
             diff = (latents - first[1]).abs()
             row["latents_vs"] = {
                 "config": first[0],

@@ -110,11 +110,12 @@ class StreamSession:
         # the first chunk's noise is drawn on the host now, while the device computes the prompt's
         # K/V, instead of at the start of the first chunk (same generator, same order)
         self._noise = NoiseStream(self.seed)
-        self._first_noise = self._draw(self._noise, self.chunk_sizes[0])
+        self._first_noise = self._draw(self.chunk_sizes[0])
         self._ready = True
 
-    def _draw(self, noise: NoiseStream, frames: int) -> list[torch.Tensor]:
-        """One chunk's noise [B, frames, C, h, w] per step, on the device, without a host sync."""
+    def _draw(self, frames: int) -> list[torch.Tensor]:
+        """The stream's next chunk noise [B, frames, C, h, w] per step, on the device, without a host
+        sync (the stream's generator, in the documented order)."""
         shape = (
             self.batch,
             frames,
@@ -122,7 +123,7 @@ class StreamSession:
             self.geometry.latent_height,
             self.geometry.latent_width,
         )
-        return noise.draw_chunk(shape, len(self.schedule.timesteps), torch.device(self.executor.device))
+        return self._noise.draw_chunk(shape, len(self.schedule.timesteps), torch.device(self.executor.device))
 
     def __iter__(self) -> Iterator[Chunk]:
         if not self._ready:
@@ -137,8 +138,7 @@ class StreamSession:
     # --- the DiT loop ------------------------------------------------------------------------
     def _dit_chunks(self, stop: threading.Event | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(index, start_frame, latents on the CPU) of each chunk, in order; checks `stop` before each forward."""
-        noise, pending = self._noise, self._first_noise
-        self._first_noise = None
+        pending, self._first_noise = self._first_noise, None
         steps, sigmas = self.schedule.timesteps, self.schedule.step_sigmas
 
         def forward(x, t, start):
@@ -156,7 +156,7 @@ class StreamSession:
                     if i == 0 and index + 1 < len(self.chunk_sizes):
                         # the next chunk's noise (the generator's order is unchanged) is drawn on the
                         # host while the device runs this chunk, not at the next chunk's start
-                        pending = self._draw(noise, self.chunk_sizes[index + 1])
+                        pending = self._draw(self.chunk_sizes[index + 1])
                     x0 = self.schedule.to_x0(x, flow, sigmas[i])
                     if i + 1 < len(steps):
                         x = self.schedule.add_noise(x0, eps[i], sigmas[i + 1])

@@ -81,11 +81,11 @@ bench_cmp() {
   local size=(--preset "$PRESET" --latent-height "$lh" --latent-width "$lw" --latent-frames "$LF")
   if [ -f "$eng/manifest.json" ]; then engines=(--engines "$eng"); else configs=$(only "$configs" '^compiled'); fi
   bench "$name" "$p" "${size[@]}" "${engines[@]}" --configs "$configs" "$@" && return 0
-  local fewer
-  fewer=$(only "$configs" '^compile')
-  [ "$fewer" != "$configs" ] || return 1
+  local eager
+  eager=$(only "$configs" '^compile')
+  [ "$eager" != "$configs" ] || return 1
   echo "!! $name failed; eager configurations only"
-  bench "$name" "$p" "${size[@]}" --configs "$fewer" "$@"
+  bench "$name" "$p" "${size[@]}" --configs "$eager" "$@"
 }
 
 ENGINE_CFGS=compiled-nograph,compiled
