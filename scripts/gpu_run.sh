@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile vae build720 bench720 wan14b
+#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile vae vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -130,6 +130,10 @@ for step in "$@"; do
     vae)  # full-size Wan VAE (random weights): decode alone, serial and overlapped with the DiT
       bench_cmp vae480_p1 1 480 "$LH" "$LW" compile --vae random --repeat 1
       [ "$NGPU" -ge 2 ] && bench_cmp vae480_p2 2 480 "$LH" "$LW" compile --vae random --repeat 1 ;;
+    vaedec)  # the Wan VAE decoder alone: cuDNN autotuning, channels-last, torch.compile (scripts/vae_bench.py)
+      timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/vae_bench.py --device "$DEVICE" --dtype "$DTYPE" \
+        --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" ${VAEDEC_ARGS:-} --json "$RES/vae_decode.json" \
+        >"$RES/vae_decode.log" 2>&1; tail -n 7 "$RES/vae_decode.log" ;;
     bench720)  # 1280x720: engines vs the paper baseline for P = 1, 2, 4
       bench_cmp bench720_p1 1 720 "$LH720" "$LW720" optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode --repeat 1
       for p in 2 4; do [ "$p" -le "$NGPU" ] && bench_cmp "bench720_p$p" "$p" 720 "$LH720" "$LW720" \

@@ -251,18 +251,43 @@ def load_wan_vae(
     return _build(infer_original_config(state, str(path)), state, str(path), True, dtype, device)
 
 
+def set_conv_layout(vae: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """Store every convolution weight of `vae` channels-last (Conv3d NDHWC, Conv2d NHWC) or back in the
+    default layout, in place; returns `vae`.
+
+    A convolution whose weight is channels-last produces a channels-last output, so the activations
+    follow: cuDNN's tensor-core kernels read NDHWC directly instead of transposing every input, and the
+    upsamplers' per-frame 2D convolutions see their [B*T, C, H, W] view of an NDHWC tensor as NHWC
+    without a copy. The values are unchanged, so decoding gives the same frames up to kernel rounding.
+    """
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        elif isinstance(module, torch.nn.Conv2d):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+        else:
+            continue
+        module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+    return vae
+
+
 # --- streaming decode ----------------------------------------------------------------------------
 class WanVAEDecoder:
     """StreamDecoder on an AutoencoderKLWan: chunk by chunk, bit-identical to one `vae.decode` of all latents.
 
     State: one causal-conv feature cache per stream (a list with one slot per WanCausalConv3d of the
-    decoder) and whether the stream's first latent frame has been decoded. The VAE module itself is not
-    modified, so several decoders may share one VAE.
+    decoder) and whether the stream's first latent frame has been decoded. The VAE's weights are not
+    changed (at most their memory layout), so several decoders may share one VAE.
+
+    compile: run the decoder through `torch.compile` (Inductor fuses the fp32 RMS norms, SiLUs, paddings
+    and cache concatenations around the cuDNN convolutions; one graph each for the stream's first,
+    second and later latent frames, whose cache states differ).
     """
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: torch.nn.Module, compile: bool = False) -> None:
         wan = _wan_modules()
         self.vae = vae
+        self._decoder = torch.compile(vae.decoder, dynamic=False) if compile else vae.decoder
         self.num_convs = sum(isinstance(m, wan.WanCausalConv3d) for m in vae.decoder.modules())
         self._takes_first_chunk = "first_chunk" in inspect.signature(vae.decoder.forward).parameters
         cfg = vae.config
@@ -306,9 +331,7 @@ class WanVAEDecoder:
         out = []
         for f in range(x.shape[2]):  # one latent frame per call, as AutoencoderKLWan._decode does
             kwargs = {"first_chunk": self._first} if self._takes_first_chunk else {}
-            out.append(
-                self.vae.decoder(x[:, :, f : f + 1], feat_cache=self._feat_cache, feat_idx=[0], **kwargs)
-            )
+            out.append(self._decoder(x[:, :, f : f + 1], feat_cache=self._feat_cache, feat_idx=[0], **kwargs))
             self._first = False
         video = torch.cat(out, dim=2)  # [B, 3, N, H, W]
         if self.patch_size is not None:
