@@ -6,9 +6,9 @@
 
 Variants, each on the same VAE weights and latents, decoded chunk by chunk (3 latent frames) as a
 session does:
-- eager: `WanVAEDecoder` as it runs by default (cuDNN's heuristic convolution algorithms);
+- eager: `WanVAEDecoder` in the default memory layout (cuDNN's heuristic convolution algorithms);
 - cudnn-benchmark: `torch.backends.cudnn.benchmark = True` (autotuned algorithms; stays on for the rest);
-- channels-last: convolution weights, and so the activations, NDHWC (`set_conv_layout`);
+- channels-last: convolution weights, and so the activations, NDHWC (`set_conv_layout`; the default on CUDA);
 - compile: `WanVAEDecoder(compile=True)` (Inductor around the convolutions), default layout;
 - compile-channels-last: both.
 Per chunk: milliseconds between CUDA events around `decode_video` (host clocks on the CPU), median of
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from ropesp.decode.wan_vae import WanVAEDecoder, set_conv_layout
+from ropesp.decode.wan_vae import WanVAEDecoder
 
 VARIANTS = ("eager", "cudnn-benchmark", "channels-last", "compile", "compile-channels-last")
 
@@ -82,8 +82,9 @@ def main() -> None:
     results, reference = {}, None
     for name in variants:
         torch.backends.cudnn.benchmark = name != "eager"
-        set_conv_layout(vae, channels_last=name.endswith("channels-last"))
-        decoder = WanVAEDecoder(vae, compile=name.startswith("compile"))
+        decoder = WanVAEDecoder(
+            vae, channels_last=name.endswith("channels-last"), compile=name.startswith("compile")
+        )
         t0 = time.perf_counter()
         for _ in range(2 if name.startswith("compile") else 1):
             decode_video_ms(decoder, latents, args.chunk, device)
