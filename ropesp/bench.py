@@ -65,6 +65,8 @@ class BenchConfig:
     vae: str | None = None
     """Time decode with the Wan VAE: a checkpoint path, or "random" (full size, random weights);
     None = the preview decoder."""
+    vae_compile: bool = False
+    """Run the Wan VAE decoder through torch.compile (WanVAEDecoder(compile=True))."""
     decode: bool = True
     """Also time the video with decode (False: DiT only, for scaling runs)."""
     json_out: str | None = None
@@ -81,6 +83,8 @@ class BenchConfig:
         engine_configs = [c for c in self.configs if c in ENGINE_CONFIGS]
         if engine_configs and not self.pipeline.engines:
             raise ConfigError(f"--configs {','.join(engine_configs)} needs --engines DIR from `ropesp build`")
+        if self.vae_compile and not self.vae:
+            raise ConfigError("--vae-compile compiles the Wan VAE: pass --vae too")
         if self.vae and not self.decode:
             raise ConfigError("--vae times decode; it cannot be combined with --no-decode")
         if self.repeat < 1 or self.warmup < 0:
@@ -129,7 +133,7 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
         comm_ms.append(comm.elapsed_ms() if comm is not None else 0.0)
     dec_runs, overlapped = [], None
     if bench.decode:
-        session.decoder = make_decoder(bench.vae, device)
+        session.decoder = make_decoder(bench.vae, device, bench.vae_compile)
         dec_runs = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
         # decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): the DiT, collectives
         # included, runs on one producer thread per rank, and every rank decodes on its own device
@@ -162,16 +166,17 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
     }
 
 
-def make_decoder(vae: str | None, device: torch.device):
-    """The decoder whose cost `bench` adds: preview, or the streaming Wan VAE (bf16 on GPU)."""
+def make_decoder(vae: str | None, device: torch.device, compile: bool = False):
+    """The decoder whose cost `bench` adds: preview, or the streaming Wan VAE (bf16 on GPU; compiled
+    with `compile`)."""
     if vae is None:
         return PreviewDecoder()
     from ropesp.decode.wan_vae import WanVAEDecoder
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if vae == "random":
-        return WanVAEDecoder.random(dtype, device)
-    return WanVAEDecoder.from_path(vae, dtype, device)
+        return WanVAEDecoder.random(dtype, device, compile=compile)
+    return WanVAEDecoder.from_path(vae, dtype, device, compile=compile)
 
 
 def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipeline:

@@ -162,6 +162,8 @@ class GenerateOutputs:
     """Where the VAE came from, for error messages."""
     overlap_decode: bool | None = None
     """None: decode overlapped with the DiT on CUDA; False: serial."""
+    vae_compile: bool = False
+    """Run the Wan VAE decoder through torch.compile."""
 
 
 def add_model_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -248,6 +250,10 @@ def cmd_generate(args) -> None:
             "--decoder vae needs a Wan VAE: pass --vae PATH (diffusers vae/ directory or Wan2.1_VAE.pth) "
             "or --model-dir DIR, or use --decoder preview"
         )
+    if args.vae_compile and decoder != "vae":
+        raise ConfigError(
+            "--vae-compile compiles the Wan VAE decoder: use it with --decoder vae (--vae or --model-dir)"
+        )
     config = pipeline_config(args)
     if md is not None:
         config = dataclasses.replace(config, checkpoint=str(md.dit_weights))
@@ -278,6 +284,7 @@ def cmd_generate(args) -> None:
         vae=vae if decoder == "vae" else None,
         vae_flag="--vae" if args.vae else f"--model-dir {args.model_dir}",
         overlap_decode=False if args.no_overlap_decode else None,
+        vae_compile=args.vae_compile,
     )
     if res.world_size > 1 and not under_launcher():
         spawn_ranks(res.world_size, _generate_rank, res, prompt, outputs)
@@ -302,7 +309,7 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
             from ropesp.decode.wan_vae import WanVAEDecoder
 
             try:
-                decoder = WanVAEDecoder.from_path(outputs.vae, res.dtype, device)
+                decoder = WanVAEDecoder.from_path(outputs.vae, res.dtype, device, outputs.vae_compile)
             except CheckpointError as exc:
                 raise CheckpointError(f"{outputs.vae_flag}: {exc}") from None
         elif lead:
@@ -358,6 +365,7 @@ def cmd_bench(args) -> None:
         warmup=args.warmup,
         repeat=args.repeat,
         vae=args.vae,
+        vae_compile=args.vae_compile,
         decode=not args.no_decode,
         commit=args.commit,
         json_out=args.json,
@@ -383,6 +391,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "--vae", help="time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)"
     )
+    p.add_argument("--vae-compile", action="store_true", help="torch.compile the Wan VAE decoder")
     p.add_argument("--no-decode", action="store_true", help="time the DiT only (skip the runs with decode)")
     p.add_argument("--commit", help="source commit to record when the tree has no git metadata")
     p.add_argument("--json", help="write the results as JSON")
@@ -524,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--vae", help="Wan VAE: diffusers vae/ directory or Wan2.1_VAE.pth (default: --model-dir's)"
+    )
+    gen.add_argument(
+        "--vae-compile",
+        action="store_true",
+        help="torch.compile the Wan VAE decoder: ~2 min of compilation per process, then about 1.7x faster "
+        "decode than the default (channels-last) on an H200",
     )
     gen.add_argument(
         "--no-overlap-decode",

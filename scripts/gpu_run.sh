@@ -127,9 +127,9 @@ for step in "$@"; do
         --backend aoti --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" \
         --device "$DEVICE" --json "$RES/profile_compiled.json" --trace "$RES/trace_compiled.json.gz" \
         >"$RES/profile_compiled.log" 2>&1; tail -n 14 "$RES/profile_compiled.log"; } ;;
-    vae)  # full-size Wan VAE (random weights): decode alone, serial and overlapped with the DiT
-      bench_cmp vae480_p1 1 480 "$LH" "$LW" compile --vae random --repeat 1
-      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p2 2 480 "$LH" "$LW" compile --vae random --repeat 1 ;;
+    vae)  # full-size Wan VAE (random weights): decode alone, serial and overlapped with the DiT (VAE_ARGS=--vae-compile)
+      bench_cmp vae480_p1 1 480 "$LH" "$LW" compile --vae random --repeat 1 ${VAE_ARGS:-}
+      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p2 2 480 "$LH" "$LW" compile --vae random --repeat 1 ${VAE_ARGS:-} ;;
     vaedec)  # the Wan VAE decoder alone: cuDNN autotuning, channels-last, torch.compile (scripts/vae_bench.py)
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/vae_bench.py --device "$DEVICE" --dtype "$DTYPE" \
         --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" ${VAEDEC_ARGS:-} --json "$RES/vae_decode.json" \

@@ -79,6 +79,11 @@ def test_bench_compiled_needs_engines(capsys):
     assert "needs --engines" in capsys.readouterr().err
 
 
+def test_bench_vae_compile_needs_a_vae(capsys):
+    assert main(["bench", "--configs", "optimized", "--vae-compile"]) == 2
+    assert "--vae-compile compiles the Wan VAE: pass --vae too" in capsys.readouterr().err
+
+
 def test_bench_times_the_wan_vae(tmp_path):
     import helpers_media
 

@@ -311,18 +311,28 @@ class WanVAEDecoder:
 
     @classmethod
     def from_path(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        compile: bool = False,
     ) -> WanVAEDecoder:
-        return cls(load_wan_vae(path, dtype, device))
+        return cls(load_wan_vae(path, dtype, device), compile=compile)
 
     @classmethod
-    def random(cls, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+    def random(
+        cls,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        compile: bool = False,
+    ) -> WanVAEDecoder:
         """The full-size Wan2.1 VAE (diffusers' default AutoencoderKLWan config) on seeded random
         weights: for timing decode where no checkpoint is at hand."""
         from diffusers import AutoencoderKLWan
 
         torch.manual_seed(seed)
-        return cls(AutoencoderKLWan().to(device=device, dtype=dtype).eval())
+        return cls(AutoencoderKLWan().to(device=device, dtype=dtype).eval(), compile=compile)
 
     def reset(self) -> None:
         self._feat_cache: list = [None] * self.num_convs

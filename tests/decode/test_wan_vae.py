@@ -121,19 +121,24 @@ def test_wan_vae_channels_last_layout(vae, latents, reference):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 cuDNN convolutions)")
 def test_wan_vae_compiled_channels_last_on_cuda(vae, latents):
-    """torch.compile + channels-last (bf16, CUDA) streams the same frames as the eager default layout,
-    chunk by chunk and across a reset: to bf16 rounding of the activations (2^-8 relative on values in
-    [-1, 1], accumulated over ~30 layers: 0.05), at mean error well below one uint8 step."""
-    vae = copy.deepcopy(vae).to("cuda", torch.bfloat16)
-    eager = WanVAEDecoder(vae, channels_last=False)
-    expected = [eager.decode_video(latents[:, f : f + 3]) for f in range(0, LATENT_FRAMES, 3)]
-    fast = WanVAEDecoder(vae, channels_last=True, compile=True)
+    """torch.compile + channels-last (bf16, CUDA) streams frames as accurate as the eager bf16 decoder:
+    both against one fp32 decode, chunk by chunk and across a reset. Bounds relative to eager bf16's own
+    error, because bf16 rounding through this tiny VAE (random, unit-gain layers) alone reaches ~0.2."""
+    exact = WanVAEDecoder(copy.deepcopy(vae).to("cuda"), channels_last=False)
+    eager = WanVAEDecoder(copy.deepcopy(vae).to("cuda", torch.bfloat16), channels_last=False)
+    fast = WanVAEDecoder(copy.deepcopy(vae).to("cuda", torch.bfloat16), channels_last=True, compile=True)
+    chunks = [latents[:, f : f + 3] for f in range(0, LATENT_FRAMES, 3)]
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        expected = torch.cat([exact.decode_video(c) for c in chunks], dim=2)
+    eager_err = (torch.cat([eager.decode_video(c) for c in chunks], dim=2) - expected).abs()
     for _ in range(2):  # the second stream reuses the graphs of the first
         fast.reset()
-        for f, ref in zip(range(0, LATENT_FRAMES, 3), expected, strict=True):
-            got = fast.decode_video(latents[:, f : f + 3])
-            assert got.shape == ref.shape
-            assert (got - ref).abs().max() < 0.05 and (got - ref).abs().mean() < 2 / 255
+        got = [fast.decode_video(c) for c in chunks]
+        assert [g.shape[2] for g in got] == [9, 12, 12]
+        err = (torch.cat(got, dim=2) - expected).abs()
+        summary = f"compiled max {err.max():.4f} mean {err.mean():.5f}; eager bf16 max {eager_err.max():.4f} mean {eager_err.mean():.5f}"
+        assert err.mean() <= 1.5 * eager_err.mean() + 1e-3, summary
+        assert err.max() <= 2 * eager_err.max() + 1e-2, summary
 
 
 @pytest.mark.parametrize("size", ["tiny", "wan2.1"])
