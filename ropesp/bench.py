@@ -134,11 +134,16 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
     dec_runs, overlapped = [], None
     if bench.decode:
         session.decoder = make_decoder(bench.vae, device, bench.vae_compile)
-        dec_runs = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
-        # decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): the DiT, collectives
-        # included, runs on one producer thread per rank, and every rank decodes on its own device
-        session.overlap_decode = True
-        overlapped = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
+        # serial, then decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): the DiT,
+        # collectives included, runs on one producer thread per rank, and every rank decodes on its own
+        # device; each mode warmed up like the DiT (decoder compilation, allocator, cuDNN plans)
+        timed: dict[bool, list] = {}
+        for overlap in (False, True):
+            session.overlap_decode = overlap
+            for _ in range(bench.warmup):
+                _run_video(session, prompt, device)
+            timed[overlap] = [_run_video(session, prompt, device) for _ in range(bench.repeat)]
+        dec_runs, overlapped = timed[False], timed[True]
         session.overlap_decode = False
         session.decoder = None
     frames = video_frames_for(session.latent_frames)
