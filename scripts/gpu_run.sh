@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile vae vaedec build720 bench720 wan14b
+#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilevae vae vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -127,6 +127,10 @@ for step in "$@"; do
         --backend aoti --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" \
         --device "$DEVICE" --json "$RES/profile_compiled.json" --trace "$RES/trace_compiled.json.gz" \
         >"$RES/profile_compiled.log" 2>&1; tail -n 14 "$RES/profile_compiled.log"; } ;;
+    profilevae)  # one video with the full-size Wan VAE decoding overlapped (its own stream), under the profiler
+      python3 scripts/profile_chunk.py --preset "$PRESET" --backend compile --latent-height "$LH" --latent-width "$LW" \
+        --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --vae random --json "$RES/profile_vae.json" \
+        --trace "$RES/trace_vae_overlap.json.gz" >"$RES/profile_vae.log" 2>&1; tail -n 14 "$RES/profile_vae.log" ;;
     vae)  # full-size Wan VAE (random weights): decode alone, serial and overlapped with the DiT (VAE_ARGS=--vae-compile)
       bench_cmp vae480_p1 1 480 "$LH" "$LW" compile --vae random --repeat 1 ${VAE_ARGS:-}
       [ "$NGPU" -ge 2 ] && bench_cmp vae480_p2 2 480 "$LH" "$LW" compile --vae random --repeat 1 ${VAE_ARGS:-} ;;
