@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from ropesp.decode import PreviewDecoder, video_frames_for
 from ropesp.errors import ConfigError
-from ropesp.runtime.dist import Mapping
+from ropesp.runtime.dist import Mapping, parse_device
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model, make_state
 from ropesp.runtime.session import StreamSession
 
@@ -67,6 +67,9 @@ class BenchConfig:
     None = the preview decoder."""
     vae_compile: bool = False
     """Run the Wan VAE decoder through torch.compile (WanVAEDecoder(compile=True))."""
+    decode_device: str | None = None
+    """Where the Wan VAE decodes ('cuda:N'): None = on each rank's own device, every rank decoding;
+    given = only rank 0 decodes, there (a GPU of its own beside the DiT ranks)."""
     decode: bool = True
     """Also time the video with decode (False: DiT only, for scaling runs)."""
     json_out: str | None = None
@@ -83,6 +86,10 @@ class BenchConfig:
         engine_configs = [c for c in self.configs if c in ENGINE_CONFIGS]
         if engine_configs and not self.pipeline.engines:
             raise ConfigError(f"--configs {','.join(engine_configs)} needs --engines DIR from `ropesp build`")
+        if self.decode_device and not self.vae:
+            raise ConfigError("--decode-device places the Wan VAE decoder: pass --vae too")
+        if self.decode_device:
+            parse_device(self.decode_device, "--decode-device")  # fail before any rank starts
         if self.vae_compile and not self.vae:
             raise ConfigError("--vae-compile compiles the Wan VAE: pass --vae too")
         if self.vae and not self.decode:
@@ -117,8 +124,11 @@ def _run_video(session: StreamSession, prompt, device, keep: list | None = None)
     return times, times[-1]
 
 
-def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) -> dict:
-    """Time one configuration on this rank: DiT only, then with the preview decoder."""
+def measure(
+    session: StreamSession, prompt, bench: BenchConfig, device, comm, decoder_device=None, decodes=True
+) -> dict:
+    """Time one configuration on this rank: DiT only, then with the decoder (on decoder_device, default
+    `device`; a rank with decodes=False runs the same videos without one, in lock-step)."""
     t0 = time.perf_counter()
     first_times, _ = _run_video(session, prompt, device)  # first video = cold forward + warm-up
     cold_first_chunk_ms = first_times[0]
@@ -133,7 +143,8 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
         comm_ms.append(comm.elapsed_ms() if comm is not None else 0.0)
     dec_runs, overlapped = [], None
     if bench.decode:
-        session.decoder = make_decoder(bench.vae, device, bench.vae_compile)
+        decoder_device = decoder_device or device
+        session.decoder = make_decoder(bench.vae, decoder_device, bench.vae_compile) if decodes else None
         # serial, then decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): the DiT,
         # collectives included, runs on one producer thread per rank, and every rank decodes on its own
         # device; each mode warmed up like the DiT (decoder compilation, allocator, cuDNN plans)
@@ -164,6 +175,7 @@ def measure(session: StreamSession, prompt, bench: BenchConfig, device, comm) ->
         ),
         "first_frame_overlapped_ms": _median([r[0][0] for r in overlapped]) if overlapped else None,
         "decoder": None if not bench.decode else "wan-vae" if bench.vae else "preview",
+        "decode_device": str(decoder_device) if bench.decode and decodes else None,
         "comm_share": _median(comm_ms) / total_ms if total_ms else 0.0,
         "cold_first_chunk_ms": cold_first_chunk_ms,
         "warmup_s": warm_s,
@@ -241,7 +253,17 @@ def run_rank(
             )
             build_s = time.perf_counter() - t0
             comm = getattr(getattr(executor, "state", None), "comm", None)
-            row = measure(session, prompt, bench, device, comm)
+            row = measure(
+                session,
+                prompt,
+                bench,
+                device,
+                comm,
+                decoder_device=parse_device(bench.decode_device, "--decode-device")
+                if bench.decode_device
+                else None,
+                decodes=bench.decode_device is None or mapping.rank == 0,
+            )
             row["session_build_s"] = build_s
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
             if single:

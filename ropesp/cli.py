@@ -164,6 +164,8 @@ class GenerateOutputs:
     """None: decode overlapped with the DiT on CUDA; False: serial."""
     vae_compile: bool = False
     """Run the Wan VAE decoder through torch.compile."""
+    decode_device: str | None = None
+    """Where rank 0's Wan VAE decodes (cuda:N); None = rank 0's own device."""
 
 
 def add_model_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -229,6 +231,7 @@ def cmd_generate(args) -> None:
     import dataclasses
     from pathlib import Path
 
+    from ropesp.runtime.dist import parse_device
     from ropesp.runtime.executor import check_prompt_embeds
     from ropesp.runtime.launch import spawn_ranks, under_launcher
     from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
@@ -250,6 +253,12 @@ def cmd_generate(args) -> None:
             "--decoder vae needs a Wan VAE: pass --vae PATH (diffusers vae/ directory or Wan2.1_VAE.pth) "
             "or --model-dir DIR, or use --decoder preview"
         )
+    if args.decode_device:
+        if decoder != "vae":
+            raise ConfigError(
+                "--decode-device places the Wan VAE decoder: use it with --decoder vae (--vae or --model-dir)"
+            )
+        parse_device(args.decode_device, "--decode-device")
     if args.vae_compile and decoder != "vae":
         raise ConfigError(
             "--vae-compile compiles the Wan VAE decoder: use it with --decoder vae (--vae or --model-dir)"
@@ -285,6 +294,7 @@ def cmd_generate(args) -> None:
         vae_flag="--vae" if args.vae else f"--model-dir {args.model_dir}",
         overlap_decode=False if args.no_overlap_decode else None,
         vae_compile=args.vae_compile,
+        decode_device=args.decode_device,
     )
     if res.world_size > 1 and not under_launcher():
         spawn_ranks(res.world_size, _generate_rank, res, prompt, outputs)
@@ -298,6 +308,7 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
     from tqdm import tqdm
 
     from ropesp.decode import PreviewDecoder, video_frames_for
+    from ropesp.runtime.dist import parse_device
     from ropesp.runtime.launch import process_group
     from ropesp.runtime.pipeline import build_session
     from ropesp.video import Mp4Writer
@@ -309,7 +320,12 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
             from ropesp.decode.wan_vae import WanVAEDecoder
 
             try:
-                decoder = WanVAEDecoder.from_path(outputs.vae, res.dtype, device, outputs.vae_compile)
+                where = (
+                    parse_device(outputs.decode_device, "--decode-device")
+                    if outputs.decode_device
+                    else device
+                )
+                decoder = WanVAEDecoder.from_path(outputs.vae, res.dtype, where, outputs.vae_compile)
             except CheckpointError as exc:
                 raise CheckpointError(f"{outputs.vae_flag}: {exc}") from None
         elif lead:
@@ -317,7 +333,8 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
         session = build_session(res, mapping, decoder=decoder, overlap_decode=outputs.overlap_decode)
         if lead:
             mode = "overlapped with the DiT" if session.overlapped else "after each chunk"
-            print(f"decoder: {outputs.decoder} ({mode})", file=sys.stderr)
+            where = f" on {outputs.decode_device}" if outputs.decode_device else ""
+            print(f"decoder: {outputs.decoder}{where} ({mode})", file=sys.stderr)
         session.reset(prompt, outputs.seed)
         latents = []
         writer = Mp4Writer(outputs.output) if lead else None
@@ -366,6 +383,7 @@ def cmd_bench(args) -> None:
         repeat=args.repeat,
         vae=args.vae,
         vae_compile=args.vae_compile,
+        decode_device=args.decode_device,
         decode=not args.no_decode,
         commit=args.commit,
         json_out=args.json,
@@ -392,6 +410,11 @@ def add_bench_parser(sub) -> None:
         "--vae", help="time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)"
     )
     p.add_argument("--vae-compile", action="store_true", help="torch.compile the Wan VAE decoder")
+    p.add_argument(
+        "--decode-device",
+        help="decode on this device (cuda:N, e.g. a GPU beside the DiT ranks'; only rank 0 decodes); "
+        "default: every rank decodes on its own GPU",
+    )
     p.add_argument("--no-decode", action="store_true", help="time the DiT only (skip the runs with decode)")
     p.add_argument("--commit", help="source commit to record when the tree has no git metadata")
     p.add_argument("--json", help="write the results as JSON")
@@ -539,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the Wan VAE decoder: ~2 min of compilation per process, then about 1.7x faster "
         "decode than the default (channels-last) on an H200",
+    )
+    gen.add_argument(
+        "--decode-device",
+        help="run the Wan VAE on this device (cuda:N), e.g. a GPU of its own beside the DiT's, so decode "
+        "does not take the DiT's SMs (default: rank 0's GPU)",
     )
     gen.add_argument(
         "--no-overlap-decode",

@@ -59,6 +59,24 @@ def device_for(mapping: Mapping, device: str) -> torch.device:
     return torch.device(device)
 
 
+def parse_device(spec: str, flag: str) -> torch.device:
+    """A device named on the command line ('cpu', 'cuda', 'cuda:N'), checked to exist here. Indices are
+    of the GPUs this process sees (every rank sees all of them: ranks pick cuda:<local_rank>)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{flag} {spec!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"{flag} {spec!r}: only cpu and cuda devices are supported")
+    count = torch.cuda.device_count()
+    index = 0 if device.index is None else device.index
+    if index >= count:
+        raise ConfigError(f"{flag} {spec}: this machine has {count} visible CUDA GPU(s)")
+    return torch.device("cuda", index)
+
+
 def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float = 300.0) -> None:
     """NCCL on GPU, gloo on CPU; a no-op at world size 1. Needs MASTER_ADDR/PORT in the env."""
     if mapping.world_size == 1 or dist.is_initialized():

@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilevae vae vaedec build720 bench720 wan14b
+#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -138,6 +138,11 @@ for step in "$@"; do
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/vae_bench.py --device "$DEVICE" --dtype "$DTYPE" \
         --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" ${VAEDEC_ARGS:-} --json "$RES/vae_decode.json" \
         >"$RES/vae_decode.log" 2>&1; tail -n 7 "$RES/vae_decode.log" ;;
+    vaeown)  # the compiled Wan VAE on a GPU of its own: P DiT ranks on cuda:0..P-1, rank 0 decoding on cuda:P
+      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p1_own 1 480 "$LH" "$LW" compile --vae random --vae-compile --warmup 2 \
+        --repeat 1 --decode-device cuda:1
+      [ "$NGPU" -ge 3 ] && bench_cmp vae480_p2_own 2 480 "$LH" "$LW" compile --vae random --vae-compile --warmup 2 \
+        --repeat 1 --decode-device cuda:2 ;;
     bench720)  # 1280x720: engines vs the paper baseline for P = 1, 2, 4
       bench_cmp bench720_p1 1 720 "$LH720" "$LW720" optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode --repeat 1
       for p in 2 4; do [ "$p" -le "$NGPU" ] && bench_cmp "bench720_p$p" "$p" 720 "$LH720" "$LW720" \

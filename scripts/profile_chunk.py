@@ -26,9 +26,11 @@ from ropesp.runtime.prompts import default_prompt_embeds
 CATEGORIES = (  # first match wins; kernel names are lower-cased
     ("nccl", ("nccl",)),
     ("rope", ("rope",)),
+    # before attention: cuDNN's convolution kernels also carry "cudnn" in their names (and the SDPA kernel
+    # "flash_fprop", hence "xmma_fprop", not "fprop")
+    ("convolution (VAE, patch embedding)", ("implicit_gemm", "xmma_fprop", "winograd", "dgrad", "conv")),
     ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa", "sm90_flash")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "_mm_", "matmul")),
-    ("decode (conv)", ("conv", "implicit", "winograd", "dgrad", "fprop")),
     ("fused elementwise (inductor/triton)", ("triton_",)),
     ("copy/memset", ("memcpy", "memset", "copy", "cat")),
 )

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ropesp.cli import main
 
@@ -79,12 +80,36 @@ def test_bench_compiled_needs_engines(capsys):
     assert "needs --engines" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda:7", "--decode-device cuda:7: this machine has 0 visible CUDA GPU(s)"),
+        ("xla:0", "--decode-device 'xla:0': only cpu and cuda devices are supported"),
+        ("gpu-one", "--decode-device 'gpu-one' is not a device: use cpu, cuda or cuda:N"),
+    ],
+)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the messages name a machine without GPUs")
+def test_bench_decode_device_is_checked_before_any_rank_starts(device, message, capsys, tmp_path):
+    assert main(["bench", "--configs", "optimized", "--vae", str(tmp_path), "--decode-device", device]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_decode_device_needs_a_vae(capsys):
+    assert main(["bench", "--configs", "optimized", "--decode-device", "cpu"]) == 2
+    assert "--decode-device places the Wan VAE decoder: pass --vae too" in capsys.readouterr().err
+
+
 def test_bench_vae_compile_needs_a_vae(capsys):
     assert main(["bench", "--configs", "optimized", "--vae-compile"]) == 2
     assert "--vae-compile compiles the Wan VAE: pass --vae too" in capsys.readouterr().err
 
 
-def test_bench_times_the_wan_vae(tmp_path):
+@pytest.mark.parametrize(
+    "extra", [[], ["--world-size", "2", "--decode-device", "cpu"]], ids=["own-device", "rank0-decodes"]
+)
+def test_bench_times_the_wan_vae(tmp_path, extra):
+    """Every rank decodes on its own device, or (--decode-device) rank 0 alone on the device named while
+    the other ranks run the same videos without a decoder, in lock-step."""
     import helpers_media
 
     vae_dir = tmp_path / "vae"
@@ -109,8 +134,10 @@ def test_bench_times_the_wan_vae(tmp_path):
             str(vae_dir),
             "--json",
             str(js),
+            *extra,
         ]
     )
     assert code == 0
     row = json.loads(js.read_text())["results"]["optimized"]
     assert row["decoder"] == "wan-vae" and row["fps_with_decode"] > 0 and row["first_frame_ms"] > 0
+    assert row["decode_device"] == "cpu" and row["fps_with_decode_overlapped"] > 0

@@ -101,6 +101,10 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
         (["--world-size", "8", "--ulysses-degree", "8"], "valid Ulysses degrees for world size 8: [1, 2, 4]"),
         (["--backend", "aoti"], "needs --engines"),
         (["--vae-compile"], "--vae-compile compiles the Wan VAE decoder: use it with --decoder vae"),
+        (
+            ["--decode-device", "cuda:1"],
+            "--decode-device places the Wan VAE decoder: use it with --decoder vae",
+        ),
     ],
 )
 def test_bad_input_gives_clear_error(args, message, capsys, tmp_path):

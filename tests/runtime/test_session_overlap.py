@@ -223,3 +223,26 @@ def test_overlapped_equals_serial_on_cuda_streams(prompt):
     _assert_same(serial, overlapped)
     session.overlap_decode = None
     _assert_same(serial, _run(session, prompt))  # streams reused, state reset between streams
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (the decoder on its own)")
+def test_wan_vae_on_its_own_gpu_equals_decoding_beside_the_dit(prompt):
+    """DiT on cuda:0, Wan VAE on cuda:1 (`--decode-device cuda:1`), overlapped: the same frames as the
+    VAE on the DiT's GPU (same latents from the host, same kernels on the same GPU model: bitwise)."""
+    pytest.importorskip("diffusers")
+    import copy
+
+    import helpers_media
+
+    from ropesp.decode.wan_vae import WanVAEDecoder
+
+    vae = helpers_media.make_tiny_wan_vae()
+    config = PipelineConfig(preset="tiny", latent_frames=6, latent_height=4, latent_width=6, device="cuda")
+    runs = []
+    for where in ("cuda:0", "cuda:1"):
+        decoder = WanVAEDecoder(copy.deepcopy(vae).to(where))
+        session = build_session(config, decoder=decoder, overlap_decode=True)
+        assert session._decoder_device() == torch.device(where)
+        runs.append(_run(session, prompt))
+    _assert_same(*runs)
