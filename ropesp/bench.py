@@ -112,10 +112,16 @@ def _run_video(session: StreamSession, prompt, device, keep: list | None = None)
     """Per-chunk ready times (ms from start) and the total time (ms) of one video. The prompt's
     cross-attention K/V (once per prompt, not DiT chunk work) are finished before the clock starts,
     and with them the first chunk's noise, which `reset` draws on the host while the device
-    computes them.
+    computes them. With several ranks the clock starts after a barrier: each rank's host work between
+    videos (the noise draws, the prompt) takes a different time, and a rank that starts early would count
+    its peers' lateness as its own first collective's wait (a server's ranks sit ready when a request
+    comes).
     keep: a list that receives the video's latents [B, F, C, H, W] (host, float32)."""
     session.reset(prompt, seed=0)
     _sync(device)
+    if session.world_size > 1:
+        dist.barrier()
+        _sync(device)
     chunks = list(session)
     _sync(device)
     if keep is not None:

@@ -85,6 +85,12 @@ class StreamSession:
         self._streams: dict[str, torch.cuda.Stream] = {}
 
     @property
+    def world_size(self) -> int:
+        """Ranks that run this session's forwards in lock-step (1 for an executor without SP state)."""
+        state = getattr(self.executor, "state", None)
+        return 1 if state is None else state.mapping.world_size
+
+    @property
     def overlapped(self) -> bool:
         """Whether iterating runs the DiT in a producer thread, concurrently with the decoder."""
         if self.decoder is None:
@@ -92,9 +98,7 @@ class StreamSession:
         if self.overlap_decode is None:
             # multi-rank overlap issues NCCL collectives from the producer thread on every rank; it is
             # not yet validated on GPUs (see bench/RESULTS.md), so the default keeps it to one rank
-            state = getattr(self.executor, "state", None)
-            single = state is None or state.mapping.world_size == 1
-            return single and torch.device(self.executor.device).type == "cuda"
+            return self.world_size == 1 and torch.device(self.executor.device).type == "cuda"
         return bool(self.overlap_decode)
 
     def reset(self, prompt_embeds: torch.Tensor | None = None, seed: int | None = None) -> None:
