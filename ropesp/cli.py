@@ -330,7 +330,12 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
                 raise CheckpointError(f"{outputs.vae_flag}: {exc}") from None
         elif lead:
             decoder = PreviewDecoder()
-        session = build_session(res, mapping, decoder=decoder, overlap_decode=outputs.overlap_decode)
+        overlap = outputs.overlap_decode
+        if overlap is None and outputs.decode_device:
+            # a decoder on a device of its own only pays when the DiT goes on meanwhile (the default
+            # keeps multi-rank runs serial; here rank 0's DiT thread issues its collectives)
+            overlap = True
+        session = build_session(res, mapping, decoder=decoder, overlap_decode=overlap)
         if lead:
             mode = "overlapped with the DiT" if session.overlapped else "after each chunk"
             where = f" on {outputs.decode_device}" if outputs.decode_device else ""

@@ -120,7 +120,7 @@ def test_generate_vae_flag_and_decoder_override(tmp_path, model_root, sf_ckpt, c
             "--latent-width", "6"]  # fmt: skip
     assert main([*base, "--vae", str(model_root / "vae"), "--decode-device", "cpu",
                  "--output", str(tmp_path / "a.mp4")]) == 0  # fmt: skip
-    assert "decoder: vae on cpu" in capsys.readouterr().err
+    assert "decoder: vae on cpu (overlapped with the DiT)" in capsys.readouterr().err
     assert read_video_info(tmp_path / "a.mp4") == (9, 32, 48)
     assert main([*base, "--model-dir", str(model_root), "--decoder", "preview",
                  "--output", str(tmp_path / "b.mp4")]) == 0  # fmt: skip
@@ -175,3 +175,17 @@ def test_prompt_and_prompt_embeds_are_exclusive(tmp_path, capsys):
         main(["generate", "--prompt", "a cat", "--prompt-embeds", str(tmp_path / "p.pt")])
     assert exc.value.code == 2
     assert "--prompt-embeds: not allowed with argument --prompt" in capsys.readouterr().err
+
+
+def test_generate_two_ranks_rank0_decodes_on_its_decode_device(tmp_path, model_root, sf_ckpt, capfd):
+    """--world-size 2 --decode-device: rank 0 decodes overlapped (its DiT thread issuing the collectives)
+    while rank 1 runs serially; same latents as one rank, and the full video is written."""
+    base = ["generate", "--checkpoint", str(sf_ckpt), "--latent-frames", "6", "--latent-height", "4",
+            "--latent-width", "6", "--vae", str(model_root / "vae")]  # fmt: skip
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    assert main([*base, "--output", str(tmp_path / "a.mp4"), "--latents-out", str(one)]) == 0
+    assert main([*base, "--world-size", "2", "--decode-device", "cpu", "--output", str(tmp_path / "b.mp4"),
+                 "--latents-out", str(two)]) == 0  # fmt: skip
+    assert "decoder: vae on cpu (overlapped with the DiT)" in capfd.readouterr().err  # from the rank process
+    torch.testing.assert_close(torch.load(two), torch.load(one), rtol=1e-5, atol=1e-5)
+    assert read_video_info(tmp_path / "b.mp4") == (21, 32, 48)
