@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -127,6 +127,12 @@ for step in "$@"; do
         --backend aoti --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" \
         --device "$DEVICE" --json "$RES/profile_compiled.json" --trace "$RES/trace_compiled.json.gz" \
         >"$RES/profile_compiled.log" 2>&1; tail -n 14 "$RES/profile_compiled.log"; } ;;
+    profilesp)  # where multi-GPU time goes: rank 0 of P = 2 and 4 profiled (compile), NCCL waits included
+      for p in 2 4; do [ "$p" -le "$NGPU" ] || continue
+        timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/profile_chunk.py --preset "$PRESET" --backend compile \
+          --world-size "$p" --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" \
+          --device "$DEVICE" --json "$RES/profile_compile_p$p.json" --trace "$RES/trace_compile_p$p.json.gz" \
+          >"$RES/profile_compile_p$p.log" 2>&1; tail -n 14 "$RES/profile_compile_p$p.log"; done ;;
     profilevae)  # one video with the full-size Wan VAE decoding overlapped (its own stream), under the profiler
       python3 scripts/profile_chunk.py --preset "$PRESET" --backend compile --latent-height "$LH" --latent-width "$LW" \
         --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --vae random --json "$RES/profile_vae.json" \

@@ -1,7 +1,11 @@
-"""Where one video's time goes on a GPU: torch.profiler over one warm 81-frame video, single rank.
+"""Where one video's time goes on a GPU: torch.profiler over one warm 81-frame video, as seen by rank 0.
 
     python scripts/profile_chunk.py --preset wan2.1-1.3b --latent-height 60 --latent-width 104 \
-        [--engines DIR --backend aoti] [--vae random] --json prof.json --trace trace.json.gz
+        [--engines DIR --backend aoti] [--vae random] [--world-size P] --json prof.json --trace trace.json.gz
+
+With --world-size P every rank runs the same videos (Ulysses SP, lock-step, each video started after a
+barrier) and rank 0 alone is profiled: its NCCL kernels' time includes waiting for the slowest peer, so
+the "nccl" share is what the collectives cost this rank, exchange and skew together.
 
 Writes a JSON summary: GPU kernel time per category (GEMM, attention, NCCL, RoPE, fused elementwise,
 copies, other), GPU busy time against the video's wall time (the rest is the GPU waiting for the host),
@@ -13,13 +17,17 @@ With --vae the decoder runs overlapped on its own stream (runtime/session.py), v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
+from ropesp.runtime.dist import Mapping
+from ropesp.runtime.launch import process_group, spawn_ranks
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 from ropesp.runtime.prompts import default_prompt_embeds
 
@@ -46,53 +54,58 @@ def category(name: str) -> str:
     return "other"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="wan2.1-1.3b")
-    ap.add_argument("--latent-height", type=int, default=60)
-    ap.add_argument("--latent-width", type=int, default=104)
-    ap.add_argument("--latent-frames", type=int, default=21)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--backend", default="eager")
-    ap.add_argument("--engines")
-    ap.add_argument("--vae", help="'random' or a checkpoint: decode overlapped with the DiT")
-    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
-    ap.add_argument("--json", required=True)
-    ap.add_argument("--trace", help="chrome trace (.json or .json.gz)")
-    args = ap.parse_args()
+def profile_rank(mapping: Mapping, args: argparse.Namespace) -> None:
+    """Warm up, then one video under the profiler on rank 0 (the other ranks run it unprofiled)."""
+    with process_group(mapping, args.device) as device:
+        cfg = PipelineConfig(
+            preset=None if args.engines else args.preset,
+            engines=args.engines,
+            backend=args.backend,
+            latent_height=args.latent_height,
+            latent_width=args.latent_width,
+            latent_frames=args.latent_frames,
+            dtype=args.dtype,
+            device=args.device,
+            world_size=mapping.world_size,
+        )
+        decoder = None
+        if args.vae:
+            from ropesp.bench import make_decoder
 
-    cfg = PipelineConfig(
-        preset=None if args.engines else args.preset,
-        engines=args.engines,
-        backend=args.backend,
-        latent_height=args.latent_height,
-        latent_width=args.latent_width,
-        latent_frames=args.latent_frames,
-        dtype=args.dtype,
-        device=args.device,
-        world_size=1,
-    )
-    decoder = None
-    if args.vae:
-        from ropesp.bench import make_decoder
-
-        decoder = make_decoder(args.vae, torch.device(args.device))
-    session = build_session(cfg, decoder=decoder, overlap_decode=decoder is not None)
-    prompt = default_prompt_embeds(session.executor.cfg)
-    cuda = args.device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(2):  # warm-up: compile, CUDA graph capture, allocator
+            decoder = make_decoder(args.vae, device)
+        session = build_session(cfg, mapping, decoder=decoder, overlap_decode=decoder is not None)
+        prompt = default_prompt_embeds(session.executor.cfg)
+        cuda = device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        for _ in range(2):  # warm-up: compile, CUDA graph capture, allocator
+            session.reset(prompt, seed=0)
+            session.generate()
         session.reset(prompt, seed=0)
-        session.generate()
-    sync()
-    session.reset(prompt, seed=0)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        chunks = [c.elapsed_ms for c in session]
         sync()
-        wall_ms = (time.perf_counter() - t0) * 1e3
+        if mapping.world_size > 1:
+            dist.barrier()  # every rank starts the video together (see ropesp.bench._run_video)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) if mapping.rank == 0 else contextlib.nullcontext() as prof:
+            t0 = time.perf_counter()
+            chunks = [c.elapsed_ms for c in session]
+            sync()
+            wall_ms = (time.perf_counter() - t0) * 1e3
+        if mapping.rank != 0:
+            return
+        out = summarize(prof, wall_ms, chunks)
+        out = {"card": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+               "args": vars(args), **out}  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
+        print(json.dumps({k: v for k, v in out.items() if k != "top_kernels_ms"}, indent=1))
+        for name, ms in out["top_kernels_ms"][:12]:
+            print(f"{ms:9.2f} ms  {name[:110]}")
 
+
+def summarize(prof, wall_ms: float, chunks: list[float]) -> dict:
+    """Kernel time per category, GPU busy time (union over streams), synchronizing calls, top kernels."""
     per_cat: dict[str, float] = defaultdict(float)
     kernels: dict[str, float] = defaultdict(float)
     syncs: dict[str, int] = defaultdict(int)
@@ -110,18 +123,14 @@ def main() -> None:
             syncs[ev.name] += 1
     intervals.sort()
     busy, cur_s, cur_e = 0.0, None, None
-    for s, e in intervals:  # union of kernel intervals (streams overlap)
-        if cur_e is None or s > cur_e:
+    for start, end in intervals:  # union of kernel intervals (streams overlap)
+        if cur_e is None or start > cur_e:
             busy += (cur_e - cur_s) if cur_e is not None else 0.0
-            cur_s, cur_e = s, e
+            cur_s, cur_e = start, end
         else:
-            cur_e = max(cur_e, e)
+            cur_e = max(cur_e, end)
     busy += (cur_e - cur_s) if cur_e is not None else 0.0
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
-    out = {
-        "card": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "torch": torch.__version__,
-        "args": vars(args),
+    return {
         "wall_ms": wall_ms,
         "chunk_ready_ms": chunks,
         "gpu_busy_ms": busy / 1e3,
@@ -129,15 +138,29 @@ def main() -> None:
         "kernel_ms_by_category": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
         "sync_calls": dict(syncs),
         "chunks": len(chunks),
-        "top_kernels_ms": top,
+        "top_kernels_ms": sorted(kernels.items(), key=lambda kv: -kv[1])[:25],
     }
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
-    print(json.dumps({k: v for k, v in out.items() if k != "top_kernels_ms"}, indent=1))
-    for name, ms in top[:12]:
-        print(f"{ms:9.2f} ms  {name[:110]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="wan2.1-1.3b")
+    ap.add_argument("--latent-height", type=int, default=60)
+    ap.add_argument("--latent-width", type=int, default=104)
+    ap.add_argument("--latent-frames", type=int, default=21)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backend", default="eager")
+    ap.add_argument("--engines")
+    ap.add_argument("--vae", help="'random' or a checkpoint: decode overlapped with the DiT")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
+    ap.add_argument("--world-size", type=int, default=1, help="ranks (one GPU each); rank 0 is profiled")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--trace", help="chrome trace (.json or .json.gz)")
+    args = ap.parse_args()
+    if args.world_size == 1:
+        profile_rank(Mapping(1, 0, 0), args)
+    else:
+        spawn_ranks(args.world_size, profile_rank, args)
 
 
 if __name__ == "__main__":

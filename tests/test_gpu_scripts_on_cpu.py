@@ -1,0 +1,41 @@
+"""The GPU measurement scripts run end to end on the CPU at tiny sizes (a device call must not be the
+first place they run); their numbers belong in bench/RESULTS.md and are not asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(SCRIPTS / script), *args], check=True, timeout=600)
+
+
+def test_profile_chunk_two_ranks(tmp_path):
+    """Rank 0 is profiled while rank 1 runs the same video: its summary covers every chunk."""
+    out, trace = tmp_path / "prof.json", tmp_path / "trace.json"
+    _run("profile_chunk.py", "--preset", "tiny", "--latent-height", "8", "--latent-width", "8",
+         "--latent-frames", "6", "--dtype", "float32", "--device", "cpu", "--world-size", "2",
+         "--json", str(out), "--trace", str(trace))  # fmt: skip
+    res = json.loads(out.read_text())
+    assert res["chunks"] == 2 and res["args"]["world_size"] == 2
+    ready = res["chunk_ready_ms"]
+    assert 0 < ready[0] < ready[1] <= res["wall_ms"]
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_vae_bench_variants(tmp_path):
+    """Each variant decodes the same 21 frames; channels-last changes no value beyond fp32 rounding."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "vae.json"
+    _run("vae_bench.py", "--device", "cpu", "--dtype", "float32", "--latent-height", "4", "--latent-width",
+         "4", "--latent-frames", "6", "--tiny", "--repeat", "1", "--variants", "eager,channels-last",
+         "--json", str(out))  # fmt: skip
+    res = json.loads(out.read_text())["results"]
+    assert list(res) == ["eager", "channels-last"]
+    assert all(r["frames"] == 21 and len(r["chunk_ms"]) == 2 for r in res.values())
+    assert res["channels-last"]["max_abs_vs_first"] < 1e-4
