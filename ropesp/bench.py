@@ -151,6 +151,9 @@ def measure(
     if bench.decode:
         decoder_device = decoder_device or device
         session.decoder = make_decoder(bench.vae, decoder_device, bench.vae_compile) if decodes else None
+        if bench.vae_compile and session.decoder is not None:  # compilation off the clocks
+            g = session.geometry
+            session.decoder.warm_up(g.latent_height, g.latent_width, session.chunk_sizes[0])
         # serial, then decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): the DiT,
         # collectives included, runs on one producer thread per rank, and every rank decodes on its own
         # device; each mode warmed up like the DiT (decoder compilation, allocator, cuDNN plans)

@@ -328,6 +328,11 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
                 decoder = WanVAEDecoder.from_path(outputs.vae, res.dtype, where, outputs.vae_compile)
             except CheckpointError as exc:
                 raise CheckpointError(f"{outputs.vae_flag}: {exc}") from None
+            if outputs.vae_compile:  # before the first chunk, not in the middle of the stream
+                print("compiling the Wan VAE decoder (once per process) ...", file=sys.stderr)
+                g, chunk = res.geometry, res.request.sampler.chunk_frames
+                seconds = decoder.warm_up(g.latent_height, g.latent_width, chunk)
+                print(f"compiled the decoder in {seconds:.0f} s", file=sys.stderr)
         elif lead:
             decoder = PreviewDecoder()
         overlap = outputs.overlap_decode

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -337,6 +338,25 @@ class WanVAEDecoder:
     def reset(self) -> None:
         self._feat_cache: list = [None] * self.num_convs
         self._first = True
+
+    def warm_up(
+        self, latent_height: int, latent_width: int, chunk_frames: int = 3, streams: int = 2
+    ) -> float:
+        """Decode `streams` throw-away streams of 3 zero chunks [1, chunk_frames, C, h, w] (the first,
+        second and steady cache states), then reset; returns the seconds it took. With compile=True this
+        is where the graphs are built, before a video's clock runs (on an H200 the second stream still
+        compiled some: bench/RESULTS.md, fourth session)."""
+        t0 = time.perf_counter()
+        device = next(self.vae.parameters()).device
+        zeros = torch.zeros(1, chunk_frames, self.z_dim, latent_height, latent_width, device=device)
+        for _ in range(streams):
+            self.reset()
+            for _ in range(3):
+                self.decode_video(zeros)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.reset()
+        return time.perf_counter() - t0
 
     @torch.inference_mode()
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,16 @@ def test_wan_vae_uint8_frames_and_reset(vae, latents, reference):
     assert torch.equal(decoder.decode(latents[:, :3]), expected[:, :9])
 
 
+def test_wan_vae_warm_up_leaves_a_fresh_stream(vae, latents, reference):
+    """warm_up decodes throw-away zero streams (where a compiled decoder builds its graphs) and resets:
+    the next stream starts with 9 frames and equals the full decode."""
+    decoder = WanVAEDecoder(vae)
+    assert decoder.warm_up(ROWS, COLS, chunk_frames=3, streams=1) > 0
+    chunks = [decoder.decode_video(latents[:, f : f + 3]) for f in range(0, LATENT_FRAMES, 3)]
+    assert [c.shape[2] for c in chunks] == [9, 12, 12]
+    torch.testing.assert_close(torch.cat(chunks, dim=2), reference, atol=0, rtol=0)
+
+
 def test_wan_vae_uneven_chunks(vae, latents, reference):
     """An independent first frame ([1, 4, 4] latent frames) gives 1, 16, 16 frames, still exact."""
     decoder = WanVAEDecoder(vae)
