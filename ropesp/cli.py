@@ -444,6 +444,8 @@ def cmd_serve_repo(args) -> None:
         args.world_size,
         decoder=args.decoder,
         vae=args.vae,
+        vae_compile=args.vae_compile,
+        decode_device=args.decode_device,
         model_name=args.model_name,
         link=args.link,
         overwrite=args.force,
@@ -478,6 +480,10 @@ def add_serve_parsers(sub) -> None:
     p.add_argument("--model-name", default="ropesp")
     p.add_argument("--decoder", choices=["preview", "vae"], default="preview", help="how frames are decoded")
     p.add_argument("--vae", help="Wan VAE for --decoder vae (diffusers vae/ directory or Wan2.1_VAE.pth)")
+    p.add_argument(
+        "--vae-compile", action="store_true", help="torch.compile the Wan VAE decoder (at model load)"
+    )
+    p.add_argument("--decode-device", help="run the Wan VAE on this device (cuda:N) instead of rank 0's")
     p.add_argument("--shift", type=float, default=5.0)
     p.add_argument("--steps", type=_steps, default=(1000, 750, 500, 250), help="e.g. 1000,750,500,250")
     p.add_argument("--link", action="store_true", help="symlink artifacts, not copies (not relocatable)")

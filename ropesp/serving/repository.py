@@ -89,16 +89,27 @@ class ServedModel:
     vae: str | None
     """Wan VAE path for the vae decoder."""
     python: PythonEnv
+    vae_compile: bool = False
+    """torch.compile the Wan VAE decoder; its graphs are built when the model loads."""
+    decode_device: str | None = None
+    """Where the Wan VAE decodes (cuda:N); None = rank 0's device."""
 
     def make_decoder(self, res, device):
-        """Rank 0's stream decoder on device."""
+        """Rank 0's stream decoder, on decode_device or else `device` (a compiled one warmed up here, at
+        model load, not in the first request)."""
         from ropesp.decode import PreviewDecoder
 
         if self.decoder == "preview":
             return PreviewDecoder()
         from ropesp.decode.wan_vae import WanVAEDecoder
+        from ropesp.runtime.dist import parse_device
 
-        return WanVAEDecoder.from_path(self.vae, res.dtype, device)
+        where = parse_device(self.decode_device, "decode_device") if self.decode_device else device
+        decoder = WanVAEDecoder.from_path(self.vae, res.dtype, where, compile=self.vae_compile)
+        if self.vae_compile:
+            g = res.geometry
+            decoder.warm_up(g.latent_height, g.latent_width, res.request.sampler.chunk_frames)
+        return decoder
 
 
 def config_pbtxt(name: str, text_dim: int, world_size: int) -> str:
@@ -170,6 +181,8 @@ def write_repository(
     *,
     decoder: str = "preview",
     vae: str | None = None,
+    vae_compile: bool = False,
+    decode_device: str | None = None,
     model_name: str = MODEL_NAME,
     link: bool = False,
     overwrite: bool = False,
@@ -188,6 +201,8 @@ def write_repository(
         raise ConfigError(f"decoder {decoder!r}; choose one of {DECODERS}")
     if (decoder == "vae") != (vae is not None):
         raise ConfigError("the vae decoder needs a Wan VAE path (and only it takes one)")
+    if (vae_compile or decode_device) and decoder != "vae":
+        raise ConfigError("--vae-compile and --decode-device apply to the Wan VAE decoder: use --decoder vae")
     model_dir = Path(out) / model_name
     if model_dir.exists():
         if not overwrite:
@@ -207,6 +222,8 @@ def write_repository(
         "world_size": world,
         "decoder": decoder,
         "vae": _place(vae, artifacts, "vae", link) if vae else None,
+        "vae_compile": vae_compile,
+        "decode_device": decode_device,
         "python": dataclasses.asdict(PythonEnv.current()),
     }
     (version / CONFIG_FILE).write_text(json.dumps(spec, indent=2) + "\n")
@@ -232,7 +249,14 @@ def read_model_config(version_dir: str | Path) -> ServedModel:
         if raw.get(name):
             raw[name] = str(version_dir / raw[name])
     vae = str(version_dir / spec["vae"]) if spec.get("vae") else None
-    return ServedModel(config_from_dict(raw), spec["decoder"], vae, PythonEnv.from_dict(spec["python"]))
+    return ServedModel(
+        config_from_dict(raw),
+        spec["decoder"],
+        vae,
+        PythonEnv.from_dict(spec["python"]),
+        vae_compile=bool(spec.get("vae_compile", False)),
+        decode_device=spec.get("decode_device"),
+    )
 
 
 def recorded_python(repo: str | Path) -> PythonEnv | None:

@@ -48,6 +48,22 @@ def test_repository_layout_and_config(tmp_path):
     assert recorded_python(tmp_path / "repo") == served.python
 
 
+def test_repository_records_the_wan_vae_options(tmp_path):
+    """--vae-compile and --decode-device travel in the repository; the served decoder lands on that device
+    (a compiled one would build its graphs there, at load: too slow for the CPU suite, GPU-tested apart)."""
+    pytest.importorskip("diffusers")
+    import helpers_media
+
+    vae_dir = helpers_media.save_wan_vae_diffusers(helpers_media.make_tiny_wan_vae(), tmp_path / "vae")
+    for compiled in (True, False):
+        model_dir = write_repository(tmp_path / f"r{compiled}", CONFIG, decoder="vae", vae=str(vae_dir),
+                                     vae_compile=compiled, decode_device="cpu")  # fmt: skip
+        served = read_model_config(model_dir / "1")
+        assert (served.decoder, served.vae_compile, served.decode_device) == ("vae", compiled, "cpu")
+    decoder = served.make_decoder(served.pipeline.resolve(), device="meta")  # decode_device wins
+    assert next(decoder.vae.parameters()).device.type == "cpu" and not decoder.compiled
+
+
 def test_repository_checkpoint_is_copied_and_relocatable(tmp_path):
     model = CausalWanDiT(CONFIG.resolve().model)
     init_weights(model, 0)
@@ -85,6 +101,8 @@ def test_repository_refusals(tmp_path):
         write_repository(tmp_path / "bad", dataclasses.replace(CONFIG, latent_frames=4))
     with pytest.raises(ConfigError, match="needs a Wan VAE path"):
         write_repository(tmp_path / "bad", CONFIG, decoder="vae")
+    with pytest.raises(ConfigError, match="apply to the Wan VAE decoder: use --decoder vae"):
+        write_repository(tmp_path / "bad", CONFIG, vae_compile=True)
     with pytest.raises(RopespError, match=r"nope\.pt"):
         write_repository(tmp_path / "bad", dataclasses.replace(CONFIG, preset=None, checkpoint="nope.pt"))
     assert not (tmp_path / "bad").exists()
