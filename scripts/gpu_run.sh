@@ -170,8 +170,8 @@ for step in "$@"; do
       )
       tail -n 14 "$RES/serve_p$P.log" ;;
     kernels) python3 -m pytest tests/plugins -m gpu -q -x 2>&1 | tail -15 ;;
-    quick)  # the fast GPU tests (model kernels, compiled VAE decoder, no host sync in the chunk loop), before timing anything
-      timeout -k 5 300 python3 -m pytest tests/model tests/decode tests/runtime/test_no_host_sync.py -m gpu -q -p no:cacheprovider \
+    quick)  # the fast GPU tests (model kernels, no host sync in the chunk loop), before timing anything; `tests` has all
+      timeout -k 5 300 python3 -m pytest tests/model tests/runtime/test_no_host_sync.py -m gpu -q -p no:cacheprovider \
         >"$RES/tests_quick.log" 2>&1; tail -n 4 "$RES/tests_quick.log" ;;
     rope) python3 scripts/bench_rope.py --json "$RES/rope.json" 2>&1 | tail -15 ;;
     stage) python3 -m torch.distributed.run --nproc-per-node "$NGPU" scripts/sp_stage_bench.py \
