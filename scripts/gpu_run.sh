@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick decodetests diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -170,6 +170,9 @@ for step in "$@"; do
       )
       tail -n 14 "$RES/serve_p$P.log" ;;
     kernels) python3 -m pytest tests/plugins -m gpu -q -x 2>&1 | tail -15 ;;
+    decodetests)  # the decoders' GPU tests: compiled channels-last VAE, the VAE on a GPU of its own (2 GPUs)
+      timeout -k 5 600 python3 -m pytest tests/decode tests/runtime/test_session_overlap.py -m gpu -q -p no:cacheprovider \
+        >"$RES/tests_decode.log" 2>&1; tail -n 4 "$RES/tests_decode.log" ;;
     quick)  # the fast GPU tests (model kernels, no host sync in the chunk loop), before timing anything; `tests` has all
       timeout -k 5 300 python3 -m pytest tests/model tests/runtime/test_no_host_sync.py -m gpu -q -p no:cacheprovider \
         >"$RES/tests_quick.log" 2>&1; tail -n 4 "$RES/tests_quick.log" ;;
