@@ -11,7 +11,8 @@ session, which synchronizes when a chunk's latents reach the host):
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
 Every configuration's latents are compared with the first configuration's (same seed, same weights):
 `latents_vs` in the JSON, max|d| in the table. Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
-FPS for the whole video (DiT only, and with decode), peak device memory per rank, share of time in
+FPS for the whole video (DiT only, and with decode: rank 0 decodes, as in `generate` and serving,
+serially and overlapped with the DiT), peak device memory per rank, share of time in
 collectives, achieved matrix TFLOP/s per GPU (ropesp/flops.py: the video's GEMM + attention FLOPs over its
 time), and cold start (session build, first forward). Collective time is taken with events
 around each call, so a CUDA-graph replay (compile, compiled) reports none: its share reads 0.
@@ -68,8 +69,8 @@ class BenchConfig:
     vae_compile: bool = False
     """Run the Wan VAE decoder through torch.compile (WanVAEDecoder(compile=True))."""
     decode_device: str | None = None
-    """Where the Wan VAE decodes ('cuda:N'): None = on each rank's own device, every rank decoding;
-    given = only rank 0 decodes, there (a GPU of its own beside the DiT ranks)."""
+    """Where rank 0's decoder runs ('cuda:N', e.g. a GPU of its own beside the DiT ranks'); None = rank
+    0's device. Only rank 0 decodes, as in `generate` and serving; the other ranks keep in lock-step."""
     decode: bool = True
     """Also time the video with decode (False: DiT only, for scaling runs)."""
     json_out: str | None = None
@@ -154,9 +155,10 @@ def measure(
         if bench.vae_compile and session.decoder is not None:  # compilation off the clocks
             g = session.geometry
             session.decoder.warm_up(g.latent_height, g.latent_width, session.chunk_sizes[0])
-        # serial, then decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): the DiT,
-        # collectives included, runs on one producer thread per rank, and every rank decodes on its own
-        # device; each mode warmed up like the DiT (decoder compilation, allocator, cuDNN plans)
+        # serial, then decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): rank 0's DiT,
+        # collectives included, runs on a producer thread while it decodes; the other ranks have no
+        # decoder and follow in lock-step. Each mode warmed up like the DiT (decoder compilation,
+        # allocator, cuDNN plans)
         timed: dict[bool, list] = {}
         for overlap in (False, True):
             session.overlap_decode = overlap
@@ -271,7 +273,7 @@ def run_rank(
                 decoder_device=parse_device(bench.decode_device, "--decode-device")
                 if bench.decode_device
                 else None,
-                decodes=bench.decode_device is None or mapping.rank == 0,
+                decodes=mapping.rank == 0,
             )
             row["session_build_s"] = build_s
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0

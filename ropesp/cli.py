@@ -422,8 +422,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--vae-compile", action="store_true", help="torch.compile the Wan VAE decoder")
     p.add_argument(
         "--decode-device",
-        help="decode on this device (cuda:N, e.g. a GPU beside the DiT ranks'; only rank 0 decodes); "
-        "default: every rank decodes on its own GPU",
+        help="rank 0 decodes on this device (cuda:N, e.g. a GPU beside the DiT ranks'); default: rank 0's GPU",
     )
     p.add_argument("--no-decode", action="store_true", help="time the DiT only (skip the runs with decode)")
     p.add_argument("--commit", help="source commit to record when the tree has no git metadata")

@@ -108,8 +108,8 @@ def test_bench_vae_compile_needs_a_vae(capsys):
     "extra", [[], ["--world-size", "2", "--decode-device", "cpu"]], ids=["own-device", "rank0-decodes"]
 )
 def test_bench_times_the_wan_vae(tmp_path, extra):
-    """Every rank decodes on its own device, or (--decode-device) rank 0 alone on the device named while
-    the other ranks run the same videos without a decoder, in lock-step."""
+    """Rank 0 decodes, on its own device or (--decode-device) on the device named, while the other ranks
+    run the same videos without a decoder, in lock-step."""
     import helpers_media
 
     vae_dir = tmp_path / "vae"
