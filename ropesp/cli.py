@@ -343,8 +343,8 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
         session = build_session(res, mapping, decoder=decoder, overlap_decode=overlap)
         if lead:
             mode = "overlapped with the DiT" if session.overlapped else "after each chunk"
-            where = f" on {outputs.decode_device}" if outputs.decode_device else ""
-            print(f"decoder: {outputs.decoder}{where} ({mode})", file=sys.stderr)
+            on = f" on {outputs.decode_device}" if outputs.decode_device else ""
+            print(f"decoder: {outputs.decoder}{on} ({mode})", file=sys.stderr)
         session.reset(prompt, outputs.seed)
         latents = []
         writer = Mp4Writer(outputs.output) if lead else None

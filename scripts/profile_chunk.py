@@ -69,7 +69,7 @@ def profile_rank(mapping: Mapping, args: argparse.Namespace) -> None:
             world_size=mapping.world_size,
         )
         decoder = None
-        if args.vae:
+        if args.vae and mapping.rank == 0:  # rank 0 decodes, as in generate, serving and the bench
             from ropesp.bench import make_decoder
 
             decoder = make_decoder(args.vae, device)
