@@ -166,6 +166,7 @@ for step in "$@"; do
         timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/serve_latency.py --preset "$PRESET" --latent-height "$LH" \
           --latent-width "$LW" --latent-frames "$LF" --world-size "$P" --device "$DEVICE" --dtype "$DTYPE" \
           --backend compile --requests 3 --json "$RES/serve_p$P.json" --server-log "$RES/tritonserver_p$P.log" \
+          --trace "$RES/serve_trace_p$P" \
           >"$RES/serve_p$P.log" 2>&1
       )
       tail -n 14 "$RES/serve_p$P.log" ;;

@@ -6,6 +6,11 @@
 In-process: ropesp.runtime.group.SessionGroup (rank 0 + P-1 worker ranks, exactly what the Triton model
 instance runs). Through Triton: `ropesp serve-repo` + tritonserver on 127.0.0.1 + a gRPC streaming
 client; the first chunk's arrival is taken on the client. Medians over --requests after one warm-up.
+
+Where the first chunk's time goes: in-process, `setup` is the request's start (session reset: prompt
+K/V, cache reset, first noise) and `dit` the chunk's own forwards (Chunk.elapsed_ms, what `ropesp bench`
+times); through Triton, `server` is the model's timing_ms (from the request's arrival in execute()) and
+the rest of the client's arrival time is transport. --trace DIR profiles one more in-process request.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_client.py beside this file
 
+import torch
 import triton_client
 
 from ropesp.runtime.group import SessionGroup
@@ -34,25 +40,50 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def in_process(config: PipelineConfig, prompt, frames: int, requests: int) -> tuple[list[float], list[float]]:
-    first, total = [], []
+def in_process(
+    config: PipelineConfig, prompt, frames: int, requests: int, trace: str | None = None
+) -> dict[str, list[float]]:
+    """Per timed request: first chunk (ms from the call), its DiT part, and the whole video (ms)."""
+    out: dict[str, list[float]] = {"first": [], "dit": [], "total": []}
     log("in-process: starting the ranks")
     with SessionGroup(config) as group:
         for i in range(requests + 1):
             log(f"in-process: request {i}")
             req = group.check(prompt, seed=i, latent_frames=frames)
             t0 = time.perf_counter()
-            times = [(time.perf_counter() - t0) * 1e3 for _ in group.stream(req)]
+            chunks = [(chunk.elapsed_ms, (time.perf_counter() - t0) * 1e3) for chunk in group.stream(req)]
             if i:  # the first request warms up
-                first.append(times[0])
-                total.append(times[-1])
-    return first, total
+                out["first"].append(chunks[0][1])
+                out["dit"].append(chunks[0][0])
+                out["total"].append(chunks[-1][1])
+        if trace:
+            _profile_request(group, group.check(prompt, seed=requests + 1, latent_frames=frames), trace)
+    return out
+
+
+def _profile_request(group: SessionGroup, req, trace_dir: str) -> None:
+    """One in-process request under torch.profiler: a Chrome trace and the top host ops, in trace_dir."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    out = Path(trace_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with profile(activities=activities) as prof:
+        with record_function("ropesp.request"):
+            for chunk in group.stream(req):
+                if chunk.index == 0:
+                    break  # the first chunk is what a client waits for
+    prof.export_chrome_trace(str(out / "in_process_request.json.gz"))  # gzip: tens of MB at full size
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+    (out / "in_process_request.txt").write_text(table)
+    log(f"in-process: trace of one request in {out}")
 
 
 def through_triton(
     config: PipelineConfig, prompt, frames: int, requests: int, server_log: str | None = None
-) -> tuple[list[float], list[float]]:
-    first, total = [], []
+) -> dict[str, list[float]]:
+    """Per timed request: first chunk's client arrival, its server timing_ms, the last arrival (ms)."""
+    out: dict[str, list[float]] = {"first": [], "server": [], "total": []}
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         write_repository(repo, config)
@@ -61,11 +92,12 @@ def through_triton(
             for i in range(requests + 1):
                 log(f"triton: request {i}")
                 inputs = triton_client.make_inputs(prompt[0].numpy(), i, frames)
-                arrivals = [c.arrival_ms for c in triton_client.stream(server.grpc_url, inputs)]
+                chunks = list(triton_client.stream(server.grpc_url, inputs))
                 if i:
-                    first.append(arrivals[0])
-                    total.append(arrivals[-1])
-    return first, total
+                    out["first"].append(chunks[0].arrival_ms)
+                    out["server"].append(chunks[0].server_ms)
+                    out["total"].append(chunks[-1].arrival_ms)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--json")
     ap.add_argument("--server-log", help="keep tritonserver's log here")
+    ap.add_argument("--trace", help="profile one more in-process request into this directory")
     args = ap.parse_args(argv)
     config = PipelineConfig(
         preset=args.preset,
@@ -94,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     res = config.resolve()
     prompt = default_prompt_embeds(res.model)
-    local = in_process(config, prompt, args.latent_frames, args.requests)
+    local = in_process(config, prompt, args.latent_frames, args.requests, args.trace)
     served = through_triton(config, prompt, args.latent_frames, args.requests, args.server_log)
+    med = statistics.median
     out = {
         "preset": args.preset,
         "world_size": res.world_size,
@@ -103,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         "backend": res.backend,
         "latent": [res.geometry.latent_height, res.geometry.latent_width, args.latent_frames],
         "requests": args.requests,
-        "in_process_first_chunk_ms": statistics.median(local[0]),
-        "triton_first_chunk_ms": statistics.median(served[0]),
-        "in_process_total_ms": statistics.median(local[1]),
-        "triton_total_ms": statistics.median(served[1]),
+        "in_process_first_chunk_ms": med(local["first"]),
+        "in_process_first_chunk_dit_ms": med(local["dit"]),
+        "in_process_first_chunk_setup_ms": med(f - d for f, d in zip(local["first"], local["dit"])),
+        "triton_first_chunk_ms": med(served["first"]),
+        "triton_first_chunk_server_ms": med(served["server"]),
+        "in_process_total_ms": med(local["total"]),
+        "triton_total_ms": med(served["total"]),
     }
     out["triton_overhead_first_chunk_ms"] = out["triton_first_chunk_ms"] - out["in_process_first_chunk_ms"]
     print(json.dumps(out, indent=2))

@@ -1,5 +1,6 @@
 """scripts/serve_latency.py runs end to end on the CPU (its numbers are for bench/RESULTS.md, not asserted)."""
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -21,8 +22,17 @@ def test_serve_latency_script_reports_both_paths(tmp_path):
     out = tmp_path / "lat.json"
     args = ["--latent-height", "8", "--latent-width", "8", "--latent-frames", "3", "--requests", "1"]
     args += ["--backend", "compile"]
-    assert serve_latency.main([*args, "--json", str(out)]) == 0
+    trace = tmp_path / "trace"
+    assert serve_latency.main([*args, "--json", str(out), "--trace", str(trace)]) == 0
     res = json.loads(out.read_text())
     assert res["in_process_first_chunk_ms"] > 0 and res["triton_first_chunk_ms"] > 0
     assert res["triton_total_ms"] >= res["triton_first_chunk_ms"]
     assert res["backend"] == "compile"
+    # the breakdown adds up: setup + DiT = the caller's first chunk; the server's own time is inside the
+    # client's
+    parts = res["in_process_first_chunk_setup_ms"] + res["in_process_first_chunk_dit_ms"]
+    assert parts == pytest.approx(res["in_process_first_chunk_ms"], rel=1e-6)
+    assert res["in_process_first_chunk_setup_ms"] >= 0
+    assert 0 < res["triton_first_chunk_server_ms"] <= res["triton_first_chunk_ms"]
+    assert "ropesp.request" in (trace / "in_process_request.txt").read_text()
+    assert json.loads(gzip.decompress((trace / "in_process_request.json.gz").read_bytes()))["traceEvents"]
