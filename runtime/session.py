@@ -111,14 +111,14 @@ class StreamSession:
         self.executor.reset()
         if self.decoder is not None:
             self.decoder.reset()
-        # the first chunk's noise is drawn on the host now, while the device computes the prompt's
-        # K/V, instead of at the start of the first chunk (same generator, same order)
+        # only the first chunk's starting noise is drawn before its first forward (here, while the
+        # device computes the prompt's K/V); its re-noising draws follow while that forward runs
         self._noise = NoiseStream(self.seed)
-        self._first_noise = self._draw(self.chunk_sizes[0])
+        self._first_x = self._draw(self.chunk_sizes[0], 1)[0]
         self._ready = True
 
-    def _draw(self, frames: int) -> list[torch.Tensor]:
-        """The stream's next chunk noise [B, frames, C, h, w] per step, on the device, without a host
+    def _draw(self, frames: int, count: int) -> list[torch.Tensor]:
+        """The stream's next `count` noise draws [B, frames, C, h, w] on the device, without a host
         sync (the stream's generator, in the documented order)."""
         shape = (
             self.batch,
@@ -127,7 +127,8 @@ class StreamSession:
             self.geometry.latent_height,
             self.geometry.latent_width,
         )
-        return self._noise.draw_chunk(shape, len(self.schedule.timesteps), torch.device(self.executor.device))
+        device = torch.device(self.executor.device)
+        return [self._noise.draw(shape, device) for _ in range(count)]
 
     def __iter__(self) -> Iterator[Chunk]:
         if not self._ready:
@@ -142,7 +143,7 @@ class StreamSession:
     # --- the DiT loop ------------------------------------------------------------------------
     def _dit_chunks(self, stop: threading.Event | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(index, start_frame, latents on the CPU) of each chunk, in order; checks `stop` before each forward."""
-        pending, self._first_noise = self._first_noise, None
+        x_next, self._first_x = self._first_x, None
         steps, sigmas = self.schedule.timesteps, self.schedule.step_sigmas
 
         def forward(x, t, start):
@@ -153,14 +154,16 @@ class StreamSession:
         start = 0
         for index, n in enumerate(self.chunk_sizes):
             with torch.profiler.record_function(f"ropesp.dit.chunk{index}"):
-                x, *eps = pending
-                x0 = x
+                x = x0 = x_next
                 for i in range(len(steps)):
                     flow = forward(x, steps[i], start)
-                    if i == 0 and index + 1 < len(self.chunk_sizes):
-                        # the next chunk's noise (the generator's order is unchanged) is drawn on the
-                        # host while the device runs this chunk, not at the next chunk's start
-                        pending = self._draw(self.chunk_sizes[index + 1])
+                    if i == 0:
+                        # host work while the device runs the first forward: this chunk's re-noising
+                        # draws, then the next chunk's starting noise (the documented order: x, then
+                        # one eps per later step, chunk after chunk)
+                        eps = self._draw(n, len(steps) - 1)
+                        if index + 1 < len(self.chunk_sizes):
+                            x_next = self._draw(self.chunk_sizes[index + 1], 1)[0]
                     x0 = self.schedule.to_x0(x, flow, sigmas[i])
                     if i + 1 < len(steps):
                         x = self.schedule.add_noise(x0, eps[i], sigmas[i + 1])

@@ -1,6 +1,12 @@
 import torch
 
-from ropesp.decode.preview import WAN21_LATENT_RGB, WAN21_LATENT_RGB_BIAS, PreviewDecoder
+from ropesp.decode.preview import (
+    WAN21_LATENT_RGB,
+    WAN21_LATENT_RGB_BIAS,
+    PreviewDecoder,
+    latent_to_rgb,
+    to_uint8,
+)
 
 
 def test_preview_decodes_a_known_latent():
@@ -30,3 +36,17 @@ def test_21_latent_frames_give_81_video_frames_in_9_12_chunks():
     dec = PreviewDecoder(upscale=1)
     counts = [dec.decode(torch.randn(1, 3, 16, 2, 2)).shape[1] for _ in range(7)]
     assert counts == [9] + [12] * 6 and sum(counts) == 81
+
+
+def test_upscaling_after_quantizing_gives_the_bytes_of_quantizing_the_upscaled_frames():
+    """The decoder quantizes at latent resolution and repeats bytes; the straightforward order (repeat the
+    float pixels 8x8, then quantize) must give identical frames."""
+    lat = torch.randn(2, 3, 16, 5, 7, generator=torch.Generator().manual_seed(0)) * 2
+    frames = PreviewDecoder().decode(lat)
+    rgb = latent_to_rgb(lat)  # [B, F, h, w, 3]: frame 0, then 4 interpolated frames per latent frame
+    floats = [rgb[:, 0]] + [
+        torch.lerp(rgb[:, f - 1], rgb[:, f], (i + 1) / 4) for f in (1, 2) for i in range(4)
+    ]
+    upscaled = torch.stack(floats, dim=1).repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+    assert frames.shape == (2, 9, 40, 56, 3) and frames.is_contiguous()
+    assert torch.equal(frames, to_uint8(upscaled))

@@ -36,3 +36,22 @@ def test_chunk_loop_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned host memory)")
+def test_cuda_noise_is_the_cpu_generators_numbers_drawn_without_a_host_sync():
+    """Drawn into pinned memory and copied asynchronously; many draws in flight while the device is busy
+    (the host cache must not reuse a block before its copy is done): the same numbers as the CPU draws."""
+    shape = (1, 3, 16, 60, 104)
+    busy = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            busy = busy @ busy / 64  # keeps the stream busy so the copies queue behind it
+        on_gpu = NoiseStream(5).draw_chunk(shape, 12, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    on_cpu = NoiseStream(5).draw_chunk(shape, 12, torch.device("cpu"))
+    for a, b in zip(on_gpu, on_cpu, strict=True):
+        assert torch.equal(a.cpu(), b)
