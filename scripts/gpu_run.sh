@@ -165,7 +165,7 @@ for step in "$@"; do
         [ -d .site ] && export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
         timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/serve_latency.py --preset "$PRESET" --latent-height "$LH" \
           --latent-width "$LW" --latent-frames "$LF" --world-size "$P" --device "$DEVICE" --dtype "$DTYPE" \
-          --backend compile --requests 3 --json "$RES/serve_p$P.json" --server-log "$RES/tritonserver_p$P.log" \
+          --backend compile --requests "${SERVE_REQUESTS:-5}" --json "$RES/serve_p$P.json" --server-log "$RES/tritonserver_p$P.log" \
           --trace "$RES/serve_trace_p$P" \
           >"$RES/serve_p$P.log" 2>&1
       )

@@ -3,8 +3,8 @@
     python scripts/serve_latency.py --preset wan2.1-1.3b --latent-height 60 --latent-width 104 --latent-frames 21 \\
         --world-size 2 --device cuda --requests 3 --json out.json
 
-In-process: ropesp.runtime.group.SessionGroup (rank 0 + P-1 worker ranks, exactly what the Triton model
-instance runs). Through Triton: `ropesp serve-repo` + tritonserver on 127.0.0.1 + a gRPC streaming
+In-process: ropesp.runtime.group.SessionGroup (rank 0 + P-1 worker ranks) with the preview decoder,
+exactly what the Triton model instance of a default repository runs. Through Triton: `ropesp serve-repo` + tritonserver on 127.0.0.1 + a gRPC streaming
 client; the first chunk's arrival is taken on the client. Medians over --requests after one warm-up.
 
 Where the first chunk's time goes: in-process, `setup` is the request's start (session reset: prompt
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_client.py bes
 import torch
 import triton_client
 
+from ropesp.decode import PreviewDecoder
 from ropesp.runtime.group import SessionGroup
 from ropesp.runtime.pipeline import PipelineConfig
 from ropesp.runtime.prompts import default_prompt_embeds
@@ -46,7 +47,7 @@ def in_process(
     """Per timed request: first chunk (ms from the call), its DiT part, and the whole video (ms)."""
     out: dict[str, list[float]] = {"first": [], "dit": [], "total": []}
     log("in-process: starting the ranks")
-    with SessionGroup(config) as group:
+    with SessionGroup(config, decoder=PreviewDecoder()) as group:
         for i in range(requests + 1):
             log(f"in-process: request {i}")
             req = group.check(prompt, seed=i, latent_frames=frames)
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton_total_ms": med(served["total"]),
     }
     out["triton_overhead_first_chunk_ms"] = out["triton_first_chunk_ms"] - out["in_process_first_chunk_ms"]
+    out["per_request"] = {"in_process": local, "triton": served}
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
