@@ -198,7 +198,7 @@ def make_decoder(vae: str | None, device: torch.device, compile: bool = False):
     """The decoder whose cost `bench` adds: preview, or the streaming Wan VAE (bf16 on GPU; compiled
     with `compile`)."""
     if vae is None:
-        return PreviewDecoder()
+        return PreviewDecoder(device=device)
     from ropesp.decode.wan_vae import WanVAEDecoder
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

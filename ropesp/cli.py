@@ -334,7 +334,7 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
                 seconds = decoder.warm_up(g.latent_height, g.latent_width, chunk)
                 print(f"compiled the decoder in {seconds:.0f} s", file=sys.stderr)
         elif lead:
-            decoder = PreviewDecoder()
+            decoder = PreviewDecoder(device=device)
         overlap = outputs.overlap_decode
         if overlap is None and outputs.decode_device:
             # a decoder on a device of its own only pays when the DiT goes on meanwhile (the default

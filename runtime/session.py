@@ -201,6 +201,9 @@ class StreamSession:
         return self._streams[key]
 
     def _decoder_device(self) -> torch.device:
+        device = getattr(self.decoder, "device", None)
+        if device is not None:
+            return torch.device(device)
         vae = getattr(self.decoder, "vae", None)
         if isinstance(vae, torch.nn.Module):
             return next(vae.parameters()).device

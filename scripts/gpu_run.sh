@@ -175,7 +175,7 @@ for step in "$@"; do
       timeout -k 5 600 python3 -m pytest tests/decode tests/runtime/test_session_overlap.py -m gpu -q -p no:cacheprovider \
         >"$RES/tests_decode.log" 2>&1; tail -n 4 "$RES/tests_decode.log" ;;
     quick)  # the fast GPU tests (model kernels, no host sync in the chunk loop), before timing anything; `tests` has all
-      timeout -k 5 300 python3 -m pytest tests/model tests/runtime/test_no_host_sync.py -m gpu -q -p no:cacheprovider \
+      timeout -k 5 300 python3 -m pytest tests/model tests/runtime/test_no_host_sync.py tests/test_preview_decoder.py -m gpu -q -p no:cacheprovider \
         >"$RES/tests_quick.log" 2>&1; tail -n 4 "$RES/tests_quick.log" ;;
     rope) python3 scripts/bench_rope.py --json "$RES/rope.json" 2>&1 | tail -15 ;;
     stage) python3 -m torch.distributed.run --nproc-per-node "$NGPU" scripts/sp_stage_bench.py \

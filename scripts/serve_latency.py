@@ -29,6 +29,7 @@ import torch
 import triton_client
 
 from ropesp.decode import PreviewDecoder
+from ropesp.runtime.dist import Mapping, device_for
 from ropesp.runtime.group import SessionGroup
 from ropesp.runtime.pipeline import PipelineConfig
 from ropesp.runtime.prompts import default_prompt_embeds
@@ -47,7 +48,9 @@ def in_process(
     """Per timed request: first chunk (ms from the call), its DiT part, and the whole video (ms)."""
     out: dict[str, list[float]] = {"first": [], "dit": [], "total": []}
     log("in-process: starting the ranks")
-    with SessionGroup(config, decoder=PreviewDecoder()) as group:
+    res = config.resolve()
+    decoder = PreviewDecoder(device=device_for(Mapping(res.world_size), res.device))  # as the served model's
+    with SessionGroup(config, decoder=decoder) as group:
         for i in range(requests + 1):
             log(f"in-process: request {i}")
             req = group.check(prompt, seed=i, latent_frames=frames)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ropesp.decode.preview import (
@@ -50,3 +51,25 @@ def test_upscaling_after_quantizing_gives_the_bytes_of_quantizing_the_upscaled_f
     upscaled = torch.stack(floats, dim=1).repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
     assert frames.shape == (2, 9, 40, 56, 3) and frames.is_contiguous()
     assert torch.equal(frames, to_uint8(upscaled))
+
+
+def test_preview_on_a_device_returns_cpu_frames_and_carries_its_state():
+    lat = torch.randn(1, 6, 16, 3, 4, generator=torch.Generator().manual_seed(1))
+    on_cpu = PreviewDecoder(device="cpu")
+    chunks = [on_cpu.decode(lat[:, :3]), on_cpu.decode(lat[:, 3:])]
+    assert all(c.device.type == "cpu" for c in chunks)
+    assert torch.equal(torch.cat(chunks, dim=1), PreviewDecoder().decode(lat))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_preview_on_the_gpu_matches_the_cpu_within_one_level():
+    """Same float32 math on both; the GPU's fused multiply-adds may round a value that sits on a
+    quantization boundary the other way, so one uint8 level apart at most, and rarely."""
+    lat = torch.randn(1, 6, 16, 60, 104, generator=torch.Generator().manual_seed(2))
+    gpu, cpu = PreviewDecoder(device="cuda"), PreviewDecoder()
+    for part in (lat[:, :3], lat[:, 3:]):
+        a, b = gpu.decode(part), cpu.decode(part)
+        assert a.device.type == "cpu" and a.shape == b.shape
+        diff = (a.int() - b.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3

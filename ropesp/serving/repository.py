@@ -100,7 +100,7 @@ class ServedModel:
         from ropesp.decode import PreviewDecoder
 
         if self.decoder == "preview":
-            return PreviewDecoder()
+            return PreviewDecoder(device=device)
         from ropesp.decode.wan_vae import WanVAEDecoder
         from ropesp.runtime.dist import parse_device
 
