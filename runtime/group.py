@@ -70,6 +70,8 @@ class Request:
     """[1, L, text_dim] float32 on the CPU."""
     seed: int
     latent_frames: int
+    frames: bool = True
+    """Decode this request's chunks (False: latents only, the decoder is skipped)."""
 
     def header(self) -> dict:
         """What the workers need besides the prompt tensor."""
@@ -131,7 +133,7 @@ class RankPipeline:
             res.request.sampler,
             res.geometry,
             res.latent_frames,
-            self.decoder,
+            self.decoder if req.frames else None,
             overlap_decode=overlap,
         )
         session.reset(req.prompt_embeds, req.seed)
@@ -261,10 +263,19 @@ class SessionGroup:
             raise RankFailure(f"joining the process group failed: {result[0]}") from result[0]
         return result[0]
 
-    def check(self, prompt_embeds: torch.Tensor, seed: int, latent_frames: int, height=None, width=None):
+    def check(
+        self,
+        prompt_embeds: torch.Tensor,
+        seed: int,
+        latent_frames: int,
+        height=None,
+        width=None,
+        frames: bool = True,
+    ) -> Request:
         """Validate a request -> Request; raises ConfigError naming the problem.
 
         height/width (pixels) are optional; the pipeline serves the size it was configured for.
+        frames=False skips the decoder for this request (its chunks carry latents only).
         """
         prompt = check_prompt_embeds(self.res.model, prompt_embeds)
         if prompt.shape[0] != 1 or prompt.dtype != torch.float32:
@@ -280,7 +291,7 @@ class SessionGroup:
                 "(its engines and KV cache are built for that size); set --height/--width when writing it"
             )
         self.pipeline.resolve(int(latent_frames))
-        return Request(prompt.contiguous(), int(seed), int(latent_frames))
+        return Request(prompt.contiguous(), int(seed), int(latent_frames), bool(frames))
 
     def stream(self, req: Request, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
         """Run one request on every rank; yields rank 0's chunks. cancelled() is asked after each chunk."""

@@ -10,7 +10,8 @@ client; the first chunk's arrival is taken on the client. Medians over --request
 Where the first chunk's time goes: in-process, `setup` is the request's start (session reset: prompt
 K/V, cache reset, first noise) and `dit` the chunk's own forwards (Chunk.elapsed_ms, what `ropesp bench`
 times); through Triton, `server` is the model's timing_ms (from the request's arrival in execute()) and
-the rest of the client's arrival time is transport. --trace DIR profiles one more in-process request.
+the rest of the client's arrival time is transport; "viewer" requests only the frames (the latents stay
+on the server), as triton_client.py does. --trace DIR profiles one more in-process request.
 """
 
 from __future__ import annotations
@@ -85,22 +86,25 @@ def _profile_request(group: SessionGroup, req, trace_dir: str) -> None:
 
 def through_triton(
     config: PipelineConfig, prompt, frames: int, requests: int, server_log: str | None = None
-) -> dict[str, list[float]]:
-    """Per timed request: first chunk's client arrival, its server timing_ms, the last arrival (ms)."""
-    out: dict[str, list[float]] = {"first": [], "server": [], "total": []}
+) -> dict[str, dict[str, list[float]]]:
+    """Per outputs variant ("all"; "viewer": frames only, as triton_client.py's MP4 asks) and timed
+    request: the first chunk's client arrival, its server timing_ms, the last arrival (ms)."""
+    variants = {"all": None, "viewer": triton_client.VIEWER_OUTPUTS}
+    out = {name: {"first": [], "server": [], "total": []} for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         write_repository(repo, config)
         log("triton: starting tritonserver (the model loads and starts its ranks)")
         with TritonServer(repo, log_path=server_log) as server:
-            for i in range(requests + 1):
-                log(f"triton: request {i}")
-                inputs = triton_client.make_inputs(prompt[0].numpy(), i, frames)
-                chunks = list(triton_client.stream(server.grpc_url, inputs))
-                if i:
-                    out["first"].append(chunks[0].arrival_ms)
-                    out["server"].append(chunks[0].server_ms)
-                    out["total"].append(chunks[-1].arrival_ms)
+            for name, outputs in variants.items():
+                for i in range(requests + 1):
+                    log(f"triton ({name} outputs): request {i}")
+                    inputs = triton_client.make_inputs(prompt[0].numpy(), i, frames)
+                    chunks = list(triton_client.stream(server.grpc_url, inputs, outputs=outputs))
+                    if i:  # the first request of each variant warms up
+                        out[name]["first"].append(chunks[0].arrival_ms)
+                        out[name]["server"].append(chunks[0].server_ms)
+                        out[name]["total"].append(chunks[-1].arrival_ms)
     return out
 
 
@@ -144,13 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         "in_process_first_chunk_ms": med(local["first"]),
         "in_process_first_chunk_dit_ms": med(local["dit"]),
         "in_process_first_chunk_setup_ms": med(f - d for f, d in zip(local["first"], local["dit"])),
-        "triton_first_chunk_ms": med(served["first"]),
-        "triton_first_chunk_server_ms": med(served["server"]),
+        "triton_first_chunk_ms": med(served["all"]["first"]),
+        "triton_first_chunk_server_ms": med(served["all"]["server"]),
+        "triton_viewer_first_chunk_ms": med(served["viewer"]["first"]),
+        "triton_viewer_first_chunk_server_ms": med(served["viewer"]["server"]),
         "in_process_total_ms": med(local["total"]),
-        "triton_total_ms": med(served["total"]),
+        "triton_total_ms": med(served["all"]["total"]),
+        "triton_viewer_total_ms": med(served["viewer"]["total"]),
     }
     out["triton_overhead_first_chunk_ms"] = out["triton_first_chunk_ms"] - out["in_process_first_chunk_ms"]
-    out["per_request"] = {"in_process": local, "triton": served}
+    out["per_request"] = {"in_process": local, **{f"triton_{k}": v for k, v in served.items()}}
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

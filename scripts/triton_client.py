@@ -14,13 +14,15 @@ import queue
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 MODEL = "ropesp"
 TIMEOUT_S = 600.0
+VIEWER_OUTPUTS = ("frames", "chunk_index", "timing_ms")
+"""What this script's MP4 needs: the latents stay on the server."""
 
 
 @dataclass
@@ -28,12 +30,12 @@ class StreamedChunk:
     """One response of the stream, as the client saw it."""
 
     index: int
-    frames: np.ndarray
-    """[N, H, W, 3] uint8."""
-    latents: np.ndarray
-    """[F_chunk, C, h, w] float32."""
-    server_ms: float
-    """timing_ms: server time from the request's arrival to this chunk."""
+    frames: np.ndarray | None
+    """[N, H, W, 3] uint8 (None when not requested)."""
+    latents: np.ndarray | None
+    """[F_chunk, C, h, w] float32 (None when not requested)."""
+    server_ms: float | None
+    """timing_ms: server time from the request's arrival to this chunk (None when not requested)."""
     arrival_ms: float
     """Client time from sending the request to receiving this chunk."""
 
@@ -64,8 +66,18 @@ def _triton_dtype(arr: np.ndarray) -> str:
     return np_to_triton_dtype(arr.dtype)
 
 
-def stream(url: str, inputs, model: str = MODEL, timeout_s: float = TIMEOUT_S) -> Iterator[StreamedChunk]:
+def stream(
+    url: str,
+    inputs,
+    model: str = MODEL,
+    timeout_s: float = TIMEOUT_S,
+    outputs: Sequence[str] | None = None,
+) -> Iterator[StreamedChunk]:
     """Send one request on its own gRPC stream and yield its chunks in arrival order.
+
+    outputs: the outputs to receive (default all; chunk_index is always added); the server skips the
+    decoder without "frames", and every output left out is bytes not sent (a 480p chunk's frames are
+    ~11 MB, its latents ~1.2 MB).
 
     Raises tritonclient's InferenceServerException for an error reply. Leaving the loop early closes
     the stream with cancel_requests=True, so the server stops the request at its next chunk.
@@ -78,8 +90,16 @@ def stream(url: str, inputs, model: str = MODEL, timeout_s: float = TIMEOUT_S) -
     finished = False
     try:
         t0 = time.perf_counter()
+        requested = None
+        if outputs is not None:  # chunk_index always: it tells a chunk from the final response
+            names = dict.fromkeys([*outputs, "chunk_index"])
+            requested = [grpcclient.InferRequestedOutput(name) for name in names]
         client.async_stream_infer(
-            model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True
+            model,
+            inputs,
+            outputs=requested,
+            request_id=uuid.uuid4().hex,
+            enable_empty_final_response=True,
         )
         while True:
             result, error = responses.get(timeout=timeout_s)
@@ -87,12 +107,14 @@ def stream(url: str, inputs, model: str = MODEL, timeout_s: float = TIMEOUT_S) -
                 finished = True
                 raise error
             arrival_ms = (time.perf_counter() - t0) * 1e3
-            if result.as_numpy("frames") is not None:
+            index = result.as_numpy("chunk_index")
+            if index is not None:  # a chunk (the empty final response has no outputs)
+                timing = result.as_numpy("timing_ms")
                 yield StreamedChunk(
-                    int(result.as_numpy("chunk_index")[0]),
+                    int(index[0]),
                     result.as_numpy("frames"),
                     result.as_numpy("latents"),
-                    float(result.as_numpy("timing_ms")[0]),
+                    None if timing is None else float(timing[0]),
                     arrival_ms,
                 )
             if result.get_response().parameters["triton_final_response"].bool_param:
@@ -139,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = make_inputs(prompt, args.seed, args.latent_frames, args.height, args.width)
     frames, writer = 0, None
     try:
-        for chunk in stream(args.url, inputs, args.model, args.timeout):
+        for chunk in stream(args.url, inputs, args.model, args.timeout, VIEWER_OUTPUTS):
             writer = writer or Mp4Writer(args.output)  # opened once the first chunk is in
             writer.write(chunk.frames)
             frames += len(chunk.frames)

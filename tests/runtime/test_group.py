@@ -62,6 +62,11 @@ def test_group_two_ranks_request_cancel_shutdown(prompt):
         assert chunks[0].frames.shape == (1, 9, 64, 64, 3)  # rank 0 decodes (preview: 8x upscale)
         torch.testing.assert_close(torch.cat([c.latents for c in chunks], 1), want, rtol=0, atol=1e-5)
 
+        # a latents-only request skips rank 0's decoder and stays in step with the worker
+        plain = list(group.stream(group.check(prompt, seed=3, latent_frames=6, frames=False)))
+        assert [c.frames for c in plain] == [None, None]
+        torch.testing.assert_close(torch.cat([c.latents for c in plain], 1), want, rtol=0, atol=1e-5)
+
         # cancelled after the first chunk: every rank stops there, and the next request is in step
         assert [c.index for c in group.stream(req, cancelled=lambda: True)] == [0]
         stream = group.stream(req)

@@ -34,5 +34,6 @@ def test_serve_latency_script_reports_both_paths(tmp_path):
     assert parts == pytest.approx(res["in_process_first_chunk_ms"], rel=1e-6)
     assert res["in_process_first_chunk_setup_ms"] >= 0
     assert 0 < res["triton_first_chunk_server_ms"] <= res["triton_first_chunk_ms"]
+    assert 0 < res["triton_viewer_first_chunk_server_ms"] <= res["triton_viewer_first_chunk_ms"]
     assert "ropesp.request" in (trace / "in_process_request.txt").read_text()
     assert json.loads(gzip.decompress((trace / "in_process_request.json.gz").read_bytes()))["traceEvents"]

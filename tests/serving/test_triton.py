@@ -51,9 +51,9 @@ def reference(prompt):
     return Reference(prompt)
 
 
-def _run(client, server, prompt: torch.Tensor, seed: int, latent_frames: int = 6, **kw):
+def _run(client, server, prompt: torch.Tensor, seed: int, latent_frames: int = 6, outputs=None, **kw):
     inputs = client.make_inputs(prompt[0].numpy(), seed, latent_frames, **kw)
-    return list(client.stream(server.grpc_url, inputs, timeout_s=120))
+    return list(client.stream(server.grpc_url, inputs, timeout_s=120, outputs=outputs))
 
 
 def test_triton_stream_equals_in_process_run(server, client, prompt, reference):
@@ -98,6 +98,21 @@ def test_triton_bad_request_gets_an_error_and_serving_goes_on(
     chunks = _run(client, server, prompt, seed=5)
     got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
     torch.testing.assert_close(got, reference(5), rtol=0, atol=1e-5)
+
+
+def test_triton_sends_only_the_requested_outputs(server, client, prompt, reference):
+    """A latents-only request (the server skips its decoder) and a frames-only one (the MP4 viewer's),
+    against a request for everything with the same seed."""
+    full = _run(client, server, prompt, seed=6)
+    latents_only = _run(client, server, prompt, seed=6, outputs=("latents",))
+    frames_only = _run(client, server, prompt, seed=6, outputs=client.VIEWER_OUTPUTS)
+    assert [c.index for c in latents_only] == [c.index for c in frames_only] == [0, 1]
+    assert all(c.frames is None and c.server_ms is None for c in latents_only)
+    got = torch.from_numpy(np.concatenate([c.latents for c in latents_only]))
+    torch.testing.assert_close(got, reference(6), rtol=0, atol=1e-5)
+    assert all(c.latents is None and c.server_ms > 0 for c in frames_only)
+    for a, b in zip(frames_only, full, strict=True):
+        assert np.array_equal(a.frames, b.frames)
 
 
 def test_triton_two_concurrent_streams_both_complete(server, client, prompt, reference):
