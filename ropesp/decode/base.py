@@ -7,6 +7,20 @@ from typing import Protocol
 import torch
 
 
+def frames_to_host(frames: torch.Tensor) -> torch.Tensor:
+    """Decoded frames [B, N, H, W, 3] uint8 -> the same, contiguous on the CPU.
+
+    From a GPU through pinned memory, waiting for the current stream only (the decode stream of an
+    overlapped session): a 480p chunk's 10.8 MB took 7.4 ms as a pageable `.cpu()` on the H200's host
+    (2026-11-29 trace), ~1.5 GB/s, on the path to every client's first frame."""
+    if frames.device.type != "cuda":
+        return frames.contiguous()
+    host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+    host.copy_(frames, non_blocking=True)
+    torch.cuda.current_stream(frames.device).synchronize()
+    return host
+
+
 def video_frames_for(latent_frames: int) -> int:
     """Video frames a Wan-style causal decoder yields for latent_frames: 1 + 4*(F-1)."""
     return 1 + 4 * (latent_frames - 1) if latent_frames > 0 else 0

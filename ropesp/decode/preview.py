@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ropesp.config import VAE_STRIDE
+from ropesp.decode.base import frames_to_host
 
 WAN21_LATENT_RGB = (
     (-0.1299, -0.1692, 0.2932),
@@ -88,7 +89,7 @@ class PreviewDecoder:
                 out.extend(torch.lerp(self.prev, cur, (i + 1) / n) for i in range(n))
             self.prev = cur
         video = to_uint8(torch.stack(out, dim=1))  # [B, N, h, w, 3]
-        return upscale_nearest(video, self.upscale).cpu()
+        return frames_to_host(upscale_nearest(video, self.upscale))
 
 
 def upscale_nearest(video: torch.Tensor, factor: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ropesp.decode.base import frames_to_host
 from ropesp.decode.preview import to_uint8
 from ropesp.errors import CheckpointError
 
@@ -392,4 +393,4 @@ class WanVAEDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents: [B, F, C, h, w] float32 of one chunk -> frames [B, N, 8h, 8w, 3] uint8 (on the CPU)."""
         video = self.decode_video(latents)
-        return to_uint8(video.permute(0, 2, 3, 4, 1)).cpu()  # [B, N, H, W, 3]
+        return frames_to_host(to_uint8(video.permute(0, 2, 3, 4, 1)))  # [B, N, H, W, 3]
