@@ -144,10 +144,13 @@ for step in "$@"; do
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/vae_bench.py --device "$DEVICE" --dtype "$DTYPE" \
         --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" ${VAEDEC_ARGS:-} --json "$RES/vae_decode.json" \
         >"$RES/vae_decode.log" 2>&1; tail -n 7 "$RES/vae_decode.log" ;;
-    vaeown)  # the compiled Wan VAE on a GPU of its own: P DiT ranks on cuda:0..P-1, rank 0 decoding on cuda:P
-      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p1_own 1 480 "$LH" "$LW" compile --vae random --vae-compile \
+    vaeown)  # the Wan VAE on a GPU of its own: P DiT ranks on cuda:0..P-1, rank 0 decoding on cuda:P;
+      # VAEOWN_ARGS: decoder options (default --vae-compile; set empty for the eager channels-last decoder)
+      # shellcheck disable=SC2086
+      [ "$NGPU" -ge 2 ] && bench_cmp vae480_p1_own 1 480 "$LH" "$LW" compile --vae random ${VAEOWN_ARGS---vae-compile} \
         --repeat 1 --decode-device cuda:1
-      [ "$NGPU" -ge 3 ] && bench_cmp vae480_p2_own 2 480 "$LH" "$LW" compile --vae random --vae-compile \
+      # shellcheck disable=SC2086
+      [ "$NGPU" -ge 3 ] && bench_cmp vae480_p2_own 2 480 "$LH" "$LW" compile --vae random ${VAEOWN_ARGS---vae-compile} \
         --repeat 1 --decode-device cuda:2 ;;
     bench720)  # 1280x720: engines vs the paper baseline for P = 1, 2, 4
       bench_cmp bench720_p1 1 720 "$LH720" "$LW720" optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode --repeat 1
