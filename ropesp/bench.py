@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ropesp.decode import PreviewDecoder, video_frames_for
+from ropesp.decode import video_frames_for
+from ropesp.decode.factory import WarmUp, make_decoder
 from ropesp.errors import ConfigError
 from ropesp.runtime.dist import Mapping, parse_device
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model, make_state
@@ -151,10 +152,11 @@ def measure(
     dec_runs, overlapped = [], None
     if bench.decode:
         decoder_device = decoder_device or device
-        session.decoder = make_decoder(bench.vae, decoder_device, bench.vae_compile) if decodes else None
-        if bench.vae_compile and session.decoder is not None:  # compilation off the clocks
-            g = session.geometry
-            session.decoder.warm_up(g.latent_height, g.latent_width, session.chunk_sizes[0])
+        g = session.geometry  # a compiled decoder compiles here, off the clocks
+        warm = WarmUp(g.latent_height, g.latent_width, session.chunk_sizes[0])
+        session.decoder = (
+            make_decoder(bench.vae, decoder_device, None, bench.vae_compile, warm) if decodes else None
+        )
         # serial, then decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): rank 0's DiT,
         # collectives included, runs on a producer thread while it decodes; the other ranks have no
         # decoder and follow in lock-step. Each mode warmed up like the DiT (decoder compilation,
@@ -192,19 +194,6 @@ def measure(
         "warmup_s": warm_s,
         "latents": latents[0],
     }
-
-
-def make_decoder(vae: str | None, device: torch.device, compile: bool = False):
-    """The decoder whose cost `bench` adds: preview, or the streaming Wan VAE (bf16 on GPU; compiled
-    with `compile`)."""
-    if vae is None:
-        return PreviewDecoder(device=device)
-    from ropesp.decode.wan_vae import WanVAEDecoder
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if vae == "random":
-        return WanVAEDecoder.random(dtype, device, compile=compile)
-    return WanVAEDecoder.from_path(vae, dtype, device, compile=compile)
 
 
 def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipeline:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -304,11 +305,33 @@ def cmd_generate(args) -> None:
         _generate_rank(Mapping.from_env(res.world_size), res, prompt, outputs)
 
 
+def _lead_decoder(res, outputs: GenerateOutputs, device: torch.device):
+    """Rank 0's decoder: the preview on its GPU, or the Wan VAE there or on --decode-device; a compiled
+    one is built before the first chunk, not in the middle of the stream."""
+    from ropesp.decode.factory import WarmUp, make_decoder
+    from ropesp.runtime.dist import parse_device
+
+    if outputs.decoder != "vae":
+        return make_decoder(None, device)
+    where = parse_device(outputs.decode_device, "--decode-device") if outputs.decode_device else device
+    g = res.geometry
+    warm = WarmUp(g.latent_height, g.latent_width, res.request.sampler.chunk_frames)
+    if outputs.vae_compile:
+        print("loading and compiling the Wan VAE decoder (once per process) ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        decoder = make_decoder(outputs.vae, where, res.dtype, outputs.vae_compile, warm)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{outputs.vae_flag}: {exc}") from None
+    if outputs.vae_compile:
+        print(f"compiled the decoder in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return decoder
+
+
 def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs) -> None:
     from tqdm import tqdm
 
-    from ropesp.decode import PreviewDecoder, video_frames_for
-    from ropesp.runtime.dist import parse_device
+    from ropesp.decode import video_frames_for
     from ropesp.runtime.launch import process_group
     from ropesp.runtime.pipeline import build_session
     from ropesp.video import Mp4Writer
@@ -316,25 +339,8 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
     lead = mapping.is_first
     with process_group(mapping, res.device) as device:
         decoder = None
-        if lead and outputs.decoder == "vae":  # only rank 0 decodes
-            from ropesp.decode.wan_vae import WanVAEDecoder
-
-            try:
-                where = (
-                    parse_device(outputs.decode_device, "--decode-device")
-                    if outputs.decode_device
-                    else device
-                )
-                decoder = WanVAEDecoder.from_path(outputs.vae, res.dtype, where, outputs.vae_compile)
-            except CheckpointError as exc:
-                raise CheckpointError(f"{outputs.vae_flag}: {exc}") from None
-            if outputs.vae_compile:  # before the first chunk, not in the middle of the stream
-                print("compiling the Wan VAE decoder (once per process) ...", file=sys.stderr)
-                g, chunk = res.geometry, res.request.sampler.chunk_frames
-                seconds = decoder.warm_up(g.latent_height, g.latent_width, chunk)
-                print(f"compiled the decoder in {seconds:.0f} s", file=sys.stderr)
-        elif lead:
-            decoder = PreviewDecoder(device=device)
+        if lead:  # only rank 0 decodes
+            decoder = _lead_decoder(res, outputs, device)
         overlap = outputs.overlap_decode
         if overlap is None and outputs.decode_device:
             # a decoder on a device of its own only pays when the DiT goes on meanwhile (the default

@@ -70,7 +70,7 @@ def profile_rank(mapping: Mapping, args: argparse.Namespace) -> None:
         )
         decoder = None
         if args.vae and mapping.rank == 0:  # rank 0 decodes, as in generate, serving and the bench
-            from ropesp.bench import make_decoder
+            from ropesp.decode.factory import make_decoder
 
             decoder = make_decoder(args.vae, device)
         session = build_session(cfg, mapping, decoder=decoder, overlap_decode=decoder is not None)

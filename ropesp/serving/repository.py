@@ -97,19 +97,14 @@ class ServedModel:
     def make_decoder(self, res, device):
         """Rank 0's stream decoder, on decode_device or else `device` (a compiled one warmed up here, at
         model load, not in the first request)."""
-        from ropesp.decode import PreviewDecoder
-
-        if self.decoder == "preview":
-            return PreviewDecoder(device=device)
-        from ropesp.decode.wan_vae import WanVAEDecoder
+        from ropesp.decode.factory import WarmUp, make_decoder
         from ropesp.runtime.dist import parse_device
 
         where = parse_device(self.decode_device, "decode_device") if self.decode_device else device
-        decoder = WanVAEDecoder.from_path(self.vae, res.dtype, where, compile=self.vae_compile)
-        if self.vae_compile:
-            g = res.geometry
-            decoder.warm_up(g.latent_height, g.latent_width, res.request.sampler.chunk_frames)
-        return decoder
+        g = res.geometry
+        warm = WarmUp(g.latent_height, g.latent_width, res.request.sampler.chunk_frames)
+        vae = self.vae if self.decoder == "vae" else None
+        return make_decoder(vae, where, res.dtype, self.vae_compile, warm)
 
 
 def config_pbtxt(name: str, text_dim: int, world_size: int) -> str:

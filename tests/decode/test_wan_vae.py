@@ -11,7 +11,8 @@ pytest.importorskip("diffusers")
 
 import helpers_media
 
-from ropesp.decode.preview import to_uint8
+from ropesp.decode.factory import WarmUp, make_decoder
+from ropesp.decode.preview import PreviewDecoder, to_uint8
 from ropesp.decode.wan_vae import (
     WanVAEDecoder,
     diffusers_to_original,
@@ -253,3 +254,22 @@ def test_wan_vae_load_errors(saved, vae, tmp_path):
 def test_wan_vae_rejects_bad_latents(vae):
     with pytest.raises(ValueError, match=r"\[B, F, 16, h, w\]"):
         WanVAEDecoder(vae).decode(torch.zeros(1, 3, 8, 4, 4))
+
+
+def test_make_decoder_builds_each_decoder_and_warms_up_only_a_compiled_one(
+    saved, latents, monkeypatch, tmp_path
+):
+    preview = make_decoder(None, "cpu")
+    assert isinstance(preview, PreviewDecoder) and preview.device == torch.device("cpu")
+    warmed: list[tuple] = []
+    monkeypatch.setattr(WanVAEDecoder, "warm_up", lambda self, *size: warmed.append(size) or 0.0)
+    for layout in ("diffusers", "original"):
+        dec = make_decoder(str(saved[layout]), "cpu", warm_up=WarmUp(ROWS, COLS, 3))
+        assert next(dec.vae.parameters()).dtype == torch.float32 and not dec.compiled
+        direct = WanVAEDecoder.from_path(saved[layout])
+        assert torch.equal(dec.decode(latents[:, :3]), direct.decode(latents[:, :3]))
+    assert warmed == []  # eager: nothing to build ahead
+    compiled = make_decoder(str(saved["diffusers"]), "cpu", compile=True, warm_up=WarmUp(ROWS, COLS, 3))
+    assert compiled.compiled and warmed == [(ROWS, COLS, 3)]
+    with pytest.raises(CheckpointError, match="does not exist"):
+        make_decoder(str(tmp_path / "nope"), "cpu")

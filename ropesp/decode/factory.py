@@ -1,0 +1,50 @@
+"""The one way every entry point (generate, bench, serving, scripts) gets its stream decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ropesp.decode.base import StreamDecoder
+from ropesp.decode.preview import PreviewDecoder
+
+RANDOM_VAE = "random"
+"""`vae` value for the full-size Wan VAE on seeded random weights (timing without a checkpoint)."""
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """The latent size a compiled decoder is built for before the first real chunk."""
+
+    latent_height: int
+    latent_width: int
+    chunk_frames: int
+
+
+def make_decoder(
+    vae: str | None,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    compile: bool = False,
+    warm_up: WarmUp | None = None,
+) -> StreamDecoder:
+    """The preview decoder (vae None) or the streaming Wan VAE (a checkpoint path, or RANDOM_VAE).
+
+    dtype: the Wan VAE's weights (default bfloat16 on CUDA, float32 elsewhere). compile: torch.compile
+    the Wan VAE; with warm_up its graphs are built here (~2 min on an H200, bench/RESULTS.md), so no video
+    or request pays for them. Raises CheckpointError for an unreadable VAE.
+    """
+    device = torch.device(device)
+    if vae is None:
+        return PreviewDecoder(device=device)
+    from ropesp.decode.wan_vae import WanVAEDecoder
+
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if vae == RANDOM_VAE:
+        decoder = WanVAEDecoder.random(dtype, device, compile=compile)
+    else:
+        decoder = WanVAEDecoder.from_path(vae, dtype, device, compile=compile)
+    if compile and warm_up is not None:
+        decoder.warm_up(warm_up.latent_height, warm_up.latent_width, warm_up.chunk_frames)
+    return decoder
