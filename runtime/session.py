@@ -201,13 +201,8 @@ class StreamSession:
         return self._streams[key]
 
     def _decoder_device(self) -> torch.device:
-        device = getattr(self.decoder, "device", None)
-        if device is not None:
-            return torch.device(device)
-        vae = getattr(self.decoder, "vae", None)
-        if isinstance(vae, torch.nn.Module):
-            return next(vae.parameters()).device
-        return torch.device("cpu")
+        device = getattr(self.decoder, "device", None)  # StreamDecoder.device; None: the host
+        return torch.device("cpu") if device is None else torch.device(device)
 
     def _iter_overlapped(self) -> Iterator[Chunk]:
         device = torch.device(self.executor.device)

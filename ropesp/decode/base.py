@@ -29,6 +29,12 @@ def video_frames_for(latent_frames: int) -> int:
 class StreamDecoder(Protocol):
     """Decodes a stream chunk by chunk; the first latent frame gives 1 video frame, later ones 4."""
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where it computes (an overlapped session decodes on a CUDA stream of this device); None: on
+        the host, where a session's latents are."""
+        ...
+
     def reset(self) -> None:
         """Start a new stream (clears carried state)."""
         ...

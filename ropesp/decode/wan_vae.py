@@ -336,6 +336,11 @@ class WanVAEDecoder:
         torch.manual_seed(seed)
         return cls(AutoencoderKLWan().to(device=device, dtype=dtype).eval(), compile=compile)
 
+    @property
+    def device(self) -> torch.device:
+        """Where it decodes: the VAE's device."""
+        return next(self.vae.parameters()).device
+
     def reset(self) -> None:
         self._feat_cache: list = [None] * self.num_convs
         self._first = True
@@ -348,7 +353,7 @@ class WanVAEDecoder:
         is where the graphs are built, before a video's clock runs (on an H200 the second stream still
         compiled some: bench/RESULTS.md, fourth session)."""
         t0 = time.perf_counter()
-        device = next(self.vae.parameters()).device
+        device = self.device
         zeros = torch.zeros(1, chunk_frames, self.z_dim, latent_height, latent_width, device=device)
         for _ in range(streams):
             self.reset()

@@ -188,10 +188,10 @@ def test_decoder_error_and_reset_stop_the_producer():
 
 
 class _GpuConvDecoder(PreviewDecoder):
-    """A conv-heavy stand-in for the Wan VAE on the GPU: `vae` is its module, so it decodes on its device."""
+    """A conv-heavy stand-in for the Wan VAE on the GPU: its `device`, so it decodes on a stream there."""
 
     def __init__(self, device):
-        super().__init__()
+        super().__init__(device=device)
         g = torch.Generator().manual_seed(0)
         self.vae = torch.nn.Sequential(
             torch.nn.Conv2d(16, 64, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(64, 16, 3, padding=1)
