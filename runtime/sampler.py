@@ -70,8 +70,3 @@ class NoiseStream:
         # the pinned block returns to PyTorch's host cache when `host` dies, and is reused only after
         # the copy recorded on it has finished
         return host.normal_(generator=self.generator).to(device, non_blocking=True)
-
-    def draw_chunk(self, shape: tuple[int, ...], steps: int, device: torch.device) -> list[torch.Tensor]:
-        """A chunk's noise in the documented order — x, then one eps per step after the first — on
-        device, drawn at once (the session draws x and the eps at different times, in this order)."""
-        return [self.draw(shape, device) for _ in range(steps)]

@@ -27,7 +27,7 @@ def test_chunk_loop_has_no_host_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for start in (0, 3):
-            x, *eps = noise.draw_chunk(shape, len(sigmas), torch.device("cuda"))
+            x, *eps = [noise.draw(shape, "cuda") for _ in sigmas]  # the session's order: x, then eps
             for i, t in enumerate(sched.timesteps):
                 x0 = sched.to_x0(x, ex.forward(x, t, start), sigmas[i])
                 if i + 1 < len(sigmas):
@@ -49,9 +49,11 @@ def test_cuda_noise_is_the_cpu_generators_numbers_drawn_without_a_host_sync():
     try:
         for _ in range(8):
             busy = busy @ busy / 64  # keeps the stream busy so the copies queue behind it
-        on_gpu = NoiseStream(5).draw_chunk(shape, 12, torch.device("cuda"))
+        gpu_noise = NoiseStream(5)
+        on_gpu = [gpu_noise.draw(shape, "cuda") for _ in range(12)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    on_cpu = NoiseStream(5).draw_chunk(shape, 12, torch.device("cpu"))
+    cpu_noise = NoiseStream(5)
+    on_cpu = [cpu_noise.draw(shape) for _ in range(12)]
     for a, b in zip(on_gpu, on_cpu, strict=True):
         assert torch.equal(a.cpu(), b)
