@@ -44,12 +44,12 @@ def log(msg: str) -> None:
 
 
 def in_process(
-    config: PipelineConfig, prompt, frames: int, requests: int, trace: str | None = None
+    config: PipelineConfig, res, prompt, frames: int, requests: int, trace: str | None = None
 ) -> dict[str, list[float]]:
-    """Per timed request: first chunk (ms from the call), its DiT part, and the whole video (ms)."""
+    """Per timed request: first chunk (ms from the call), its DiT part, and the whole video (ms).
+    res: config resolved."""
     out: dict[str, list[float]] = {"first": [], "dit": [], "total": []}
     log("in-process: starting the ranks")
-    res = config.resolve()
     decoder = PreviewDecoder(device=device_for(Mapping(res.world_size), res.device))  # as the served model's
     with SessionGroup(config, decoder=decoder) as group:
         for i in range(requests + 1):
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     res = config.resolve()
     prompt = default_prompt_embeds(res.model)
-    local = in_process(config, prompt, args.latent_frames, args.requests, args.trace)
+    local = in_process(config, res, prompt, args.latent_frames, args.requests, args.trace)
     served = through_triton(config, prompt, args.latent_frames, args.requests, args.server_log)
     med = statistics.median
     out = {
