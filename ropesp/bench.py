@@ -155,7 +155,9 @@ def measure(
         g = session.geometry  # a compiled decoder compiles here, off the clocks
         warm = WarmUp(g.latent_height, g.latent_width, session.chunk_sizes[0])
         session.decoder = (
-            make_decoder(bench.vae, decoder_device, None, bench.vae_compile, warm) if decodes else None
+            make_decoder(bench.vae, decoder_device, compile=bench.vae_compile, warm_up=warm)
+            if decodes
+            else None
         )
         # serial, then decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): rank 0's DiT,
         # collectives included, runs on a producer thread while it decodes; the other ranks have no
