@@ -114,8 +114,11 @@ def _full_size_vae():
 
 
 def test_wan_vae_channels_last_layout(vae, latents, reference):
-    """Channels-last weights (the CUDA default) change the layout, not the values: same frames (fp32
-    convolution kernels may sum in another order: 1e-5), and the default layout comes back."""
+    """Channels-last weights (the CUDA default) change the layout, not the values: same frames, and the
+    default layout comes back. Tolerance: oneDNN's channels-last fp32 kernels sum in an order that varies
+    from process to process (the default layout matches the reference exactly); the largest difference in
+    26 processes on the CI machine was 2.5e-5 on [-1, 1] pixels (1e-5 failed 1 run in 3), so 1e-4: 4x that,
+    and 80x below one uint8 level; a layout mistake moves pixels by ~0.1."""
     vae = copy.deepcopy(vae)  # the reference's weights; the shared fixture keeps its layout
     decoder = WanVAEDecoder(vae, channels_last=True)
     conv3d = vae.decoder.conv_in.weight
@@ -123,7 +126,7 @@ def test_wan_vae_channels_last_layout(vae, latents, reference):
     conv2d = vae.decoder.up_blocks[0].upsamplers[0].resample[1].weight
     assert conv2d.is_contiguous(memory_format=torch.channels_last) and not conv2d.is_contiguous()
     chunks = [decoder.decode_video(latents[:, f : f + 3]) for f in range(0, LATENT_FRAMES, 3)]
-    torch.testing.assert_close(torch.cat(chunks, dim=2), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(chunks, dim=2), reference, rtol=0, atol=1e-4)
     set_conv_layout(vae, channels_last=False)
     assert conv3d.is_contiguous() and conv2d.is_contiguous()
     assert WanVAEDecoder(vae).vae.decoder.conv_in.weight.is_contiguous()  # CPU default: layout kept
