@@ -156,9 +156,12 @@ for step in "$@"; do
       bench_cmp bench720_p1 1 720 "$LH720" "$LW720" optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode --repeat 1
       for p in 2 4; do [ "$p" -le "$NGPU" ] && bench_cmp "bench720_p$p" "$p" 720 "$LH720" "$LW720" \
         paper-sp,optimized,compile,$ENGINE_CFGS --no-decode --repeat 1; done ;;
-    wan14b)  # Wan-14B shapes (40 heads), 480p: paper baseline vs optimized eager, P = 2 and 4
-      for p in 2 4; do [ "$p" -le "$NGPU" ] && PRESET=wan2.1-14b bench_cmp "bench14b_p$p" "$p" none "$LH" "$LW" \
-        paper-sp,optimized,compile --no-decode --repeat 1; done ;;
+    wan14b)  # Wan-14B shapes (40 heads), 480p: P = 1 (against the reference) for the scaling baseline, then the
+      # paper baseline vs optimized on P = 2 and 4; WAN14B_P picks the world sizes (default "1 2 4")
+      for p in ${WAN14B_P:-1 2 4}; do [ "$p" -le "$NGPU" ] || continue
+        base=paper-sp; [ "$p" -eq 1 ] && base=reference
+        PRESET=wan2.1-14b bench_cmp "bench14b_p$p" "$p" none "$LH" "$LW" $base,optimized,compile --no-decode --repeat 1
+      done ;;
     serve)  # first-chunk latency through Triton vs in-process, 2 ranks, compile backend. Needs nvidia-pytriton,
       # tritonclient and numpy<2 (the backend stub's): scripts/fetch_gpu_wheels.sh packs them into
       # .whl_serve/site.tar.xz, unpacked here into the git-ignored .site/
