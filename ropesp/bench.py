@@ -9,6 +9,11 @@ session, which synchronizes when a chunk's latents reach the host):
   compiled   P ranks, built engines (--engines) + CUDA graphs
   compiled-nograph  the same engines launched one by one (what CUDA graphs save)
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
+With --alone, one process runs rank 0 of the P-rank configurations by itself on one GPU: its collectives
+keep their shapes and move no data (runtime/sp.py AloneCollectives), so it times one rank's compute at
+world size P, on wrong data (max|d| is meaningless there): the scaling P ranks would reach if their
+communication were free. Beside a real P-rank run on the same GPU kind, the difference is what the
+collectives (and waiting for the slowest rank) cost.
 Every configuration's latents are compared with the first configuration's (same seed, same weights):
 `latents_vs` in the JSON, max|d| in the table. Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
 FPS for the whole video (DiT only, and with decode: rank 0 decodes, as in `generate` and serving,
@@ -80,6 +85,9 @@ class BenchConfig:
     """The command line, recorded in the JSON."""
     commit: str | None = None
     """The source commit, where the tree has no git metadata (a copy on a GPU machine)."""
+    alone: bool = False
+    """Run rank 0 of the P-rank configurations by itself (no peers, collectives move nothing): one
+    rank's compute at world size P, on one GPU."""
 
     def __post_init__(self) -> None:
         bad = [c for c in self.configs if c not in CONFIGS]
@@ -96,6 +104,14 @@ class BenchConfig:
             raise ConfigError("--vae-compile compiles the Wan VAE: pass --vae too")
         if self.vae and not self.decode:
             raise ConfigError("--vae times decode; it cannot be combined with --no-decode")
+        if self.alone and self.pipeline.world_size in (None, 1):
+            raise ConfigError("--alone times rank 0 of a P-rank group by itself: pass --world-size P >= 2")
+        if self.alone and self.pipeline.ring_degree not in (None, 1):
+            raise ConfigError("--alone runs the pure Ulysses layout only: drop --ring-degree")
+        if self.alone and self.decode_device:
+            raise ConfigError(
+                "--alone times the DiT of one rank: --decode-device has no GPU of its own there"
+            )
         if self.repeat < 1 or self.warmup < 0:
             raise ConfigError(f"--repeat {self.repeat} must be >= 1 and --warmup {self.warmup} >= 0")
 
@@ -121,7 +137,7 @@ def _run_video(session: StreamSession, prompt, device, keep: list | None = None)
     keep: a list that receives the video's latents [B, F, C, H, W] (host, float32)."""
     session.reset(prompt, seed=0)
     _sync(device)
-    if session.world_size > 1:
+    if session.world_size > 1 and dist.is_initialized():  # a rank --alone has nobody to wait for
         dist.barrier()
         _sync(device)
     chunks = list(session)
@@ -355,12 +371,17 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
             "chunk_frames": res.request.sampler.chunk_frames,
             "warmup": bench.warmup,
             "repeat": bench.repeat,
+            "alone": bench.alone,
             "flops_per_video": flops,
         },
         "results": results,
     }
     base = results.get("paper-sp") or results.get("reference")
     print(format_table(results, base))
+    if bench.alone:
+        print(
+            f"--alone: rank 0 of {res.world_size} ran by itself, its collectives moving no data (compute only; max|d| meaningless)"
+        )
     if bench.json_out:
         Path(bench.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(bench.json_out).write_text(json.dumps(out, indent=2))
@@ -437,7 +458,11 @@ def run(bench: BenchConfig, prompt: torch.Tensor) -> dict:
     if res.world_size == 1 and "paper-sp" in bench.configs:
         # one rank: the paper's SP baseline degenerates to the reference configuration
         bench = dataclasses.replace(bench, configs=tuple(c for c in bench.configs if c != "paper-sp"))
-    if res.world_size > 1 and not under_launcher():
+    if bench.alone:
+        if under_launcher():
+            raise ConfigError("--alone runs one process by itself: start it without torchrun")
+        results = run_rank(Mapping(res.world_size, 0, 0, alone=True), res, bench, prompt)
+    elif res.world_size > 1 and not under_launcher():
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "bench.json"
             spawn_ranks(res.world_size, _spawned_rank, res, bench, prompt, str(path))

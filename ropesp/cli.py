@@ -402,6 +402,7 @@ def cmd_bench(args) -> None:
         decode_device=args.decode_device,
         decode=not args.no_decode,
         commit=args.commit,
+        alone=args.alone,
         json_out=args.json,
         plot_out=args.plot,
         command="ropesp " + " ".join(sys.argv[1:]),
@@ -431,6 +432,12 @@ def add_bench_parser(sub) -> None:
         help="rank 0 decodes on this device (cuda:N, e.g. a GPU beside the DiT ranks'); default: rank 0's GPU",
     )
     p.add_argument("--no-decode", action="store_true", help="time the DiT only (skip the runs with decode)")
+    p.add_argument(
+        "--alone",
+        action="store_true",
+        help="run rank 0 of the --world-size group by itself on one GPU, its collectives moving no data: "
+        "one rank's compute at that world size (the scaling free communication would give); outputs are wrong",
+    )
     p.add_argument("--commit", help="source commit to record when the tree has no git metadata")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--plot", help="write a PNG plot")

@@ -27,6 +27,10 @@ class Mapping:
     """This process's rank in [0, world_size)."""
     local_rank: int = 0
     """Device index on this host."""
+    alone: bool = False
+    """Measurement only: this rank runs without its peers and without a process group; its collectives
+    keep their shapes and move no data (runtime/sp.py AloneCollectives), so it does the compute of one
+    rank of a world_size group, on wrong data. See `ropesp bench --alone`."""
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -78,8 +82,9 @@ def parse_device(spec: str, flag: str) -> torch.device:
 
 
 def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float = 300.0) -> None:
-    """NCCL on GPU, gloo on CPU; a no-op at world size 1. Needs MASTER_ADDR/PORT in the env."""
-    if mapping.world_size == 1 or dist.is_initialized():
+    """NCCL on GPU, gloo on CPU; a no-op at world size 1 and for a rank alone. Needs MASTER_ADDR/PORT
+    in the env."""
+    if mapping.world_size == 1 or mapping.alone or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

@@ -24,7 +24,7 @@ from ropesp.parallel import SPLayout, TokenShard
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.graphs import ChunkGraphs
 from ropesp.runtime.ring import HybridRunner, RingCache, ring_capacity, ulysses_group
-from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, UlyssesRunner
+from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, AloneCollectives, Collectives, UlyssesRunner
 
 
 class Executor(Protocol):
@@ -133,7 +133,14 @@ class SPState:
         self.rope_op = device.type == "cuda"
         self._start_frame = torch.zeros(1, dtype=torch.int32, device=device)
         self._sinusoids: dict[tuple[float, int, int], torch.Tensor] = {}
-        self.comm = Collectives(group, mapping.world_size) if mapping.world_size > 1 else None
+        if mapping.world_size == 1:
+            self.comm = None
+        elif mapping.alone:
+            if layout.ring > 1:
+                raise ConfigError(f"a rank alone runs pure Ulysses only, not the layout {layout}")
+            self.comm = AloneCollectives(mapping.world_size)
+        else:
+            self.comm = Collectives(group, mapping.world_size)
         self.ulysses_comm = self.comm
         if layout.ring == 1:
             self.cache = KVCache(

@@ -19,6 +19,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+from ropesp.errors import ConfigError
 from ropesp.model.kv_cache import CacheSlots, KVCache, attention
 from ropesp.model.rope import rope_apply_ref
 from ropesp.parallel import TokenShard
@@ -104,6 +105,30 @@ class Collectives:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+
+class AloneCollectives(Collectives):
+    """The collectives of one rank of a P-rank group run by itself (`Mapping.alone`, measurement only).
+
+    Every call keeps the shapes of the real one and moves no data: an all-to-all returns its input (this
+    rank's own slices stand in for its peers'), an all-gather repeats this rank's part. What runs around
+    them is exactly one rank's compute at world size P (GEMMs over L/P tokens, attention over H/P
+    heads), so timing it beside a real P-rank run splits the scaling loss into compute and
+    communication. The outputs are not the model's."""
+
+    def __init__(self, sp_size: int) -> None:
+        super().__init__(None, sp_size)
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        with self._timed("all_to_all", x.device):
+            return x.contiguous()
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        with self._timed("all_gather", x.device):
+            return x.unsqueeze(0).expand(self.sp_size, *x.shape)
+
+    def ring_shift_start(self, send, recv, next_rank, prev_rank):
+        raise ConfigError("a rank alone has no ring peers: the hybrid (ring) layout needs its process group")
 
 
 class UlyssesRunner:

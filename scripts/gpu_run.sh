@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick decodetests diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick decodetests overlaptests alone diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -104,6 +104,13 @@ for step in "$@"; do
     bench1) bench_cmp bench480_p1 1 480 "$LH" "$LW" reference,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
     bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
     bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
+    alone)  # one GPU: rank 0 of P = 2 and 4 by itself (collectives move nothing) against P = 1, compile backend:
+      # the scaling free communication would give; ALONE_P picks P (default "2 4"), ALONE_TAG names the files
+      bench_cmp "alone480_p1${ALONE_TAG:-}" 1 480 "$LH" "$LW" compile --no-decode
+      for p in ${ALONE_P:-2 4}; do bench_cmp "alone480_p$p${ALONE_TAG:-}" "$p" 480 "$LH" "$LW" compile --no-decode --alone; done ;;
+    overlaptests)  # the session's decode-overlap GPU tests (one GPU; the own-GPU one needs two)
+      timeout -k 5 300 python3 -m pytest tests/runtime/test_session_overlap.py -m gpu -q -p no:cacheprovider \
+        >"$RES/tests_overlap.log" 2>&1; tail -n 4 "$RES/tests_overlap.log" ;;
     hybrid)  # U=1 x R=2 (ring attention over cache shards) against U=2 x R=1 (bench2), same engines
       bench_cmp hybrid480_u1r2 2 480 "$LH" "$LW" optimized,compile,compiled --no-decode --ulysses-degree 1 --ring-degree 2 ;;
     parity)  # compile + CUDA graphs, engines and the hybrid layout against eager on one GPU

@@ -141,3 +141,39 @@ def test_bench_times_the_wan_vae(tmp_path, extra):
     row = json.loads(js.read_text())["results"]["optimized"]
     assert row["decoder"] == "wan-vae" and row["fps_with_decode"] > 0 and row["first_frame_ms"] > 0
     assert row["decode_device"] == "cpu" and row["fps_with_decode_overlapped"] > 0
+
+
+def test_bench_alone_times_rank0_by_itself(tmp_path, capsys):
+    js = tmp_path / "b.json"
+    args = ["bench", "--latent-frames", "6", "--latent-height", "8", "--latent-width", "8", "--no-decode"]
+    code = main([*args, "--world-size", "2", "--alone", "--configs", "reference,optimized", "--repeat", "1"])
+    assert code == 0 and "--alone: rank 0 of 2" in capsys.readouterr().out
+    code = main(
+        [*args, "--world-size", "4", "--alone", "--configs", "optimized", "--repeat", "1", "--json", str(js)]
+    )
+    assert code == 0
+    out = json.loads(js.read_text())
+    row = out["results"]["optimized"]
+    assert out["setup"]["alone"] and out["setup"]["world_size"] == 4
+    assert row["world_size"] == 4 and row["fps_dit"] > 0 and len(row["peak_gib_per_rank"]) == 1
+    assert row["comm_share"] >= 0  # the stand-in collectives are timed like real ones (local copies)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "--world-size P >= 2"),
+        (["--world-size", "4", "--ring-degree", "2"], "pure Ulysses layout only"),
+        (["--world-size", "2", "--vae", "random", "--decode-device", "cpu"], "no GPU of its own"),
+    ],
+)
+def test_bench_alone_bad_options(extra, message, capsys):
+    assert main(["bench", "--alone", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_alone_is_refused_under_a_launcher(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["bench", "--alone", "--world-size", "2", "--no-decode"]) == 2
+    assert "without torchrun" in capsys.readouterr().err

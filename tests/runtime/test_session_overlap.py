@@ -209,6 +209,7 @@ class _GpuConvDecoder(PreviewDecoder):
         return super().decode(y.cpu())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_overlapped_equals_serial_on_cuda_streams(prompt):
     session = build_session(

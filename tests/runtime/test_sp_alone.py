@@ -1,0 +1,61 @@
+"""A rank alone (`Mapping.alone`, `ropesp bench --alone`): rank 0's compute at world size P, no peers."""
+
+import pytest
+import sp_worker
+import torch
+import torch.distributed as dist
+
+import ropesp.runtime.sp as sp
+from ropesp.errors import ConfigError
+from ropesp.runtime.dist import Mapping
+from ropesp.runtime.pipeline import build_session
+from ropesp.runtime.sp import AloneCollectives
+
+LAYERS, HEADS, HEAD_DIM = 2, 12, 16  # tiny preset
+FRAME_TOKENS = 5 * 7  # sp_worker's 10x14 latents, patch 2x2
+CHUNK_TOKENS = 3 * FRAME_TOKENS
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_alone_rank_has_rank0s_shapes_and_call_pattern(world_size, prompt, monkeypatch):
+    seen = []
+    real_attention = sp.attention
+
+    def recording(q, k, v):
+        seen.append((tuple(q.shape), tuple(k.shape)))
+        return real_attention(q, k, v)
+
+    monkeypatch.setattr(sp, "attention", recording)
+    cfg = sp_worker.base_config(world_size=world_size, **sp_worker.MODES["optimized"])
+    session = build_session(cfg, Mapping(world_size, 0, 0, alone=True))
+    assert not dist.is_initialized()  # no process group, no peers
+    state = session.executor.state
+    assert isinstance(state.comm, AloneCollectives)
+    session.reset(prompt, seed=3)
+    state.comm.counts.clear()
+    out = session.executor.forward(torch.zeros(1, 3, 16, 10, 14), torch.tensor(500.0), 0)
+    # the same collectives per forward as a real rank's (test_sp: test_sp_equals_single_rank)
+    assert dict(state.comm.counts) == {"all_to_all": 2 * LAYERS, "all_gather": 1}
+    # attention of the whole chunk over this rank's H/P heads, as a real rank of P
+    assert seen == [((1, CHUNK_TOKENS, HEADS // world_size, HEAD_DIM),) * 2] * LAYERS
+    assert state.cache.k.shape[-2] == HEADS // world_size
+    assert out.shape == (1, 3, 16, 10, 14) and torch.isfinite(out).all()
+    session.reset(seed=3)
+    assert len(list(session)) == 2  # a whole video streams (on wrong data: the peers' parts are missing)
+
+
+def test_alone_collectives_keep_shapes_and_move_nothing():
+    comm = AloneCollectives(4)
+    x = torch.arange(24.0).view(4, 2, 3)  # [P(dst), ...]
+    assert torch.equal(comm.all_to_all(x), x)  # this rank's slices stand in for the peers'
+    gathered = comm.all_gather(x[0])
+    assert gathered.shape == (4, 2, 3) and all(torch.equal(g, x[0]) for g in gathered)
+    assert dict(comm.counts) == {"all_to_all": 1, "all_gather": 1}
+    with pytest.raises(ConfigError, match="no ring peers"):
+        comm.ring_shift_start(x, x, 1, 3)
+
+
+def test_alone_refuses_the_ring_layout():
+    cfg = sp_worker.base_config(world_size=4, ring_degree=2)
+    with pytest.raises(ConfigError, match="pure Ulysses only"):
+        build_session(cfg, Mapping(4, 0, 0, alone=True))
