@@ -202,7 +202,10 @@ class StreamSession:
 
     def _decoder_device(self) -> torch.device:
         device = getattr(self.decoder, "device", None)  # StreamDecoder.device; None: the host
-        return torch.device("cpu") if device is None else torch.device(device)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda": the current GPU, one stream per GPU
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def _iter_overlapped(self) -> Iterator[Chunk]:
         device = torch.device(self.executor.device)

@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick decodetests overlaptests alone diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick decodetests overlaptests alone profilealone diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -108,6 +108,11 @@ for step in "$@"; do
       # the scaling free communication would give; ALONE_P picks P (default "2 4"), ALONE_TAG names the files
       bench_cmp "alone480_p1${ALONE_TAG:-}" 1 480 "$LH" "$LW" compile --no-decode
       for p in ${ALONE_P:-2 4}; do bench_cmp "alone480_p$p${ALONE_TAG:-}" "$p" 480 "$LH" "$LW" compile --no-decode --alone; done ;;
+    profilealone)  # one GPU, compile: one video at P = 1 and rank 0 of P = 4 by itself, under the profiler
+      for p in 1 4; do
+        python3 scripts/profile_chunk.py --preset "$PRESET" --backend compile --world-size "$p" --alone \
+          --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" \
+          --json "$RES/profile_alone_p$p.json" >"$RES/profile_alone_p$p.log" 2>&1; tail -n 14 "$RES/profile_alone_p$p.log"; done ;;
     overlaptests)  # the session's decode-overlap GPU tests (one GPU; the own-GPU one needs two)
       timeout -k 5 300 python3 -m pytest tests/runtime/test_session_overlap.py -m gpu -q -p no:cacheprovider \
         >"$RES/tests_overlap.log" 2>&1; tail -n 4 "$RES/tests_overlap.log" ;;

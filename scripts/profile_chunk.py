@@ -1,11 +1,13 @@
 """Where one video's time goes on a GPU: torch.profiler over one warm 81-frame video, as seen by rank 0.
 
     python scripts/profile_chunk.py --preset wan2.1-1.3b --latent-height 60 --latent-width 104 \
-        [--engines DIR --backend aoti] [--vae random] [--world-size P] --json prof.json --trace trace.json.gz
+        [--engines DIR --backend aoti] [--vae random] [--world-size P [--alone]] --json prof.json --trace trace.json.gz
 
 With --world-size P every rank runs the same videos (Ulysses SP, lock-step, each video started after a
 barrier) and rank 0 alone is profiled: its NCCL kernels' time includes waiting for the slowest peer, so
-the "nccl" share is what the collectives cost this rank, exchange and skew together.
+the "nccl" share is what the collectives cost this rank, exchange and skew together. With --alone rank 0
+runs by itself on one GPU, its collectives moving nothing (`ropesp bench --alone`): one rank's kernels at
+world size P without any communication, to set beside the P = 1 profile.
 
 Writes a JSON summary: GPU kernel time per category (GEMM, attention, NCCL, RoPE, fused elementwise,
 copies, other), GPU busy time against the video's wall time (the rest is the GPU waiting for the host),
@@ -82,7 +84,7 @@ def profile_rank(mapping: Mapping, args: argparse.Namespace) -> None:
             session.generate()
         session.reset(prompt, seed=0)
         sync()
-        if mapping.world_size > 1:
+        if dist.is_initialized():
             dist.barrier()  # every rank starts the video together (see ropesp.bench._run_video)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) if mapping.rank == 0 else contextlib.nullcontext() as prof:
@@ -154,11 +156,14 @@ def main() -> None:
     ap.add_argument("--vae", help="'random' or a checkpoint: decode overlapped with the DiT")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     ap.add_argument("--world-size", type=int, default=1, help="ranks (one GPU each); rank 0 is profiled")
+    ap.add_argument(
+        "--alone", action="store_true", help="rank 0 of --world-size by itself (no communication)"
+    )
     ap.add_argument("--json", required=True)
     ap.add_argument("--trace", help="chrome trace (.json or .json.gz)")
     args = ap.parse_args()
-    if args.world_size == 1:
-        profile_rank(Mapping(1, 0, 0), args)
+    if args.world_size == 1 or args.alone:
+        profile_rank(Mapping(args.world_size, 0, 0, alone=args.alone and args.world_size > 1), args)
     else:
         spawn_ranks(args.world_size, profile_rank, args)
 

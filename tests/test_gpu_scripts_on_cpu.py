@@ -28,6 +28,16 @@ def test_profile_chunk_two_ranks(tmp_path):
     assert json.loads(trace.read_text())["traceEvents"]
 
 
+def test_profile_chunk_rank_alone(tmp_path):
+    """--alone: rank 0 of 4 by itself in this one process, no process group."""
+    out = tmp_path / "prof.json"
+    _run("profile_chunk.py", "--preset", "tiny", "--latent-height", "8", "--latent-width", "8",
+         "--latent-frames", "3", "--dtype", "float32", "--device", "cpu", "--world-size", "4", "--alone",
+         "--json", str(out))  # fmt: skip
+    res = json.loads(out.read_text())
+    assert res["chunks"] == 1 and res["args"]["alone"] and res["args"]["world_size"] == 4
+
+
 def test_vae_bench_variants(tmp_path):
     """Each variant decodes the same 21 frames; channels-last changes no value beyond fp32 rounding."""
     pytest.importorskip("diffusers")
