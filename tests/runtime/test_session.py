@@ -74,6 +74,41 @@ def test_a_chunk_is_handed_out_before_its_clean_context_pass():
     assert len(ex.calls) == 2 * (steps + 1)  # every clean pass still runs (skip_final_refresh=False)
 
 
+class BusyCudaExecutor(RecordingExecutor):
+    """Flow = 0 on the GPU after ~tens of ms of queued matmuls: the host runs ahead of the device."""
+
+    device = torch.device("cuda")
+
+    def forward(self, x, t, start_frame):
+        self.calls.append((None, float(t), start_frame))
+        busy = torch.ones(2048, 2048, device="cuda")
+        for _ in range(20):
+            busy = busy @ busy / 2048
+        return torch.zeros_like(x) * busy[0, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a device that lags the host)")
+def test_a_busy_device_gets_the_clean_pass_queued_before_the_chunk_is_handed_out():
+    """With the device still computing a chunk, its clean-context pass is queued before the host waits
+    for the latents, so the device never idles between chunks; the latents are still the chunk's own."""
+    ex = BusyCudaExecutor()
+    session = StreamSession(ex, SamplerConfig(), VideoGeometry(4, 4), 9, skip_final_refresh=True)
+    session.reset(seed=1)
+    steps = len(FlowSchedule(SamplerConfig()).timesteps)
+    chunks = list(session)
+    assert [c.latents.device.type for c in chunks] == ["cpu"] * 3
+    # flow = 0: x0 is the chunk's last noised input; the host copy matches the serial CPU run's (fp32
+    # re-noising on the GPU may contract to FMA: a few ulps)
+    reference = StreamSession(RecordingExecutor(), SamplerConfig(), VideoGeometry(4, 4), 9)
+    reference.reset(seed=1)
+    got = torch.cat([c.latents for c in chunks], 1)
+    torch.testing.assert_close(got, reference.generate(), rtol=1e-6, atol=1e-6)
+    session.reset(seed=1)
+    seen = [len(ex.calls) for _ in session]
+    assert seen == [steps + 1, 2 * steps + 2, 3 * steps + 2]  # the last chunk has no clean pass
+
+
 def test_same_seed_same_latents_and_reset_reuses_caches(prompt):
     session = build_session(PipelineConfig(preset="tiny", latent_frames=6, device="cpu"))
     k_buffer = session.executor.cache.k
