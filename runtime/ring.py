@@ -204,6 +204,8 @@ def ulysses_group(layout: SPLayout, rank: int):
 class HybridRunner(UlyssesRunner):
     """UlyssesRunner within a Ulysses group whose attention spans the ring peers' cache shards."""
 
+    _kv_blocks = False  # the ring cache's writes take flat tokens
+
     def __init__(self, ring: RingCache, ring_slots: RingSlots, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.ring, self.ring_slots = ring, ring_slots

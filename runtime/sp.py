@@ -205,18 +205,48 @@ class UlyssesRunner:
         recv = self.comm.all_to_all(send)  # all_to_all: -> [U(src head group), B, L_local, H/U, D]
         return recv.movedim(0, 2).flatten(2, 3)  # [B, L_local, H, D]
 
+    def _qkv_to_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [B, L_local, H, D] -> ONE all-to-all -> [U(src), 3, B, L_local, H/U, D].
+
+        The send buffer is written by one strided copy per tensor (a stack, then a permuting copy, moved
+        every byte twice)."""
+        b, n, h, d = q.shape
+        send = q.new_empty((self.sp, 3, b, n, h // self.sp, d))
+        for j, x in enumerate((q, k, v)):
+            send[:, j].copy_(
+                x.unflatten(2, (self.sp, h // self.sp)).movedim(2, 0)
+            )  # [U(dst), B, L_local, H/U, D]
+        return self.comm.all_to_all(send)
+
+    # keys and values go into the cache straight from the exchange's blocks (no flattening copy first)
+    # where the chunk has no SP padding; HybridRunner's ring cache takes flat tokens
+    _kv_blocks = True
+
+    def _fused_exchange(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's q, k, v [B, L_local, H, D] -> the chunk's, head-sharded: q [B, L_pad, H/U, D] and
+        k, v the same or, without padding, [B, U, L_local, H/U, D] blocks (views of the exchange)."""
+        recv = self._qkv_to_heads(q, k, v)  # [U(src), 3, B, L_local, H/U, D]
+        q = recv[:, 0].movedim(0, 1).flatten(1, 2)  # [B, U*L_local, H/U, D] (a copy)
+        k, v = recv[:, 1].movedim(0, 1), recv[:, 2].movedim(0, 1)  # [B, U, L_local, H/U, D] views
+        if not (self._kv_blocks and self.shard_info.padded == self.shard_info.total):
+            k, v = k.flatten(1, 2), v.flatten(1, 2)
+        return q, k, v
+
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Head-sharded attention of the whole chunk: [B, L_pad, H/P, D] each; padding is not cached."""
+        """Head-sharded attention of the whole chunk: q [B, L_pad, H/P, D]; k, v the same or, without
+        padding, [B, P, L_local, H/P, D] blocks; padding is not cached."""
         real = self.shard_info.total
-        k_win, v_win = self.cache.update(layer, self.slots, k[:, :real], v[:, :real])  # [B, S_win, H/P, D]
+        if k.dim() == 4:
+            k, v = k[:, :real], v[:, :real]
+        k_win, v_win = self.cache.update(layer, self.slots, k, v)  # [B, S_win, H/P, D]
         out = attention(q[:, :real], k_win, v_win)
         if real != q.shape[1]:
             out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, q.shape[1] - real))  # [B, L_pad, H/P, D]
         return out
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.sp_comm == "fused":
-            q, k, v = self._to_heads(torch.stack((q, k, v)))  # one all-to-all for q, k and v
-        else:
+        if self.sp_comm != "fused":
             q, k, v = self._to_heads(q), self._to_heads(k), self._to_heads(v)
+        elif self.sp > 1:  # one all-to-all for q, k and v (a ring-only layout has nothing to exchange)
+            q, k, v = self._fused_exchange(q, k, v)
         return self._to_tokens(self._attend(layer, q, k, v))

@@ -137,9 +137,14 @@ class KVCache:
     def update(
         self, layer: int, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, N, H_local, D] into the chunk's slots; return the attention window views."""
-        self.k[layer, :, slots.write_start : slots.write_end] = k
-        self.v[layer, :, slots.write_start : slots.write_end] = v
+        """Write k, v [B, N, H_local, D] into the chunk's slots; return the attention window views.
+
+        k, v may also come as [B, N1, N2, H_local, D] with N = N1 * N2 in token order (the blocks of a
+        head-sharded all-to-all, runtime/sp.py): written as they are, without flattening them first."""
+        for buf, new in ((self.k, k), (self.v, v)):
+            dst = buf[layer, :, slots.write_start : slots.write_end]
+            dst = dst.unflatten(1, new.shape[1:3]) if new.dim() == 5 else dst
+            dst.copy_(new)
         window = slice(slots.attn_start, slots.attn_end)
         return self.k[layer, :, window], self.v[layer, :, window]
 

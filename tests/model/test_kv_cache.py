@@ -76,3 +76,14 @@ def test_rolling_attention_equals_attention_over_the_window_tokens():
         idx = torch.tensor([f * ft + i for f in keep for i in range(ft)])
         expected = attention(q, stream_k[:, idx], stream_v[:, idx])
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_update_takes_token_blocks_as_flat_tokens():
+    """k, v as [B, N1, N2, H, D] blocks (a head-sharded all-to-all's) land where the flat [B, N, H, D] do."""
+    flat, blocks = (KVCache(2, 1, 6, CacheConfig(max_frames=4), 2, 4, torch.float32, "cpu") for _ in range(2))
+    k, v = torch.randn(2, 1, 3, 4, 2, 4).unbind(0)  # [B, N1=3 blocks, N2=4 tokens, H, D]: 2 frames of 6
+    a = flat.update(1, flat.begin(0, 12), k.flatten(1, 2), v.flatten(1, 2))
+    b = blocks.update(1, blocks.begin(0, 12), k, v)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(flat.k, blocks.k) and torch.equal(flat.v, blocks.v)
+    assert torch.equal(b[0], k.flatten(1, 2)) and torch.equal(b[1], v.flatten(1, 2))

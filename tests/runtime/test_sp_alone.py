@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 import ropesp.runtime.sp as sp
 from ropesp.errors import ConfigError
+from ropesp.model.kv_cache import KVCache
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.pipeline import build_session
 from ropesp.runtime.sp import AloneCollectives
@@ -26,6 +27,14 @@ def test_alone_rank_has_rank0s_shapes_and_call_pattern(world_size, prompt, monke
         return real_attention(q, k, v)
 
     monkeypatch.setattr(sp, "attention", recording)
+    written = []
+    real_update = KVCache.update
+
+    def recording_update(self, layer, slots, k, v):
+        written.append(tuple(k.shape))
+        return real_update(self, layer, slots, k, v)
+
+    monkeypatch.setattr(KVCache, "update", recording_update)
     cfg = sp_worker.base_config(world_size=world_size, **sp_worker.MODES["optimized"])
     session = build_session(cfg, Mapping(world_size, 0, 0, alone=True))
     assert not dist.is_initialized()  # no process group, no peers
@@ -39,6 +48,11 @@ def test_alone_rank_has_rank0s_shapes_and_call_pattern(world_size, prompt, monke
     # attention of the whole chunk over this rank's H/P heads, as a real rank of P
     assert seen == [((1, CHUNK_TOKENS, HEADS // world_size, HEAD_DIM),) * 2] * LAYERS
     assert state.cache.k.shape[-2] == HEADS // world_size
+    # keys go into the cache as the exchange's [B, P, L_local, H/P, D] blocks where the chunk splits
+    # evenly (105 tokens over 3 ranks), as flat tokens where it is padded (106 and 108 over 2 and 4)
+    blocks = (1, world_size, CHUNK_TOKENS // world_size, HEADS // world_size, HEAD_DIM)
+    flat = (1, CHUNK_TOKENS, HEADS // world_size, HEAD_DIM)
+    assert written == [blocks if CHUNK_TOKENS % world_size == 0 else flat] * LAYERS
     assert out.shape == (1, 3, 16, 10, 14) and torch.isfinite(out).all()
     session.reset(seed=3)
     assert len(list(session)) == 2  # a whole video streams (on wrong data: the peers' parts are missing)
