@@ -105,9 +105,15 @@ for step in "$@"; do
     bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
     bench4) [ "$NGPU" -ge 4 ] && bench_cmp bench480_p4 4 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
     alone)  # one GPU: rank 0 of P = 2 and 4 by itself (collectives move nothing) against P = 1, compile backend:
-      # the scaling free communication would give; ALONE_P picks P (default "2 4"), ALONE_TAG names the files
-      bench_cmp "alone480_p1${ALONE_TAG:-}" 1 480 "$LH" "$LW" compile --no-decode
-      for p in ${ALONE_P:-2 4}; do bench_cmp "alone480_p$p${ALONE_TAG:-}" "$p" 480 "$LH" "$LW" compile --no-decode --alone; done ;;
+      # the scaling free communication would give; ALONE_P picks P (default "2 4"), ALONE_TAG names the files,
+      # ALONE_RES=720 runs 1280x720 (default 480), ALONE_ARGS adds bench options (e.g. --repeat 1)
+      if [ "${ALONE_RES:-480}" = 720 ]; then ares=(720 "$LH720" "$LW720"); else ares=(480 "$LH" "$LW"); fi
+      # shellcheck disable=SC2086
+      bench_cmp "alone${ares[0]}_p1${ALONE_TAG:-}" 1 "${ares[@]}" compile --no-decode ${ALONE_ARGS:-}
+      for p in ${ALONE_P:-2 4}; do
+        # shellcheck disable=SC2086
+        bench_cmp "alone${ares[0]}_p$p${ALONE_TAG:-}" "$p" "${ares[@]}" compile --no-decode --alone ${ALONE_ARGS:-}
+      done ;;
     profilealone)  # one GPU, compile: one video at P = 1 and rank 0 of P = 4 by itself, under the profiler
       for p in 1 4; do
         python3 scripts/profile_chunk.py --preset "$PRESET" --backend compile --world-size "$p" --alone \
