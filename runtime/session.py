@@ -193,8 +193,9 @@ class StreamSession:
             # The chunk is final here and goes out before its clean-context pass, which only prepares the
             # cache for the next chunk (time to first chunk = its denoising forwards). Where the device is
             # still computing it (the host runs ahead, as with CUDA graphs), the pass is queued first, so
-            # the device goes on without waiting for the host to take the latents and come back (~6 ms
-            # of idle GPU per chunk); where the device already waits for the host, it is queued after.
+            # the device goes on without waiting for the host to take the latents and come back (~1 ms
+            # per chunk on an H200, bench/RESULTS.md); where the device already waits for the host, it is
+            # queued after.
             ahead = refresh and copied is not None and not copied.query()
             if ahead:
                 clean_context_pass()

@@ -138,6 +138,10 @@ class UlyssesRunner:
     head's all-gather and the baseline's gather-then-RoPE); they are the same group in pure Ulysses.
     """
 
+    _kv_blocks = True
+    """Keys and values go into the cache straight from the exchange's [U, L_local] blocks where the chunk
+    has no SP padding (one copy fewer); HybridRunner's ring cache takes flat tokens."""
+
     def __init__(
         self,
         cache: KVCache | None,
@@ -208,8 +212,8 @@ class UlyssesRunner:
     def _qkv_to_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v [B, L_local, H, D] -> ONE all-to-all -> [U(src), 3, B, L_local, H/U, D].
 
-        The send buffer is written by one strided copy per tensor (a stack, then a permuting copy, moved
-        every byte twice)."""
+        The send buffer is written by one strided copy per tensor (stacking, then permuting, moved every
+        byte twice)."""
         b, n, h, d = q.shape
         send = q.new_empty((self.sp, 3, b, n, h // self.sp, d))
         for j, x in enumerate((q, k, v)):
@@ -217,10 +221,6 @@ class UlyssesRunner:
                 x.unflatten(2, (self.sp, h // self.sp)).movedim(2, 0)
             )  # [U(dst), B, L_local, H/U, D]
         return self.comm.all_to_all(send)
-
-    # keys and values go into the cache straight from the exchange's blocks (no flattening copy first)
-    # where the chunk has no SP padding; HybridRunner's ring cache takes flat tokens
-    _kv_blocks = True
 
     def _fused_exchange(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's q, k, v [B, L_local, H, D] -> the chunk's, head-sharded: q [B, L_pad, H/U, D] and
