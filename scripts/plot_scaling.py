@@ -3,7 +3,9 @@
     python scripts/plot_scaling.py OUT.png bench_p1.json bench_p2.json bench_p4.json
 
 Reads the JSON files `ropesp bench --json` writes (any world sizes, one machine), prints the table and
-writes the plot; the ideal line scales the best one-GPU result linearly.
+writes the plot; the ideal line scales the best one-GPU result linearly. Runs of `ropesp bench --alone`
+(one rank's compute at world size P, its collectives moving nothing) make their own "compute only"
+lines, starting from the same configuration's one-GPU result: the ceiling beside the real scaling.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+ALONE = " (compute only, --alone)"
 
 
 def main(argv: list[str]) -> int:
@@ -24,12 +28,20 @@ def main(argv: list[str]) -> int:
     for f in files:
         data = json.loads(f.read_text())
         cards.add(data["environment"]["card"])
+        alone = data["setup"].get("alone", False)
         for name, row in data["results"].items():
-            fps[name][row["world_size"]] = row["fps_dit"]
+            fps[name + ALONE if alone else name][row["world_size"]] = row["fps_dit"]
+    for name in [n for n in fps if n.endswith(ALONE)]:
+        base = fps.get(name.removesuffix(ALONE), {})
+        if 1 in base:
+            fps[name].setdefault(1, base[1])
     gpus = sorted({p for series in fps.values() for p in series})
-    print(f"{'config':<18}" + "".join(f"{f'P={p}':>9}" for p in gpus))
+    width = max(len(name) for name in fps) + 2
+    print(f"{'config':<{width}}" + "".join(f"{f'P={p}':>9}" for p in gpus))
     for name, series in fps.items():
-        print(f"{name:<18}" + "".join(f"{series[p]:>9.1f}" if p in series else f"{'-':>9}" for p in gpus))
+        print(
+            f"{name:<{width}}" + "".join(f"{series[p]:>9.1f}" if p in series else f"{'-':>9}" for p in gpus)
+        )
 
     import matplotlib
 

@@ -49,3 +49,38 @@ def test_vae_bench_variants(tmp_path):
     assert list(res) == ["eager", "channels-last"]
     assert all(r["frames"] == 21 and len(r["chunk_ms"]) == 2 for r in res.values())
     assert res["channels-last"]["max_abs_vs_first"] < 1e-4
+
+
+def test_plot_scaling_draws_the_compute_only_line_from_the_one_gpu_run(tmp_path):
+    from ropesp.cli import main
+
+    size = [
+        "--latent-frames",
+        "3",
+        "--latent-height",
+        "8",
+        "--latent-width",
+        "8",
+        "--no-decode",
+        "--repeat",
+        "1",
+    ]
+    one, alone = tmp_path / "p1.json", tmp_path / "p2_alone.json"
+    assert main(["bench", *size, "--configs", "optimized", "--json", str(one)]) == 0
+    assert (
+        main(["bench", *size, "--configs", "optimized", "--world-size", "2", "--alone", "--json", str(alone)])
+        == 0
+    )
+    png = tmp_path / "scaling.png"
+    table = subprocess.run(
+        [sys.executable, str(SCRIPTS / "plot_scaling.py"), str(png), str(one), str(alone)],
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout  # fmt: skip
+    lines = [line.split() for line in table.splitlines()]
+    gpus = len(lines[0]) - 1  # header: config P=1 P=2
+    rows = {" ".join(parts[:-gpus]): parts[-gpus:] for parts in lines[1:]}
+    fps1 = json.loads(one.read_text())["results"]["optimized"]["fps_dit"]
+    assert rows["optimized"] == [f"{fps1:.1f}", "-"]
+    alone_fps = json.loads(alone.read_text())["results"]["optimized"]["fps_dit"]
+    assert rows["optimized (compute only, --alone)"] == [f"{fps1:.1f}", f"{alone_fps:.1f}"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
