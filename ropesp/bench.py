@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ropesp.decode import video_frames_for
-from ropesp.decode.factory import WarmUp, make_decoder
+from ropesp.decode.factory import WarmUp, check_wan_vae_options, make_decoder
 from ropesp.errors import ConfigError
 from ropesp.runtime.dist import Mapping, parse_device
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model, make_state
@@ -96,12 +96,9 @@ class BenchConfig:
         engine_configs = [c for c in self.configs if c in ENGINE_CONFIGS]
         if engine_configs and not self.pipeline.engines:
             raise ConfigError(f"--configs {','.join(engine_configs)} needs --engines DIR from `ropesp build`")
-        if self.decode_device and not self.vae:
-            raise ConfigError("--decode-device places the Wan VAE decoder: pass --vae too")
+        check_wan_vae_options(self.vae is not None, self.vae_compile, self.decode_device, "pass --vae too")
         if self.decode_device:
             parse_device(self.decode_device, "--decode-device")  # fail before any rank starts
-        if self.vae_compile and not self.vae:
-            raise ConfigError("--vae-compile compiles the Wan VAE: pass --vae too")
         if self.vae and not self.decode:
             raise ConfigError("--vae times decode; it cannot be combined with --no-decode")
         if self.alone and self.pipeline.world_size in (None, 1):

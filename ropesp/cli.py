@@ -232,6 +232,7 @@ def cmd_generate(args) -> None:
     import dataclasses
     from pathlib import Path
 
+    from ropesp.decode.factory import check_wan_vae_options
     from ropesp.runtime.dist import parse_device
     from ropesp.runtime.executor import check_prompt_embeds
     from ropesp.runtime.launch import spawn_ranks, under_launcher
@@ -254,16 +255,14 @@ def cmd_generate(args) -> None:
             "--decoder vae needs a Wan VAE: pass --vae PATH (diffusers vae/ directory or Wan2.1_VAE.pth) "
             "or --model-dir DIR, or use --decoder preview"
         )
+    check_wan_vae_options(
+        decoder == "vae",
+        args.vae_compile,
+        args.decode_device,
+        "use it with --decoder vae (--vae or --model-dir)",
+    )
     if args.decode_device:
-        if decoder != "vae":
-            raise ConfigError(
-                "--decode-device places the Wan VAE decoder: use it with --decoder vae (--vae or --model-dir)"
-            )
         parse_device(args.decode_device, "--decode-device")
-    if args.vae_compile and decoder != "vae":
-        raise ConfigError(
-            "--vae-compile compiles the Wan VAE decoder: use it with --decoder vae (--vae or --model-dir)"
-        )
     config = pipeline_config(args)
     if md is not None:
         config = dataclasses.replace(config, checkpoint=str(md.dit_weights))

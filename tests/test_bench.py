@@ -101,7 +101,7 @@ def test_bench_decode_device_needs_a_vae(capsys):
 
 def test_bench_vae_compile_needs_a_vae(capsys):
     assert main(["bench", "--configs", "optimized", "--vae-compile"]) == 2
-    assert "--vae-compile compiles the Wan VAE: pass --vae too" in capsys.readouterr().err
+    assert "--vae-compile compiles the Wan VAE decoder: pass --vae too" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

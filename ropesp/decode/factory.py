@@ -8,9 +8,19 @@ import torch
 
 from ropesp.decode.base import StreamDecoder
 from ropesp.decode.preview import PreviewDecoder
+from ropesp.errors import ConfigError
 
 RANDOM_VAE = "random"
 """`vae` value for the full-size Wan VAE on seeded random weights (timing without a checkpoint)."""
+
+
+def check_wan_vae_options(wan_vae: bool, compile: bool, decode_device: str | None, how: str) -> None:
+    """--vae-compile and --decode-device act on the Wan VAE decoder only: refuse them without it.
+    how: how this entry point selects the Wan VAE (e.g. "pass --vae too")."""
+    if decode_device and not wan_vae:
+        raise ConfigError(f"--decode-device places the Wan VAE decoder: {how}")
+    if compile and not wan_vae:
+        raise ConfigError(f"--vae-compile compiles the Wan VAE decoder: {how}")
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,7 @@ def write_repository(
     Validates everything first (the same checks as `ropesp generate`), so a bad config writes nothing.
     link=True symlinks the artifacts instead of copying them (the repository is then not relocatable).
     """
+    from ropesp.decode.factory import check_wan_vae_options
     from ropesp.runtime.group import config_to_dict
 
     world = world_size or pipeline_config.world_size or 1
@@ -196,8 +197,7 @@ def write_repository(
         raise ConfigError(f"decoder {decoder!r}; choose one of {DECODERS}")
     if (decoder == "vae") != (vae is not None):
         raise ConfigError("the vae decoder needs a Wan VAE path (and only it takes one)")
-    if (vae_compile or decode_device) and decoder != "vae":
-        raise ConfigError("--vae-compile and --decode-device apply to the Wan VAE decoder: use --decoder vae")
+    check_wan_vae_options(decoder == "vae", vae_compile, decode_device, "use --decoder vae")
     model_dir = Path(out) / model_name
     if model_dir.exists():
         if not overwrite:

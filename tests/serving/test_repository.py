@@ -101,7 +101,7 @@ def test_repository_refusals(tmp_path):
         write_repository(tmp_path / "bad", dataclasses.replace(CONFIG, latent_frames=4))
     with pytest.raises(ConfigError, match="needs a Wan VAE path"):
         write_repository(tmp_path / "bad", CONFIG, decoder="vae")
-    with pytest.raises(ConfigError, match="apply to the Wan VAE decoder: use --decoder vae"):
+    with pytest.raises(ConfigError, match="the Wan VAE decoder: use --decoder vae"):
         write_repository(tmp_path / "bad", CONFIG, vae_compile=True)
     with pytest.raises(RopespError, match=r"nope\.pt"):
         write_repository(tmp_path / "bad", dataclasses.replace(CONFIG, preset=None, checkpoint="nope.pt"))
