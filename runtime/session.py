@@ -191,12 +191,14 @@ class StreamSession:
                     forward(x0, torch.tensor(self.schedule.context_t), start)
 
             # The chunk is final here and goes out before its clean-context pass, which only prepares the
-            # cache for the next chunk (time to first chunk = its denoising forwards). Where the device is
-            # still computing it (the host runs ahead, as with CUDA graphs), the pass is queued first, so
-            # the device goes on without waiting for the host to take the latents and come back (~1 ms
-            # per chunk on an H200, bench/RESULTS.md); where the device already waits for the host, it is
-            # queued after.
-            ahead = refresh and copied is not None and not copied.query()
+            # cache for the next chunk (time to first chunk = its denoising forwards). An executor that
+            # replays CUDA graphs keeps the host ahead of the device: there the pass is queued before the
+            # host waits for the latents, so the device goes on instead of idling until the host has
+            # handed the chunk out and come back (~1 ms per chunk on an H200, bench/RESULTS.md); without
+            # graphs the device waits for the host, and queuing the pass first would delay the chunk. The
+            # rule follows the configuration, never timing, so every rank of a group queues the same
+            # collectives before a chunk boundary (a cancel there stops them all at the same point).
+            ahead = refresh and bool(getattr(self.executor, "cuda_graphs", False))
             if ahead:
                 clean_context_pass()
             if copied is not None:

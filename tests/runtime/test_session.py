@@ -74,7 +74,27 @@ def test_a_chunk_is_handed_out_before_its_clean_context_pass():
     assert len(ex.calls) == 2 * (steps + 1)  # every clean pass still runs (skip_final_refresh=False)
 
 
-class BusyCudaExecutor(RecordingExecutor):
+class GraphReplayingExecutor(RecordingExecutor):
+    """Declares CUDA graph replays, as EagerExecutor/EngineExecutor do with cuda_graphs: the host runs ahead."""
+
+    cuda_graphs = True
+
+
+def test_with_cuda_graphs_the_clean_pass_is_queued_before_the_chunk_is_handed_out():
+    """The order follows the configuration (the same on every rank of a group, whatever the timing)."""
+    ex = GraphReplayingExecutor()
+    session = StreamSession(ex, SamplerConfig(), VideoGeometry(4, 4), 9)
+    session.reset(seed=1)
+    steps = len(FlowSchedule(SamplerConfig()).timesteps)
+    seen = [len(ex.calls) for _ in session]
+    assert seen == [steps + 1, 2 * steps + 2, 3 * steps + 2]  # the last chunk has no clean pass
+    reference = StreamSession(RecordingExecutor(), SamplerConfig(), VideoGeometry(4, 4), 9)
+    reference.reset(seed=1)
+    session.reset(seed=1)
+    assert torch.equal(session.generate(), reference.generate())
+
+
+class BusyCudaExecutor(GraphReplayingExecutor):
     """Flow = 0 on the GPU after ~tens of ms of queued matmuls: the host runs ahead of the device."""
 
     device = torch.device("cuda")
@@ -91,7 +111,8 @@ class BusyCudaExecutor(RecordingExecutor):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a device that lags the host)")
 def test_a_busy_device_gets_the_clean_pass_queued_before_the_chunk_is_handed_out():
     """With the device still computing a chunk, its clean-context pass is queued before the host waits
-    for the latents, so the device never idles between chunks; the latents are still the chunk's own."""
+    for the latents (pinned copy + event), so the device never idles between chunks; the latents are
+    still the chunk's own."""
     ex = BusyCudaExecutor()
     session = StreamSession(ex, SamplerConfig(), VideoGeometry(4, 4), 9, skip_final_refresh=True)
     session.reset(seed=1)
