@@ -119,8 +119,8 @@ for step in "$@"; do
         python3 scripts/profile_chunk.py --preset "$PRESET" --backend compile --world-size "$p" --alone \
           --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" \
           --json "$RES/profile_alone_p$p.json" >"$RES/profile_alone_p$p.log" 2>&1; tail -n 14 "$RES/profile_alone_p$p.log"; done ;;
-    overlaptests)  # the session's decode-overlap GPU tests (one GPU; the own-GPU one needs two)
-      timeout -k 5 300 python3 -m pytest tests/runtime/test_session_overlap.py -m gpu -q -p no:cacheprovider \
+    overlaptests)  # the session's GPU tests: decode overlap (the own-GPU one needs two), run-ahead of the clean pass
+      timeout -k 5 300 python3 -m pytest tests/runtime/test_session_overlap.py tests/runtime/test_session.py -m gpu -q -p no:cacheprovider \
         >"$RES/tests_overlap.log" 2>&1; tail -n 4 "$RES/tests_overlap.log" ;;
     hybrid)  # U=1 x R=2 (ring attention over cache shards) against U=2 x R=1 (bench2), same engines
       bench_cmp hybrid480_u1r2 2 480 "$LH" "$LW" optimized,compile,compiled --no-decode --ulysses-degree 1 --ring-degree 2 ;;
