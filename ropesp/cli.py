@@ -307,19 +307,17 @@ def cmd_generate(args) -> None:
 def _lead_decoder(res, outputs: GenerateOutputs, device: torch.device):
     """Rank 0's decoder: the preview on its GPU, or the Wan VAE there or on --decode-device; a compiled
     one is built before the first chunk, not in the middle of the stream."""
-    from ropesp.decode.factory import WarmUp, make_decoder
-    from ropesp.runtime.dist import parse_device
+    from ropesp.runtime.pipeline import lead_decoder
 
     if outputs.decoder != "vae":
-        return make_decoder(None, device)
-    where = parse_device(outputs.decode_device, "--decode-device") if outputs.decode_device else device
-    g = res.geometry
-    warm = WarmUp(g.latent_height, g.latent_width, res.request.sampler.chunk_frames)
+        return lead_decoder(res, None, device)
     if outputs.vae_compile:
         print("loading and compiling the Wan VAE decoder (once per process) ...", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        decoder = make_decoder(outputs.vae, where, res.dtype, outputs.vae_compile, warm)
+        decoder = lead_decoder(
+            res, outputs.vae, device, compile=outputs.vae_compile, decode_device=outputs.decode_device
+        )
     except CheckpointError as exc:
         raise CheckpointError(f"{outputs.vae_flag}: {exc}") from None
     if outputs.vae_compile:

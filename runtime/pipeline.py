@@ -191,6 +191,27 @@ class ResolvedPipeline:
     layout: SPLayout
 
 
+def lead_decoder(
+    res: ResolvedPipeline,
+    vae: str | None,
+    device: torch.device,
+    *,
+    compile: bool = False,
+    decode_device: str | None = None,
+    flag: str = "--decode-device",
+):
+    """Rank 0's stream decoder for this pipeline: the preview (vae None) on `device`, or the Wan VAE there
+    or on decode_device (checked, named `flag` in errors); a compiled one is warmed up for the pipeline's
+    latent size here, before any chunk. Raises CheckpointError for an unreadable VAE."""
+    from ropesp.decode.factory import WarmUp, make_decoder
+    from ropesp.runtime.dist import parse_device
+
+    where = parse_device(decode_device, flag) if decode_device else device
+    g = res.geometry
+    warm = WarmUp(g.latent_height, g.latent_width, res.request.sampler.chunk_frames)
+    return make_decoder(vae, where, res.dtype, compile, warm)
+
+
 def load_model(res: ResolvedPipeline, device: torch.device):
     """The eager model on device: checkpoint weights, or seeded random ones."""
     from ropesp.model.wan import CausalWanDiT, init_weights

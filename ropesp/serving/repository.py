@@ -97,14 +97,12 @@ class ServedModel:
     def make_decoder(self, res, device):
         """Rank 0's stream decoder, on decode_device or else `device` (a compiled one warmed up here, at
         model load, not in the first request)."""
-        from ropesp.decode.factory import WarmUp, make_decoder
-        from ropesp.runtime.dist import parse_device
+        from ropesp.runtime.pipeline import lead_decoder
 
-        where = parse_device(self.decode_device, "decode_device") if self.decode_device else device
-        g = res.geometry
-        warm = WarmUp(g.latent_height, g.latent_width, res.request.sampler.chunk_frames)
         vae = self.vae if self.decoder == "vae" else None
-        return make_decoder(vae, where, res.dtype, self.vae_compile, warm)
+        return lead_decoder(
+            res, vae, device, compile=self.vae_compile, decode_device=self.decode_device, flag="decode_device"
+        )
 
 
 def config_pbtxt(name: str, text_dim: int, world_size: int) -> str:
