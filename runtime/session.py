@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ropesp.config import SamplerConfig, VideoGeometry
-from ropesp.decode.base import StreamDecoder
+from ropesp.decode.base import StreamDecoder, to_host
 from ropesp.runtime.executor import Executor
 from ropesp.runtime.sampler import FlowSchedule, NoiseStream
 
@@ -43,20 +43,6 @@ class Chunk:
     """[B, N, H, W, 3] uint8 decoded frames, or None without a decoder."""
     elapsed_ms: float
     """Milliseconds from the start of the stream to this chunk being ready (decode included)."""
-
-
-def _to_host(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """x on the host, and the event that marks its copy done (None: nothing to wait for).
-
-    From a GPU: a non-blocking copy into pinned memory on the current stream, behind the work that
-    produces x; the caller may queue more work before it waits on the event."""
-    if x.device.type != "cuda":
-        return x.cpu(), None
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    host.copy_(x, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
 
 
 class _Stopped(Exception):
@@ -181,7 +167,7 @@ class StreamSession:
                     x0 = self.schedule.to_x0(x, flow, sigmas[i])
                     if i + 1 < len(steps):
                         x = self.schedule.add_noise(x0, eps[i], sigmas[i + 1])
-                latents, copied = _to_host(x0)
+                latents, copied = to_host(x0)
             last = index == len(self.chunk_sizes) - 1
             refresh = not (last and self.skip_final_refresh)
 
