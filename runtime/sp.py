@@ -188,17 +188,21 @@ class UlyssesRunner:
         return full[:, self.first_token : self.first_token + x.shape[1]]
 
     # --- attention --------------------------------------------------------------------------
+    def _by_destination(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L_local, H, D] -> the view [U(dst), B, L_local, H/U, D]: head group j goes to rank j."""
+        return x.unflatten(2, (self.sp, x.shape[2] // self.sp)).movedim(2, 0)
+
+    @staticmethod
+    def _tokens_first(blocks: torch.Tensor) -> torch.Tensor:
+        """Received [U(src), B, L_local, H/U, D] -> [B, U*L_local, H/U, D], the chunk's tokens in order."""
+        return blocks.movedim(0, 1).flatten(1, 2)
+
     def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., B, L_local, H, D] -> [..., B, U*L_local, H/U, D] (sequence- to head-sharded)."""
+        """[B, L_local, H, D] -> [B, U*L_local, H/U, D] (sequence- to head-sharded, one tensor: the
+        unfused baseline)."""
         if self.sp == 1:  # a ring-only layout: nothing to exchange
             return x
-        *lead, _, _, h, _ = x.shape
-        n = len(lead)
-        send = x.unflatten(-2, (self.sp, h // self.sp))  # [..., B, L_local, U, H/U, D]
-        send = send.movedim(-3, 0)  # [U, ..., B, L_local, H/U, D]
-        recv = self.comm.all_to_all(send)  # all_to_all: [U(dst), ...] -> [U(src), ..., B, L_local, H/U, D]
-        recv = recv.movedim(0, n + 1)  # [..., B, U, L_local, H/U, D]
-        return recv.flatten(n + 1, n + 2)  # [..., B, U*L_local, H/U, D]
+        return self._tokens_first(self.comm.all_to_all(self._by_destination(x)))
 
     def _to_tokens(self, o: torch.Tensor) -> torch.Tensor:
         """[B, U*L_local, H/U, D] -> [B, L_local, H, D] (head-sharded -> sequence-sharded)."""
@@ -217,16 +221,14 @@ class UlyssesRunner:
         b, n, h, d = q.shape
         send = q.new_empty((self.sp, 3, b, n, h // self.sp, d))
         for j, x in enumerate((q, k, v)):
-            send[:, j].copy_(
-                x.unflatten(2, (self.sp, h // self.sp)).movedim(2, 0)
-            )  # [U(dst), B, L_local, H/U, D]
+            send[:, j].copy_(self._by_destination(x))
         return self.comm.all_to_all(send)
 
     def _fused_exchange(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's q, k, v [B, L_local, H, D] -> the chunk's, head-sharded: q [B, L_pad, H/U, D] and
         k, v the same or, without padding, [B, U, L_local, H/U, D] blocks (views of the exchange)."""
         recv = self._qkv_to_heads(q, k, v)  # [U(src), 3, B, L_local, H/U, D]
-        q = recv[:, 0].movedim(0, 1).flatten(1, 2)  # [B, U*L_local, H/U, D] (a copy)
+        q = self._tokens_first(recv[:, 0])  # [B, U*L_local, H/U, D] (a copy)
         k, v = recv[:, 1].movedim(0, 1), recv[:, 2].movedim(0, 1)  # [B, U, L_local, H/U, D] views
         if not (self._kv_blocks and self.shard_info.padded == self.shard_info.total):
             k, v = k.flatten(1, 2), v.flatten(1, 2)
