@@ -35,7 +35,6 @@ from ropesp.parallel import SPLayout, TokenShard
 BACKENDS = ("onnx", "tensorrt", "aoti")
 DTYPES = {name: dt for dt, name in DTYPE_NAMES.items() if dt.is_floating_point}
 BUILD_LOG = "build.log"
-RANDOM_WEIGHTS_SEED = 0  # the seed of the eager path's random weights (runtime/pipeline.py)
 
 
 @dataclass(frozen=True)
@@ -124,9 +123,9 @@ def resolve_model(cfg: BuildConfig) -> tuple[ModelConfig, PresetDefaults]:
 
 
 def load_weights(cfg: BuildConfig, model_cfg: ModelConfig, device: torch.device):
-    """The eager model in the build dtype: checkpoint weights, or the eager path's seeded random ones
-    (drawn on the device the engines run on, as `ropesp generate` draws them)."""
-    from ropesp.model.wan import CausalWanDiT, init_weights
+    """The eager model in the build dtype: checkpoint weights, or the preset's seeded random ones (drawn on
+    the device the engines run on by the runtime's own recipe, model.wan.random_model)."""
+    from ropesp.model.wan import random_model
 
     dtype = DTYPES[cfg.dtype_name]
     if cfg.checkpoint:
@@ -135,11 +134,7 @@ def load_weights(cfg: BuildConfig, model_cfg: ModelConfig, device: torch.device)
         return load_model(
             cfg.checkpoint, model_cfg, model_config_path=cfg.model_config, dtype=dtype, device=device
         )[0]
-    with torch.device("meta"):
-        model = CausalWanDiT(model_cfg)
-    model.to_empty(device=device)
-    init_weights(model, RANDOM_WEIGHTS_SEED)
-    return model.to(dtype=dtype).eval().requires_grad_(False)
+    return random_model(model_cfg, dtype, device)
 
 
 def _prepare_out(out: Path) -> None:
@@ -166,6 +161,11 @@ def build(cfg: BuildConfig) -> Path:
         from ropesp.export import tensorrt as trt_build
 
         trt_build.require()  # fail before any work
+    cxx = None
+    if cfg.backend == "aoti":
+        from ropesp.export.toolchain import choose_cxx
+
+        cxx = choose_cxx()  # before any work; BuildError names every compiler it refused
     model_cfg, defaults = resolve_model(cfg)
     # segments hold all heads of a rank's tokens, so every Ulysses x ring layout of this world size
     # runs on the same engines; choose() refuses a layout the heads cannot take
@@ -199,7 +199,7 @@ def build(cfg: BuildConfig) -> Path:
         {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / mf.WEIGHTS)
     )
     trace_device = run_device if cfg.backend == "aoti" else torch.device("cpu")  # ONNX: traced on the CPU
-    specs, ranks = _build_ranks(cfg, model.to(trace_device), geometry, shapes, out, trace_device)
+    specs, ranks = _build_ranks(cfg, model.to(trace_device), geometry, shapes, out, trace_device, cxx)
     del model
 
     artifacts = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in (mf.MANIFEST, BUILD_LOG))
@@ -242,8 +242,11 @@ def build(cfg: BuildConfig) -> Path:
     return out
 
 
-def _build_ranks(cfg: BuildConfig, model, geometry, shapes: list[int], out: Path, device: torch.device):
-    """Every rank's segments at every chunk length -> (segment specs, RankFiles per rank)."""
+def _build_ranks(
+    cfg: BuildConfig, model, geometry, shapes: list[int], out: Path, device: torch.device, cxx: str | None
+):
+    """Every rank's segments at every chunk length -> (segment specs, RankFiles per rank); cxx: the C++
+    compiler of AOTInductor builds."""
     from tqdm import tqdm
 
     ext = mf.EXTENSIONS[cfg.backend]
@@ -251,6 +254,8 @@ def _build_ranks(cfg: BuildConfig, model, geometry, shapes: list[int], out: Path
     specs, ranks = [], []
     total = cfg.world_size * len(shapes) * len(SEGMENTS)
     with open(out / BUILD_LOG, "w") as log, tqdm(total=total, unit="segment", file=sys.stderr) as bar:
+        if cxx is not None:
+            log.write(f"C++ compiler: {cxx}\n")
         for rank in range(cfg.world_size):
             rank_dir = out / f"rank{rank}"
             rank_dir.mkdir()
@@ -268,7 +273,7 @@ def _build_ranks(cfg: BuildConfig, model, geometry, shapes: list[int], out: Path
                             shutil.copyfile(out / src, rank_dir / Path(src).name)
                         note = "(the same graph as an earlier rank's: copied)"
                     else:
-                        written, note = _build_one(cfg, seg, rank_dir, device)
+                        written, note = _build_one(cfg, seg, rank_dir, device, cxx)
                         built[seg.static_key] = [p.relative_to(out).as_posix() for p in written]
                     files[seg.spec.stem] = f"rank{rank}/{seg.spec.stem}{ext}"
                     if rank == 0:
@@ -279,14 +284,16 @@ def _build_ranks(cfg: BuildConfig, model, geometry, shapes: list[int], out: Path
     return specs, ranks
 
 
-def _build_one(cfg: BuildConfig, seg, rank_dir: Path, device: torch.device) -> tuple[list[Path], str]:
+def _build_one(
+    cfg: BuildConfig, seg, rank_dir: Path, device: torch.device, cxx: str | None
+) -> tuple[list[Path], str]:
     """Compile one segment into rank_dir; returns the files written and a note for the build log."""
     stem = seg.spec.stem
     if cfg.backend == "aoti":
         from ropesp.export.aoti import compile_segment
 
         path = compile_segment(
-            seg.module, seg.example, rank_dir / f"{stem}.pt2", device=device, autotune=cfg.autotune
+            seg.module, seg.example, rank_dir / f"{stem}.pt2", device=device, cxx=cxx, autotune=cfg.autotune
         )
         return [path], f"AOTInductor package for {device.type}"
     from ropesp.export import onnx as onnx_export

@@ -23,3 +23,7 @@ class EngineError(RopespError):
 
 class BackendUnavailableError(RopespError):
     """An optional backend (TensorRT, ONNX Runtime, Triton) is not installed here."""
+
+
+class BuildError(RopespError):
+    """An engine cannot be built here: a toolchain is missing or produces artifacts that would not load."""

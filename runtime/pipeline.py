@@ -36,7 +36,6 @@ BACKENDS = ("eager", "compile", "ort", "aoti", "tensorrt")
 MODEL_BACKENDS = ("eager", "compile")
 """Backends that run the PyTorch model itself (no --engines); the others run `ropesp build` artifacts."""
 DEFAULT_PRESET = "tiny"
-RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -214,16 +213,10 @@ def lead_decoder(
 
 def load_model(res: ResolvedPipeline, device: torch.device):
     """The eager model on device: checkpoint weights, or seeded random ones."""
-    from ropesp.model.wan import CausalWanDiT, init_weights
-
     if res.random_weights:
-        with torch.device("meta"):
-            model = CausalWanDiT(res.model).to(dtype=res.dtype)
-        # allocate in the run's dtype and draw the weights where they live (each tensor is drawn in
-        # fp32 and rounded once on copy): no full-size fp32 copy, fast at full size
-        model.to_empty(device=device)
-        init_weights(model, RANDOM_WEIGHTS_SEED)
-        return model.eval().requires_grad_(False)
+        from ropesp.model.wan import random_model
+
+        return random_model(res.model, res.dtype, device)
     from ropesp.model.checkpoint import load_model as load_checkpoint
 
     model, _ = load_checkpoint(

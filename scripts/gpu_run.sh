@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick decodetests overlaptests alone profilealone diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick enginetests weights coldstart benchengines decodetests overlaptests alone profilealone diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -195,6 +195,34 @@ for step in "$@"; do
       )
       tail -n 14 "$RES/serve_p$P.log" ;;
     kernels) python3 -m pytest tests/plugins -m gpu -q -x 2>&1 | tail -15 ;;
+    enginetests)  # the export tests marked gpu (AOTInductor CUDA packages load, replay equals the uncaptured run)
+      timeout -k 5 300 python3 -m pytest tests/export -m gpu -q -p no:cacheprovider >"$RES/tests_export.log" 2>&1
+      tail -n 4 "$RES/tests_export.log" ;;
+    weights)  # engines built from the preset hold exactly the parameters the runtime draws on this GPU
+      eng=$(engines 480_p1 1 "$LH" "$LW")
+      python3 - "$eng" "$DTYPE" <<'PY' 2>&1 | tee "$RES/weights_check.txt"
+import sys, torch
+from safetensors.torch import load_file
+from ropesp.runtime.pipeline import PipelineConfig, load_model
+eng, dtype = sys.argv[1], sys.argv[2]
+built = load_file(f"{eng}/weights.safetensors")
+res = PipelineConfig(preset="wan2.1-1.3b", device="cuda", dtype=dtype).resolve()
+run = {k: v.cpu() for k, v in load_model(res, torch.device("cuda")).state_dict().items()}
+bad = [k for k in run if not torch.equal(run[k], built.get(k, torch.empty(0)))]
+print(f"tensors {len(run)}, differing {len(bad)}: {bad[:8]}")
+PY
+      ;;
+    coldstart)  # fresh `ropesp generate` processes to their first chunk: the engines (built before), then compile
+      eng=$(engines 480_p1 1 "$LH" "$LW")
+      gen=(--latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --output /tmp/cold.mp4)
+      timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --runs "${COLD_RUNS:-2}" --json "$RES/cold_engines.json" \
+        --profile "$RES/cold_engines.prof" -- --engines "$eng" "${gen[@]}" >"$RES/cold_engines.log" 2>&1
+      head -n 70 "$RES/cold_engines.log"
+      timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --json "$RES/cold_compile.json" \
+        -- --backend compile --preset "$PRESET" "${gen[@]}" >"$RES/cold_compile.log" 2>&1
+      head -n 3 "$RES/cold_compile.log" ;;
+    benchengines)  # one GPU: eager, compile, engines without and with CUDA graphs in one run
+      bench_cmp bench480_p1eng 1 480 "$LH" "$LW" optimized,compile,$ENGINE_CFGS --no-decode ${BENCHENG_ARGS:-} ;;
     decodetests)  # the decoders' GPU tests: compiled channels-last VAE, the VAE on a GPU of its own (2 GPUs)
       timeout -k 5 600 python3 -m pytest tests/decode tests/runtime/test_session_overlap.py -m gpu -q -p no:cacheprovider \
         >"$RES/tests_decode.log" 2>&1; tail -n 4 "$RES/tests_decode.log" ;;

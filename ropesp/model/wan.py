@@ -287,6 +287,22 @@ class CausalWanDiT(nn.Module):
         return torch.clamp(g // frame_tokens, max=frames - 1)
 
 
+RANDOM_WEIGHTS_SEED = 0
+"""The seed of every preset's random weights (no checkpoint): `ropesp build` and the runtime draw the same."""
+
+
+def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> CausalWanDiT:
+    """The preset's seeded random-weight model, eval mode, on device in dtype: the one recipe that
+    `ropesp build` (whose engines store these weights) and the eager/compile runtime both use, so engines
+    built from a preset hold exactly the run's parameters. Allocated in the run's dtype where it lives
+    (no full-size fp32 copy); each tensor is drawn in fp32 on the device and rounded once on copy."""
+    with torch.device("meta"):
+        model = CausalWanDiT(cfg).to(dtype=dtype)
+    model.to_empty(device=device)
+    init_weights(model, RANDOM_WEIGHTS_SEED)
+    return model.eval().requires_grad_(False)
+
+
 def init_weights(model: CausalWanDiT, seed: int) -> None:
     """Seeded random weights with Wan-like scales (for the embedded default and benchmarks).
 

@@ -32,26 +32,6 @@ def test_aoti_ranks_share_all_but_the_rope_segment(builds):
     assert [s for s in digests[0] if digests[0][s] != digests[1][s]] == ["pre"]
 
 
-PROBE = """
-import torch
-m = torch.nn.Linear(8, 8).cuda()
-x = torch.randn(2, 8, device="cuda")
-package = torch._inductor.aoti_compile_and_package(torch.export.export(m, (x,)))
-torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), m(x))
-"""
-
-
-def _aoti_cuda_load_failure() -> str | None:
-    """None where a stock AOTInductor CUDA package loads and runs; else how it failed. In a child
-    process: on the project's GPU machines (torch 2.11.0+cu130) the load segfaults inside torch
-    (bench/RESULTS.md), which would take the whole test session down."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=900)
-    return None if proc.returncode == 0 else f"exit status {proc.returncode}: {proc.stderr[-200:].strip()}"
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (AOTInductor CUDA build + CUDA graphs)"
@@ -59,10 +39,6 @@ def _aoti_cuda_load_failure() -> str | None:
 def test_aoti_cuda_graphs_equal_uncaptured_and_eager(tmp_path, prompt):
     from ropesp.export.build import BuildConfig, build
     from ropesp.runtime.pipeline import PipelineConfig, build_session
-
-    why = _aoti_cuda_load_failure()
-    if why:
-        pytest.skip(f"AOTInductor CUDA packages do not load on this machine, not even nn.Linear ({why})")
 
     out = build(BuildConfig(str(tmp_path / "e"), "aoti", preset="tiny", latent_height=10, latent_width=14,
                             max_frames=6, dtype="float32", device="cuda"))  # fmt: skip
