@@ -231,7 +231,7 @@ def build(cfg: BuildConfig) -> Path:
         gpu_arch=env["gpu_arch"],
         segments=specs,
         ranks=ranks,
-        files={p.relative_to(out).as_posix(): mf.sha256(p) for p in artifacts},
+        files={p.relative_to(out).as_posix(): mf.file_digest(p) for p in artifacts},
         build_seconds=round(time.perf_counter() - t_start, 2),
     )
     manifest.save(out)

@@ -212,7 +212,12 @@ def lead_decoder(
 
 
 def load_model(res: ResolvedPipeline, device: torch.device):
-    """The eager model on device: checkpoint weights, or seeded random ones."""
+    """The eager model on device: the engines' weights (with --engines, e.g. for the eager baselines of
+    `ropesp bench`), checkpoint weights, or the preset's seeded random ones."""
+    if res.manifest is not None:
+        from ropesp.runtime.engine import load_weights
+
+        return load_weights(res.manifest, device)
     if res.random_weights:
         from ropesp.model.wan import random_model
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from ropesp.config import PRESETS, ModelConfig, preset
 from ropesp.errors import CheckpointError, ConfigError
-from ropesp.model.wan import CausalWanDiT, init_weights
+from ropesp.model.wan import CausalWanDiT, random_model
 
 StateDict = dict[str, torch.Tensor]
 FORMATS = ("self-forcing", "wan", "wan-sharded", "diffusers")
@@ -270,17 +270,13 @@ def load_model(
     """Build CausalWanDiT on the meta device and assign the checkpoint's tensors, cast to dtype.
 
     Config precedence: cfg, then model_config_path / config.json beside the weights, then the
-    preset matching the tensor shapes. path=None gives seeded random weights (`init_weights`) and
+    preset matching the tensor shapes. path=None gives seeded random weights (`random_model`) and
     needs cfg. Returns the model in eval mode on device, without gradients.
     """
     if path is None:
         if cfg is None:
             raise CheckpointError("no checkpoint and no model config: pass a checkpoint or a preset")
-        with torch.device("meta"):
-            model = CausalWanDiT(cfg)
-        model.to_empty(device="cpu")
-        init_weights(model, seed)
-        model.to(device=device, dtype=dtype)
+        model = random_model(cfg, dtype, device, seed)  # seed 0: the preset weights `ropesp build` stores
     else:
         sd, file_cfg = load_state_dict(path, model_config_path=model_config_path)
         cfg = cfg or file_cfg or infer_config(sd)

@@ -291,7 +291,9 @@ RANDOM_WEIGHTS_SEED = 0
 """The seed of every preset's random weights (no checkpoint): `ropesp build` and the runtime draw the same."""
 
 
-def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> CausalWanDiT:
+def random_model(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, seed: int = RANDOM_WEIGHTS_SEED
+) -> CausalWanDiT:
     """The preset's seeded random-weight model, eval mode, on device in dtype: the one recipe that
     `ropesp build` (whose engines store these weights) and the eager/compile runtime both use, so engines
     built from a preset hold exactly the run's parameters. Allocated in the run's dtype where it lives
@@ -299,7 +301,7 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | st
     with torch.device("meta"):
         model = CausalWanDiT(cfg).to(dtype=dtype)
     model.to_empty(device=device)
-    init_weights(model, RANDOM_WEIGHTS_SEED)
+    init_weights(model, seed)
     return model.eval().requires_grad_(False)
 
 

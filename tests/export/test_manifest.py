@@ -61,7 +61,7 @@ def test_flipped_byte_refused(onnx_copy, artifact):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(EngineError, match=rf"{artifact} is corrupted or was modified: SHA-256 .* rebuild"):
+    with pytest.raises(EngineError, match=rf"{artifact} is corrupted or was modified: digest .* rebuild"):
         Manifest.load(onnx_copy).validate(world_size=1, rank=0, device="cpu")
 
 
@@ -104,3 +104,26 @@ def test_gpu_arch_mismatch_refused(builds, tmp_path, monkeypatch):
     monkeypatch.setattr(mf, "runtime_environment", lambda device, backend: here)
     with pytest.raises(EngineError, match="was built for sm_90, this GPU is sm_80: rebuild on this GPU"):
         Manifest.load(root).validate(world_size=1, rank=0, device="cuda:0")
+
+
+def test_large_files_use_the_parallel_block_digest(tmp_path, monkeypatch):
+    """Files of TREE_MIN_SIZE and more get the block tree hash (SHA-256 over 64 MiB blocks' SHA-256, so
+    blocks hash on separate cores); a change in any block changes it; plain digests still verify."""
+    import hashlib
+
+    from ropesp.export import manifest as mf
+
+    monkeypatch.setattr(mf, "TREE_BLOCK", 1000)
+    monkeypatch.setattr(mf, "TREE_MIN_SIZE", 4000)
+    data = bytes(range(256)) * 20  # 5120 bytes: 6 blocks, the last one short
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(data)
+    blocks = b"".join(hashlib.sha256(data[i : i + 1000]).digest() for i in range(0, len(data), 1000))
+    digest = mf.file_digest(path)
+    assert digest == mf.TREE_PREFIX + hashlib.sha256(blocks).hexdigest()
+    assert mf.file_digest(path, expected=hashlib.sha256(data).hexdigest()) == hashlib.sha256(data).hexdigest()
+    path.write_bytes(data[:4500] + b"x" + data[4501:])  # one byte of the fifth block
+    assert mf.file_digest(path) != digest
+    small = tmp_path / "small.pt2"
+    small.write_bytes(data[:100])
+    assert mf.file_digest(small) == hashlib.sha256(data[:100]).hexdigest()
