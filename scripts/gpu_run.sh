@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick enginetests weights coldstart benchengines decodetests overlaptests alone profilealone diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick enginetests weights coldstart coldserve benchengines decodetests overlaptests alone profilealone diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -214,6 +214,9 @@ PY
       ;;
     coldstart)  # fresh `ropesp generate` processes to their first chunk: the engines (built before), then compile
       eng=$(engines 480_p1 1 "$LH" "$LW")
+      # bytecode goes to a writable cache: the image's site-packages hold no .pyc, which a pip install
+      # writes, so the first process compiles every module (~7 s) and the later ones are what a user meets
+      export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/ropesp-pyc}
       gen=(--latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --output /tmp/cold.mp4)
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --runs "${COLD_RUNS:-2}" --json "$RES/cold_engines.json" \
         --profile "$RES/cold_engines.prof" -- --engines "$eng" "${gen[@]}" >"$RES/cold_engines.log" 2>&1
@@ -221,6 +224,16 @@ PY
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --json "$RES/cold_compile.json" \
         -- --backend compile --preset "$PRESET" "${gen[@]}" >"$RES/cold_compile.log" 2>&1
       head -n 3 "$RES/cold_compile.log" ;;
+    coldserve)  # Triton cold start with the engines: serve-repo --engines, tritonserver start to ready, first chunk
+      if [ -f .whl_serve/site.tar.xz ] && [ ! -d .site/pytriton ]; then mkdir -p .site && tar xJf .whl_serve/site.tar.xz -C .site; fi
+      eng=$(engines 480_p1 1 "$LH" "$LW")
+      (
+        [ -d .site ] && export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
+        timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/serve_latency.py --engines "$eng" --latent-frames "$LF" \
+          --requests "${SERVE_REQUESTS:-2}" --skip-in-process --json "$RES/coldserve.json" \
+          --server-log "$RES/tritonserver_cold.log" >"$RES/coldserve.log" 2>&1
+      )
+      tail -n 30 "$RES/coldserve.log" ;;
     benchengines)  # one GPU: eager, compile, engines without and with CUDA graphs in one run
       bench_cmp bench480_p1eng 1 480 "$LH" "$LW" optimized,compile,$ENGINE_CFGS --no-decode ${BENCHENG_ARGS:-} ;;
     decodetests)  # the decoders' GPU tests: compiled channels-last VAE, the VAE on a GPU of its own (2 GPUs)

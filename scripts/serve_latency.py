@@ -12,6 +12,9 @@ K/V, cache reset, first noise) and `dit` the chunk's own forwards (Chunk.elapsed
 times); through Triton, `server` is the model's timing_ms (from the request's arrival in execute()) and
 the rest of the client's arrival time is transport; "viewer" requests only the frames (the latents stay
 on the server), as triton_client.py does. --trace DIR profiles one more in-process request.
+Cold start: the model's load (tritonserver start to ready, the ranks and engines loaded inside) and the
+first request's first chunk are reported separately from the warm medians. `--engines DIR` serves built
+engines; `--skip-in-process` measures Triton alone.
 """
 
 from __future__ import annotations
@@ -95,7 +98,9 @@ def through_triton(
         repo = Path(tmp) / "repo"
         write_repository(repo, config)
         log("triton: starting tritonserver (the model loads and starts its ranks)")
+        t_load = time.perf_counter()
         with TritonServer(repo, log_path=server_log) as server:
+            out["cold"] = {"load_to_ready_s": [time.perf_counter() - t_load]}
             for name, outputs in variants.items():
                 for i in range(requests + 1):
                     log(f"triton ({name} outputs): request {i}")
@@ -105,6 +110,8 @@ def through_triton(
                         out[name]["first"].append(chunks[0].arrival_ms)
                         out[name]["server"].append(chunks[0].server_ms)
                         out[name]["total"].append(chunks[-1].arrival_ms)
+                    elif name == "all":
+                        out["cold"]["first_request_first_chunk_ms"] = [chunks[0].arrival_ms]
     return out
 
 
@@ -117,14 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-size", type=int, default=1)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--backend", default=None, help="eager (default) or compile")
+    ap.add_argument("--backend", default=None, help="eager (default) or compile; engines: from --engines")
+    ap.add_argument("--engines", help="engine directory of `ropesp build` (the preset is not used then)")
+    ap.add_argument("--skip-in-process", action="store_true", help="measure through Triton only")
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--json")
     ap.add_argument("--server-log", help="keep tritonserver's log here")
     ap.add_argument("--trace", help="profile one more in-process request into this directory")
     args = ap.parse_args(argv)
     config = PipelineConfig(
-        preset=args.preset,
+        preset=None if args.engines else args.preset,
+        engines=args.engines,
         latent_height=args.latent_height,
         latent_width=args.latent_width,
         latent_frames=args.latent_frames,
@@ -135,10 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     res = config.resolve()
     prompt = default_prompt_embeds(res.model)
-    local = in_process(config, res, prompt, args.latent_frames, args.requests, args.trace)
+    empty = {"first": [0.0], "dit": [0.0], "total": [0.0]}
+    local = (
+        empty
+        if args.skip_in_process
+        else in_process(config, res, prompt, args.latent_frames, args.requests, args.trace)
+    )
     served = through_triton(config, prompt, args.latent_frames, args.requests, args.server_log)
     med = statistics.median
     out = {
+        "triton_load_to_ready_s": served["cold"]["load_to_ready_s"][0],
+        "triton_cold_first_chunk_ms": served["cold"]["first_request_first_chunk_ms"][0],
         "preset": args.preset,
         "world_size": res.world_size,
         "device": res.device,
