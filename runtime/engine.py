@@ -58,26 +58,27 @@ class OrtSegment:
 class AotiSegment:
     """An AOTInductor package (rope_sp: Triton kernel compiled in on CUDA, reference op on the CPU).
 
-    Loaded with the package loader itself rather than `torch._inductor.aoti_load_package`, which first
-    probes the host (`get_device_information`: Inductor compiles and dlopen-tests one C++ program per CPU
-    vector ISA, each probe a fresh Python process) only to log a warning on a mismatch. That probe took
-    ~36 s of a 49 s engine cold start on the H200 machine (bench/RESULTS.md); the manifest's own checks
-    (GPU arch, torch version, SHA-256 of every file) are stricter and run before any package loads."""
+    Driven through the package loader itself (`boxed_run` on the flat tensors) rather than
+    `torch._inductor.aoti_load_package`: that entry point first probes the host (Inductor compiles and
+    dlopen-tests a C++ program per CPU vector ISA, each test a fresh Python process) only to log a warning
+    on a mismatch, ~36 s of a 49 s engine cold start on the H200 host (bench/RESULTS.md), and its wrapper
+    imports Inductor and Dynamo and rebuilds the call's pytree specs on every call. The manifest's own
+    checks (GPU arch, torch version, digest of every file) run before any package loads."""
 
     MODEL_NAME = "model"  # aoti_compile_and_package's default name inside the archive
 
     def __init__(self, path: Path, device: torch.device, single_threaded: bool) -> None:
-        from torch.export.pt2_archive._package import AOTICompiledModel
-
-        import ropesp.plugins.rope_sp  # noqa: F401  (the CPU packages call torch.ops.ropesp.rope_sp)
+        if device.type == "cpu":
+            import ropesp.plugins.rope_sp  # noqa: F401  (CPU packages call torch.ops.ropesp.rope_sp)
 
         index = device.index if device.type == "cuda" and device.index is not None else -1
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), self.MODEL_NAME, single_threaded, 1, index)
-        self.fn = AOTICompiledModel(loader)
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(
+            str(path), self.MODEL_NAME, single_threaded, 1, index
+        )
 
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        out = self.fn(*(t.contiguous() for t in tensors))  # compiled for the contiguous example strides
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+        # compiled for the contiguous example strides; the segments' inputs and outputs are flat tensors
+        return self.loader.boxed_run([t.contiguous() for t in tensors])
 
 
 class TrtSegment:
