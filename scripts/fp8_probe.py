@@ -10,6 +10,7 @@ quantization of bf16 inputs) and SageAttention, each with its error against fp32
 whether an AOTInductor package of a float8 Linear builds and loads (--parts aoti).
 """
 
+# ruff: noqa: B023  (each closure is timed within the loop iteration that defines it)
 from __future__ import annotations
 
 import argparse
