@@ -75,7 +75,10 @@ def default_config():
     """torchao's float8 inference config: dynamic per-row activation scales, per-channel weights."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # set_inductor_config=False: torchao would switch on Inductor's coordinate-descent tuning for the whole
+    # process, which benchmarks every generated kernel while compiling (minutes for the Wan regions) and
+    # changes the bf16 configurations compiled after it in the same process
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
 
 
 def apply_fp8(model: nn.Module, config=None) -> list[str]:

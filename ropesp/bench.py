@@ -34,6 +34,7 @@ import gc
 import json
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,6 +341,14 @@ def run_rank(
                 **per_chunk_errors(latents, first[1], res.request.sampler.chunk_sizes(res.latent_frames)),
             }
             results[name] = row
+            if mapping.rank == 0:  # progress: a run cut short still shows the configurations it finished
+                print(
+                    f"bench: {name}: first chunk {row['first_chunk_ms']:.1f} ms, {row['fps_dit']:.1f} FPS, "
+                    f"cold first chunk {row['cold_first_chunk_ms'] / 1e3:.1f} s, rel L2 vs "
+                    f"{first[0]} {row['latents_vs']['rel_l2']:.2e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             # free this configuration's cache before the next one allocates its own (peaks are per config)
             del session, executor
             state = None
