@@ -5,12 +5,16 @@
 Modes (`--attention`):
   sdpa  torch SDPA in the cache's dtype (cuDNN first on CUDA, runtime/executor.py): the default and
         the reference
+  fa3   FlashAttention-3's bf16 forward (package `fa3-fwd`, Hopper): measured 1.19-1.21x cuDNN at these
+        shapes with cuDNN's error against fp32 (bench/2026-12-01-fp8)
   fp8   FlashAttention-3's e4m3 forward (package `fa3-fwd`, Hopper): q, k and v are cast to e4m3 with one
         scale per (batch, head) (amax / 448, the descale the kernel applies), the output is bf16
   int8  SageAttention (package `sageattention`, Triton): INT8 q.k^T with per-block scales and a
         smoothed k, fp16 P.v; it quantizes its bf16 inputs itself
-The KV cache stays in the model dtype: each forward quantizes the window it attends to (on CUDA one
-Inductor reduction + one cast kernel per tensor, a few percent of the attention's time at 32k keys).
+The KV cache stays in the model dtype, so each fp8 forward quantizes the whole window it attends to.
+Measured on an H200 (bench/2026-12-01-fp8) the e4m3 kernel alone runs 1.45-1.56x cuDNN, but that
+quantization of bf16 q, k and v cost 0.18-0.79 ms per call, more than the kernel saves: an fp8 KV cache
+(keys and values quantized once, when written) is what makes it pay.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ import torch
 
 from ropesp.errors import BackendUnavailableError, ConfigError
 
-ATTENTION_MODES = ("sdpa", "fp8", "int8")
+ATTENTION_MODES = ("sdpa", "fa3", "fp8", "int8")
 E4M3_MAX = 448.0
 """Largest finite float8_e4m3fn value."""
-_PACKAGES = {"fp8": ("fa3_fwd_interface", "fa3-fwd"), "int8": ("sageattention", "sageattention")}
-_MIN_CAPABILITY = {"fp8": (9, 0), "int8": (8, 0)}
+_PACKAGES = {
+    "fa3": ("fa3_fwd_interface", "fa3-fwd"),
+    "fp8": ("fa3_fwd_interface", "fa3-fwd"),
+    "int8": ("sageattention", "sageattention"),
+}
+_MIN_CAPABILITY = {"fa3": (9, 0), "fp8": (9, 0), "int8": (8, 0)}
 """fa3-fwd ships sm_90 kernels only; SageAttention's Triton kernels run on Ampere and newer."""
 
 
@@ -35,7 +43,10 @@ def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     One scale per (batch, head): the head's absolute maximum maps to 448 (e4m3's largest value), so
     nothing saturates and the relative rounding error is e4m3's (2^-4) above its normal range."""
-    amax = x.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)  # [B, H]
+    # the contiguous head_dim first, then the small [B, L, H] over L, so the pass over x stays coalesced;
+    # one reduction over dims (1, 3), which straddle H, ran at about a sixth of the H200's bandwidth (the
+    # quantization of q, k, v at 32760 keys took 0.79 ms); this form is not measured yet
+    amax = x.abs().amax(dim=-1).amax(dim=1).float().clamp_min(1e-12)  # [B, L, H] -> [B, H]
     scale = E4M3_MAX / amax
     x8 = (x.float() * scale[:, None, :, None]).to(torch.float8_e4m3fn)  # [B, L, H, D]
     return x8, scale.reciprocal()
@@ -61,6 +72,13 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     k8, dk = _quantize(k)
     v8, dv = _quantize(v)
     return flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv)
+
+
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full (unmasked) attention through FlashAttention-3's bf16 forward. Shapes as fp8_attention."""
+    from fa3_fwd_interface import flash_attn_func
+
+    return flash_attn_func(q, k, v)
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -109,6 +127,8 @@ def select_attention(mode: str) -> Callable[[torch.Tensor, torch.Tensor, torch.T
         from ropesp.model.kv_cache import attention
 
         return attention
+    if mode == "fa3":
+        return fa3_attention
     if mode == "fp8":
         return fp8_attention
     if mode == "int8":

@@ -9,6 +9,7 @@ session, which synchronizes when a chunk's latents reach the host):
   compiled   P ranks, built engines (--engines) + CUDA graphs
   compiled-nograph  the same engines launched one by one (what CUDA graphs save)
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
+  compile-fa3       compile with the self-attention as FlashAttention-3's bf16 forward (--attention fa3)
   compile-fp8       compile with the blocks' Linear layers in FP8 (torchao e4m3, --precision fp8)
   compile-fp8attn   compile-fp8 with the self-attention in FP8 too (FlashAttention-3 e4m3, --attention fp8)
   compile-int8attn  compile-fp8 with SageAttention's INT8 attention (--attention int8)
@@ -55,6 +56,7 @@ CONFIGS = (
     "optimized",
     "optimized-graphs",
     "compile",
+    "compile-fa3",
     "compile-fp8",
     "compile-fp8attn",
     "compile-int8attn",
@@ -64,6 +66,7 @@ CONFIGS = (
 ENGINE_CONFIGS = ("compiled-nograph", "compiled")
 COMPILE_CONFIGS = {
     "compile": {},
+    "compile-fa3": {"precision": "bf16", "attention": "fa3"},
     "compile-fp8": {"precision": "fp8", "attention": "sdpa"},
     "compile-fp8attn": {"precision": "fp8", "attention": "fp8"},
     "compile-int8attn": {"precision": "fp8", "attention": "int8"},

@@ -99,10 +99,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--attention",
-        choices=["sdpa", "fp8", "int8"],
+        choices=["sdpa", "fa3", "fp8", "int8"],
         default="sdpa",
-        help="self-attention over the KV cache: sdpa (bf16, default) | fp8 (FlashAttention-3 e4m3) | "
-        "int8 (SageAttention)",
+        help="self-attention over the KV cache: sdpa (bf16 cuDNN, default) | fa3 (FlashAttention-3 bf16) | "
+        "fp8 (FlashAttention-3 e4m3) | int8 (SageAttention)",
     )
 
 
@@ -431,8 +431,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "--configs",
         default="reference,paper-sp,optimized",
-        help="comma-separated: reference, paper-sp, optimized, optimized-graphs, compile, compile-fp8, "
-        "compile-fp8attn, compile-int8attn, compiled-nograph, compiled",
+        help="comma-separated: reference, paper-sp, optimized, optimized-graphs, compile, compile-fa3, "
+        "compile-fp8, compile-fp8attn, compile-int8attn, compiled-nograph, compiled",
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed videos per configuration")
     p.add_argument("--repeat", type=int, default=2, help="timed videos per configuration (median)")

@@ -118,7 +118,7 @@ class SPState:
         attention: str = "sdpa",
     ) -> None:
         """attention: the self-attention kernel over the cache, a mode of plugins/attention_8bit.py
-        (sdpa | fp8 | int8); the hybrid (ring) layout merges partial attentions and takes sdpa only."""
+        (sdpa | fa3 | fp8 | int8); the hybrid (ring) layout merges partial attentions and takes sdpa only."""
         layout = layout or SPLayout.choose(cfg.num_heads, mapping.world_size, ring=1)
         if layout.world_size != mapping.world_size:
             raise ConfigError(f"SP layout {layout} does not match the world size {mapping.world_size}")

@@ -78,7 +78,7 @@ class PipelineConfig:
     """bf16 | fp8: the blocks' Linear layers as e4m3 GEMMs (torchao, quantized once at load;
     plugins/fp8.py); the eager and compile backends, CUDA compute capability >= 8.9, bfloat16."""
     attention: str = "sdpa"
-    """sdpa | fp8 | int8: the self-attention kernel over the KV cache (plugins/attention_8bit.py)."""
+    """sdpa | fa3 | fp8 | int8: the self-attention kernel over the KV cache (plugins/attention_8bit.py)."""
 
     def check_precision(self, backend: str, device: str, dtype_name: str, layout: SPLayout) -> None:
         """Refuse --precision / --attention where they cannot run, naming the flag and the reason."""

@@ -82,12 +82,36 @@ def test_attention_modes_refused_where_they_cannot_run():
         ConfigError, match=r"--attention int8: it needs a CUDA GPU of compute capability >= 8\.0"
     ):
         PipelineConfig(preset="tiny", attention="int8").resolve()
+    with pytest.raises(ConfigError, match=r"--attention fa3: it needs a CUDA GPU of compute capability"):
+        PipelineConfig(preset="tiny", attention="fa3").resolve()
     with pytest.raises(ConfigError, match="--attention 'fp4'; choose one of"):
         PipelineConfig(preset="tiny", attention="fp4").resolve()
     with pytest.raises(ConfigError, match=r"the ring layout .* merges partial attentions"):
         PipelineConfig(
             preset="tiny", attention="fp8", world_size=2, ulysses_degree=1, ring_degree=2
         ).resolve()
+
+
+def test_every_mode_selects_its_own_kernel():
+    kernels = {mode: a8.select_attention(mode) for mode in a8.ATTENTION_MODES}
+    assert kernels == {
+        "sdpa": attention,
+        "fa3": a8.fa3_attention,
+        "fp8": a8.fp8_attention,
+        "int8": a8.int8_attention,
+    }
+    with pytest.raises(ConfigError, match="--attention 'fp16'; choose one of"):
+        a8.select_attention("fp16")
+
+
+def test_quantize_per_head_amax_is_per_batch_and_head():
+    x = torch.zeros(2, 5, 3, 4)
+    x[1, 3, 2, 1] = -7.0  # the only non-zero of (batch 1, head 2)
+    x[0, 0, 0, 0] = 2.0
+    _, descale = a8.quantize_per_head(x)
+    assert descale[1, 2] == pytest.approx(7.0 / a8.E4M3_MAX)
+    assert descale[0, 0] == pytest.approx(2.0 / a8.E4M3_MAX)
+    assert (descale[0, 1:] < 1e-12).all() and (descale[1, :2] < 1e-12).all()
 
 
 def test_attention_reason_names_the_missing_library(monkeypatch):

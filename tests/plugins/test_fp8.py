@@ -161,3 +161,5 @@ def test_bench_refuses_fp8_configs_on_the_cpu():
         BenchConfig(pipeline=PipelineConfig(preset="tiny"), configs=("compile", "compile-fp8"))
     with pytest.raises(ConfigError, match="--precision fp8"):
         BenchConfig(pipeline=PipelineConfig(preset="tiny"), configs=("compile-fp8attn",))
+    with pytest.raises(ConfigError, match="--attention fa3"):
+        BenchConfig(pipeline=PipelineConfig(preset="tiny"), configs=("compile-fa3",))
