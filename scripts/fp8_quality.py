@@ -28,6 +28,7 @@ MODES = {
     # name: (dtype, backend, precision, attention)
     "fp32": ("float32", "eager", "bf16", "sdpa"),
     "bf16": ("bfloat16", "compile", "bf16", "sdpa"),
+    "fa3": ("bfloat16", "compile", "bf16", "fa3"),
     "fp8": ("bfloat16", "compile", "fp8", "sdpa"),
     "fp8attn": ("bfloat16", "compile", "fp8", "fp8"),
     "int8attn": ("bfloat16", "compile", "fp8", "int8"),
