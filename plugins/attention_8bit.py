@@ -94,8 +94,10 @@ def attention_unsupported_reason(mode: str, device: torch.device | str) -> str |
         return None
     device = torch.device(device)
     need = _MIN_CAPABILITY[mode]
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda":
         return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and the device is {device.type}"
+    if not torch.cuda.is_available():
+        return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and this torch sees none"
     cap = torch.cuda.get_device_capability(device)
     if cap < need:
         return (

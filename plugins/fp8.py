@@ -45,8 +45,10 @@ def fp8_linear_names(model: nn.Module) -> list[str]:
 def fp8_unsupported_reason(device: torch.device | str) -> str | None:
     """Why FP8 GEMMs cannot run on device (None when they can): no CUDA, too old a GPU, or no torchao."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda":
         return f"it needs a CUDA GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, and the device is {device.type}"
+    if not torch.cuda.is_available():
+        return f"it needs a CUDA GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, and this torch sees none"
     cap = torch.cuda.get_device_capability(device)
     if cap < MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device)
