@@ -9,6 +9,10 @@ session, which synchronizes when a chunk's latents reach the host):
   compiled   P ranks, built engines (--engines) + CUDA graphs
   compiled-nograph  the same engines launched one by one (what CUDA graphs save)
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
+  compile-fa3       compile with the self-attention as FlashAttention-3's bf16 forward (--attention fa3)
+  compile-fp8       compile with the blocks' Linear layers in FP8 (torchao e4m3, --precision fp8)
+  compile-fp8attn   compile-fp8 with the self-attention in FP8 too (FlashAttention-3 e4m3, --attention fp8)
+  compile-int8attn  compile-fp8 with SageAttention's INT8 attention (--attention int8)
 With --alone, one process runs rank 0 of the P-rank configurations by itself on one GPU: its collectives
 keep their shapes and move no data (runtime/sp.py AloneCollectives), so it times one rank's compute at
 world size P, on wrong data (max|d| is meaningless there): the scaling P ranks would reach if their
@@ -31,6 +35,7 @@ import gc
 import json
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +56,22 @@ CONFIGS = (
     "optimized",
     "optimized-graphs",
     "compile",
+    "compile-fa3",
+    "compile-fp8",
+    "compile-fp8attn",
+    "compile-int8attn",
     "compiled-nograph",
     "compiled",
 )
 ENGINE_CONFIGS = ("compiled-nograph", "compiled")
+COMPILE_CONFIGS = {
+    "compile": {},
+    "compile-fa3": {"precision": "bf16", "attention": "fa3"},
+    "compile-fp8": {"precision": "fp8", "attention": "sdpa"},
+    "compile-fp8attn": {"precision": "fp8", "attention": "fp8"},
+    "compile-int8attn": {"precision": "fp8", "attention": "int8"},
+}
+"""The compile backend's configurations: PipelineConfig fields each one sets (the rest as requested)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,10 @@ class BenchConfig:
             raise ConfigError(
                 "--alone times the DiT of one rank: --decode-device has no GPU of its own there"
             )
+        for name in self.configs:  # FP8 hardware and libraries, before any rank starts
+            if COMPILE_CONFIGS.get(name):
+                overrides = COMPILE_CONFIGS[name]
+                dataclasses.replace(self.pipeline, backend="compile", engines=None, **overrides).resolve()
         if self.repeat < 1 or self.warmup < 0:
             raise ConfigError(f"--repeat {self.repeat} must be >= 1 and --warmup {self.warmup} >= 0")
 
@@ -211,15 +232,30 @@ def measure(
     }
 
 
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| over all elements (0 where both are zero)."""
+    return float((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def per_chunk_errors(x: torch.Tensor, ref: torch.Tensor, chunk_frames: list[int]) -> dict:
+    """Relative L2 and max|d| of each chunk's latents: x, ref [B, F, C, H, W], chunks along F."""
+    rels, maxes = [], []
+    for a, b in zip(x.split(chunk_frames, dim=1), ref.split(chunk_frames, dim=1)):
+        rels.append(rel_l2(a, b))
+        maxes.append(float((a.float() - b.float()).abs().max()))
+    return {"rel_l2_per_chunk": rels, "max_abs_per_chunk": maxes}
+
+
 def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipeline:
     req = res.request
     if name in ("reference", "paper-sp"):
         req = dataclasses.replace(req, sp_rope="allgather", sp_comm="unfused", backend="eager", engines=None)
-    elif name in ("optimized", "optimized-graphs", "compile"):
-        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", engines=None)
+    elif name in ("optimized", "optimized-graphs", *COMPILE_CONFIGS):
+        overrides = COMPILE_CONFIGS.get(name, {})
+        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", engines=None, **overrides)
     elif name == "compiled-nograph":
         req = dataclasses.replace(req, cuda_graphs=False)
-    backend = res.backend if name in ENGINE_CONFIGS else "compile" if name == "compile" else "eager"
+    backend = res.backend if name in ENGINE_CONFIGS else "compile" if name in COMPILE_CONFIGS else "eager"
     return dataclasses.replace(res, request=req, world_size=world_size, backend=backend)
 
 
@@ -304,8 +340,18 @@ def run_rank(
                 "config": first[0],
                 "max_abs": float(diff.max()),
                 "mean_abs": float(diff.mean()),
+                "rel_l2": rel_l2(latents, first[1]),
+                **per_chunk_errors(latents, first[1], res.request.sampler.chunk_sizes(res.latent_frames)),
             }
             results[name] = row
+            if mapping.rank == 0:  # progress: a run cut short still shows the configurations it finished
+                print(
+                    f"bench: {name}: first chunk {row['first_chunk_ms']:.1f} ms, {row['fps_dit']:.1f} FPS, "
+                    f"cold first chunk {row['cold_first_chunk_ms'] / 1e3:.1f} s, rel L2 vs "
+                    f"{first[0]} {row['latents_vs']['rel_l2']:.2e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             # free this configuration's cache before the next one allocates its own (peaks are per config)
             del session, executor
             state = None

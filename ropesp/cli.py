@@ -91,6 +91,19 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--engines", help="engine directory from `ropesp build`")
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument(
+        "--precision",
+        choices=["bf16", "fp8"],
+        default="bf16",
+        help="fp8: the blocks' Linear layers as e4m3 GEMMs (torchao; eager/compile, CUDA >= sm_89)",
+    )
+    g.add_argument(
+        "--attention",
+        choices=["sdpa", "fa3", "fp8", "int8"],
+        default="sdpa",
+        help="self-attention over the KV cache: sdpa (bf16 cuDNN, default) | fa3 (FlashAttention-3 bf16) | "
+        "fp8 (FlashAttention-3 e4m3) | int8 (SageAttention)",
+    )
 
 
 def _latent_sizes(args) -> tuple[int | None, int | None, int | None]:
@@ -146,6 +159,8 @@ def pipeline_config(args):
         cuda_graphs=not args.no_cuda_graphs,
         ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree,
+        precision=args.precision,
+        attention=args.attention,
     )
 
 
@@ -416,7 +431,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "--configs",
         default="reference,paper-sp,optimized",
-        help="comma-separated: reference, paper-sp, optimized, optimized-graphs, compile, compiled-nograph, compiled",
+        help="comma-separated: reference, paper-sp, optimized, optimized-graphs, compile, compile-fa3, "
+        "compile-fp8, compile-fp8attn, compile-int8attn, compiled-nograph, compiled",
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed videos per configuration")
     p.add_argument("--repeat", type=int, default=2, help="timed videos per configuration (median)")

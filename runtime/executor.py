@@ -21,6 +21,7 @@ from ropesp.model.local import LocalRunner, make_rope
 from ropesp.model.rope import RopeTables
 from ropesp.model.wan import CausalWanDiT, timestep_sinusoid
 from ropesp.parallel import SPLayout, TokenShard
+from ropesp.plugins.attention_8bit import select_attention
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.graphs import ChunkGraphs
 from ropesp.runtime.ring import HybridRunner, RingCache, ring_capacity, ulysses_group
@@ -114,7 +115,10 @@ class SPState:
         group=None,
         layout: SPLayout | None = None,
         chunk_frames: list[int] | None = None,
+        attention: str = "sdpa",
     ) -> None:
+        """attention: the self-attention kernel over the cache, a mode of plugins/attention_8bit.py
+        (sdpa | fa3 | fp8 | int8); the hybrid (ring) layout merges partial attentions and takes sdpa only."""
         layout = layout or SPLayout.choose(cfg.num_heads, mapping.world_size, ring=1)
         if layout.world_size != mapping.world_size:
             raise ConfigError(f"SP layout {layout} does not match the world size {mapping.world_size}")
@@ -125,6 +129,12 @@ class SPState:
         self.cfg, self.geometry, self.mapping, self.layout = cfg, geometry, mapping, layout
         self.device, self.dtype, self.batch = device, dtype, batch
         self.sp_rope, self.sp_comm = sp_rope, sp_comm
+        if attention != "sdpa" and layout.ring > 1:
+            raise ConfigError(
+                f"--attention {attention} runs with pure Ulysses or one rank; the ring layout {layout} "
+                "merges partial attentions (log-sum-exp) that only --attention sdpa returns"
+            )
+        self.attend = select_attention(attention)
         local_heads = cfg.num_heads // layout.ulysses
         self.tables = RopeTables(
             cfg.head_dim, max(cache_cfg.max_frames, 1), geometry.rows, geometry.cols, cfg.rope_theta, device
@@ -235,7 +245,7 @@ class SPState:
                 rope = make_rope(
                     "reference", start_frame, frames, g.rows, g.cols, 0, None, self.cfg.rope_theta
                 )
-            return LocalRunner(self.cache, slots, rope)
+            return LocalRunner(self.cache, slots, rope, self.attend)
         shard = self._shard(frames)
         rope = rope_fn or self.local_rope(start_frame, frames, shard.first)
         kwargs = dict(
@@ -245,6 +255,7 @@ class SPState:
             start_frame=start_frame,
             grid=(frames, g.rows, g.cols),
             theta=self.cfg.rope_theta,
+            attend=self.attend,
         )
         if self.layout.ring == 1:
             return UlyssesRunner(self.cache, slots, shard, self.comm, rope, **kwargs)

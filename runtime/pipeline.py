@@ -73,6 +73,40 @@ class PipelineConfig:
     ring_degree: int | None = None
     """R of the hybrid layout (default: P / U)."""
     cuda_graphs: bool = True
+    precision: str = "bf16"
+    """bf16 | fp8: the blocks' Linear layers as e4m3 GEMMs (torchao, quantized once at load;
+    plugins/fp8.py); the eager and compile backends, CUDA compute capability >= 8.9, bfloat16."""
+    attention: str = "sdpa"
+    """sdpa | fa3 | fp8 | int8: the self-attention kernel over the KV cache (plugins/attention_8bit.py)."""
+
+    def check_precision(self, backend: str, device: str, dtype_name: str, layout: SPLayout) -> None:
+        """Refuse --precision / --attention where they cannot run, naming the flag and the reason."""
+        from ropesp.plugins.attention_8bit import ATTENTION_MODES, check_attention
+        from ropesp.plugins.fp8 import PRECISIONS, check_fp8
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"--attention {self.attention!r}; choose one of {ATTENTION_MODES}")
+        if self.precision == "fp8":
+            if backend not in MODEL_BACKENDS:
+                raise ConfigError(
+                    f"--precision fp8 quantizes the PyTorch model at load: use --backend eager or compile "
+                    f"(the {backend} engines of `ropesp build` run in their build dtype)"
+                )
+            check_fp8(device)
+            if dtype_name != "bfloat16":
+                raise ConfigError(
+                    f"--precision fp8 runs on bfloat16 activations, not --dtype {dtype_name}: pass "
+                    "--dtype bfloat16 (the default on CUDA)"
+                )
+        if self.attention != "sdpa":
+            if layout.ring > 1:
+                raise ConfigError(
+                    f"--attention {self.attention} runs with pure Ulysses or one rank; the ring layout "
+                    f"{layout} merges partial attentions that only --attention sdpa returns"
+                )
+            check_attention(self.attention, device)
 
     def resolve(self) -> ResolvedPipeline:
         """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
@@ -129,6 +163,7 @@ class PipelineConfig:
         if manifest is not None:
             manifest.check_world_size(world)  # before any rank starts
         layout = SPLayout.choose(cfg.num_heads, world, self.ulysses_degree, self.ring_degree)
+        self.check_precision(backend, device, dtype_name, layout)
         return ResolvedPipeline(
             self,
             cfg,
@@ -213,7 +248,17 @@ def lead_decoder(
 
 def load_model(res: ResolvedPipeline, device: torch.device):
     """The eager model on device: the engines' weights (with --engines, e.g. for the eager baselines of
-    `ropesp bench`), checkpoint weights, or the preset's seeded random ones."""
+    `ropesp bench`), checkpoint weights, or the preset's seeded random ones; with precision fp8 its
+    block Linears quantized once, here."""
+    model = _load_weights(res, device)
+    if res.request.precision == "fp8":
+        from ropesp.plugins.fp8 import apply_fp8
+
+        apply_fp8(model)
+    return model
+
+
+def _load_weights(res: ResolvedPipeline, device: torch.device):
     if res.manifest is not None:
         from ropesp.runtime.engine import load_weights
 
@@ -252,6 +297,7 @@ def make_state(res: ResolvedPipeline, mapping: Mapping, device: torch.device, *,
         group=group,
         layout=layout,
         chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
+        attention=req.attention,
     )
 
 

@@ -156,8 +156,10 @@ class UlyssesRunner:
         start_frame: int = 0,
         grid: tuple[int, int, int] = (1, 1, 1),
         theta: float = 10000.0,
+        attend=attention,
     ) -> None:
         self.cache, self.slots, self.shard_info, self.comm = cache, slots, shard, comm
+        self.attend = attend  # attend(q, k, v) -> out, [B, L, H/P, D]: the attention kernel
         self.world = world or comm
         self.first_token = shard.first
         self.sp = comm.sp_size
@@ -241,7 +243,7 @@ class UlyssesRunner:
         if k.dim() == 4:
             k, v = k[:, :real], v[:, :real]
         k_win, v_win = self.cache.update(layer, self.slots, k, v)  # [B, S_win, H/P, D]
-        out = attention(q[:, :real], k_win, v_win)
+        out = self.attend(q[:, :real], k_win, v_win)
         if real != q.shape[1]:
             out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, q.shape[1] - real))  # [B, L_pad, H/P, D]
         return out

@@ -46,10 +46,12 @@ class LocalRunner:
 
     first_token = 0
 
-    def __init__(self, cache: KVCache, slots: CacheSlots, rope) -> None:
+    def __init__(self, cache: KVCache, slots: CacheSlots, rope, attend=attention) -> None:
+        """attend(q, k, v) -> out, all [B, L, H, D]: the attention kernel (default SDPA)."""
         self.cache = cache
         self.slots = slots
         self.rope = rope
+        self.attend = attend
 
     def shard(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens
@@ -59,4 +61,4 @@ class LocalRunner:
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_win, v_win = self.cache.update(layer, self.slots, k, v)  # [B, S_win, H, D]
-        return attention(q, k_win, v_win)
+        return self.attend(q, k_win, v_win)

@@ -96,12 +96,16 @@ class FeedForward(nn.Sequential):
     written once instead of written, read and written again. The CPU kernel of that op applies the
     erf GELU, so the CPU keeps the two separate ops."""
 
+    fuse_up_gelu = True
+    """CUDA: the up projection and GELU as one GEMM epilogue; False where the up weight is a tensor
+    subclass that implements Linear but not that op (quantized weights, plugins/fp8.py)."""
+
     def __init__(self, dim: int, ffn_dim: int) -> None:
         super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, _, down = self
-        if not x.is_cuda:
+        if not (x.is_cuda and self.fuse_up_gelu):
             return super().forward(x)
         h = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
         return down(h.unflatten(0, x.shape[:-1]))

@@ -1,0 +1,138 @@
+"""8-bit self-attention over the KV cache, from maintained kernel libraries.
+
+    select_attention(mode) -> attend(q, k, v): q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 -> [B, Lq, H, D] bf16
+
+Modes (`--attention`):
+  sdpa  torch SDPA in the cache's dtype (cuDNN first on CUDA, runtime/executor.py): the default and
+        the reference
+  fa3   FlashAttention-3's bf16 forward (package `fa3-fwd`, Hopper): measured 1.19-1.21x cuDNN at these
+        shapes with cuDNN's error against fp32 (bench/2026-12-01-fp8)
+  fp8   FlashAttention-3's e4m3 forward (package `fa3-fwd`, Hopper): q, k and v are cast to e4m3 with one
+        scale per (batch, head) (amax / 448, the descale the kernel applies), the output is bf16
+  int8  SageAttention (package `sageattention`, Triton): INT8 q.k^T with per-block scales and a
+        smoothed k, fp16 P.v; it quantizes its bf16 inputs itself
+The KV cache stays in the model dtype, so each fp8 forward quantizes the whole window it attends to.
+Measured on an H200 (bench/2026-12-01-fp8) the e4m3 kernel alone runs 1.45-1.56x cuDNN, but that
+quantization of bf16 q, k and v cost 0.18-0.79 ms per call, more than the kernel saves: an fp8 KV cache
+(keys and values quantized once, when written) is what makes it pay.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from ropesp.errors import BackendUnavailableError, ConfigError
+
+ATTENTION_MODES = ("sdpa", "fa3", "fp8", "int8")
+E4M3_MAX = 448.0
+"""Largest finite float8_e4m3fn value."""
+_PACKAGES = {
+    "fa3": ("fa3_fwd_interface", "fa3-fwd"),
+    "fp8": ("fa3_fwd_interface", "fa3-fwd"),
+    "int8": ("sageattention", "sageattention"),
+}
+_MIN_CAPABILITY = {"fa3": (9, 0), "fp8": (9, 0), "int8": (8, 0)}
+"""fa3-fwd ships sm_90 kernels only; SageAttention's Triton kernels run on Ampere and newer."""
+
+
+def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [B, L, H, D] -> (x8 [B, L, H, D] float8_e4m3fn, descale [B, H] fp32) with x ~= x8 * descale.
+
+    One scale per (batch, head): the head's absolute maximum maps to 448 (e4m3's largest value), so
+    nothing saturates and the relative rounding error is e4m3's (2^-4) above its normal range."""
+    # the contiguous head_dim first, then the small [B, L, H] over L, so the pass over x stays coalesced;
+    # one reduction over dims (1, 3), which straddle H, ran at about a sixth of the H200's bandwidth (the
+    # quantization of q, k, v at 32760 keys took 0.79 ms); this form is not measured yet
+    amax = x.abs().amax(dim=-1).amax(dim=1).float().clamp_min(1e-12)  # [B, L, H] -> [B, H]
+    scale = E4M3_MAX / amax
+    x8 = (x.float() * scale[:, None, :, None]).to(torch.float8_e4m3fn)  # [B, L, H, D]
+    return x8, scale.reciprocal()
+
+
+@functools.cache
+def _compiled_quantize():
+    # one reduction and one cast kernel per tensor (eager takes five passes); dynamic in L: the
+    # window grows chunk by chunk
+    return torch.compile(quantize_per_head, dynamic=True, fullgraph=True)
+
+
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _compiled_quantize()(x) if x.is_cuda else quantize_per_head(x)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full (unmasked) attention in e4m3 through FlashAttention-3. q: [B, Lq, H, D]; k, v: [B, Lk, H, D]
+    bf16 on an sm_90 GPU -> [B, Lq, H, D] bf16."""
+    from fa3_fwd_interface import flash_attn_func
+
+    q8, dq = _quantize(q)
+    k8, dk = _quantize(k)
+    v8, dv = _quantize(v)
+    return flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv)
+
+
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full (unmasked) attention through FlashAttention-3's bf16 forward. Shapes as fp8_attention."""
+    from fa3_fwd_interface import flash_attn_func
+
+    return flash_attn_func(q, k, v)
+
+
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full (unmasked) attention through SageAttention (INT8 QK, fp16 PV). Shapes as fp8_attention."""
+    from sageattention import sageattn
+
+    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+def attention_unsupported_reason(mode: str, device: torch.device | str) -> str | None:
+    """Why `mode` cannot run on device (None when it can)."""
+    if mode == "sdpa":
+        return None
+    device = torch.device(device)
+    need = _MIN_CAPABILITY[mode]
+    if device.type != "cuda":
+        return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and the device is {device.type}"
+    if not torch.cuda.is_available():
+        return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and this torch sees none"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < need:
+        return (
+            f"{torch.cuda.get_device_name(device)} has compute capability {cap[0]}.{cap[1]}; "
+            f"its kernels need >= {need[0]}.{need[1]}"
+        )
+    module, package = _PACKAGES[mode]
+    try:
+        __import__(module)
+    except ImportError as exc:
+        return f'it needs {package}: pip install -e ".[fp8]" (or pip install {package}); import failed: {exc}'
+    return None
+
+
+def check_attention(mode: str, device: torch.device | str, flag: str = "--attention") -> None:
+    """Raise ConfigError (unknown mode, hardware) or BackendUnavailableError (library) naming flag."""
+    if mode not in ATTENTION_MODES:
+        raise ConfigError(f"{flag} {mode!r}; choose one of {ATTENTION_MODES}")
+    reason = attention_unsupported_reason(mode, device)
+    if reason is None:
+        return
+    error = BackendUnavailableError if "pip install" in reason else ConfigError
+    raise error(f"{flag} {mode}: {reason}")
+
+
+def select_attention(mode: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The attend(q, k, v) of a mode; call check_attention first for a clear message."""
+    if mode == "sdpa":
+        from ropesp.model.kv_cache import attention
+
+        return attention
+    if mode == "fa3":
+        return fa3_attention
+    if mode == "fp8":
+        return fp8_attention
+    if mode == "int8":
+        return int8_attention
+    raise ConfigError(f"--attention {mode!r}; choose one of {ATTENTION_MODES}")

@@ -1,0 +1,103 @@
+"""FP8 (e4m3) GEMMs for the transformer blocks through torchao's float8 inference API.
+
+    apply_fp8(model) -> names of the Linear layers whose weights became float8
+
+Applied once to a plain CausalWanDiT at load (the model knows nothing of precision): every Linear of
+the blocks (self-attention q/k/v/o, cross-attention q/k/v/o, FFN up/down) gets e4m3 weights with one
+scale per output channel, quantized here once; its input is quantized per row (token) at run time, and
+the GEMM is `torch._scaled_mm` (rowwise scales, bf16 output). Under the compile backend the activation
+quantization (row amax, scale, cast) is traced into the same Inductor regions as the LayerNorm,
+modulation and GELU that produce the input, so it costs no extra pass over memory.
+What stays in the model's dtype: the patch, text and time embeddings, the norms, the modulation
+parameters, the head and the KV cache (the first and last layers are the most sensitive, and their
+FLOPs are negligible).
+
+Needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell) and torchao
+(`pip install -e ".[fp8]"`); `check_fp8` says which is missing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ropesp.errors import BackendUnavailableError, ConfigError
+
+PRECISIONS = ("bf16", "fp8")
+MIN_CAPABILITY = (8, 9)
+"""First NVIDIA architecture with e4m3 tensor-core GEMMs (Ada); Hopper is (9, 0)."""
+_BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])")
+"""Fully qualified names of the block Linears that run in FP8 (Wan checkpoint keys, model/wan.py)."""
+
+
+def is_fp8_linear(module: nn.Module, fqn: str) -> bool:
+    """The quantize-at-load selection: True for the blocks' attention and FFN Linear layers."""
+    return isinstance(module, nn.Linear) and _BLOCK_LINEAR.fullmatch(fqn) is not None
+
+
+def fp8_linear_names(model: nn.Module) -> list[str]:
+    """Names of the modules apply_fp8 quantizes, in model order."""
+    return [name for name, m in model.named_modules() if is_fp8_linear(m, name)]
+
+
+def fp8_unsupported_reason(device: torch.device | str) -> str | None:
+    """Why FP8 GEMMs cannot run on device (None when they can): no CUDA, too old a GPU, or no torchao."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"it needs a CUDA GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, and the device is {device.type}"
+    if not torch.cuda.is_available():
+        return f"it needs a CUDA GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, and this torch sees none"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return (
+            f"{name} has compute capability {cap[0]}.{cap[1]}; FP8 tensor cores need "
+            f">= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Ada, Hopper or newer)"
+        )
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return 'it needs torchao: pip install -e ".[fp8]" (or pip install torchao)'
+    return None
+
+
+def check_fp8(device: torch.device | str, flag: str = "--precision fp8") -> None:
+    """Raise ConfigError (hardware) or BackendUnavailableError (library) naming `flag` where FP8 GEMMs
+    cannot run on device."""
+    reason = fp8_unsupported_reason(device)
+    if reason is None:
+        return
+    error = BackendUnavailableError if "torchao" in reason else ConfigError
+    raise error(f"{flag}: {reason}")
+
+
+def default_config():
+    """torchao's float8 inference config: dynamic per-row activation scales, per-channel weights."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    # set_inductor_config=False: torchao would switch on Inductor's coordinate-descent tuning for the whole
+    # process, which benchmarks every generated kernel while compiling (minutes for the Wan regions) and
+    # changes the bf16 configurations compiled after it in the same process
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+
+
+def apply_fp8(model: nn.Module, config=None) -> list[str]:
+    """Quantize the block Linears of model in place (weights once, here); returns their names.
+
+    config: a torchao quantization config (default `default_config()`, which needs a GPU of compute
+    capability >= 8.9: call `check_fp8` first for a clear message). The model must already be on its
+    device and in its dtype."""
+    from torchao.quantization import quantize_
+
+    from ropesp.model.wan import FeedForward
+
+    names = fp8_linear_names(model)
+    quantize_(model, config if config is not None else default_config(), filter_fn=is_fp8_linear)
+    for module in model.modules():
+        if isinstance(module, FeedForward):
+            # the quantized up projection has a Linear but no fused bias+GELU GEMM; under the compile
+            # backend Inductor fuses the GELU with the down projection's input quantization instead
+            module.fuse_up_gelu = False
+    return names

@@ -1,0 +1,122 @@
+"""8-bit attention selection (plugins/attention_8bit.py): the e4m3 per-head quantization, the
+selector wired into the runners, and the refusals where the kernels cannot run. The kernels
+themselves (FlashAttention-3 e4m3, SageAttention) need a GPU: scripts/fp8_probe.py measures them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ropesp.config import CacheConfig, VideoGeometry
+from ropesp.errors import ConfigError
+from ropesp.model.kv_cache import attention
+from ropesp.plugins import attention_8bit as a8
+from ropesp.runtime.dist import Mapping
+from ropesp.runtime.executor import SPState
+from ropesp.runtime.pipeline import PipelineConfig
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_quantize_per_head_round_trips_within_e4m3_rounding(scale):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 37, 3, 16, generator=g) * scale).bfloat16()
+    x[1, :, 2] *= 40  # heads of very different ranges get their own scales
+    x8, descale = a8.quantize_per_head(x)
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == x.shape
+    assert descale.shape == (2, 3) and descale.dtype == torch.float32
+    # the head's absolute maximum lands on e4m3's largest value: the whole range is used, nothing clips
+    amax8 = x8.float().abs().amax(dim=(1, 3))
+    torch.testing.assert_close(amax8, torch.full_like(amax8, a8.E4M3_MAX))
+    back = x8.float() * descale[:, None, :, None]
+    # e4m3 keeps 3 mantissa bits: relative step 2^-3, so rounding to nearest errs by <= 2^-4 of |x|
+    # for normal values; values below the normal range (2^-6 * descale) err by <= half a subnormal step
+    tiny = 2.0**-9 * descale[:, None, :, None]
+    assert ((back - x.float()).abs() <= x.float().abs() * 2**-4 + tiny).all()
+
+
+def test_quantize_per_head_of_zeros_is_finite():
+    x8, descale = a8.quantize_per_head(torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16))
+    assert torch.isfinite(descale).all() and (x8.float() == 0).all()
+
+
+def test_sdpa_is_the_default_and_what_the_runner_calls():
+    assert a8.select_attention("sdpa") is attention
+    state = SPState(
+        PipelineConfig().resolve().model,
+        VideoGeometry(4, 4),
+        CacheConfig(3),
+        Mapping(1, 0, 0),
+        torch.device("cpu"),
+        torch.float32,
+    )
+    assert state.attend is attention
+    runner = state.runner(state.begin(0, 1), 0, 1)
+    assert runner.attend is attention
+
+
+def test_the_runner_attends_through_the_selected_kernel(tiny_cfg):
+    """A LocalRunner built with another attend uses it on the cache window (q and the window's k/v)."""
+    from ropesp.model.kv_cache import KVCache
+    from ropesp.model.local import LocalRunner
+
+    cache = KVCache(1, 1, 4, CacheConfig(2), 2, 8, torch.float32, "cpu")
+    seen = []
+
+    def attend(q, k, v):
+        seen.append((q.shape, k.shape, v.shape))
+        return attention(q, k, v)
+
+    q = torch.randn(1, 4, 2, 8)
+    slots = cache.begin(0, 4)
+    out = LocalRunner(cache, slots, None, attend).attention(0, q, q, q)
+    assert seen == [((1, 4, 2, 8), (1, 4, 2, 8), (1, 4, 2, 8))]
+    torch.testing.assert_close(out, attention(q, q, q))
+
+
+def test_attention_modes_refused_where_they_cannot_run():
+    with pytest.raises(
+        ConfigError, match=r"--attention fp8: it needs a CUDA GPU of compute capability >= 9\.0"
+    ):
+        PipelineConfig(preset="tiny", attention="fp8").resolve()
+    with pytest.raises(
+        ConfigError, match=r"--attention int8: it needs a CUDA GPU of compute capability >= 8\.0"
+    ):
+        PipelineConfig(preset="tiny", attention="int8").resolve()
+    with pytest.raises(ConfigError, match=r"--attention fa3: it needs a CUDA GPU of compute capability"):
+        PipelineConfig(preset="tiny", attention="fa3").resolve()
+    with pytest.raises(ConfigError, match="--attention 'fp4'; choose one of"):
+        PipelineConfig(preset="tiny", attention="fp4").resolve()
+    with pytest.raises(ConfigError, match=r"the ring layout .* merges partial attentions"):
+        PipelineConfig(
+            preset="tiny", attention="fp8", world_size=2, ulysses_degree=1, ring_degree=2
+        ).resolve()
+
+
+def test_every_mode_selects_its_own_kernel():
+    kernels = {mode: a8.select_attention(mode) for mode in a8.ATTENTION_MODES}
+    assert kernels == {
+        "sdpa": attention,
+        "fa3": a8.fa3_attention,
+        "fp8": a8.fp8_attention,
+        "int8": a8.int8_attention,
+    }
+    with pytest.raises(ConfigError, match="--attention 'fp16'; choose one of"):
+        a8.select_attention("fp16")
+
+
+def test_quantize_per_head_amax_is_per_batch_and_head():
+    x = torch.zeros(2, 5, 3, 4)
+    x[1, 3, 2, 1] = -7.0  # the only non-zero of (batch 1, head 2)
+    x[0, 0, 0, 0] = 2.0
+    _, descale = a8.quantize_per_head(x)
+    assert descale[1, 2] == pytest.approx(7.0 / a8.E4M3_MAX)
+    assert descale[0, 0] == pytest.approx(2.0 / a8.E4M3_MAX)
+    assert (descale[0, 1:] < 1e-12).all() and (descale[1, :2] < 1e-12).all()
+
+
+def test_attention_reason_names_the_missing_library(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(__import__("sys").modules, "fa3_fwd_interface", None)
+    with pytest.raises(Exception, match=r'--attention fp8: it needs fa3-fwd: pip install -e "\.\[fp8\]"'):
+        a8.check_attention("fp8", "cuda")

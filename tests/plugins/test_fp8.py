@@ -1,0 +1,176 @@
+"""FP8 GEMMs (plugins/fp8.py): which Linears are quantized at load, and where fp8 is refused.
+
+The GPU kernels (e4m3 `_scaled_mm`) need compute capability >= 8.9; here torchao's weight-only float8
+config, which runs on the CPU, stands in for the dynamic-activation one to check the selection, the
+e4m3 weights and the forward of the quantized tiny model. The GPU path is measured by
+scripts/fp8_probe.py and scripts/fp8_quality.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+from ropesp.errors import BackendUnavailableError, ConfigError
+from ropesp.model.kv_cache import CacheSlots, KVCache
+from ropesp.model.local import LocalRunner, make_rope
+from ropesp.model.rope import RopeTables
+from ropesp.model.wan import FeedForward, timestep_sinusoid
+from ropesp.plugins import fp8
+from ropesp.runtime.pipeline import PipelineConfig
+
+BLOCK_LINEARS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o"]
+BLOCK_LINEARS += ["cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
+
+
+def test_selection_is_the_blocks_attention_and_ffn_linears(tiny_model, tiny_cfg):
+    names = fp8.fp8_linear_names(tiny_model)
+    expected = [f"blocks.{i}.{n}" for i in range(tiny_cfg.num_layers) for n in BLOCK_LINEARS]
+    assert names == expected
+    every_linear = {n for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = every_linear - set(names)
+    # embeddings and the head stay in the model dtype
+    assert kept == {
+        "text_embedding.0",
+        "text_embedding.2",
+        "time_embedding.0",
+        "time_embedding.2",
+        "time_projection.1",
+        "head.head",
+    }
+
+
+def test_selection_rejects_lookalikes():
+    lin = torch.nn.Linear(4, 4)
+    assert fp8.is_fp8_linear(lin, "blocks.0.self_attn.q")
+    assert fp8.is_fp8_linear(lin, "blocks.29.ffn.2")
+    assert not fp8.is_fp8_linear(lin, "blocks.0.self_attn.norm_q")
+    assert not fp8.is_fp8_linear(lin, "blocks.0.ffn.1")  # the GELU slot
+    assert not fp8.is_fp8_linear(lin, "head.head")
+    assert not fp8.is_fp8_linear(torch.nn.LayerNorm(4), "blocks.0.self_attn.q")
+
+
+def _forward(model, cfg, x, prompt):
+    """One chunk forward of the tiny model on the CPU (single rank, empty cache): flow [B, F, C, H, W]."""
+    from ropesp.config import CacheConfig
+
+    frames, h, w = x.shape[1], x.shape[3], x.shape[4]
+    rows, cols = h // 2, w // 2
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(
+        cfg.num_layers, 1, rows * cols, CacheConfig(frames), cfg.num_heads, cfg.head_dim, dtype, "cpu"
+    )
+    slots: CacheSlots = cache.begin(0, frames * rows * cols)
+    tables = RopeTables(cfg.head_dim, frames, rows, cols, cfg.rope_theta, "cpu")
+    rope = make_rope("tables", 0, frames, rows, cols, 0, tables, cfg.rope_theta)
+    t = timestep_sinusoid(torch.full((frames,), 500.0), cfg.freq_dim).view(1, frames, -1)
+    with torch.inference_mode():
+        return model(x, t, model.cross_kv(prompt), LocalRunner(cache, slots, rope))
+
+
+def test_apply_fp8_quantizes_exactly_the_selection(tiny_model, tiny_cfg, prompt):
+    tq = pytest.importorskip("torchao.quantization")
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    reference = copy.deepcopy(model)
+    names = fp8.apply_fp8(model, tq.Float8WeightOnlyConfig())
+    assert names == fp8.fp8_linear_names(reference)
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        weight = module.weight
+        if name in names:  # e4m3 data with a scale per output channel, bf16 to the outside
+            assert type(weight) is not torch.nn.Parameter, name
+            assert weight.qdata.dtype == torch.float8_e4m3fn
+            assert weight.qdata.shape == weight.shape and weight.dtype == torch.bfloat16
+            assert weight.scale.numel() == weight.shape[0]
+        else:
+            assert type(weight) is torch.nn.Parameter and weight.dtype == torch.bfloat16, name
+    # norms, modulation and the embeddings' parameters are untouched
+    for (name, p), (_, p0) in zip(model.named_parameters(), reference.named_parameters()):
+        if "modulation" in name or "norm" in name or "embedding" in name:
+            assert torch.equal(p, p0), name
+    assert all(not m.fuse_up_gelu for m in model.modules() if isinstance(m, FeedForward))
+    # the quantized model runs, close to bf16: e4m3 weights carry a 2^-4 relative rounding step
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, tiny_cfg.in_dim, 8, 8, generator=g)
+    out, ref = _forward(model, tiny_cfg, x, prompt), _forward(reference, tiny_cfg, x, prompt)
+    assert torch.isfinite(out).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.1, rel
+
+
+def test_precision_fp8_refused_on_the_cpu():
+    with pytest.raises(
+        ConfigError, match=r"--precision fp8: it needs a CUDA GPU of compute capability >= 8\.9"
+    ):
+        PipelineConfig(preset="tiny", precision="fp8").resolve()
+    with pytest.raises(ConfigError, match="--precision 'int4'"):
+        PipelineConfig(preset="tiny", precision="int4").resolve()
+
+
+def test_fp8_reasons_name_the_old_gpu_and_the_missing_library(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ConfigError, match=r"A100-SXM4-80GB has compute capability 8\.0; FP8 tensor cores"):
+        fp8.check_fp8("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
+    with pytest.raises(
+        BackendUnavailableError, match=r'--precision fp8: it needs torchao: pip install -e "\.\[fp8\]"'
+    ):
+        fp8.check_fp8("cuda")
+
+
+def test_precision_fp8_refused_for_engines_and_other_dtypes(monkeypatch, tmp_path):
+    monkeypatch.setattr(fp8, "check_fp8", lambda device, flag="--precision fp8": None)
+    from ropesp.parallel import SPLayout
+
+    config = PipelineConfig(preset="tiny", precision="fp8")
+    with pytest.raises(ConfigError, match="--precision fp8 quantizes the PyTorch model at load"):
+        config.check_precision("aoti", "cuda", "bfloat16", SPLayout(1, 1))
+    with pytest.raises(
+        ConfigError, match="--precision fp8 runs on bfloat16 activations, not --dtype float16"
+    ):
+        config.check_precision("compile", "cuda", "float16", SPLayout(1, 1))
+    config.check_precision("compile", "cuda", "bfloat16", SPLayout(1, 1))
+
+
+def test_cli_refuses_fp8_on_the_cpu_without_traceback(tmp_path):
+    import subprocess
+
+    out = tmp_path / "v.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ropesp.cli", "generate", "--precision", "fp8", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--precision fp8: it needs a CUDA GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_bench_refuses_fp8_configs_on_the_cpu():
+    from ropesp.bench import BenchConfig
+
+    with pytest.raises(ConfigError, match="--precision fp8"):
+        BenchConfig(pipeline=PipelineConfig(preset="tiny"), configs=("compile", "compile-fp8"))
+    with pytest.raises(ConfigError, match="--precision fp8"):
+        BenchConfig(pipeline=PipelineConfig(preset="tiny"), configs=("compile-fp8attn",))
+    with pytest.raises(ConfigError, match="--attention fa3"):
+        BenchConfig(pipeline=PipelineConfig(preset="tiny"), configs=("compile-fa3",))
+
+
+def test_precision_and_attention_travel_to_a_served_model():
+    """serve-repo stores the PipelineConfig as JSON: the ranks that load it run the same modes."""
+    import json
+
+    from ropesp.runtime.group import config_from_dict, config_to_dict
+
+    config = PipelineConfig(preset="tiny", precision="fp8", attention="fa3", backend="compile")
+    back = config_from_dict(json.loads(json.dumps(config_to_dict(config))))
+    assert (back.precision, back.attention) == ("fp8", "fa3") and back == config
