@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick enginetests weights coldstart coldserve benchengines decodetests overlaptests alone profilealone diag build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick enginetests weights coldstart coldserve benchengines decodetests overlaptests alone profilealone build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -99,7 +99,6 @@ for step in "$@"; do
       tail -n 8 "$RES/tests.log" ;;
     build480) build_all 480 "$LH" "$LW" ;;
     build720) build_all 720 "$LH720" "$LW720" ;;
-    diag) python3 scripts/aoti_diag.py "$RES/diag" 2>&1 | grep -v "^\s*$" | tail -n 60 ;;
     bench1opt) bench_cmp bench480_p1opt 1 480 "$LH" "$LW" optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
     bench1) bench_cmp bench480_p1 1 480 "$LH" "$LW" reference,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
     bench2) bench_cmp bench480_p2 2 480 "$LH" "$LW" paper-sp,optimized,optimized-graphs,compile,$ENGINE_CFGS --no-decode ;;
