@@ -10,6 +10,7 @@ ropesp serve      start tritonserver on a repository
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 
 from ropesp.config import PRESETS, SamplerConfig
 from ropesp.errors import CheckpointError, ConfigError, RopespError
+from ropesp.video import OutputPaths, check_outputs
 
 
 def _steps(text: str) -> tuple[int, ...]:
@@ -153,8 +155,8 @@ def pipeline_config(args):
 @dataclass(frozen=True)
 class GenerateOutputs:
     seed: int
-    output: str
-    latents_out: str | None
+    paths: OutputPaths
+    """Checked --output / --latents-out / --frames-dir."""
     decoder: str = "preview"
     """preview | vae"""
     vae: str | None = None
@@ -272,6 +274,10 @@ def cmd_generate(args) -> None:
         if md is None or args.checkpoint:
             raise
         raise CheckpointError(f"--model-dir {md.root} (transformer/): {exc}") from None
+    # before any work (prompt encoding, model loading): a bad path must not cost a whole video
+    paths = check_outputs(
+        args.output or f"ropesp-{args.seed}.mp4", args.latents_out, args.frames_dir, args.overwrite
+    )
     if args.prompt is not None:
         prompt = _encode_prompt(args, md, res)
     elif args.prompt_embeds:
@@ -287,8 +293,7 @@ def cmd_generate(args) -> None:
         )
     outputs = GenerateOutputs(
         args.seed,
-        args.output or f"ropesp-{args.seed}.mp4",
-        args.latents_out,
+        paths,
         decoder=decoder,
         vae=vae if decoder == "vae" else None,
         vae_flag="--vae" if args.vae else f"--model-dir {args.model_dir}",
@@ -331,7 +336,7 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
     from ropesp.decode import video_frames_for
     from ropesp.runtime.launch import process_group
     from ropesp.runtime.pipeline import build_session
-    from ropesp.video import Mp4Writer
+    from ropesp.video import StreamOutputs
 
     lead = mapping.is_first
     with process_group(mapping, res.device) as device:
@@ -350,24 +355,31 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
             print(f"decoder: {outputs.decoder}{on} ({mode})", file=sys.stderr)
         session.reset(prompt, outputs.seed)
         latents = []
-        writer = Mp4Writer(outputs.output) if lead else None
-        stream = iter(session)
-        try:
-            bar = tqdm(
-                total=len(session.chunk_sizes), desc="chunks", unit="chunk", disable=not lead, file=sys.stderr
-            )
-            first_ms = None
-            for chunk in stream:
-                latents.append(chunk.latents)
-                if writer is not None:
-                    writer.write(chunk.frames[0].numpy())
-                first_ms = first_ms if first_ms is not None else chunk.elapsed_ms
-                bar.update(1)
-            bar.close()
-        finally:
-            stream.close()  # on errors too: stops an overlapped DiT thread
-            if writer is not None:
-                writer.close()
+        paths = outputs.paths
+        with StreamOutputs(paths) if lead else contextlib.nullcontext() as out:
+            if out is not None:
+                print(f"writing {out.part_path} (playable while written)", file=sys.stderr)
+            stream = iter(session)
+            try:
+                bar = tqdm(
+                    total=len(session.chunk_sizes),
+                    desc="chunks",
+                    unit="chunk",
+                    disable=not lead,
+                    file=sys.stderr,
+                )
+                first_ms = None
+                for chunk in stream:
+                    latents.append(chunk.latents)
+                    if out is not None:
+                        out.write(chunk.frames[0].numpy())
+                    first_ms = first_ms if first_ms is not None else chunk.elapsed_ms
+                    bar.update(1)
+                bar.close()
+            finally:
+                stream.close()  # on errors too: stops an overlapped DiT thread
+            if out is not None:
+                out.commit(torch.cat(latents, dim=1) if paths.latents else None)
         if not lead:
             return
         total_s = chunk.elapsed_ms / 1e3
@@ -378,10 +390,11 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
             f"{frames / total_s:.1f} FPS ({outputs.decoder} decode included)",
             file=sys.stderr,
         )
-        print(f"wrote {outputs.output}", file=sys.stderr)
-        if outputs.latents_out:
-            torch.save(torch.cat(latents, dim=1), outputs.latents_out)
-            print(f"wrote {outputs.latents_out}", file=sys.stderr)
+        print(f"wrote {paths.video}", file=sys.stderr)
+        if paths.latents:
+            print(f"wrote {paths.latents}", file=sys.stderr)
+        if paths.frames_dir:
+            print(f"wrote {frames} PNG frames to {paths.frames_dir}", file=sys.stderr)
 
 
 # --- bench ---------------------------------------------------------------------------------
@@ -607,7 +620,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="denoising steps before warping, e.g. 1000,750,500,250",
     )
     gen.add_argument("--latents-out", help="write the final latents [B, F, C, H, W] with torch.save")
-    gen.add_argument("--output", help="MP4 path (default ropesp-<seed>.mp4)")
+    gen.add_argument(
+        "--output",
+        help="MP4 path (default ropesp-<seed>.mp4): a fragmented MP4, written as OUTPUT.<random>.part "
+        "(playable while written) and renamed when the run succeeds",
+    )
+    gen.add_argument("--frames-dir", help="also write each frame as DIR/frame_NNNNNN.png as it arrives")
+    gen.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output/--latents-out (only when the run succeeds) and delete old "
+        "frame_*.png in --frames-dir",
+    )
     gen.set_defaults(func=cmd_generate)
     add_bench_parser(sub)
     add_serve_parsers(sub)
