@@ -20,6 +20,7 @@ import torch
 
 from ropesp.config import PRESETS, SamplerConfig
 from ropesp.errors import CheckpointError, ConfigError, RopespError
+from ropesp.extras import require, require_backend
 from ropesp.video import OutputPaths, check_outputs
 
 
@@ -236,7 +237,8 @@ def cmd_generate(args) -> None:
     from pathlib import Path
 
     from ropesp.decode.factory import check_wan_vae_options
-    from ropesp.runtime.dist import parse_device
+    from ropesp.run_status import announce
+    from ropesp.runtime.dist import Mapping, parse_device
     from ropesp.runtime.executor import check_prompt_embeds
     from ropesp.runtime.launch import spawn_ranks, under_launcher
     from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
@@ -279,6 +281,9 @@ def cmd_generate(args) -> None:
     paths = check_outputs(
         args.output or f"ropesp-{args.seed}.mp4", args.latents_out, args.frames_dir, args.overwrite
     )
+    require_backend(res.backend)
+    if decoder == "vae":
+        require("vae", "--decoder vae (the Wan VAE)")
     if args.prompt is not None:
         prompt = _encode_prompt(args, md, res)
     elif args.prompt_embeds:
@@ -302,11 +307,11 @@ def cmd_generate(args) -> None:
         vae_compile=args.vae_compile,
         decode_device=args.decode_device,
     )
+    if Mapping.from_env(res.world_size).is_first:
+        announce(res, sys.stderr)
     if res.world_size > 1 and not under_launcher():
         spawn_ranks(res.world_size, _generate_rank, res, prompt, outputs)
     else:
-        from ropesp.runtime.dist import Mapping
-
         _generate_rank(Mapping.from_env(res.world_size), res, prompt, outputs)
 
 
@@ -419,6 +424,9 @@ def cmd_bench(args) -> None:
         command="ropesp " + " ".join(sys.argv[1:]),
     )
     res = bench.pipeline.resolve()
+    if args.plot:
+        require("bench", "--plot")
+    require_backend(res.backend)
     run(bench, default_prompt_embeds(res.model))
 
 
@@ -588,6 +596,10 @@ def add_demo_parser(sub) -> None:
 def cmd_build(args) -> None:
     from ropesp.export.build import BuildConfig, build
 
+    if args.backend in ("onnx", "tensorrt"):  # TensorRT engines are built from the ONNX graphs
+        require("onnx", f"--backend {args.backend}")
+    if args.backend == "tensorrt":
+        require("trt", "--backend tensorrt")
     build(
         BuildConfig(
             out=args.out,

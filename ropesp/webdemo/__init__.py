@@ -8,18 +8,9 @@ owns one KV cache and, with several ranks, one rank group).
 
 from __future__ import annotations
 
-import importlib.util
-
-from ropesp.errors import ConfigError
-
-DEMO_PACKAGES = {"aiohttp": "aiohttp", "PIL": "pillow"}
-"""Modules the demo imports -> the packages of the [demo] extra that provide them."""
+from ropesp.extras import require
 
 
 def check_demo_dependencies() -> None:
     """ConfigError naming the [demo] extra when one of its packages is missing (before any work)."""
-    missing = [pkg for mod, pkg in DEMO_PACKAGES.items() if importlib.util.find_spec(mod) is None]
-    if missing:
-        raise ConfigError(
-            f"ropesp demo needs {', '.join(missing)}: pip install -e '.[demo]' (or pip install 'ropesp[demo]')"
-        )
+    require("demo", "ropesp demo")

@@ -14,7 +14,8 @@ aiohttp = pytest.importorskip("aiohttp")
 import ropesp  # noqa: E402
 from ropesp.cli import main  # noqa: E402
 from ropesp.errors import ConfigError  # noqa: E402
-from ropesp.webdemo import DEMO_PACKAGES, check_demo_dependencies  # noqa: E402
+from ropesp.extras import EXTRAS  # noqa: E402
+from ropesp.webdemo import check_demo_dependencies  # noqa: E402
 from ropesp.webdemo.frames import parse_frame_message  # noqa: E402
 from ropesp.webdemo.server import DemoConfig, DemoServer, check_listen  # noqa: E402
 
@@ -128,6 +129,9 @@ def test_refusals_before_any_work(capsys):
 
 
 def test_missing_demo_extra_is_named(monkeypatch):
-    monkeypatch.setitem(DEMO_PACKAGES, "ropesp_no_such_module", "no-such-package")
-    with pytest.raises(ConfigError, match=r"ropesp demo needs no-such-package: pip install -e '\.\[demo\]'"):
+    monkeypatch.setitem(EXTRAS, "demo", ("aiohttp", "ropesp_no_such_module"))
+    with pytest.raises(
+        ConfigError,
+        match=r"ropesp demo needs the \[demo\] extra \(missing: ropesp_no_such_module\): pip install -e '\.\[demo\]'",
+    ):
         check_demo_dependencies()
