@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ropesp.config import PRESETS, SamplerConfig
+from ropesp.config import PRESETS, SamplerConfig, latent_frames_for
 from ropesp.errors import CheckpointError, ConfigError, RopespError
 
 
@@ -107,11 +107,7 @@ def _latent_sizes(args) -> tuple[int | None, int | None, int | None]:
     if args.frames is not None:
         if lf is not None:
             raise ConfigError("give either --frames or --latent-frames, not both")
-        if args.frames < 1 or (args.frames - 1) % 4:
-            raise ConfigError(
-                f"--frames {args.frames} must be 4*k + 1 video frames (e.g. 81 = 21 latent frames)"
-            )
-        lf = (args.frames + 3) // 4
+        lf = latent_frames_for(args.frames)
     return lh, lw, lf
 
 
@@ -188,36 +184,17 @@ def model_dir_of(args):
 
 def _encode_prompt(args, md, res) -> torch.Tensor:
     """--prompt through umT5 (from --text-encoder, else --model-dir) on this process, then freed."""
-    import json
-    import time
-
     from ropesp.runtime.dist import Mapping, device_for
-    from ropesp.text_encoder import find_text_encoder_dirs, load_text_encoder
+    from ropesp.runtime.prompts import load_umt5
 
     if args.text_encoder:
         te_path, tok_path, flag = args.text_encoder, None, f"--text-encoder {args.text_encoder}"
     else:
         te_path, tok_path, flag = md.text_encoder, md.tokenizer, f"--model-dir {md.root}"
-    try:
-        model_dir, _ = find_text_encoder_dirs(te_path, tok_path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{flag}: {exc}") from None
-    try:
-        d_model = json.loads((model_dir / "config.json").read_text()).get("d_model")
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{flag}: {model_dir / 'config.json'} is not valid JSON: {exc}") from None
-    if d_model != res.model.text_dim:
-        raise ConfigError(
-            f"{flag}: the text encoder gives {d_model}-dim embeddings, but the model's text_dim is "
-            f"{res.model.text_dim}; use the umT5 encoder the DiT was trained with"
-        )
     device = device_for(Mapping.from_env(res.world_size), res.device)
-    print(f"ropesp: encoding the prompt with umT5 from {model_dir} on {device}", file=sys.stderr)
+    print(f"ropesp: encoding the prompt with umT5 from {te_path} on {device}", file=sys.stderr)
     t0 = time.perf_counter()
-    try:
-        encoder = load_text_encoder(te_path, res.dtype, device, res.model.text_len, tok_path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{flag}: {exc}") from None
+    encoder = load_umt5(te_path, tok_path, res.model, res.dtype, device, flag)
     try:
         prompt = encoder.encode(args.prompt)
     finally:

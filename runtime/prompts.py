@@ -52,3 +52,30 @@ def default_prompt_embeds(cfg: ModelConfig) -> torch.Tensor:
     """A fixed seeded embedding [1, 32, text_dim] for runs without a prompt."""
     g = torch.Generator("cpu").manual_seed(DEFAULT_PROMPT_SEED)
     return torch.randn(1, min(DEFAULT_PROMPT_TOKENS, cfg.text_len), cfg.text_dim, generator=g) * 0.1
+
+
+def load_umt5(path: str | Path, tokenizer: str | Path | None, cfg: ModelConfig, dtype, device, source: str):
+    """The umT5 encoder of `path` (+ `tokenizer`) on device, checked to give the DiT's text_dim; errors
+    start with `source` (how the caller named the directory, e.g. `--model-dir DIR`)."""
+    import json
+
+    from ropesp.errors import CheckpointError
+    from ropesp.text_encoder import find_text_encoder_dirs, load_text_encoder
+
+    try:
+        model_dir, _ = find_text_encoder_dirs(path, tokenizer)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    try:
+        d_model = json.loads((model_dir / "config.json").read_text()).get("d_model")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: {model_dir / 'config.json'} is not valid JSON: {exc}") from None
+    if d_model != cfg.text_dim:
+        raise ConfigError(
+            f"{source}: the text encoder gives {d_model}-dim embeddings, but the model's text_dim is "
+            f"{cfg.text_dim}; use the umT5 encoder the DiT was trained with"
+        )
+    try:
+        return load_text_encoder(path, dtype, device, cfg.text_len, tokenizer)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
