@@ -288,10 +288,12 @@ def build_session(
     decoder=None,
     group=None,
     overlap_decode: bool | None = None,
+    unbounded: bool = False,
 ):
     """A StreamSession on this rank (the process group must already exist for world size > 1).
 
-    overlap_decode: decode chunk c while the DiT runs chunk c+1 (default: with a decoder on CUDA)."""
+    overlap_decode: decode chunk c while the DiT runs chunk c+1 (default: with a decoder on CUDA).
+    unbounded: stream until the iterator is closed (needs the rolling window), not res.latent_frames."""
     if isinstance(res, PipelineConfig):
         res = res.resolve()
     mapping = mapping or Mapping.from_env(res.world_size)
@@ -306,7 +308,7 @@ def build_session(
         executor,
         res.request.sampler,
         res.geometry,
-        res.latent_frames,
+        None if unbounded else res.latent_frames,
         decoder,
         overlap_decode=overlap_decode,
     )
