@@ -167,11 +167,11 @@ def test_interrupted_generate_removes_its_partial_files(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
-    assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+    assert proc.returncode != 0, err
+    assert out.read_bytes() == before, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"], err
