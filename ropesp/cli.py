@@ -594,61 +594,20 @@ def cmd_demo(args) -> None:
     from ropesp.webdemo import check_demo_dependencies
 
     check_demo_dependencies()  # before the model is built
-    import ropesp
-    from ropesp.webdemo.server import DemoConfig, DemoServer, check_listen, describe, print_url, warm_up
+    from ropesp.webdemo.command import run
 
-    config = DemoConfig(
-        host=args.host,
-        port=args.port,
-        frames=args.frames,
-        realtime=not args.no_realtime,
-        jpeg_quality=args.jpeg_quality,
-    )
-    check_listen(config.host, config.port)
-    pipe = ropesp.Pipeline(
-        preset=args.preset,
-        checkpoint=args.checkpoint,
-        engines=args.engines,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
-        world_size=args.world_size or 1,
-    )
-    source = args.engines or args.checkpoint or f"{args.preset or 'default'} model"
-    description = (
-        describe(pipe) or f"{source} · {args.backend or 'default backend'} · {args.world_size or 1} rank(s)"
-    )
-    try:
-        ms = warm_up(pipe, config.default_prompt, config.frames)
-        print(f"ropesp demo: warmed up ({ms:.0f} ms for one chunk)", file=sys.stderr)
-        DemoServer(pipe, config, description).serve_forever(on_ready=print_url)
-    finally:
-        pipe.close()
-    print("ropesp demo: stopped", file=sys.stderr)
+    run(args)
 
 
 def add_demo_parser(sub) -> None:
+    from ropesp.webdemo.command import add_arguments
+
     p = sub.add_parser(
         "demo",
         help="web page streaming generated frames live (needs the [demo] extra: pip install -e '.[demo]')",
     )
     add_model_args(p)
-    g = p.add_argument_group("run")
-    g.add_argument("--engines", help="engine directory from `ropesp build`")
-    g.add_argument("--backend", choices=["eager", "compile", "ort", "aoti", "tensorrt"])
-    g.add_argument("--device", choices=["cuda", "cpu"])
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--world-size", type=int, help="sequence-parallel ranks (started and owned by the demo)")
-    g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    g.add_argument("--port", type=int, default=8188, help="TCP port (0: a free one)")
-    g.add_argument("--frames", type=int, help="video frames per stream (default: until the page stops it)")
-    g.add_argument(
-        "--no-realtime",
-        action="store_true",
-        help="generate as fast as the model can (default: held to the page's 16 FPS playback)",
-    )
-    g.add_argument("--jpeg-quality", type=int, default=85, help="frames travel as JPEG (1..95)")
+    add_arguments(p)
     p.set_defaults(func=cmd_demo)
 
 

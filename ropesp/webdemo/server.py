@@ -31,6 +31,7 @@ from aiohttp import WSMsgType, web
 from ropesp.errors import ConfigError, RopespError
 from ropesp.video import VIDEO_FPS
 from ropesp.webdemo.frames import encode_jpeg, frame_message
+from ropesp.webdemo.prompts import PagePrompts
 
 DEFAULT_PROMPT = "a red square moving right"
 MAX_PROMPT_CHARS = 1000
@@ -60,8 +61,11 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port {self.port} is outside 0..65535 (0: a free port)")
-        if self.frames is not None and self.frames < 1:
-            raise ConfigError(f"--frames {self.frames} must be >= 1 (or omitted: stream until stopped)")
+        if self.frames is not None and (self.frames < 1 or (self.frames - 1) % 4):
+            raise ConfigError(
+                f"--frames {self.frames} must be 4*k + 1 video frames, e.g. 33 or 81 (or omitted: stream "
+                "until the page stops it)"
+            )
         if not 1 <= self.jpeg_quality <= 95:
             raise ConfigError(f"--jpeg-quality {self.jpeg_quality} is outside 1..95")
         if self.lead_chunks < 1:
@@ -92,10 +96,12 @@ class _Run:
 
     _ids = 0
 
-    def __init__(self, pipe, loop: asyncio.AbstractEventLoop, prompt: str, seed: int, config: DemoConfig):
+    def __init__(
+        self, pipe, encode, loop: asyncio.AbstractEventLoop, prompt: str, seed: int, config: DemoConfig
+    ) -> None:
         _Run._ids += 1
         self.id = _Run._ids
-        self.pipe, self.loop, self.config = pipe, loop, config
+        self.pipe, self.encode, self.loop, self.config = pipe, encode, loop, config
         self.prompt, self.seed = prompt, seed
         self.queue: asyncio.Queue = asyncio.Queue()
         self.slots = threading.Semaphore(config.lead_chunks)
@@ -126,26 +132,32 @@ class _Run:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def _work(self) -> None:
-        iterator = None
+        stream = None
         try:
-            stream = self.pipe.stream(self.prompt, seed=self.seed, frames=self.config.frames)
+            stream = self.pipe.stream(self.encode(self.prompt), seed=self.seed, frames=self.config.frames)
             with self._lock:
                 self._stream = stream
             if self.stopping.is_set():
                 return
             iterator = iter(stream)
-            index, frame, prompt = 0, 0, self.prompt
+            # prompts[v]: the prompt of version v (chunk.prompt_version counts the changes applied)
+            index, frame, prompts = 0, 0, [self.prompt]
             while not self.stopping.is_set():
                 with self._lock:
                     new, self._pending_prompt = self._pending_prompt, None
                 if new is not None:
-                    stream.set_prompt(new)
-                    prompt = new
+                    try:
+                        stream.set_prompt(self.encode(new))  # applied from the next chunk
+                        prompts.append(new)
+                    except ConfigError as exc:  # e.g. a word the encoder does not know: the stream goes on
+                        self._hand_over(_Notice(f"prompt {new!r} refused: {exc}"))
                 t0 = time.perf_counter()
                 chunk = next(iterator, None)
                 gen_ms = (time.perf_counter() - t0) * 1e3
                 if chunk is None:
                     break
+                version = getattr(chunk, "prompt_version", len(prompts) - 1)
+                prompt = prompts[min(version, len(prompts) - 1)]
                 jpegs = [encode_jpeg(f, self.config.jpeg_quality) for f in chunk.frames]
                 out = _ChunkOut(
                     index, frame, jpegs, gen_ms, dict(getattr(chunk, "timings", {}) or {}), prompt
@@ -158,12 +170,17 @@ class _Run:
         except BaseException as exc:  # the page is told; the server goes on
             self._hand_over(exc)
         finally:
-            if iterator is not None:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    with contextlib.suppress(Exception):
-                        close()
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    stream.close()  # this thread iterates it: releases the pipeline now
             self._hand_over(_END)
+
+
+@dataclass
+class _Notice:
+    """A message for the page that does not end the stream."""
+
+    text: str
 
 
 class _Hub:
@@ -171,6 +188,7 @@ class _Hub:
 
     def __init__(self, pipe, config: DemoConfig, description: str) -> None:
         self.pipe, self.config, self.description = pipe, config, description
+        self.prompts = PagePrompts(pipe, config.default_prompt)
         self.sockets: set[web.WebSocketResponse] = set()
         self.owner: web.WebSocketResponse | None = None
         self.run: _Run | None = None
@@ -187,6 +205,7 @@ class _Hub:
             "realtime": c.realtime,
             "default_prompt": c.default_prompt,
             "busy": self.run is not None,
+            "prompts": self.prompts.note,
         }
 
     async def broadcast(self, message: dict, but: web.WebSocketResponse | None = None) -> None:
@@ -206,7 +225,7 @@ class _Hub:
             )
             return
         await self.stop()
-        run = self.run = _Run(self.pipe, asyncio.get_running_loop(), prompt, seed, self.config)
+        run = self.run = _Run(self.pipe, self.prompts, asyncio.get_running_loop(), prompt, seed, self.config)
         self.owner = ws
         await ws.send_json({"type": "started", "stream": run.id, "prompt": prompt, "seed": seed})
         await self.broadcast({"type": "busy", "message": "busy: another page started a stream"}, but=ws)
@@ -230,6 +249,9 @@ class _Hub:
                 item = await run.queue.get()
                 if item is _END:
                     break
+                if isinstance(item, _Notice):
+                    await ws.send_json({"type": "error", "message": item.text})
+                    continue
                 if isinstance(item, BaseException):
                     reason = "error"
                     text = str(item) if isinstance(item, RopespError | ValueError) else repr(item)
@@ -512,19 +534,12 @@ def check_listen(host: str, port: int) -> None:
             raise ConfigError(f"--host {host} --port {port}: cannot listen: {exc.strerror or exc}") from None
 
 
-def warm_up(pipe, prompt: str, frames: int | None) -> float:
+def warm_up(pipe, frames: int | None, prompt: str = DEFAULT_PROMPT) -> float:
     """Run one chunk of a throwaway stream so the first page's stream starts warm (and a pipeline that
     cannot stream `frames` says so now); returns its ms."""
     t0 = time.perf_counter()
-    stream = pipe.stream(prompt, seed=0, frames=frames)
-    iterator = iter(stream)
-    try:
-        next(iterator, None)
-    finally:
-        stream.cancel()
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
+    with pipe.stream(PagePrompts(pipe, prompt)(prompt), seed=0, frames=frames) as stream:
+        next(iter(stream), None)
     return (time.perf_counter() - t0) * 1e3
 
 

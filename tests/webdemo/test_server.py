@@ -8,6 +8,7 @@ import socket
 import threading
 
 import pytest
+import torch
 
 aiohttp = pytest.importorskip("aiohttp")
 
@@ -22,7 +23,7 @@ from ropesp.webdemo.server import DemoConfig, DemoServer, check_listen  # noqa: 
 
 @pytest.fixture(scope="module")
 def server():
-    pipe = ropesp.Pipeline()
+    pipe = ropesp.Pipeline(local_attn_frames=9, sink_frames=3)  # streams until stopped
     demo = DemoServer(pipe, DemoConfig(port=0, realtime=False)).start()
     try:
         yield demo
@@ -36,6 +37,7 @@ async def _session(url: str, script):
     async with aiohttp.ClientSession() as http, http.ws_connect(url + "ws") as ws:
         hello = await ws.receive_json()
         assert hello["type"] == "hello" and hello["fps"] == 16 and hello["busy"] is False
+        assert "no text encoder" in hello["prompts"]  # the default model: seeded embeddings per prompt
         return await script(ws)
 
 
@@ -52,6 +54,13 @@ def test_stream_frames_then_stop(server):
         frames = [parse_frame_message(await ws.receive_bytes()) for _ in range(chunk["frames"])]
         assert [f[2] for f in frames] == list(range(chunk["frames"]))
         assert all(f[3][:2] == b"\xff\xd8" for f in frames), "JPEG frames"
+        await ws.send_json({"type": "prompt", "prompt": "two blue discs bouncing"})
+        chunks = []
+        while not chunks or chunks[-1]["prompt"] != "two blue discs bouncing":
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.TEXT and msg.json()["type"] == "chunk":
+                chunks.append(msg.json())
+        assert chunks[-1]["index"] <= 3, "the change shows within two chunks"
         await ws.send_json({"type": "stop"})
         while (msg := await ws.receive())[0] == aiohttp.WSMsgType.BINARY or msg.json()["type"] != "stopped":
             pass
@@ -125,7 +134,7 @@ def test_refusals_before_any_work(capsys):
         assert main(["demo", "--port", str(port)]) == 2
     assert f"ropesp: error: --host 127.0.0.1 --port {port}: cannot listen" in capsys.readouterr().err
     assert main(["demo", "--frames", "0"]) == 2
-    assert "--frames 0 must be >= 1" in capsys.readouterr().err
+    assert "--frames 0 must be 4*k + 1 video frames" in capsys.readouterr().err
 
 
 def test_missing_demo_extra_is_named(monkeypatch):
@@ -135,3 +144,12 @@ def test_missing_demo_extra_is_named(monkeypatch):
         match=r"ropesp demo needs the \[demo\] extra \(missing: ropesp_no_such_module\): pip install -e '\.\[demo\]'",
     ):
         check_demo_dependencies()
+
+
+def test_seeded_prompt_embeddings_are_fixed_per_text():
+    from ropesp.webdemo.prompts import SeededPromptEmbeddings
+
+    enc = SeededPromptEmbeddings(64)
+    a, b = enc.encode("a red square"), enc.encode("a blue disc")
+    assert a.shape == (1, 32, 64) and a.dtype == torch.float32
+    assert torch.equal(a, SeededPromptEmbeddings(64).encode("a red square")) and not torch.equal(a, b)

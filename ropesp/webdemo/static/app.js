@@ -79,6 +79,7 @@ function onJson(m) {
       document.title = m.title;
       $("title").textContent = m.title;
       ui.model.textContent = m.model;
+      $("prompt-note").textContent = m.prompts;
       if (!ui.prompt.value) ui.prompt.value = params.get("prompt") || m.default_prompt;
       if (params.has("seed")) ui.seed.value = params.get("seed");
       if (m.busy) busy("busy: another page is streaming (one stream at a time); this page is told when it stops");
