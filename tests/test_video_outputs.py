@@ -144,17 +144,9 @@ def test_interrupted_generate_removes_its_partial_files(tmp_path):
     with Mp4Writer(out) as w:
         w.write(chunk_frames(5, 0))
     before = out.read_bytes()
-    args = [
-        "generate",
-        "--latent-height",
-        "8",
-        "--latent-width",
-        "8",
-        "--frames",
-        "393",
-        "--max-frames",
-        "99",
-    ]
+    # 33 chunks, long enough that the signal always lands mid-stream
+    args = ["generate", "--latent-height", "16", "--latent-width", "16", "--frames", "393"]
+    args += ["--max-frames", "99"]
     args += ["--output", str(out), "--overwrite", "--frames-dir", str(tmp_path / "frames")]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ropesp.cli", *args],

@@ -97,7 +97,7 @@ def test_stream_prompt_switch_busy_tab_and_stop_in_a_real_browser(server, browse
     page.click("#start")
     page.wait_for_function("window.demoStats.painted > 0", timeout=15_000)
     ttff = stats(page)["ttffMs"]
-    assert page.inner_text("#ttff") == f"{ttff:.0f} ms"
+    assert abs(float(page.inner_text("#ttff").removesuffix(" ms")) - ttff) <= 1  # JS rounds .5 up
     assert 0 < ttff < TTFF_LIMIT_MS
 
     first = canvas_pixels(page)
@@ -131,7 +131,7 @@ def test_stream_prompt_switch_busy_tab_and_stop_in_a_real_browser(server, browse
         Path(SCREENSHOT).parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=SCREENSHOT)
     on_screen, generated = figures["onScreenFps"], figures["genFps"]
-    assert page.inner_text("#fps") == f"{on_screen:.1f}"
+    assert abs(float(page.inner_text("#fps")) - on_screen) <= 0.1
     # paced by the frames' timestamps: the video's 16 FPS when generation keeps up, else what it delivers
     expected = min(16.0, generated)
     assert 0.85 * expected <= on_screen <= 16.0 * 1.05, (on_screen, generated)
