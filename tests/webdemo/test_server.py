@@ -4,8 +4,14 @@ pipeline (the CPU default model); the page itself is tested in a browser in test
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -153,3 +159,29 @@ def test_seeded_prompt_embeddings_are_fixed_per_text():
     a, b = enc.encode("a red square"), enc.encode("a blue disc")
     assert a.shape == (1, 32, 64) and a.dtype == torch.float32
     assert torch.equal(a, SeededPromptEmbeddings(64).encode("a red square")) and not torch.equal(a, b)
+
+
+def test_demo_command_serves_until_sigint():
+    """`ropesp demo --port 0` as a user starts it: builds, warms up, serves the page, stops on Ctrl-C."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ropesp.cli", "demo", "--port", "0", "--device", "cpu"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen, deadline = "", time.monotonic() + 120
+        while "serving on" not in seen:
+            assert proc.poll() is None and time.monotonic() < deadline, seen + proc.stderr.read()
+            seen += proc.stderr.readline()
+        url = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", seen).group(1)
+        assert "no text encoder" in seen and "warmed up" in seen
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert b'<canvas id="screen"' in page.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "ropesp demo: stopped" in err and "Traceback" not in err
