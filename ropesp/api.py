@@ -143,6 +143,15 @@ class Stream:
         self.close()
 
 
+def _demo_module():
+    """ropesp.demo (the embedded default model and its prompt encoder) where this ropesp ships it."""
+    try:
+        import ropesp.demo as demo
+    except ImportError:
+        return None
+    return demo if hasattr(demo, "default_checkpoint") else None
+
+
 class Pipeline:
     """A warm streaming pipeline: one model source, its cache, decoder and ranks, for many requests.
 
@@ -208,6 +217,10 @@ class Pipeline:
         if not isinstance(kw["world_size"], int) or kw["world_size"] < 1:
             raise ConfigError(f"{arg('world_size', kw['world_size'])} must be an integer >= 1")
         checkpoint, md = kw["checkpoint"], None
+        demo = _demo_module()
+        named = ("preset", "checkpoint", "model_dir", "engines", "model_config")
+        if demo is not None and not any(kw[name] for name in named):
+            checkpoint = str(demo.default_checkpoint())  # the embedded default model
         if kw["model_dir"] is not None:
             from ropesp.model_dir import resolve_model_dir
 
@@ -252,6 +265,9 @@ class Pipeline:
         res = config.resolve()
         self.config, self.resolved = config, res
         self._text_encoder, self._text_source = self._text_encoder_of(kw["text_encoder"], md)
+        if self._text_encoder is None and self._text_source is None and demo is not None:
+            if demo.is_demo_model(res.model):  # the demo model's own prompt encoder
+                self._text_encoder = demo.DemoTextEncoder(res.model.text_len, res.model.text_dim)
         decoder = self._decoder(res, kw, md)
         self._group = SessionGroup(config, decoder=decoder).start()
 

@@ -149,7 +149,7 @@ class _Run:
                     try:
                         stream.set_prompt(self.encode(new))  # applied from the next chunk
                         prompts.append(new)
-                    except ConfigError as exc:  # e.g. a word the encoder does not know: the stream goes on
+                    except (RopespError, ValueError) as exc:  # e.g. a word the encoder does not know: go on
                         self._hand_over(_Notice(f"prompt {new!r} refused: {exc}"))
                 t0 = time.perf_counter()
                 chunk = next(iterator, None)

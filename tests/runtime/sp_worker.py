@@ -82,14 +82,15 @@ SWITCH_CASES = {
 }
 
 
-def run_switches(mapping, prompts, out_path, cases=tuple(SWITCH_CASES)) -> None:
+def run_switches(mapping, prompts, out_path, cases=tuple(SWITCH_CASES), ring_degree=None) -> None:
     """Each case's stream with its prompt schedule on this rank (StreamSession.set_prompt at_chunk);
     rank 0 saves {case: latents}."""
     results = {}
     with process_group(mapping, "cpu"):
         for case in cases:
             overrides, schedule, mode = SWITCH_CASES[case]
-            session = build_session(base_config(world_size=mapping.world_size, **overrides), mapping)
+            cfg = base_config(world_size=mapping.world_size, ring_degree=ring_degree, **overrides)
+            session = build_session(cfg, mapping)
             session.reset(prompts[schedule[0]], seed=3)
             for chunk, index in schedule.items():
                 if chunk:

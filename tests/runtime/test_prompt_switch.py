@@ -73,6 +73,15 @@ def test_switch_sp_equals_definition(world_size, prompts, references, tmp_path):
         torch.testing.assert_close(got[case], want, rtol=0, atol=1e-5, msg=case)
 
 
+def test_switch_on_a_ring_layout_equals_definition(prompts, references, tmp_path):
+    """World size 4 as U=2 x R=2: the token-sharded ring cache replays (and skips) as one rank does."""
+    path = tmp_path / "out.pt"
+    spawn_ranks(4, sp_worker.run_switches, prompts, str(path), ("recache", "recache-rolling"), 2)
+    got = torch.load(path)
+    for case in ("recache", "recache-rolling"):
+        torch.testing.assert_close(got[case], references[case], rtol=0, atol=1e-5, msg=case)
+
+
 def test_switch_from_another_thread_takes_effect_at_the_next_chunk(prompts):
     """set_prompt while the stream is being iterated: the chunk after the call reports the new prompt."""
     session = build_session(sp_worker.base_config(latent_frames=9))
