@@ -380,9 +380,24 @@ def _static(name: str) -> bytes:
     return importlib.resources.files("ropesp.webdemo").joinpath("static", name).read_bytes()
 
 
+def _host_name(host_header: str) -> str:
+    """The host of a Host header ("127.0.0.1:8188", "[::1]:8188", "localhost")."""
+    return urlsplit(f"//{host_header}").hostname or ""
+
+
 def make_app(pipe, config: DemoConfig, description: str = "") -> web.Application:
     """The aiohttp application around a pipeline with the `ropesp.Pipeline` stream contract."""
-    app = web.Application()
+
+    @web.middleware
+    async def loopback_names_only(request: web.Request, handler):
+        # served on loopback, a request naming another host is a page of another site whose name was
+        # pointed at 127.0.0.1 (DNS rebinding): its Origin matches its Host, so the Origin check alone
+        # would let it drive the stream
+        if is_loopback(config.host) and not is_loopback(_host_name(request.host)):
+            raise web.HTTPForbidden(text="this demo answers to loopback names only (127.0.0.1, localhost)")
+        return await handler(request)
+
+    app = web.Application(middlewares=[loopback_names_only])
     hub = app[HUB] = _Hub(pipe, config, description)
     pages = {name: _static(name) for name in ("index.html", "app.js", "style.css")}
     types = {"html": "text/html", "js": "text/javascript", "css": "text/css"}

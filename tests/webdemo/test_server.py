@@ -118,6 +118,14 @@ def test_cross_origin_pages_are_refused(server):
 
     assert asyncio.run(connect()) == 403
 
+    async def rebound():  # another site's name pointed at 127.0.0.1: Host and Origin agree, both foreign
+        async with aiohttp.ClientSession() as http:
+            headers = {"Host": "evil.example:80"}
+            async with http.get(server.url, headers=headers) as page:
+                return page.status
+
+    assert asyncio.run(rebound()) == 403
+
 
 def test_a_page_that_goes_away_frees_the_server(server):
     async def script(ws):
