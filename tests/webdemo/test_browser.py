@@ -93,6 +93,11 @@ def test_stream_prompt_switch_busy_tab_and_stop_in_a_real_browser(server, browse
     page.goto(server.url)
     page.wait_for_function("window.demoStats.state === 'ready'", timeout=10_000)
 
+    page.fill("#seed", "-5")  # refused with one clear message, nothing starts
+    page.click("#start")
+    page.wait_for_selector("#status.error", timeout=10_000)
+    assert "seed -5 must be an integer" in page.inner_text("#status") and not page.is_enabled("#stop")
+    page.fill("#seed", "0")
     page.fill("#prompt", "a red square moving right")
     page.click("#start")
     page.wait_for_function("window.demoStats.painted > 0", timeout=15_000)

@@ -114,8 +114,9 @@ function onJson(m) {
     case "stopped":
       if (m.stream !== streamId) break;
       setRunning(false);
-      setStatus(`${m.reason}: ${m.frames} frames` + (m.gen_fps ? `, generated at ${m.gen_fps.toFixed(1)} FPS` : ""),
-        m.reason === "error" ? "error" : "");
+      if (m.reason !== "error") { // after an error its message stays on screen
+        setStatus(`${m.reason}: ${m.frames} frames` + (m.gen_fps ? `, generated at ${m.gen_fps.toFixed(1)} FPS` : ""));
+      }
       stats.state = m.reason;
       break;
     case "error":
