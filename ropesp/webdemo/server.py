@@ -150,7 +150,7 @@ class _Run:
                         stream.set_prompt(self.encode(new))  # applied from the next chunk
                         prompts.append(new)
                     except (RopespError, ValueError) as exc:  # e.g. a word the encoder does not know: go on
-                        self._hand_over(_Notice(f"prompt {new!r} refused: {exc}"))
+                        self._hand_over(_Notice(f"prompt change refused: {exc}"))
                 t0 = time.perf_counter()
                 chunk = next(iterator, None)
                 gen_ms = (time.perf_counter() - t0) * 1e3
