@@ -5,19 +5,24 @@ ropesp build      export engines (ONNX / TensorRT / AOTInductor) for a world siz
 ropesp bench      measure the optimized path against the baselines side by side
 ropesp serve-repo write a Triton Inference Server model repository
 ropesp serve      start tritonserver on a repository
+ropesp demo       a web page that shows a stream as it is generated
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ropesp.config import PRESETS, SamplerConfig
+from ropesp.config import PRESETS, SamplerConfig, latent_frames_for
 from ropesp.errors import CheckpointError, ConfigError, RopespError
+from ropesp.extras import require, require_backend
+from ropesp.video import OutputPaths, check_outputs
 
 
 def _steps(text: str) -> tuple[int, ...]:
@@ -53,7 +58,11 @@ def add_video_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--height", type=int, help="pixels (multiple of 16); latent = pixels / 8")
     g.add_argument("--width", type=int, help="pixels (multiple of 16); latent = pixels / 8")
     g.add_argument("--latent-frames", type=int)
-    g.add_argument("--frames", type=int, help="video frames N = 4*latent_frames - 3")
+    g.add_argument(
+        "--frames",
+        type=int,
+        help="video frames N = 4*latent_frames - 3; generate: 0 streams until Ctrl-C (needs --local-attn-frames)",
+    )
     g.add_argument("--chunk-frames", type=int, default=3)
     g.add_argument("--independent-first-frame", action="store_true")
     g.add_argument("--max-frames", type=int, help="KV cache capacity in frames (default: the video)")
@@ -120,11 +129,9 @@ def _latent_sizes(args) -> tuple[int | None, int | None, int | None]:
     if args.frames is not None:
         if lf is not None:
             raise ConfigError("give either --frames or --latent-frames, not both")
-        if args.frames < 1 or (args.frames - 1) % 4:
-            raise ConfigError(
-                f"--frames {args.frames} must be 4*k + 1 video frames (e.g. 81 = 21 latent frames)"
-            )
-        lf = (args.frames + 3) // 4
+        lf = 0 if args.frames == 0 else latent_frames_for(args.frames)
+    if lf == 0:  # an unbounded stream (generate only); the config keeps its default length
+        lf = None
     return lh, lw, lf
 
 
@@ -168,8 +175,8 @@ def pipeline_config(args):
 @dataclass(frozen=True)
 class GenerateOutputs:
     seed: int
-    output: str
-    latents_out: str | None
+    paths: OutputPaths
+    """Checked --output / --latents-out / --frames-dir."""
     decoder: str = "preview"
     """preview | vae"""
     vae: str | None = None
@@ -182,6 +189,8 @@ class GenerateOutputs:
     """Run the Wan VAE decoder through torch.compile."""
     decode_device: str | None = None
     """Where rank 0's Wan VAE decodes (cuda:N); None = rank 0's own device."""
+    unbounded: bool = False
+    """Stream until Ctrl-C (--frames 0)."""
 
 
 def add_model_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -201,46 +210,74 @@ def model_dir_of(args):
     return resolve_model_dir(args.model_dir, args.checkpoint)
 
 
-def _encode_prompt(args, md, res) -> torch.Tensor:
-    """--prompt through umT5 (from --text-encoder, else --model-dir) on this process, then freed."""
-    import json
-    import time
-
+def _encode_prompts(args, md, res, texts: list[str]) -> list[torch.Tensor]:
+    """Texts through umT5 (from --text-encoder, else --model-dir) on this process, then freed."""
     from ropesp.runtime.dist import Mapping, device_for
-    from ropesp.text_encoder import find_text_encoder_dirs, load_text_encoder
+    from ropesp.runtime.prompts import load_umt5
 
     if args.text_encoder:
         te_path, tok_path, flag = args.text_encoder, None, f"--text-encoder {args.text_encoder}"
     else:
         te_path, tok_path, flag = md.text_encoder, md.tokenizer, f"--model-dir {md.root}"
-    try:
-        model_dir, _ = find_text_encoder_dirs(te_path, tok_path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{flag}: {exc}") from None
-    try:
-        d_model = json.loads((model_dir / "config.json").read_text()).get("d_model")
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{flag}: {model_dir / 'config.json'} is not valid JSON: {exc}") from None
-    if d_model != res.model.text_dim:
-        raise ConfigError(
-            f"{flag}: the text encoder gives {d_model}-dim embeddings, but the model's text_dim is "
-            f"{res.model.text_dim}; use the umT5 encoder the DiT was trained with"
-        )
     device = device_for(Mapping.from_env(res.world_size), res.device)
-    print(f"ropesp: encoding the prompt with umT5 from {model_dir} on {device}", file=sys.stderr)
+
+    def announce(model_dir) -> None:
+        print(f"ropesp: encoding the prompt with umT5 from {model_dir} on {device}", file=sys.stderr)
+
     t0 = time.perf_counter()
+    encoder = load_umt5(te_path, tok_path, res.model, res.dtype, device, flag, announce)
     try:
-        encoder = load_text_encoder(te_path, res.dtype, device, res.model.text_len, tok_path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{flag}: {exc}") from None
-    try:
-        prompt = encoder.encode(args.prompt)
+        prompts = [encoder.encode(text) for text in texts]
     finally:
         del encoder
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"encoded the prompt in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return prompt
+    n = f"{len(texts)} prompts" if len(texts) > 1 else "the prompt"
+    print(f"encoded {n} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return prompts
+
+
+def _prompt_changes(args) -> list[tuple[int, str]]:
+    """--prompt-at CHUNK PROMPT pairs, checked: chunk indices >= 1, each once, in order."""
+    changes = []
+    for chunk, value in args.prompt_at or []:
+        try:
+            k = int(chunk)
+        except ValueError:
+            raise ConfigError(f"--prompt-at {chunk!r} {value!r}: CHUNK must be an integer >= 1") from None
+        if k < 1:
+            raise ConfigError(f"--prompt-at {k}: CHUNK must be >= 1 (chunk 0 takes --prompt/--prompt-embeds)")
+        changes.append((k, value))
+    chunks = [k for k, _ in changes]
+    if len(set(chunks)) != len(chunks):
+        raise ConfigError(f"--prompt-at chunks {chunks}: each chunk may change the prompt once")
+    return sorted(changes)
+
+
+def _prompt_schedule(args, md, res, session_chunks: int | None):
+    """The stream's PromptSchedule from --prompt/--prompt-embeds and --prompt-at (same kind as the first)."""
+    from ropesp.runtime.executor import check_prompt_embeds
+    from ropesp.runtime.generate import PromptSchedule
+    from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
+
+    changes = _prompt_changes(args)
+    if session_chunks is not None and changes and changes[-1][0] >= session_chunks:
+        raise ConfigError(
+            f"--prompt-at {changes[-1][0]}: the video has {session_chunks} chunks (0..{session_chunks - 1})"
+        )
+    if args.prompt is not None:
+        embeds = _encode_prompts(args, md, res, [args.prompt, *(v for _, v in changes)])
+    elif args.prompt_embeds:
+        embeds = [load_prompt_embeds(args.prompt_embeds)]
+        embeds += [load_prompt_embeds(v, f"--prompt-at {k}") for k, v in changes]
+    else:
+        if changes:
+            raise ConfigError("--prompt-at needs --prompt TEXT or --prompt-embeds PATH for the first chunk")
+        embeds = [default_prompt_embeds(res.model)]
+    for e in embeds:
+        check_prompt_embeds(res.model, e)
+    later = tuple((k, e) for (k, _), e in zip(changes, embeds[1:], strict=True))
+    return PromptSchedule(embeds[0], later, args.prompt_mode)
 
 
 def cmd_generate(args) -> None:
@@ -248,10 +285,10 @@ def cmd_generate(args) -> None:
     from pathlib import Path
 
     from ropesp.decode.factory import check_wan_vae_options
-    from ropesp.runtime.dist import parse_device
-    from ropesp.runtime.executor import check_prompt_embeds
+    from ropesp.run_status import announce
+    from ropesp.runtime.dist import Mapping, parse_device
     from ropesp.runtime.launch import spawn_ranks, under_launcher
-    from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
+    from ropesp.runtime.session import check_unbounded
 
     if args.text_encoder and args.prompt is None:
         raise ConfigError("--text-encoder is only used with --prompt TEXT")
@@ -287,13 +324,18 @@ def cmd_generate(args) -> None:
         if md is None or args.checkpoint:
             raise
         raise CheckpointError(f"--model-dir {md.root} (transformer/): {exc}") from None
-    if args.prompt is not None:
-        prompt = _encode_prompt(args, md, res)
-    elif args.prompt_embeds:
-        prompt = load_prompt_embeds(args.prompt_embeds)
-    else:
-        prompt = default_prompt_embeds(res.model)
-    check_prompt_embeds(res.model, prompt)
+    # before any work (prompt encoding, model loading): a bad path must not cost a whole video
+    paths = check_outputs(
+        args.output or f"ropesp-{args.seed}.mp4", args.latents_out, args.frames_dir, args.overwrite
+    )
+    require_backend(res.backend)
+    if decoder == "vae":
+        require("vae", "--decoder vae (the Wan VAE)")
+    unbounded = 0 in (args.frames, args.latent_frames)
+    if unbounded:
+        check_unbounded(res.cache)
+    chunks = None if unbounded else len(res.request.sampler.chunk_sizes(res.latent_frames))
+    prompts = _prompt_schedule(args, md, res, chunks)
     if res.random_weights:
         name = args.preset or "tiny"
         print(
@@ -302,21 +344,27 @@ def cmd_generate(args) -> None:
         )
     outputs = GenerateOutputs(
         args.seed,
-        args.output or f"ropesp-{args.seed}.mp4",
-        args.latents_out,
+        paths,
         decoder=decoder,
         vae=vae if decoder == "vae" else None,
         vae_flag="--vae" if args.vae else f"--model-dir {args.model_dir}",
         overlap_decode=False if args.no_overlap_decode else None,
         vae_compile=args.vae_compile,
         decode_device=args.decode_device,
+        unbounded=unbounded,
     )
-    if res.world_size > 1 and not under_launcher():
-        spawn_ranks(res.world_size, _generate_rank, res, prompt, outputs)
-    else:
-        from ropesp.runtime.dist import Mapping
-
-        _generate_rank(Mapping.from_env(res.world_size), res, prompt, outputs)
+    if Mapping.from_env(res.world_size).is_first:
+        announce(res, sys.stderr)
+    # an unbounded stream ends on Ctrl-C: only rank 0 takes it (and tells the others at a chunk boundary)
+    ignore = signal.signal(signal.SIGINT, signal.SIG_IGN) if unbounded and res.world_size > 1 else None
+    try:
+        if res.world_size > 1 and not under_launcher():
+            spawn_ranks(res.world_size, _generate_rank, res, prompts, outputs)
+        else:
+            _generate_rank(Mapping.from_env(res.world_size), res, prompts, outputs)
+    finally:
+        if ignore is not None:
+            signal.signal(signal.SIGINT, ignore)
 
 
 def _lead_decoder(res, outputs: GenerateOutputs, device: torch.device):
@@ -340,13 +388,34 @@ def _lead_decoder(res, outputs: GenerateOutputs, device: torch.device):
     return decoder
 
 
-def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs) -> None:
+class _StopOnInterrupt:
+    """Rank 0 of an unbounded stream: Ctrl-C asks the stream to end after the current chunk."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def __enter__(self) -> _StopOnInterrupt:
+        self.previous = signal.signal(signal.SIGINT, self._ask)
+        return self
+
+    def _ask(self, *_) -> None:
+        if self.asked:  # a second Ctrl-C: now
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nropesp: stopping after this chunk (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def _generate_rank(mapping, res, prompts, outputs: GenerateOutputs) -> None:
     from tqdm import tqdm
 
     from ropesp.decode import video_frames_for
+    from ropesp.runtime.generate import generate_stream
     from ropesp.runtime.launch import process_group
     from ropesp.runtime.pipeline import build_session
-    from ropesp.video import Mp4Writer
+    from ropesp.video import StreamOutputs
 
     lead = mapping.is_first
     with process_group(mapping, res.device) as device:
@@ -358,45 +427,55 @@ def _generate_rank(mapping, res, prompt: torch.Tensor, outputs: GenerateOutputs)
             # a decoder on a device of its own only pays when the DiT goes on meanwhile (the default
             # keeps multi-rank runs serial; here rank 0's DiT thread issues its collectives)
             overlap = True
-        session = build_session(res, mapping, decoder=decoder, overlap_decode=overlap)
+        session = build_session(
+            res, mapping, decoder=decoder, overlap_decode=overlap, unbounded=outputs.unbounded
+        )
         if lead:
             mode = "overlapped with the DiT" if session.overlapped else "after each chunk"
             on = f" on {outputs.decode_device}" if outputs.decode_device else ""
             print(f"decoder: {outputs.decoder}{on} ({mode})", file=sys.stderr)
-        session.reset(prompt, outputs.seed)
-        latents = []
-        writer = Mp4Writer(outputs.output) if lead else None
-        stream = iter(session)
-        try:
-            bar = tqdm(
-                total=len(session.chunk_sizes), desc="chunks", unit="chunk", disable=not lead, file=sys.stderr
-            )
-            first_ms = None
-            for chunk in stream:
-                latents.append(chunk.latents)
-                if writer is not None:
-                    writer.write(chunk.frames[0].numpy())
-                first_ms = first_ms if first_ms is not None else chunk.elapsed_ms
+            if outputs.unbounded:
+                print("streaming until Ctrl-C", file=sys.stderr)
+        total = None if session.chunk_sizes is None else len(session.chunk_sizes)
+        paths = outputs.paths
+        with StreamOutputs(paths) if lead else contextlib.nullcontext() as out:
+            if out is not None:
+                print(f"writing {out.part_path} (playable while written)", file=sys.stderr)
+            bar = tqdm(total=total, desc="chunks", unit="chunk", disable=not lead, file=sys.stderr)
+
+            def on_chunk(chunk) -> None:
+                if out is not None:
+                    out.write(chunk.frames[0].numpy())
                 bar.update(1)
+
+            interrupt = _StopOnInterrupt() if outputs.unbounded and lead else contextlib.nullcontext()
+            with interrupt:
+                result = generate_stream(
+                    session,
+                    prompts,
+                    outputs.seed,
+                    on_chunk,
+                    keep_latents=bool(paths.latents) and lead,
+                    stop=lambda: bool(getattr(interrupt, "asked", False)),
+                )
             bar.close()
-        finally:
-            stream.close()  # on errors too: stops an overlapped DiT thread
-            if writer is not None:
-                writer.close()
+            if out is not None:  # only a stream that ended well replaces the outputs
+                out.commit(torch.cat(result.latents, dim=1) if paths.latents else None)
         if not lead:
             return
-        total_s = chunk.elapsed_ms / 1e3
-        frames = video_frames_for(res.latent_frames)
-        print(f"time to first chunk: {first_ms:.1f} ms", file=sys.stderr)
+        total_s = result.total_ms / 1e3
+        frames = video_frames_for(result.latent_frames)
+        print(f"time to first chunk: {result.first_chunk_ms:.1f} ms", file=sys.stderr)
         print(
-            f"generated {frames} frames ({res.latent_frames} latent) in {total_s:.2f} s: "
+            f"generated {frames} frames ({result.latent_frames} latent) in {total_s:.2f} s: "
             f"{frames / total_s:.1f} FPS ({outputs.decoder} decode included)",
             file=sys.stderr,
         )
-        print(f"wrote {outputs.output}", file=sys.stderr)
-        if outputs.latents_out:
-            torch.save(torch.cat(latents, dim=1), outputs.latents_out)
-            print(f"wrote {outputs.latents_out}", file=sys.stderr)
+        print(f"wrote {paths.video}", file=sys.stderr)
+        if paths.latents:
+            print(f"wrote {paths.latents}", file=sys.stderr)
+        if paths.frames_dir:
+            print(f"wrote {frames} PNG frames to {paths.frames_dir}", file=sys.stderr)
 
 
 # --- bench ---------------------------------------------------------------------------------
@@ -420,6 +499,9 @@ def cmd_bench(args) -> None:
         command="ropesp " + " ".join(sys.argv[1:]),
     )
     res = bench.pipeline.resolve()
+    if args.plot:
+        require("bench", "--plot")
+    require_backend(res.backend)
     run(bench, default_prompt_embeds(res.model))
 
 
@@ -523,10 +605,36 @@ def add_serve_parsers(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+# --- demo ----------------------------------------------------------------------------------
+def cmd_demo(args) -> None:
+    from ropesp.webdemo import check_demo_dependencies
+
+    check_demo_dependencies()  # before the model is built
+    from ropesp.webdemo.command import run
+
+    run(args)
+
+
+def add_demo_parser(sub) -> None:
+    from ropesp.webdemo.command import add_arguments
+
+    p = sub.add_parser(
+        "demo",
+        help="web page streaming generated frames live (needs the [demo] extra: pip install -e '.[demo]')",
+    )
+    add_model_args(p)
+    add_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+
 # --- build ---------------------------------------------------------------------------------
 def cmd_build(args) -> None:
     from ropesp.export.build import BuildConfig, build
 
+    if args.backend in ("onnx", "tensorrt"):  # TensorRT engines are built from the ONNX graphs
+        require("onnx", f"--backend {args.backend}")
+    if args.backend == "tensorrt":
+        require("trt", "--backend tensorrt")
     build(
         BuildConfig(
             out=args.out,
@@ -589,6 +697,22 @@ def build_parser() -> argparse.ArgumentParser:
     text = gen.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="text prompt, encoded once by umT5 (--text-encoder or --model-dir)")
     text.add_argument("--prompt-embeds", help=".pt tensor [L, text_dim] / [1, L, text_dim] or .safetensors")
+    gen.add_argument(
+        "--prompt-at",
+        nargs=2,
+        action="append",
+        metavar=("CHUNK", "PROMPT"),
+        help="from chunk CHUNK (>= 1; chunks of --chunk-frames latent frames, 0 is the first) on, use PROMPT: "
+        "text with --prompt, an embeddings file with --prompt-embeds; repeat for a schedule, e.g. "
+        '--prompt "a fox" --prompt-at 4 "the fox jumps" --prompt-at 8 "the fox sleeps"',
+    )
+    gen.add_argument(
+        "--prompt-mode",
+        choices=["swap", "recache"],
+        default="swap",
+        help="how --prompt-at changes apply: swap = the cross-attention K/V only; recache = also recompute "
+        "the self-attention cache of the frames in the window under the new prompt (one forward per cached chunk)",
+    )
     gen.add_argument("--text-encoder", help="umT5 directory: text_encoder/ + tokenizer/, or one HF directory")
     gen.add_argument(
         "--decoder",
@@ -623,11 +747,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="denoising steps before warping, e.g. 1000,750,500,250",
     )
     gen.add_argument("--latents-out", help="write the final latents [B, F, C, H, W] with torch.save")
-    gen.add_argument("--output", help="MP4 path (default ropesp-<seed>.mp4)")
+    gen.add_argument(
+        "--output",
+        help="MP4 path (default ropesp-<seed>.mp4): a fragmented MP4, written as OUTPUT.<random>.part "
+        "(playable while written) and renamed when the run succeeds",
+    )
+    gen.add_argument("--frames-dir", help="also write each frame as DIR/frame_NNNNNN.png as it arrives")
+    gen.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output/--latents-out (only when the run succeeds) and delete old "
+        "frame_*.png in --frames-dir",
+    )
     gen.set_defaults(func=cmd_generate)
     add_bench_parser(sub)
     add_serve_parsers(sub)
     add_build_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, arg
 
 ROPE_THETA = 10000.0
 VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE: temporal 4x, spatial 8x
@@ -182,7 +182,7 @@ PRESETS: dict[str, tuple] = {
 def preset(name: str) -> tuple[ModelConfig, PresetDefaults]:
     """Model config and default sizes of a named preset."""
     if name not in PRESETS:
-        raise ConfigError(f"--preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"{arg('preset', name)} is unknown; choose one of {sorted(PRESETS)}")
     make, defaults = PRESETS[name]
     return make(), defaults
 
@@ -202,16 +202,18 @@ class CacheConfig:
         if self.local_attn_frames == -1:
             if self.sink_frames:
                 raise ConfigError(
-                    f"--sink-frames {self.sink_frames} needs --local-attn-frames (a rolling window)"
+                    f"{arg('sink_frames', self.sink_frames)} needs {arg('local_attn_frames')} (a rolling window)"
                 )
             if self.max_frames < 1:
                 raise ConfigError(f"max_frames={self.max_frames} must be >= 1")
         else:
             if self.local_attn_frames < 1:
-                raise ConfigError(f"--local-attn-frames {self.local_attn_frames} must be -1 (global) or >= 1")
+                raise ConfigError(
+                    f"{arg('local_attn_frames', self.local_attn_frames)} must be -1 (global) or >= 1"
+                )
             if not 0 <= self.sink_frames < self.local_attn_frames:
                 raise ConfigError(
-                    f"--sink-frames {self.sink_frames} must be in [0, --local-attn-frames="
+                    f"{arg('sink_frames', self.sink_frames)} must be in [0, {arg('local_attn_frames')}="
                     f"{self.local_attn_frames}) (the window includes the sink)"
                 )
 
@@ -243,15 +245,15 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         steps = list(self.steps)
         if not steps:
-            raise ConfigError("--steps must list at least one step")
+            raise ConfigError(f"{arg('steps')} must list at least one step")
         if any(not isinstance(s, int) or not 1 <= s <= 1000 for s in steps):
-            raise ConfigError(f"--steps {steps}: every step must be an integer in 1..1000")
+            raise ConfigError(f"{arg('steps', steps)}: every step must be an integer in 1..1000")
         if any(a <= b for a, b in itertools.pairwise(steps)):
-            raise ConfigError(f"--steps {steps}: steps must be strictly descending")
+            raise ConfigError(f"{arg('steps', steps)}: steps must be strictly descending")
         if self.shift <= 0:
-            raise ConfigError(f"--shift {self.shift} must be > 0")
+            raise ConfigError(f"{arg('shift', self.shift)} must be > 0")
         if self.chunk_frames < 1:
-            raise ConfigError(f"--chunk-frames {self.chunk_frames} must be >= 1")
+            raise ConfigError(f"{arg('chunk_frames', self.chunk_frames)} must be >= 1")
 
     def chunk_sizes(self, latent_frames: int) -> list[int]:
         """Frames per chunk for a video of latent_frames; refuses lengths that do not tile."""
@@ -259,16 +261,25 @@ class SamplerConfig:
         if self.independent_first_frame:
             if latent_frames < 1 or (latent_frames - 1) % n:
                 raise ConfigError(
-                    f"latent frames={latent_frames} must be 1 + a multiple of --chunk-frames {n} "
-                    f"with --independent-first-frame (e.g. {1 + n}, {1 + 2 * n})"
+                    f"latent frames={latent_frames} must be 1 + a multiple of {arg('chunk_frames', n)} "
+                    f"with {arg('independent_first_frame')} (e.g. {1 + n}, {1 + 2 * n})"
                 )
             return [1] + [n] * ((latent_frames - 1) // n)
         if latent_frames < 1 or latent_frames % n:
             raise ConfigError(
-                f"latent frames={latent_frames} must be a positive multiple of --chunk-frames {n} "
+                f"latent frames={latent_frames} must be a positive multiple of {arg('chunk_frames', n)} "
                 f"(e.g. {n}, {2 * n}, {7 * n}); video frames = 4*latent_frames - 3"
             )
         return [n] * (latent_frames // n)
+
+
+def latent_frames_for(frames: int) -> int:
+    """Latent frames of a video of `frames` frames (Wan's VAE: frames = 4*latent - 3); ConfigError else."""
+    if frames < 1 or (frames - 1) % 4:
+        raise ConfigError(
+            f"{arg('frames', frames)} must be 4*k + 1 video frames (e.g. 33 = 9 latent frames, 81 = 21)"
+        )
+    return (frames + 3) // 4
 
 
 @dataclass(frozen=True)
@@ -283,11 +294,11 @@ class VideoGeometry:
         _, ph, pw = self.patch_size
         if self.latent_height < 1 or self.latent_height % ph:
             raise ConfigError(
-                f"--latent-height {self.latent_height} must be a positive multiple of the patch size {ph}"
+                f"{arg('latent_height', self.latent_height)} must be a positive multiple of the patch size {ph}"
             )
         if self.latent_width < 1 or self.latent_width % pw:
             raise ConfigError(
-                f"--latent-width {self.latent_width} must be a positive multiple of the patch size {pw}"
+                f"{arg('latent_width', self.latent_width)} must be a positive multiple of the patch size {pw}"
             )
 
     @property

@@ -1,8 +1,17 @@
 """Exceptions that carry an actionable message for the user.
 
 Every public entry point raises one of these for bad input; the CLI prints the message and exits
-with status 2 instead of showing a traceback.
+with status 2 instead of showing a traceback. Messages name a parameter through `arg`, so the same
+check reads `--frames 5` on the command line and `frames=5` from Python.
 """
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+_UNSET = object()
 
 
 class RopespError(Exception):
@@ -27,3 +36,26 @@ class BackendUnavailableError(RopespError):
 
 class BuildError(RopespError):
     """An engine cannot be built here: a toolchain is missing or produces artifacts that would not load."""
+
+
+# --- how a message names a parameter: as the caller spelled it -----------------------------------
+_PYTHON_NAMES: ContextVar[bool] = ContextVar("ropesp_python_names", default=False)
+
+
+def arg(name: str, value: object = _UNSET) -> str:
+    """A parameter as the current caller wrote it: `--local-attn-frames 4` on the command line (the
+    default), `local_attn_frames=4` inside `python_names()` (the Python API). name: the Python name."""
+    if _PYTHON_NAMES.get():
+        return name if value is _UNSET else f"{name}={value!r}"
+    flag = "--" + name.replace("_", "-")
+    return flag if value is _UNSET else f"{flag} {value}"
+
+
+@contextlib.contextmanager
+def python_names() -> Iterator[None]:
+    """Inside this block (this thread / task), messages name Python arguments, not CLI flags."""
+    token = _PYTHON_NAMES.set(True)
+    try:
+        yield
+    finally:
+        _PYTHON_NAMES.reset(token)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ropesp.errors import CheckpointError
+from ropesp.errors import CheckpointError, arg
 from ropesp.text_encoder import TOKENIZER_FILES, has_model_weights
 
 TRANSFORMER_WEIGHTS = (
@@ -96,10 +96,10 @@ def resolve_model_dir(model_dir: str | Path, checkpoint: str | Path | None = Non
     """Check DIR's parts and return their paths; CheckpointError listing what was found and what is missing."""
     root = Path(model_dir)
     if not root.is_dir():
-        raise CheckpointError(f"--model-dir {root} does not exist or is not a directory")
+        raise CheckpointError(f"{arg('model_dir', root)} does not exist or is not a directory")
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and not ckpt.exists():
-        raise CheckpointError(f"--checkpoint {ckpt} does not exist")
+        raise CheckpointError(f"{arg('checkpoint', ckpt)} does not exist")
     vae, vae_problem = _check_vae(root)
     problems = {
         "vae": vae_problem,
@@ -112,9 +112,13 @@ def resolve_model_dir(model_dir: str | Path, checkpoint: str | Path | None = Non
     missing = [p for p in problems.values() if p]
     if missing:
         found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-        hint = "" if ckpt is not None or not transformer_problem else " (or pass --checkpoint for the DiT)"
+        hint = (
+            ""
+            if ckpt is not None or not transformer_problem
+            else f" (or pass {arg('checkpoint')} for the DiT)"
+        )
         raise CheckpointError(
-            f"--model-dir {root} is not a complete diffusers Wan2.1 directory: found {found or 'nothing'}; "
+            f"{arg('model_dir', root)} is not a complete diffusers Wan2.1 directory: found {found or 'nothing'}; "
             f"missing {'; '.join(missing)}{hint}"
         )
     assert vae is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, arg
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class SPLayout:
         """The largest Ulysses degree dividing both the heads and the world size, unless given."""
         if ring is not None and (ring < 1 or world_size % ring):
             raise ConfigError(
-                f"--ring-degree {ring} must be a positive divisor of the world size {world_size}"
+                f"{arg('ring_degree', ring)} must be a positive divisor of the world size {world_size}"
             )
         if ulysses is None:
             if ring is not None:
@@ -69,12 +69,12 @@ class SPLayout:
         ring = world_size // ulysses if ring is None else ring
         if ulysses < 1 or ulysses * ring != world_size:
             raise ConfigError(
-                f"--ulysses-degree {ulysses} x --ring-degree {ring} must equal the world size {world_size}"
+                f"{arg('ulysses_degree', ulysses)} x {arg('ring_degree', ring)} must equal the world size {world_size}"
             )
         if num_heads % ulysses:
             valid = [d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0]
             raise ConfigError(
-                f"--ulysses-degree {ulysses} does not divide the model's {num_heads} attention heads; "
+                f"{arg('ulysses_degree', ulysses)} does not divide the model's {num_heads} attention heads; "
                 f"valid Ulysses degrees for world size {world_size}: {valid}"
             )
         return cls(ulysses, ring)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, arg
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Mapping:
         ws = int(env_ws)
         if requested_world_size is not None and requested_world_size != ws:
             raise ConfigError(
-                f"--world-size {requested_world_size} disagrees with WORLD_SIZE={ws} from the launcher"
+                f"{arg('world_size', requested_world_size)} disagrees with WORLD_SIZE={ws} from the launcher"
             )
         return cls(ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -58,7 +58,7 @@ def device_for(mapping: Mapping, device: str) -> torch.device:
     """cuda:<local_rank> for CUDA runs, else cpu."""
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for, but no CUDA GPU is visible")
+            raise ConfigError(f"{arg('device', 'cuda')} was asked for, but no CUDA GPU is visible")
         return torch.device("cuda", mapping.local_rank)
     return torch.device(device)
 

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from ropesp.config import CacheConfig, ModelConfig, VideoGeometry
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, arg
 from ropesp.model.kv_cache import CacheSlots, KVCache
 from ropesp.model.local import LocalRunner, make_rope
 from ropesp.model.rope import RopeTables
@@ -123,10 +123,11 @@ class SPState:
         if layout.world_size != mapping.world_size:
             raise ConfigError(f"SP layout {layout} does not match the world size {mapping.world_size}")
         if sp_rope not in SP_ROPE_MODES:
-            raise ConfigError(f"--sp-rope {sp_rope!r}; choose one of {SP_ROPE_MODES}")
+            raise ConfigError(f"{arg('sp_rope', sp_rope)}; choose one of {SP_ROPE_MODES}")
         if sp_comm not in SP_COMM_MODES:
-            raise ConfigError(f"--sp-comm {sp_comm!r}; choose one of {SP_COMM_MODES}")
+            raise ConfigError(f"{arg('sp_comm', sp_comm)}; choose one of {SP_COMM_MODES}")
         self.cfg, self.geometry, self.mapping, self.layout = cfg, geometry, mapping, layout
+        self.cache_cfg = cache_cfg
         self.device, self.dtype, self.batch = device, dtype, batch
         self.sp_rope, self.sp_comm = sp_rope, sp_comm
         if attention != "sdpa" and layout.ring > 1:

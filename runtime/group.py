@@ -7,9 +7,12 @@ instance, or any caller of `SessionGroup`) tells the workers what to run next:
                                                              control group (gloo, waits while idle)
     prompt   broadcast(prompt_embeds [1, L, text_dim] fp32, src=0)   default group (NCCL on GPU)
     chunks   every rank resets its session and iterates it; after each chunk rank 0 decides:
-             broadcast(int64 [1] CONTINUE | CANCEL, src=0)            control group
+             broadcast(int64 [3] (CONTINUE | CANCEL | SWITCH, mode, L), src=0)   control group
+    switch   (after SWITCH) broadcast(new prompt [1, L, text_dim] fp32, src=0)  default group;
+             every rank queues it for its next chunk (StreamSession.set_prompt, mode swap | recache)
 
-A cancel is decided on rank 0 at a chunk boundary, so all ranks stop after the same chunk.
+A cancel or a prompt change is decided on rank 0 at a chunk boundary, so all ranks stop after the same
+chunk, or switch before the same chunk.
 SHUTDOWN makes the workers destroy the process group and exit. Workers are real Python processes
 (`python -m ropesp.runtime.group ...`) that rank 0 starts in `SessionGroup.start()`; each one also
 exits on its own when its parent process dies.
@@ -40,7 +43,7 @@ from ropesp.runtime.dist import Mapping, abort_process_group, destroy_process_gr
 from ropesp.runtime.executor import check_prompt_embeds
 from ropesp.runtime.launch import RankFailure, free_port
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_session
-from ropesp.runtime.session import Chunk, StreamSession
+from ropesp.runtime.session import PROMPT_MODES, Chunk, StreamSession, check_unbounded
 
 STARTUP_TIMEOUT_S = 600.0
 """Seconds rank 0 waits for the workers to join the group (model loading included)."""
@@ -60,6 +63,7 @@ class Command(IntEnum):
     CONTINUE = 1
     CANCEL = 2
     SHUTDOWN = 3
+    SWITCH = 4
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ class Request:
     prompt_embeds: torch.Tensor
     """[1, L, text_dim] float32 on the CPU."""
     seed: int
-    latent_frames: int
+    latent_frames: int | None
+    """None: an unbounded stream (it ends when rank 0 cancels it)."""
     frames: bool = True
     """Decode this request's chunks (False: latents only, the decoder is skipped)."""
 
@@ -111,8 +116,12 @@ class RankPipeline:
         self.executor = build_session(res, mapping, decoder).executor
         self._resolved: dict[int, ResolvedPipeline] = {}
 
-    def resolve(self, latent_frames: int) -> ResolvedPipeline:
-        """The pipeline of one request, checked by PipelineConfig.resolve (the CLI's checks and messages)."""
+    def resolve(self, latent_frames: int | None) -> ResolvedPipeline:
+        """The pipeline of one request, checked by PipelineConfig.resolve (the CLI's checks and messages);
+        latent_frames None (unbounded) needs the pipeline's rolling window."""
+        if latent_frames is None:
+            check_unbounded(self.res.cache)
+            return self.res
         if latent_frames not in self._resolved:  # resolve() may read a checkpoint's header: once per size
             request = dataclasses.replace(
                 self.res.request,
@@ -132,7 +141,7 @@ class RankPipeline:
             self.executor,
             res.request.sampler,
             res.geometry,
-            res.latent_frames,
+            req.latent_frames,
             self.decoder if req.frames else None,
             overlap_decode=overlap,
         )
@@ -158,10 +167,14 @@ class _Channel:
         dist.broadcast(t, src=0)
         return t.cpu()
 
-    def decision(self, command: Command | None = None) -> Command:
-        t = torch.tensor([int(command) if command is not None else -1], dtype=torch.int64)
+    def decision(
+        self, command: Command | None = None, mode: int = 0, tokens: int = 0
+    ) -> tuple[Command, int, int]:
+        """(command, prompt mode index, prompt tokens) from rank 0; the last two matter for SWITCH."""
+        t = torch.tensor([int(command) if command is not None else -1, mode, tokens], dtype=torch.int64)
         dist.broadcast(t, src=0, group=self.control)
-        return Command(int(t.item()))
+        c, m, n = (int(v) for v in t.tolist())
+        return Command(c), m, n
 
 
 def _init_group(mapping: Mapping, device: str, port: int, timeout_s: float) -> _Channel:
@@ -213,6 +226,7 @@ class SessionGroup:
         self.pipeline: RankPipeline | None = None
         self._channel: _Channel | None = None
         self._failure: str | None = None
+        self._session: StreamSession | None = None
         self._threads = torch.get_num_threads()
 
     def start(self) -> SessionGroup:
@@ -267,22 +281,18 @@ class SessionGroup:
         self,
         prompt_embeds: torch.Tensor,
         seed: int,
-        latent_frames: int,
+        latent_frames: int | None,
         height=None,
         width=None,
         frames: bool = True,
     ) -> Request:
         """Validate a request -> Request; raises ConfigError naming the problem.
 
+        latent_frames None: an unbounded stream (needs the pipeline's rolling window).
         height/width (pixels) are optional; the pipeline serves the size it was configured for.
         frames=False skips the decoder for this request (its chunks carry latents only).
         """
-        prompt = check_prompt_embeds(self.res.model, prompt_embeds)
-        if prompt.shape[0] != 1 or prompt.dtype != torch.float32:
-            raise ConfigError(
-                f"prompt embeddings must be float32 [L, {self.res.model.text_dim}] for one stream, got "
-                f"{prompt.dtype} {tuple(prompt_embeds.shape)}"
-            )
+        prompt = self.check_prompt(prompt_embeds)
         g = self.res.geometry
         served = (g.latent_height * VAE_STRIDE[1], g.latent_width * VAE_STRIDE[2])
         if (height, width) not in ((None, None), served):
@@ -290,11 +300,29 @@ class SessionGroup:
                 f"height x width {height} x {width}: this pipeline serves {served[0]} x {served[1]} pixels "
                 "(its engines and KV cache are built for that size); set --height/--width when writing it"
             )
-        self.pipeline.resolve(int(latent_frames))
-        return Request(prompt.contiguous(), int(seed), int(latent_frames), bool(frames))
+        latent_frames = None if latent_frames is None else int(latent_frames)
+        self.pipeline.resolve(latent_frames)
+        return Request(prompt, int(seed), latent_frames, bool(frames))
 
-    def stream(self, req: Request, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
-        """Run one request on every rank; yields rank 0's chunks. cancelled() is asked after each chunk."""
+    def check_prompt(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """One stream's prompt embeddings, checked -> float32 [1, L, text_dim] (ConfigError otherwise)."""
+        prompt = check_prompt_embeds(self.res.model, prompt_embeds)
+        if prompt.shape[0] != 1 or prompt.dtype != torch.float32:
+            raise ConfigError(
+                f"prompt embeddings must be float32 [L, {self.res.model.text_dim}] for one stream, got "
+                f"{prompt.dtype} {tuple(prompt_embeds.shape)}"
+            )
+        return prompt.contiguous()
+
+    def stream(
+        self,
+        req: Request,
+        cancelled: Callable[[], bool] = lambda: False,
+        switch: Callable[[], tuple[torch.Tensor, str] | None] = lambda: None,
+    ) -> Iterator[Chunk]:
+        """Run one request on every rank; yields rank 0's chunks. After each chunk cancelled() is asked,
+        then switch(): a (checked prompt [1, L, text_dim] fp32, mode) comes into effect on every rank
+        before the next chunk the DiT starts (the next one, or one later with an overlapped producer)."""
         if self._failure:
             raise RankFailure(f"the pipeline failed earlier ({self._failure}); reload the model")
         chunks = self._guarded(self._begin, req)
@@ -302,12 +330,13 @@ class SessionGroup:
             chunk = self._guarded(next, chunks, None)
             if chunk is None:
                 return
-            stop = True
+            stop, change = True, None
             try:
                 yield chunk
                 stop = bool(cancelled())
+                change = None if stop else switch()
             finally:
-                self._guarded(self._decide, Command.CANCEL if stop else Command.CONTINUE)
+                self._guarded(self._decide, Command.CANCEL if stop else Command.CONTINUE, change)
             if stop:
                 return
 
@@ -315,10 +344,18 @@ class SessionGroup:
         if self._channel is not None:
             self._channel.header(req.header())
             self._channel.prompt(req.prompt_embeds)
-        return iter(self.pipeline.session(req))
+        self._session = self.pipeline.session(req)
+        return iter(self._session)
 
-    def _decide(self, command: Command) -> None:
-        if self._channel is not None:
+    def _decide(self, command: Command, change: tuple[torch.Tensor, str] | None = None) -> None:
+        if change is not None:
+            prompt, mode = change
+            command = Command.SWITCH
+            if self._channel is not None:
+                self._channel.decision(command, PROMPT_MODES.index(mode), prompt.shape[1])
+                self._channel.prompt(prompt)
+            self._session.set_prompt(prompt, mode)
+        elif self._channel is not None:
             self._channel.decision(command)
 
     def _guarded(self, step, *args):
@@ -375,9 +412,14 @@ def run_worker(res: ResolvedPipeline, mapping: Mapping, port: int) -> None:
             if header["command"] == Command.SHUTDOWN:
                 return
             prompt = channel.prompt(shape=header["prompt_shape"])
-            for _ in pipeline.session(Request.from_header(header, prompt)):
-                if channel.decision() == Command.CANCEL:
+            session = pipeline.session(Request.from_header(header, prompt))
+            for _ in session:
+                command, mode, tokens = channel.decision()
+                if command == Command.CANCEL:
                     break
+                if command == Command.SWITCH:
+                    text_dim = res.model.text_dim
+                    session.set_prompt(channel.prompt(shape=(1, tokens, text_dim)), PROMPT_MODES[mode])
     finally:
         del pipeline  # its CUDA graphs captured NCCL calls: gone before the group
         destroy_process_group()

@@ -26,7 +26,7 @@ from ropesp.config import (
     VideoGeometry,
     preset,
 )
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, arg
 from ropesp.parallel import SPLayout
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.session import StreamSession
@@ -119,20 +119,22 @@ class PipelineConfig:
         device = self.device or (manifest.device if manifest else None)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device not in ("cuda", "cpu"):
-            raise ConfigError(f"--device {device!r}; choose cuda or cpu")
+            raise ConfigError(f"{arg('device', device)}; choose cuda or cpu")
         dtype_name = self.dtype or (manifest.dtype if manifest else None)
         dtype_name = dtype_name or ("bfloat16" if device == "cuda" else "float32")
         if dtype_name not in DTYPES:
-            raise ConfigError(f"--dtype {dtype_name!r}; choose one of {sorted(DTYPES)}")
+            raise ConfigError(f"{arg('dtype', dtype_name)}; choose one of {sorted(DTYPES)}")
         backend = self.backend or (manifest.backend_for_runtime() if manifest else "eager")
         if backend not in BACKENDS:
-            raise ConfigError(f"--backend {backend!r}; choose one of {BACKENDS}")
+            raise ConfigError(f"{arg('backend', backend)}; choose one of {BACKENDS}")
         if backend not in MODEL_BACKENDS and manifest is None:
-            raise ConfigError(f"--backend {backend} needs --engines DIR from `ropesp build`")
+            raise ConfigError(
+                f"{arg('backend', backend)} needs {arg('engines')} (a directory from `ropesp build`)"
+            )
         if backend in MODEL_BACKENDS and manifest is not None:
             raise ConfigError(
-                f"--backend {backend} runs the PyTorch model, not engines: drop --engines, or use "
-                f"--backend {manifest.backend_for_runtime()} for {self.engines}"
+                f"{arg('backend', backend)} runs the PyTorch model, not engines: drop {arg('engines')}, or use "
+                f"{arg('backend', manifest.backend_for_runtime())} for {self.engines}"
             )
         cfg, defaults, random_weights = self._model_config(manifest)
         geometry = VideoGeometry(
@@ -148,13 +150,13 @@ class PipelineConfig:
         cache = CacheConfig(self.max_frames or frames, local_attn, sink)
         if cache.rolling and cache.local_attn_frames < cache.sink_frames + max(chunks):
             raise ConfigError(
-                f"--local-attn-frames {cache.local_attn_frames} must be >= --sink-frames "
-                f"{cache.sink_frames} + chunk frames {max(chunks)}"
+                f"{arg('local_attn_frames', cache.local_attn_frames)} must be >= "
+                f"{arg('sink_frames', cache.sink_frames)} + chunk frames {max(chunks)}"
             )
         if not cache.rolling and frames > cache.max_frames:
             raise ConfigError(
                 f"{frames} latent frames exceed the KV cache of {cache.max_frames} frames; raise "
-                "--max-frames or use a rolling window (--local-attn-frames/--sink-frames)"
+                f"{arg('max_frames')} or use a rolling window ({arg('local_attn_frames')}/{arg('sink_frames')})"
             )
         requested = self.world_size
         if requested is None and manifest is not None and "WORLD_SIZE" not in os.environ:
@@ -318,25 +320,39 @@ def build_executor(res: ResolvedPipeline, mapping: Mapping, group=None):
     return load_engine_executor(res, state, Path(res.request.engines), mapping)
 
 
+def _group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def build_session(
     res: ResolvedPipeline | PipelineConfig,
     mapping: Mapping | None = None,
     decoder=None,
     group=None,
     overlap_decode: bool | None = None,
+    unbounded: bool = False,
 ):
     """A StreamSession on this rank (the process group must already exist for world size > 1).
 
-    overlap_decode: decode chunk c while the DiT runs chunk c+1 (default: with a decoder on CUDA)."""
+    overlap_decode: decode chunk c while the DiT runs chunk c+1 (default: with a decoder on CUDA).
+    unbounded: stream until the iterator is closed (needs the rolling window), not res.latent_frames."""
     if isinstance(res, PipelineConfig):
         res = res.resolve()
     mapping = mapping or Mapping.from_env(res.world_size)
+    if mapping.world_size > 1 and not mapping.alone and group is None and not _group_initialized():
+        raise ConfigError(
+            f"{arg('world_size', mapping.world_size)} needs its ranks: ropesp.Pipeline(world_size=...) "
+            "starts and owns them (or runtime.group.SessionGroup); build_session runs one rank of a group "
+            "that already exists (torchrun, or runtime.launch.spawn_ranks + process_group)"
+        )
     executor = build_executor(res, mapping, group)
     return StreamSession(
         executor,
         res.request.sampler,
         res.geometry,
-        res.latent_frames,
+        None if unbounded else res.latent_frames,
         decoder,
         overlap_decode=overlap_decode,
     )

@@ -13,12 +13,13 @@ DEFAULT_PROMPT_SEED = 1234
 DEFAULT_PROMPT_TOKENS = 32
 
 
-def load_prompt_embeds(path: str | Path) -> torch.Tensor:
+def load_prompt_embeds(path: str | Path, flag: str = "--prompt-embeds") -> torch.Tensor:
     """A .pt tensor [L, text_dim] / [1, L, text_dim], or a .safetensors file holding one tensor
-    (any key) or the key `prompt_embeds`. Returns float32 [1, L, text_dim] (shape checked later)."""
+    (any key) or the key `prompt_embeds`. Returns float32 [1, L, text_dim] (shape checked later);
+    errors name the file as `flag PATH`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--prompt-embeds {path} does not exist")
+        raise ConfigError(f"{flag} {path} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -30,7 +31,7 @@ def load_prompt_embeds(path: str | Path) -> torch.Tensor:
                 t = next(iter(tensors.values()))
             else:
                 raise ConfigError(
-                    f"--prompt-embeds {path} holds {len(tensors)} tensors {sorted(tensors)[:5]}; "
+                    f"{flag} {path} holds {len(tensors)} tensors {sorted(tensors)[:5]}; "
                     "expected one tensor or the key 'prompt_embeds'"
                 )
         else:
@@ -38,13 +39,13 @@ def load_prompt_embeds(path: str | Path) -> torch.Tensor:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"--prompt-embeds {path} could not be read: {exc}") from exc
+        raise ConfigError(f"{flag} {path} could not be read: {exc}") from exc
     if not isinstance(t, torch.Tensor):
-        raise ConfigError(f"--prompt-embeds {path} holds a {type(t).__name__}, expected a tensor")
+        raise ConfigError(f"{flag} {path} holds a {type(t).__name__}, expected a tensor")
     if t.dim() == 2:
         t = t.unsqueeze(0)
     if t.dim() != 3 or t.shape[0] != 1:
-        raise ConfigError(f"--prompt-embeds {path} has shape {tuple(t.shape)}; expected [L, D] or [1, L, D]")
+        raise ConfigError(f"{flag} {path} has shape {tuple(t.shape)}; expected [L, D] or [1, L, D]")
     return t.float()
 
 
@@ -52,3 +53,35 @@ def default_prompt_embeds(cfg: ModelConfig) -> torch.Tensor:
     """A fixed seeded embedding [1, 32, text_dim] for runs without a prompt."""
     g = torch.Generator("cpu").manual_seed(DEFAULT_PROMPT_SEED)
     return torch.randn(1, min(DEFAULT_PROMPT_TOKENS, cfg.text_len), cfg.text_dim, generator=g) * 0.1
+
+
+def load_umt5(
+    path: str | Path, tokenizer: str | Path | None, cfg: ModelConfig, dtype, device, source: str, on_load=None
+):
+    """The umT5 encoder of `path` (+ `tokenizer`) on device, checked to give the DiT's text_dim; errors
+    start with `source` (how the caller named the directory, e.g. `--model-dir DIR`). on_load(model dir)
+    runs once the directory passed its checks, before the (slow) load."""
+    import json
+
+    from ropesp.errors import CheckpointError
+    from ropesp.text_encoder import find_text_encoder_dirs, load_text_encoder
+
+    try:
+        model_dir, _ = find_text_encoder_dirs(path, tokenizer)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    try:
+        d_model = json.loads((model_dir / "config.json").read_text()).get("d_model")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: {model_dir / 'config.json'} is not valid JSON: {exc}") from None
+    if d_model != cfg.text_dim:
+        raise ConfigError(
+            f"{source}: the text encoder gives {d_model}-dim embeddings, but the model's text_dim is "
+            f"{cfg.text_dim}; use the umT5 encoder the DiT was trained with"
+        )
+    if on_load is not None:
+        on_load(model_dir)
+    try:
+        return load_text_encoder(path, dtype, device, cfg.text_len, tokenizer)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None

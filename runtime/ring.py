@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ropesp.config import CacheConfig
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, arg
 from ropesp.parallel import SPLayout
 from ropesp.runtime.sp import UlyssesRunner
 
@@ -54,28 +54,31 @@ class RingSlotPlanner:
     def plan(self, current_start: int, chunk_end: int, own: tuple[int, int]):
         """For a forward of the chunk [current_start, chunk_end) whose tokens `own` this shard stores:
         (roll (src, dst, n) or None, write_start, window_end, ranges after the forward)."""
+        stored = self.stored
         if current_start > self.global_end:
-            raise ConfigError(
-                f"chunk at token {current_start} skips past the cached stream end {self.global_end}"
-            )
+            if not self.cfg.rolling:
+                raise ConfigError(
+                    f"chunk at token {current_start} skips past the cached stream end {self.global_end}"
+                )
+            stored = _clip(stored, 0, self.sink)  # a re-cache replay's skip: SlotPlanner.plan's rule
         own_ranges = [own] if own[1] > own[0] else []
         if current_start < self.global_end:  # a re-pass of the newest chunk overwrites its slots
-            kept = _clip(self.stored, 0, current_start)
+            kept = _clip(stored, 0, current_start)
             n = _count(kept)
             return None, n, n + _count(own_ranges), kept + own_ranges
         roll = None
-        kept = self.stored
+        kept = stored
         if chunk_end > self.size:
             if not self.cfg.rolling:
                 raise ConfigError(
                     f"the stream passes {self.cfg.slot_frames} frames, the KV cache's size; raise "
-                    "--max-frames or use a rolling window (--local-attn-frames/--sink-frames)"
+                    f"{arg('max_frames')} or use a rolling window ({arg('local_attn_frames')}/{arg('sink_frames')})"
                 )
             cutoff = max(chunk_end - (self.size - self.sink), self.sink)
-            head = _clip(self.stored, 0, self.sink)
-            tail = _clip(self.stored, cutoff, chunk_end)
+            head = _clip(stored, 0, self.sink)
+            tail = _clip(stored, cutoff, chunk_end)
             n_head, n_tail = _count(head), _count(tail)
-            src = _count(self.stored) - n_tail
+            src = _count(stored) - n_tail
             roll = (src, n_head, n_tail) if src != n_head else None
             kept = head + tail
         n = _count(kept)

@@ -1,7 +1,21 @@
 """Streaming session: executor + sampler + decoder, yielding each chunk as soon as it is done.
 
 A session owns one stream at a time; `reset(prompt_embeds, seed)` starts a new one without
-reallocating caches. Iterating yields `Chunk`s in order.
+reallocating caches. Iterating yields `Chunk`s in order; `latent_frames=None` streams until the
+iterator is closed (a rolling window keeps the cache bounded).
+
+Prompt changes (`set_prompt`, thread-safe) take effect at a chunk boundary, before the chunk's first
+forward, in one of two modes:
+    swap     the cross-attention K/V of the new prompt from that chunk on; the self-attention cache
+             keeps what the earlier chunks computed under the old prompt.
+    recache  also recompute the self-attention cache under the new prompt (LongLive's KV re-cache):
+             the cache is cleared and the clean-context pass (t = context_noise) re-runs over the x0
+             latents of the cached chunks, in order, at their stream positions: every earlier chunk
+             with global attention; with a rolling window the chunks holding the sink frames and those
+             the next chunk's window reaches (a skipped span keeps only the sink before it:
+             SlotPlanner.plan). Cost: one forward per replayed chunk.
+The noise stream does not change, so a seed and the chunk indices of the switches fix the latents on
+every backend and world size; each Chunk says which switch came into effect before it.
 
 Overlapped decode (`overlap_decode=True`, the default with a decoder on CUDA): the DiT loop runs in a
 producer thread (on its own CUDA stream on GPU) that hands each finished chunk's latents over a queue;
@@ -18,15 +32,22 @@ import contextlib
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from ropesp.config import SamplerConfig, VideoGeometry
+from ropesp.config import CacheConfig, SamplerConfig, VideoGeometry
 from ropesp.decode.base import StreamDecoder, to_host
-from ropesp.runtime.executor import Executor
+from ropesp.errors import ConfigError, arg
+from ropesp.runtime.executor import Executor, check_prompt_embeds
 from ropesp.runtime.sampler import FlowSchedule, NoiseStream
+
+PROMPT_MODES = ("swap", "recache")
+"""How a prompt change mid-stream treats the self-attention cache (module docstring)."""
+MAX_AHEAD_UNBOUNDED = 2
+"""Chunks an unbounded stream's DiT thread may finish before the consumer takes them (memory stays flat)."""
 
 
 @dataclass
@@ -43,6 +64,52 @@ class Chunk:
     """[B, N, H, W, 3] uint8 decoded frames, or None without a decoder."""
     elapsed_ms: float
     """Milliseconds from the start of the stream to this chunk being ready (decode included)."""
+    dit_ms: float = 0.0
+    """Host milliseconds of this chunk's DiT work (its denoising forwards, and a switch before them)."""
+    decode_ms: float = 0.0
+    """Milliseconds of this chunk's decode (0 without a decoder)."""
+    switch: str | None = None
+    """The prompt change that came into effect right before this chunk ("swap" | "recache"), if any."""
+    switch_ms: float = 0.0
+    """Host milliseconds of that change (the new prompt's K/V, and a re-cache's replayed forwards)."""
+    prompt_version: int = 0
+    """Prompt changes applied in this stream up to this chunk (0: the prompt it started with)."""
+
+
+@dataclass(frozen=True, eq=False)
+class PromptSwitch:
+    """A queued prompt change."""
+
+    prompt_embeds: torch.Tensor
+    """[1, L, text_dim]."""
+    mode: str = "swap"
+    at_chunk: int | None = None
+    """The chunk it comes into effect before; None: the next chunk the DiT starts."""
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """A finished chunk the cache may have to be recomputed from (re-cache)."""
+
+    start: int
+    frames: int
+    x0: torch.Tensor
+    """[B, frames, C, h, w] float32 on the executor's device."""
+
+
+def check_prompt_mode(mode: str) -> str:
+    if mode not in PROMPT_MODES:
+        raise ConfigError(f"{arg('mode', mode)}: choose one of {PROMPT_MODES}")
+    return mode
+
+
+def check_unbounded(cache: CacheConfig) -> None:
+    """An unbounded stream needs a rolling window (the cache would overflow)."""
+    if not cache.rolling:
+        raise ConfigError(
+            "an unbounded stream needs a rolling window (the KV cache would overflow): set "
+            f"{arg('local_attn_frames')} (sink frames included) and {arg('sink_frames')}"
+        )
 
 
 class _Stopped(Exception):
@@ -60,7 +127,7 @@ class StreamSession:
         executor: Executor,
         sampler: SamplerConfig,
         geometry: VideoGeometry,
-        latent_frames: int,
+        latent_frames: int | None,
         decoder: StreamDecoder | None = None,
         batch: int = 1,
         skip_final_refresh: bool = True,
@@ -70,7 +137,13 @@ class StreamSession:
         self.sampler = sampler
         self.schedule = FlowSchedule(sampler)
         self.geometry = geometry
-        self.chunk_sizes = sampler.chunk_sizes(latent_frames)
+        state = getattr(executor, "state", None)
+        self.cache_cfg: CacheConfig | None = getattr(state, "cache_cfg", None)
+        """The executor's cache geometry (None for an executor without SP state: no re-cache)."""
+        if latent_frames is None and self.cache_cfg is not None:
+            check_unbounded(self.cache_cfg)
+        self.chunk_sizes = sampler.chunk_sizes(latent_frames) if latent_frames is not None else None
+        """Frames of every chunk; None for an unbounded stream (chunk_size(i) still answers)."""
         self.latent_frames = latent_frames
         self.decoder = decoder
         self.batch = batch
@@ -83,6 +156,41 @@ class StreamSession:
         """The DiT thread of the current (or last) overlapped stream; never alive once its iterator ends."""
         self._stop = threading.Event()
         self._streams: dict[str, torch.cuda.Stream] = {}
+        self._switch_lock = threading.Lock()
+        self._switches: list[PromptSwitch] = []
+        self._cached: deque[_Cached] = deque()
+        self._version = 0
+
+    def chunk_size(self, index: int) -> int:
+        """Latent frames of chunk `index` (also past any end, for unbounded streams)."""
+        if self.chunk_sizes is not None and index < len(self.chunk_sizes):
+            return self.chunk_sizes[index]
+        first = self.sampler.independent_first_frame and index == 0
+        return 1 if first else self.sampler.chunk_frames
+
+    def _is_last(self, index: int) -> bool:
+        return self.chunk_sizes is not None and index == len(self.chunk_sizes) - 1
+
+    def set_prompt(
+        self, prompt_embeds: torch.Tensor, mode: str = "swap", at_chunk: int | None = None
+    ) -> None:
+        """Change the prompt of the running (or next) stream before chunk `at_chunk` (None: the next chunk
+        the DiT starts). Thread-safe: may be called while another thread iterates. prompt_embeds:
+        [L, text_dim] / [1, L, text_dim]; mode: "swap" | "recache" (module docstring)."""
+        check_prompt_mode(mode)
+        prompt = check_prompt_embeds(self.executor.cfg, prompt_embeds).float()
+        with self._switch_lock:
+            self._switches.append(PromptSwitch(prompt, mode, at_chunk))
+
+    def _take_switch(self, index: int) -> PromptSwitch | None:
+        """The switches due before chunk `index`, merged: the last prompt, re-cache if any asked for it."""
+        with self._switch_lock:
+            due = [s for s in self._switches if s.at_chunk is None or s.at_chunk <= index]
+            if not due:
+                return None
+            self._switches = [s for s in self._switches if all(s is not d for d in due)]
+        mode = "recache" if any(s.mode == "recache" for s in due) else "swap"
+        return PromptSwitch(due[-1].prompt_embeds, mode, index)
 
     @property
     def world_size(self) -> int:
@@ -102,10 +210,20 @@ class StreamSession:
         return bool(self.overlap_decode)
 
     def reset(self, prompt_embeds: torch.Tensor | None = None, seed: int | None = None) -> None:
-        """Start a new stream; a new prompt recomputes the cross-attention K/V."""
+        """Start a new stream; a new prompt recomputes the cross-attention K/V. Without a prompt the
+        previous stream's is kept (the first stream gets runtime/prompts.py's default embedding).
+        Queued prompt changes of the previous stream are dropped."""
         self._stop_producer()
+        if prompt_embeds is None and getattr(self.executor, "cross_kv", True) is None:
+            from ropesp.runtime.prompts import default_prompt_embeds
+
+            prompt_embeds = default_prompt_embeds(self.executor.cfg)
         if prompt_embeds is not None:
             self.executor.set_prompt(prompt_embeds)
+        with self._switch_lock:
+            self._switches = []
+        self._cached.clear()
+        self._version = 0
         if seed is not None:
             self.seed = int(seed)
         self.executor.reset()
@@ -114,7 +232,7 @@ class StreamSession:
         # only the first chunk's starting noise is drawn before its first forward (here, while the
         # device computes the prompt's K/V); its re-noising draws follow while that forward runs
         self._noise = NoiseStream(self.seed)
-        self._first_x = self._draw(self.chunk_sizes[0], 1)[0]
+        self._first_x = self._draw(self.chunk_size(0), 1)[0]
         self._ready = True
 
     def _draw(self, frames: int, count: int) -> list[torch.Tensor]:
@@ -138,11 +256,16 @@ class StreamSession:
 
     def generate(self) -> torch.Tensor:
         """Run the whole stream; returns latents [B, F, C, h, w] float32."""
+        if self.chunk_sizes is None:
+            raise ConfigError("generate() needs a bounded stream; iterate an unbounded one and stop it")
         return torch.cat([chunk.latents for chunk in self], dim=1)
 
     # --- the DiT loop ------------------------------------------------------------------------
-    def _dit_chunks(self, stop: threading.Event | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(index, start_frame, latents on the CPU) of each chunk, in order; checks `stop` before each forward."""
+    def _dit_chunks(
+        self, stop: threading.Event | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor, dict]]:
+        """(index, start_frame, latents on the CPU, info) of each chunk, in order; checks `stop` before
+        each forward. info: dit_ms, switch, switch_ms, prompt_version (Chunk's fields)."""
         x_next, self._first_x = self._first_x, None
         steps, sigmas = self.schedule.timesteps, self.schedule.step_sigmas
 
@@ -151,8 +274,11 @@ class StreamSession:
                 raise _Stopped
             return self.executor.forward(x, t, start)
 
-        start = 0
-        for index, n in enumerate(self.chunk_sizes):
+        start, index = 0, 0
+        while True:
+            n = self.chunk_size(index)
+            t0 = time.perf_counter()
+            info = self._switch_before(index, start, n, forward)
             with torch.profiler.record_function(f"ropesp.dit.chunk{index}"):
                 x = x0 = x_next
                 for i in range(len(steps)):
@@ -162,14 +288,15 @@ class StreamSession:
                         # draws, then the next chunk's starting noise (the documented order: x, then
                         # one eps per later step, chunk after chunk)
                         eps = self._draw(n, len(steps) - 1)
-                        if index + 1 < len(self.chunk_sizes):
-                            x_next = self._draw(self.chunk_sizes[index + 1], 1)[0]
+                        if not self._is_last(index):
+                            x_next = self._draw(self.chunk_size(index + 1), 1)[0]
                     x0 = self.schedule.to_x0(x, flow, sigmas[i])
                     if i + 1 < len(steps):
                         x = self.schedule.add_noise(x0, eps[i], sigmas[i + 1])
                 latents, copied = to_host(x0)
-            last = index == len(self.chunk_sizes) - 1
+            last = self._is_last(index)
             refresh = not (last and self.skip_final_refresh)
+            self._remember(start, n, x0)
 
             def clean_context_pass(index=index, x0=x0, start=start):
                 with torch.profiler.record_function(f"ropesp.dit.context{index}"):
@@ -189,10 +316,53 @@ class StreamSession:
                 clean_context_pass()
             if copied is not None:
                 copied.synchronize()
-            yield index, start, latents
+            info["dit_ms"] = (time.perf_counter() - t0) * 1e3
+            yield index, start, latents, info
             if refresh and not ahead:
                 clean_context_pass()
+            if last:
+                return
             start += n
+            index += 1
+
+    def _switch_before(self, index: int, start: int, frames: int, forward) -> dict:
+        """Apply the prompt change due before chunk `index` (at `start`, of `frames` frames), if any."""
+        switch = self._take_switch(index)
+        if switch is None:
+            return {"switch": None, "switch_ms": 0.0, "prompt_version": self._version}
+        t0 = time.perf_counter()
+        with torch.profiler.record_function(f"ropesp.switch{index}.{switch.mode}"):
+            self.executor.set_prompt(switch.prompt_embeds)
+            if switch.mode == "recache" and self._cached:
+                replay = self._replay_set(start + frames)
+                self.executor.reset()
+                for c in replay:
+                    forward(c.x0, torch.tensor(self.schedule.context_t), c.start)
+        self._version += 1
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"switch": switch.mode, "switch_ms": ms, "prompt_version": self._version}
+
+    def _replay_set(self, next_end: int) -> list[_Cached]:
+        """The cached chunks a re-cache recomputes before the chunk that ends at frame next_end: all of
+        them with global attention; with a rolling window those holding sink frames and those the
+        chunk's window (its newest local_attn_frames - sink_frames frames) reaches."""
+        cache = self.cache_cfg
+        if cache is None:
+            raise ConfigError(f"{arg('mode', 'recache')} needs an executor with a KV cache geometry")
+        if not cache.rolling:
+            return list(self._cached)
+        cutoff = next_end - (cache.local_attn_frames - cache.sink_frames)
+        return [c for c in self._cached if c.start < cache.sink_frames or c.start + c.frames > cutoff]
+
+    def _remember(self, start: int, frames: int, x0: torch.Tensor) -> None:
+        """Keep x0 of the chunks a later re-cache may replay (bounded by the window or the cache)."""
+        self._cached.append(_Cached(start, frames, x0))
+        cache = self.cache_cfg
+        if cache is not None and cache.rolling:
+            # a later chunk's window starts after end - (window - sink): older non-sink chunks are out
+            oldest = start + frames - (cache.local_attn_frames - cache.sink_frames)
+            keep = [c for c in self._cached if c.start < cache.sink_frames or c.start + c.frames > oldest]
+            self._cached = deque(keep)
 
     def _decode(self, index: int, latents: torch.Tensor) -> torch.Tensor | None:
         if self.decoder is None:
@@ -200,11 +370,19 @@ class StreamSession:
         with torch.profiler.record_function(f"ropesp.decode.chunk{index}"):
             return self.decoder.decode(latents)
 
+    def _chunk(self, t0: float, item: tuple) -> Chunk:
+        """Decode one item of the DiT loop into a Chunk (elapsed since the stream's start t0)."""
+        index, start, latents, info = item
+        d0 = time.perf_counter()
+        frames = self._decode(index, latents)
+        now = time.perf_counter()
+        decode_ms = (now - d0) * 1e3 if self.decoder is not None else 0.0
+        return Chunk(index, start, latents, frames, (now - t0) * 1e3, decode_ms=decode_ms, **info)
+
     def _iter_serial(self) -> Iterator[Chunk]:
         t0 = time.perf_counter()
-        for index, start, latents in self._dit_chunks():
-            frames = self._decode(index, latents)
-            yield Chunk(index, start, latents, frames, (time.perf_counter() - t0) * 1e3)
+        for item in self._dit_chunks():
+            yield self._chunk(t0, item)
 
     # --- overlapped: DiT producer thread + decoding consumer ------------------------------------
     def _stream(self, name: str, device: torch.device) -> torch.cuda.Stream | None:
@@ -227,8 +405,18 @@ class StreamSession:
         device = torch.device(self.executor.device)
         dit_stream = self._stream("dit", device)
         decode_stream = self._stream("decode", self._decoder_device())
-        handoff: queue.SimpleQueue = queue.SimpleQueue()  # unbounded: the producer never blocks
+        # a bounded stream's producer never blocks; an unbounded one waits MAX_AHEAD_UNBOUNDED chunks ahead
+        handoff: queue.Queue = queue.Queue(0 if self.chunk_sizes is not None else MAX_AHEAD_UNBOUNDED)
         stop = self._stop = threading.Event()
+
+        def put(item) -> None:
+            while True:
+                try:
+                    return handoff.put(item, timeout=0.05)
+                except queue.Full:
+                    if stop.is_set():
+                        raise _Stopped from None
+
         grad = torch.is_grad_enabled()
         for side in (dit_stream, decode_stream):  # prompt K/V, cache and decoder resets ran on the caller's
             if side is not None:
@@ -241,12 +429,14 @@ class StreamSession:
                     torch.cuda.set_device(device)  # the current device is per thread
                 with torch.cuda.stream(dit_stream) if dit_stream is not None else contextlib.nullcontext():
                     for item in self._dit_chunks(stop):
-                        handoff.put(item)
-                handoff.put(_DONE)
-            except _Stopped:
-                handoff.put(_DONE)
+                        put(item)
+                put(_DONE)
+            except _Stopped:  # the consumer is gone or going: it reads nothing more
+                with contextlib.suppress(queue.Full):
+                    handoff.put_nowait(_DONE)
             except BaseException as exc:  # handed to the consumer, which re-raises it
-                handoff.put(exc)
+                with contextlib.suppress(_Stopped):
+                    put(exc)
 
         t0 = time.perf_counter()
         thread = self.producer = threading.Thread(target=produce, name="ropesp-dit", daemon=True)
@@ -258,13 +448,12 @@ class StreamSession:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                index, start, latents = item
                 if decode_stream is not None:
                     with torch.cuda.stream(decode_stream):
-                        frames = self._decode(index, latents)
+                        chunk = self._chunk(t0, item)
                 else:
-                    frames = self._decode(index, latents)
-                yield Chunk(index, start, latents, frames, (time.perf_counter() - t0) * 1e3)
+                    chunk = self._chunk(t0, item)
+                yield chunk
         finally:
             self._stop_producer()
 

@@ -4,7 +4,10 @@
         --latent-frames 21 --output out.mp4
 
 Without --prompt-embeds the client sends ropesp's seeded default embedding. The model is decoupled:
-one response per chunk (frames, latents, chunk_index, timing_ms), then an empty final response.
+one response per chunk (frames, latents, chunk_index, timing_ms, prompt_version), then an empty final
+response. `--prompt-at CHUNK PATH` steers the running stream: once chunk CHUNK-1 has arrived, a control
+request (same stream_id) sends the new prompt, which the server applies at the stream's next chunk
+boundary (`--prompt-mode swap|recache`).
 """
 
 from __future__ import annotations
@@ -38,32 +41,86 @@ class StreamedChunk:
     """timing_ms: server time from the request's arrival to this chunk (None when not requested)."""
     arrival_ms: float
     """Client time from sending the request to receiving this chunk."""
+    prompt_version: int | None = None
+    """Prompt changes in effect for this chunk (0: the first prompt; None when not requested)."""
 
 
-def make_inputs(prompt_embeds: np.ndarray, seed: int, latent_frames: int, height=None, width=None):
-    """The model's inputs; dtypes as given (the server rejects wrong ones)."""
+def _tensor(name, arr, dtype):
     import tritonclient.grpc as grpcclient
 
-    def tensor(name, arr, dtype):
-        t = grpcclient.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr)
-        return t
+    t = grpcclient.InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
 
+
+def make_inputs(
+    prompt_embeds: np.ndarray, seed: int, latent_frames: int, height=None, width=None, stream_id=None
+):
+    """The model's inputs; dtypes as given (the server rejects wrong ones). stream_id: a name that
+    control requests (make_control) can steer this stream by."""
     inputs = [
-        tensor("prompt_embeds", prompt_embeds, _triton_dtype(prompt_embeds)),
-        tensor("seed", np.array([seed], dtype=np.int64), "INT64"),
-        tensor("latent_frames", np.array([latent_frames], dtype=np.int32), "INT32"),
+        _tensor("prompt_embeds", prompt_embeds, _triton_dtype(prompt_embeds)),
+        _tensor("seed", np.array([seed], dtype=np.int64), "INT64"),
+        _tensor("latent_frames", np.array([latent_frames], dtype=np.int32), "INT32"),
     ]
     for name, value in (("height", height), ("width", width)):
         if value is not None:
-            inputs.append(tensor(name, np.array([value], dtype=np.int32), "INT32"))
+            inputs.append(_tensor(name, np.array([value], dtype=np.int32), "INT32"))
+    if stream_id is not None:
+        inputs.append(_tensor("stream_id", np.array([stream_id.encode()], dtype=np.object_), "BYTES"))
     return inputs
+
+
+def make_control(prompt_embeds: np.ndarray, stream_id: str, mode: str = "swap"):
+    """A control request: the stream `stream_id` takes prompt_embeds from its next chunk boundary on."""
+    return [
+        _tensor("prompt_embeds", prompt_embeds, _triton_dtype(prompt_embeds)),
+        _tensor("stream_id", np.array([stream_id.encode()], dtype=np.object_), "BYTES"),
+        _tensor("control", np.array([mode.encode()], dtype=np.object_), "BYTES"),
+    ]
 
 
 def _triton_dtype(arr: np.ndarray) -> str:
     from tritonclient.utils import np_to_triton_dtype
 
     return np_to_triton_dtype(arr.dtype)
+
+
+class Controller:
+    """A gRPC stream kept open for control requests (no connection setup per prompt change)."""
+
+    def __init__(self, url: str, model: str = MODEL) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.model = model
+        self.responses: queue.Queue = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def send(self, inputs, timeout_s: float = 60.0) -> int:
+        """Send a control request; returns the last chunk its stream had finished when it arrived (-1:
+        none yet). Raises InferenceServerException for an error reply (e.g. an unknown stream_id)."""
+        self.client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex)
+        result, error = self.responses.get(timeout=timeout_s)
+        if error is not None:
+            raise error
+        return int(result.as_numpy("chunk_index")[0])
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def control(url: str, inputs, model: str = MODEL, timeout_s: float = 60.0) -> int:
+    """One control request on its own connection (Controller.send)."""
+    with Controller(url, model) as controller:
+        return controller.send(inputs, timeout_s)
 
 
 def stream(
@@ -110,12 +167,14 @@ def stream(
             index = result.as_numpy("chunk_index")
             if index is not None:  # a chunk (the empty final response has no outputs)
                 timing = result.as_numpy("timing_ms")
+                version = result.as_numpy("prompt_version")
                 yield StreamedChunk(
                     int(index[0]),
                     result.as_numpy("frames"),
                     result.as_numpy("latents"),
                     None if timing is None else float(timing[0]),
                     arrival_ms,
+                    None if version is None else int(version[0]),
                 )
             if result.get_response().parameters["triton_final_response"].bool_param:
                 finished = True
@@ -151,32 +210,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int)
     p.add_argument("--output", default="triton.mp4", help="MP4 path")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds to wait for each chunk")
+    p.add_argument(
+        "--prompt-at",
+        nargs=2,
+        action="append",
+        metavar=("CHUNK", "PATH"),
+        help="steer the stream: send the embeddings PATH once chunk CHUNK-1 has arrived (repeatable)",
+    )
+    p.add_argument("--prompt-mode", choices=["swap", "recache"], default="swap")
     args = p.parse_args(argv)
 
     from tritonclient.utils import InferenceServerException
 
+    from ropesp.runtime.prompts import load_prompt_embeds
     from ropesp.video import Mp4Writer
 
     prompt = _prompt(args, args.url, args.model)
-    inputs = make_inputs(prompt, args.seed, args.latent_frames, args.height, args.width)
+    steer = {
+        int(k) - 1: load_prompt_embeds(path, "--prompt-at")[0].numpy() for k, path in args.prompt_at or []
+    }
+    stream_id = uuid.uuid4().hex if steer else None
+    inputs = make_inputs(prompt, args.seed, args.latent_frames, args.height, args.width, stream_id)
     frames, writer = 0, None
+    controller = Controller(args.url, args.model) if steer else None
     try:
-        for chunk in stream(args.url, inputs, args.model, args.timeout, VIEWER_OUTPUTS):
+        outputs = (*VIEWER_OUTPUTS, "prompt_version")
+        for chunk in stream(args.url, inputs, args.model, args.timeout, outputs):
             writer = writer or Mp4Writer(args.output)  # opened once the first chunk is in
             writer.write(chunk.frames)
             frames += len(chunk.frames)
             print(
                 f"chunk {chunk.index}: arrived at {chunk.arrival_ms:8.1f} ms "
                 f"(server {chunk.server_ms:8.1f} ms), {len(chunk.frames)} frames "
-                f"{chunk.frames.shape[1]}x{chunk.frames.shape[2]}",
+                f"{chunk.frames.shape[1]}x{chunk.frames.shape[2]}, prompt {chunk.prompt_version}",
                 file=sys.stderr,
             )
+            if chunk.index in steer:
+                controller.send(make_control(steer.pop(chunk.index), stream_id, args.prompt_mode))
     except InferenceServerException as exc:
         print(f"triton_client: error: {exc.message()}", file=sys.stderr)
         return 2
     finally:
         if writer is not None:
             writer.close()
+        if controller is not None:
+            controller.close()
     print(f"wrote {args.output} ({frames} frames)", file=sys.stderr)
     return 0
 

@@ -43,6 +43,7 @@ def test_generate_is_reproducible_and_follows_flags(tmp_path, capsys):
         "4",
         "--output",
         str(tmp_path / "x.mp4"),
+        "--overwrite",
     ]
     assert main([*common, "--latents-out", str(a)]) == 0
     assert main([*common, "--latents-out", str(b), "--steps", "1000,500", "--shift", "8"]) == 0
@@ -61,7 +62,7 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
     save_file({"anything": emb[None]}, str(tmp_path / "p.safetensors"))
     outs = []
     for name in ("p.pt", "p.safetensors"):
-        lat = tmp_path / f"{name}.lat"
+        lat = tmp_path / f"{name}.lat.pt"
         assert (
             main(
                 [
@@ -74,6 +75,7 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
                     str(lat),
                     "--output",
                     str(tmp_path / "x.mp4"),
+                    "--overwrite",
                 ]
             )
             == 0
@@ -144,10 +146,10 @@ def test_generate_from_checkpoints_equals_random_default(tmp_path, tiny_model):
 
     save_checkpoint(tiny_model, tmp_path / "sf.pt", "self-forcing")
     torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")
-    common = ["generate", "--frames", "9", "--output", str(tmp_path / "x.mp4")]
+    common = ["generate", "--frames", "9", "--output", str(tmp_path / "x.mp4"), "--overwrite"]
     outs = []
     for ckpt in (None, "sf.pt", "bare.pt"):
-        lat = tmp_path / f"{ckpt}.lat"
+        lat = tmp_path / f"{ckpt}.lat.pt"
         extra = ["--checkpoint", str(tmp_path / ckpt)] if ckpt else []
         assert main([*common, *extra, "--latents-out", str(lat)]) == 0
         outs.append(torch.load(lat))

@@ -14,3 +14,17 @@ def test_ci_runs_the_readme_test_command():
     ]
     assert ci == [block[1]]
     assert "ropesp generate" in block[0]
+
+
+def python_blocks() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
+
+
+def test_readme_python_example_runs(capsys):
+    """The README's Python section, as written (CPU, the default model)."""
+    (block,) = python_blocks()
+    assert len(block.strip().splitlines()) == 10
+    exec(compile(block, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[:2] for ln in lines] == [["0", "(9,"], ["1", "(12,"], ["2", "(12,"]]

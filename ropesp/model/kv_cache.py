@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ropesp.config import CacheConfig
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, arg
 
 
 @dataclass(frozen=True)
@@ -53,30 +53,35 @@ class SlotPlanner:
     def plan(self, current_start: int, num_new: int) -> CacheSlots:
         """Slots for a forward of num_new tokens starting at absolute token current_start."""
         current_end = current_start + num_new
-        if current_start > self.global_end:
-            raise ConfigError(
-                f"chunk at token {current_start} skips past the cached stream end {self.global_end}"
-            )
+        global_end, local_end = self.global_end, self.local_end
+        if current_start > global_end:
+            if not self.cfg.rolling:
+                raise ConfigError(
+                    f"chunk at token {current_start} skips past the cached stream end {global_end}"
+                )
+            # a re-cache replay (runtime/session.py) skips the frames that left the window: before the
+            # skipped span only the sink stays, so the cache again holds the sink + contiguous newest frames
+            global_end, local_end = current_start, min(local_end, self.sink_tokens)
         roll = None
-        new_tokens = current_end - self.global_end
-        if self.cfg.rolling and current_end > self.global_end and self.local_end + num_new > self.size:
-            evict = self.local_end + num_new - self.size
-            keep = self.local_end - evict - self.sink_tokens
+        new_tokens = current_end - global_end
+        if self.cfg.rolling and current_end > global_end and local_end + num_new > self.size:
+            evict = local_end + num_new - self.size
+            keep = local_end - evict - self.sink_tokens
             if keep < 0:
                 raise ConfigError(
                     f"a chunk of {num_new // self.frame_tokens} frames does not fit the rolling window of "
                     f"{self.cfg.local_attn_frames} frames with {self.cfg.sink_frames} sink frames; "
-                    "--local-attn-frames must be >= sink frames + chunk frames"
+                    f"{arg('local_attn_frames')} must be >= sink frames + chunk frames"
                 )
             roll = (self.sink_tokens + evict, self.sink_tokens, keep)
-            local_end = self.local_end + new_tokens - evict
+            local_end = local_end + new_tokens - evict
         else:
-            local_end = self.local_end + new_tokens
+            local_end = local_end + new_tokens
         if local_end > self.size:
             frames = current_end // self.frame_tokens
             raise ConfigError(
                 f"frame {frames} exceeds the KV cache of {self.cfg.slot_frames} frames; raise "
-                "--max-frames or use a rolling window (--local-attn-frames/--sink-frames)"
+                f"{arg('max_frames')} or use a rolling window ({arg('local_attn_frames')}/{arg('sink_frames')})"
             )
         return CacheSlots(
             write_start=local_end - num_new,
@@ -84,7 +89,7 @@ class SlotPlanner:
             attn_start=max(0, local_end - self.size),
             attn_end=local_end,
             roll=roll,
-            global_end=max(self.global_end, current_end),
+            global_end=max(global_end, current_end),
             local_end=local_end,
         )
 

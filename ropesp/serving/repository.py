@@ -112,18 +112,24 @@ def config_pbtxt(name: str, text_dim: int, world_size: int) -> str:
         opt = " optional: true" if optional else ""
         return f'  {{ name: "{tname}" data_type: TYPE_{dtype} dims: [ {dims} ]{opt} }}'
 
+    # a stream request: prompt_embeds, seed, latent_frames (+ height/width, + stream_id to steer it);
+    # a control request: prompt_embeds, stream_id and control ("swap" | "recache"): the new prompt of
+    # that running (or queued) stream from its next chunk boundary on
     inputs = [
         tensor("prompt_embeds", "FP32", f"-1, {text_dim}"),
-        tensor("seed", "INT64", "1"),
-        tensor("latent_frames", "INT32", "1"),
+        tensor("seed", "INT64", "1", optional=True),
+        tensor("latent_frames", "INT32", "1", optional=True),
         tensor("height", "INT32", "1", optional=True),
         tensor("width", "INT32", "1", optional=True),
+        tensor("stream_id", "STRING", "1", optional=True),
+        tensor("control", "STRING", "1", optional=True),
     ]
     outputs = [
         tensor("frames", "UINT8", "-1, -1, -1, 3"),
         tensor("latents", "FP32", "-1, -1, -1, -1"),
         tensor("chunk_index", "INT32", "1"),
         tensor("timing_ms", "FP32", "1"),
+        tensor("prompt_version", "INT32", "1"),
     ]
     return "\n".join(
         [

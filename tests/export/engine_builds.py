@@ -17,7 +17,8 @@ SEED = ["--seed", "3"]
 def run_generate(tmp_path: Path, *args: str) -> torch.Tensor:
     """`ropesp generate ... --latents-out` in this process (spawned ranks for --world-size 2)."""
     out = tmp_path / f"latents-{len(list(tmp_path.glob('latents-*')))}.pt"
-    code = main(["generate", *SEED, "--output", str(tmp_path / "v.mp4"), "--latents-out", str(out), *args])
+    outputs = ["--output", str(tmp_path / "v.mp4"), "--latents-out", str(out), "--overwrite"]
+    code = main(["generate", *SEED, *outputs, *args])
     assert code == 0
     return torch.load(out)
 

@@ -71,3 +71,30 @@ def fail_on_rank1(mapping) -> None:
         if mapping.rank == 1:
             raise RuntimeError("boom on rank 1")
         dist.barrier()
+
+
+SWITCH_CASES = {
+    # name: (config overrides, {chunk: prompt index}, mode)
+    "swap": (dict(latent_frames=9), {0: 0, 1: 1, 2: 2}, "swap"),
+    "recache": (dict(latent_frames=9), {0: 0, 2: 1}, "recache"),
+    # window 7 with 1 sink frame: before chunk 3 the replay is chunks 0 (sink) and 2, skipping chunk 1
+    "recache-rolling": (dict(latent_frames=12, local_attn_frames=7, sink_frames=1), {0: 0, 3: 1}, "recache"),
+}
+
+
+def run_switches(mapping, prompts, out_path, cases=tuple(SWITCH_CASES), ring_degree=None) -> None:
+    """Each case's stream with its prompt schedule on this rank (StreamSession.set_prompt at_chunk);
+    rank 0 saves {case: latents}."""
+    results = {}
+    with process_group(mapping, "cpu"):
+        for case in cases:
+            overrides, schedule, mode = SWITCH_CASES[case]
+            cfg = base_config(world_size=mapping.world_size, ring_degree=ring_degree, **overrides)
+            session = build_session(cfg, mapping)
+            session.reset(prompts[schedule[0]], seed=3)
+            for chunk, index in schedule.items():
+                if chunk:
+                    session.set_prompt(prompts[index], mode, at_chunk=chunk)
+            results[case] = session.generate()
+    if mapping.rank == 0:
+        torch.save(results, out_path)

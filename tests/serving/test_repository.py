@@ -28,13 +28,17 @@ def test_repository_layout_and_config(tmp_path):
         "model_transaction_policy { decoupled: true }",
         "instance_group [ { kind: KIND_MODEL count: 1 } ]",
         '{ name: "prompt_embeds" data_type: TYPE_FP32 dims: [ -1, 4096 ] }',
-        '{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] }',
-        '{ name: "latent_frames" data_type: TYPE_INT32 dims: [ 1 ] }',
+        # optional: a control request (stream_id + control) carries only the new prompt
+        '{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }',
+        '{ name: "latent_frames" data_type: TYPE_INT32 dims: [ 1 ] optional: true }',
         '{ name: "height" data_type: TYPE_INT32 dims: [ 1 ] optional: true }',
+        '{ name: "stream_id" data_type: TYPE_STRING dims: [ 1 ] optional: true }',
+        '{ name: "control" data_type: TYPE_STRING dims: [ 1 ] optional: true }',
         '{ name: "frames" data_type: TYPE_UINT8 dims: [ -1, -1, -1, 3 ] }',
         '{ name: "latents" data_type: TYPE_FP32 dims: [ -1, -1, -1, -1 ] }',
         '{ name: "chunk_index" data_type: TYPE_INT32 dims: [ 1 ] }',
         '{ name: "timing_ms" data_type: TYPE_FP32 dims: [ 1 ] }',
+        '{ name: "prompt_version" data_type: TYPE_INT32 dims: [ 1 ] }',
     ):
         assert line in pbtxt
     template = resources.files("ropesp.serving").joinpath("model.py.tmpl").read_text()

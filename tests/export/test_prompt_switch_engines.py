@@ -1,0 +1,43 @@
+"""Prompt changes on engines: ONNX Runtime segments (1 and 2 ranks) switch exactly like the definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_builds import run_generate
+from switch_reference import generate_with_switches
+
+from ropesp.runtime.pipeline import PipelineConfig, build_session
+
+ATOL = 1e-4  # ORT's float32 kernels against eager PyTorch, as tests/export/test_export_onnx.py
+
+
+@pytest.fixture(scope="module")
+def switch_prompts(tmp_path_factory, tiny_cfg):
+    tmp = tmp_path_factory.mktemp("switch")
+    g = torch.Generator("cpu").manual_seed(31)
+    out = []
+    for i, n in enumerate((20, 11)):
+        t = torch.randn(n, tiny_cfg.text_dim, generator=g) * 0.1
+        torch.save(t, tmp / f"p{i}.pt")
+        out.append((str(tmp / f"p{i}.pt"), t))
+    return out
+
+
+@pytest.mark.parametrize(("world_size", "mode"), [(1, "swap"), (1, "recache"), (2, "recache")])
+def test_ort_switch_equals_definition(builds, switch_prompts, tmp_path, world_size, mode):
+    (p0, e0), (p1, e1) = switch_prompts
+    root = builds("onnx", world_size)
+    args = ["--engines", str(root), "--prompt-embeds", p0, "--prompt-at", "1", p1, "--prompt-mode", mode]
+    got = run_generate(tmp_path, *args)
+    res = PipelineConfig(
+        preset="tiny", latent_height=10, latent_width=14, latent_frames=6, device="cpu", dtype="float32"
+    ).resolve()
+    executor = build_session(res).executor  # eager, the weights the build used (seeded)
+    want = generate_with_switches(
+        executor, res.request.sampler, res.cache, (10, 14), [3, 3], {0: e0, 1: e1}, 3, mode
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    unswitched = run_generate(tmp_path, "--engines", str(root), "--prompt-embeds", p0)
+    assert (got[:, 3:] - unswitched[:, 3:]).abs().max() > 10 * ATOL  # the switch changed chunk 1
+    torch.testing.assert_close(got[:, :3], unswitched[:, :3], rtol=0, atol=0)

@@ -1,0 +1,150 @@
+"""Steering a running stream on a real tritonserver: a control request with the stream's id changes its
+prompt at the next chunk boundary; two concurrent streams are unaffected by each other's changes."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from helpers_triton import CONFIG, alive, descendants, group_members, load_client, require_triton
+
+from ropesp.runtime.pipeline import build_session
+from ropesp.serving.repository import write_repository
+
+pytestmark = pytest.mark.slow
+FRAMES = 30  # 10 chunks (the served cache): a change sent after chunk 1 lands well before the end
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require_triton()
+    from ropesp.serving.server import TritonServer
+
+    tmp = tmp_path_factory.mktemp("triton-steer")
+    write_repository(tmp / "repo", CONFIG)
+    server = TritonServer(tmp / "repo", log_path=tmp / "tritonserver.log")
+    procs: dict[int, str] = {}
+    try:
+        server.start()
+        procs = descendants(server.pid)
+        yield server
+    finally:
+        pgid = server.pid
+        server.stop()
+        if pgid is not None:
+            assert group_members(pgid) == [], f"left behind: {procs}"
+        assert not [p for p in procs if alive(p)], f"left behind: {procs}"
+
+
+@pytest.fixture(scope="module")
+def client():
+    return load_client()
+
+
+@pytest.fixture(scope="module")
+def session():
+    return build_session(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def other(tiny_cfg):
+    return torch.randn(1, 13, tiny_cfg.text_dim, generator=torch.Generator().manual_seed(8)) * 0.1
+
+
+def reference(session, prompt, seed, switch=None) -> torch.Tensor:
+    """In-process latents [F, C, h, w]; switch: (chunk, prompt, mode) from that chunk on."""
+    session.reset(prompt, seed)
+    if switch is not None:
+        chunk, new, mode = switch
+        session.set_prompt(new, mode, at_chunk=chunk)
+    session.latent_frames, session.chunk_sizes = FRAMES, session.sampler.chunk_sizes(FRAMES)
+    return session.generate()[0]
+
+
+def steered_run(client, server, prompt, seed, stream_id, new, mode, after_chunk, started=None):
+    """Stream FRAMES latent frames; once chunk `after_chunk` has arrived, send the control request.
+    Returns (chunks, the control's reported last chunk)."""
+    inputs = client.make_inputs(prompt[0].numpy(), seed, FRAMES, stream_id=stream_id)
+    chunks, reported = [], None
+    with client.Controller(server.grpc_url) as controller:  # connected before the stream starts
+        for chunk in client.stream(server.grpc_url, inputs, timeout_s=120):
+            chunks.append(chunk)
+            if started is not None:
+                started.set()
+            if chunk.index == after_chunk:
+                reported = controller.send(client.make_control(new[0].numpy(), stream_id, mode))
+    return chunks, reported
+
+
+def first_switched(chunks) -> int:
+    versions = [c.prompt_version for c in chunks]
+    assert versions == sorted(versions) and set(versions) <= {0, 1}, versions
+    return versions.index(1)
+
+
+def test_control_request_switches_the_running_stream_at_the_next_chunk(
+    server, client, prompt, other, session
+):
+    chunks, reported = steered_run(client, server, prompt, 3, "solo", other, "recache", after_chunk=1)
+    assert [c.index for c in chunks] == list(range(10))
+    j = first_switched(chunks)
+    # the control arrived while chunk reported + 1 was being computed: it applies before that chunk's
+    # successor at the latest (the latency is at most one chunk after the one in flight)
+    assert reported >= 1 and j - (reported + 1) in (0, 1), (reported, j)
+    got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
+    torch.testing.assert_close(got, reference(session, prompt, 3, (j, other, "recache")), rtol=0, atol=1e-5)
+
+
+def test_concurrent_streams_are_unaffected_by_each_others_switches(server, client, prompt, other, session):
+    results, errors = {}, []
+    started = threading.Event()
+
+    def run(name, seed, mode, after, event=None):
+        try:
+            results[name] = steered_run(client, server, prompt, seed, name, other, mode, after, event)
+        except BaseException as exc:
+            errors.append(exc)
+
+    a = threading.Thread(target=run, args=("a", 11, "recache", 1, started))
+    b = threading.Thread(target=run, args=("b", 12, "swap", 1))
+    a.start()
+    started.wait(120)  # b is queued behind a running a
+    b.start()
+    for t in (a, b):
+        t.join(240)
+    assert not errors, errors
+    for name, seed, mode in (("a", 11, "recache"), ("b", 12, "swap")):
+        chunks, reported = results[name]
+        j = first_switched(chunks)
+        assert j - (reported + 1) in (0, 1), (name, reported, j)
+        got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
+        want = reference(session, prompt, seed, (j, other, mode))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
+    assert first_switched(results["b"][0]) >= 2  # a's change did not reach b's first chunks
+
+
+def test_control_for_an_unknown_stream_is_an_error(server, client, other):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="no stream with stream_id 'ghost'"):
+        client.control(server.grpc_url, client.make_control(other[0].numpy(), "ghost"))
+    with pytest.raises(InferenceServerException, match="input control 'fade'"):
+        client.control(server.grpc_url, client.make_control(other[0].numpy(), "ghost", "fade"))
+    assert server.is_ready()
+
+
+def test_client_script_steers_with_prompt_at(server, client, prompt, other, tmp_path, capsys):
+    from ropesp.video import read_video_info
+
+    torch.save(prompt, tmp_path / "p.pt")
+    torch.save(other, tmp_path / "q.pt")
+    out = tmp_path / "out.mp4"
+    argv = ["--url", server.grpc_url, "--prompt-embeds", str(tmp_path / "p.pt"), "--latent-frames", "30"]
+    argv += ["--prompt-at", "2", str(tmp_path / "q.pt"), "--prompt-mode", "recache", "--output", str(out)]
+    assert client.main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("chunk ")]
+    versions = [int(ln.rsplit("prompt ", 1)[1]) for ln in lines]
+    assert len(versions) == 10 and versions[:2] == [0, 0] and versions[-1] == 1
+    assert read_video_info(out) == (117, 64, 64)

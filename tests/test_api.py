@@ -1,0 +1,158 @@
+"""ropesp.Pipeline: warm requests, switches (also on two owned ranks), cancel, unbounded, Python-named errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from switch_reference import generate_with_switches
+
+import ropesp
+from ropesp.errors import ConfigError
+from ropesp.runtime.pipeline import PipelineConfig, build_session
+
+SMALL = dict(preset="tiny", device="cpu", height=80, width=112)
+"""Latents 10 x 14 (a 5 x 7 token grid: uneven over 2 ranks), 33 frames = 3 chunks."""
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    with ropesp.Pipeline(**SMALL) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def reference_executor(pipe):
+    return build_session(pipe.config).executor
+
+
+def by_definition(pipe, executor, prompts: dict, mode: str, seed: int = 3) -> torch.Tensor:
+    res = pipe.resolved
+    g = res.geometry
+    chunks = res.request.sampler.chunk_sizes(9)
+    return generate_with_switches(
+        executor,
+        res.request.sampler,
+        res.cache,
+        (g.latent_height, g.latent_width),
+        chunks,
+        prompts,
+        seed,
+        mode,
+    )
+
+
+def test_package_root_exports_pipeline_lazily():
+    import subprocess
+    import sys
+
+    code = "import sys, ropesp; assert 'torch' not in sys.modules; ropesp.Pipeline; assert 'torch' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stream_and_generate_are_warm_and_agree(pipe, prompt, reference_executor):
+    chunks = list(pipe.stream(prompt, seed=3, frames=33, latents=True))
+    assert [c.index for c in chunks] == [0, 1, 2] and [c.start_frame for c in chunks] == [0, 3, 6]
+    assert [c.frames.shape for c in chunks] == [(9, 80, 112, 3), (12, 80, 112, 3), (12, 80, 112, 3)]
+    assert all(c.frames.dtype == np.uint8 and {"dit", "decode", "elapsed"} <= set(c.timings) for c in chunks)
+    video = pipe.generate(prompt[0], seed=3, frames=33)  # [L, D] works too
+    assert video.frames.shape == (33, 80, 112, 3) and video.latents.shape == (1, 9, 16, 10, 14)
+    np.testing.assert_array_equal(video.frames, np.concatenate([c.frames for c in chunks]))
+    want = by_definition(pipe, reference_executor, {0: prompt}, "swap")
+    torch.testing.assert_close(video.latents, want, rtol=0, atol=1e-6)
+    assert all(c.latents is None for c in pipe.stream(prompt, frames=33))  # latents only on request
+
+
+@pytest.mark.parametrize("mode", ["swap", "recache"])
+def test_set_prompt_while_iterating_equals_definition(pipe, prompt, reference_executor, mode):
+    other = torch.randn(1, 12, pipe.text_dim, generator=torch.Generator().manual_seed(5)) * 0.1
+    stream = pipe.stream(prompt, seed=3, frames=33, latents=True)
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if chunk.index == 0:
+            stream.set_prompt(other, mode=mode)
+    assert [c.prompt_version for c in chunks] == [0, 1, 1]  # serial on the CPU: the very next chunk
+    assert "switch" in chunks[1].timings and "switch" not in chunks[2].timings
+    want = by_definition(pipe, reference_executor, {0: prompt, 1: other}, mode)
+    torch.testing.assert_close(torch.cat([c.latents for c in chunks], 1), want, rtol=0, atol=1e-6)
+
+
+def test_cancel_from_another_thread_and_unbounded_stream(prompt):
+    with ropesp.Pipeline(
+        preset="tiny", device="cpu", height=64, width=64, local_attn_frames=7, sink_frames=1
+    ) as p:
+        stream = p.stream(prompt, frames=None)
+        seen = []
+        for chunk in stream:
+            seen.append(chunk.index)
+            if chunk.index == 4:
+                threading.Thread(target=stream.cancel).start()
+                threading.Event().wait(0.2)
+        assert seen == [0, 1, 2, 3, 4]  # the cancel came before the boundary after chunk 4
+        # a new stream ends a suspended one and runs
+        first = iter(p.stream(prompt, frames=None))
+        next(first)
+        assert [c.index for c in p.stream(prompt, frames=9)] == [0]
+
+
+def test_errors_name_python_arguments(pipe, prompt):
+    cases = [
+        (lambda: pipe.stream(prompt, frames=10), "frames=10 must be 4*k + 1 video frames"),
+        (
+            lambda: pipe.stream(prompt, frames=None),
+            "set local_attn_frames (sink frames included) and sink_frames",
+        ),
+        (lambda: pipe.stream(prompt, frames=81), "raise max_frames or use a rolling window"),
+        (
+            lambda: pipe.stream("a fox"),
+            "prompt is text, but this Pipeline has no text encoder: pass text_encoder",
+        ),
+        (lambda: pipe.stream(torch.zeros(5, 7)), "expected [L, 4096]"),
+        (lambda: pipe.stream(prompt).set_prompt(prompt, mode="fade"), "mode='fade': choose one of"),
+        (
+            lambda: ropesp.Pipeline(preset="tiny", device="cpu", world_size=0),
+            "world_size=0 must be an integer >= 1",
+        ),
+        (lambda: ropesp.Pipeline(preset="nope"), "preset='nope' is unknown"),
+        (
+            lambda: ropesp.Pipeline(device="cpu", local_attn_frames=2, sink_frames=1),
+            "local_attn_frames=2 must be >=",
+        ),
+        (lambda: ropesp.Pipeline(device="cpu", decoder="vae"), "decoder='vae' needs a Wan VAE: pass vae"),
+        (lambda: ropesp.Pipeline(device="cpu", height=100), "height=100 must be a positive multiple of 16"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert message in str(err.value), (message, str(err.value))
+        assert "--" not in str(err.value), str(err.value)
+
+
+def test_session_rough_edges(prompt):
+    with pytest.raises(
+        ConfigError, match=r"--world-size 2 needs its ranks: ropesp.Pipeline\(world_size=...\)"
+    ):
+        build_session(PipelineConfig(preset="tiny", device="cpu", world_size=2))
+    session = build_session(PipelineConfig(preset="tiny", device="cpu", latent_frames=3))
+    session.reset(seed=0)  # no prompt yet: the default embedding, as `ropesp generate` without one
+    assert session.generate().shape == (1, 3, 16, 16, 16)
+
+
+def test_two_owned_ranks_switch_equals_definition(prompt, reference_executor, pipe):
+    """world_size=2: the Pipeline starts rank 1, the switch travels to it at the chunk boundary."""
+    other = torch.randn(1, 12, pipe.text_dim, generator=torch.Generator().manual_seed(5)) * 0.1
+    with ropesp.Pipeline(**SMALL, world_size=2, decoder=None) as two:
+        stream = two.stream(prompt, seed=3, frames=33, latents=True)
+        chunks = []
+        for chunk in stream:
+            chunks.append(chunk)
+            if chunk.index == 0:
+                stream.set_prompt(other, mode="recache")
+        assert chunks[0].frames is None and [c.prompt_version for c in chunks] == [0, 1, 1]
+        want = by_definition(pipe, reference_executor, {0: prompt, 1: other}, "recache")
+        torch.testing.assert_close(torch.cat([c.latents for c in chunks], 1), want, rtol=0, atol=1e-5)
+        workers = list(two._group.workers)
+    assert all(w.poll() is not None for w in workers)  # close() stopped rank 1
