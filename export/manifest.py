@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ropesp.errors import EngineError
+from ropesp.errors import EngineError, arg
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -139,7 +139,9 @@ class Manifest:
         path = root / MANIFEST
         if not path.is_file():
             hint = "the directory does not exist" if not root.exists() else "no manifest.json in it"
-            raise EngineError(f"--engines {root}: {hint}; build engines with `ropesp build --out {root}`")
+            raise EngineError(
+                f"{arg('engines', root)}: {hint}; build engines with `ropesp build --out {root}`"
+            )
         try:
             raw = json.loads(path.read_text())
             segments = [

@@ -135,9 +135,11 @@ def _latent_sizes(args) -> tuple[int | None, int | None, int | None]:
     return lh, lw, lf
 
 
-def pipeline_config(args):
+def pipeline_config(args, unbounded_ok: bool = False):
     from ropesp.runtime.pipeline import PipelineConfig
 
+    if not unbounded_ok and 0 in (args.frames, args.latent_frames):
+        raise ConfigError("--frames 0 (a stream until Ctrl-C) is for `ropesp generate`; give a length here")
     lh, lw, lf = _latent_sizes(args)
     sampler = SamplerConfig(
         steps=getattr(args, "steps", SamplerConfig.steps),
@@ -315,7 +317,7 @@ def cmd_generate(args) -> None:
     )
     if args.decode_device:
         parse_device(args.decode_device, "--decode-device")
-    config = pipeline_config(args)
+    config = pipeline_config(args, unbounded_ok=True)
     if md is not None:
         config = dataclasses.replace(config, checkpoint=str(md.dit_weights))
     try:

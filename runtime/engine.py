@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ropesp.errors import EngineError
+from ropesp.errors import EngineError, arg
 from ropesp.export.manifest import Manifest, SegmentSpec
 from ropesp.model.wan import CausalWanDiT
 from ropesp.parallel import TokenShard
@@ -200,14 +200,16 @@ def _check_run(manifest: Manifest, res, state, mapping) -> None:
     runtime_backend = manifest.backend_for_runtime()
     if res.backend != runtime_backend:
         raise EngineError(
-            f"{where} holds {manifest.backend} artifacts, which --backend {res.backend} cannot run; "
-            f"use --backend {runtime_backend}"
+            f"{where} holds {manifest.backend} artifacts, which {arg('backend', res.backend)} cannot run; "
+            f"use {arg('backend', runtime_backend)}"
         )
     dtype = str(state.dtype).removeprefix("torch.")
     if dtype != manifest.dtype:
-        raise EngineError(f"{where} was built for --dtype {manifest.dtype}; this run asks for {dtype}")
+        raise EngineError(f"{where} was built for {arg('dtype', manifest.dtype)}; this run asks for {dtype}")
     if res.backend == "ort" and (state.device.type != "cpu" or dtype != "float32"):
-        raise EngineError("--backend ort runs float32 graphs on the CPU: pass --device cpu and an fp32 build")
+        raise EngineError(
+            f"{arg('backend', 'ort')} runs float32 graphs on the CPU: pass {arg('device', 'cpu')} and an fp32 build"
+        )
     g = manifest.geometry
     if (res.geometry.latent_height, res.geometry.latent_width) != (g["latent_height"], g["latent_width"]):
         raise EngineError(
@@ -218,11 +220,11 @@ def _check_run(manifest: Manifest, res, state, mapping) -> None:
     if not set(chunks) <= set(manifest.frame_shapes):
         raise EngineError(
             f"{where} was built for chunks of {manifest.frame_shapes} latent frames; this run needs {chunks} "
-            "(--chunk-frames / --independent-first-frame): rebuild with matching settings"
+            f"({arg('chunk_frames')} / {arg('independent_first_frame')}): rebuild with matching settings"
         )
     if res.request.sp_rope != "local":
         raise EngineError(
-            f"--sp-rope {res.request.sp_rope} is an eager-only baseline; engines apply RoPE locally"
+            f"{arg('sp_rope', res.request.sp_rope)} is an eager-only baseline; engines apply RoPE locally"
         )
     files = manifest.rank_files(mapping.rank)
     for frames in manifest.frame_shapes:

@@ -182,6 +182,11 @@ def _init_group(mapping: Mapping, device: str, port: int, timeout_s: float) -> _
     dev = device_for(mapping, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        # group names (and their store keys) count the process's groups: a start that failed (a worker
+        # died before the rendezvous) leaves its joining thread inside init_process_group with the count
+        # advanced, and this rank's next group would wait for keys a fresh worker never writes
+        dist.distributed_c10d._world.group_count = 0
     dist.init_process_group(
         "nccl" if dev.type == "cuda" else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -326,19 +331,22 @@ class SessionGroup:
         if self._failure:
             raise RankFailure(f"the pipeline failed earlier ({self._failure}); reload the model")
         chunks = self._guarded(self._begin, req)
-        while True:
-            chunk = self._guarded(next, chunks, None)
-            if chunk is None:
-                return
-            stop, change = True, None
-            try:
-                yield chunk
-                stop = bool(cancelled())
-                change = None if stop else switch()
-            finally:
-                self._guarded(self._decide, Command.CANCEL if stop else Command.CONTINUE, change)
-            if stop:
-                return
+        try:
+            while True:
+                chunk = self._guarded(next, chunks, None)
+                if chunk is None:
+                    return
+                stop, change = True, None
+                try:
+                    yield chunk
+                    stop = bool(cancelled())
+                    change = None if stop else switch()
+                finally:
+                    self._guarded(self._decide, Command.CANCEL if stop else Command.CONTINUE, change)
+                if stop:
+                    return
+        finally:
+            chunks.close()  # an overlapped DiT thread stops now, not at the next request
 
     def _begin(self, req: Request) -> Iterator[Chunk]:
         if self._channel is not None:

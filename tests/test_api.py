@@ -156,3 +156,23 @@ def test_two_owned_ranks_switch_equals_definition(prompt, reference_executor, pi
         torch.testing.assert_close(torch.cat([c.latents for c in chunks], 1), want, rtol=0, atol=1e-5)
         workers = list(two._group.workers)
     assert all(w.poll() is not None for w in workers)  # close() stopped rank 1
+
+
+def test_unbounded_recache_stream_on_two_ranks_equals_one_rank(prompt):
+    """An unbounded rolling stream cancelled after chunk 6 with a recache before chunk 3 (its replay
+    skips frames that left the window): two owned ranks give one rank's latents."""
+    other = prompt.flip(1)
+    window = dict(preset="tiny", device="cpu", height=64, width=64, local_attn_frames=7, sink_frames=1)
+    runs = {}
+    for world in (1, 2):
+        with ropesp.Pipeline(**window, world_size=world, decoder=None) as p:
+            stream, chunks = p.stream(prompt, seed=2, frames=None, latents=True), []
+            for chunk in stream:
+                chunks.append(chunk)
+                if chunk.index == 2:
+                    stream.set_prompt(other, mode="recache")
+                if chunk.index == 6:
+                    stream.cancel()
+        assert [(c.index, c.prompt_version) for c in chunks] == [(i, int(i >= 3)) for i in range(7)]
+        runs[world] = torch.cat([c.latents for c in chunks], 1)
+    torch.testing.assert_close(runs[2], runs[1], rtol=0, atol=1e-5)

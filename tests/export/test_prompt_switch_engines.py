@@ -41,3 +41,21 @@ def test_ort_switch_equals_definition(builds, switch_prompts, tmp_path, world_si
     unswitched = run_generate(tmp_path, "--engines", str(root), "--prompt-embeds", p0)
     assert (got[:, 3:] - unswitched[:, 3:]).abs().max() > 10 * ATOL  # the switch changed chunk 1
     torch.testing.assert_close(got[:, :3], unswitched[:, :3], rtol=0, atol=0)
+
+
+def test_pipeline_on_ort_engines_streams_and_names_python_arguments(builds, switch_prompts):
+    import ropesp
+    from ropesp.errors import EngineError
+
+    (_, e0), (_, e1) = switch_prompts
+    root = str(builds("onnx", 1))
+    with ropesp.Pipeline(engines=root, decoder=None) as pipe:  # backend, device, dtype from the manifest
+        assert pipe.resolved.backend == "ort"
+        stream = pipe.stream(e0, seed=3, frames=21, latents=True)
+        chunks = []
+        for chunk in stream:
+            chunks.append(chunk)
+            stream.set_prompt(e1, mode="recache")
+        assert [c.prompt_version for c in chunks] == [0, 1]
+    with pytest.raises(EngineError, match=r"was built for dtype='float32'; this run asks for bfloat16"):
+        ropesp.Pipeline(engines=root, dtype="bfloat16", decoder=None)
