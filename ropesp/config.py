@@ -153,6 +153,12 @@ def tiny() -> ModelConfig:
     return ModelConfig(dim=192, ffn_dim=768, num_heads=12, num_layers=2)
 
 
+def demo() -> ModelConfig:
+    """The embedded demo model (ropesp/demo): 6 heads of 32 dims (RoPE split 12/10/10), 4 layers, the
+    demo prompt encoder's 16 x 64 text input. Shipped trained on the procedural world."""
+    return ModelConfig(dim=192, ffn_dim=768, num_heads=6, num_layers=4, text_len=16, text_dim=64)
+
+
 def wan_1_3b() -> ModelConfig:
     """Wan2.1-T2V-1.3B (Self-Forcing's base)."""
     return ModelConfig()
@@ -174,6 +180,7 @@ class PresetDefaults:
 
 PRESETS: dict[str, tuple] = {
     "tiny": (tiny, PresetDefaults(16, 16, 9)),
+    "demo": (demo, PresetDefaults(24, 24, 9)),
     "wan2.1-1.3b": (wan_1_3b, PresetDefaults(60, 104, 21)),
     "wan2.1-14b": (wan_14b, PresetDefaults(60, 104, 21)),
 }
