@@ -43,7 +43,7 @@ SIDES = {"left": "left", "right": "right", "top": "up", "bottom": "down"}
 MAX_OBJECTS = 3
 GRID = 24
 """Latent grid (pixels a side) the canonical layouts are written for; other grids scale them."""
-SIZE = {"square": 5.0, "disc": 6.0}
+SIZE = {"square": 5.0, "disc": 5.5}
 """Side of a square / diameter of a disc, latent pixels on the canonical grid."""
 POSITION_JITTER = 0.6
 """Half-width of the uniform jitter of every start coordinate, latent pixels."""
@@ -121,10 +121,10 @@ class Scene:
 _BOUNCING = {
     1: [((6, 8), (2.2, 1.6))],
     2: [((6, 5), (2.2, -0.8)), ((18, 19), (-2.2, 0.8))],
-    3: [((6, 4), (2.2, 0.0)), ((18, 12), (-2.2, 0.0)), ((10, 20), (2.2, 0.0))],
+    3: [((6, 3.5), (2.2, 0.0)), ((18, 12), (-2.2, 0.0)), ((10, 20.5), (2.2, 0.0))],
 }
 """Canonical (centre, velocity) of bouncing objects on the 24-pixel grid."""
-_LANES = {1: [12.0], 2: [7.5, 16.5], 3: [4.0, 12.0, 20.0]}
+_LANES = {1: [12.0], 2: [7.5, 16.5], 3: [3.5, 12.0, 20.5]}
 """Cross-axis centres of objects that travel along one axis, on the 24-pixel grid."""
 _ALONG = {"moving": (4.5, 1.5), "entering": (-5.5, 2.2), "leaving": (10.0, 2.2)}
 """(start along the direction of travel, speed) on the 24-pixel grid, for travel towards +x."""
