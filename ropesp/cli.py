@@ -42,7 +42,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model-config", help="Wan config.json (when the checkpoint has none beside it)")
     src.add_argument(
-        "--preset", choices=sorted(PRESETS), help="named model (random weights without --checkpoint)"
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named model (random weights without --checkpoint); default: the embedded trained demo model",
     )
 
 
@@ -115,6 +117,17 @@ def _latent_sizes(args) -> tuple[int | None, int | None, int | None]:
     return lh, lw, lf
 
 
+def _default_checkpoint(args) -> str | None:
+    """The embedded demo weights when nothing names a model (no --checkpoint, --model-config, --preset,
+    --engines or --model-dir); random-weight presets stay available by name."""
+    named = ("checkpoint", "model_config", "preset", "engines", "model_dir")
+    if any(getattr(args, name, None) for name in named):
+        return None
+    from ropesp.demo import default_checkpoint
+
+    return str(default_checkpoint())
+
+
 def pipeline_config(args):
     from ropesp.runtime.pipeline import PipelineConfig
 
@@ -126,7 +139,7 @@ def pipeline_config(args):
         independent_first_frame=args.independent_first_frame,
     )
     return PipelineConfig(
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint or _default_checkpoint(args),
         model_config=args.model_config,
         preset=args.preset,
         engines=args.engines,
@@ -243,11 +256,6 @@ def cmd_generate(args) -> None:
     if args.vae and not Path(args.vae).exists():
         raise ConfigError(f"--vae {args.vae} does not exist (a diffusers vae/ directory or Wan2.1_VAE.pth)")
     md = model_dir_of(args)
-    if args.prompt is not None and not args.text_encoder and md is None:
-        raise ConfigError(
-            "--prompt needs a text encoder: pass --text-encoder DIR (umT5: text_encoder/ + tokenizer/) or "
-            "--model-dir DIR, or give --prompt-embeds PATH instead"
-        )
     vae = args.vae or (str(md.vae) if md is not None else None)
     decoder = args.decoder or ("vae" if vae else "preview")
     if decoder == "vae" and vae is None:
@@ -272,13 +280,30 @@ def cmd_generate(args) -> None:
         if md is None or args.checkpoint:
             raise
         raise CheckpointError(f"--model-dir {md.root} (transformer/): {exc}") from None
-    if args.prompt is not None:
+    from ropesp.demo import DEFAULT_PROMPT, DemoTextEncoder, is_demo_model
+
+    demo = is_demo_model(res.model) and not args.text_encoder
+    if args.prompt is not None and not args.text_encoder and md is None and not demo:
+        raise ConfigError(
+            "--prompt needs a text encoder: pass --text-encoder DIR (umT5: text_encoder/ + tokenizer/) or "
+            "--model-dir DIR, or give --prompt-embeds PATH instead"
+        )
+    if demo and not args.prompt_embeds:  # the demo model's own word embeddings: no download
+        text = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        prompt = DemoTextEncoder(res.model.text_len, res.model.text_dim).encode(text)
+        print(f"ropesp: prompt {text!r} (demo encoder)", file=sys.stderr)
+    elif args.prompt is not None:
         prompt = _encode_prompt(args, md, res)
     elif args.prompt_embeds:
         prompt = load_prompt_embeds(args.prompt_embeds)
     else:
         prompt = default_prompt_embeds(res.model)
     check_prompt_embeds(res.model, prompt)
+    if res.request.checkpoint and args.checkpoint is None and md is None:
+        print(
+            f"ropesp: no --checkpoint given: running the embedded demo model ({res.request.checkpoint})",
+            file=sys.stderr,
+        )
     if res.random_weights:
         name = args.preset or "tiny"
         print(
@@ -571,7 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(gen)
     add_model_dir_arg(gen)
     text = gen.add_mutually_exclusive_group()
-    text.add_argument("--prompt", help="text prompt, encoded once by umT5 (--text-encoder or --model-dir)")
+    text.add_argument(
+        "--prompt",
+        help="text prompt, encoded once by umT5 (--text-encoder or --model-dir); the demo model has its own "
+        "encoder (e.g. 'a red square moving right')",
+    )
     text.add_argument("--prompt-embeds", help=".pt tensor [L, text_dim] / [1, L, text_dim] or .safetensors")
     gen.add_argument("--text-encoder", help="umT5 directory: text_encoder/ + tokenizer/, or one HF directory")
     gen.add_argument(

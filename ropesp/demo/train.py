@@ -1,6 +1,7 @@
 """Train the demo model on the procedural world, for the runtime's exact inference protocol.
 
-    python -m ropesp.demo.train --out runs/demo --time-limit 270 [--resume runs/demo]
+    python -m ropesp.demo.train --out runs/demo --time-limit 255 [--resume runs/demo]
+    python -m ropesp.demo.train --resume runs/demo --export ropesp/demo/weights
 
 What `ropesp generate` does per chunk of 3 latent frames (runtime/session.py `_dit_chunks`): 4 denoising
 forwards at t = 1000, 937.5, 833.3, 625 (SamplerConfig defaults: steps 1000,750,500,250, shift 5), the
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import time
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -146,6 +148,10 @@ class Trainer:
         with torch.no_grad():  # start from a zero flow prediction
             self.model.head.head.weight.zero_()
             self.model.head.head.bias.zero_()
+        for block in self.model.blocks:
+            # the inference FFN fuses Linear + GELU into one cuBLASLt epilogue op that has no backward;
+            # training runs the same two modules unfused (same function)
+            block.ffn.forward = types.MethodType(torch.nn.Sequential.forward, block.ffn)
         self.model.to(device)
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         decay, no_decay = [], []
@@ -301,9 +307,27 @@ class Trainer:
         self.save(out)
 
 
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def export_weights(state: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """The EMA weights of a training state -> a checkpoint directory (weights in `dtype` + Wan
+    config.json) that ropesp.model.checkpoint loads; fp16 halves the file (5.5 MB for the demo)."""
+    meta = json.loads((state / "train.json").read_text())
+    cfg = preset(meta["recipe"]["preset"])[0]
+    ema = load_file(state / "state_ema.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.to(dtype).contiguous() for k, v in sorted(ema.items())}
+    info = {"format": "pt", "step": str(meta["step"]), "train_seconds": f"{meta['train_seconds']:.0f}"}
+    save_file(sd, out / WEIGHTS_NAME, metadata=info)
+    config = {"_class_name": "WanModel", "model_type": "t2v", **cfg.to_dict()}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ropesp.demo.train", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="directory for the training state (resumable)")
+    p.add_argument("--out", help="directory for the training state (resumable)")
     p.add_argument("--resume", help="training state directory of an earlier run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for f in (
@@ -321,7 +345,15 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(
             "--" + f.replace("_", "-").removesuffix("-s"), dest=f, type=type(default), default=default
         )
+    p.add_argument("--export", metavar="DIR", help="only write the EMA weights of --resume to DIR (fp16)")
     args = p.parse_args(argv)
+    if args.export:
+        if not args.resume:
+            p.error("--export needs --resume STATE_DIR")
+        print(f"wrote {export_weights(Path(args.resume), Path(args.export))}")
+        return
+    if not args.out:
+        p.error("--out is required for training")
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     cfg = TrainConfig(**fields)
     device = torch.device(args.device)
