@@ -128,7 +128,9 @@ def _default_checkpoint(args) -> str | None:
     return str(default_checkpoint())
 
 
-def pipeline_config(args):
+def pipeline_config(args, *, demo_default: bool = False):
+    """The PipelineConfig of the parsed flags; demo_default: without a named model, the embedded demo
+    weights (generate, serve-repo) instead of the random-weight default preset (bench)."""
     from ropesp.runtime.pipeline import PipelineConfig
 
     lh, lw, lf = _latent_sizes(args)
@@ -139,7 +141,7 @@ def pipeline_config(args):
         independent_first_frame=args.independent_first_frame,
     )
     return PipelineConfig(
-        checkpoint=args.checkpoint or _default_checkpoint(args),
+        checkpoint=args.checkpoint or (_default_checkpoint(args) if demo_default else None),
         model_config=args.model_config,
         preset=args.preset,
         engines=args.engines,
@@ -271,7 +273,7 @@ def cmd_generate(args) -> None:
     )
     if args.decode_device:
         parse_device(args.decode_device, "--decode-device")
-    config = pipeline_config(args)
+    config = pipeline_config(args, demo_default=True)
     if md is not None:
         config = dataclasses.replace(config, checkpoint=str(md.dit_weights))
     try:
@@ -474,7 +476,7 @@ def cmd_serve_repo(args) -> None:
         raise ConfigError("--vae is only used with --decoder vae")
     model_dir = write_repository(
         args.out,
-        pipeline_config(args),
+        pipeline_config(args, demo_default=True),
         args.world_size,
         decoder=args.decoder,
         vae=args.vae,

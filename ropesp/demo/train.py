@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ropesp.config import SamplerConfig, preset
 from ropesp.demo.prompts import DemoTextEncoder, describe
-from ropesp.demo.world import all_specs, canonical_scene, jittered, scene_latents, take, to_device
+from ropesp.demo.world import OVERDRIVE, all_specs, canonical_scene, jittered, scene_latents, take, to_device
 from ropesp.model.rope import RopeTables, rotate_pairs
 from ropesp.model.wan import CausalWanDiT, init_weights, timestep_sinusoid
 from ropesp.runtime.sampler import FlowSchedule
@@ -89,6 +89,17 @@ def block_mask(
     return torch.cat([top, bottom], dim=0)
 
 
+def patchify_linear(model: CausalWanDiT, x: torch.Tensor) -> torch.Tensor:
+    """model.patchify as one matmul (the same numbers as its strided Conv3d; its backward on the CPU is
+    several times faster). x: [B, F, C, H, W] -> [B, F*rows*cols, dim] in (f, row, col) order."""
+    b, f, c, h, w = x.shape
+    _, ph, pw = model.cfg.patch_size
+    rows, cols = h // ph, w // pw
+    patches = x.view(b, f, c, rows, ph, cols, pw).permute(0, 1, 3, 5, 2, 4, 6)  # [B, F, r, c, C, ph, pw]
+    conv = model.patch_embedding
+    return F.linear(patches.reshape(b, f * rows * cols, c * ph * pw), conv.weight.flatten(1), conv.bias)
+
+
 def teacher_forcing_flow(
     model: CausalWanDiT,
     clean: torch.Tensor,
@@ -106,7 +117,7 @@ def teacher_forcing_flow(
     cfg = model.cfg
     rows, cols = height // cfg.patch_size[1], width // cfg.patch_size[2]
     length = frames * rows * cols
-    tokens = torch.cat([model.patchify(clean), model.patchify(noisy)], dim=1)  # [B, 2L, C]
+    tokens = patchify_linear(model, torch.cat([clean, noisy], dim=1))  # [B, 2L, C]: clean copy, noisy copy
     t_all = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)  # [B, 2F]
     e, e0 = model.embed_time(timestep_sinusoid(t_all.flatten(), cfg.freq_dim).view(b, 2 * frames, -1))
     frame_of_token = torch.arange(2 * length, device=clean.device) // (rows * cols)  # [2L] over 2F frames
@@ -135,6 +146,8 @@ class Trainer:
         self.model_cfg, defaults = preset(cfg.preset)
         self.frames = defaults.latent_frames
         self.height, self.width = defaults.latent_height, defaults.latent_width
+        self.rows = self.height // self.model_cfg.patch_size[1]
+        self.cols = self.width // self.model_cfg.patch_size[2]
         self.sampler = SamplerConfig()
         self.chunk = self.sampler.chunk_frames
         schedule = FlowSchedule(self.sampler)
@@ -171,10 +184,8 @@ class Trainer:
         self.prompts = torch.stack([encoder.encode(describe(s)) for s in self.specs]).to(device)
         self.scenes = to_device(canonical_scene(self.specs, self.height, self.width), device)
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1)
-        self.tables = RopeTables(
-            self.model_cfg.head_dim, self.frames, self.height // 2, self.width // 2, device=device
-        )
-        ft = (self.height // 2) * (self.width // 2)
+        self.tables = RopeTables(self.model_cfg.head_dim, self.frames, self.rows, self.cols, device=device)
+        ft = self.rows * self.cols
         self.masks = {
             ctx: block_mask(self.frames, ft, self.chunk, ctx, device) for ctx in (None, 1)
         }  # full cache, one-chunk window
@@ -224,7 +235,7 @@ class Trainer:
         """(clean x0, noisy x_t, t [B, F], sampler-step index per chunk [B, n] (-1: random t), prompts, eps)."""
         b, g = self.cfg.batch, self.generator
         ids = torch.randint(len(self.specs), (b,), generator=g, device=self.device)
-        x0 = scene_latents(jittered(take(self.scenes, ids), g), self.frames)  # [B, F, 16, h, w]
+        x0 = scene_latents(jittered(take(self.scenes, ids), g), self.frames, OVERDRIVE)  # [B, F, 16, h, w]
         chunks = self.frames // self.chunk
         idx = torch.randint(len(self.step_t), (b, chunks), generator=g, device=self.device)
         t, sigma = self.step_t[idx], self.step_sigma[idx]

@@ -5,7 +5,8 @@ frames). A scene is up to three objects, each with a centre, a constant velocity
 a shape; "moving" and "bouncing" objects reflect at the borders, "entering" and "leaving" ones fly
 through them. The world is defined at latent resolution: its keyframes (one per latent frame) are uint8
 images [F, h, w, 3]; its video is what the preview decoder makes of their latents (`render_video`), so
-`ropesp.demo.latents.encode_video` recovers the latents exactly.
+`ropesp.demo.latents.encode_video` recovers the latents exactly. The model is trained on overdriven
+latents (`scene_latents(..., OVERDRIVE)`), whose keyframes decode to the same images.
 
 Every prompt describes one canonical scene (`canonical_scene`: start positions and speeds chosen so that
 objects never overlap and, for "moving", stay inside the first 9 latent frames); a seed only jitters it
@@ -23,17 +24,20 @@ from ropesp.decode.preview import PreviewDecoder
 from ropesp.demo.latents import rgb_to_latents, uint8_to_rgb
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 70),
-    "blue": (50, 90, 230),
-    "yellow": (235, 215, 50),
-    "white": (235, 235, 235),
-    "cyan": (40, 200, 210),
-    "magenta": (210, 60, 200),
-    "orange": (240, 140, 30),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "white": (255, 255, 255),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
 }
-"""Object colours, uint8 RGB."""
-BACKGROUND: tuple[int, int, int] = (16, 16, 16)
+"""Object colours, uint8 RGB: saturated, so every channel sits at the decoder's clamp (see OVERDRIVE)."""
+BACKGROUND: tuple[int, int, int] = (0, 0, 0)
+OVERDRIVE = 1.5
+"""Contrast of the training latents about mid-grey: saturated channels land beyond the preview decoder's
+clamp to [-1, 1], so keyframes decode to the same images, and a model's error of up to a third of the
+range in them disappears in the decoded video."""
 SHAPES = ("square", "disc")
 MOTIONS = ("moving", "bouncing", "entering", "leaving")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
@@ -253,9 +257,11 @@ def render(scene: Scene, frames: int, start_frame: int = 0) -> torch.Tensor:
     return img.round().clamp(0, 255).to(torch.uint8)
 
 
-def scene_latents(scene: Scene, frames: int) -> torch.Tensor:
-    """Latents [B, F, 16, h, w] float32 of the scenes' keyframes (exact under the preview decoder)."""
-    return rgb_to_latents(uint8_to_rgb(render(scene, frames)))
+def scene_latents(scene: Scene, frames: int, overdrive: float = 1.0) -> torch.Tensor:
+    """Latents [B, F, 16, h, w] float32 of the scenes' keyframes: their least-squares encoding, with the
+    contrast about mid-grey scaled by overdrive (OVERDRIVE for training targets; the keyframes decode the
+    same, since saturated channels only move further past the decoder's clamp)."""
+    return rgb_to_latents(overdrive * uint8_to_rgb(render(scene, frames)))
 
 
 def render_video(scene: Scene, frames: int) -> torch.Tensor:

@@ -23,7 +23,9 @@ def test_world_videos_score_high_on_the_eval_pairs():
 
 def test_noise_scores_zero():
     g = torch.Generator().manual_seed(0)
-    scores = [score_latents(torch.randn(1, 9, 16, 24, 24, generator=g), parse(p)).score for p, _ in eval_pairs(8)]
+    scores = [
+        score_latents(torch.randn(1, 9, 16, 24, 24, generator=g), parse(p)).score for p, _ in eval_pairs(8)
+    ]
     assert max(scores) == 0.0
 
 
