@@ -123,9 +123,9 @@ def _default_checkpoint(args) -> str | None:
     named = ("checkpoint", "model_config", "preset", "engines", "model_dir")
     if any(getattr(args, name, None) for name in named):
         return None
-    from ropesp.demo import default_checkpoint
+    from ropesp.demo import default_checkpoint, has_default_weights
 
-    return str(default_checkpoint())
+    return str(default_checkpoint()) if has_default_weights() else None
 
 
 def pipeline_config(args, *, demo_default: bool = False):

@@ -16,13 +16,29 @@ from ropesp.demo.prompts import DemoTextEncoder, PromptError, parse
 DEFAULT_PROMPT = "a red square moving right"
 """What the demo model generates when no prompt is given."""
 
-__all__ = ["DEFAULT_PROMPT", "DemoTextEncoder", "PromptError", "default_checkpoint", "is_demo_model", "parse"]
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+__all__ = [
+    "DEFAULT_PROMPT",
+    "DemoTextEncoder",
+    "PromptError",
+    "default_checkpoint",
+    "has_default_weights",
+    "is_demo_model",
+    "parse",
+]
 
 
 def default_checkpoint() -> Path:
     """Directory of the shipped demo weights (diffusion_pytorch_model.safetensors + config.json), loaded
     by the normal checkpoint loader (ropesp.model.checkpoint)."""
     return Path(__file__).resolve().parent / "weights"
+
+
+def has_default_weights() -> bool:
+    """Whether the package ships the trained demo weights (a source tree before training has none; then
+    `ropesp generate` falls back to the random-weight default preset)."""
+    return (default_checkpoint() / WEIGHTS_FILE).is_file()
 
 
 def is_demo_model(cfg: ModelConfig) -> bool:

@@ -2,7 +2,7 @@
 
     prompt := COUNT COLOUR SHAPE MOTION
     COUNT  := a | an | one | two | three
-    COLOUR := red | green | blue | yellow | white | cyan | magenta | orange
+    COLOUR := red | green | blue | yellow | white | cyan | magenta
     SHAPE  := square | disc        (plural after two/three: squares | discs)
     MOTION := moving left|right|up|down | bouncing
             | entering from the left|right|top|bottom | leaving to the left|right|top|bottom

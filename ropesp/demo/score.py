@@ -17,7 +17,7 @@ Per video (each part in [0, 1], 1 = as the prompt says):
   (one that turns at a wall may barely move);
 - steadiness (no flicker): the fraction of consecutive frame pairs (chunk boundaries included) in which
   the colour's pixel mass changes by less than 35% (unless an object crosses a border) and the mean
-  background level changes by less than 6 levels.
+  level of the pixels outside objects changes by less than 6 levels.
 score = presence * motion * steadiness. The world's own videos score ~1; noise (an untrained model) ~0.
 """
 
@@ -128,7 +128,7 @@ class FrameObjects:
     """Pixels of the prompt's colour."""
     centroid: tuple[float, float] | None
     background: float
-    """Mean level of the background pixels."""
+    """Mean level of the pixels that belong to no object (background, rims, junk)."""
 
 
 def classify_shape(cover: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> str | None:
@@ -173,8 +173,8 @@ def find_objects(frame: torch.Tensor, labels: torch.Tensor, cover: torch.Tensor,
     mask = labels == target
     ys, xs = torch.nonzero(mask, as_tuple=True)
     centroid = (float(xs.double().mean()) + 0.5, float(ys.double().mean()) + 0.5) if len(xs) else None
-    bg = labels == 0
-    background = float(frame[bg].mean()) if bg.any() else 0.0
+    rest = labels <= 0  # background, rims and junk: what is not an object
+    background = float(frame[rest].mean()) if rest.any() else 0.0
     return FrameObjects(
         centres,
         shapes,

@@ -97,7 +97,8 @@ def patchify_linear(model: CausalWanDiT, x: torch.Tensor) -> torch.Tensor:
     rows, cols = h // ph, w // pw
     patches = x.view(b, f, c, rows, ph, cols, pw).permute(0, 1, 3, 5, 2, 4, 6)  # [B, F, r, c, C, ph, pw]
     conv = model.patch_embedding
-    return F.linear(patches.reshape(b, f * rows * cols, c * ph * pw), conv.weight.flatten(1), conv.bias)
+    tokens = F.linear(patches.reshape(b, f * rows * cols, c * ph * pw), conv.weight.flatten(1), conv.bias)
+    return conv.add_position(tokens, rows, cols)
 
 
 def teacher_forcing_flow(
@@ -169,7 +170,8 @@ class Trainer:
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            (no_decay if p.dim() < 2 or "norm" in name or "modulation" in name else decay).append(p)
+            plain = p.dim() < 2 or "norm" in name or "modulation" in name or name.endswith(".pos")
+            (no_decay if plain else decay).append(p)
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,

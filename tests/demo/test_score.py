@@ -44,7 +44,8 @@ def test_wrong_colour_count_shape_or_direction_is_penalised():
 def test_flicker_between_chunks_is_penalised():
     spec = parse("a white disc moving down")
     latents = scene_latents(seeded_scene(spec, 0), 9)
-    flicker = latents.clone()
-    flicker[:, 3:6] = scene_latents(seeded_scene(parse("a white disc moving down"), 0), 9)[:, 3:6] * 0.55
-    s = score_latents(flicker, spec)
-    assert s.steadiness < 0.8 and s.score < 0.8
+    for change in (0.55, 0.8):  # the middle chunk (latent frames 3-5) darker as a whole
+        flicker = latents.clone()
+        flicker[:, 3:6] *= change
+        s = score_latents(flicker, spec)
+        assert s.steadiness <= 0.75 and s.score <= 0.75, (change, s)

@@ -9,6 +9,7 @@ from ropesp.decode.preview import PreviewDecoder
 from ropesp.demo.latents import encode_video
 from ropesp.demo.prompts import VOCABULARY, DemoTextEncoder, PromptError, describe, parse
 from ropesp.demo.world import (
+    COLOURS,
     all_specs,
     canonical_scene,
     render,
@@ -65,7 +66,7 @@ def test_encode_video_refuses_other_shapes():
 
 def test_grammar_round_trips_every_scene():
     specs = all_specs()
-    assert len(specs) == 3 * 8 * 2 * 13
+    assert len(specs) == 3 * len(COLOURS) * 2 * 13  # counts x colours x shapes x motions
     assert all(parse(describe(s)) == s for s in specs)
     assert parse("Two BLUE discs, bouncing!") == parse("two blue discs bouncing")
     assert parse("a green disc entering from the left").direction == "right"
