@@ -10,16 +10,12 @@ from ropesp.runtime.pipeline import PipelineConfig, build_session
 
 
 def generate_pairs(mapping, pairs, out_path, overrides) -> None:
-    """Generate every (prompt, seed) pair with the shipped model on this rank; rank 0 saves the latents."""
+    """Generate every (prompt, seed) pair on this rank (the shipped model unless overrides name another);
+    rank 0 saves the latents."""
     encoder = DemoTextEncoder()
     with process_group(mapping, "cpu"), torch.no_grad():
-        cfg = PipelineConfig(
-            checkpoint=str(default_checkpoint()),
-            device="cpu",
-            dtype="float32",
-            world_size=mapping.world_size,
-            **overrides,
-        )
+        kw = {"checkpoint": str(default_checkpoint()), "device": "cpu", "dtype": "float32", **overrides}
+        cfg = PipelineConfig(world_size=mapping.world_size, **kw)
         session = build_session(cfg, mapping)
         latents = []
         for prompt, seed in pairs:

@@ -85,3 +85,21 @@ def test_sequence_parallel_two_ranks_keeps_the_latents_and_score(eager, tmp_path
     for a, b in zip(latents, eager[0]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # fp32 reduction order only
     assert abs(_mean(latents) - eager[1]) <= PATH_TOLERANCE
+
+
+def test_position_embedding_is_sharded_right_by_sequence_parallel(tmp_path):
+    """The demo architecture (absolute position embedding added before the token shard) on random
+    weights: two ranks give one rank's latents."""
+    pairs = PAIRS[:2]
+    cfg = {"checkpoint": None, "preset": "demo"}
+    session = build_session(PipelineConfig(device="cpu", dtype="float32", **cfg))
+    encoder = DemoTextEncoder()
+    with torch.no_grad():
+        single = []
+        for prompt, seed in pairs:
+            session.reset(encoder.encode(prompt), seed)
+            single.append(session.generate())
+    path = tmp_path / "sp2.pt"
+    spawn_ranks(2, generate_pairs, pairs, str(path), cfg)
+    for a, b in zip(torch.load(path), single):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
