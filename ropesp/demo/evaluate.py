@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -100,13 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as f:
             json.dump(
                 {
-                    "config": replace(cfg).__dict__ | {"sampler": None},
+                    "config": asdict(cfg),
                     "mean": mean_score(results),
                     "pairs": rows,
                 },
                 f,
                 indent=1,
-                default=str,
             )
 
 
