@@ -18,7 +18,10 @@ keeps, so the model also streams with a window. A fraction of the noisy chunks t
 of the shifted schedule instead of one of the four, so other `--steps` / `--shift` still work.
 
 Why teacher forcing suffices here: every prompt nearly fixes its scene (world.py), so E[x0 | x_t] for the
-first chunk is sharp already at t = 1000, and later chunks are fixed by the cached context.
+first chunk is sharp already at t = 1000, and later chunks are fixed by the cached context. The model can
+only compute that mean if its tokens know their absolute position: with RoPE alone (every Wan model) the
+first chunk's inputs are i.i.d. noise at every position, and the prediction was a position-less haze of
+the prompt's colour (bench/2026-12-01-demo/README.md); the demo preset adds a position embedding.
 """
 
 from __future__ import annotations

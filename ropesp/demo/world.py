@@ -11,7 +11,8 @@ latents (`scene_latents(..., OVERDRIVE)`), whose keyframes decode to the same im
 Every prompt describes one canonical scene (`canonical_scene`: start positions and speeds chosen so that
 objects never overlap and, for "moving", stay inside the first 9 latent frames); a seed only jitters it
 a little (`scene_for`). So the prompt nearly determines the video, which is what lets a 4-step sampler
-start the first chunk from pure noise without averaging over unrelated layouts.
+start the first chunk from pure noise without averaging over unrelated layouts (given a model that knows
+where its tokens are: the demo preset's absolute position embedding, ModelConfig.pos_grid).
 """
 
 from __future__ import annotations
