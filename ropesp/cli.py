@@ -47,7 +47,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model-config", help="Wan config.json (when the checkpoint has none beside it)")
     src.add_argument(
-        "--preset", choices=sorted(PRESETS), help="named model (random weights without --checkpoint)"
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named model (random weights without --checkpoint); default: the embedded trained demo model",
     )
 
 
@@ -135,7 +137,21 @@ def _latent_sizes(args) -> tuple[int | None, int | None, int | None]:
     return lh, lw, lf
 
 
-def pipeline_config(args, unbounded_ok: bool = False):
+def _default_checkpoint(args) -> str | None:
+    """The embedded demo weights when nothing names a model (no --checkpoint, --model-config, --preset,
+    --engines or --model-dir); random-weight presets stay available by name."""
+    named = ("checkpoint", "model_config", "preset", "engines", "model_dir")
+    if any(getattr(args, name, None) for name in named):
+        return None
+    from ropesp.demo import default_checkpoint, has_default_weights
+
+    return str(default_checkpoint()) if has_default_weights() else None
+
+
+def pipeline_config(args, *, unbounded_ok: bool = False, demo_default: bool = False):
+    """The PipelineConfig of the parsed flags; demo_default: without a named model, the embedded demo
+    weights (generate, serve-repo) instead of the random-weight default preset (bench); unbounded_ok:
+    `--frames 0` (a stream until Ctrl-C) is accepted (generate)."""
     from ropesp.runtime.pipeline import PipelineConfig
 
     if not unbounded_ok and 0 in (args.frames, args.latent_frames):
@@ -148,7 +164,7 @@ def pipeline_config(args, unbounded_ok: bool = False):
         independent_first_frame=args.independent_first_frame,
     )
     return PipelineConfig(
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint or (_default_checkpoint(args) if demo_default else None),
         model_config=args.model_config,
         preset=args.preset,
         engines=args.engines,
@@ -267,7 +283,20 @@ def _prompt_schedule(args, md, res, session_chunks: int | None):
         raise ConfigError(
             f"--prompt-at {changes[-1][0]}: the video has {session_chunks} chunks (0..{session_chunks - 1})"
         )
-    if args.prompt is not None:
+    from ropesp.demo import DEFAULT_PROMPT, DemoTextEncoder, is_demo_model
+
+    demo = is_demo_model(res.model) and not args.text_encoder
+    if args.prompt is not None and not args.text_encoder and md is None and not demo:
+        raise ConfigError(
+            "--prompt needs a text encoder: pass --text-encoder DIR (umT5: text_encoder/ + tokenizer/) or "
+            "--model-dir DIR, or give --prompt-embeds PATH instead"
+        )
+    if demo and not args.prompt_embeds:  # the demo model's own word embeddings: no download
+        encoder = DemoTextEncoder(res.model.text_len, res.model.text_dim)
+        texts = [DEFAULT_PROMPT if args.prompt is None else args.prompt, *(v for _, v in changes)]
+        embeds = [encoder.encode(text) for text in texts]
+        print(f"ropesp: prompt {texts[0]!r} (demo encoder)", file=sys.stderr)
+    elif args.prompt is not None:
         embeds = _encode_prompts(args, md, res, [args.prompt, *(v for _, v in changes)])
     elif args.prompt_embeds:
         embeds = [load_prompt_embeds(args.prompt_embeds)]
@@ -297,11 +326,6 @@ def cmd_generate(args) -> None:
     if args.vae and not Path(args.vae).exists():
         raise ConfigError(f"--vae {args.vae} does not exist (a diffusers vae/ directory or Wan2.1_VAE.pth)")
     md = model_dir_of(args)
-    if args.prompt is not None and not args.text_encoder and md is None:
-        raise ConfigError(
-            "--prompt needs a text encoder: pass --text-encoder DIR (umT5: text_encoder/ + tokenizer/) or "
-            "--model-dir DIR, or give --prompt-embeds PATH instead"
-        )
     vae = args.vae or (str(md.vae) if md is not None else None)
     decoder = args.decoder or ("vae" if vae else "preview")
     if decoder == "vae" and vae is None:
@@ -317,7 +341,7 @@ def cmd_generate(args) -> None:
     )
     if args.decode_device:
         parse_device(args.decode_device, "--decode-device")
-    config = pipeline_config(args, unbounded_ok=True)
+    config = pipeline_config(args, unbounded_ok=True, demo_default=True)
     if md is not None:
         config = dataclasses.replace(config, checkpoint=str(md.dit_weights))
     try:
@@ -338,6 +362,11 @@ def cmd_generate(args) -> None:
         check_unbounded(res.cache)
     chunks = None if unbounded else len(res.request.sampler.chunk_sizes(res.latent_frames))
     prompts = _prompt_schedule(args, md, res, chunks)
+    if res.request.checkpoint and args.checkpoint is None and md is None:
+        print(
+            f"ropesp: no --checkpoint given: running the embedded demo model ({res.request.checkpoint})",
+            file=sys.stderr,
+        )
     if res.random_weights:
         name = args.preset or "tiny"
         print(
@@ -549,7 +578,7 @@ def cmd_serve_repo(args) -> None:
         raise ConfigError("--vae is only used with --decoder vae")
     model_dir = write_repository(
         args.out,
-        pipeline_config(args),
+        pipeline_config(args, demo_default=True),
         args.world_size,
         decoder=args.decoder,
         vae=args.vae,
@@ -697,7 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(gen)
     add_model_dir_arg(gen)
     text = gen.add_mutually_exclusive_group()
-    text.add_argument("--prompt", help="text prompt, encoded once by umT5 (--text-encoder or --model-dir)")
+    text.add_argument(
+        "--prompt",
+        help="text prompt, encoded once by umT5 (--text-encoder or --model-dir); the demo model has its own "
+        "encoder (e.g. 'a red square moving right')",
+    )
     text.add_argument("--prompt-embeds", help=".pt tensor [L, text_dim] / [1, L, text_dim] or .safetensors")
     gen.add_argument(
         "--prompt-at",

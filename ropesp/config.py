@@ -50,6 +50,10 @@ class ModelConfig:
     """Epsilon of every LayerNorm and RMSNorm."""
     rope_theta: float = ROPE_THETA
     """RoPE base."""
+    pos_grid: tuple[int, int] | None = None
+    """(rows, cols) of a learned absolute position embedding added to every frame's tokens; None (every
+    Wan model) = RoPE only. RoPE gives attention relative offsets only, so a model whose first chunk
+    starts from pure noise cannot place anything at a fixed position without it (the demo model)."""
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -62,6 +66,8 @@ class ModelConfig:
             raise ConfigError(
                 f"patch_size={self.patch_size}: only a temporal patch of 1 is supported (all Wan2.1 models)"
             )
+        if self.pos_grid is not None and (len(self.pos_grid) != 2 or min(self.pos_grid) < 1):
+            raise ConfigError(f"pos_grid={self.pos_grid} must be None or two positive ints (rows, cols)")
         for name in ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers", "in_dim", "out_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -80,6 +86,10 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)
+        if self.pos_grid is None:
+            del d["pos_grid"]  # Wan configs stay as Wan writes them
+        else:
+            d["pos_grid"] = list(self.pos_grid)
         return d
 
     @classmethod
@@ -93,6 +103,8 @@ class ModelConfig:
             raise ConfigError(f"model config lacks required fields {missing}; a Wan config.json has them")
         if "patch_size" in kwargs:
             kwargs["patch_size"] = tuple(int(p) for p in kwargs["patch_size"])
+        if kwargs.get("pos_grid") is not None:
+            kwargs["pos_grid"] = tuple(int(p) for p in kwargs["pos_grid"])
         if isinstance(kwargs.get("qk_norm"), str):  # diffusers writes "rms_norm_across_heads"
             kwargs["qk_norm"] = kwargs["qk_norm"] in ("rms_norm_across_heads", "true", "True")
         try:
@@ -153,6 +165,15 @@ def tiny() -> ModelConfig:
     return ModelConfig(dim=192, ffn_dim=768, num_heads=12, num_layers=2)
 
 
+def demo() -> ModelConfig:
+    """The embedded demo model (ropesp/demo): 6 heads of 32 dims (RoPE split 12/10/10), 4 layers, the
+    demo prompt encoder's 16 x 64 text input, and an absolute position embedding for its 12 x 12 token
+    grid (24 x 24 latents). Shipped trained on the procedural world."""
+    return ModelConfig(
+        dim=192, ffn_dim=768, num_heads=6, num_layers=4, text_len=16, text_dim=64, pos_grid=(12, 12)
+    )
+
+
 def wan_1_3b() -> ModelConfig:
     """Wan2.1-T2V-1.3B (Self-Forcing's base)."""
     return ModelConfig()
@@ -174,6 +195,7 @@ class PresetDefaults:
 
 PRESETS: dict[str, tuple] = {
     "tiny": (tiny, PresetDefaults(16, 16, 9)),
+    "demo": (demo, PresetDefaults(24, 24, 9)),
     "wan2.1-1.3b": (wan_1_3b, PresetDefaults(60, 104, 21)),
     "wan2.1-14b": (wan_14b, PresetDefaults(60, 104, 21)),
 }

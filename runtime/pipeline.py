@@ -142,6 +142,13 @@ class PipelineConfig:
             self.latent_width or defaults.latent_width,
             cfg.patch_size,
         )
+        if cfg.pos_grid is not None and (geometry.rows, geometry.cols) != tuple(cfg.pos_grid):
+            _, ph, pw = cfg.patch_size
+            raise ConfigError(
+                f"the model's position embedding is for a {cfg.pos_grid[0] * ph} x {cfg.pos_grid[1] * pw} "
+                f"latent grid; drop --latent-height/--latent-width ({geometry.latent_height} x "
+                f"{geometry.latent_width}) or give those sizes"
+            )
         frames = self.latent_frames or defaults.latent_frames
         chunks = self.sampler.chunk_sizes(frames)
         local_attn, sink = self.local_attn_frames, self.sink_frames

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ropesp.cli import main
+from ropesp.demo import has_default_weights
 from ropesp.video import read_video_info
 
 
@@ -16,23 +17,35 @@ def run_cli(*args, timeout=300):
     )
 
 
+@pytest.mark.skipif(not has_default_weights(), reason="the demo weights are not trained into this tree yet")
 def test_generate_embedded_default_writes_mp4_and_latents(tmp_path):
     out, lat = tmp_path / "v.mp4", tmp_path / "l.pt"
     proc = run_cli("generate", "--output", str(out), "--latents-out", str(lat))
     assert proc.returncode == 0, proc.stderr
-    assert "seeded random weights" in proc.stderr
+    assert (
+        "embedded demo model" in proc.stderr and "'a red square moving right' (demo encoder)" in proc.stderr
+    )
     assert "time to first chunk" in proc.stderr and "FPS" in proc.stderr
     frames, height, width = read_video_info(out)
-    assert (frames, height, width) == (33, 128, 128)  # 9 latent frames -> 4*9-3 video frames, 16*8 px
+    assert (frames, height, width) == (33, 192, 192)  # 9 latent frames -> 4*9-3 video frames, 24*8 px
     latents = torch.load(lat)
-    assert latents.shape == (1, 9, 16, 16, 16) and latents.dtype == torch.float32
+    assert latents.shape == (1, 9, 16, 24, 24) and latents.dtype == torch.float32
     assert torch.isfinite(latents).all()
+
+
+def test_random_weight_presets_stay_available_by_name(tmp_path):
+    proc = run_cli("generate", "--preset", "tiny", "--output", str(tmp_path / "v.mp4"))
+    assert proc.returncode == 0, proc.stderr
+    assert "running the 'tiny' preset on seeded random weights" in proc.stderr
+    assert read_video_info(tmp_path / "v.mp4") == (33, 128, 128)
 
 
 def test_generate_is_reproducible_and_follows_flags(tmp_path, capsys):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     common = [
         "generate",
+        "--preset",
+        "tiny",
         "--latent-height",
         "8",
         "--latent-width",
@@ -67,6 +80,8 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
             main(
                 [
                     "generate",
+                    "--preset",
+                    "tiny",
                     "--frames",
                     "9",
                     "--prompt-embeds",
@@ -111,7 +126,7 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
 )
 def test_bad_input_gives_clear_error(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) if args[0] == "--steps" else _no_exit():
-        code = main(["generate", *args, "--output", str(tmp_path / "x.mp4")])
+        code = main(["generate", "--preset", "tiny", *args, "--output", str(tmp_path / "x.mp4")])
         assert code == 2
     err = capsys.readouterr().err
     assert message in err
@@ -121,7 +136,17 @@ def test_bad_input_gives_clear_error(args, message, capsys, tmp_path):
 def test_prompt_embeds_of_wrong_width(tmp_path, capsys):
     torch.save(torch.randn(5, 100), tmp_path / "bad.pt")
     assert (
-        main(["generate", "--prompt-embeds", str(tmp_path / "bad.pt"), "--output", str(tmp_path / "x.mp4")])
+        main(
+            [
+                "generate",
+                "--preset",
+                "tiny",
+                "--prompt-embeds",
+                str(tmp_path / "bad.pt"),
+                "--output",
+                str(tmp_path / "x.mp4"),
+            ]
+        )
         == 2
     )
     assert "expected [L, 4096]" in capsys.readouterr().err
@@ -146,14 +171,23 @@ def test_generate_from_checkpoints_equals_random_default(tmp_path, tiny_model):
 
     save_checkpoint(tiny_model, tmp_path / "sf.pt", "self-forcing")
     torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")
-    common = ["generate", "--frames", "9", "--output", str(tmp_path / "x.mp4"), "--overwrite"]
+    common = [
+        "generate",
+        "--preset",
+        "tiny",
+        "--frames",
+        "9",
+        "--output",
+        str(tmp_path / "x.mp4"),
+        "--overwrite",
+    ]
     outs = []
     for ckpt in (None, "sf.pt", "bare.pt"):
         lat = tmp_path / f"{ckpt}.lat.pt"
         extra = ["--checkpoint", str(tmp_path / ckpt)] if ckpt else []
         assert main([*common, *extra, "--latents-out", str(lat)]) == 0
         outs.append(torch.load(lat))
-    # the embedded default is the tiny preset with init_weights(seed 0), which tiny_model also is
+    # the tiny preset runs on init_weights(seed 0), which tiny_model also is
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 

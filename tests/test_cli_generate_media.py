@@ -72,7 +72,7 @@ def test_generate_prompt_with_text_encoder(tmp_path, te_root, capsys):
     from ropesp.text_encoder import load_text_encoder
 
     mp4, lat = tmp_path / "cat.mp4", tmp_path / "cat.pt"
-    args = ["generate", *SMALL, "--output", str(mp4), "--overwrite"]
+    args = ["generate", "--preset", "tiny", *SMALL, "--output", str(mp4), "--overwrite"]
     assert main([*args, "--prompt", "a cat", "--text-encoder", str(te_root), "--latents-out", str(lat)]) == 0
     err = capsys.readouterr().err
     assert "encoding the prompt with umT5" in err and "decoder: preview" in err

@@ -205,13 +205,38 @@ class Head(nn.Module):
         return self.head(layer_norm(x, self.eps) * (1 + mod[:, :, 1]) + mod[:, :, 0])
 
 
+class PatchEmbedding(nn.Conv3d):
+    """Wan's patch embedding (a strided Conv3d, keys `weight`, `bias`); with cfg.pos_grid also a learned
+    absolute position embedding `pos` [rows * cols, dim] added to every frame's tokens (not in Wan)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.pos_grid = cfg.pos_grid
+        self.pos = nn.Parameter(torch.zeros(math.prod(cfg.pos_grid), cfg.dim)) if cfg.pos_grid else None
+
+    def add_position(self, tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """tokens [B, F*rows*cols, dim] in (f, row, col) order, plus the position embedding if any."""
+        if self.pos is None:
+            return tokens
+        if (rows, cols) != tuple(self.pos_grid):
+            from ropesp.errors import ConfigError
+
+            ph, pw = self.kernel_size[1:]
+            raise ConfigError(
+                f"this model has a position embedding for a {self.pos_grid[0] * ph} x {self.pos_grid[1] * pw} "
+                f"latent grid; --latent-height/--latent-width {rows * ph} x {cols * pw} do not match"
+            )
+        b, n, c = tokens.shape
+        return (tokens.view(b, n // (rows * cols), rows * cols, c) + self.pos.to(tokens.dtype)).view(b, n, c)
+
+
 class CausalWanDiT(nn.Module):
     """Causal Wan2.1 DiT. Latents [B, F, C, H, W] in, flow (velocity) [B, F, C, H, W] out."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embedding = PatchEmbedding(cfg)
         self.text_embedding = nn.Sequential(
             nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
         )
@@ -226,7 +251,7 @@ class CausalWanDiT(nn.Module):
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, F, C, H, W] latents -> [B, F*rows*cols, dim] tokens in (f, row, col) order."""
         y = self.patch_embedding(x.transpose(1, 2).to(self.patch_embedding.weight.dtype))  # [B, dim, F, r, c]
-        return y.flatten(2).transpose(1, 2)  # [B, L, dim]
+        return self.patch_embedding.add_position(y.flatten(2).transpose(1, 2), *y.shape[3:])  # [B, L, dim]
 
     def embed_time(self, t_sinusoid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t_sinusoid: [B, F, freq_dim] (float64 ok) -> e [B, F, C], e0 [B, F, 6, C] in model dtype."""

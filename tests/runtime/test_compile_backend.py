@@ -48,7 +48,7 @@ def test_compile_rolling_window_equals_eager(prompt):
 def test_compile_with_two_ranks_equals_eager(tmp_path, prompt):
     def run(*extra: str) -> torch.Tensor:
         out = tmp_path / f"l{len(list(tmp_path.glob('l*')))}.pt"
-        args = ["generate", "--latent-frames", "6", "--latent-height", "8", "--latent-width", "10",
+        args = ["generate", "--preset", "tiny", "--latent-frames", "6", "--latent-height", "8", "--latent-width", "10",
                 "--seed", "2", "--output", str(tmp_path / "v.mp4"), "--latents-out", str(out), "--overwrite"]  # fmt: skip
         assert main([*args, *extra]) == 0
         return torch.load(out)

@@ -1,7 +1,7 @@
 """Measure `ropesp demo` as a person sees it: time to first frame and steady on-screen FPS in headless
 Chromium, against the same pipeline's own streaming FPS (no page) in the same process.
 
-    python scripts/demo_figures.py --json bench/2026-12-01-web/demo_cpu.json [--height 256 --width 256]
+    python scripts/webdemo_figures.py --json bench/2026-12-01-web/demo_cpu.json [--height 256 --width 256]
 
 Needs the [demo] and [test] extras (playwright) and Debian's chromium.
 """

@@ -1,0 +1,46 @@
+"""The embedded demo: a small causal DiT trained by ropesp on a procedural world of moving squares and
+discs, its prompt encoder and its quality metric.
+
+    ropesp.demo.default_checkpoint()   -> the shipped weights (what `ropesp generate` runs by default)
+    ropesp.demo.DemoTextEncoder().encode("a red square moving right")  -> [16, 64] prompt embeddings
+    ropesp.demo.is_demo_model(cfg)     -> whether a model takes the demo encoder's embeddings
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ropesp.config import ModelConfig, demo
+from ropesp.demo.prompts import DemoTextEncoder, PromptError, parse
+
+DEFAULT_PROMPT = "a red square moving right"
+"""What the demo model generates when no prompt is given."""
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+__all__ = [
+    "DEFAULT_PROMPT",
+    "DemoTextEncoder",
+    "PromptError",
+    "default_checkpoint",
+    "has_default_weights",
+    "is_demo_model",
+    "parse",
+]
+
+
+def default_checkpoint() -> Path:
+    """Directory of the shipped demo weights (diffusion_pytorch_model.safetensors + config.json), loaded
+    by the normal checkpoint loader (ropesp.model.checkpoint)."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def has_default_weights() -> bool:
+    """Whether the package ships the trained demo weights (a source tree before training has none; then
+    `ropesp generate` falls back to the random-weight default preset)."""
+    return (default_checkpoint() / WEIGHTS_FILE).is_file()
+
+
+def is_demo_model(cfg: ModelConfig) -> bool:
+    """True for the demo preset's architecture (text_dim 64 x 16 tokens: the DemoTextEncoder's output)."""
+    return cfg == demo()

@@ -1,0 +1,51 @@
+"""The quality metric: the world's own videos score ~1, noise and wrong content ~0."""
+
+from __future__ import annotations
+
+import torch
+
+from ropesp.demo.evaluate import eval_pairs
+from ropesp.demo.latents import encode_video
+from ropesp.demo.prompts import parse
+from ropesp.demo.score import score_latents
+from ropesp.demo.world import render_video, scene_latents, seeded_scene
+
+
+def test_world_videos_score_high_on_the_eval_pairs():
+    scores = []
+    for prompt, seed in eval_pairs():
+        spec = parse(prompt)
+        video = render_video(seeded_scene(spec, seed), 9)[0]
+        scores.append(score_latents(encode_video(video), spec).score)
+    assert sum(scores) / len(scores) >= 0.95
+    assert min(scores) >= 0.75
+
+
+def test_noise_scores_zero():
+    g = torch.Generator().manual_seed(0)
+    scores = [
+        score_latents(torch.randn(1, 9, 16, 24, 24, generator=g), parse(p)).score for p, _ in eval_pairs(8)
+    ]
+    assert max(scores) == 0.0
+
+
+def test_wrong_colour_count_shape_or_direction_is_penalised():
+    latents = scene_latents(seeded_scene(parse("two red squares moving right"), 0), 9)
+    assert score_latents(latents, parse("two red squares moving right")).score == 1.0
+    for wrong in (
+        "two blue squares moving right",
+        "three red squares moving right",
+        "two red discs moving right",
+        "two red squares moving left",
+    ):
+        assert score_latents(latents, parse(wrong)).score == 0.0, wrong
+
+
+def test_flicker_between_chunks_is_penalised():
+    spec = parse("a white disc moving down")
+    latents = scene_latents(seeded_scene(spec, 0), 9)
+    for change in (0.55, 0.8):  # the middle chunk (latent frames 3-5) darker as a whole
+        flicker = latents.clone()
+        flicker[:, 3:6] *= change
+        s = score_latents(flicker, spec)
+        assert s.steadiness <= 0.75 and s.score <= 0.75, (change, s)
