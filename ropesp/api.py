@@ -219,7 +219,7 @@ class Pipeline:
         checkpoint, md = kw["checkpoint"], None
         demo = _demo_module()
         named = ("preset", "checkpoint", "model_dir", "engines", "model_config")
-        if demo is not None and not any(kw[name] for name in named):
+        if demo is not None and demo.has_default_weights() and not any(kw[name] for name in named):
             checkpoint = str(demo.default_checkpoint())  # the embedded default model
         if kw["model_dir"] is not None:
             from ropesp.model_dir import resolve_model_dir
