@@ -24,7 +24,16 @@ def engines(tmp_path_factory):
 def test_ort_engines_equal_eager(engines, tmp_path):
     def run(*source: str) -> torch.Tensor:
         lat = tmp_path / f"{len(list(tmp_path.glob('*.pt')))}.pt"
-        args = ["generate", *source, *PROMPT, "--output", str(tmp_path / "v.mp4"), "--latents-out", str(lat)]
+        args = [
+            "generate",
+            *source,
+            *PROMPT,
+            "--output",
+            str(tmp_path / "v.mp4"),
+            "--latents-out",
+            str(lat),
+            "--overwrite",
+        ]
         assert main(args) == 0
         return torch.load(lat)
 
