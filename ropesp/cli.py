@@ -665,7 +665,9 @@ def cmd_build(args) -> None:
     if args.backend in ("onnx", "tensorrt"):  # TensorRT engines are built from the ONNX graphs
         require("onnx", f"--backend {args.backend}")
     if args.backend == "tensorrt":
-        require("trt", "--backend tensorrt")
+        from ropesp.export import tensorrt as trt_build
+
+        trt_build.require()  # TensorRT's own message: how to get it, and --backend aoti meanwhile
     build(
         BuildConfig(
             out=args.out,

@@ -15,8 +15,9 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 }
 """Extra name -> the modules it provides (import names; located, not imported)."""
 
-BACKEND_EXTRAS = {"ort": ("onnx",), "tensorrt": ("trt",)}
-"""Runtime backend -> the extras it needs."""
+BACKEND_EXTRAS = {"ort": ("onnx",)}
+"""Runtime backend -> the extras it needs. TensorRT is not listed: PyPI's full TensorRT wheels download
+from a vendor index, so its own check (export/tensorrt.py, plugins/rope_sp_trt.py) says what to do."""
 
 
 def missing_modules(extra: str) -> list[str]:
@@ -35,6 +36,6 @@ def require(extra: str, what: str) -> None:
 
 
 def require_backend(backend: str, what: str | None = None) -> None:
-    """The extras a runtime backend needs (ort: [onnx], tensorrt: [trt])."""
+    """The extras a runtime backend needs (ort: [onnx])."""
     for extra in BACKEND_EXTRAS.get(backend, ()):
         require(extra, what or f"--backend {backend}")

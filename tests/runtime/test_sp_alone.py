@@ -5,7 +5,7 @@ import sp_worker
 import torch
 import torch.distributed as dist
 
-import ropesp.runtime.sp as sp
+import ropesp.model.kv_cache as kv_cache
 from ropesp.errors import ConfigError
 from ropesp.model.kv_cache import KVCache
 from ropesp.runtime.dist import Mapping
@@ -20,13 +20,13 @@ CHUNK_TOKENS = 3 * FRAME_TOKENS
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_alone_rank_has_rank0s_shapes_and_call_pattern(world_size, prompt, monkeypatch):
     seen = []
-    real_attention = sp.attention
+    real_attention = kv_cache.attention
 
     def recording(q, k, v):
         seen.append((tuple(q.shape), tuple(k.shape)))
         return real_attention(q, k, v)
 
-    monkeypatch.setattr(sp, "attention", recording)
+    monkeypatch.setattr(kv_cache, "attention", recording)  # the default kernel (--attention sdpa)
     written = []
     real_update = KVCache.update
 

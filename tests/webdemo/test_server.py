@@ -27,9 +27,12 @@ from ropesp.webdemo import check_demo_dependencies  # noqa: E402
 from ropesp.webdemo.frames import parse_frame_message  # noqa: E402
 from ropesp.webdemo.server import DemoConfig, DemoServer, check_listen  # noqa: E402
 
-DEMO_MODEL = importlib.util.find_spec("ropesp.demo") is not None
-"""Whether this ropesp ships the embedded demo model, the default Pipeline's model, with its own prompt
-encoder (else the default model is a random-weight preset without one)."""
+DEMO_MODEL = (
+    importlib.util.find_spec("ropesp.demo") is not None
+    and __import__("ropesp.demo").demo.has_default_weights()
+)
+"""Whether this ropesp ships the embedded demo model's weights, the default Pipeline's model, with its own
+prompt encoder (else the default model is a random-weight preset without one)."""
 PROMPTS_NOTE = (
     "text prompts through the pipeline's text encoder"
     if DEMO_MODEL
