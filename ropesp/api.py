@@ -160,7 +160,9 @@ class Pipeline:
     (a `ropesp build` directory; backend, world size, device and dtype default to the build's).
     device "cuda" | "cpu", dtype "float32" | "bfloat16" | "float16", backend "eager" | "compile" |
     "ort" | "aoti" | "tensorrt"; world_size ranks (spawned and owned here); decoder "preview" (fast
-    latent preview), "vae" (the Wan VAE from vae= or model_dir) or None (latents only).
+    latent preview), "vae" (the Wan VAE from vae= or model_dir) or None (latents only); precision "bf16" |
+    "fp8" (the blocks' GEMMs in e4m3) and attention "sdpa" | "fa3" | "fp8" | "int8" (the self-attention
+    kernel) as `ropesp generate --precision / --attention`.
     Video (latent units, as the CLI): height/width in pixels, max_frames (KV cache in latent frames,
     default the model's default video), local_attn_frames/sink_frames (rolling window, sink included:
     unbounded streams), chunk_frames, independent_first_frame, steps, shift.
@@ -181,6 +183,7 @@ class Pipeline:
         world_size: int = 1,
         decoder: str | None = "preview",
         *,
+        attention: str | None = None,
         model_config: str | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -257,9 +260,9 @@ class Pipeline:
             cuda_graphs=kw["cuda_graphs"],
         )
         if kw["precision"] is not None:
-            if "precision" not in {f.name for f in dataclasses.fields(PipelineConfig)}:
-                raise ConfigError(f"{arg('precision', kw['precision'])}: this ropesp has no precision option")
             config = dataclasses.replace(config, precision=kw["precision"])
+        if kw["attention"] is not None:
+            config = dataclasses.replace(config, attention=kw["attention"])
         if kw["engines"] is not None and kw["world_size"] == 1:
             config = dataclasses.replace(config, world_size=None)  # the engines' world size
         res = config.resolve()

@@ -85,28 +85,29 @@ class PipelineConfig:
         from ropesp.plugins.fp8 import PRECISIONS, check_fp8
 
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision {self.precision!r}; choose one of {PRECISIONS}")
+            raise ConfigError(f"{arg('precision', self.precision)}; choose one of {PRECISIONS}")
         if self.attention not in ATTENTION_MODES:
-            raise ConfigError(f"--attention {self.attention!r}; choose one of {ATTENTION_MODES}")
+            raise ConfigError(f"{arg('attention', self.attention)}; choose one of {ATTENTION_MODES}")
         if self.precision == "fp8":
             if backend not in MODEL_BACKENDS:
                 raise ConfigError(
-                    f"--precision fp8 quantizes the PyTorch model at load: use --backend eager or compile "
+                    f"{arg('precision', 'fp8')} quantizes the PyTorch model at load: use "
+                    f"{arg('backend', 'eager')} or compile "
                     f"(the {backend} engines of `ropesp build` run in their build dtype)"
                 )
-            check_fp8(device)
+            check_fp8(device, arg("precision", "fp8"))
             if dtype_name != "bfloat16":
                 raise ConfigError(
-                    f"--precision fp8 runs on bfloat16 activations, not --dtype {dtype_name}: pass "
-                    "--dtype bfloat16 (the default on CUDA)"
+                    f"{arg('precision', 'fp8')} runs on bfloat16 activations, not {arg('dtype', dtype_name)}: "
+                    f"pass {arg('dtype', 'bfloat16')} (the default on CUDA)"
                 )
         if self.attention != "sdpa":
             if layout.ring > 1:
                 raise ConfigError(
-                    f"--attention {self.attention} runs with pure Ulysses or one rank; the ring layout "
-                    f"{layout} merges partial attentions that only --attention sdpa returns"
+                    f"{arg('attention', self.attention)} runs with pure Ulysses or one rank; the ring layout "
+                    f"{layout} merges partial attentions that only {arg('attention', 'sdpa')} returns"
                 )
-            check_attention(self.attention, device)
+            check_attention(self.attention, device, arg("attention"))
 
     def resolve(self) -> ResolvedPipeline:
         """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""

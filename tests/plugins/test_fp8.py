@@ -107,8 +107,21 @@ def test_precision_fp8_refused_on_the_cpu():
         ConfigError, match=r"--precision fp8: it needs a CUDA GPU of compute capability >= 8\.9"
     ):
         PipelineConfig(preset="tiny", precision="fp8").resolve()
-    with pytest.raises(ConfigError, match="--precision 'int4'"):
+    with pytest.raises(ConfigError, match="--precision int4; choose one of"):
         PipelineConfig(preset="tiny", precision="int4").resolve()
+
+
+def test_pipeline_names_the_python_arguments():
+    from ropesp import Pipeline
+
+    with pytest.raises(ConfigError, match=r"^precision='int4'; choose one of"):
+        Pipeline(preset="tiny", device="cpu", precision="int4")
+    with pytest.raises(
+        ConfigError, match=r"^precision='fp8' quantizes|^precision='fp8': it needs a CUDA GPU"
+    ):
+        Pipeline(preset="tiny", device="cpu", precision="fp8")
+    with pytest.raises(ConfigError, match=r"^attention='flash9'; choose one of"):
+        Pipeline(preset="tiny", device="cpu", attention="flash9")
 
 
 def test_fp8_reasons_name_the_old_gpu_and_the_missing_library(monkeypatch):
