@@ -529,6 +529,7 @@ def cmd_build(args) -> None:
             dtype=args.dtype,
             device=args.device,
             autotune=args.autotune,
+            overwrite=args.overwrite,
         )
     )
 
@@ -538,7 +539,14 @@ def add_build_parser(sub) -> None:
     add_model_args(p)
     g = p.add_argument_group("engines")
     g.add_argument("--backend", required=True, choices=["onnx", "tensorrt", "aoti"])
-    g.add_argument("--out", required=True, help="engine directory to write (manifest.json + rank*/)")
+    g.add_argument(
+        "--out", required=True, help="engine directory to write (manifest.json + rank*/): new or empty"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the previous ropesp build in --out (only the files its manifest lists)",
+    )
     g.add_argument("--world-size", type=int, default=1, help="sequence-parallel ranks the engines are for")
     g.add_argument("--latent-height", type=int, help="latent height (default: the preset's)")
     g.add_argument("--latent-width", type=int, help="latent width (default: the preset's)")
