@@ -31,6 +31,7 @@ from ropesp.config import (
 from ropesp.errors import ConfigError, EngineError
 from ropesp.export import manifest as mf
 from ropesp.export.segments import DTYPE_NAMES, SEGMENTS, make_segments
+from ropesp.limits import check_positive, check_rank_count
 from ropesp.parallel import SPLayout, TokenShard
 
 BACKENDS = ("onnx", "tensorrt", "aoti")
@@ -81,8 +82,12 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}; choose one of {BACKENDS}")
-        if self.world_size < 1:
-            raise ConfigError(f"--world-size {self.world_size} must be >= 1")
+        check_positive(
+            world_size=self.world_size,
+            latent_height=self.latent_height,
+            latent_width=self.latent_width,
+            max_frames=self.max_frames,
+        )
         if self.chunk_frames < 1:
             raise ConfigError(f"--chunk-frames {self.chunk_frames} must be >= 1")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -234,6 +239,7 @@ def _build(cfg: BuildConfig, prepared: dict) -> Path:
     )
     cache = CacheConfig(cfg.max_frames or defaults.latent_frames, cfg.local_attn_frames, cfg.sink_frames)
     shapes = [cfg.chunk_frames] + ([1] if cfg.independent_first_frame and cfg.chunk_frames != 1 else [])
+    check_rank_count(cfg.world_size, min(shapes) * geometry.frame_tokens)
     sampler = SamplerConfig(
         chunk_frames=cfg.chunk_frames, independent_first_frame=cfg.independent_first_frame
     )

@@ -233,6 +233,7 @@ def cmd_generate(args) -> None:
     from pathlib import Path
 
     from ropesp.decode.factory import check_wan_vae_options
+    from ropesp.limits import check_local_ranks
     from ropesp.runtime.dist import parse_device
     from ropesp.runtime.executor import check_prompt_embeds
     from ropesp.runtime.launch import spawn_ranks, under_launcher
@@ -272,6 +273,8 @@ def cmd_generate(args) -> None:
         if md is None or args.checkpoint:
             raise
         raise CheckpointError(f"--model-dir {md.root} (transformer/): {exc}") from None
+    if res.world_size > 1 and not under_launcher():
+        check_local_ranks(res.world_size, res.device)  # before the prompt is encoded
     if args.prompt is not None:
         prompt = _encode_prompt(args, md, res)
     elif args.prompt_embeds:

@@ -277,6 +277,8 @@ class SessionGroup:
         height/width (pixels) are optional; the pipeline serves the size it was configured for.
         frames=False skips the decoder for this request (its chunks carry latents only).
         """
+        if int(latent_frames) < 1:
+            raise ConfigError(f"latent_frames {int(latent_frames)} must be >= 1")
         prompt = check_prompt_embeds(self.res.model, prompt_embeds)
         if prompt.shape[0] != 1 or prompt.dtype != torch.float32:
             raise ConfigError(

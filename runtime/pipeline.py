@@ -77,6 +77,17 @@ class PipelineConfig:
 
     def resolve(self) -> ResolvedPipeline:
         """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
+        from ropesp import limits
+
+        limits.check_positive(
+            latent_height=self.latent_height,
+            latent_width=self.latent_width,
+            latent_frames=self.latent_frames,
+            max_frames=self.max_frames,
+            world_size=self.world_size,
+            ulysses_degree=self.ulysses_degree,
+            ring_degree=self.ring_degree,
+        )
         manifest = None
         if self.engines:
             from ropesp.export.manifest import Manifest  # stdlib-only reader
@@ -129,7 +140,10 @@ class PipelineConfig:
         world = Mapping.from_env(requested).world_size
         if manifest is not None:
             manifest.check_world_size(world)  # before any rank starts
+        limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
         layout = SPLayout.choose(cfg.num_heads, world, self.ulysses_degree, self.ring_degree)
+        itemsize = DTYPES[dtype_name].itemsize
+        limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
         return ResolvedPipeline(
             self,
             cfg,
