@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ropesp.config import ModelConfig
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, read_failure
 
 DEFAULT_PROMPT_SEED = 1234
 DEFAULT_PROMPT_TOKENS = 32
@@ -38,7 +38,7 @@ def load_prompt_embeds(path: str | Path) -> torch.Tensor:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"--prompt-embeds {path} could not be read: {exc}") from exc
+        raise ConfigError(f"--prompt-embeds {path} could not be read: {read_failure(exc)}") from exc
     if not isinstance(t, torch.Tensor):
         raise ConfigError(f"--prompt-embeds {path} holds a {type(t).__name__}, expected a tensor")
     if t.dim() == 2:
