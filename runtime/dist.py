@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,27 @@ def parse_device(spec: str, flag: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+LOOPBACK_ENV = "ROPESP_LOOPBACK_STORE"
+"""Set to 1 by the launcher of single-host rank groups: init_process_group then meets on loopback."""
+
+
+def loopback_store(rank: int, world_size: int, port: int, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store of a single-host group, listening on 127.0.0.1:port only: torch's store
+    server would listen on every interface, so rank 0 hands it a socket already bound to loopback."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return dist.TCPStore("127.0.0.1", port, world_size, True, timeout, master_listen_fd=sock.detach())
+
+
 def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float = 300.0) -> None:
     """NCCL on GPU, gloo on CPU; a no-op at world size 1 and for a rank alone. Needs MASTER_ADDR/PORT
     in the env."""
@@ -89,8 +111,12 @@ def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    store = None
+    if os.environ.get(LOOPBACK_ENV) == "1":  # ranks ropesp spawned on this host (not torchrun's)
+        store = loopback_store(mapping.rank, mapping.world_size, int(os.environ["MASTER_PORT"]), timeout_s)
     dist.init_process_group(
         backend,
+        store=store,
         rank=mapping.rank,
         world_size=mapping.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),

@@ -36,7 +36,13 @@ import torch.distributed as dist
 
 from ropesp.config import VAE_STRIDE, SamplerConfig
 from ropesp.errors import ConfigError, RopespError
-from ropesp.runtime.dist import Mapping, abort_process_group, destroy_process_group, device_for
+from ropesp.runtime.dist import (
+    Mapping,
+    abort_process_group,
+    destroy_process_group,
+    device_for,
+    loopback_store,
+)
 from ropesp.runtime.executor import check_prompt_embeds
 from ropesp.runtime.launch import RankFailure, free_port
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_session
@@ -171,7 +177,7 @@ def _init_group(mapping: Mapping, device: str, port: int, timeout_s: float) -> _
         torch.cuda.set_device(dev)
     dist.init_process_group(
         "nccl" if dev.type == "cuda" else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        store=loopback_store(mapping.rank, mapping.world_size, port, timeout_s),
         rank=mapping.rank,
         world_size=mapping.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),

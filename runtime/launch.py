@@ -17,7 +17,13 @@ import torch
 import torch.multiprocessing as mp
 
 from ropesp.errors import RopespError
-from ropesp.runtime.dist import Mapping, destroy_process_group, device_for, init_process_group
+from ropesp.runtime.dist import (
+    LOOPBACK_ENV,
+    Mapping,
+    destroy_process_group,
+    device_for,
+    init_process_group,
+)
 
 
 def free_port() -> int:
@@ -52,6 +58,7 @@ def _rank_entry(
         LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        **{LOOPBACK_ENV: "1"},  # the rendezvous listens on 127.0.0.1 only
     )
     if forked and "torch._inductor.async_compile" in sys.modules:
         # the parent's Inductor compile-worker pool (its threads) does not survive fork: compiling in
