@@ -91,6 +91,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--engines", help="engine directory from `ropesp build`")
     g.add_argument("--no-cuda-graphs", action="store_true")
+    g.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="while streaming, how long a rank waits for the others before the run stops and names the "
+        "stalled rank (default 60; setup before the first chunk may take longer)",
+    )
 
 
 def _latent_sizes(args) -> tuple[int | None, int | None, int | None]:
@@ -146,6 +154,7 @@ def pipeline_config(args):
         cuda_graphs=not args.no_cuda_graphs,
         ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree,
+        collective_timeout_s=args.collective_timeout,
     )
 
 
@@ -634,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     except RopespError as exc:
         print(f"ropesp: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGINT: every rank was stopped on the way out
+        print("ropesp: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -122,6 +122,7 @@ def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float 
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
+    open_watch_group()
 
 
 def destroy_process_group() -> None:
@@ -146,3 +147,88 @@ def abort_process_group() -> None:
         dist.distributed_c10d._abort_process_group()
     else:
         dist.destroy_process_group()
+
+
+# --- bounded waits: a stalled rank is found and named ------------------------------------------
+STALL_PROBE_S = 5.0
+"""How long the ranks that timed out wait for each other at the monitored barrier that names the
+stalled ones."""
+_WATCH: dict = {}
+"""'group': a gloo group that only finds stalled ranks; 'timeout_s': the collective timeout set."""
+
+
+def open_watch_group() -> None:
+    """Create the gloo group stalled_ranks() uses (collective: every rank calls it after joining)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        _WATCH["group"] = dist.new_group(backend="gloo")
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """From now on a collective of the default group waits at most `seconds` for the peers. Called once
+    every rank has built its session: setup (loading, compiling) ran under the longer join timeout,
+    and the barrier keeps a rank that is still setting up from counting as stalled."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from torch.distributed import distributed_c10d as c10d
+
+    dist.barrier()
+    if hasattr(c10d, "_set_pg_timeout"):  # torch >= 2.3; older: the join timeout stays
+        c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
+        _WATCH["timeout_s"] = seconds
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """A collective that gave up waiting for its peers (gloo raises it in the calling thread)."""
+    return isinstance(exc, RuntimeError) and "timed out" in str(exc).lower()
+
+
+def report_stall(rank: int) -> str | None:
+    """After a collective timeout: the ranks that timed out meet at a monitored barrier, so rank 0
+    learns which ranks never arrived. Returns the one-line report this rank should print (rank 0's
+    names the stalled ranks; another rank reports only when rank 0 itself does not answer)."""
+    import re
+
+    group = _WATCH.get("group")
+    limit = _WATCH.get("timeout_s")
+    what = (
+        f"a collective waited longer than --collective-timeout {limit:g} s"
+        if limit
+        else "a collective timed out"
+    )
+    if group is None:
+        return f"{what} for the other ranks"
+    try:
+        dist.monitored_barrier(
+            group=group, timeout=datetime.timedelta(seconds=STALL_PROBE_S), wait_all_ranks=True
+        )
+        return f"{what}, though every rank is alive (a slow rank)"
+    except RuntimeError as exc:
+        if rank != 0:
+            return None if _rank0_answers() else f"{what}: rank 0 stalled (stopped or hung)"
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(exc))
+        _mark_reported()
+        if not found:
+            return f"{what} for the other ranks"
+        ranks = [int(r) for r in found.group(1).replace(" ", "").split(",") if r]
+        return f"{what}: rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} stalled (stopped or hung)"
+
+
+def _mark_reported() -> None:
+    from torch.distributed import distributed_c10d as c10d
+
+    try:
+        c10d._get_default_store().set("ropesp/stall-reported", "1")
+    except Exception:
+        pass
+
+
+def _rank0_answers() -> bool:
+    """Whether rank 0 reported the stall (its store answers): then rank 0's line says it all."""
+    from torch.distributed import distributed_c10d as c10d
+
+    try:
+        store = c10d._get_default_store()
+        store.wait(["ropesp/stall-reported"], datetime.timedelta(seconds=STALL_PROBE_S))
+        return True
+    except Exception:
+        return False

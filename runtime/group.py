@@ -42,6 +42,7 @@ from ropesp.runtime.dist import (
     destroy_process_group,
     device_for,
     loopback_store,
+    open_watch_group,
 )
 from ropesp.runtime.executor import check_prompt_embeds
 from ropesp.runtime.launch import RankFailure, free_port
@@ -183,6 +184,7 @@ def _init_group(mapping: Mapping, device: str, port: int, timeout_s: float) -> _
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=dev if dev.type == "cuda" else None,
     )
+    open_watch_group()
     return _Channel(dev)
 
 

@@ -74,6 +74,9 @@ class PipelineConfig:
     ring_degree: int | None = None
     """R of the hybrid layout (default: P / U)."""
     cuda_graphs: bool = True
+    collective_timeout_s: float = 60.0
+    """Seconds a collective waits for the other ranks while streaming before the run stops and names
+    the stalled rank (setup before the first chunk may take longer: loading, compiling)."""
 
     def resolve(self) -> ResolvedPipeline:
         """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
@@ -88,6 +91,8 @@ class PipelineConfig:
             ulysses_degree=self.ulysses_degree,
             ring_degree=self.ring_degree,
         )
+        if not (isinstance(self.collective_timeout_s, (int, float)) and self.collective_timeout_s > 0):
+            raise ConfigError(f"--collective-timeout {self.collective_timeout_s} must be > 0 seconds")
         manifest = None
         if self.engines:
             from ropesp.export.manifest import Manifest  # stdlib-only reader
@@ -302,6 +307,10 @@ def build_session(
         res = res.resolve()
     mapping = mapping or Mapping.from_env(res.world_size)
     executor = build_executor(res, mapping, group)
+    if mapping.world_size > 1 and not mapping.alone:
+        from ropesp.runtime.dist import set_collective_timeout
+
+        set_collective_timeout(res.request.collective_timeout_s)  # every rank is set up: bound the waits
     return StreamSession(
         executor,
         res.request.sampler,
