@@ -131,6 +131,7 @@ def destroy_process_group() -> None:
     for that reason), so every rank must call this at about the same time, never one rank after
     waiting for another's exit. Callers drop their executors first, so the CUDA graphs that captured
     NCCL collectives are destroyed before the communicators they use."""
+    _WATCH.clear()  # a group object kept past its group would hang a later fork's teardown of it
     if dist.is_initialized():
         gc.collect()  # the executors' CUDA graphs, freed by the caller, are gone before the comms
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -141,6 +142,7 @@ def destroy_process_group() -> None:
 def abort_process_group() -> None:
     """Leave the group without waiting for the peers (one may have died): NCCL communicators are
     aborted; gloo groups, which never wait in teardown, are destroyed."""
+    _WATCH.clear()
     if not dist.is_initialized():
         return
     if dist.get_backend() == "nccl":
