@@ -305,8 +305,8 @@ class SessionGroup:
 
     def stream(self, req: Request, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
         """Run one request on every rank; yields rank 0's chunks. cancelled() is asked after each chunk."""
-        if self._failure:
-            raise RankFailure(f"the pipeline failed earlier ({self._failure}); reload the model")
+        if not self.healthy():
+            self.recover()
         chunks = self._guarded(self._begin, req)
         while True:
             chunk = self._guarded(next, chunks, None)
@@ -320,6 +320,27 @@ class SessionGroup:
                 self._guarded(self._decide, Command.CANCEL if stop else Command.CONTINUE)
             if stop:
                 return
+
+    def healthy(self) -> bool:
+        """Every rank can serve: no failure so far and every worker process alive."""
+        if self._failure is None:
+            for rank, proc in enumerate(self.workers, start=1):
+                if proc.poll() is not None:
+                    self._failure = f"worker rank {rank} exited with status {proc.returncode}"
+        return self._failure is None and self.pipeline is not None
+
+    def recover(self) -> None:
+        """Replace a failed group (a dead or stuck worker leaves the ranks out of step for good): stop
+        every rank, then start them again, so the next request is served. RankFailure if that fails."""
+        reason = self._failure or "the group was closed"
+        print(f"ropesp: restarting the rank group ({reason})", file=sys.stderr, flush=True)
+        self.close()
+        self._failure = None
+        try:
+            self.start()
+        except Exception as exc:
+            self._failure = f"restart failed: {exc}"
+            raise RankFailure(f"the rank group failed ({reason}) and could not be restarted: {exc}") from exc
 
     def _begin(self, req: Request) -> Iterator[Chunk]:
         if self._channel is not None:
