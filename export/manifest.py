@@ -138,6 +138,8 @@ class Manifest:
         if not path.is_file():
             hint = "the directory does not exist" if not root.exists() else "no manifest.json in it"
             raise EngineError(f"--engines {root}: {hint}; build engines with `ropesp build --out {root}`")
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise EngineError(f"{path} resolves outside {root} (a symlink); refused")
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from ropesp.config import VAE_STRIDE, SamplerConfig
 from ropesp.errors import ConfigError, RopespError
+from ropesp.limits import check_local_ranks
 from ropesp.runtime.dist import (
     Mapping,
     abort_process_group,
@@ -227,6 +228,7 @@ class SessionGroup:
         """Start ranks 1..P-1, join the group with them and build this rank's session."""
         try:
             if self.res.world_size > 1:
+                check_local_ranks(self.res.world_size, self.res.device)
                 port = free_port()
                 self.workers = [self._spawn(rank, port) for rank in range(1, self.res.world_size)]
                 self._channel = self._join(port)

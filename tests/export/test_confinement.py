@@ -129,6 +129,14 @@ def test_symlink_out_of_the_directory_is_refused(engines, tmp_path, capsys):
     assert not (tmp_path / "repo" / "ropesp").exists()
 
 
+def test_manifest_symlinked_out_is_refused(engines, tmp_path):
+    outside = tmp_path / "manifest.json"
+    shutil.move(engines / "manifest.json", outside)
+    (engines / "manifest.json").symlink_to(outside)
+    with pytest.raises(EngineError, match=r"resolves outside .* refused"):
+        Manifest.load(engines)
+
+
 def test_serve_repo_copies_only_listed_files_as_real_files(engines, tmp_path):
     (engines / "notes.txt").write_text("not an artifact")
     weights = engines / "weights.safetensors"
