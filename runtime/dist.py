@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -160,9 +161,16 @@ _WATCH: dict = {}
 
 
 def open_watch_group() -> None:
-    """Create the gloo group stalled_ranks() uses (collective: every rank calls it after joining)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        _WATCH["group"] = dist.new_group(backend="gloo")
+    """Create the gloo group report_stall() uses (collective: every rank calls it after joining)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    # its own short timeout: a send to a stopped peer would otherwise wait gloo's default 30 min
+    _WATCH["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=STALL_PROBE_S))
+    from torch.distributed import distributed_c10d as c10d
+
+    store = c10d._get_default_store()  # every rank's host and pid, while all are alive
+    store.set(f"ropesp/proc/{dist.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
+    _WATCH["procs"] = [store.get(f"ropesp/proc/{r}").decode().split() for r in range(dist.get_world_size())]
 
 
 def set_collective_timeout(seconds: float) -> None:
@@ -188,8 +196,6 @@ def report_stall(rank: int) -> str | None:
     """After a collective timeout: the ranks that timed out meet at a monitored barrier, so rank 0
     learns which ranks never arrived. Returns the one-line report this rank should print (rank 0's
     names the stalled ranks; another rank reports only when rank 0 itself does not answer)."""
-    import re
-
     group = _WATCH.get("group")
     limit = _WATCH.get("timeout_s")
     what = (
@@ -205,32 +211,23 @@ def report_stall(rank: int) -> str | None:
         )
         return f"{what}, though every rank is alive (a slow rank)"
     except RuntimeError as exc:
-        if rank != 0:
-            return None if _rank0_answers() else f"{what}: rank 0 stalled (stopped or hung)"
+        if rank != 0:  # rank 0 names the stalled ranks, unless it is the one stopped
+            return f"{what}: rank 0 stalled (stopped)" if _stopped(0) else None
         found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(exc))
-        _mark_reported()
         if not found:
             return f"{what} for the other ranks"
-        ranks = [int(r) for r in found.group(1).replace(" ", "").split(",") if r]
-        return f"{what}: rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} stalled (stopped or hung)"
+        ranks = [r for r in found.group(1).replace(" ", "").split(",") if r]
+        who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
+        return f"{what}: {who} stalled (stopped or hung)"
 
 
-def _mark_reported() -> None:
-    from torch.distributed import distributed_c10d as c10d
-
-    try:
-        c10d._get_default_store().set("ropesp/stall-reported", "1")
-    except Exception:
-        pass
-
-
-def _rank0_answers() -> bool:
-    """Whether rank 0 reported the stall (its store answers): then rank 0's line says it all."""
-    from torch.distributed import distributed_c10d as c10d
-
-    try:
-        store = c10d._get_default_store()
-        store.wait(["ropesp/stall-reported"], datetime.timedelta(seconds=STALL_PROBE_S))
-        return True
-    except Exception:
+def _stopped(rank: int) -> bool:
+    """Whether a rank on this host is stopped (SIGSTOP, a debugger) or gone; False when unknown."""
+    procs = _WATCH.get("procs")
+    if not procs or procs[rank][0] != socket.gethostname():
         return False
+    try:
+        with open(f"/proc/{procs[rank][1]}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t", "Z")
+    except OSError:
+        return True
