@@ -30,7 +30,7 @@ from ropesp.runtime.dist import (
     report_stall,
 )
 
-EXIT_GRACE_S = 5.0
+EXIT_GRACE_S = 3.0
 """After one rank failed, how long the others may take to report and exit before they are killed."""
 
 
