@@ -94,10 +94,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--collective-timeout",
         type=float,
-        default=60.0,
         metavar="SECONDS",
         help="while streaming, how long a rank waits for the others before the run stops and names the "
-        "stalled rank (default 60; setup before the first chunk may take longer)",
+        "stalled rank (default 60; --backend compile: 300, its graphs compile during the first chunks; "
+        "setup before the first chunk may take longer)",
     )
 
 

@@ -36,6 +36,8 @@ BACKENDS = ("eager", "compile", "ort", "aoti", "tensorrt")
 MODEL_BACKENDS = ("eager", "compile")
 """Backends that run the PyTorch model itself (no --engines); the others run `ropesp build` artifacts."""
 DEFAULT_PRESET = "tiny"
+COLLECTIVE_TIMEOUT_S = 60.0
+"""Default bound on a streaming collective's wait for the other ranks (interactive use)."""
 RANDOM_WEIGHTS_SEED = 0
 
 
@@ -74,9 +76,11 @@ class PipelineConfig:
     ring_degree: int | None = None
     """R of the hybrid layout (default: P / U)."""
     cuda_graphs: bool = True
-    collective_timeout_s: float = 60.0
+    collective_timeout_s: float | None = None
     """Seconds a collective waits for the other ranks while streaming before the run stops and names
-    the stalled rank (setup before the first chunk may take longer: loading, compiling)."""
+    the stalled rank (setup before the first chunk may take longer: loading, compiling). None:
+    COLLECTIVE_TIMEOUT_S, except for backend compile, whose graphs compile during the first chunks at
+    a pace that differs between ranks: it keeps the join timeout."""
 
     def resolve(self) -> ResolvedPipeline:
         """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
@@ -91,8 +95,9 @@ class PipelineConfig:
             ulysses_degree=self.ulysses_degree,
             ring_degree=self.ring_degree,
         )
-        if not (isinstance(self.collective_timeout_s, (int, float)) and self.collective_timeout_s > 0):
-            raise ConfigError(f"--collective-timeout {self.collective_timeout_s} must be > 0 seconds")
+        timeout = self.collective_timeout_s
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ConfigError(f"--collective-timeout {timeout} must be > 0 seconds")
         manifest = None
         if self.engines:
             from ropesp.export.manifest import Manifest  # stdlib-only reader
@@ -307,10 +312,13 @@ def build_session(
         res = res.resolve()
     mapping = mapping or Mapping.from_env(res.world_size)
     executor = build_executor(res, mapping, group)
-    if mapping.world_size > 1 and not mapping.alone:
+    timeout = res.request.collective_timeout_s
+    if timeout is None and res.backend != "compile":
+        timeout = COLLECTIVE_TIMEOUT_S
+    if mapping.world_size > 1 and not mapping.alone and timeout is not None:
         from ropesp.runtime.dist import set_collective_timeout
 
-        set_collective_timeout(res.request.collective_timeout_s)  # every rank is set up: bound the waits
+        set_collective_timeout(timeout)  # every rank is set up: bound the waits from here on
     return StreamSession(
         executor,
         res.request.sampler,
