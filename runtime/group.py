@@ -18,6 +18,7 @@ exits on its own when its parent process dies.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -327,6 +328,9 @@ class SessionGroup:
         """Every rank can serve: no failure so far and every worker process alive."""
         if self._failure is None:
             for rank, proc in enumerate(self.workers, start=1):
+                if proc.poll() is None and _exiting(proc.pid):
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(STOP_TIMEOUT_S)  # its last threads are still exiting
                 if proc.poll() is not None:
                     self._failure = f"worker rank {rank} exited with status {proc.returncode}"
         return self._failure is None and self.pipeline is not None
@@ -394,6 +398,16 @@ class SessionGroup:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _exiting(pid: int) -> bool:
+    """A process whose main thread has exited (a zombie) but which waitpid cannot report yet: a killed
+    multi-threaded process shows this while its other threads are still going down."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
 
 
 def run_worker(res: ResolvedPipeline, mapping: Mapping, port: int) -> None:
