@@ -10,6 +10,7 @@ Only `pre` differs between ranks (export/segments.py): the other segments are bu
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -27,9 +28,10 @@ from ropesp.config import (
     VideoGeometry,
     preset,
 )
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, EngineError
 from ropesp.export import manifest as mf
 from ropesp.export.segments import DTYPE_NAMES, SEGMENTS, make_segments
+from ropesp.limits import check_positive, check_rank_count
 from ropesp.parallel import SPLayout, TokenShard
 
 BACKENDS = ("onnx", "tensorrt", "aoti")
@@ -42,7 +44,7 @@ class BuildConfig:
     """What `ropesp build` builds."""
 
     out: str
-    """Engine directory to write (created; a previous build in it is replaced)."""
+    """Engine directory to write: new or empty (or, with `overwrite`, holding only a previous build)."""
     backend: str
     """onnx | tensorrt | aoti."""
     world_size: int = 1
@@ -73,12 +75,18 @@ class BuildConfig:
     """cpu | cuda: where the engines run (default: cuda for tensorrt, else cpu)."""
     autotune: bool = False
     """AOTInductor max-autotune on CUDA (slower build); never on the CPU."""
+    overwrite: bool = False
+    """Replace the previous ropesp build in `out` (only the files its manifest lists)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}; choose one of {BACKENDS}")
-        if self.world_size < 1:
-            raise ConfigError(f"--world-size {self.world_size} must be >= 1")
+        check_positive(
+            world_size=self.world_size,
+            latent_height=self.latent_height,
+            latent_width=self.latent_width,
+            max_frames=self.max_frames,
+        )
         if self.chunk_frames < 1:
             raise ConfigError(f"--chunk-frames {self.chunk_frames} must be >= 1")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -137,23 +145,77 @@ def load_weights(cfg: BuildConfig, model_cfg: ModelConfig, device: torch.device)
     return random_model(model_cfg, dtype, device)
 
 
-def _prepare_out(out: Path) -> None:
-    """Create out, or empty it when it holds a previous (possibly failed) build; refuse anything else."""
-    if out.exists() and any(out.iterdir()):
-        if not ((out / mf.MANIFEST).is_file() or (out / BUILD_LOG).is_file()):
-            raise ConfigError(
-                f"--out {out} is not empty and holds no ropesp build; choose an empty directory"
-            )
-        for p in out.iterdir():  # replace the previous build
-            if p.is_dir():
-                shutil.rmtree(p)
+def _prepare_out(out: Path, overwrite: bool) -> bool:
+    """Make out ready for a build: create it, accept it empty, or (overwrite) remove the previous ropesp
+    build in it. Returns whether out was created. Refuses (ConfigError) anything else; never deletes a
+    file no build wrote: only what a valid manifest lists, the manifest itself and the build log."""
+    if not out.exists():
+        out.mkdir(parents=True)
+        return True
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a new or empty directory")
+    if not any(out.iterdir()):
+        return False
+    try:
+        previous = mf.Manifest.load(out)
+    except EngineError:
+        raise ConfigError(
+            f"--out {out} is not empty and holds no valid ropesp build (manifest.json); choose a new or "
+            "empty directory"
+        ) from None
+    if not overwrite:
+        raise ConfigError(
+            f"--out {out} holds a previous ropesp build; pass --overwrite to replace it, or choose a new "
+            "or empty directory"
+        )
+    owned = {*previous.files, mf.MANIFEST, BUILD_LOG}
+    owned_dirs = {p for rel in owned for p in Path(rel).parents if p != Path(".")}
+    doomed, strays = [], []
+    for dirpath, dirnames, filenames in os.walk(out):  # symlinks are not followed: listed as entries
+        base = Path(dirpath).relative_to(out)
+        for name in dirnames + filenames:
+            rel, path = base / name, Path(dirpath) / name
+            is_dir = path.is_dir() and not path.is_symlink()
+            if (rel in owned_dirs) if is_dir else (rel.as_posix() in owned):
+                doomed.append((path, is_dir))
             else:
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+                strays.append(rel.as_posix())
+    if strays:
+        raise ConfigError(
+            f"--out {out} holds files that no ropesp build wrote ({', '.join(sorted(strays)[:3])}); "
+            "--overwrite replaces only a directory holding nothing but a previous build: move them or "
+            "choose another directory"
+        )
+    for path, is_dir in reversed(doomed):  # os.walk is top-down: files and subdirectories first
+        path.rmdir() if is_dir else path.unlink()
+    return False
+
+
+def _remove_partial(out: Path, world_size: int, created: bool) -> None:
+    """Remove what a failed build wrote into out (which was empty when it started)."""
+    for name in (mf.MANIFEST, mf.WEIGHTS, BUILD_LOG):
+        (out / name).unlink(missing_ok=True)
+    for rank in range(world_size):
+        shutil.rmtree(out / f"rank{rank}", ignore_errors=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def build(cfg: BuildConfig) -> Path:
-    """Build the engine directory cfg.out; returns it. Progress per segment on stderr (tqdm)."""
+    """Build the engine directory cfg.out; returns it. Progress per segment on stderr (tqdm).
+
+    A build that fails (or is interrupted) removes what it wrote, and out if it created it."""
+    prepared: dict = {}
+    try:
+        return _build(cfg, prepared)
+    except BaseException:
+        if prepared:
+            _remove_partial(Path(cfg.out), cfg.world_size, prepared["created"])
+        raise
+
+
+def _build(cfg: BuildConfig, prepared: dict) -> Path:
+    """build(); sets prepared["created"] once out is ready to be written."""
     from safetensors.torch import save_file
 
     t_start = time.perf_counter()
@@ -177,6 +239,7 @@ def build(cfg: BuildConfig) -> Path:
     )
     cache = CacheConfig(cfg.max_frames or defaults.latent_frames, cfg.local_attn_frames, cfg.sink_frames)
     shapes = [cfg.chunk_frames] + ([1] if cfg.independent_first_frame and cfg.chunk_frames != 1 else [])
+    check_rank_count(cfg.world_size, min(shapes) * geometry.frame_tokens)
     sampler = SamplerConfig(
         chunk_frames=cfg.chunk_frames, independent_first_frame=cfg.independent_first_frame
     )
@@ -193,7 +256,7 @@ def build(cfg: BuildConfig) -> Path:
     if run_device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--backend {cfg.backend} on cuda needs a CUDA GPU, and none is visible")
     out = Path(cfg.out)
-    _prepare_out(out)
+    prepared["created"] = _prepare_out(out, cfg.overwrite)
     model = load_weights(cfg, model_cfg, run_device)
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / mf.WEIGHTS)

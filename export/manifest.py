@@ -142,8 +142,18 @@ class Manifest:
             raise EngineError(
                 f"{arg('engines', root)}: {hint}; build engines with `ropesp build --out {root}`"
             )
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise EngineError(f"{path} resolves outside {root} (a symlink); refused")
         try:
             raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EngineError(f"{path} is not valid JSON ({exc}); rebuild with `ropesp build`") from None
+        problem = schema_problem(raw)
+        if problem:
+            raise EngineError(
+                f"{path} is not a valid ropesp manifest: {problem}; rebuild with `ropesp build`"
+            )
+        try:
             segments = [
                 SegmentSpec(
                     **{
@@ -156,7 +166,7 @@ class Manifest:
             ]
             ranks = [RankFiles(**r) for r in raw.pop("ranks")]
             return cls(**raw, segments=segments, ranks=ranks, root=root)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:  # schema_problem checked every key: a field of another ropesp
             raise EngineError(
                 f"{path} is not a valid ropesp manifest ({type(exc).__name__}: {exc}); rebuild with `ropesp build`"
             ) from None
@@ -224,6 +234,13 @@ class Manifest:
                 raise EngineError(
                     f"{where}: {what} were built with {key} {built}, this is {key} {here}; rebuild with this {key}"
                 )
+        ext = EXTENSIONS[self.backend]
+        for rel in sorted({rel for r in self.ranks for rel in r.files.values()}):
+            if not rel.endswith(ext):
+                raise EngineError(
+                    f"{where}: {rel} is not a {ext} file, though the manifest says backend "
+                    f"{self.backend!r}; rebuild with `ropesp build`"
+                )
         self.verify_files(rank)
 
     def check_world_size(self, world_size: int) -> None:
@@ -235,16 +252,37 @@ class Manifest:
                 f"{world_size}`"
             )
 
+    def confined(self, rel: str) -> Path:
+        """root / rel for a file the manifest lists; EngineError unless rel is a plain relative path that
+        resolves (symlinks followed) inside the engine directory. Every file the runtime opens comes
+        through here, so nothing outside the directory is ever read, hashed or named."""
+        assert self.root is not None, "confined needs a manifest loaded from a directory"
+        where = self._where()
+        if rel not in self.files:
+            raise EngineError(
+                f"{where}: {rel!r} is not in the manifest's SHA-256 list; rebuild with `ropesp build`"
+            )
+        if not _plain_relative(rel):
+            raise EngineError(
+                f"{where}: {rel!r} is not a relative path inside the engine directory; refused (rebuild "
+                "with `ropesp build`)"
+            )
+        path = self.root / rel
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise EngineError(f"{where}: {rel} resolves outside the engine directory (a symlink); refused")
+        return path
+
     def verify_files(self, rank: int | None = None) -> None:
-        """Every file of rank (None: all) and the shared weights exists and has its digest (file_digest);
-        the files are hashed concurrently, large ones in blocks."""
+        """Every file of rank (None: all) and the shared weights exists inside the directory and has its
+        digest (file_digest); the files are hashed concurrently, large ones in blocks."""
         assert self.root is not None, "verify_files needs a manifest loaded from a directory"
         own = f"rank{rank}/"
+        needed = set() if rank is None else {self.weights, *self.rank_files(rank).files.values()}
         wanted = {}
         for rel, digest in sorted(self.files.items()):
-            if rank is not None and rel.startswith("rank") and not rel.startswith(own):
+            if rank is not None and rel.startswith("rank") and not rel.startswith(own) and rel not in needed:
                 continue
-            path = self.root / rel
+            path = self.confined(rel)
             if not path.is_file():
                 raise EngineError(
                     f"{path} is missing (listed in {self.root / MANIFEST}); rebuild with `ropesp build`"
@@ -269,6 +307,196 @@ TREE_PREFIX = "sha256-blocks-64MiB:"
 engines' start-up then). Smaller files keep the plain SHA-256 of the whole file."""
 TREE_BLOCK = 64 << 20
 TREE_MIN_SIZE = 4 * TREE_BLOCK
+
+
+# --- schema: every field's type and range, and the cross-references the runtime follows -------
+SEGMENT_NAMES = ("embed", "pre", "post", "head")
+_INT_MODEL_FIELDS = ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers", "in_dim", "out_dim")
+
+
+def _is_digest(v: str) -> bool:
+    """A plain SHA-256 hex digest, or TREE_PREFIX + one."""
+    hexpart = v.removeprefix(TREE_PREFIX)
+    return len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
+
+
+def _is_int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_map(d, keys: set[str], lo: int) -> bool:
+    return isinstance(d, dict) and set(d) == keys and all(_is_int(v, lo) for v in d.values())
+
+
+def _tensor_problem(t, where: str) -> str | None:
+    if (
+        not isinstance(t, dict)
+        or not {"name", "dtype", "shape"} <= set(t)
+        or not set(t) <= {"name", "dtype", "shape", "kind", "dynamic"}
+    ):
+        return f"{where} must be an object with name, dtype, shape (kind, dynamic)"
+    if not isinstance(t["name"], str) or not isinstance(t["dtype"], str):
+        return f"{where}: name and dtype must be strings"
+    if not isinstance(t["shape"], list) or not all(_is_int(d) for d in t["shape"]):
+        return f"{where}.shape {t['shape']!r} must be a list of integers >= 0"
+    if t.get("kind", "activation") not in ("activation", "weight"):
+        return f"{where}.kind {t.get('kind')!r} must be activation or weight"
+    dyn = t.get("dynamic", {})
+    if not isinstance(dyn, dict) or not all(
+        isinstance(v, list) and len(v) == 3 and all(_is_int(x) for x in v) for v in dyn.values()
+    ):
+        return f"{where}.dynamic must map dims to [min, opt, max]"
+    return None
+
+
+def _model_problem(m) -> str | None:
+    if not isinstance(m, dict):
+        return "model must be an object"
+    for k in _INT_MODEL_FIELDS + ("text_len", "text_dim"):
+        if k in m or k in _INT_MODEL_FIELDS:
+            if not _is_int(m.get(k), 1):
+                return f"model.{k} {m.get(k)!r} must be an integer >= 1"
+    ps = m.get("patch_size", [1, 2, 2])
+    if not isinstance(ps, list) or len(ps) != 3 or not all(_is_int(p, 1) for p in ps):
+        return f"model.patch_size {ps!r} must be three integers >= 1"
+    for k in ("qk_norm", "cross_attn_norm"):
+        if k in m and not isinstance(m[k], bool):
+            return f"model.{k} {m[k]!r} must be true or false"
+    for k in ("eps", "rope_theta"):
+        if k in m and not (_is_num(m[k]) and m[k] > 0):
+            return f"model.{k} {m[k]!r} must be a number > 0"
+    from ropesp.config import ModelConfig  # stdlib-only module
+    from ropesp.errors import ConfigError
+
+    try:
+        ModelConfig.from_dict(m)
+    except ConfigError as exc:
+        return f"model: {exc}"
+    return None
+
+
+def schema_problem(raw) -> str | None:
+    """What is wrong with a manifest.json document (None: nothing): types, ranges, and that every
+    segment, rank and file the runtime follows is present and listed. Version and setup fit is
+    Manifest.validate's job."""
+    if not isinstance(raw, dict):
+        return "the document must be a JSON object"
+    if raw.get("format") != FORMAT:
+        return f"manifest format {raw.get('format')!r}, this ropesp reads {FORMAT}"
+    known = {f.name for f in dataclasses.fields(Manifest)} - {"root"}
+    required = known - {"weights", "build_seconds", "format"}
+    if missing := sorted(required - set(raw)):
+        return f"missing fields {missing}"
+    if unknown := sorted(set(raw) - known):
+        return f"unknown fields {unknown}"
+    for k in ("backend", "dtype", "device", "gpu_arch", "weights"):
+        if k in raw and not isinstance(raw[k], str):
+            return f"{k} {raw[k]!r} must be a string"
+    if raw["device"] not in ("cpu", "cuda"):
+        return f"device {raw['device']!r} must be cpu or cuda"
+    for k, lo in (("world_size", 1), ("chunk_frames", 1), ("max_frames", 1), ("sink_frames", 0)):
+        if not _is_int(raw[k], lo):
+            return f"{k} {raw[k]!r} must be an integer >= {lo}"
+    if not _is_int(raw["local_attn_frames"], -1) or raw["local_attn_frames"] == 0:
+        return f"local_attn_frames {raw['local_attn_frames']!r} must be -1 or an integer >= 1"
+    if not _is_num(raw.get("build_seconds", 0.0)):
+        return "build_seconds must be a number"
+    if not isinstance(raw["versions"], dict):
+        return "versions must be an object"
+    if problem := _model_problem(raw["model"]):
+        return problem
+    shapes = raw["frame_shapes"]
+    if not isinstance(shapes, list) or not shapes or not all(_is_int(f, 1) for f in shapes):
+        return f"frame_shapes {shapes!r} must be a non-empty list of integers >= 1"
+    if raw["chunk_frames"] not in shapes or len(set(shapes)) != len(shapes):
+        return f"frame_shapes {shapes} must hold chunk_frames {raw['chunk_frames']} once"
+    g = raw["geometry"]
+    keys = {"latent_height", "latent_width", "rows", "cols", "frame_tokens"}
+    if not _int_map(g, keys, 1):
+        return f"geometry must hold integers >= 1 for {sorted(keys)}"
+    _, ph, pw = raw["model"].get("patch_size", [1, 2, 2])
+    if (g["rows"] * ph, g["cols"] * pw, g["rows"] * g["cols"]) != (
+        g["latent_height"],
+        g["latent_width"],
+        g["frame_tokens"],
+    ):
+        return f"geometry {g} is inconsistent (rows x patch = latent_height, cols x patch = latent_width)"
+    files = raw["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _is_digest(v) for k, v in files.items()
+    ):
+        return "files must map relative paths to SHA-256 hex digests (or block digests of large files)"
+    if escaping := sorted(k for k in files if not _plain_relative(k)):
+        return f"files entry {escaping[0]!r} is not a relative path inside the engine directory"
+    if raw.get("weights", WEIGHTS) not in files:
+        return f"weights {raw.get('weights', WEIGHTS)!r} is not listed in files"
+    segments = raw["segments"]
+    if not isinstance(segments, list):
+        return "segments must be a list"
+    seen, stems = set(), set()
+    for i, s in enumerate(segments):
+        where = f"segments[{i}]"
+        if not isinstance(s, dict) or set(s) != {
+            "name",
+            "frames",
+            "stem",
+            "inputs",
+            "outputs",
+            "weight_scope",
+        }:
+            return f"{where} must hold exactly name, frames, stem, inputs, outputs, weight_scope"
+        if s["name"] not in SEGMENT_NAMES or s["frames"] not in shapes or (s["name"], s["frames"]) in seen:
+            return (
+                f"{where} ({s['name']!r}, {s['frames']!r} frames) is not a segment of frame_shapes {shapes}"
+            )
+        if not isinstance(s["stem"], str) or not _plain_relative(s["stem"]) or "/" in s["stem"]:
+            return f"{where}.stem {s['stem']!r} must be a plain file stem"
+        if not isinstance(s["weight_scope"], str):
+            return f"{where}.weight_scope must be a string"
+        for io in ("inputs", "outputs"):
+            if not isinstance(s[io], list) or not s[io]:
+                return f"{where}.{io} must be a non-empty list"
+            for j, t in enumerate(s[io]):
+                if problem := _tensor_problem(t, f"{where}.{io}[{j}]"):
+                    return problem
+        if s["name"] == "embed":
+            lat = s["inputs"][0]["shape"]
+            want = [1, s["frames"], raw["model"]["in_dim"], g["latent_height"], g["latent_width"]]
+            if lat[1:] != want[1:]:
+                return f"{where} takes latents {lat}, but model and geometry give {want}"
+        seen.add((s["name"], s["frames"]))
+        stems.add(s["stem"])
+    if missing := sorted({(n, f) for n in SEGMENT_NAMES for f in shapes} - seen):
+        return f"segments lack {missing} (segment, chunk frames) of frame_shapes {shapes}"
+    ranks = raw["ranks"]
+    if not isinstance(ranks, list) or len(ranks) != raw["world_size"]:
+        return f"ranks must list world_size {raw['world_size']} ranks"
+    frame_keys = {str(f) for f in shapes}
+    for i, r in enumerate(ranks):
+        where = f"ranks[{i}]"
+        if not isinstance(r, dict) or set(r) != {"rank", "files", "first_token", "local_tokens"}:
+            return f"{where} must hold exactly rank, files, first_token, local_tokens"
+        if r["rank"] != i or not _is_int(r["rank"]):
+            return f"{where}.rank {r['rank']!r} must be {i}"
+        if not isinstance(r["files"], dict) or set(r["files"]) != stems:
+            return f"{where}.files must map every segment stem {sorted(stems)} to a file"
+        for stem, rel in r["files"].items():
+            if not isinstance(rel, str) or rel not in files:
+                return f"{where}.files[{stem!r}] {rel!r} is not listed in files (with its SHA-256)"
+        if not _int_map(r["first_token"], frame_keys, 0) or not _int_map(r["local_tokens"], frame_keys, 1):
+            return f"{where}: first_token and local_tokens must map each of {sorted(frame_keys)} to a token count"
+    return None
+
+
+def _plain_relative(rel: str) -> bool:
+    """A relative POSIX path of plain names: no root, drive, backslash, '.', '..' or empty part."""
+    if not rel or "\\" in rel or "\0" in rel or rel.startswith("/") or ":" in rel.split("/")[0]:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
 def sha256(path: Path) -> str:

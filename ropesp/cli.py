@@ -115,6 +115,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         help="self-attention over the KV cache: sdpa (bf16 cuDNN, default) | fa3 (FlashAttention-3 bf16) | "
         "fp8 (FlashAttention-3 e4m3) | int8 (SageAttention)",
     )
+    g.add_argument(
+        "--collective-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="while streaming, how long a rank waits for the others before the run stops and names the "
+        "stalled rank (default 60; --backend compile: 300, its graphs compile during the first chunks; "
+        "setup before the first chunk may take longer)",
+    )
 
 
 def _latent_sizes(args) -> tuple[int | None, int | None, int | None]:
@@ -186,6 +194,7 @@ def pipeline_config(args, *, unbounded_ok: bool = False, demo_default: bool = Fa
         ring_degree=args.ring_degree,
         precision=args.precision,
         attention=args.attention,
+        collective_timeout_s=args.collective_timeout,
     )
 
 
@@ -316,6 +325,7 @@ def cmd_generate(args) -> None:
     from pathlib import Path
 
     from ropesp.decode.factory import check_wan_vae_options
+    from ropesp.limits import check_local_ranks
     from ropesp.run_status import announce
     from ropesp.runtime.dist import Mapping, parse_device
     from ropesp.runtime.launch import spawn_ranks, under_launcher
@@ -361,6 +371,8 @@ def cmd_generate(args) -> None:
     if unbounded:
         check_unbounded(res.cache)
     chunks = None if unbounded else len(res.request.sampler.chunk_sizes(res.latent_frames))
+    if res.world_size > 1 and not under_launcher():
+        check_local_ranks(res.world_size, res.device)  # before the prompt is encoded
     prompts = _prompt_schedule(args, md, res, chunks)
     if res.request.checkpoint and args.checkpoint is None and md is None:
         print(
@@ -686,6 +698,7 @@ def cmd_build(args) -> None:
             dtype=args.dtype,
             device=args.device,
             autotune=args.autotune,
+            overwrite=args.overwrite,
         )
     )
 
@@ -695,7 +708,14 @@ def add_build_parser(sub) -> None:
     add_model_args(p)
     g = p.add_argument_group("engines")
     g.add_argument("--backend", required=True, choices=["onnx", "tensorrt", "aoti"])
-    g.add_argument("--out", required=True, help="engine directory to write (manifest.json + rank*/)")
+    g.add_argument(
+        "--out", required=True, help="engine directory to write (manifest.json + rank*/): new or empty"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the previous ropesp build in --out (only the files its manifest lists)",
+    )
     g.add_argument("--world-size", type=int, default=1, help="sequence-parallel ranks the engines are for")
     g.add_argument("--latent-height", type=int, help="latent height (default: the preset's)")
     g.add_argument("--latent-width", type=int, help="latent width (default: the preset's)")
@@ -812,6 +832,9 @@ def main(argv: list[str] | None = None) -> int:
     except RopespError as exc:
         print(f"ropesp: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGINT: every rank was stopped on the way out
+        print("ropesp: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -59,3 +59,18 @@ def python_names() -> Iterator[None]:
         yield
     finally:
         _PYTHON_NAMES.reset(token)
+
+
+def read_failure(exc: BaseException) -> str:
+    """One line on why a weights or tensor file could not be read: the error's first line, except that
+    torch's weights_only refusal (whose text suggests unpickling the file) becomes a plain statement."""
+    import pickle
+
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
+        return (
+            "not a file of plain tensors (safetensors, or torch.save of tensors); ropesp never unpickles "
+            "other objects"
+        )
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}"

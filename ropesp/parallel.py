@@ -63,18 +63,21 @@ class SPLayout:
             if ring is not None:
                 ulysses = world_size // ring
             else:
-                ulysses = max(
-                    d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0
-                )
+                ulysses = max(_common_divisors(world_size, num_heads))
         ring = world_size // ulysses if ring is None else ring
         if ulysses < 1 or ulysses * ring != world_size:
             raise ConfigError(
                 f"{arg('ulysses_degree', ulysses)} x {arg('ring_degree', ring)} must equal the world size {world_size}"
             )
         if num_heads % ulysses:
-            valid = [d for d in range(1, world_size + 1) if world_size % d == 0 and num_heads % d == 0]
+            valid = _common_divisors(world_size, num_heads)
             raise ConfigError(
                 f"{arg('ulysses_degree', ulysses)} does not divide the model's {num_heads} attention heads; "
                 f"valid Ulysses degrees for world size {world_size}: {valid}"
             )
         return cls(ulysses, ring)
+
+
+def _common_divisors(world_size: int, num_heads: int) -> list[int]:
+    """Divisors of both, ascending (bounded by the heads: a huge world size costs nothing)."""
+    return [d for d in range(1, min(world_size, num_heads) + 1) if world_size % d == 0 and num_heads % d == 0]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import re
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +83,27 @@ def parse_device(spec: str, flag: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+LOOPBACK_ENV = "ROPESP_LOOPBACK_STORE"
+"""Set to 1 by the launcher of single-host rank groups: init_process_group then meets on loopback."""
+
+
+def loopback_store(rank: int, world_size: int, port: int, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store of a single-host group, listening on 127.0.0.1:port only: torch's store
+    server would listen on every interface, so rank 0 hands it a socket already bound to loopback."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return dist.TCPStore("127.0.0.1", port, world_size, True, timeout, master_listen_fd=sock.detach())
+
+
 def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float = 300.0) -> None:
     """NCCL on GPU, gloo on CPU; a no-op at world size 1 and for a rank alone. Needs MASTER_ADDR/PORT
     in the env."""
@@ -89,13 +112,18 @@ def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    store = None
+    if os.environ.get(LOOPBACK_ENV) == "1":  # ranks ropesp spawned on this host (not torchrun's)
+        store = loopback_store(mapping.rank, mapping.world_size, int(os.environ["MASTER_PORT"]), timeout_s)
     dist.init_process_group(
         backend,
+        store=store,
         rank=mapping.rank,
         world_size=mapping.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
+    open_watch_group()
 
 
 def destroy_process_group() -> None:
@@ -104,6 +132,7 @@ def destroy_process_group() -> None:
     for that reason), so every rank must call this at about the same time, never one rank after
     waiting for another's exit. Callers drop their executors first, so the CUDA graphs that captured
     NCCL collectives are destroyed before the communicators they use."""
+    _WATCH.clear()  # a group object kept past its group would hang a later fork's teardown of it
     if dist.is_initialized():
         gc.collect()  # the executors' CUDA graphs, freed by the caller, are gone before the comms
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -114,9 +143,91 @@ def destroy_process_group() -> None:
 def abort_process_group() -> None:
     """Leave the group without waiting for the peers (one may have died): NCCL communicators are
     aborted; gloo groups, which never wait in teardown, are destroyed."""
+    _WATCH.clear()
     if not dist.is_initialized():
         return
     if dist.get_backend() == "nccl":
         dist.distributed_c10d._abort_process_group()
     else:
         dist.destroy_process_group()
+
+
+# --- bounded waits: a stalled rank is found and named ------------------------------------------
+STALL_PROBE_S = 5.0
+"""How long the ranks that timed out wait for each other at the monitored barrier that names the
+stalled ones."""
+_WATCH: dict = {}
+"""'group': a gloo group that only finds stalled ranks; 'timeout_s': the collective timeout set."""
+
+
+def open_watch_group() -> None:
+    """Create the gloo group report_stall() uses (collective: every rank calls it after joining)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    # its own short timeout: a send to a stopped peer would otherwise wait gloo's default 30 min
+    _WATCH["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=STALL_PROBE_S))
+    from torch.distributed import distributed_c10d as c10d
+
+    store = c10d._get_default_store()  # every rank's host and pid, while all are alive
+    store.set(f"ropesp/proc/{dist.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
+    _WATCH["procs"] = [store.get(f"ropesp/proc/{r}").decode().split() for r in range(dist.get_world_size())]
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """From now on a collective of the default group waits at most `seconds` for the peers. Called once
+    every rank has built its session: setup (loading, compiling) ran under the longer join timeout,
+    and the barrier keeps a rank that is still setting up from counting as stalled."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from torch.distributed import distributed_c10d as c10d
+
+    dist.barrier()
+    if hasattr(c10d, "_set_pg_timeout"):  # torch >= 2.3; older: the join timeout stays
+        c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
+        _WATCH["timeout_s"] = seconds
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """A collective that gave up waiting for its peers (gloo raises it in the calling thread)."""
+    return isinstance(exc, RuntimeError) and "timed out" in str(exc).lower()
+
+
+def report_stall(rank: int) -> str | None:
+    """After a collective timeout: the ranks that timed out meet at a monitored barrier, so rank 0
+    learns which ranks never arrived. Returns the one-line report this rank should print (rank 0's
+    names the stalled ranks; another rank reports only when rank 0 itself does not answer)."""
+    group = _WATCH.get("group")
+    limit = _WATCH.get("timeout_s")
+    what = (
+        f"a collective waited longer than --collective-timeout {limit:g} s"
+        if limit
+        else "a collective timed out"
+    )
+    if group is None:
+        return f"{what} for the other ranks"
+    try:
+        dist.monitored_barrier(
+            group=group, timeout=datetime.timedelta(seconds=STALL_PROBE_S), wait_all_ranks=True
+        )
+        return f"{what}, though every rank is alive (a slow rank)"
+    except RuntimeError as exc:
+        if rank != 0:  # rank 0 names the stalled ranks, unless it is the one stopped
+            return f"{what}: rank 0 stalled (stopped)" if _stopped(0) else None
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(exc))
+        if not found:
+            return f"{what} for the other ranks"
+        ranks = [r for r in found.group(1).replace(" ", "").split(",") if r]
+        who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
+        return f"{what}: {who} stalled (stopped or hung)"
+
+
+def _stopped(rank: int) -> bool:
+    """Whether a rank on this host is stopped (SIGSTOP, a debugger) or gone; False when unknown."""
+    procs = _WATCH.get("procs")
+    if not procs or procs[rank][0] != socket.gethostname():
+        return False
+    try:
+        with open(f"/proc/{procs[rank][1]}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t", "Z")
+    except OSError:
+        return True

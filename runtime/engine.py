@@ -242,8 +242,17 @@ def load_weights(manifest: Manifest, device: torch.device) -> CausalWanDiT:
 
     with torch.device("meta"):
         model = CausalWanDiT(manifest.model_config())
-    state_dict = load_file(str(manifest.root / manifest.weights), device=str(device))
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    state_dict = load_file(str(manifest.confined(manifest.weights)), device=str(device))
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as exc:  # a manifest `model` edited away from the weights it lists
+        lines = str(exc).strip().splitlines()
+        why = lines[1].strip() if len(lines) > 1 else lines[0]
+        why = why if len(why) <= 160 else why[:160] + " ..."
+        raise EngineError(
+            f"engine directory {manifest.root}: {manifest.weights} does not fit the manifest's model "
+            f"({why}); rebuild with `ropesp build`"
+        ) from None
     return model.eval().requires_grad_(False)
 
 
@@ -256,7 +265,7 @@ def load_engine_executor(res, state, directory: Path, mapping) -> EngineExecutor
     cuda_graphs = res.request.cuda_graphs and state.device.type == "cuda"
     segments: dict[int, dict] = {}
     for spec in manifest.segments:
-        path = manifest.root / files[spec.stem]
+        path = manifest.confined(files[spec.stem])  # listed, verified by validate, inside the directory
         if res.backend == "ort":
             seg = OrtSegment(path, spec)
         elif res.backend == "aoti":

@@ -55,6 +55,9 @@ def check_prompt_embeds(cfg: ModelConfig, prompt_embeds: torch.Tensor) -> torch.
         )
     if not prompt_embeds.is_floating_point():
         raise ConfigError(f"prompt embeddings must be floating point, got {prompt_embeds.dtype}")
+    if not torch.isfinite(prompt_embeds).all():  # one host sync per prompt, not per chunk
+        bad = int((~torch.isfinite(prompt_embeds)).sum())
+        raise ConfigError(f"prompt embeddings hold {bad} NaN or Inf values; every value must be finite")
     return prompt_embeds
 
 

@@ -21,6 +21,7 @@ exits on its own when its parent process dies.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -39,7 +40,15 @@ import torch.distributed as dist
 
 from ropesp.config import VAE_STRIDE, SamplerConfig
 from ropesp.errors import ConfigError, RopespError
-from ropesp.runtime.dist import Mapping, abort_process_group, destroy_process_group, device_for
+from ropesp.limits import check_local_ranks
+from ropesp.runtime.dist import (
+    Mapping,
+    abort_process_group,
+    destroy_process_group,
+    device_for,
+    loopback_store,
+    open_watch_group,
+)
 from ropesp.runtime.executor import check_prompt_embeds
 from ropesp.runtime.launch import RankFailure, free_port
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_session
@@ -189,12 +198,13 @@ def _init_group(mapping: Mapping, device: str, port: int, timeout_s: float) -> _
         dist.distributed_c10d._world.group_count = 0
     dist.init_process_group(
         "nccl" if dev.type == "cuda" else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        store=loopback_store(mapping.rank, mapping.world_size, port, timeout_s),
         rank=mapping.rank,
         world_size=mapping.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=dev if dev.type == "cuda" else None,
     )
+    open_watch_group()
     return _Channel(dev)
 
 
@@ -238,6 +248,7 @@ class SessionGroup:
         """Start ranks 1..P-1, join the group with them and build this rank's session."""
         try:
             if self.res.world_size > 1:
+                check_local_ranks(self.res.world_size, self.res.device)
                 port = free_port()
                 self.workers = [self._spawn(rank, port) for rank in range(1, self.res.world_size)]
                 self._channel = self._join(port)
@@ -297,6 +308,8 @@ class SessionGroup:
         height/width (pixels) are optional; the pipeline serves the size it was configured for.
         frames=False skips the decoder for this request (its chunks carry latents only).
         """
+        if int(latent_frames) < 1:
+            raise ConfigError(f"latent_frames {int(latent_frames)} must be >= 1")
         prompt = self.check_prompt(prompt_embeds)
         g = self.res.geometry
         served = (g.latent_height * VAE_STRIDE[1], g.latent_width * VAE_STRIDE[2])
@@ -328,8 +341,8 @@ class SessionGroup:
         """Run one request on every rank; yields rank 0's chunks. After each chunk cancelled() is asked,
         then switch(): a (checked prompt [1, L, text_dim] fp32, mode) comes into effect on every rank
         before the next chunk the DiT starts (the next one, or one later with an overlapped producer)."""
-        if self._failure:
-            raise RankFailure(f"the pipeline failed earlier ({self._failure}); reload the model")
+        if not self.healthy():
+            self.recover()
         chunks = self._guarded(self._begin, req)
         try:
             while True:
@@ -347,6 +360,30 @@ class SessionGroup:
                     return
         finally:
             chunks.close()  # an overlapped DiT thread stops now, not at the next request
+
+    def healthy(self) -> bool:
+        """Every rank can serve: no failure so far and every worker process alive."""
+        if self._failure is None:
+            for rank, proc in enumerate(self.workers, start=1):
+                if proc.poll() is None and _exiting(proc.pid):
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(STOP_TIMEOUT_S)  # its last threads are still exiting
+                if proc.poll() is not None:
+                    self._failure = f"worker rank {rank} exited with status {proc.returncode}"
+        return self._failure is None and self.pipeline is not None
+
+    def recover(self) -> None:
+        """Replace a failed group (a dead or stuck worker leaves the ranks out of step for good): stop
+        every rank, then start them again, so the next request is served. RankFailure if that fails."""
+        reason = self._failure or "the group was closed"
+        print(f"ropesp: restarting the rank group ({reason})", file=sys.stderr, flush=True)
+        self.close()
+        self._failure = None
+        try:
+            self.start()
+        except Exception as exc:
+            self._failure = f"restart failed: {exc}"
+            raise RankFailure(f"the rank group failed ({reason}) and could not be restarted: {exc}") from exc
 
     def _begin(self, req: Request) -> Iterator[Chunk]:
         if self._channel is not None:
@@ -406,6 +443,16 @@ class SessionGroup:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _exiting(pid: int) -> bool:
+    """A process whose main thread has exited (a zombie) but which waitpid cannot report yet: a killed
+    multi-threaded process shows this while its other threads are still going down."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
 
 
 def run_worker(res: ResolvedPipeline, mapping: Mapping, port: int) -> None:

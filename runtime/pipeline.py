@@ -36,6 +36,8 @@ BACKENDS = ("eager", "compile", "ort", "aoti", "tensorrt")
 MODEL_BACKENDS = ("eager", "compile")
 """Backends that run the PyTorch model itself (no --engines); the others run `ropesp build` artifacts."""
 DEFAULT_PRESET = "tiny"
+COLLECTIVE_TIMEOUT_S = 60.0
+"""Default bound on a streaming collective's wait for the other ranks (interactive use)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ class PipelineConfig:
     ring_degree: int | None = None
     """R of the hybrid layout (default: P / U)."""
     cuda_graphs: bool = True
+    collective_timeout_s: float | None = None
+    """Seconds a collective waits for the other ranks while streaming before the run stops and names
+    the stalled rank (setup before the first chunk may take longer: loading, compiling). None:
+    COLLECTIVE_TIMEOUT_S, except for backend compile, whose graphs compile during the first chunks at
+    a pace that differs between ranks: it keeps the join timeout."""
     precision: str = "bf16"
     """bf16 | fp8: the blocks' Linear layers as e4m3 GEMMs (torchao, quantized once at load;
     plugins/fp8.py); the eager and compile backends, CUDA compute capability >= 8.9, bfloat16."""
@@ -111,6 +118,20 @@ class PipelineConfig:
 
     def resolve(self) -> ResolvedPipeline:
         """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
+        from ropesp import limits
+
+        limits.check_positive(
+            latent_height=self.latent_height,
+            latent_width=self.latent_width,
+            latent_frames=self.latent_frames,
+            max_frames=self.max_frames,
+            world_size=self.world_size,
+            ulysses_degree=self.ulysses_degree,
+            ring_degree=self.ring_degree,
+        )
+        timeout = self.collective_timeout_s
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ConfigError(f"--collective-timeout {timeout} must be > 0 seconds")
         manifest = None
         if self.engines:
             from ropesp.export.manifest import Manifest  # stdlib-only reader
@@ -172,7 +193,10 @@ class PipelineConfig:
         world = Mapping.from_env(requested).world_size
         if manifest is not None:
             manifest.check_world_size(world)  # before any rank starts
+        limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
         layout = SPLayout.choose(cfg.num_heads, world, self.ulysses_degree, self.ring_degree)
+        itemsize = DTYPES[dtype_name].itemsize
+        limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
         self.check_precision(backend, device, dtype_name, layout)
         return ResolvedPipeline(
             self,
@@ -356,6 +380,13 @@ def build_session(
             "that already exists (torchrun, or runtime.launch.spawn_ranks + process_group)"
         )
     executor = build_executor(res, mapping, group)
+    timeout = res.request.collective_timeout_s
+    if timeout is None and res.backend != "compile":
+        timeout = COLLECTIVE_TIMEOUT_S
+    if mapping.world_size > 1 and not mapping.alone and timeout is not None:
+        from ropesp.runtime.dist import set_collective_timeout
+
+        set_collective_timeout(timeout)  # every rank is set up: bound the waits from here on
     return StreamSession(
         executor,
         res.request.sampler,

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ropesp.config import ModelConfig
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, read_failure
 
 DEFAULT_PROMPT_SEED = 1234
 DEFAULT_PROMPT_TOKENS = 32
@@ -39,7 +39,7 @@ def load_prompt_embeds(path: str | Path, flag: str = "--prompt-embeds") -> torch
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"{flag} {path} could not be read: {exc}") from exc
+        raise ConfigError(f"{flag} {path} could not be read: {read_failure(exc)}") from exc
     if not isinstance(t, torch.Tensor):
         raise ConfigError(f"{flag} {path} holds a {type(t).__name__}, expected a tensor")
     if t.dim() == 2:

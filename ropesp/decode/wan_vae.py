@@ -28,7 +28,7 @@ import torch
 
 from ropesp.decode.base import frames_to_host
 from ropesp.decode.preview import to_uint8
-from ropesp.errors import CheckpointError
+from ropesp.errors import CheckpointError, read_failure
 
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -190,7 +190,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except RuntimeError:  # pre-zip (legacy) torch.save format cannot be memory-mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"VAE checkpoint {path} could not be read: {exc}") from exc
+        raise CheckpointError(f"VAE checkpoint {path} could not be read: {read_failure(exc)}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"VAE checkpoint {path} is not a state dict of tensors (got {type(state).__name__})"

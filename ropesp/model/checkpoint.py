@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ropesp.config import PRESETS, ModelConfig, preset
-from ropesp.errors import CheckpointError, ConfigError
+from ropesp.errors import CheckpointError, ConfigError, read_failure
 from ropesp.model.wan import CausalWanDiT, random_model
 
 StateDict = dict[str, torch.Tensor]
@@ -196,7 +196,7 @@ def load_state_dict(
         except CheckpointError:
             raise
         except Exception as exc:  # torch/safetensors/pickle each raise their own types
-            raise CheckpointError(f"cannot read checkpoint {file}: {type(exc).__name__}: {exc}") from exc
+            raise CheckpointError(f"cannot read checkpoint {file}: {read_failure(exc)}") from exc
         sd.update(part)
     sd = _normalise(sd, path)
     cfg_path = Path(model_config_path) if model_config_path is not None else sidecar

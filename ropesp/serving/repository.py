@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import site
 import sys
@@ -35,6 +36,10 @@ FORMAT = 1
 DECODERS = ("preview", "vae")
 ARTIFACT_FIELDS = ("checkpoint", "model_config", "engines")
 """PipelineConfig fields that name files; they are placed under artifacts/ and stored relative."""
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+"""A plain Triton model name: one directory name inside the repository."""
+MODEL_FILES = {"config.pbtxt", "1", "1/model.py", f"1/{CONFIG_FILE}", f"1/{ARTIFACTS}", "1/__pycache__"}
+"""What write_repository puts in a model directory (artifacts/ and __pycache__/ hold only its own files)."""
 
 
 @dataclass(frozen=True)
@@ -165,12 +170,45 @@ def _place(src: str, artifacts: Path, name: str, link: bool) -> str:
     for item, target in items:
         if link:
             target.symlink_to(item, target_is_directory=item.is_dir())
+        elif name == "engines":
+            _copy_engines(item, target)
         elif item.is_dir():
-            shutil.copytree(item, target, symlinks=True)
+            shutil.copytree(item, target)  # symlinks followed: the repository holds real files
         else:
             shutil.copy2(item, target)
     placed = dest / path.relative_to(root) if root != path else dest
     return placed.relative_to(artifacts.parent).as_posix()
+
+
+def _copy_engines(src: Path, dest: Path) -> None:
+    """Copy an engine directory: its manifest and the files it lists, verified (nothing else, never a
+    file outside src), as real files."""
+    from ropesp.export.manifest import MANIFEST, Manifest
+
+    manifest = Manifest.load(src)
+    manifest.verify_files()  # every listed file inside src, with its SHA-256
+    dest.mkdir(parents=True)
+    for rel in [MANIFEST, *sorted(manifest.files)]:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(manifest.confined(rel) if rel != MANIFEST else src / MANIFEST, dest / rel)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse (ConfigError) a model name that is not one plain directory name."""
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"--model-name {name!r}: a model name is letters, digits, '_', '-' and '.' (not first), "
+            "one directory name inside --out"
+        )
+
+
+def _replaceable(model_dir: Path) -> bool:
+    """Whether model_dir holds a ropesp model written by write_repository and nothing else."""
+    if model_dir.is_symlink() or not (model_dir / "1" / CONFIG_FILE).is_file():
+        return False
+    entries = [p.relative_to(model_dir).as_posix() for p in model_dir.iterdir()]
+    entries += [p.relative_to(model_dir).as_posix() for p in (model_dir / "1").iterdir()]
+    return set(entries) <= MODEL_FILES
 
 
 def write_repository(
@@ -192,7 +230,6 @@ def write_repository(
     link=True symlinks the artifacts instead of copying them (the repository is then not relocatable).
     """
     from ropesp.decode.factory import check_wan_vae_options
-    from ropesp.runtime.group import config_to_dict
 
     world = world_size or pipeline_config.world_size or 1
     config = dataclasses.replace(pipeline_config, world_size=world)
@@ -202,11 +239,31 @@ def write_repository(
     if (decoder == "vae") != (vae is not None):
         raise ConfigError("the vae decoder needs a Wan VAE path (and only it takes one)")
     check_wan_vae_options(decoder == "vae", vae_compile, decode_device, "use --decoder vae")
+    check_model_name(model_name)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a directory for the repository")
     model_dir = Path(out) / model_name
-    if model_dir.exists():
+    if model_dir.exists() or model_dir.is_symlink():
         if not overwrite:
             raise ConfigError(f"{model_dir} exists; remove it or pass --force to replace it")
+        if not _replaceable(model_dir):
+            raise ConfigError(
+                f"{model_dir} is not a ropesp model written by `ropesp serve-repo` (or holds other "
+                "files); --force replaces only such a model: move it or choose another --model-name"
+            )
         shutil.rmtree(model_dir)
+    try:
+        return _write_model(model_dir, config, res, world, decoder, vae, vae_compile, decode_device, link)
+    except BaseException:
+        shutil.rmtree(model_dir, ignore_errors=True)  # nothing half-written
+        raise
+
+
+def _write_model(model_dir: Path, config, res, world, decoder, vae, vae_compile, decode_device, link) -> Path:
+    """write_repository's writing part (everything validated); returns model_dir."""
+    from ropesp.runtime.group import config_to_dict
+
+    model_name = model_dir.name
     version = model_dir / "1"
     artifacts = version / ARTIFACTS
     version.mkdir(parents=True)
@@ -223,6 +280,7 @@ def write_repository(
         "vae": _place(vae, artifacts, "vae", link) if vae else None,
         "vae_compile": vae_compile,
         "decode_device": decode_device,
+        "linked": link,
         "python": dataclasses.asdict(PythonEnv.current()),
     }
     (version / CONFIG_FILE).write_text(json.dumps(spec, indent=2) + "\n")
@@ -244,10 +302,11 @@ def read_model_config(version_dir: str | Path) -> ServedModel:
             "write the repository again with `ropesp serve-repo`"
         )
     raw = dict(spec["pipeline"])
+    linked = spec.get("linked") is True
     for name in ARTIFACT_FIELDS:
         if raw.get(name):
-            raw[name] = str(version_dir / raw[name])
-    vae = str(version_dir / spec["vae"]) if spec.get("vae") else None
+            raw[name] = str(_confined(version_dir, raw[name], name, linked))
+    vae = str(_confined(version_dir, spec["vae"], "vae", linked)) if spec.get("vae") else None
     return ServedModel(
         config_from_dict(raw),
         spec["decoder"],
@@ -256,6 +315,24 @@ def read_model_config(version_dir: str | Path) -> ServedModel:
         vae_compile=bool(spec.get("vae_compile", False)),
         decode_device=spec.get("decode_device"),
     )
+
+
+def _confined(version_dir: Path, rel, name: str, linked: bool) -> Path:
+    """version_dir / rel for an artifact path of ropesp_config.json: relative, under artifacts/, no '..',
+    and (unless the repository was written with --link) resolving inside version_dir."""
+    where = f"{version_dir / CONFIG_FILE}: {name}"
+    if not isinstance(rel, str) or "\\" in rel:
+        raise ConfigError(f"{where} {rel!r} is not a relative path; write the repository again")
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts or not parts or parts[0] != ARTIFACTS:
+        raise ConfigError(
+            f"{where} {rel!r} is outside {ARTIFACTS}/ of the model; write the repository again with "
+            "`ropesp serve-repo`"
+        )
+    path = version_dir / rel
+    if not linked and not path.resolve().is_relative_to(version_dir.resolve()):
+        raise ConfigError(f"{where} {rel!r} resolves outside the model directory (a symlink); refused")
+    return path
 
 
 def recorded_python(repo: str | Path) -> PythonEnv | None:

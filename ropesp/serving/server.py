@@ -29,7 +29,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from ropesp.errors import BackendUnavailableError, RopespError
+from ropesp.errors import BackendUnavailableError, ConfigError, RopespError
 from ropesp.serving.repository import PythonEnv, recorded_python
 
 READY_TIMEOUT_S = 180.0
@@ -38,6 +38,9 @@ STOP_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 30
 LOG_TAIL_LINES = 40
 PR_SET_PDEATHSIG = 1
+WORKDIR_PREFIX = "ropesp-triton-"
+OWNER_FILE = "owner.pid"
+"""In a server's work directory: '<launching pid> <server pid>', so a later start can tell it is stale."""
 
 
 class ServerError(RopespError):
@@ -93,6 +96,11 @@ class TritonServer:
         ready_timeout_s: float = READY_TIMEOUT_S,
         stop_timeout_s: float = STOP_TIMEOUT_S,
     ) -> None:
+        for flag, port in (("--http-port", http_port), ("--grpc-port", grpc_port)):
+            if port is not None and not (isinstance(port, int) and 1 <= port <= 65535):
+                raise ConfigError(f"{flag} {port} must be a TCP port in 1..65535")
+        if http_port is not None and http_port == grpc_port:
+            raise ConfigError(f"--http-port and --grpc-port are both {http_port}; give two different ports")
         self.repo = Path(repo).resolve()
         self.http_port = http_port or _free_port()
         self.grpc_port = grpc_port or _free_port()
@@ -155,7 +163,14 @@ class TritonServer:
         """Start tritonserver and wait until it is ready; stops it again if that fails."""
         if not self.repo.is_dir():
             raise ServerError(f"model repository {self.repo} does not exist")
-        self._workdir = Path(tempfile.mkdtemp(prefix="ropesp-triton-"))
+        if not any(self.repo.glob("*/config.pbtxt")):
+            raise ServerError(
+                f"model repository {self.repo} holds no model (no <model>/config.pbtxt); write one with "
+                f"`ropesp serve-repo --out {self.repo}`"
+            )
+        remove_stale_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        (self._workdir / OWNER_FILE).write_text(f"{os.getpid()} 0\n")
         self._own_log = self.log_path is None
         self.log_path = self.log_path or self._workdir / "tritonserver.log"
         try:
@@ -171,6 +186,7 @@ class TritonServer:
                     preexec_fn=_die_with_parent if _PRCTL is not None else None,
                 )
             self.pid = self.proc.pid
+            (self._workdir / OWNER_FILE).write_text(f"{os.getpid()} {self.pid}\n")
             self.wait_ready()
         except BaseException:
             self.stop()
@@ -257,6 +273,41 @@ class TritonServer:
         if self._sigterm is not None:
             signal.signal(signal.SIGTERM, self._sigterm)
             self._sigterm = None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:  # a zombie (no init reaps orphans in some containers) is gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_workdirs(tmp: str | Path | None = None) -> list[Path]:
+    """Remove the work directories of servers whose launching process and server are both gone (a
+    `ropesp serve` killed with SIGKILL cannot clean up after itself); returns them. Only directories
+    with this module's prefix, this user's, holding an owner file, are considered."""
+    removed = []
+    for workdir in Path(tmp or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        owner = workdir / OWNER_FILE
+        try:
+            if workdir.is_symlink() or workdir.stat().st_uid != os.getuid() or not owner.is_file():
+                continue
+            pids = [int(p) for p in owner.read_text().split()]
+        except (OSError, ValueError):
+            continue
+        if pids and not any(_pid_alive(p) for p in pids):
+            shutil.rmtree(workdir, ignore_errors=True)
+            removed.append(workdir)
+    return removed
 
 
 def _interrupt(signum, frame) -> None:

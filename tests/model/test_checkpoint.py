@@ -283,6 +283,22 @@ def test_load_model_corrupt_file_names_it(name: str, tmp_path: Path, sd: dict) -
         load_model(path, None, dtype=torch.float32)
     assert str(path) in str(err.value)
     assert err.value.__cause__ is not None
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)  # never advise unpickling
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--prompt-embeds"])
+def test_random_bytes_file_gets_one_line(flag: str, tmp_path: Path, capsys) -> None:
+    from ropesp.cli import main
+
+    path = tmp_path / "random.pt"
+    path.write_bytes(bytes(range(256)) * 16)
+    size = ["--latent-height", "8", "--latent-width", "8", "--latent-frames", "3"]
+    model = [] if flag == "--checkpoint" else ["--preset", "tiny"]  # a checkpoint brings its own model
+    args = ["generate", *model, *size]
+    assert main([*args, flag, str(path), "--output", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err, err
+    assert "weights_only" not in err and "ropesp never unpickles other objects" in err
 
 
 def test_load_model_missing_file(tmp_path: Path) -> None:

@@ -75,6 +75,8 @@ def test_triton_stream_equals_in_process_run(server, client, prompt, reference):
         ("frames not a multiple of the chunk", "must be a positive multiple of --chunk-frames 3"),
         ("frames beyond the cache", "exceed the KV cache of 30 frames"),
         ("other height", "serves 64 x 64 pixels"),
+        ("nan prompt", "prompt embeddings hold 1 NaN or Inf values"),
+        ("zero frames", "latent_frames 0 must be >= 1"),
     ],
 )
 def test_triton_bad_request_gets_an_error_and_serving_goes_on(
@@ -90,6 +92,10 @@ def test_triton_bad_request_gets_an_error_and_serving_goes_on(
         "frames not a multiple of the chunk": lambda: client.make_inputs(p, 0, 4),
         "frames beyond the cache": lambda: client.make_inputs(p, 0, 33),
         "other height": lambda: client.make_inputs(p, 0, 6, height=128, width=64),
+        "nan prompt": lambda: client.make_inputs(
+            np.where(np.arange(p.size).reshape(p.shape) == 7, np.nan, p).astype(np.float32), 0, 6
+        ),
+        "zero frames": lambda: client.make_inputs(p, 0, 0),
     }[case]()
     with pytest.raises(InferenceServerException) as err:
         list(client.stream(server.grpc_url, inputs, timeout_s=60))
