@@ -308,7 +308,7 @@ class SessionGroup:
         height/width (pixels) are optional; the pipeline serves the size it was configured for.
         frames=False skips the decoder for this request (its chunks carry latents only).
         """
-        if int(latent_frames) < 1:
+        if latent_frames is not None and int(latent_frames) < 1:  # None: until cancelled
             raise ConfigError(f"latent_frames {int(latent_frames)} must be >= 1")
         prompt = self.check_prompt(prompt_embeds)
         g = self.res.geometry

@@ -38,7 +38,10 @@ def _generate(root, tmp_path, capsys) -> str:
     )
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "Traceback" not in err and err.count("\n") == 1, err
+    # the status lines before the work, then one error line, last
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("ropesp: error: "), err
+    assert sum(line.startswith("ropesp: error:") for line in lines) == 1, err
     return err
 
 
