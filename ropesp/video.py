@@ -212,6 +212,14 @@ def check_outputs(
     return OutputPaths(video_path, latents_path, frames_path, overwrite)
 
 
+def _as_created(path: Path) -> None:
+    """Give a mkstemp file (mode 0600) the mode a plain open() would: 0666 less the umask, so the
+    finished video is as readable as any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 class StreamOutputs:
     """A run's outputs: the MP4 (and PNG frames) written chunk by chunk, committed on success.
 
@@ -236,6 +244,7 @@ class StreamOutputs:
         fd, part = tempfile.mkstemp(dir=video.parent, prefix=f"{video.name}.", suffix=".part")
         os.close(fd)
         self.part_path = Path(part)
+        _as_created(self.part_path)
         try:
             self._mp4 = Mp4Writer(self.part_path)
             frames_dir = self.paths.frames_dir
@@ -272,6 +281,7 @@ class StreamOutputs:
             target = self.paths.latents
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".part")
             os.close(fd)
+            _as_created(Path(tmp))
             try:
                 torch.save(latents, tmp)
                 os.replace(tmp, target)

@@ -167,3 +167,23 @@ def test_interrupted_generate_removes_its_partial_files(tmp_path):
     assert proc.returncode != 0, err
     assert out.read_bytes() == before, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"], err
+
+
+def test_finished_outputs_get_the_umask_mode_not_mkstemps(tmp_path):
+    """The .part files come from mkstemp (0600); the finished video and latents are 0666 less the umask,
+    as any file the user's programs write."""
+    import os
+    import stat
+
+    import torch
+
+    paths = check_outputs(str(tmp_path / "v.mp4"), str(tmp_path / "l.pt"), None, False)
+    old = os.umask(0o022)
+    try:
+        with StreamOutputs(paths) as out:
+            out.write(np.zeros((9, 16, 16, 3), dtype=np.uint8))
+            out.commit(torch.zeros(1))
+    finally:
+        os.umask(old)
+    for name in ("v.mp4", "l.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
