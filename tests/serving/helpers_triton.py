@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -100,3 +101,24 @@ def group_members(pgid: int) -> list[int]:
         for e in os.listdir("/proc")
         if e.isdigit() and (s := _stat(int(e))) is not None and s[0] != "Z" and int(s[2]) == pgid
     ]
+
+
+@contextlib.contextmanager
+def running_server(repo: Path, log_path: Path):
+    """A real tritonserver on repo (127.0.0.1); on exit it is stopped and nothing it started may be left
+    running (its process group empty, every descendant seen while it ran gone)."""
+    require_triton()
+    from ropesp.serving.server import TritonServer
+
+    server = TritonServer(repo, log_path=log_path)
+    procs: dict[int, str] = {}
+    try:
+        server.start()
+        procs = descendants(server.pid)
+        yield server, procs
+    finally:
+        pgid = server.pid
+        server.stop()
+        if pgid is not None:
+            assert group_members(pgid) == [], f"left behind: {procs}"
+        assert not [p for p in procs if alive(p)], f"left behind: {procs}"

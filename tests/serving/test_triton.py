@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers_triton import CONFIG, Reference, alive, descendants, group_members, load_client, require_triton
+from helpers_triton import CONFIG, Reference, load_client, running_server
 
 from ropesp.serving.repository import write_repository
 from ropesp.video import read_video_info
@@ -20,25 +20,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for the module, on a repository that was moved after writing (relocatable)."""
-    require_triton()
-    from ropesp.serving.server import TritonServer
-
     tmp = tmp_path_factory.mktemp("triton")
     write_repository(tmp / "written", CONFIG)
     shutil.move(tmp / "written", tmp / "repo")
-    server = TritonServer(tmp / "repo", log_path=tmp / "tritonserver.log")
-    procs: dict[int, str] = {}
-    try:
-        server.start()
-        procs = descendants(server.pid)
+    with running_server(tmp / "repo", tmp / "tritonserver.log") as (server, procs):
         assert any("triton_python_backend_stub" in cmd for cmd in procs.values())
         yield server
-    finally:
-        pgid = server.pid
-        server.stop()
-        if pgid is not None:
-            assert group_members(pgid) == [], f"left behind: {procs}"
-        assert not [p for p in procs if alive(p)], f"left behind: {procs}"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from helpers_triton import CONFIG, alive, descendants, group_members, load_client, require_triton
+from helpers_triton import CONFIG, load_client, running_server
 
 from ropesp.runtime.pipeline import build_session
 from ropesp.serving.repository import write_repository
@@ -19,23 +19,10 @@ FRAMES = 30  # 10 chunks (the served cache): a change sent after chunk 1 lands w
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    require_triton()
-    from ropesp.serving.server import TritonServer
-
     tmp = tmp_path_factory.mktemp("triton-steer")
     write_repository(tmp / "repo", CONFIG)
-    server = TritonServer(tmp / "repo", log_path=tmp / "tritonserver.log")
-    procs: dict[int, str] = {}
-    try:
-        server.start()
-        procs = descendants(server.pid)
+    with running_server(tmp / "repo", tmp / "tritonserver.log") as (server, _):
         yield server
-    finally:
-        pgid = server.pid
-        server.stop()
-        if pgid is not None:
-            assert group_members(pgid) == [], f"left behind: {procs}"
-        assert not [p for p in procs if alive(p)], f"left behind: {procs}"
 
 
 @pytest.fixture(scope="module")
