@@ -61,10 +61,13 @@ def find_triton() -> tuple[Path, Path]:
     return root, libs
 
 
-def _free_port() -> int:
+def _free_port(taken: int | None = None) -> int:
+    """A free loopback port other than `taken` (two probes in a row can get the same port back)."""
     from ropesp.runtime.launch import free_port
 
-    return free_port()
+    while (port := free_port()) == taken:
+        pass
+    return port
 
 
 def _libc_prctl():
@@ -102,8 +105,8 @@ class TritonServer:
         if http_port is not None and http_port == grpc_port:
             raise ConfigError(f"--http-port and --grpc-port are both {http_port}; give two different ports")
         self.repo = Path(repo).resolve()
-        self.http_port = http_port or _free_port()
-        self.grpc_port = grpc_port or _free_port()
+        self.http_port = http_port or _free_port(grpc_port)
+        self.grpc_port = grpc_port or _free_port(self.http_port)
         self.python = python or recorded_python(self.repo) or PythonEnv.current()
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
