@@ -92,18 +92,11 @@ def attention_unsupported_reason(mode: str, device: torch.device | str) -> str |
     """Why `mode` cannot run on device (None when it can)."""
     if mode == "sdpa":
         return None
-    device = torch.device(device)
-    need = _MIN_CAPABILITY[mode]
-    if device.type != "cuda":
-        return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and the device is {device.type}"
-    if not torch.cuda.is_available():
-        return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and this torch sees none"
-    cap = torch.cuda.get_device_capability(device)
-    if cap < need:
-        return (
-            f"{torch.cuda.get_device_name(device)} has compute capability {cap[0]}.{cap[1]}; "
-            f"its kernels need >= {need[0]}.{need[1]}"
-        )
+    from ropesp.plugins.fp8 import gpu_capability_reason
+
+    reason = gpu_capability_reason(device, _MIN_CAPABILITY[mode], "its kernels need")
+    if reason is not None:
+        return reason
     module, package = _PACKAGES[mode]
     try:
         __import__(module)

@@ -42,20 +42,26 @@ def fp8_linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if is_fp8_linear(m, name)]
 
 
-def fp8_unsupported_reason(device: torch.device | str) -> str | None:
-    """Why FP8 GEMMs cannot run on device (None when they can): no CUDA, too old a GPU, or no torchao."""
+def gpu_capability_reason(device: torch.device | str, need: tuple[int, int], what: str) -> str | None:
+    """Why device is not a CUDA GPU of compute capability >= need (None when it is); `what` names the
+    hardware that needs it in the message (e.g. "FP8 tensor cores need")."""
     device = torch.device(device)
     if device.type != "cuda":
-        return f"it needs a CUDA GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, and the device is {device.type}"
+        return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and the device is {device.type}"
     if not torch.cuda.is_available():
-        return f"it needs a CUDA GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, and this torch sees none"
+        return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and this torch sees none"
     cap = torch.cuda.get_device_capability(device)
-    if cap < MIN_CAPABILITY:
+    if cap < need:
         name = torch.cuda.get_device_name(device)
-        return (
-            f"{name} has compute capability {cap[0]}.{cap[1]}; FP8 tensor cores need "
-            f">= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Ada, Hopper or newer)"
-        )
+        return f"{name} has compute capability {cap[0]}.{cap[1]}; {what} >= {need[0]}.{need[1]}"
+    return None
+
+
+def fp8_unsupported_reason(device: torch.device | str) -> str | None:
+    """Why FP8 GEMMs cannot run on device (None when they can): no CUDA, too old a GPU, or no torchao."""
+    reason = gpu_capability_reason(device, MIN_CAPABILITY, "FP8 tensor cores (Ada, Hopper or newer) need")
+    if reason is not None:
+        return reason
     try:
         import torchao  # noqa: F401
     except ImportError:
