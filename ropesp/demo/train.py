@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ropesp.config import SamplerConfig, preset
@@ -184,6 +185,7 @@ class Trainer:
         self.step = 0
         self.curve: list[dict] = []
         self.elapsed_before = 0.0
+        self.init_info: dict[str, str] | None = None
         self.specs = all_specs()
         encoder = DemoTextEncoder(self.model_cfg.text_len, self.model_cfg.text_dim)
         self.prompts = torch.stack([encoder.encode(describe(s)) for s in self.specs]).to(device)
@@ -210,6 +212,7 @@ class Trainer:
         save_file(v, out / "state_adam_v.safetensors")
         meta = {
             "recipe": asdict(self.cfg),
+            "init": self.init_info,
             "step": self.step,
             "train_seconds": self.elapsed_before,
             "curve": self.curve,
@@ -217,6 +220,16 @@ class Trainer:
             "torch": torch.__version__,
         }
         (out / "train.json").write_text(json.dumps(meta, indent=1))
+
+    def init_from(self, checkpoint: Path) -> None:
+        """Start model and EMA from a checkpoint's weights (fresh optimizer and schedule): continues an
+        exported run whose optimizer state is gone."""
+        sd = load_file(checkpoint / WEIGHTS_NAME, device=str(self.device))
+        self.model.load_state_dict({k: v.float() for k, v in sd.items()})
+        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
+        with safe_open(checkpoint / WEIGHTS_NAME, "pt") as f:
+            info = f.metadata() or {}
+        self.init_info = {"checkpoint": checkpoint.name, **info}
 
     def load(self, src: Path) -> None:
         self.model.load_state_dict(load_file(src / "state_model.safetensors", device=str(self.device)))
@@ -226,6 +239,7 @@ class Trainer:
         meta = json.loads((src / "train.json").read_text())
         self.step, self.curve = meta["step"], meta["curve"]
         self.elapsed_before = meta["train_seconds"]
+        self.init_info = meta.get("init")
         for group in self.opt.param_groups:
             for p in group["params"]:
                 name = next(n for n, q in self.model.named_parameters() if q is p)
@@ -345,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ropesp.demo.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", help="directory for the training state (resumable)")
     p.add_argument("--resume", help="training state directory of an earlier run")
+    p.add_argument("--init", metavar="DIR", help="start from the weights of a checkpoint directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for f in (
         "batch",
@@ -376,6 +391,11 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     trainer = Trainer(cfg, device)
+    if args.resume and args.init:
+        p.error("--init and --resume exclude each other")
+    if args.init:
+        trainer.init_from(Path(args.init))
+        print(f"started from {args.init} ({trainer.init_info})", flush=True)
     if args.resume:
         trainer.load(Path(args.resume))
         print(f"resumed at step {trainer.step}", flush=True)
