@@ -244,7 +244,10 @@ class Trainer:
             for p in group["params"]:
                 name = next(n for n, q in self.model.named_parameters() if q is p)
                 self.opt.state[p] = {
-                    "step": torch.tensor(float(self.step)),
+                    # fused AdamW keeps its step counts on the parameters' device
+                    "step": torch.tensor(
+                        float(self.step), device=p.device if self.opt.defaults["fused"] else None
+                    ),
                     "exp_avg": m[name].to(p.dtype),
                     "exp_avg_sq": v[name].to(p.dtype),
                 }
