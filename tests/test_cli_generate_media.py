@@ -153,7 +153,7 @@ def _partial(model_root, tmp_path, *drop):
 def test_bad_media_input_gives_clear_error(case, flag, message, tmp_path, model_root, sf_ckpt, capsys):
     ckpt = ["--checkpoint", str(sf_ckpt)]
     argv = {
-        "prompt-without-encoder": ["--prompt", "a cat"],
+        "prompt-without-encoder": ["--preset", "tiny", "--prompt", "a cat"],
         "decoder-vae-without-vae": ["--decoder", "vae"],
         "vae-missing": ["--vae", "/nonexistent/vae"],
         "text-encoder-without-prompt": ["--text-encoder", str(model_root)],

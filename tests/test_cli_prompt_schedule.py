@@ -16,7 +16,7 @@ from ropesp.cli import main
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 from ropesp.video import read_video_info
 
-GRID = ["--latent-height", "10", "--latent-width", "14", "--device", "cpu", "--seed", "3"]
+GRID = ["--preset", "tiny", "--latent-height", "10", "--latent-width", "14", "--device", "cpu", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_help_shows_the_schedule_syntax():
 def test_frames_0_streams_until_ctrl_c(tmp_path):
     """An unbounded stream on a rolling window; SIGINT ends it after a chunk and the MP4 is complete."""
     out = tmp_path / "v.mp4"
-    cmd = [sys.executable, "-m", "ropesp.cli", "generate", "--latent-height", "8", "--latent-width", "8"]
+    cmd = [sys.executable, "-m", "ropesp.cli", "generate", "--preset", "tiny", "--latent-height", "8"]
+    cmd += ["--latent-width", "8"]
     cmd += ["--device", "cpu", "--frames", "0", "--local-attn-frames", "7", "--sink-frames", "1"]
     proc = subprocess.Popen([*cmd, "--output", str(out)], stderr=subprocess.PIPE, text=True)
     try:
