@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ropesp import dtypes
 from ropesp.config import (
     PRESETS,
     CacheConfig,
@@ -30,12 +31,11 @@ from ropesp.config import (
 )
 from ropesp.errors import ConfigError, EngineError
 from ropesp.export import manifest as mf
-from ropesp.export.segments import DTYPE_NAMES, SEGMENTS, make_segments
+from ropesp.export.segments import SEGMENTS, make_segments
 from ropesp.limits import check_positive, check_rank_count
 from ropesp.parallel import SPLayout, TokenShard
 
 BACKENDS = ("onnx", "tensorrt", "aoti")
-DTYPES = {name: dt for dt, name in DTYPE_NAMES.items() if dt.is_floating_point}
 BUILD_LOG = "build.log"
 
 
@@ -89,8 +89,6 @@ class BuildConfig:
         )
         if self.chunk_frames < 1:
             raise ConfigError(f"--chunk-frames {self.chunk_frames} must be >= 1")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
         if self.device not in (None, "cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r}; choose cpu or cuda")
         if self.backend == "tensorrt" and self.device == "cpu":
@@ -104,6 +102,7 @@ class BuildConfig:
             raise ConfigError("give --checkpoint PATH (optionally --model-config) or --preset NAME")
         if self.max_frames is not None and self.local_attn_frames != -1:
             raise ConfigError("give either --max-frames or --local-attn-frames/--sink-frames, not both")
+        dtypes.dtype_name(self.dtype, self.run_device)
 
     @property
     def run_device(self) -> str:
@@ -113,7 +112,7 @@ class BuildConfig:
 
     @property
     def dtype_name(self) -> str:
-        return self.dtype or ("bfloat16" if self.run_device == "cuda" else "float32")
+        return dtypes.dtype_name(self.dtype, self.run_device)
 
 
 def resolve_model(cfg: BuildConfig) -> tuple[ModelConfig, PresetDefaults]:
@@ -135,7 +134,7 @@ def load_weights(cfg: BuildConfig, model_cfg: ModelConfig, device: torch.device)
     the device the engines run on by the runtime's own recipe, model.wan.random_model)."""
     from ropesp.model.wan import random_model
 
-    dtype = DTYPES[cfg.dtype_name]
+    dtype = dtypes.DTYPES[cfg.dtype_name]
     if cfg.checkpoint:
         from ropesp.model.checkpoint import load_model
 

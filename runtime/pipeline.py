@@ -26,12 +26,12 @@ from ropesp.config import (
     VideoGeometry,
     preset,
 )
+from ropesp.dtypes import DTYPES, dtype_name
 from ropesp.errors import ConfigError, arg
 from ropesp.parallel import SPLayout
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.session import StreamSession
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("eager", "compile", "ort", "aoti", "tensorrt")
 MODEL_BACKENDS = ("eager", "compile")
 """Backends that run the PyTorch model itself (no --engines); the others run `ropesp build` artifacts."""
@@ -142,10 +142,7 @@ class PipelineConfig:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device not in ("cuda", "cpu"):
             raise ConfigError(f"{arg('device', device)}; choose cuda or cpu")
-        dtype_name = self.dtype or (manifest.dtype if manifest else None)
-        dtype_name = dtype_name or ("bfloat16" if device == "cuda" else "float32")
-        if dtype_name not in DTYPES:
-            raise ConfigError(f"{arg('dtype', dtype_name)}; choose one of {sorted(DTYPES)}")
+        dtype = dtype_name(self.dtype or (manifest.dtype if manifest else None), device)
         backend = self.backend or (manifest.backend_for_runtime() if manifest else "eager")
         if backend not in BACKENDS:
             raise ConfigError(f"{arg('backend', backend)}; choose one of {BACKENDS}")
@@ -195,9 +192,9 @@ class PipelineConfig:
             manifest.check_world_size(world)  # before any rank starts
         limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
         layout = SPLayout.choose(cfg.num_heads, world, self.ulysses_degree, self.ring_degree)
-        itemsize = DTYPES[dtype_name].itemsize
+        itemsize = DTYPES[dtype].itemsize
         limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
-        self.check_precision(backend, device, dtype_name, layout)
+        self.check_precision(backend, device, dtype, layout)
         return ResolvedPipeline(
             self,
             cfg,
@@ -205,7 +202,7 @@ class PipelineConfig:
             frames,
             cache,
             device,
-            DTYPES[dtype_name],
+            DTYPES[dtype],
             backend,
             world,
             random_weights,

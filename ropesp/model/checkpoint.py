@@ -29,7 +29,7 @@ from torch import nn
 
 from ropesp.config import PRESETS, ModelConfig, preset
 from ropesp.errors import CheckpointError, ConfigError, read_failure
-from ropesp.model.wan import CausalWanDiT, random_model
+from ropesp.model.wan import RANDOM_WEIGHTS_SEED, CausalWanDiT, random_model
 
 StateDict = dict[str, torch.Tensor]
 FORMATS = ("self-forcing", "wan", "wan-sharded", "diffusers")
@@ -265,7 +265,7 @@ def load_model(
     model_config_path: str | Path | None = None,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
-    seed: int = 0,
+    seed: int = RANDOM_WEIGHTS_SEED,
 ) -> tuple[CausalWanDiT, ModelConfig]:
     """Build CausalWanDiT on the meta device and assign the checkpoint's tensors, cast to dtype.
 
@@ -276,7 +276,7 @@ def load_model(
     if path is None:
         if cfg is None:
             raise CheckpointError("no checkpoint and no model config: pass a checkpoint or a preset")
-        model = random_model(cfg, dtype, device, seed)  # seed 0: the preset weights `ropesp build` stores
+        model = random_model(cfg, dtype, device, seed)
     else:
         sd, file_cfg = load_state_dict(path, model_config_path=model_config_path)
         cfg = cfg or file_cfg or infer_config(sd)
