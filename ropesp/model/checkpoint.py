@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ropesp.config import PRESETS, ModelConfig, preset
+from ropesp.config import PRESETS, ModelConfig, ModelSource, PresetDefaults, preset, preset_of
 from ropesp.errors import CheckpointError, ConfigError, read_failure
 from ropesp.model.wan import RANDOM_WEIGHTS_SEED, CausalWanDiT, random_model
 
@@ -288,6 +288,30 @@ def load_model(
             cast[key] = sd.pop(key).to(device=device, dtype=dtype)
         model.load_state_dict(cast, strict=True, assign=True)
     return model.eval().requires_grad_(False), cfg
+
+
+def resolve_model(
+    source: ModelSource, default_preset: str | None = None
+) -> tuple[ModelConfig, PresetDefaults]:
+    """The model config of a source (peek_config's precedence for a checkpoint, then --model-config,
+    then the preset: default_preset when source names none) and the sizes it runs at by default: those
+    of the preset whose model it is, else of source.preset, else Wan2.1-1.3B's. source.engines is the
+    runtime's (it reads the manifest instead). Raises CheckpointError/ConfigError before any weights load."""
+    if source.checkpoint:
+        cfg = peek_config(source.checkpoint, source.model_config, source.preset)
+    elif source.model_config:
+        cfg = ModelConfig.from_json(source.model_config)
+    else:
+        return preset(source.preset or default_preset)
+    return cfg, preset(preset_of(cfg) or source.preset or "wan2.1-1.3b")[1]
+
+
+def load_source(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+    """The eager model of a resolved source (cfg from resolve_model) on device in dtype: the checkpoint's
+    weights, or the preset's seeded random ones (the same for `ropesp build` and the runtime)."""
+    return load_model(
+        source.checkpoint, cfg, model_config_path=source.model_config, dtype=dtype, device=device
+    )[0]
 
 
 # --- writing ------------------------------------------------------------------------------------
