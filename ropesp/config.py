@@ -391,9 +391,10 @@ class VideoConfig(DictCodec):
     latent_height: int | None = None
     latent_width: int | None = None
     max_frames: int | None = None
-    """KV cache capacity in frames without a rolling window."""
+    """KV cache capacity in frames without a rolling window (default: the video's length; a build's is
+    also the default video length its manifest records, else the preset's)."""
     local_attn_frames: int = -1
-    """Rolling window in frames, sink included (-1: global attention)."""
+    """Rolling window in frames, sink included (-1: global attention); a build's is the runtime's default."""
     sink_frames: int = 0
     """Frames never evicted from the rolling window."""
 
