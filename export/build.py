@@ -10,87 +10,122 @@ Only `pre` differs between ranks (export/segments.py): the other segments are bu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ropesp import dtypes
 from ropesp.config import (
-    PRESETS,
     CacheConfig,
-    ModelConfig,
-    PresetDefaults,
+    ModelSource,
+    ParallelConfig,
     SamplerConfig,
-    VideoGeometry,
-    preset,
+    VideoConfig,
+    compose,
+    flat_field,
 )
 from ropesp.errors import ConfigError, EngineError
 from ropesp.export import manifest as mf
-from ropesp.export.segments import DTYPE_NAMES, SEGMENTS, make_segments
-from ropesp.limits import check_positive, check_rank_count
+from ropesp.export.segments import SEGMENTS, make_segments
+from ropesp.limits import check_rank_count
+from ropesp.model.checkpoint import load_source, resolve_model
 from ropesp.parallel import SPLayout, TokenShard
 
 BACKENDS = ("onnx", "tensorrt", "aoti")
-DTYPES = {name: dt for dt, name in DTYPE_NAMES.items() if dt.is_floating_point}
 BUILD_LOG = "build.log"
 
 
-@dataclass(frozen=True)
+_PARTS = ("source", "video", "parallel")
+
+
+@dataclass(frozen=True, init=False)
 class BuildConfig:
-    """What `ropesp build` builds."""
+    """What `ropesp build` builds: the model, video and parallel sub-configs the runtime's PipelineConfig
+    also holds, and the build's own settings. Constructed and read flat as well:
+    BuildConfig(out, "onnx", preset="tiny").source.preset == "tiny" == config.preset."""
 
     out: str
     """Engine directory to write: new or empty (or, with `overwrite`, holding only a previous build)."""
     backend: str
     """onnx | tensorrt | aoti."""
-    world_size: int = 1
-    """Sequence-parallel ranks P (must divide the heads)."""
-    checkpoint: str | None = None
-    """Self-Forcing .pt, Wan safetensors or diffusers dir; None: the preset's seeded random weights."""
-    model_config: str | None = None
-    """Wan config.json (else beside the checkpoint, else the preset / matching shapes)."""
-    preset: str | None = None
-    """Named preset (tiny, wan2.1-1.3b, wan2.1-14b)."""
-    latent_height: int | None = None
-    """Latent height (default: the preset's)."""
-    latent_width: int | None = None
-    """Latent width (default: the preset's)."""
-    chunk_frames: int = 3
+    source: ModelSource
+    """A checkpoint (optionally with its model config) or a preset; None of them: refused."""
+    video: VideoConfig
+    """Default latent size (else the preset's) and cache: max_frames is the default video length and
+    KV cache capacity (else the preset's video), the rolling window the runtime's default."""
+    parallel: ParallelConfig
+    """world_size: the ranks P the engines are built for (must divide the heads; None: 1). Every
+    Ulysses x ring layout of P runs on them; a given degree is checked against the heads here."""
+    chunk_frames: int
     """Latent frames per chunk."""
-    independent_first_frame: bool = False
+    independent_first_frame: bool
     """Also build the 1-frame first chunk."""
-    max_frames: int | None = None
-    """Default video length / KV cache capacity in latent frames (default: the preset's video)."""
-    local_attn_frames: int = -1
-    """Rolling window in frames, sink included (-1: global attention); the runtime's default."""
-    sink_frames: int = 0
-    """Frames never evicted from the rolling window."""
-    dtype: str | None = None
+    dtype: str | None
     """float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)."""
-    device: str | None = None
+    device: str | None
     """cpu | cuda: where the engines run (default: cuda for tensorrt, else cpu)."""
-    autotune: bool = False
+    autotune: bool
     """AOTInductor max-autotune on CUDA (slower build); never on the CPU."""
-    overwrite: bool = False
+    overwrite: bool
     """Replace the previous ropesp build in `out` (only the files its manifest lists)."""
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        out: str,
+        backend: str,
+        *,
+        source: ModelSource | None = None,
+        video: VideoConfig | None = None,
+        parallel: ParallelConfig | None = None,
+        chunk_frames: int = 3,
+        independent_first_frame: bool = False,
+        dtype: str | None = None,
+        device: str | None = None,
+        autotune: bool = False,
+        overwrite: bool = False,
+        **flat: Any,
+    ) -> None:
+        """flat: fields of the sub-configs by name (preset=..., world_size=...), applied over the given ones."""
+        parts = dict(
+            source=source or ModelSource(),
+            video=video or VideoConfig(),
+            parallel=parallel or ParallelConfig(),
+        )
+        parts = compose("BuildConfig", parts, flat)
+        if parts["parallel"].world_size is None:
+            parts["parallel"] = dataclasses.replace(parts["parallel"], world_size=1)
+        fields = dict(
+            out=out,
+            backend=backend,
+            **parts,
+            chunk_frames=chunk_frames,
+            independent_first_frame=independent_first_frame,
+            dtype=dtype,
+            device=device,
+            autotune=autotune,
+            overwrite=overwrite,
+        )
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        self._check()
+
+    def __getattr__(self, name: str) -> Any:
+        return flat_field(self, _PARTS, name)
+
+    def _check(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}; choose one of {BACKENDS}")
-        check_positive(
-            world_size=self.world_size,
-            latent_height=self.latent_height,
-            latent_width=self.latent_width,
-            max_frames=self.max_frames,
-        )
+        self.parallel.check()
+        self.video.check()
         if self.chunk_frames < 1:
             raise ConfigError(f"--chunk-frames {self.chunk_frames} must be >= 1")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
         if self.device not in (None, "cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r}; choose cpu or cuda")
         if self.backend == "tensorrt" and self.device == "cpu":
@@ -100,10 +135,16 @@ class BuildConfig:
                 "--backend onnx graphs run in ONNX Runtime on the CPU (`generate --backend ort`); "
                 "for CUDA engines build --backend tensorrt or aoti"
             )
-        if self.checkpoint is None and self.preset is None and self.model_config is None:
+        source, video = self.source, self.video
+        if source.engines is not None:
+            raise ConfigError(
+                "`ropesp build` writes engines: give --checkpoint PATH or --preset NAME, not --engines"
+            )
+        if source.checkpoint is None and source.preset is None and source.model_config is None:
             raise ConfigError("give --checkpoint PATH (optionally --model-config) or --preset NAME")
-        if self.max_frames is not None and self.local_attn_frames != -1:
+        if video.max_frames is not None and video.local_attn_frames != -1:
             raise ConfigError("give either --max-frames or --local-attn-frames/--sink-frames, not both")
+        dtypes.dtype_name(self.dtype, self.run_device)
 
     @property
     def run_device(self) -> str:
@@ -113,36 +154,7 @@ class BuildConfig:
 
     @property
     def dtype_name(self) -> str:
-        return self.dtype or ("bfloat16" if self.run_device == "cuda" else "float32")
-
-
-def resolve_model(cfg: BuildConfig) -> tuple[ModelConfig, PresetDefaults]:
-    """(model config, preset defaults) of the build."""
-    if cfg.checkpoint:
-        from ropesp.model.checkpoint import peek_config
-
-        model_cfg = peek_config(cfg.checkpoint, cfg.model_config, cfg.preset)
-    elif cfg.model_config:
-        model_cfg = ModelConfig.from_json(cfg.model_config)
-    else:
-        model_cfg = preset(cfg.preset)[0]
-    names = [n for n, (make, _) in PRESETS.items() if make() == model_cfg]
-    return model_cfg, preset(cfg.preset or (names[0] if names else "wan2.1-1.3b"))[1]
-
-
-def load_weights(cfg: BuildConfig, model_cfg: ModelConfig, device: torch.device):
-    """The eager model in the build dtype: checkpoint weights, or the preset's seeded random ones (drawn on
-    the device the engines run on by the runtime's own recipe, model.wan.random_model)."""
-    from ropesp.model.wan import random_model
-
-    dtype = DTYPES[cfg.dtype_name]
-    if cfg.checkpoint:
-        from ropesp.model.checkpoint import load_model
-
-        return load_model(
-            cfg.checkpoint, model_cfg, model_config_path=cfg.model_config, dtype=dtype, device=device
-        )[0]
-    return random_model(model_cfg, dtype, device)
+        return dtypes.dtype_name(self.dtype, self.run_device)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> bool:
@@ -210,7 +222,7 @@ def build(cfg: BuildConfig) -> Path:
         return _build(cfg, prepared)
     except BaseException:
         if prepared:
-            _remove_partial(Path(cfg.out), cfg.world_size, prepared["created"])
+            _remove_partial(Path(cfg.out), cfg.parallel.world_size, prepared["created"])
         raise
 
 
@@ -228,18 +240,17 @@ def _build(cfg: BuildConfig, prepared: dict) -> Path:
         from ropesp.export.toolchain import choose_cxx
 
         cxx = choose_cxx()  # before any work; BuildError names every compiler it refused
-    model_cfg, defaults = resolve_model(cfg)
+    model_cfg, defaults = resolve_model(cfg.source)
+    world, video = cfg.parallel.world_size, cfg.video
     # segments hold all heads of a rank's tokens, so every Ulysses x ring layout of this world size
     # runs on the same engines; choose() refuses a layout the heads cannot take
-    SPLayout.choose(model_cfg.num_heads, cfg.world_size)
-    geometry = VideoGeometry(
-        cfg.latent_height or defaults.latent_height,
-        cfg.latent_width or defaults.latent_width,
-        model_cfg.patch_size,
+    SPLayout.choose(model_cfg.num_heads, world, cfg.parallel.ulysses_degree, cfg.parallel.ring_degree)
+    geometry = video.geometry(defaults, model_cfg.patch_size)
+    cache = CacheConfig(
+        video.max_frames or defaults.latent_frames, video.local_attn_frames, video.sink_frames
     )
-    cache = CacheConfig(cfg.max_frames or defaults.latent_frames, cfg.local_attn_frames, cfg.sink_frames)
     shapes = [cfg.chunk_frames] + ([1] if cfg.independent_first_frame and cfg.chunk_frames != 1 else [])
-    check_rank_count(cfg.world_size, min(shapes) * geometry.frame_tokens)
+    check_rank_count(world, min(shapes) * geometry.frame_tokens)
     sampler = SamplerConfig(
         chunk_frames=cfg.chunk_frames, independent_first_frame=cfg.independent_first_frame
     )
@@ -247,17 +258,13 @@ def _build(cfg: BuildConfig, prepared: dict) -> Path:
         sampler.chunk_sizes(cache.max_frames)  # the default video must tile into chunks
     except ConfigError as exc:
         raise ConfigError(f"--max-frames {cache.max_frames} (the default video length): {exc}") from None
-    if cache.rolling and cache.local_attn_frames < cache.sink_frames + max(shapes):
-        raise ConfigError(
-            f"--local-attn-frames {cache.local_attn_frames} must be >= --sink-frames {cache.sink_frames} "
-            f"+ chunk frames {max(shapes)}"
-        )
+    cache.check_chunk(max(shapes))
     run_device = torch.device(cfg.run_device)
     if run_device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--backend {cfg.backend} on cuda needs a CUDA GPU, and none is visible")
     out = Path(cfg.out)
     prepared["created"] = _prepare_out(out, cfg.overwrite)
-    model = load_weights(cfg, model_cfg, run_device)
+    model = load_source(cfg.source, model_cfg, dtypes.DTYPES[cfg.dtype_name], run_device)
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / mf.WEIGHTS)
     )
@@ -275,7 +282,7 @@ def _build(cfg: BuildConfig, prepared: dict) -> Path:
     manifest = mf.Manifest(
         backend=cfg.backend,
         model=model_cfg.to_dict(),
-        world_size=cfg.world_size,
+        world_size=world,
         dtype=cfg.dtype_name,
         device=cfg.run_device,
         chunk_frames=cfg.chunk_frames,
@@ -299,7 +306,7 @@ def _build(cfg: BuildConfig, prepared: dict) -> Path:
     )
     manifest.save(out)
     print(
-        f"built {cfg.backend} engines for world size {cfg.world_size} in {manifest.build_seconds:.1f} s: {out}",
+        f"built {cfg.backend} engines for world size {world} in {manifest.build_seconds:.1f} s: {out}",
         file=sys.stderr,
     )
     return out
@@ -315,16 +322,17 @@ def _build_ranks(
     ext = mf.EXTENSIONS[cfg.backend]
     built: dict[tuple, list[str]] = {}  # static key -> files of the first rank that built it
     specs, ranks = [], []
-    total = cfg.world_size * len(shapes) * len(SEGMENTS)
+    world = cfg.parallel.world_size
+    total = world * len(shapes) * len(SEGMENTS)
     with open(out / BUILD_LOG, "w") as log, tqdm(total=total, unit="segment", file=sys.stderr) as bar:
         if cxx is not None:
             log.write(f"C++ compiler: {cxx}\n")
-        for rank in range(cfg.world_size):
+        for rank in range(world):
             rank_dir = out / f"rank{rank}"
             rank_dir.mkdir()
             files, first, local = {}, {}, {}
             for frames in shapes:
-                shard = TokenShard.split(frames * geometry.frame_tokens, cfg.world_size, rank)
+                shard = TokenShard.split(frames * geometry.frame_tokens, world, rank)
                 first[str(frames)], local[str(frames)] = shard.first, shard.length
                 for seg in make_segments(
                     model, geometry, frames, shard, "" if frames == cfg.chunk_frames else f"_f{frames}"

@@ -293,9 +293,7 @@ def run_rank(
                 from ropesp.runtime.executor import EagerExecutor
 
                 model = model if model is not None else load_model(res, device)
-                state = make_state(
-                    res, vmap, device, sp_rope=variant.request.sp_rope, sp_comm=variant.request.sp_comm
-                )
+                state = make_state(res, vmap, device, parallel=variant.request.parallel)
                 executor = EagerExecutor(model, state, cuda_graphs=name == "optimized-graphs")
             else:
                 executor = build_executor(variant, vmap)

@@ -38,7 +38,7 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-from ropesp.config import VAE_STRIDE, SamplerConfig
+from ropesp.config import VAE_STRIDE
 from ropesp.errors import ConfigError, RopespError
 from ropesp.limits import check_local_ranks
 from ropesp.runtime.dist import (
@@ -95,26 +95,6 @@ class Request:
     @classmethod
     def from_header(cls, header: dict, prompt_embeds: torch.Tensor) -> Request:
         return cls(prompt_embeds, *(header[f.name] for f in dataclasses.fields(cls)[1:]))
-
-
-def config_to_dict(config: PipelineConfig) -> dict:
-    """A JSON-ready dict of a PipelineConfig (the sampler nested)."""
-    raw = dataclasses.asdict(config)
-    raw["sampler"]["steps"] = list(config.sampler.steps)
-    return raw
-
-
-def config_from_dict(raw: dict) -> PipelineConfig:
-    """Inverse of config_to_dict; unknown keys are refused by name."""
-    raw = dict(raw)
-    sampler = dict(raw.pop("sampler", {}))
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"pipeline config has unknown fields {unknown}")
-    if "steps" in sampler:
-        sampler["steps"] = tuple(sampler["steps"])
-    return PipelineConfig(sampler=SamplerConfig(**sampler), **raw)
 
 
 class RankPipeline:
@@ -262,7 +242,7 @@ class SessionGroup:
     def _spawn(self, rank: int, port: int) -> subprocess.Popen:
         cmd = [self.python, "-m", "ropesp.runtime.group", "--rank", str(rank)]
         cmd += ["--world-size", str(self.res.world_size), "--port", str(port)]
-        cmd += ["--parent-pid", str(os.getpid()), "--config", json.dumps(config_to_dict(self.res.request))]
+        cmd += ["--parent-pid", str(os.getpid()), "--config", json.dumps(self.res.request.to_dict())]
         paths = [*self.python_path, *filter(None, [os.environ.get("PYTHONPATH")])]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
@@ -496,12 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ropesp.runtime.group", description=main.__doc__)
     for name in ("--rank", "--world-size", "--port", "--parent-pid"):
         p.add_argument(name, type=int, required=True)
-    p.add_argument("--config", required=True, help="the PipelineConfig as JSON (config_to_dict)")
+    p.add_argument("--config", required=True, help="the PipelineConfig as JSON (PipelineConfig.to_dict)")
     args = p.parse_args(argv)
     _exit_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for rank 0 to handle
     try:
-        res = config_from_dict(json.loads(args.config)).resolve()
+        res = PipelineConfig.from_dict(json.loads(args.config)).resolve()
         run_worker(res, Mapping(args.world_size, args.rank, args.rank), args.port)
     except RopespError as exc:
         print(f"ropesp: error (worker rank {args.rank}): {exc}", file=sys.stderr)

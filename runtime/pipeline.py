@@ -13,25 +13,31 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ropesp.config import (
     CacheConfig,
+    ComputeConfig,
     ModelConfig,
+    ModelSource,
+    ParallelConfig,
     PresetDefaults,
     SamplerConfig,
+    VideoConfig,
     VideoGeometry,
-    preset,
+    compose,
+    flat_field,
 )
+from ropesp.dtypes import DTYPES, dtype_name
 from ropesp.errors import ConfigError, arg
 from ropesp.parallel import SPLayout
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.session import StreamSession
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("eager", "compile", "ort", "aoti", "tensorrt")
 MODEL_BACKENDS = ("eager", "compile")
 """Backends that run the PyTorch model itself (no --engines); the others run `ropesp build` artifacts."""
@@ -40,62 +46,97 @@ COLLECTIVE_TIMEOUT_S = 60.0
 """Default bound on a streaming collective's wait for the other ranks (interactive use)."""
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Everything a session needs; None means 'the default for this model/device'."""
+_PARTS = ("source", "video", "parallel", "compute")
 
-    checkpoint: str | None = None
-    """Self-Forcing .pt, Wan safetensors (file, index or dir) or diffusers transformer dir."""
-    model_config: str | None = None
-    """Wan config.json; else next to the checkpoint, else matched by tensor shapes."""
-    preset: str | None = None
-    """Named preset (tiny, wan2.1-1.3b, wan2.1-14b); random weights without a checkpoint."""
-    engines: str | None = None
-    """Engine directory from `ropesp build`."""
-    backend: str | None = None
-    """eager | compile (regional torch.compile + CUDA graphs) | ort | aoti | tensorrt; defaults to the
-    engines' backend, else eager."""
-    latent_height: int | None = None
-    latent_width: int | None = None
-    latent_frames: int | None = None
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    max_frames: int | None = None
-    """KV cache capacity in frames without a rolling window (default: the video's length)."""
-    local_attn_frames: int = -1
-    sink_frames: int = 0
-    dtype: str | None = None
-    """float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)."""
-    device: str | None = None
-    """cuda | cpu (default: cuda when a GPU is present)."""
-    world_size: int | None = None
-    sp_rope: str = "local"
-    sp_comm: str = "fused"
-    ulysses_degree: int | None = None
-    """U of the hybrid layout P = U x R (default: the largest divisor of P and the heads)."""
-    ring_degree: int | None = None
-    """R of the hybrid layout (default: P / U)."""
-    cuda_graphs: bool = True
-    collective_timeout_s: float | None = None
+
+@dataclass(frozen=True, init=False)
+class PipelineConfig:
+    """Everything a session needs; None means 'the default for this model/device'.
+
+    Composed of the sub-configs that `ropesp build` shares (ropesp/config.py); constructed and read
+    flat as well: PipelineConfig(preset="tiny", world_size=2).parallel.world_size == 2, and
+    config.world_size reads the same field."""
+
+    source: ModelSource
+    video: VideoConfig
+    parallel: ParallelConfig
+    compute: ComputeConfig
+    sampler: SamplerConfig
+    latent_frames: int | None
+    """The video's length in latent frames (default: the model's)."""
+    cuda_graphs: bool
+    collective_timeout_s: float | None
     """Seconds a collective waits for the other ranks while streaming before the run stops and names
     the stalled rank (setup before the first chunk may take longer: loading, compiling). None:
     COLLECTIVE_TIMEOUT_S, except for backend compile, whose graphs compile during the first chunks at
     a pace that differs between ranks: it keeps the join timeout."""
-    precision: str = "bf16"
-    """bf16 | fp8: the blocks' Linear layers as e4m3 GEMMs (torchao, quantized once at load;
-    plugins/fp8.py); the eager and compile backends, CUDA compute capability >= 8.9, bfloat16."""
-    attention: str = "sdpa"
-    """sdpa | fa3 | fp8 | int8: the self-attention kernel over the KV cache (plugins/attention_8bit.py)."""
+
+    def __init__(
+        self,
+        *,
+        source: ModelSource | None = None,
+        video: VideoConfig | None = None,
+        parallel: ParallelConfig | None = None,
+        compute: ComputeConfig | None = None,
+        sampler: SamplerConfig | None = None,
+        latent_frames: int | None = None,
+        cuda_graphs: bool = True,
+        collective_timeout_s: float | None = None,
+        **flat: Any,
+    ) -> None:
+        """flat: fields of the sub-configs by name (preset=..., sp_rope=...), applied over the given ones."""
+        parts = dict(
+            source=source or ModelSource(),
+            video=video or VideoConfig(),
+            parallel=parallel or ParallelConfig(),
+            compute=compute or ComputeConfig(),
+        )
+        fields = dict(
+            compose("PipelineConfig", parts, flat),
+            sampler=sampler if sampler is not None else SamplerConfig(),
+            latent_frames=latent_frames,
+            cuda_graphs=cuda_graphs,
+            collective_timeout_s=collective_timeout_s,
+        )
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        return flat_field(self, _PARTS, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the sub-configs' fields flat, the sampler nested."""
+        raw: dict[str, Any] = {}
+        for part in _PARTS:
+            raw.update(getattr(self, part).to_dict())
+        sampler = dataclasses.asdict(self.sampler)
+        sampler["steps"] = list(self.sampler.steps)
+        extra = {"latent_frames": self.latent_frames, "cuda_graphs": self.cuda_graphs}
+        return {**raw, **extra, "sampler": sampler, "collective_timeout_s": self.collective_timeout_s}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PipelineConfig:
+        """Inverse of to_dict; unknown keys are refused by name."""
+        raw = dict(raw)
+        sampler = dict(raw.pop("sampler", {}))
+        unknown = sorted(set(raw) - set(cls().to_dict()))
+        if unknown:
+            raise ConfigError(f"pipeline config has unknown fields {unknown}")
+        if "steps" in sampler:
+            sampler["steps"] = tuple(sampler["steps"])
+        return cls(sampler=SamplerConfig(**sampler), **raw)
 
     def check_precision(self, backend: str, device: str, dtype_name: str, layout: SPLayout) -> None:
         """Refuse --precision / --attention where they cannot run, naming the flag and the reason."""
         from ropesp.plugins.attention_8bit import ATTENTION_MODES, check_attention
         from ropesp.plugins.fp8 import PRECISIONS, check_fp8
 
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"{arg('precision', self.precision)}; choose one of {PRECISIONS}")
-        if self.attention not in ATTENTION_MODES:
-            raise ConfigError(f"{arg('attention', self.attention)}; choose one of {ATTENTION_MODES}")
-        if self.precision == "fp8":
+        precision, attention = self.compute.precision, self.compute.attention
+        if precision not in PRECISIONS:
+            raise ConfigError(f"{arg('precision', precision)}; choose one of {PRECISIONS}")
+        if attention not in ATTENTION_MODES:
+            raise ConfigError(f"{arg('attention', attention)}; choose one of {ATTENTION_MODES}")
+        if precision == "fp8":
             if backend not in MODEL_BACKENDS:
                 raise ConfigError(
                     f"{arg('precision', 'fp8')} quantizes the PyTorch model at load: use "
@@ -108,45 +149,37 @@ class PipelineConfig:
                     f"{arg('precision', 'fp8')} runs on bfloat16 activations, not {arg('dtype', dtype_name)}: "
                     f"pass {arg('dtype', 'bfloat16')} (the default on CUDA)"
                 )
-        if self.attention != "sdpa":
+        if attention != "sdpa":
             if layout.ring > 1:
                 raise ConfigError(
-                    f"{arg('attention', self.attention)} runs with pure Ulysses or one rank; the ring layout "
+                    f"{arg('attention', attention)} runs with pure Ulysses or one rank; the ring layout "
                     f"{layout} merges partial attentions that only {arg('attention', 'sdpa')} returns"
                 )
-            check_attention(self.attention, device, arg("attention"))
+            check_attention(attention, device, arg("attention"))
 
     def resolve(self) -> ResolvedPipeline:
         """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
         from ropesp import limits
 
-        limits.check_positive(
-            latent_height=self.latent_height,
-            latent_width=self.latent_width,
-            latent_frames=self.latent_frames,
-            max_frames=self.max_frames,
-            world_size=self.world_size,
-            ulysses_degree=self.ulysses_degree,
-            ring_degree=self.ring_degree,
-        )
+        self.video.check()
+        limits.check_positive(latent_frames=self.latent_frames)
+        self.parallel.check()
         timeout = self.collective_timeout_s
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ConfigError(f"--collective-timeout {timeout} must be > 0 seconds")
+        source, video, compute = self.source, self.video, self.compute
         manifest = None
-        if self.engines:
+        if source.engines:
             from ropesp.export.manifest import Manifest  # stdlib-only reader
 
-            manifest = Manifest.load(self.engines)
+            manifest = Manifest.load(source.engines)
         # with engines, device and dtype default to what they were built for
-        device = self.device or (manifest.device if manifest else None)
+        device = compute.device or (manifest.device if manifest else None)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device not in ("cuda", "cpu"):
             raise ConfigError(f"{arg('device', device)}; choose cuda or cpu")
-        dtype_name = self.dtype or (manifest.dtype if manifest else None)
-        dtype_name = dtype_name or ("bfloat16" if device == "cuda" else "float32")
-        if dtype_name not in DTYPES:
-            raise ConfigError(f"{arg('dtype', dtype_name)}; choose one of {sorted(DTYPES)}")
-        backend = self.backend or (manifest.backend_for_runtime() if manifest else "eager")
+        dtype = dtype_name(compute.dtype or (manifest.dtype if manifest else None), device)
+        backend = compute.backend or (manifest.backend_for_runtime() if manifest else "eager")
         if backend not in BACKENDS:
             raise ConfigError(f"{arg('backend', backend)}; choose one of {BACKENDS}")
         if backend not in MODEL_BACKENDS and manifest is None:
@@ -156,14 +189,16 @@ class PipelineConfig:
         if backend in MODEL_BACKENDS and manifest is not None:
             raise ConfigError(
                 f"{arg('backend', backend)} runs the PyTorch model, not engines: drop {arg('engines')}, or use "
-                f"{arg('backend', manifest.backend_for_runtime())} for {self.engines}"
+                f"{arg('backend', manifest.backend_for_runtime())} for {source.engines}"
             )
-        cfg, defaults, random_weights = self._model_config(manifest)
-        geometry = VideoGeometry(
-            self.latent_height or defaults.latent_height,
-            self.latent_width or defaults.latent_width,
-            cfg.patch_size,
-        )
+        if manifest is not None:
+            cfg, g = manifest.model_config(), manifest.geometry
+            defaults = PresetDefaults(g["latent_height"], g["latent_width"], manifest.max_frames)
+        else:
+            from ropesp.model.checkpoint import resolve_model
+
+            cfg, defaults = resolve_model(source, DEFAULT_PRESET)
+        geometry = video.geometry(defaults, cfg.patch_size)
         if cfg.pos_grid is not None and (geometry.rows, geometry.cols) != tuple(cfg.pos_grid):
             _, ph, pw = cfg.patch_size
             raise ConfigError(
@@ -173,31 +208,28 @@ class PipelineConfig:
             )
         frames = self.latent_frames or defaults.latent_frames
         chunks = self.sampler.chunk_sizes(frames)
-        local_attn, sink = self.local_attn_frames, self.sink_frames
+        local_attn, sink = video.local_attn_frames, video.sink_frames
         if manifest is not None and local_attn == -1 and not sink:  # the engines' rolling window
             local_attn, sink = manifest.local_attn_frames, manifest.sink_frames
-        cache = CacheConfig(self.max_frames or frames, local_attn, sink)
-        if cache.rolling and cache.local_attn_frames < cache.sink_frames + max(chunks):
-            raise ConfigError(
-                f"{arg('local_attn_frames', cache.local_attn_frames)} must be >= "
-                f"{arg('sink_frames', cache.sink_frames)} + chunk frames {max(chunks)}"
-            )
+        cache = CacheConfig(video.max_frames or frames, local_attn, sink)
+        cache.check_chunk(max(chunks))
         if not cache.rolling and frames > cache.max_frames:
             raise ConfigError(
                 f"{frames} latent frames exceed the KV cache of {cache.max_frames} frames; raise "
                 f"{arg('max_frames')} or use a rolling window ({arg('local_attn_frames')}/{arg('sink_frames')})"
             )
-        requested = self.world_size
+        parallel = self.parallel
+        requested = parallel.world_size
         if requested is None and manifest is not None and "WORLD_SIZE" not in os.environ:
             requested = manifest.world_size  # engines default to the world size they were built for
         world = Mapping.from_env(requested).world_size
         if manifest is not None:
             manifest.check_world_size(world)  # before any rank starts
         limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
-        layout = SPLayout.choose(cfg.num_heads, world, self.ulysses_degree, self.ring_degree)
-        itemsize = DTYPES[dtype_name].itemsize
+        layout = SPLayout.choose(cfg.num_heads, world, parallel.ulysses_degree, parallel.ring_degree)
+        itemsize = DTYPES[dtype].itemsize
         limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
-        self.check_precision(backend, device, dtype_name, layout)
+        self.check_precision(backend, device, dtype, layout)
         return ResolvedPipeline(
             self,
             cfg,
@@ -205,40 +237,13 @@ class PipelineConfig:
             frames,
             cache,
             device,
-            DTYPES[dtype_name],
+            DTYPES[dtype],
             backend,
             world,
-            random_weights,
+            manifest is None and not source.checkpoint,
             manifest,
             layout,
         )
-
-    def _model_config(self, manifest) -> tuple[ModelConfig, PresetDefaults, bool]:
-        if manifest is not None:
-            cfg = manifest.model_config()
-            g = manifest.geometry
-            return cfg, PresetDefaults(g["latent_height"], g["latent_width"], manifest.max_frames), False
-        if self.checkpoint:
-            from ropesp.model.checkpoint import peek_config
-
-            cfg = peek_config(self.checkpoint, self.model_config, self.preset)
-            name = _preset_of(cfg)
-            defaults = preset(name)[1] if name else preset("wan2.1-1.3b")[1]
-            return cfg, defaults, False
-        if self.model_config:
-            cfg = ModelConfig.from_json(self.model_config)
-            return cfg, preset(_preset_of(cfg) or "wan2.1-1.3b")[1], True
-        cfg, defaults = preset(self.preset or DEFAULT_PRESET)
-        return cfg, defaults, True
-
-
-def _preset_of(cfg: ModelConfig) -> str | None:
-    from ropesp.config import PRESETS
-
-    for name, (make, _) in PRESETS.items():
-        if make() == cfg:
-            return name
-    return None
 
 
 @dataclass(frozen=True)
@@ -297,27 +302,25 @@ def _load_weights(res: ResolvedPipeline, device: torch.device):
         from ropesp.runtime.engine import load_weights
 
         return load_weights(res.manifest, device)
-    if res.random_weights:
-        from ropesp.model.wan import random_model
+    from ropesp.model.checkpoint import load_source
 
-        return random_model(res.model, res.dtype, device)
-    from ropesp.model.checkpoint import load_model as load_checkpoint
-
-    model, _ = load_checkpoint(
-        res.request.checkpoint,
-        res.model,
-        model_config_path=res.request.model_config,
-        dtype=res.dtype,
-        device=device,
-    )
-    return model
+    return load_source(res.request.source, res.model, res.dtype, device)
 
 
-def make_state(res: ResolvedPipeline, mapping: Mapping, device: torch.device, *, group=None, **overrides):
-    """The SP state (cache, collectives, RoPE tables) of this rank; overrides replace request fields."""
+def make_state(
+    res: ResolvedPipeline,
+    mapping: Mapping,
+    device: torch.device,
+    *,
+    group=None,
+    parallel: ParallelConfig | None = None,
+):
+    """The SP state (cache, collectives, RoPE tables) of this rank; parallel replaces the request's SP
+    modes (sp_rope, sp_comm)."""
     from ropesp.runtime.executor import SPState
 
-    req = dataclasses.replace(res.request, **overrides) if overrides else res.request
+    req = res.request
+    parallel = parallel or req.parallel
     layout = res.layout if mapping.world_size == res.layout.world_size else SPLayout(1, 1)
     return SPState(
         res.model,
@@ -326,12 +329,12 @@ def make_state(res: ResolvedPipeline, mapping: Mapping, device: torch.device, *,
         mapping,
         device,
         res.dtype,
-        sp_rope=req.sp_rope,
-        sp_comm=req.sp_comm,
+        sp_rope=parallel.sp_rope,
+        sp_comm=parallel.sp_comm,
         group=group,
         layout=layout,
         chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
-        attention=req.attention,
+        attention=req.compute.attention,
     )
 
 

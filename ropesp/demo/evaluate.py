@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as f:
             json.dump(
                 {
-                    "config": asdict(cfg),
+                    "config": cfg.to_dict(),
                     "mean": mean_score(results),
                     "pairs": rows,
                 },

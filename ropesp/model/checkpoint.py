@@ -9,6 +9,8 @@ Layouts read, all normalised to the original Wan key names (`blocks.0.self_attn.
 - diffusers `WanTransformer3DModel` (a directory, or any of the above with diffusers key names),
   renamed through the one table `DIFFUSERS_NAMES`.
 Tensors stay memory-mapped until `load_model` casts them one by one into a meta-built model.
+`resolve_model` / `load_source` say which model config, default sizes and weights a ModelSource means,
+for `ropesp build` and the runtime alike.
 A StateDict maps each key to a tensor of the shape MODEL_SPEC.md 1.2 gives it, e.g.
 `blocks.0.self_attn.q.weight: [C, C]`, `patch_embedding.weight: [C, in_dim, 1, 2, 2]`.
 """
@@ -27,9 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ropesp.config import PRESETS, ModelConfig, preset
+from ropesp.config import PRESETS, ModelConfig, ModelSource, PresetDefaults, preset, preset_of
 from ropesp.errors import CheckpointError, ConfigError, read_failure
-from ropesp.model.wan import CausalWanDiT, random_model
+from ropesp.model.wan import RANDOM_WEIGHTS_SEED, CausalWanDiT, random_model
 
 StateDict = dict[str, torch.Tensor]
 FORMATS = ("self-forcing", "wan", "wan-sharded", "diffusers")
@@ -265,7 +267,7 @@ def load_model(
     model_config_path: str | Path | None = None,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
-    seed: int = 0,
+    seed: int = RANDOM_WEIGHTS_SEED,
 ) -> tuple[CausalWanDiT, ModelConfig]:
     """Build CausalWanDiT on the meta device and assign the checkpoint's tensors, cast to dtype.
 
@@ -276,7 +278,7 @@ def load_model(
     if path is None:
         if cfg is None:
             raise CheckpointError("no checkpoint and no model config: pass a checkpoint or a preset")
-        model = random_model(cfg, dtype, device, seed)  # seed 0: the preset weights `ropesp build` stores
+        model = random_model(cfg, dtype, device, seed)
     else:
         sd, file_cfg = load_state_dict(path, model_config_path=model_config_path)
         cfg = cfg or file_cfg or infer_config(sd)
@@ -390,3 +392,27 @@ def peek_config(
     cfg = file_cfg or (preset(preset_name)[0] if preset_name else None) or infer_config(sd)
     _check_fit(sd, cfg, Path(path))
     return cfg
+
+
+def resolve_model(
+    source: ModelSource, default_preset: str | None = None
+) -> tuple[ModelConfig, PresetDefaults]:
+    """The model config of a source (peek_config's precedence for a checkpoint, then --model-config,
+    then the preset: default_preset when source names none) and the sizes it runs at by default: those
+    of the preset whose model it is, else of source.preset, else Wan2.1-1.3B's. source.engines is the
+    runtime's (it reads the manifest instead). Raises CheckpointError/ConfigError before any weights load."""
+    if source.checkpoint:
+        cfg = peek_config(source.checkpoint, source.model_config, source.preset)
+    elif source.model_config:
+        cfg = ModelConfig.from_json(source.model_config)
+    else:
+        return preset(source.preset or default_preset)
+    return cfg, preset(preset_of(cfg) or source.preset or "wan2.1-1.3b")[1]
+
+
+def load_source(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+    """The eager model of a resolved source (cfg from resolve_model) on device in dtype: the checkpoint's
+    weights, or the preset's seeded random ones (the same for `ropesp build` and the runtime)."""
+    return load_model(
+        source.checkpoint, cfg, model_config_path=source.model_config, dtype=dtype, device=device
+    )[0]

@@ -261,8 +261,6 @@ def write_repository(
 
 def _write_model(model_dir: Path, config, res, world, decoder, vae, vae_compile, decode_device, link) -> Path:
     """write_repository's writing part (everything validated); returns model_dir."""
-    from ropesp.runtime.group import config_to_dict
-
     model_name = model_dir.name
     version = model_dir / "1"
     artifacts = version / ARTIFACTS
@@ -274,7 +272,7 @@ def _write_model(model_dir: Path, config, res, world, decoder, vae, vae_compile,
     }
     spec = {
         "format": FORMAT,
-        "pipeline": config_to_dict(dataclasses.replace(config, **placed)),
+        "pipeline": dataclasses.replace(config, **placed).to_dict(),
         "world_size": world,
         "decoder": decoder,
         "vae": _place(vae, artifacts, "vae", link) if vae else None,
@@ -292,7 +290,7 @@ def _write_model(model_dir: Path, config, res, world, decoder, vae, vae_compile,
 
 def read_model_config(version_dir: str | Path) -> ServedModel:
     """Load <model>/1/ropesp_config.json, resolving artifact paths against the version directory."""
-    from ropesp.runtime.group import config_from_dict
+    from ropesp.runtime.pipeline import PipelineConfig
 
     version_dir = Path(version_dir)
     spec = json.loads((version_dir / CONFIG_FILE).read_text())
@@ -308,7 +306,7 @@ def read_model_config(version_dir: str | Path) -> ServedModel:
             raw[name] = str(_confined(version_dir, raw[name], name, linked))
     vae = str(_confined(version_dir, spec["vae"], "vae", linked)) if spec.get("vae") else None
     return ServedModel(
-        config_from_dict(raw),
+        PipelineConfig.from_dict(raw),
         spec["decoder"],
         vae,
         PythonEnv.from_dict(spec["python"]),

@@ -182,8 +182,6 @@ def test_precision_and_attention_travel_to_a_served_model():
     """serve-repo stores the PipelineConfig as JSON: the ranks that load it run the same modes."""
     import json
 
-    from ropesp.runtime.group import config_from_dict, config_to_dict
-
     config = PipelineConfig(preset="tiny", precision="fp8", attention="fa3", backend="compile")
-    back = config_from_dict(json.loads(json.dumps(config_to_dict(config))))
+    back = PipelineConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert (back.precision, back.attention) == ("fp8", "fa3") and back == config
