@@ -29,10 +29,6 @@ class Mapping:
     """This process's rank in [0, world_size)."""
     local_rank: int = 0
     """Device index on this host."""
-    alone: bool = False
-    """Measurement only: this rank runs without its peers and without a process group; its collectives
-    keep their shapes and move no data (runtime/sp.py AloneCollectives), so it does the compute of one
-    rank of a world_size group, on wrong data. See `ropesp bench --alone`."""
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -112,7 +108,7 @@ def init_process_group(
     meet on a loopback store at 127.0.0.1; torchrun's ranks at the rendezvous its env names
     (MASTER_ADDR/PORT). Under spawn/torchrun an existing group is kept; a group started on `port`
     must be new."""
-    if mapping.world_size == 1 or mapping.alone or (port is None and dist.is_initialized()):
+    if mapping.world_size == 1 or (port is None and dist.is_initialized()):
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
