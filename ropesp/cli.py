@@ -237,16 +237,16 @@ def model_dir_of(args):
     return resolve_model_dir(args.model_dir, args.checkpoint)
 
 
-def _encode_prompts(args, md, res, texts: list[str]) -> list[torch.Tensor]:
-    """Texts through umT5 (from --text-encoder, else --model-dir) on this process, then freed."""
-    from ropesp.runtime.dist import Mapping, device_for
+def _encode_prompts(args, md, res, mapping, texts: list[str]) -> list[torch.Tensor]:
+    """Texts through umT5 (from --text-encoder, else --model-dir) on this rank's device, then freed."""
+    from ropesp.runtime.dist import device_for
     from ropesp.runtime.prompts import load_umt5
 
     if args.text_encoder:
         te_path, tok_path, flag = args.text_encoder, None, f"--text-encoder {args.text_encoder}"
     else:
         te_path, tok_path, flag = md.text_encoder, md.tokenizer, f"--model-dir {md.root}"
-    device = device_for(Mapping.from_env(res.world_size), res.device)
+    device = device_for(mapping, res.device)
 
     def announce(model_dir) -> None:
         print(f"ropesp: encoding the prompt with umT5 from {model_dir} on {device}", file=sys.stderr)
@@ -281,8 +281,9 @@ def _prompt_changes(args) -> list[tuple[int, str]]:
     return sorted(changes)
 
 
-def _prompt_schedule(args, md, res, session_chunks: int | None):
-    """The stream's PromptSchedule from --prompt/--prompt-embeds and --prompt-at (same kind as the first)."""
+def _prompt_schedule(args, md, res, session_chunks: int | None, mapping):
+    """The stream's PromptSchedule from --prompt/--prompt-embeds and --prompt-at (same kind as the first);
+    texts are encoded on this rank's (mapping's) device."""
     from ropesp.runtime.executor import check_prompt_embeds
     from ropesp.runtime.generate import PromptSchedule
     from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
@@ -306,7 +307,7 @@ def _prompt_schedule(args, md, res, session_chunks: int | None):
         embeds = [encoder.encode(text) for text in texts]
         print(f"ropesp: prompt {texts[0]!r} (demo encoder)", file=sys.stderr)
     elif args.prompt is not None:
-        embeds = _encode_prompts(args, md, res, [args.prompt, *(v for _, v in changes)])
+        embeds = _encode_prompts(args, md, res, mapping, [args.prompt, *(v for _, v in changes)])
     elif args.prompt_embeds:
         embeds = [load_prompt_embeds(args.prompt_embeds)]
         embeds += [load_prompt_embeds(v, f"--prompt-at {k}") for k, v in changes]
@@ -373,7 +374,9 @@ def cmd_generate(args) -> None:
     chunks = None if unbounded else len(res.request.sampler.chunk_sizes(res.latent_frames))
     if res.world_size > 1 and not under_launcher():
         check_local_ranks(res.world_size, res.device)  # before the prompt is encoded
-    prompts = _prompt_schedule(args, md, res, chunks)
+    # this process's place in the group: read from the launcher's environment once, passed down
+    mapping = Mapping.from_env(res.world_size)
+    prompts = _prompt_schedule(args, md, res, chunks, mapping)
     if res.request.checkpoint and args.checkpoint is None and md is None:
         print(
             f"ropesp: no --checkpoint given: running the embedded demo model ({res.request.checkpoint})",
@@ -396,7 +399,7 @@ def cmd_generate(args) -> None:
         decode_device=args.decode_device,
         unbounded=unbounded,
     )
-    if Mapping.from_env(res.world_size).is_first:
+    if mapping.is_first:
         announce(res, sys.stderr)
     # an unbounded stream ends on Ctrl-C: only rank 0 takes it (and tells the others at a chunk boundary)
     ignore = signal.signal(signal.SIGINT, signal.SIG_IGN) if unbounded and res.world_size > 1 else None
@@ -404,7 +407,7 @@ def cmd_generate(args) -> None:
         if res.world_size > 1 and not under_launcher():
             spawn_ranks(res.world_size, _generate_rank, res, prompts, outputs)
         else:
-            _generate_rank(Mapping.from_env(res.world_size), res, prompts, outputs)
+            _generate_rank(mapping, res, prompts, outputs)
     finally:
         if ignore is not None:
             signal.signal(signal.SIGINT, ignore)
