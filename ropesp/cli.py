@@ -458,24 +458,17 @@ def _generate_rank(mapping, res, prompts, outputs: GenerateOutputs) -> None:
     from tqdm import tqdm
 
     from ropesp.decode import video_frames_for
-    from ropesp.runtime.generate import generate_stream
-    from ropesp.runtime.launch import process_group
-    from ropesp.runtime.pipeline import build_session
-    from ropesp.video import StreamOutputs
+    from ropesp.runtime.generate import rank_session, write_video
 
     lead = mapping.is_first
-    with process_group(mapping, res.device) as device:
-        decoder = None
-        if lead:  # only rank 0 decodes
-            decoder = _lead_decoder(res, outputs, device)
-        overlap = outputs.overlap_decode
-        if overlap is None and outputs.decode_device:
-            # a decoder on a device of its own only pays when the DiT goes on meanwhile (the default
-            # keeps multi-rank runs serial; here rank 0's DiT thread issues its collectives)
-            overlap = True
-        session = build_session(
-            res, mapping, decoder=decoder, overlap_decode=overlap, unbounded=outputs.unbounded
-        )
+    with rank_session(
+        mapping,
+        res,
+        lambda device: _lead_decoder(res, outputs, device),
+        overlap_decode=outputs.overlap_decode,
+        decode_device=outputs.decode_device,
+        unbounded=outputs.unbounded,
+    ) as session:
         if lead:
             mode = "overlapped with the DiT" if session.overlapped else "after each chunk"
             on = f" on {outputs.decode_device}" if outputs.decode_device else ""
@@ -483,32 +476,28 @@ def _generate_rank(mapping, res, prompts, outputs: GenerateOutputs) -> None:
             if outputs.unbounded:
                 print("streaming until Ctrl-C", file=sys.stderr)
         total = None if session.chunk_sizes is None else len(session.chunk_sizes)
-        paths = outputs.paths
-        with StreamOutputs(paths) if lead else contextlib.nullcontext() as out:
-            if out is not None:
-                print(f"writing {out.part_path} (playable while written)", file=sys.stderr)
-            bar = tqdm(total=total, desc="chunks", unit="chunk", disable=not lead, file=sys.stderr)
+        bars = []
 
-            def on_chunk(chunk) -> None:
-                if out is not None:
-                    out.write(chunk.frames[0].numpy())
-                bar.update(1)
+        def start(part_path) -> None:
+            if part_path is not None:
+                print(f"writing {part_path} (playable while written)", file=sys.stderr)
+            bars.append(tqdm(total=total, desc="chunks", unit="chunk", disable=not lead, file=sys.stderr))
 
-            interrupt = _StopOnInterrupt() if outputs.unbounded and lead else contextlib.nullcontext()
-            with interrupt:
-                result = generate_stream(
-                    session,
-                    prompts,
-                    outputs.seed,
-                    on_chunk,
-                    keep_latents=bool(paths.latents) and lead,
-                    stop=lambda: bool(getattr(interrupt, "asked", False)),
-                )
-            bar.close()
-            if out is not None:  # only a stream that ended well replaces the outputs
-                out.commit(torch.cat(result.latents, dim=1) if paths.latents else None)
+        interrupt = _StopOnInterrupt() if outputs.unbounded and lead else contextlib.nullcontext()
+        with interrupt:
+            result = write_video(
+                session,
+                prompts,
+                outputs.seed,
+                outputs.paths if lead else None,
+                lambda _: bars[0].update(1),
+                on_start=start,
+                stop=lambda: bool(getattr(interrupt, "asked", False)),
+            )
+        bars[0].close()
         if not lead:
             return
+        paths = outputs.paths
         total_s = result.total_ms / 1e3
         frames = video_frames_for(result.latent_frames)
         print(f"time to first chunk: {result.first_chunk_ms:.1f} ms", file=sys.stderr)
