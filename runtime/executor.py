@@ -152,7 +152,7 @@ class SPState:
         if mapping.world_size == 1:
             self.comm = None
         else:
-            self.comm = comm or Collectives(None, mapping.world_size)
+            self.comm = comm if comm is not None else Collectives(None, mapping.world_size)
             if self.comm.sp_size != mapping.world_size:
                 raise ConfigError(
                     f"collectives of {self.comm.sp_size} ranks for a world of {mapping.world_size}"

@@ -77,6 +77,12 @@ def test_alone_refuses_the_ring_layout():
         build_session(cfg, Mapping(4, 0, 0), comm=AloneCollectives(4))
 
 
+def test_collectives_of_another_world_size_are_refused():
+    cfg = sp_worker.base_config(world_size=2)
+    with pytest.raises(ConfigError, match="collectives of 3 ranks for a world of 2"):
+        build_session(cfg, Mapping(2, 0, 0), comm=AloneCollectives(3))
+
+
 def test_collectives_without_an_observer_count_nothing():
     """Product code passes no observer: the collectives keep no counters or timers of their own."""
     comm = AloneCollectives(2)
