@@ -131,13 +131,11 @@ def init_process_group(
     open_watch_group()
 
 
-def share_host_cores(world_size: int) -> int:
+def share_host_cores(world_size: int) -> None:
     """The ranks on this host share its cores: this process takes cores / world_size threads (more
     threads than cores per rank only thrashes; GPU ranks too, for their host-side tensor work, which
-    spun P x all-cores OpenMP threads on a 64-core GPU host). Returns the previous thread count."""
-    previous = torch.get_num_threads()
+    spun P x all-cores OpenMP threads on a 64-core GPU host)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    return previous
 
 
 def destroy_process_group() -> None:
