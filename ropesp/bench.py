@@ -29,6 +29,7 @@ around each call, so a CUDA-graph replay (compile, compiled) reports none: its s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -46,9 +47,10 @@ import torch.distributed as dist
 from ropesp.decode import video_frames_for
 from ropesp.decode.factory import WarmUp, check_wan_vae_options, make_decoder
 from ropesp.errors import ConfigError
-from ropesp.runtime.dist import Mapping, parse_device
+from ropesp.runtime.dist import Mapping, device_for, parse_device
 from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model, make_state
 from ropesp.runtime.session import StreamSession
+from ropesp.runtime.sp import AloneCollectives, CollectiveLog, Collectives
 
 CONFIGS = (
     "reference",
@@ -167,10 +169,17 @@ def _run_video(session: StreamSession, prompt, device, keep: list | None = None)
 
 
 def measure(
-    session: StreamSession, prompt, bench: BenchConfig, device, comm, decoder_device=None, decodes=True
+    session: StreamSession,
+    prompt,
+    bench: BenchConfig,
+    device,
+    comm: CollectiveLog | None,
+    decoder_device=None,
+    decodes=True,
 ) -> dict:
     """Time one configuration on this rank: DiT only, then with the decoder (on decoder_device, default
-    `device`; a rank with decodes=False runs the same videos without one, in lock-step)."""
+    `device`; a rank with decodes=False runs the same videos without one, in lock-step). comm: the
+    observer of the session's collectives (None: one rank, none)."""
     t0 = time.perf_counter()
     first_times, _ = _run_video(session, prompt, device)  # first video = cold forward + warm-up
     cold_first_chunk_ms = first_times[0]
@@ -262,11 +271,13 @@ def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipel
 def run_rank(
     mapping: Mapping, res: ResolvedPipeline, bench: BenchConfig, prompt: torch.Tensor
 ) -> dict | None:
-    """Every rank runs every configuration in lock-step; rank 0 returns the results."""
+    """Every rank runs every configuration in lock-step; rank 0 returns the results. With bench.alone
+    this process is rank 0 of the group by itself: no process group, AloneCollectives."""
     from ropesp.runtime.launch import process_group
 
     results: dict = {}
-    with process_group(mapping, res.device) as device:
+    group = contextlib.nullcontext(device_for(mapping, res.device)) if bench.alone else None
+    with group or process_group(mapping, res.device) as device:
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.empty(1, device=device)  # the allocator's statistics exist only after a first use
@@ -289,25 +300,26 @@ def run_rank(
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
+            log = CollectiveLog() if vmap.world_size > 1 else None  # the communication share
+            comm = _collectives(vmap.world_size, log, bench.alone) if log is not None else None
             if variant.backend == "eager":
                 from ropesp.runtime.executor import EagerExecutor
 
                 model = model if model is not None else load_model(res, device)
-                state = make_state(res, vmap, device, parallel=variant.request.parallel)
+                state = make_state(res, vmap, device, comm=comm, parallel=variant.request.parallel)
                 executor = EagerExecutor(model, state, cuda_graphs=name == "optimized-graphs")
             else:
-                executor = build_executor(variant, vmap)
+                executor = build_executor(variant, vmap, comm)
             session = StreamSession(
                 executor, res.request.sampler, res.geometry, res.latent_frames, overlap_decode=False
             )
             build_s = time.perf_counter() - t0
-            comm = getattr(getattr(executor, "state", None), "comm", None)
             row = measure(
                 session,
                 prompt,
                 bench,
                 device,
-                comm,
+                log,
                 decoder_device=parse_device(bench.decode_device, "--decode-device")
                 if bench.decode_device
                 else None,
@@ -351,10 +363,15 @@ def run_rank(
                     flush=True,
                 )
             # free this configuration's cache before the next one allocates its own (peaks are per config)
-            del session, executor
+            del session, executor, comm
             state = None
             gc.collect()
     return results if mapping.rank == 0 else None
+
+
+def _collectives(world_size: int, log: CollectiveLog, alone: bool) -> Collectives:
+    """This rank's collectives, seen by log: over the process group, or moving nothing (--alone)."""
+    return AloneCollectives(world_size, log) if alone else Collectives(None, world_size, log)
 
 
 def environment(res: ResolvedPipeline, commit: str | None = None) -> dict:
@@ -502,7 +519,7 @@ def run(bench: BenchConfig, prompt: torch.Tensor) -> dict:
     if bench.alone:
         if under_launcher():
             raise ConfigError("--alone runs one process by itself: start it without torchrun")
-        results = run_rank(Mapping(res.world_size, 0, 0, alone=True), res, bench, prompt)
+        results = run_rank(Mapping(res.world_size, 0, 0), res, bench, prompt)
     elif res.world_size > 1 and not under_launcher():
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "bench.json"

@@ -237,16 +237,16 @@ def model_dir_of(args):
     return resolve_model_dir(args.model_dir, args.checkpoint)
 
 
-def _encode_prompts(args, md, res, texts: list[str]) -> list[torch.Tensor]:
-    """Texts through umT5 (from --text-encoder, else --model-dir) on this process, then freed."""
-    from ropesp.runtime.dist import Mapping, device_for
+def _encode_prompts(args, md, res, mapping, texts: list[str]) -> list[torch.Tensor]:
+    """Texts through umT5 (from --text-encoder, else --model-dir) on this rank's device, then freed."""
+    from ropesp.runtime.dist import device_for
     from ropesp.runtime.prompts import load_umt5
 
     if args.text_encoder:
         te_path, tok_path, flag = args.text_encoder, None, f"--text-encoder {args.text_encoder}"
     else:
         te_path, tok_path, flag = md.text_encoder, md.tokenizer, f"--model-dir {md.root}"
-    device = device_for(Mapping.from_env(res.world_size), res.device)
+    device = device_for(mapping, res.device)
 
     def announce(model_dir) -> None:
         print(f"ropesp: encoding the prompt with umT5 from {model_dir} on {device}", file=sys.stderr)
@@ -281,8 +281,9 @@ def _prompt_changes(args) -> list[tuple[int, str]]:
     return sorted(changes)
 
 
-def _prompt_schedule(args, md, res, session_chunks: int | None):
-    """The stream's PromptSchedule from --prompt/--prompt-embeds and --prompt-at (same kind as the first)."""
+def _prompt_schedule(args, md, res, session_chunks: int | None, mapping):
+    """The stream's PromptSchedule from --prompt/--prompt-embeds and --prompt-at (same kind as the first);
+    texts are encoded on this rank's (mapping's) device."""
     from ropesp.runtime.executor import check_prompt_embeds
     from ropesp.runtime.generate import PromptSchedule
     from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
@@ -306,7 +307,7 @@ def _prompt_schedule(args, md, res, session_chunks: int | None):
         embeds = [encoder.encode(text) for text in texts]
         print(f"ropesp: prompt {texts[0]!r} (demo encoder)", file=sys.stderr)
     elif args.prompt is not None:
-        embeds = _encode_prompts(args, md, res, [args.prompt, *(v for _, v in changes)])
+        embeds = _encode_prompts(args, md, res, mapping, [args.prompt, *(v for _, v in changes)])
     elif args.prompt_embeds:
         embeds = [load_prompt_embeds(args.prompt_embeds)]
         embeds += [load_prompt_embeds(v, f"--prompt-at {k}") for k, v in changes]
@@ -373,7 +374,9 @@ def cmd_generate(args) -> None:
     chunks = None if unbounded else len(res.request.sampler.chunk_sizes(res.latent_frames))
     if res.world_size > 1 and not under_launcher():
         check_local_ranks(res.world_size, res.device)  # before the prompt is encoded
-    prompts = _prompt_schedule(args, md, res, chunks)
+    # this process's place in the group: read from the launcher's environment once, passed down
+    mapping = Mapping.from_env(res.world_size)
+    prompts = _prompt_schedule(args, md, res, chunks, mapping)
     if res.request.checkpoint and args.checkpoint is None and md is None:
         print(
             f"ropesp: no --checkpoint given: running the embedded demo model ({res.request.checkpoint})",
@@ -396,7 +399,7 @@ def cmd_generate(args) -> None:
         decode_device=args.decode_device,
         unbounded=unbounded,
     )
-    if Mapping.from_env(res.world_size).is_first:
+    if mapping.is_first:
         announce(res, sys.stderr)
     # an unbounded stream ends on Ctrl-C: only rank 0 takes it (and tells the others at a chunk boundary)
     ignore = signal.signal(signal.SIGINT, signal.SIG_IGN) if unbounded and res.world_size > 1 else None
@@ -404,7 +407,7 @@ def cmd_generate(args) -> None:
         if res.world_size > 1 and not under_launcher():
             spawn_ranks(res.world_size, _generate_rank, res, prompts, outputs)
         else:
-            _generate_rank(Mapping.from_env(res.world_size), res, prompts, outputs)
+            _generate_rank(mapping, res, prompts, outputs)
     finally:
         if ignore is not None:
             signal.signal(signal.SIGINT, ignore)
@@ -455,24 +458,17 @@ def _generate_rank(mapping, res, prompts, outputs: GenerateOutputs) -> None:
     from tqdm import tqdm
 
     from ropesp.decode import video_frames_for
-    from ropesp.runtime.generate import generate_stream
-    from ropesp.runtime.launch import process_group
-    from ropesp.runtime.pipeline import build_session
-    from ropesp.video import StreamOutputs
+    from ropesp.runtime.generate import rank_session, write_video
 
     lead = mapping.is_first
-    with process_group(mapping, res.device) as device:
-        decoder = None
-        if lead:  # only rank 0 decodes
-            decoder = _lead_decoder(res, outputs, device)
-        overlap = outputs.overlap_decode
-        if overlap is None and outputs.decode_device:
-            # a decoder on a device of its own only pays when the DiT goes on meanwhile (the default
-            # keeps multi-rank runs serial; here rank 0's DiT thread issues its collectives)
-            overlap = True
-        session = build_session(
-            res, mapping, decoder=decoder, overlap_decode=overlap, unbounded=outputs.unbounded
-        )
+    with rank_session(
+        mapping,
+        res,
+        lambda device: _lead_decoder(res, outputs, device),
+        overlap_decode=outputs.overlap_decode,
+        decode_device=outputs.decode_device,
+        unbounded=outputs.unbounded,
+    ) as session:
         if lead:
             mode = "overlapped with the DiT" if session.overlapped else "after each chunk"
             on = f" on {outputs.decode_device}" if outputs.decode_device else ""
@@ -480,32 +476,28 @@ def _generate_rank(mapping, res, prompts, outputs: GenerateOutputs) -> None:
             if outputs.unbounded:
                 print("streaming until Ctrl-C", file=sys.stderr)
         total = None if session.chunk_sizes is None else len(session.chunk_sizes)
-        paths = outputs.paths
-        with StreamOutputs(paths) if lead else contextlib.nullcontext() as out:
-            if out is not None:
-                print(f"writing {out.part_path} (playable while written)", file=sys.stderr)
-            bar = tqdm(total=total, desc="chunks", unit="chunk", disable=not lead, file=sys.stderr)
+        bars = []
 
-            def on_chunk(chunk) -> None:
-                if out is not None:
-                    out.write(chunk.frames[0].numpy())
-                bar.update(1)
+        def start(part_path) -> None:
+            if part_path is not None:
+                print(f"writing {part_path} (playable while written)", file=sys.stderr)
+            bars.append(tqdm(total=total, desc="chunks", unit="chunk", disable=not lead, file=sys.stderr))
 
-            interrupt = _StopOnInterrupt() if outputs.unbounded and lead else contextlib.nullcontext()
-            with interrupt:
-                result = generate_stream(
-                    session,
-                    prompts,
-                    outputs.seed,
-                    on_chunk,
-                    keep_latents=bool(paths.latents) and lead,
-                    stop=lambda: bool(getattr(interrupt, "asked", False)),
-                )
-            bar.close()
-            if out is not None:  # only a stream that ended well replaces the outputs
-                out.commit(torch.cat(result.latents, dim=1) if paths.latents else None)
+        interrupt = _StopOnInterrupt() if outputs.unbounded and lead else contextlib.nullcontext()
+        with interrupt:
+            result = write_video(
+                session,
+                prompts,
+                outputs.seed,
+                outputs.paths if lead else None,
+                lambda _: bars[0].update(1),
+                on_start=start,
+                stop=lambda: bool(getattr(interrupt, "asked", False)),
+            )
+        bars[0].close()
         if not lead:
             return
+        paths = outputs.paths
         total_s = result.total_ms / 1e3
         frames = video_frames_for(result.latent_frames)
         print(f"time to first chunk: {result.first_chunk_ms:.1f} ms", file=sys.stderr)

@@ -29,10 +29,6 @@ class Mapping:
     """This process's rank in [0, world_size)."""
     local_rank: int = 0
     """Device index on this host."""
-    alone: bool = False
-    """Measurement only: this rank runs without its peers and without a process group; its collectives
-    keep their shapes and move no data (runtime/sp.py AloneCollectives), so it does the compute of one
-    rank of a world_size group, on wrong data. See `ropesp bench --alone`."""
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -104,19 +100,28 @@ def loopback_store(rank: int, world_size: int, port: int, timeout_s: float) -> d
     return dist.TCPStore("127.0.0.1", port, world_size, True, timeout, master_listen_fd=sock.detach())
 
 
-def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float = 300.0) -> None:
-    """NCCL on GPU, gloo on CPU; a no-op at world size 1 and for a rank alone. Needs MASTER_ADDR/PORT
-    in the env."""
-    if mapping.world_size == 1 or mapping.alone or dist.is_initialized():
+def init_process_group(
+    mapping: Mapping, device: torch.device, timeout_s: float = 300.0, *, port: int | None = None
+) -> None:
+    """Join this rank's group: NCCL on GPU, gloo on CPU; a no-op at world size 1. The one init of every
+    launch path: ranks ropesp spawned (LOOPBACK_ENV, MASTER_PORT) and a SessionGroup's ranks (port)
+    meet on a loopback store at 127.0.0.1; torchrun's ranks at the rendezvous its env names
+    (MASTER_ADDR/PORT). Under spawn/torchrun an existing group is kept; a group started on `port`
+    must be new."""
+    if mapping.world_size == 1 or (port is None and dist.is_initialized()):
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    store = None
-    if os.environ.get(LOOPBACK_ENV) == "1":  # ranks ropesp spawned on this host (not torchrun's)
-        store = loopback_store(mapping.rank, mapping.world_size, int(os.environ["MASTER_PORT"]), timeout_s)
+    if not dist.is_initialized():
+        # group names (and their store keys) count the process's groups: a start that failed (a worker
+        # died before the rendezvous) leaves its joining thread inside init_process_group with the count
+        # advanced, and this rank's next group would wait for keys a fresh worker never writes
+        dist.distributed_c10d._world.group_count = 0
+    if port is None and os.environ.get(LOOPBACK_ENV) == "1":  # ranks ropesp spawned (not torchrun's)
+        port = int(os.environ["MASTER_PORT"])
+    store = None if port is None else loopback_store(mapping.rank, mapping.world_size, port, timeout_s)
     dist.init_process_group(
-        backend,
+        "nccl" if device.type == "cuda" else "gloo",
         store=store,
         rank=mapping.rank,
         world_size=mapping.world_size,
@@ -124,6 +129,13 @@ def init_process_group(mapping: Mapping, device: torch.device, timeout_s: float 
         device_id=device if device.type == "cuda" else None,
     )
     open_watch_group()
+
+
+def share_host_cores(world_size: int) -> None:
+    """The ranks on this host share its cores: this process takes cores / world_size threads (more
+    threads than cores per rank only thrashes; GPU ranks too, for their host-side tensor work, which
+    spun P x all-cores OpenMP threads on a 64-core GPU host)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
 def destroy_process_group() -> None:

@@ -25,7 +25,7 @@ from ropesp.plugins.attention_8bit import select_attention
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.graphs import ChunkGraphs
 from ropesp.runtime.ring import HybridRunner, RingCache, ring_capacity, ulysses_group
-from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, AloneCollectives, Collectives, UlyssesRunner
+from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, UlyssesRunner
 
 
 class Executor(Protocol):
@@ -115,13 +115,15 @@ class SPState:
         batch: int = 1,
         sp_rope: str = "local",
         sp_comm: str = "fused",
-        group=None,
+        comm: Collectives | None = None,
         layout: SPLayout | None = None,
         chunk_frames: list[int] | None = None,
         attention: str = "sdpa",
     ) -> None:
         """attention: the self-attention kernel over the cache, a mode of plugins/attention_8bit.py
-        (sdpa | fa3 | fp8 | int8); the hybrid (ring) layout merges partial attentions and takes sdpa only."""
+        (sdpa | fa3 | fp8 | int8); the hybrid (ring) layout merges partial attentions and takes sdpa only.
+        comm: this rank's collectives over the whole world (default: Collectives over the default
+        group); tests and bench hand in theirs (an observer, or bench's AloneCollectives)."""
         layout = layout or SPLayout.choose(cfg.num_heads, mapping.world_size, ring=1)
         if layout.world_size != mapping.world_size:
             raise ConfigError(f"SP layout {layout} does not match the world size {mapping.world_size}")
@@ -149,12 +151,14 @@ class SPState:
         self._sinusoids: dict[tuple[float, int, int], torch.Tensor] = {}
         if mapping.world_size == 1:
             self.comm = None
-        elif mapping.alone:
-            if layout.ring > 1:
-                raise ConfigError(f"a rank alone runs pure Ulysses only, not the layout {layout}")
-            self.comm = AloneCollectives(mapping.world_size)
         else:
-            self.comm = Collectives(group, mapping.world_size)
+            self.comm = comm if comm is not None else Collectives(None, mapping.world_size)
+            if self.comm.sp_size != mapping.world_size:
+                raise ConfigError(
+                    f"collectives of {self.comm.sp_size} ranks for a world of {mapping.world_size}"
+                )
+            if not self.comm.needs_peers and layout.ring > 1:
+                raise ConfigError(f"a rank alone runs pure Ulysses only, not the layout {layout}")
         self.ulysses_comm = self.comm
         if layout.ring == 1:
             self.cache = KVCache(
@@ -184,7 +188,7 @@ class SPState:
                 dtype,
                 device,
             )
-            self.ulysses_comm = Collectives(ulysses_group(layout, mapping.rank), layout.ulysses)
+            self.ulysses_comm = self.comm.with_group(ulysses_group(layout, mapping.rank), layout.ulysses)
 
     def sinusoid(self, t: torch.Tensor | float, batch: int, frames: int) -> torch.Tensor:
         """The timestep sinusoid [B, F, freq_dim] float64 on device, computed once per distinct step

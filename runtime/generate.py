@@ -1,7 +1,8 @@
 """The generate loop of one rank: a prompt schedule in, chunks out to a callback, a summary back.
 
-`ropesp generate` (each of its ranks) and scripts call `generate_stream`; the CLI keeps only parsing,
-the writer and the progress/FPS lines (its `on_chunk`). ropesp.Pipeline runs the same session loop
+`ropesp generate` (each of its ranks) and scripts call `rank_session` (this rank's group and session)
+and `write_video` (the stream into its files on rank 0) or `generate_stream` itself; the CLI keeps only
+parsing and the progress/FPS lines (its callbacks). ropesp.Pipeline runs the same session loop
 through runtime/group.py, which adds the lock-step protocol of a served group.
 
 An unbounded stream (latent_frames None) runs until `stop()` says so; on a P-rank group rank 0's
@@ -10,13 +11,17 @@ answer is broadcast after every chunk, so all ranks stop after the same chunk.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from ropesp.runtime.dist import Mapping
 from ropesp.runtime.session import Chunk, StreamSession, check_prompt_mode
+from ropesp.video import OutputPaths, StreamOutputs
 
 
 @dataclass(frozen=True)
@@ -96,4 +101,61 @@ def generate_stream(
         stream.close()
     if not result.chunks:
         result.total_ms = (time.perf_counter() - t0) * 1e3
+    return result
+
+
+@contextlib.contextmanager
+def rank_session(
+    mapping: Mapping,
+    res,
+    lead_decoder: Callable[[torch.device], object],
+    *,
+    overlap_decode: bool | None = None,
+    decode_device: str | None = None,
+    unbounded: bool = False,
+) -> Iterator[StreamSession]:
+    """This rank's process group (runtime/launch.py process_group) and its session of the resolved
+    pipeline `res`; only rank 0 decodes, with lead_decoder(its device). overlap_decode None: the
+    session's default, except that a decoder on a device of its own (decode_device) overlaps."""
+    from ropesp.runtime.launch import process_group
+    from ropesp.runtime.pipeline import build_session
+
+    with process_group(mapping, res.device) as device:
+        decoder = lead_decoder(device) if mapping.is_first else None
+        overlap = overlap_decode
+        if overlap is None and decode_device:
+            # a decoder on a device of its own only pays when the DiT goes on meanwhile (the default
+            # keeps multi-rank runs serial; here rank 0's DiT thread issues its collectives)
+            overlap = True
+        yield build_session(res, mapping, decoder=decoder, overlap_decode=overlap, unbounded=unbounded)
+
+
+def write_video(
+    session: StreamSession,
+    prompts: PromptSchedule,
+    seed: int,
+    paths: OutputPaths | None,
+    on_chunk: Callable[[Chunk], None] | None = None,
+    *,
+    on_start: Callable[[Path | None], None] | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> GenerateResult:
+    """generate_stream into files: rank 0 (paths given) writes the MP4 (a .part file, playable while
+    written), the PNG frames and the latents, replacing the outputs only when the stream ends well;
+    the other ranks (paths None) run the same stream in lock-step. on_start(the .part path, or None)
+    comes once the outputs are open, before the first chunk; on_chunk after each chunk is written."""
+    with StreamOutputs(paths) if paths is not None else contextlib.nullcontext() as out:
+        if on_start is not None:
+            on_start(None if out is None else out.part_path)
+
+        def each(chunk: Chunk) -> None:
+            if out is not None:
+                out.write(chunk.frames[0].numpy())
+            if on_chunk is not None:
+                on_chunk(chunk)
+
+        keep = paths is not None and bool(paths.latents)
+        result = generate_stream(session, prompts, seed, each, keep_latents=keep, stop=stop)
+        if out is not None:  # only a stream that ended well replaces the outputs
+            out.commit(torch.cat(result.latents, dim=1) if paths.latents else None)
     return result

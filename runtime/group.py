@@ -46,8 +46,8 @@ from ropesp.runtime.dist import (
     abort_process_group,
     destroy_process_group,
     device_for,
-    loopback_store,
-    open_watch_group,
+    init_process_group,
+    share_host_cores,
 )
 from ropesp.runtime.executor import check_prompt_embeds
 from ropesp.runtime.launch import RankFailure, free_port
@@ -169,30 +169,14 @@ class _Channel:
 def _init_group(mapping: Mapping, device: str, port: int, timeout_s: float) -> _Channel:
     """Join the P-rank group at 127.0.0.1:port (gloo on the CPU, NCCL on GPUs) and its control group."""
     dev = device_for(mapping, device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        # group names (and their store keys) count the process's groups: a start that failed (a worker
-        # died before the rendezvous) leaves its joining thread inside init_process_group with the count
-        # advanced, and this rank's next group would wait for keys a fresh worker never writes
-        dist.distributed_c10d._world.group_count = 0
-    dist.init_process_group(
-        "nccl" if dev.type == "cuda" else "gloo",
-        store=loopback_store(mapping.rank, mapping.world_size, port, timeout_s),
-        rank=mapping.rank,
-        world_size=mapping.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        device_id=dev if dev.type == "cuda" else None,
-    )
-    open_watch_group()
+    init_process_group(mapping, dev, timeout_s, port=port)
     return _Channel(dev)
 
 
 def _share_cpu(res: ResolvedPipeline) -> None:
-    """Ranks share the host's cores: more threads than cores per rank only thrashes (GPU ranks too, for
-    their host-side tensor work; see runtime/launch.py)."""
+    """This rank's share of the host's cores (runtime/dist.py share_host_cores)."""
     if res.world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // res.world_size))
+        share_host_cores(res.world_size)
 
 
 class SessionGroup:

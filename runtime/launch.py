@@ -28,6 +28,7 @@ from ropesp.runtime.dist import (
     init_process_group,
     is_collective_timeout,
     report_stall,
+    share_host_cores,
 )
 
 EXIT_GRACE_S = 3.0
@@ -78,9 +79,7 @@ def _rank_entry(
         import faulthandler
 
         faulthandler.dump_traceback_later(float(os.environ["ROPESP_HANG_DUMP_S"]), repeat=True)
-    # ranks share the host's cores: more threads than cores per rank only thrashes (GPU ranks too:
-    # their host-side tensor work spun P x all-cores OpenMP threads on a 64-core GPU host)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    share_host_cores(world_size)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's: it stops every rank
     try:
         fn(Mapping(world_size, rank, rank), *args)

@@ -312,11 +312,12 @@ def make_state(
     mapping: Mapping,
     device: torch.device,
     *,
-    group=None,
+    comm=None,
     parallel: ParallelConfig | None = None,
 ):
     """The SP state (cache, collectives, RoPE tables) of this rank; parallel replaces the request's SP
-    modes (sp_rope, sp_comm)."""
+    modes (sp_rope, sp_comm); comm: this rank's collectives (runtime/sp.py; default: over the default
+    group)."""
     from ropesp.runtime.executor import SPState
 
     req = res.request
@@ -331,20 +332,20 @@ def make_state(
         res.dtype,
         sp_rope=parallel.sp_rope,
         sp_comm=parallel.sp_comm,
-        group=group,
+        comm=comm,
         layout=layout,
         chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
         attention=req.compute.attention,
     )
 
 
-def build_executor(res: ResolvedPipeline, mapping: Mapping, group=None):
-    """The executor of this rank for the resolved backend."""
+def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None):
+    """The executor of this rank for the resolved backend (comm: as make_state's)."""
     from ropesp.runtime.dist import device_for
     from ropesp.runtime.executor import EagerExecutor
 
     device = device_for(mapping, res.device)
-    state = make_state(res, mapping, device, group=group)
+    state = make_state(res, mapping, device, comm=comm)
     if res.backend in MODEL_BACKENDS:
         compiled = res.backend == "compile"
         return EagerExecutor(
@@ -365,28 +366,31 @@ def build_session(
     res: ResolvedPipeline | PipelineConfig,
     mapping: Mapping | None = None,
     decoder=None,
-    group=None,
+    comm=None,
     overlap_decode: bool | None = None,
     unbounded: bool = False,
 ):
     """A StreamSession on this rank (the process group must already exist for world size > 1).
 
     overlap_decode: decode chunk c while the DiT runs chunk c+1 (default: with a decoder on CUDA).
-    unbounded: stream until the iterator is closed (needs the rolling window), not res.latent_frames."""
+    unbounded: stream until the iterator is closed (needs the rolling window), not res.latent_frames.
+    comm: this rank's collectives (runtime/sp.py): tests pass one with a CollectiveLog; bench's
+    AloneCollectives run one rank of the group without its peers (no process group)."""
     if isinstance(res, PipelineConfig):
         res = res.resolve()
     mapping = mapping or Mapping.from_env(res.world_size)
-    if mapping.world_size > 1 and not mapping.alone and group is None and not _group_initialized():
+    peers = mapping.world_size > 1 and (comm is None or comm.needs_peers)
+    if peers and not _group_initialized():
         raise ConfigError(
             f"{arg('world_size', mapping.world_size)} needs its ranks: ropesp.Pipeline(world_size=...) "
             "starts and owns them (or runtime.group.SessionGroup); build_session runs one rank of a group "
             "that already exists (torchrun, or runtime.launch.spawn_ranks + process_group)"
         )
-    executor = build_executor(res, mapping, group)
+    executor = build_executor(res, mapping, comm)
     timeout = res.request.collective_timeout_s
     if timeout is None and res.backend != "compile":
         timeout = COLLECTIVE_TIMEOUT_S
-    if mapping.world_size > 1 and not mapping.alone and timeout is not None:
+    if peers and timeout is not None:
         from ropesp.runtime.dist import set_collective_timeout
 
         set_collective_timeout(timeout)  # every rank is set up: bound the waits from here on

@@ -28,14 +28,13 @@ SP_ROPE_MODES = ("local", "allgather")
 SP_COMM_MODES = ("fused", "unfused")
 
 
-class Collectives:
-    """The collectives SP uses, counted per kind (tests assert the per-layer call pattern)."""
+class CollectiveLog:
+    """An observer of a rank's collectives, handed to `Collectives(observer=...)` by tests and bench
+    (product code passes none): counts per kind (tests assert the per-layer call pattern) and, from
+    `start_timing()` on, the time spent inside each call (bench's communication share)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, sp_size: int) -> None:
-        self.group = group
-        self.sp_size = sp_size
+    def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self._into_tensor = dist.is_initialized() and dist.get_backend(group) == "nccl"
         self._timing: list | None = None
 
     def start_timing(self) -> None:
@@ -51,15 +50,52 @@ class Collectives:
         torch.cuda.synchronize()
         return sum(start.elapsed_time(end) for start, end in self._timing)
 
+    def begin(self, kind: str, device: torch.device):
+        """Count one call of `kind`; returns its start mark for `end` (None while not timing)."""
+        self.counts[kind] += 1
+        return None if self._timing is None else _now(device)
+
+    def end(self, mark, device: torch.device) -> None:
+        if mark is not None:
+            self._timing.append((mark, _now(device)))
+
+
+def _now(device: torch.device):
+    """A timestamp: a recorded CUDA event on GPU (no host sync), the host clock otherwise."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+class Collectives:
+    """The collectives SP uses, over `group` (None: the default group) of sp_size ranks."""
+
+    needs_peers = True
+    """The calls move data between the ranks: a process group must exist (AloneCollectives: none)."""
+
+    def __init__(
+        self, group: dist.ProcessGroup | None, sp_size: int, observer: CollectiveLog | None = None
+    ) -> None:
+        self.group = group
+        self.sp_size = sp_size
+        self.observer = observer
+        self._into_tensor = dist.is_initialized() and dist.get_backend(group) == "nccl"
+
+    def with_group(self, group: dist.ProcessGroup, sp_size: int) -> Collectives:
+        """The same kind of collectives, seen by the same observer, over a sub-group (the hybrid
+        layout's Ulysses group)."""
+        return Collectives(group, sp_size, self.observer)
+
     @contextlib.contextmanager
     def _timed(self, kind: str, device: torch.device):
-        self.counts[kind] += 1
-        if self._timing is None:
+        if self.observer is None:
             yield
             return
-        start = self._now(device)
+        mark = self.observer.begin(kind, device)
         yield
-        self._timing.append((start, self._now(device)))
+        self.observer.end(mark, device)
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """Exchange x [P, ...] (slice j goes to rank j) -> [P, ...] (slice j came from rank j)."""
@@ -84,40 +120,33 @@ class Collectives:
     def ring_shift_start(self, send: torch.Tensor, recv: torch.Tensor, next_rank: int, prev_rank: int):
         """Start one ring step (send to next_rank, receive from prev_rank; global ranks) and return
         its handle: compute can run until `ring_shift_wait(handle)`."""
-        self.counts["ring_p2p"] += 1
         send = send.contiguous()
-        start = self._now(send.device) if self._timing is not None else None
+        mark = None if self.observer is None else self.observer.begin("ring_p2p", send.device)
         ops = [dist.P2POp(dist.isend, send, next_rank), dist.P2POp(dist.irecv, recv, prev_rank)]
-        return dist.batch_isend_irecv(ops), send, start
+        return dist.batch_isend_irecv(ops), send, mark
 
     def ring_shift_wait(self, handle) -> None:
-        reqs, send, start = handle
+        reqs, send, mark = handle
         for req in reqs:
             req.wait()
-        if start is not None:
-            self._timing.append((start, self._now(send.device)))
-
-    @staticmethod
-    def _now(device: torch.device):
-        """A timestamp: a recorded CUDA event on GPU (no host sync), the host clock otherwise."""
-        if device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        if self.observer is not None:
+            self.observer.end(mark, send.device)
 
 
 class AloneCollectives(Collectives):
-    """The collectives of one rank of a P-rank group run by itself (`Mapping.alone`, measurement only).
+    """The collectives of one rank of a P-rank group run by itself (measurement only: bench hands them
+    in for `ropesp bench --alone`).
 
     Every call keeps the shapes of the real one and moves no data: an all-to-all returns its input (this
     rank's own slices stand in for its peers'), an all-gather repeats this rank's part. What runs around
     them is exactly one rank's compute at world size P (GEMMs over L/P tokens, attention over H/P
     heads), so timing it beside a real P-rank run splits the scaling loss into compute and
-    communication. The outputs are not the model's."""
+    communication. The outputs are not the model's. No process group is needed."""
 
-    def __init__(self, sp_size: int) -> None:
-        super().__init__(None, sp_size)
+    needs_peers = False
+
+    def __init__(self, sp_size: int, observer: CollectiveLog | None = None) -> None:
+        super().__init__(None, sp_size, observer)
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         with self._timed("all_to_all", x.device):

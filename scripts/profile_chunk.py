@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from ropesp.runtime.dist import Mapping
+from ropesp.runtime.dist import Mapping, device_for
 from ropesp.runtime.launch import process_group, spawn_ranks
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 from ropesp.runtime.prompts import default_prompt_embeds
+from ropesp.runtime.sp import AloneCollectives
 
 CATEGORIES = (  # first match wins; kernel names are lower-cased
     ("nccl", ("nccl",)),
@@ -58,7 +59,10 @@ def category(name: str) -> str:
 
 def profile_rank(mapping: Mapping, args: argparse.Namespace) -> None:
     """Warm up, then one video under the profiler on rank 0 (the other ranks run it unprofiled)."""
-    with process_group(mapping, args.device) as device:
+    # --alone: rank 0 by itself, no process group; its collectives move nothing (ropesp bench --alone)
+    alone = args.alone and mapping.world_size > 1
+    group = contextlib.nullcontext(device_for(mapping, args.device)) if alone else None
+    with group or process_group(mapping, args.device) as device:
         cfg = PipelineConfig(
             preset=None if args.engines else args.preset,
             engines=args.engines,
@@ -75,7 +79,8 @@ def profile_rank(mapping: Mapping, args: argparse.Namespace) -> None:
             from ropesp.decode.factory import make_decoder
 
             decoder = make_decoder(args.vae, device)
-        session = build_session(cfg, mapping, decoder=decoder, overlap_decode=decoder is not None)
+        comm = AloneCollectives(mapping.world_size) if alone else None
+        session = build_session(cfg, mapping, decoder=decoder, comm=comm, overlap_decode=decoder is not None)
         prompt = default_prompt_embeds(session.executor.cfg)
         cuda = device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -163,7 +168,7 @@ def main() -> None:
     ap.add_argument("--trace", help="chrome trace (.json or .json.gz)")
     args = ap.parse_args()
     if args.world_size == 1 or args.alone:
-        profile_rank(Mapping(args.world_size, 0, 0, alone=args.alone and args.world_size > 1), args)
+        profile_rank(Mapping(args.world_size, 0, 0), args)
     else:
         spawn_ranks(args.world_size, profile_rank, args)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 
 import torch
 
 from ropesp.config import SamplerConfig
 from ropesp.runtime.launch import process_group
 from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.sp import CollectiveLog, Collectives
 
 
 def base_config(**overrides) -> PipelineConfig:
@@ -38,16 +38,13 @@ def run_modes(mapping, prompt, out_path, modes, ring_degree=None) -> None:
     with process_group(mapping, "cpu"):
         for mode in modes:
             cfg = base_config(world_size=mapping.world_size, ring_degree=ring_degree, **MODES[mode])
-            session = build_session(cfg, mapping)
+            log = CollectiveLog()  # sees the world's and (hybrid) the Ulysses group's collectives
+            session = build_session(cfg, mapping, comm=Collectives(None, mapping.world_size, log))
             session.reset(prompt, seed=3)
-            state = session.executor.state
-            comms = {id(c): c for c in (state.comm, state.ulysses_comm) if c is not None}.values()
-            if comms:
-                for c in comms:
-                    c.counts.clear()
-                session.executor.forward(torch.zeros(1, 3, 16, 10, 14), torch.tensor(500.0), 0)
-                counts[mode] = dict(sum((c.counts for c in comms), Counter()))
-                session.reset(seed=3)
+            log.counts.clear()
+            session.executor.forward(torch.zeros(1, 3, 16, 10, 14), torch.tensor(500.0), 0)
+            counts[mode] = dict(log.counts)
+            session.reset(seed=3)
             results[mode] = session.generate()
     if mapping.rank == 0:
         torch.save({"latents": results, "counts": counts}, out_path)

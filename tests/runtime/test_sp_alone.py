@@ -1,4 +1,5 @@
-"""A rank alone (`Mapping.alone`, `ropesp bench --alone`): rank 0's compute at world size P, no peers."""
+"""A rank alone (AloneCollectives handed in, `ropesp bench --alone`): rank 0's compute at world size P,
+no peers."""
 
 import pytest
 import sp_worker
@@ -10,7 +11,7 @@ from ropesp.errors import ConfigError
 from ropesp.model.kv_cache import KVCache
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.pipeline import build_session
-from ropesp.runtime.sp import AloneCollectives
+from ropesp.runtime.sp import AloneCollectives, CollectiveLog
 
 LAYERS, HEADS, HEAD_DIM = 2, 12, 16  # tiny preset
 FRAME_TOKENS = 5 * 7  # sp_worker's 10x14 latents, patch 2x2
@@ -36,15 +37,15 @@ def test_alone_rank_has_rank0s_shapes_and_call_pattern(world_size, prompt, monke
 
     monkeypatch.setattr(KVCache, "update", recording_update)
     cfg = sp_worker.base_config(world_size=world_size, **sp_worker.MODES["optimized"])
-    session = build_session(cfg, Mapping(world_size, 0, 0, alone=True))
+    log = CollectiveLog()
+    session = build_session(cfg, Mapping(world_size, 0, 0), comm=AloneCollectives(world_size, log))
     assert not dist.is_initialized()  # no process group, no peers
     state = session.executor.state
-    assert isinstance(state.comm, AloneCollectives)
     session.reset(prompt, seed=3)
-    state.comm.counts.clear()
+    log.counts.clear()
     out = session.executor.forward(torch.zeros(1, 3, 16, 10, 14), torch.tensor(500.0), 0)
     # the same collectives per forward as a real rank's (test_sp: test_sp_equals_single_rank)
-    assert dict(state.comm.counts) == {"all_to_all": 2 * LAYERS, "all_gather": 1}
+    assert dict(log.counts) == {"all_to_all": 2 * LAYERS, "all_gather": 1}
     # attention of the whole chunk over this rank's H/P heads, as a real rank of P
     assert seen == [((1, CHUNK_TOKENS, HEADS // world_size, HEAD_DIM),) * 2] * LAYERS
     assert state.cache.k.shape[-2] == HEADS // world_size
@@ -59,12 +60,13 @@ def test_alone_rank_has_rank0s_shapes_and_call_pattern(world_size, prompt, monke
 
 
 def test_alone_collectives_keep_shapes_and_move_nothing():
-    comm = AloneCollectives(4)
+    log = CollectiveLog()
+    comm = AloneCollectives(4, log)
     x = torch.arange(24.0).view(4, 2, 3)  # [P(dst), ...]
     assert torch.equal(comm.all_to_all(x), x)  # this rank's slices stand in for the peers'
     gathered = comm.all_gather(x[0])
     assert gathered.shape == (4, 2, 3) and all(torch.equal(g, x[0]) for g in gathered)
-    assert dict(comm.counts) == {"all_to_all": 1, "all_gather": 1}
+    assert dict(log.counts) == {"all_to_all": 1, "all_gather": 1}
     with pytest.raises(ConfigError, match="no ring peers"):
         comm.ring_shift_start(x, x, 1, 3)
 
@@ -72,4 +74,27 @@ def test_alone_collectives_keep_shapes_and_move_nothing():
 def test_alone_refuses_the_ring_layout():
     cfg = sp_worker.base_config(world_size=4, ring_degree=2)
     with pytest.raises(ConfigError, match="pure Ulysses only"):
-        build_session(cfg, Mapping(4, 0, 0, alone=True))
+        build_session(cfg, Mapping(4, 0, 0), comm=AloneCollectives(4))
+
+
+def test_collectives_of_another_world_size_are_refused():
+    cfg = sp_worker.base_config(world_size=2)
+    with pytest.raises(ConfigError, match="collectives of 3 ranks for a world of 2"):
+        build_session(cfg, Mapping(2, 0, 0), comm=AloneCollectives(3))
+
+
+def test_collectives_without_an_observer_count_nothing():
+    """Product code passes no observer: the collectives keep no counters or timers of their own."""
+    comm = AloneCollectives(2)
+    comm.all_to_all(torch.zeros(2, 3))
+    assert comm.observer is None and not hasattr(comm, "counts")
+
+
+def test_collective_log_times_only_after_start_timing():
+    log = CollectiveLog()
+    comm = AloneCollectives(2, log)
+    comm.all_gather(torch.zeros(3))
+    assert log.elapsed_ms() == 0.0  # counted, not timed
+    log.start_timing()
+    comm.all_gather(torch.zeros(3))
+    assert dict(log.counts) == {"all_gather": 2} and log.elapsed_ms() > 0.0
