@@ -17,8 +17,26 @@ Two formulations live here:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class RopeGrid:
+    """The static attributes of Causal-RoPE SP for one rank's tokens of one chunk shape (compile-time
+    constants of the op and its engines; start_frame is the one runtime input)."""
+
+    frames: int
+    """Latent frames of the chunk."""
+    rows: int
+    """Latent rows per frame (after patching)."""
+    cols: int
+    """Latent columns per frame (after patching)."""
+    first_token: int = 0
+    """Index in the chunk of this rank's first token (0 on one rank)."""
+    theta: float = 10000.0
+    """RoPE base frequency."""
 
 
 def axis_inv_freq(axis_dim: int, theta: float) -> torch.Tensor:
