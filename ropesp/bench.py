@@ -303,7 +303,7 @@ def run_rank(
                 executor, res.request.sampler, res.geometry, res.latent_frames, overlap_decode=False
             )
             build_s = time.perf_counter() - t0
-            comm = getattr(getattr(executor, "state", None), "comm", None)
+            comm = executor.comm
             row = measure(
                 session,
                 prompt,
