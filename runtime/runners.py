@@ -7,7 +7,7 @@ how q/k are rotated, how attention reaches the cache and how the head's output i
     UlyssesRunner       P ranks: this rank's L/P tokens, RoPE on them, one all-to-all to the head-sharded
                         layout, attention, one all-to-all back (Causal-RoPE SP: nothing gathered for RoPE)
 
-What attention reads is a cache attention, composed into either runner:
+What attention reads is a cache attention the runner holds (composition, not subclasses):
 
     CacheAttention      a head-sharded KVCache holding the whole chunk's tokens (one rank, pure Ulysses)
     RingAttention       a RingCache shard holding the Ulysses group's token segment; the ring peers'

@@ -10,8 +10,10 @@ through unchanged. head_dim is split into (time, rows, cols) channel groups (d-4
 Two formulations live here:
 - `rope_apply_ref`: the upstream formulation (complex float64 table on the device, the per-token
   multiplier rebuilt and applied in float64 on every call); the baseline for parity tests and benchmarks.
-- `RopeTables` + `rope_apply`: fp32 cos/sin tables precomputed once, gathered by position. This is
-  the CPU reference of the `ropesp::rope_sp` operator (plugins/rope_sp.py) and the eager default.
+- `RopeTables` + `rope_apply`: fp32 cos/sin tables precomputed once, gathered by position (training,
+  benchmarks). They give exactly the values of `rope_sp_ref`, the reference of the `ropesp::rope_sp`
+  operator (plugins/rope_sp.py), which computes cos/sin from the positions; `rope_for_rank` there is
+  the runtime's one way to get a rank's RoPE from a `RopeGrid`.
 """
 
 from __future__ import annotations
