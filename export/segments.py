@@ -39,9 +39,10 @@ from torch.func import functional_call
 
 from ropesp.config import ModelConfig, VideoGeometry
 from ropesp.export.manifest import SegmentSpec, TensorSpec
+from ropesp.model.rope import RopeGrid
 from ropesp.model.wan import Block, CausalWanDiT, Head
 from ropesp.parallel import TokenShard
-from ropesp.plugins.rope_sp import make_rope_op
+from ropesp.plugins.rope_sp import rope_for_rank
 
 SEGMENTS = ("embed", "pre", "post", "head")
 EMBED_WEIGHTS = ("patch_embedding.", "time_embedding.", "time_projection.")
@@ -107,8 +108,8 @@ def _embed(model: CausalWanDiT, latents, t_sinusoid):
     return (model.patchify(latents), *model.embed_time(t_sinusoid))  # tokens, e, e0
 
 
-def _pre(block: Block, x, e0, start_frame, frame_of_token, *, grid, first_token, theta):
-    rope = make_rope_op(start_frame, *grid, first_token, theta)
+def _pre(block: Block, x, e0, start_frame, frame_of_token, *, grid: RopeGrid):
+    rope = rope_for_rank(grid, start_frame, op=True)
     return block.pre_attention(x, e0, frame_of_token, rope)  # q, k, v
 
 
@@ -173,7 +174,7 @@ def make_segments(
         # name, template, fn, weight prefixes, scope, activations, outputs, differs between ranks
         ("embed", model, _embed, EMBED_WEIGHTS, "", embed_acts,
          [("tokens", (b, f * rows * cols, c)), ("e", (b, f, c)), ("e0", (b, f, 6, c))], False),
-        ("pre", block, functools.partial(_pre, grid=(f, rows, cols), first_token=shard.first, theta=cfg.rope_theta),
+        ("pre", block, functools.partial(_pre, grid=RopeGrid(f, rows, cols, shard.first, cfg.rope_theta)),
          PRE_WEIGHTS, "blocks.{layer}.", [x, e0, (sf_spec, sf), fot],
          [("q", (b, n, h, d)), ("k", (b, n, h, d)), ("v", (b, n, h, d))], True),
         ("post", block, _post, POST_WEIGHTS, "blocks.{layer}.", post_acts, [("x_out", (b, n, c))], False),

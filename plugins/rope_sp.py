@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.library import wrap_triton
 
-from ropesp.model.rope import cos_sin_at, head_dim_split, rotate_pairs, token_positions
+from ropesp.model.rope import RopeGrid, cos_sin_at, head_dim_split, rotate_pairs, token_positions
 
 try:  # CPU-only torch wheels come without triton; the op then falls back to the reference
     import triton
@@ -78,11 +78,14 @@ def rope_sp_ref(
     fp32 math, output in x's dtype; equals ropesp.model.rope.rope_apply with RopeTables exactly.
     """
     check_args(x, start_frame, frames, rows, cols, first_token, theta)
-    time, row, col, valid = token_positions(
-        start_frame, first_token, x.shape[1], frames, rows, cols, x.device
-    )
-    cos, sin = cos_sin_at(time, row, col, valid, x.shape[-1], theta)
-    return rotate_pairs(x, cos, sin)
+    return rotate_pairs(x, *_cos_sin(RopeGrid(frames, rows, cols, first_token, theta), start_frame, x))
+
+
+def _cos_sin(grid: RopeGrid, start_frame: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, D/2] float32 of x's L tokens (x: [B, L, H, D]); padding gets (1, 0)."""
+    g = grid
+    positions = token_positions(start_frame, g.first_token, x.shape[1], g.frames, g.rows, g.cols, x.device)
+    return cos_sin_at(*positions, x.shape[-1], g.theta)
 
 
 if triton is not None:
@@ -201,18 +204,13 @@ else:
 rope_sp.register_kernel("cpu")(rope_sp_ref)  # the reference serves the CPU and CI path
 
 
-def make_rope_op(
-    start_frame: torch.Tensor | int,
-    frames: int,
-    rows: int,
-    cols: int,
-    first_token: int,
-    theta: float,
-):
-    """x [B, L, H, D] -> rotated x through `torch.ops.ropesp.rope_sp`, with the static attributes bound.
+def rope_for_rank(grid: RopeGrid, start_frame: torch.Tensor | int, *, op: bool = True):
+    """x [B, L, H, D] -> rotated x of this rank's tokens, the static attributes bound from grid.
 
+    op: through `torch.ops.ropesp.rope_sp` (the Triton kernel on CUDA; one node for torch.export and one
+    graph for torch.compile at every chunk position); else the reference math directly, with cos/sin
+    computed once per token count (q and k of every layer share positions).
     start_frame: int32 [1] tensor (a runtime input; its value may change between calls) or an int.
-    Pass the result as `rope_fn` to ropesp.runtime.executor.SPState.runner.
     """
     if isinstance(start_frame, int):
         start_frame = torch.tensor([start_frame], dtype=torch.int32)
@@ -220,10 +218,22 @@ def make_rope_op(
         raise ValueError(
             f"start_frame must be an int32 tensor of shape [1], got {start_frame.dtype} {tuple(start_frame.shape)}"
         )
-    op = torch.ops.ropesp.rope_sp
+    g = grid
+    if op:
+        rope_op = torch.ops.ropesp.rope_sp
 
-    def rope(x: torch.Tensor) -> torch.Tensor:
-        sf = start_frame if start_frame.device == x.device else start_frame.to(x.device)
-        return op(x, sf, frames, rows, cols, first_token, float(theta))
+        def rope(x: torch.Tensor) -> torch.Tensor:
+            sf = start_frame if start_frame.device == x.device else start_frame.to(x.device)
+            return rope_op(x, sf, g.frames, g.rows, g.cols, g.first_token, float(g.theta))
 
-    return rope
+        return rope
+    cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope_ref(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        if n not in cos_sin:
+            check_args(x, start_frame, g.frames, g.rows, g.cols, g.first_token, g.theta)
+            cos_sin[n] = _cos_sin(g, start_frame, x)  # [L, D/2] each
+        return rotate_pairs(x, *cos_sin[n])
+
+    return rope_ref

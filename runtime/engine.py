@@ -5,7 +5,7 @@ Per chunk forward (segments: export/segments.py):
     per layer: pre(x, e0, start_frame, frame_of_token) -> q, k, v;  runner.attention(layer, q, k, v) -> o
                post(x, o, e0, cross_k, cross_v, frame_of_token) -> x   (block `layer`'s weights as inputs)
     head(x, e, frame_of_token) -> out;  runner.gather(out);  unpatchify
-The runner is SPState's (runtime/executor.py), as in the eager path: the token shard, the all-to-alls /
+The runner is SPState's (runtime/runners.py, chosen in runtime/executor.py), as in the eager path: the token shard, the all-to-alls /
 ring around attention, the persistent KV cache write and the attention itself run here, between engine
 calls. Cross-attention K/V come from the eager text path (CausalWanDiT.cross_kv on the loaded weights),
 once per prompt, into buffers whose addresses never change (CUDA graphs and TensorRT bindings read them).
@@ -27,11 +27,7 @@ from ropesp.errors import EngineError, arg
 from ropesp.export.manifest import Manifest, SegmentSpec
 from ropesp.model.wan import CausalWanDiT
 from ropesp.parallel import TokenShard
-from ropesp.runtime.executor import ChunkExecutor, attention_priority
-
-
-def _no_rope(x: torch.Tensor) -> torch.Tensor:
-    raise AssertionError("engines apply Causal-RoPE SP inside the pre segment")
+from ropesp.runtime.executor import ChunkExecutor
 
 
 # --- one segment, per backend: seg(*activations, *weights) -> [outputs] ------------------------
@@ -136,10 +132,8 @@ class EngineExecutor(ChunkExecutor):
     ) -> None:
         """segments: {chunk frames: {segment name: callable}}; model: the build's weights on this device
         (the text path, unpatchify, and the weight tensors every segment call binds)."""
-        super().__init__(model, state, side_stream=True, cuda_graphs=cuda_graphs)
+        super().__init__(model, state, side_stream=True, cuda_graphs=cuda_graphs, rope="engine")
         self.manifest, self.segments = manifest, segments
-        # the start_frame input [1] int32: one buffer, refreshed before every call (CUDA graphs read it)
-        self.start_frame = torch.zeros(1, dtype=torch.int32, device=self.device)
         files, ft = manifest.rank_files(rank), manifest.geometry["frame_tokens"]
         self.frame_of_token = {  # chunk frames -> [L_local] int64, the frame of each of this rank's tokens
             f: CausalWanDiT.frame_index(
@@ -156,27 +150,12 @@ class EngineExecutor(ChunkExecutor):
                     params[scope + t.name] for t in spec.inputs if t.kind == "weight"
                 ]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
-        """x: [B, F, C, H, W] float32; t: scalar timestep; returns flow [B, F, C, H, W] float32."""
-        self._require_prompt()
-        b, frames = x.shape[:2]
+    def _check_frames(self, frames: int) -> None:
         if frames not in self.segments:
             self.manifest.segment("embed", frames)  # raises EngineError naming the built chunk lengths
-        st = self.state
-        slots = st.begin(start_frame, frames)
-        runner = st.runner(slots, start_frame, frames, rope_fn=_no_rope)
-        latents = x.to(self.device, self.dtype)
-        t_sin = st.sinusoid(t, b, frames).to(self.dtype)  # [B, F, freq_dim]
-        with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
-            self.start_frame.fill_(start_frame)
 
-            def chunk(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self._chunk(runner, frames, x, t)
-
-            key = self._graph_key(frames, slots)
-            flow = chunk(latents, t_sin) if key is None else self.graphs.run(key, chunk, latents, t_sin)
-        st.commit(slots)
-        return self._hand_over(flow)
+    def _inputs(self, x: torch.Tensor, t_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.to(self.device, self.dtype), t_sin.to(self.dtype)  # [B, F, C, H, W], [B, F, freq_dim]
 
     def _chunk(self, runner, frames: int, latents: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
         """One chunk: the segments with the runner's shard / attention / gather between them."""
@@ -185,7 +164,9 @@ class EngineExecutor(ChunkExecutor):
         tokens, e, e0 = seg["embed"](latents, t_sin, *w["embed", frames, None])  # [B,L,C] [B,F,C] [B,F,6,C]
         x = runner.shard(tokens)  # [B, L_local, C]
         for layer, (cross_k, cross_v) in enumerate(self.cross_kv):
-            q, k, v = seg["pre"](x, e0, self.start_frame, fot, *w["pre", frames, layer])  # [B, L_local, H, D]
+            q, k, v = seg["pre"](
+                x, e0, self.state.start_frame, fot, *w["pre", frames, layer]
+            )  # [B, L_local, H, D]
             o = runner.attention(layer, q, k, v)  # cache write + attention (+ all-to-alls)
             (x,) = seg["post"](x, o, e0, cross_k, cross_v, fot, *w["post", frames, layer])  # [B, L_local, C]
         (out,) = seg["head"](x, e, fot, *w["head", frames, None])  # [B, L_local, patch_out]

@@ -10,27 +10,46 @@ exposes the same three calls, so the sampler and session never know which one ru
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Protocol
 
 import torch
 
 from ropesp.config import CacheConfig, ModelConfig, VideoGeometry
 from ropesp.errors import ConfigError, arg
-from ropesp.model.kv_cache import CacheSlots, KVCache
-from ropesp.model.local import LocalRunner, make_rope
-from ropesp.model.rope import RopeTables
+from ropesp.model.kv_cache import KVCache
+from ropesp.model.rope import RopeGrid
 from ropesp.model.wan import CausalWanDiT, timestep_sinusoid
 from ropesp.parallel import SPLayout, TokenShard
 from ropesp.plugins.attention_8bit import select_attention
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.graphs import ChunkGraphs
-from ropesp.runtime.ring import HybridRunner, RingCache, ring_capacity, ulysses_group
-from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives, UlyssesRunner
+from ropesp.runtime.ring import RingCache, ring_capacity, ulysses_group
+from ropesp.runtime.runners import (
+    CacheAttention,
+    RingAttention,
+    SingleDeviceRunner,
+    UlyssesRunner,
+    allgather_rope,
+)
+from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives
 
 
 class Executor(Protocol):
+    """What the session, the group and bench use of an executor."""
+
     cfg: ModelConfig
     device: torch.device
+    cuda_graphs: bool
+    """Whether forwards replay CUDA graphs (the host then runs ahead of the device)."""
+    world_size: int
+    """Ranks that run every forward in lock-step."""
+    comm: Collectives | None
+    """The collectives this rank's forwards use (None on one rank); bench times them."""
+    cache_cfg: CacheConfig | None
+    """The KV cache's geometry (None: no cache, so no re-cache on a prompt switch)."""
+    has_prompt: bool
+    """Whether set_prompt has run (forward needs it)."""
 
     def set_prompt(self, prompt_embeds: torch.Tensor) -> None: ...
 
@@ -96,11 +115,23 @@ def refresh_cross_kv(buffers: list | None, kv: list) -> tuple[list, bool]:
     return [(k.contiguous(), v.contiguous()) for k, v in kv], True
 
 
+ROPE_FORMS = ("op", "reference", "engine")
+"""How a runner rotates q/k: `op` the ropesp::rope_sp op reading the device start_frame (CUDA, compiled
+regions: one graph for every chunk position), `reference` its pure-torch math (eager on the CPU),
+`engine` not at all (an engine's pre segment applies it)."""
+
+
+def _rope_in_engine(x: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("engines apply Causal-RoPE SP inside the pre segment")
+
+
 class SPState:
-    """What every executor of a P-rank group shares: cache, shard, RoPE tables, collectives.
+    """What the executor of one rank of a P-rank group keeps between forwards: cache, collectives,
+    the device start_frame, the timestep sinusoids; `begin` plans a forward and returns its runner.
 
     Pure Ulysses (ring degree 1) keeps a head-sharded KVCache; the hybrid layout (runtime/ring.py)
-    keeps a head- and token-sharded RingCache. `begin` / `runner` / `commit` hide the difference.
+    keeps a head- and token-sharded RingCache. The choice is made once, here: `begin` / `commit` take
+    the same arguments for both, and the runner composes the matching cache attention (runtime/runners.py).
     """
 
     def __init__(
@@ -131,23 +162,19 @@ class SPState:
             raise ConfigError(f"{arg('sp_rope', sp_rope)}; choose one of {SP_ROPE_MODES}")
         if sp_comm not in SP_COMM_MODES:
             raise ConfigError(f"{arg('sp_comm', sp_comm)}; choose one of {SP_COMM_MODES}")
-        self.cfg, self.geometry, self.mapping, self.layout = cfg, geometry, mapping, layout
-        self.cache_cfg = cache_cfg
-        self.device, self.dtype, self.batch = device, dtype, batch
-        self.sp_rope, self.sp_comm = sp_rope, sp_comm
         if attention != "sdpa" and layout.ring > 1:
             raise ConfigError(
                 f"--attention {attention} runs with pure Ulysses or one rank; the ring layout {layout} "
                 "merges partial attentions (log-sum-exp) that only --attention sdpa returns"
             )
+        self.cfg, self.geometry, self.mapping, self.layout = cfg, geometry, mapping, layout
+        self.cache_cfg = cache_cfg
+        self.device, self.dtype, self.batch = device, dtype, batch
+        self.sp_rope, self.sp_comm = sp_rope, sp_comm
         self.attend = select_attention(attention)
-        local_heads = cfg.num_heads // layout.ulysses
-        self.tables = RopeTables(
-            cfg.head_dim, max(cache_cfg.max_frames, 1), geometry.rows, geometry.cols, cfg.rope_theta, device
-        )
-        # on GPU the local RoPE is the Triton kernel of ropesp::rope_sp (start_frame stays on device)
-        self.rope_op = device.type == "cuda"
-        self._start_frame = torch.zeros(1, dtype=torch.int32, device=device)
+        self.start_frame = torch.zeros(1, dtype=torch.int32, device=device)
+        """The chunk's start_frame, int32 [1] on the device: one buffer for every forward (CUDA graphs,
+        compiled regions and engine bindings read its address), refreshed by `begin`."""
         self._sinusoids: dict[tuple[float, int, int], torch.Tensor] = {}
         if mapping.world_size == 1:
             self.comm = None
@@ -160,34 +187,22 @@ class SPState:
             if not self.comm.needs_peers and layout.ring > 1:
                 raise ConfigError(f"a rank alone runs pure Ulysses only, not the layout {layout}")
         self.ulysses_comm = self.comm
+        local_heads = cfg.num_heads // layout.ulysses
+        ft = geometry.frame_tokens
         if layout.ring == 1:
             self.cache = KVCache(
-                cfg.num_layers,
-                batch,
-                geometry.frame_tokens,
-                cache_cfg,
-                local_heads,
-                cfg.head_dim,
-                dtype,
-                device,
+                cfg.num_layers, batch, ft, cache_cfg, local_heads, cfg.head_dim, dtype, device
             )
+            self._cache_attention = functools.partial(CacheAttention, attend=self.attend)
         else:
             chunks = chunk_frames or [cache_cfg.slot_frames]
-            local_len = -(-max(chunks) * geometry.frame_tokens // mapping.world_size)
-            capacity = ring_capacity(cache_cfg, geometry.frame_tokens, chunks, layout.ulysses * local_len)
+            local_len = -(-max(chunks) * ft // mapping.world_size)
+            capacity = ring_capacity(cache_cfg, ft, chunks, layout.ulysses * local_len)
             self.cache = RingCache(
-                layout,
-                mapping.rank,
-                cfg.num_layers,
-                batch,
-                geometry.frame_tokens,
-                cache_cfg,
-                capacity,
-                local_heads,
-                cfg.head_dim,
-                dtype,
-                device,
-            )
+                layout, mapping.rank, cfg.num_layers, batch, ft, cache_cfg, capacity, local_heads,
+                cfg.head_dim, dtype, device,
+            )  # fmt: skip
+            self._cache_attention = functools.partial(RingAttention, world=self.comm)
             self.ulysses_comm = self.comm.with_group(ulysses_group(layout, mapping.rank), layout.ulysses)
 
     def sinusoid(self, t: torch.Tensor | float, batch: int, frames: int) -> torch.Tensor:
@@ -198,84 +213,48 @@ class SPState:
             self._sinusoids[key] = sinusoid_for(self.cfg, torch.tensor(key[0]), batch, frames, self.device)
         return self._sinusoids[key]
 
-    def ensure_frames(self, end_frame: int) -> None:
-        """Grow the time axis of the RoPE tables (host-side, rare) for unbounded rolling streams."""
-        if end_frame > self.tables.max_frames:
-            size = max(end_frame, 2 * self.tables.max_frames)
-            self.tables = RopeTables(
-                self.cfg.head_dim,
-                size,
-                self.geometry.rows,
-                self.geometry.cols,
-                self.cfg.rope_theta,
-                self.device,
-            )
-
     def reset(self) -> None:
         self.cache.reset()
 
-    def _shard(self, frames: int) -> TokenShard:
-        return TokenShard.split(
-            frames * self.geometry.frame_tokens, self.mapping.world_size, self.mapping.rank
+    def begin(self, start_frame: int, frames: int, rope: str) -> SingleDeviceRunner | UlyssesRunner:
+        """Plan this forward's cache slots (rolling the window if needed; host-side), set the device
+        start_frame and return this rank's runner; rope: how it rotates q/k, one of ROPE_FORMS."""
+        g, p = self.geometry, self.mapping
+        slots = self.cache.begin(start_frame * g.frame_tokens, frames * g.frame_tokens)
+        self.start_frame.fill_(start_frame)  # a device-side fill: no host sync
+        shard = TokenShard.split(frames * g.frame_tokens, p.world_size, p.rank)
+        grid = RopeGrid(frames, g.rows, g.cols, shard.first, self.cfg.rope_theta)
+        if self.sp_rope == "allgather":  # the upstream formulation: float64 RoPE of the full chunk
+            rank_rope = allgather_rope(grid, start_frame, self.comm)
+        elif rope == "engine":
+            rank_rope = _rope_in_engine
+        else:
+            from ropesp.plugins.rope_sp import rope_for_rank  # Triton, where installed: not for engines
+
+            rank_rope = rope_for_rank(grid, self.start_frame, op=rope == "op")
+        if p.world_size == 1:
+            return SingleDeviceRunner(self.cache, slots, rank_rope, self.attend)
+        attention = self._cache_attention(self.cache, slots, shard)
+        return UlyssesRunner(
+            shard, self.ulysses_comm, rank_rope, attention, slots, world=self.comm, sp_comm=self.sp_comm
         )
 
-    def begin(self, start_frame: int, frames: int):
-        """Plan this forward's cache slots (and roll the window if needed); host-side."""
-        self.ensure_frames(start_frame + frames)
-        ft = self.geometry.frame_tokens
-        if self.layout.ring == 1:
-            return self.cache.begin(start_frame * ft, frames * ft)
-        shard = self._shard(frames)
-        return self.cache.begin(start_frame * ft, shard.length, shard.total)
-
-    def commit(self, slots) -> None:
-        self.cache.commit(slots)
-
-    def local_rope(self, start_frame: int, frames: int, first_token: int):
-        """Causal-RoPE SP for this rank's tokens: the rope_sp op on GPU, fp32 tables on the CPU."""
-        g = self.geometry
-        if self.rope_op:
-            from ropesp.plugins.rope_sp import make_rope_op
-
-            self._start_frame.fill_(start_frame)  # a device-side fill: no host sync
-            return make_rope_op(self._start_frame, frames, g.rows, g.cols, first_token, self.cfg.rope_theta)
-        return make_rope(
-            "tables", start_frame, frames, g.rows, g.cols, first_token, self.tables, self.cfg.rope_theta
-        )
-
-    def runner(self, slots, start_frame: int, frames: int, rope_fn=None):
-        """The ChunkRunner of this rank for one forward; rope_fn overrides the local RoPE."""
-        g = self.geometry
-        if self.mapping.world_size == 1:
-            if self.sp_rope == "local":
-                rope = rope_fn or self.local_rope(start_frame, frames, 0)
-            else:  # the upstream formulation: float64 complex RoPE of the full chunk per call
-                rope = make_rope(
-                    "reference", start_frame, frames, g.rows, g.cols, 0, None, self.cfg.rope_theta
-                )
-            return LocalRunner(self.cache, slots, rope, self.attend)
-        shard = self._shard(frames)
-        rope = rope_fn or self.local_rope(start_frame, frames, shard.first)
-        kwargs = dict(
-            world=self.comm,
-            sp_rope=self.sp_rope,
-            sp_comm=self.sp_comm,
-            start_frame=start_frame,
-            grid=(frames, g.rows, g.cols),
-            theta=self.cfg.rope_theta,
-            attend=self.attend,
-        )
-        if self.layout.ring == 1:
-            return UlyssesRunner(self.cache, slots, shard, self.comm, rope, **kwargs)
-        return HybridRunner(self.cache, slots, None, None, shard, self.ulysses_comm, rope, **kwargs)
+    def commit(self, runner: SingleDeviceRunner | UlyssesRunner) -> None:
+        """The forward of runner is done: its tokens are in the cache for the next chunks."""
+        self.cache.commit(runner.slots)
 
 
 class ChunkExecutor:
     """What every executor shares: the model (text path and weights), the SP state, the prompt's
-    cross-attention K/V in fixed buffers, the side stream (CUDA) and the chunk CUDA graphs."""
+    cross-attention K/V in fixed buffers, the side stream (CUDA), the chunk CUDA graphs and the
+    forward itself; a backend supplies `_chunk` (and `_inputs`)."""
 
-    def __init__(self, model: CausalWanDiT, state: SPState, *, side_stream: bool, cuda_graphs: bool) -> None:
-        self.model, self.state = model, state
+    def __init__(
+        self, model: CausalWanDiT, state: SPState, *, side_stream: bool, cuda_graphs: bool, rope: str
+    ) -> None:
+        """rope: how the runners rotate q/k, one of ROPE_FORMS."""
+        assert rope in ROPE_FORMS, rope
+        self.model, self.state, self.rope = model, state, rope
         self.cfg, self.device, self.dtype = model.cfg, state.device, state.dtype
         self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         cuda = self.device.type == "cuda"
@@ -287,6 +266,22 @@ class ChunkExecutor:
     @property
     def cache(self):
         return self.state.cache
+
+    @property
+    def cache_cfg(self) -> CacheConfig:
+        return self.state.cache_cfg
+
+    @property
+    def world_size(self) -> int:
+        return self.state.mapping.world_size
+
+    @property
+    def comm(self) -> Collectives | None:
+        return self.state.comm
+
+    @property
+    def has_prompt(self) -> bool:
+        return self.cross_kv is not None
 
     @contextlib.contextmanager
     def _on_stream(self):
@@ -316,16 +311,34 @@ class ChunkExecutor:
     def reset(self) -> None:
         self.state.reset()
 
-    def _graph_key(self, frames: int, slots) -> tuple | None:
-        """The CUDA graph of this forward: one per cache slot plan; None runs it uncaptured (graphs
-        off, or a hybrid ring layout, whose slots are not a CacheSlots plan)."""
-        if not (self.cuda_graphs and isinstance(slots, CacheSlots)):
-            return None
-        return (frames, slots.write_start, slots.write_end, slots.attn_start, slots.attn_end)
-
-    def _require_prompt(self) -> None:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
+        """x: [B, F, C, H, W] float32; t: scalar timestep; returns flow [B, F, C, H, W] float32."""
         if self.cross_kv is None:
             raise RuntimeError("set_prompt() must be called before forward()")
+        b, frames = x.shape[:2]
+        self._check_frames(frames)
+        runner = self.state.begin(start_frame, frames, self.rope)
+        x, t_sin = self._inputs(x, self.state.sinusoid(t, b, frames))
+
+        def chunk(x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
+            return self._chunk(runner, frames, x, t_sin)
+
+        with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
+            # one CUDA graph per cache slot plan; None (graphs off, or no static plan) runs uncaptured
+            plan = runner.graph_key if self.cuda_graphs else None
+            flow = chunk(x, t_sin) if plan is None else self.graphs.run((frames, *plan), chunk, x, t_sin)
+        self.state.commit(runner)
+        return self._hand_over(flow)
+
+    def _check_frames(self, frames: int) -> None:
+        """Raise where this executor cannot run chunks of `frames` latent frames."""
+
+    def _inputs(self, x: torch.Tensor, t_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's inputs on the device: latents [B, F, C, H, W], sinusoid [B, F, freq_dim]."""
+        return x.to(self.device), t_sin
+
+    def _chunk(self, runner, frames: int, x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class EagerExecutor(ChunkExecutor):
@@ -342,29 +355,14 @@ class EagerExecutor(ChunkExecutor):
     def __init__(
         self, model: CausalWanDiT, state: SPState, *, compile: bool = False, cuda_graphs: bool = False
     ) -> None:
-        super().__init__(model, state, side_stream=False, cuda_graphs=cuda_graphs)
+        # the op on GPU (the Triton kernel) and under compile (one graph for every chunk position)
+        rope = "op" if compile or state.device.type == "cuda" else "reference"
+        super().__init__(model, state, side_stream=False, cuda_graphs=cuda_graphs, rope=rope)
         if compile:
             compile_regions(model)
-            state.rope_op = True  # start_frame as a device tensor: one graph for every chunk position
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
-        """x: [B, F, C, H, W] float32; t: scalar timestep; returns flow [B, F, C, H, W] float32."""
-        self._require_prompt()
-        b, frames = x.shape[:2]
-        st = self.state
-        slots = st.begin(start_frame, frames)
-        runner = st.runner(slots, start_frame, frames)  # refreshes the device start_frame (rope op)
-        t_sin = st.sinusoid(t, b, frames)
-        x = x.to(self.device)
-
-        def chunk(x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
-            return self.model(x, t_sin, self.cross_kv, runner)
-
-        with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
-            key = self._graph_key(frames, slots)
-            flow = chunk(x, t_sin) if key is None else self.graphs.run(key, chunk, x, t_sin)
-        st.commit(slots)
-        return self._hand_over(flow)
+    def _chunk(self, runner, frames: int, x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t_sin, self.cross_kv, runner)
 
 
 def compile_regions(model: CausalWanDiT) -> None:

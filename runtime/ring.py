@@ -23,8 +23,7 @@ import torch
 
 from ropesp.config import CacheConfig
 from ropesp.errors import ConfigError, arg
-from ropesp.parallel import SPLayout
-from ropesp.runtime.sp import UlyssesRunner
+from ropesp.parallel import SPLayout, TokenShard
 
 Ranges = list[tuple[int, int]]  # stored tokens as [start, end) stream positions, in storage order
 
@@ -135,7 +134,10 @@ class RingCache:
         start = ring_index * self.layout.ulysses * local_len
         return min(start, total), min(start + self.layout.ulysses * local_len, total)
 
-    def begin(self, current_start: int, local_len: int, total: int) -> RingSlots:
+    def begin(self, current_start: int, total: int) -> RingSlots:
+        """Plan a forward of the chunk's `total` tokens from stream position current_start (host-side);
+        rolls this shard's window if needed."""
+        local_len = TokenShard.split(total, self.layout.world_size, 0).length  # L_local
         plans = []
         for r, planner in enumerate(self.planners):
             s0, s1 = self.segment(r, local_len, total)
@@ -202,44 +204,3 @@ def ulysses_group(layout: SPLayout, rank: int):
         if rank in ranks:
             mine = group
     return mine
-
-
-class HybridRunner(UlyssesRunner):
-    """UlyssesRunner within a Ulysses group whose attention spans the ring peers' cache shards."""
-
-    _kv_blocks = False  # the ring cache's writes take flat tokens
-
-    def __init__(self, ring: RingCache, ring_slots: RingSlots, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.ring, self.ring_slots = ring, ring_slots
-
-    def _segment_tokens(self) -> int:
-        s0, s1 = self.ring.segment(self.ring.ring_index, self.shard_info.length, self.shard_info.total)
-        return s1 - s0
-
-    def _attend(self, layer: int, q, k, v) -> torch.Tensor:
-        """q, k, v: [B, U*L_local, H/U, D] of this group's segment (tail may be SP padding)."""
-        real = self._segment_tokens()
-        rs = self.ring_slots
-        ck, cv = self.ring.k[layer], self.ring.v[layer]
-        ck[:, rs.write_start : rs.window_end] = k[:, :real]
-        cv[:, rs.write_start : rs.window_end] = v[:, :real]
-        k_own, v_own = ck[:, : rs.window_end], cv[:, : rs.window_end]
-        layout = self.ring.layout
-        me, u = self.ring.ring_index, self.ring.u
-        nxt, prv = layout.rank_of(me + 1, u), layout.rank_of(me - 1, u)
-        cur = torch.stack((k_own, v_own)) if layout.ring > 1 else None  # [2, B, S_own, H/U, D]
-        parts = []
-        for step in range(layout.ring):
-            pending = None
-            if step + 1 < layout.ring:  # the next shard travels while this one is attended to
-                src = (me - step - 1) % layout.ring
-                recv = cur.new_empty((2, cur.shape[1], rs.peer_lengths[src], *cur.shape[3:]))
-                pending = self.world.ring_shift_start(cur, recv, nxt, prv)
-            k_s, v_s = (k_own, v_own) if step == 0 else (cur[0], cur[1])
-            if k_s.shape[1]:
-                parts.append(attention_lse(q, k_s, v_s))
-            if pending is not None:
-                self.world.ring_shift_wait(pending)
-                cur = recv
-        return merge_partials(parts) if len(parts) > 1 else parts[0][0]

@@ -137,9 +137,8 @@ class StreamSession:
         self.sampler = sampler
         self.schedule = FlowSchedule(sampler)
         self.geometry = geometry
-        state = getattr(executor, "state", None)
-        self.cache_cfg: CacheConfig | None = getattr(state, "cache_cfg", None)
-        """The executor's cache geometry (None for an executor without SP state: no re-cache)."""
+        self.cache_cfg: CacheConfig | None = executor.cache_cfg
+        """The executor's cache geometry (None for an executor without a cache: no re-cache)."""
         if latent_frames is None and self.cache_cfg is not None:
             check_unbounded(self.cache_cfg)
         self.chunk_sizes = sampler.chunk_sizes(latent_frames) if latent_frames is not None else None
@@ -194,9 +193,8 @@ class StreamSession:
 
     @property
     def world_size(self) -> int:
-        """Ranks that run this session's forwards in lock-step (1 for an executor without SP state)."""
-        state = getattr(self.executor, "state", None)
-        return 1 if state is None else state.mapping.world_size
+        """Ranks that run this session's forwards in lock-step."""
+        return self.executor.world_size
 
     @property
     def overlapped(self) -> bool:
@@ -214,7 +212,7 @@ class StreamSession:
         previous stream's is kept (the first stream gets runtime/prompts.py's default embedding).
         Queued prompt changes of the previous stream are dropped."""
         self._stop_producer()
-        if prompt_embeds is None and getattr(self.executor, "cross_kv", True) is None:
+        if prompt_embeds is None and not self.executor.has_prompt:
             from ropesp.runtime.prompts import default_prompt_embeds
 
             prompt_embeds = default_prompt_embeds(self.executor.cfg)
@@ -311,7 +309,7 @@ class StreamSession:
             # graphs the device waits for the host, and queuing the pass first would delay the chunk. The
             # rule follows the configuration, never timing, so every rank of a group queues the same
             # collectives before a chunk boundary (a cancel there stops them all at the same point).
-            ahead = refresh and bool(getattr(self.executor, "cuda_graphs", False))
+            ahead = refresh and self.executor.cuda_graphs
             if ahead:
                 clean_context_pass()
             if copied is not None:

@@ -1,13 +1,9 @@
-"""Sequence parallelism (Ulysses) with Causal-RoPE SP: the per-chunk runner of a P-rank group.
+"""The collectives of sequence parallelism (all-to-all, all-gather, ring steps) and its modes.
 
-Per block: this rank's tokens [B, L/P, H, D] get q/k/v, RMSNorm and RoPE locally — positions come
-from (start_frame, first_token, grid), so nothing is gathered for RoPE — then ONE all-to-all moves
-q, k and v together to the head-sharded layout [B, L, H/P, D]; attention runs against this rank's
-head-sharded persistent KV cache; ONE all-to-all brings the output back to [B, L/P, H, D].
-
-Baselines kept for measurement (PAPER.md): `sp_rope="allgather"` gathers q and k to the full chunk
-and applies the reference float64 RoPE there; `sp_comm="unfused"` sends q, k and v in three
-all-to-alls. All modes produce the same outputs.
+The runners that use them (Ulysses, hybrid Ulysses x ring) are in runtime/runners.py.
+`sp_rope`: "local" rotates this rank's tokens where they are (Causal-RoPE SP), "allgather" is the
+baseline that gathers q and k to the full chunk first; `sp_comm`: "fused" sends q, k and v in one
+all-to-all, "unfused" in three (the baseline). All modes produce the same outputs.
 """
 
 from __future__ import annotations
@@ -20,9 +16,6 @@ import torch
 import torch.distributed as dist
 
 from ropesp.errors import ConfigError
-from ropesp.model.kv_cache import CacheSlots, KVCache, attention
-from ropesp.model.rope import rope_apply_ref
-from ropesp.parallel import TokenShard
 
 SP_ROPE_MODES = ("local", "allgather")
 SP_COMM_MODES = ("fused", "unfused")
@@ -158,128 +151,3 @@ class AloneCollectives(Collectives):
 
     def ring_shift_start(self, send, recv, next_rank, prev_rank):
         raise ConfigError("a rank alone has no ring peers: the hybrid (ring) layout needs its process group")
-
-
-class UlyssesRunner:
-    """ChunkRunner of one rank in a Ulysses group (P >= 2).
-
-    `comm` spans the Ulysses group (the all-to-alls); `world` spans every rank of the chunk (the
-    head's all-gather and the baseline's gather-then-RoPE); they are the same group in pure Ulysses.
-    """
-
-    _kv_blocks = True
-    """Keys and values go into the cache straight from the exchange's [U, L_local] blocks where the chunk
-    has no SP padding (one copy fewer); HybridRunner's ring cache takes flat tokens."""
-
-    def __init__(
-        self,
-        cache: KVCache | None,
-        slots: CacheSlots | None,
-        shard: TokenShard,
-        comm: Collectives,
-        rope,
-        *,
-        world: Collectives | None = None,
-        sp_rope: str = "local",
-        sp_comm: str = "fused",
-        start_frame: int = 0,
-        grid: tuple[int, int, int] = (1, 1, 1),
-        theta: float = 10000.0,
-        attend=attention,
-    ) -> None:
-        self.cache, self.slots, self.shard_info, self.comm = cache, slots, shard, comm
-        self.attend = attend  # attend(q, k, v) -> out, [B, L, H/P, D]: the attention kernel
-        self.world = world or comm
-        self.first_token = shard.first
-        self.sp = comm.sp_size
-        self.sp_comm = sp_comm
-        self._local_rope = rope
-        self.rope = self._local_rope if sp_rope == "local" else self._allgather_rope
-        self.start_frame, self.grid, self.theta = start_frame, grid, theta
-
-    # --- tokens -----------------------------------------------------------------------------
-    def shard(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, L, C] -> [B, L_local, C]: pad the tail to L_pad, keep this rank's slice."""
-        s = self.shard_info
-        if s.padded != s.total:
-            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, s.padded - s.total))  # [B, L_pad, C]
-        return tokens[:, s.first : s.first + s.length].contiguous()  # every layer sees one layout
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L_local, X] -> [B, L, X]: all-gather along the sequence, drop the padding."""
-        parts = self.world.all_gather(x)  # [P, B, L_local, X]
-        full = parts.transpose(0, 1).flatten(1, 2)  # [B, L_pad, X]
-        return full[:, : self.shard_info.total]
-
-    # --- baseline RoPE: gather, rotate the full chunk with the float64 reference, keep ours ----
-    def _allgather_rope(self, x: torch.Tensor) -> torch.Tensor:
-        full = self.world.all_gather(x).transpose(0, 1).flatten(1, 2)  # [B, L_pad, H, D]
-        frames, rows, cols = self.grid
-        full = rope_apply_ref(full, self.start_frame, frames, rows, cols, self.theta)
-        return full[:, self.first_token : self.first_token + x.shape[1]]
-
-    # --- attention --------------------------------------------------------------------------
-    def _by_destination(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L_local, H, D] -> the view [U(dst), B, L_local, H/U, D]: head group j goes to rank j."""
-        return x.unflatten(2, (self.sp, x.shape[2] // self.sp)).movedim(2, 0)
-
-    @staticmethod
-    def _tokens_first(blocks: torch.Tensor) -> torch.Tensor:
-        """Received [U(src), B, L_local, H/U, D] -> [B, U*L_local, H/U, D], the chunk's tokens in order."""
-        return blocks.movedim(0, 1).flatten(1, 2)
-
-    def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L_local, H, D] -> [B, U*L_local, H/U, D] (sequence- to head-sharded, one tensor: the
-        unfused baseline)."""
-        if self.sp == 1:  # a ring-only layout: nothing to exchange
-            return x
-        return self._tokens_first(self.comm.all_to_all(self._by_destination(x)))
-
-    def _to_tokens(self, o: torch.Tensor) -> torch.Tensor:
-        """[B, U*L_local, H/U, D] -> [B, L_local, H, D] (head-sharded -> sequence-sharded)."""
-        if self.sp == 1:
-            return o
-        b, seg, hl, d = o.shape
-        send = o.view(b, self.sp, seg // self.sp, hl, d).movedim(1, 0)  # [U(dst), B, L_local, H/U, D]
-        recv = self.comm.all_to_all(send)  # all_to_all: -> [U(src head group), B, L_local, H/U, D]
-        return recv.movedim(0, 2).flatten(2, 3)  # [B, L_local, H, D]
-
-    def _qkv_to_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v [B, L_local, H, D] -> ONE all-to-all -> [U(src), 3, B, L_local, H/U, D].
-
-        The send buffer is written by one strided copy per tensor (stacking, then permuting, moved every
-        byte twice)."""
-        b, n, h, d = q.shape
-        send = q.new_empty((self.sp, 3, b, n, h // self.sp, d))
-        for j, x in enumerate((q, k, v)):
-            send[:, j].copy_(self._by_destination(x))
-        return self.comm.all_to_all(send)
-
-    def _fused_exchange(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's q, k, v [B, L_local, H, D] -> the chunk's, head-sharded: q [B, L_pad, H/U, D] and
-        k, v the same or, without padding, [B, U, L_local, H/U, D] blocks (views of the exchange)."""
-        recv = self._qkv_to_heads(q, k, v)  # [U(src), 3, B, L_local, H/U, D]
-        q = self._tokens_first(recv[:, 0])  # [B, U*L_local, H/U, D] (a copy)
-        k, v = recv[:, 1].movedim(0, 1), recv[:, 2].movedim(0, 1)  # [B, U, L_local, H/U, D] views
-        if not (self._kv_blocks and self.shard_info.padded == self.shard_info.total):
-            k, v = k.flatten(1, 2), v.flatten(1, 2)
-        return q, k, v
-
-    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Head-sharded attention of the whole chunk: q [B, L_pad, H/P, D]; k, v the same or, without
-        padding, [B, P, L_local, H/P, D] blocks; padding is not cached."""
-        real = self.shard_info.total
-        if k.dim() == 4:
-            k, v = k[:, :real], v[:, :real]
-        k_win, v_win = self.cache.update(layer, self.slots, k, v)  # [B, S_win, H/P, D]
-        out = self.attend(q[:, :real], k_win, v_win)
-        if real != q.shape[1]:
-            out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, q.shape[1] - real))  # [B, L_pad, H/P, D]
-        return out
-
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.sp_comm != "fused":
-            q, k, v = self._to_heads(q), self._to_heads(k), self._to_heads(v)
-        elif self.sp > 1:  # one all-to-all for q, k and v (a ring-only layout has nothing to exchange)
-            q, k, v = self._fused_exchange(q, k, v)
-        return self._to_tokens(self._attend(layer, q, k, v))

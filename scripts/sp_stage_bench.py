@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from ropesp.model.rope import rope_apply_ref
 from ropesp.parallel import TokenShard
-from ropesp.runtime.sp import Collectives, UlyssesRunner
+from ropesp.runtime.runners import UlyssesRunner
+from ropesp.runtime.sp import Collectives
 
 
 def timed(fn, iters: int, warmup: int = 10) -> float:
@@ -80,7 +81,7 @@ def main() -> None:
         diff = (ours.float() - ref[:, shard.first : shard.first + shard.length].float()).abs().max().item()
 
         runner = {
-            mode: UlyssesRunner(None, None, shard, comm, None, sp_comm=mode) for mode in ("fused", "unfused")
+            mode: UlyssesRunner(shard, comm, None, None, None, sp_comm=mode) for mode in ("fused", "unfused")
         }
 
         def comm_fused():

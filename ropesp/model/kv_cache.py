@@ -145,7 +145,7 @@ class KVCache:
         """Write k, v [B, N, H_local, D] into the chunk's slots; return the attention window views.
 
         k, v may also come as [B, N1, N2, H_local, D] with N = N1 * N2 in token order (the blocks of a
-        head-sharded all-to-all, runtime/sp.py): written as they are, without flattening them first."""
+        head-sharded all-to-all, runtime/runners.py): written as they are, without flattening them first."""
         for buf, new in ((self.k, k), (self.v, v)):
             dst = buf[layer, :, slots.write_start : slots.write_end]
             dst = dst.unflatten(1, new.shape[1:3]) if new.dim() == 5 else dst

@@ -10,15 +10,35 @@ through unchanged. head_dim is split into (time, rows, cols) channel groups (d-4
 Two formulations live here:
 - `rope_apply_ref`: the upstream formulation (complex float64 table on the device, the per-token
   multiplier rebuilt and applied in float64 on every call); the baseline for parity tests and benchmarks.
-- `RopeTables` + `rope_apply`: fp32 cos/sin tables precomputed once, gathered by position. This is
-  the CPU reference of the `ropesp::rope_sp` operator (plugins/rope_sp.py) and the eager default.
+- `RopeTables` + `rope_apply`: fp32 cos/sin tables precomputed once, gathered by position (training,
+  benchmarks). They give exactly the values of `rope_sp_ref`, the reference of the `ropesp::rope_sp`
+  operator (plugins/rope_sp.py), which computes cos/sin from the positions; `rope_for_rank` there is
+  the runtime's one way to get a rank's RoPE from a `RopeGrid`.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class RopeGrid:
+    """The static attributes of Causal-RoPE SP for one rank's tokens of one chunk shape (compile-time
+    constants of the op and its engines; start_frame is the one runtime input)."""
+
+    frames: int
+    """Latent frames of the chunk."""
+    rows: int
+    """Latent rows per frame (after patching)."""
+    cols: int
+    """Latent columns per frame (after patching)."""
+    first_token: int = 0
+    """Index in the chunk of this rank's first token (0 on one rank)."""
+    theta: float = 10000.0
+    """RoPE base frequency."""
 
 
 def axis_inv_freq(axis_dim: int, theta: float) -> torch.Tensor:

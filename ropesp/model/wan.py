@@ -23,7 +23,7 @@ from ropesp.config import ModelConfig
 
 
 class ChunkRunner(Protocol):
-    """What one chunk's forward needs from its execution mode (see runtime/ and model/local.py)."""
+    """What one chunk's forward needs from its execution mode (runtime/runners.py)."""
 
     first_token: int
     """Index of this rank's first token in the chunk."""

@@ -5,9 +5,10 @@ import torch
 
 from ropesp.config import CacheConfig
 from ropesp.model.kv_cache import KVCache
-from ropesp.model.local import LocalRunner, make_rope
-from ropesp.model.rope import RopeTables, rope_apply_ref
+from ropesp.model.rope import RopeGrid, rope_apply_ref
 from ropesp.model.wan import timestep_sinusoid
+from ropesp.plugins.rope_sp import rope_for_rank
+from ropesp.runtime.runners import SingleDeviceRunner
 
 
 class BlockCausalRunner:
@@ -53,12 +54,11 @@ def test_cached_chunks_equal_block_causal_full_forward(tiny_model, tiny_cfg, pro
     # cached path: clean context chunks at t=0, then the noisy last chunk
     ft = rows * cols
     cache = KVCache(tiny_cfg.num_layers, 1, ft, CacheConfig(frames + chunk), 12, 16, torch.float32, "cpu")
-    tables = RopeTables(16, frames + chunk, rows, cols)
 
     def cached_forward(x, t, start):
         slots = cache.begin(start * ft, x.shape[1] * ft)
-        rope = make_rope("tables", start, x.shape[1], rows, cols, 0, tables, 10000.0)
-        out = tiny_model(x, _sin(tiny_cfg, [t] * x.shape[1]), cross, LocalRunner(cache, slots, rope))
+        rope = rope_for_rank(RopeGrid(x.shape[1], rows, cols), start, op=False)
+        out = tiny_model(x, _sin(tiny_cfg, [t] * x.shape[1]), cross, SingleDeviceRunner(cache, slots, rope))
         cache.commit(slots)
         return out
 
@@ -84,7 +84,6 @@ def test_per_layer_cache_holds_clean_context_keys(tiny_model, tiny_cfg, prompt):
     clean = torch.randn(1, frames, 16, h, w, generator=g)
     cross = tiny_model.cross_kv(prompt)
     cache = KVCache(tiny_cfg.num_layers, 1, ft, CacheConfig(frames), 12, 16, torch.float32, "cpu")
-    tables = RopeTables(16, frames, rows, cols)
     with torch.no_grad():
         for start in range(0, frames, chunk):
             # a noisy pass first, then the clean pass must overwrite its slots
@@ -93,8 +92,8 @@ def test_per_layer_cache_holds_clean_context_keys(tiny_model, tiny_cfg, prompt):
                 (clean[:, start : start + chunk], 0.0),
             ):
                 slots = cache.begin(start * ft, chunk * ft)
-                rope = make_rope("tables", start, chunk, rows, cols, 0, tables, 10000.0)
-                tiny_model(x, _sin(tiny_cfg, [t] * chunk), cross, LocalRunner(cache, slots, rope))
+                rope = rope_for_rank(RopeGrid(chunk, rows, cols), start, op=False)
+                tiny_model(x, _sin(tiny_cfg, [t] * chunk), cross, SingleDeviceRunner(cache, slots, rope))
                 cache.commit(slots)
 
         keys = {}

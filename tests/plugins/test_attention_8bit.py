@@ -50,14 +50,14 @@ def test_sdpa_is_the_default_and_what_the_runner_calls():
         torch.float32,
     )
     assert state.attend is attention
-    runner = state.runner(state.begin(0, 1), 0, 1)
-    assert runner.attend is attention
+    runner = state.begin(0, 1, "reference")
+    assert runner.cache_attention.attend is attention
 
 
 def test_the_runner_attends_through_the_selected_kernel(tiny_cfg):
-    """A LocalRunner built with another attend uses it on the cache window (q and the window's k/v)."""
+    """A SingleDeviceRunner built with another attend uses it on the cache window (q and the window's k/v)."""
     from ropesp.model.kv_cache import KVCache
-    from ropesp.model.local import LocalRunner
+    from ropesp.runtime.runners import SingleDeviceRunner
 
     cache = KVCache(1, 1, 4, CacheConfig(2), 2, 8, torch.float32, "cpu")
     seen = []
@@ -68,7 +68,7 @@ def test_the_runner_attends_through_the_selected_kernel(tiny_cfg):
 
     q = torch.randn(1, 4, 2, 8)
     slots = cache.begin(0, 4)
-    out = LocalRunner(cache, slots, None, attend).attention(0, q, q, q)
+    out = SingleDeviceRunner(cache, slots, None, attend).attention(0, q, q, q)
     assert seen == [((1, 4, 2, 8), (1, 4, 2, 8), (1, 4, 2, 8))]
     torch.testing.assert_close(out, attention(q, q, q))
 

@@ -16,11 +16,12 @@ import torch
 
 from ropesp.errors import BackendUnavailableError, ConfigError
 from ropesp.model.kv_cache import CacheSlots, KVCache
-from ropesp.model.local import LocalRunner, make_rope
-from ropesp.model.rope import RopeTables
+from ropesp.model.rope import RopeGrid
 from ropesp.model.wan import FeedForward, timestep_sinusoid
 from ropesp.plugins import fp8
+from ropesp.plugins.rope_sp import rope_for_rank
 from ropesp.runtime.pipeline import PipelineConfig
+from ropesp.runtime.runners import SingleDeviceRunner
 
 BLOCK_LINEARS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o"]
 BLOCK_LINEARS += ["cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
@@ -64,11 +65,10 @@ def _forward(model, cfg, x, prompt):
         cfg.num_layers, 1, rows * cols, CacheConfig(frames), cfg.num_heads, cfg.head_dim, dtype, "cpu"
     )
     slots: CacheSlots = cache.begin(0, frames * rows * cols)
-    tables = RopeTables(cfg.head_dim, frames, rows, cols, cfg.rope_theta, "cpu")
-    rope = make_rope("tables", 0, frames, rows, cols, 0, tables, cfg.rope_theta)
+    rope = rope_for_rank(RopeGrid(frames, rows, cols, theta=cfg.rope_theta), 0, op=False)
     t = timestep_sinusoid(torch.full((frames,), 500.0), cfg.freq_dim).view(1, frames, -1)
     with torch.inference_mode():
-        return model(x, t, model.cross_kv(prompt), LocalRunner(cache, slots, rope))
+        return model(x, t, model.cross_kv(prompt), SingleDeviceRunner(cache, slots, rope))
 
 
 def test_apply_fp8_quantizes_exactly_the_selection(tiny_model, tiny_cfg, prompt):

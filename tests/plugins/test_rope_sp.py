@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ropesp.model.rope import RopeTables, rope_apply, rope_apply_ref
-from ropesp.plugins.rope_sp import make_rope_op, rope_sp, rope_sp_ref
+from ropesp.model.rope import RopeGrid, RopeTables, rope_apply, rope_apply_ref
+from ropesp.plugins.rope_sp import rope_for_rank, rope_sp, rope_sp_ref
 
 THETA = 10000.0
 # (frames, rows, cols, world size, heads, head_dim): L divisible or not by P, odd heads, Wan's head_dim
@@ -85,13 +85,18 @@ def test_rope_sp_exports_as_one_node_with_start_frame_input():
     torch.testing.assert_close(ep.module()(q, sf(9)), _Attention()(q, sf(9)), atol=0, rtol=0)
 
 
-def test_make_rope_op_binds_attributes():
+@pytest.mark.parametrize("op", [True, False])
+def test_rope_for_rank_binds_the_grid(op):
+    """The op and the reference form give the reference's values exactly, for an int or a tensor start."""
     x = torch.randn(1, 10, 2, 24)
     expected = rope_sp_ref(x, sf(5), 2, 3, 4, 6, THETA)
+    grid = RopeGrid(2, 3, 4, first_token=6, theta=THETA)
     for start in (5, sf(5)):
-        torch.testing.assert_close(make_rope_op(start, 2, 3, 4, 6, THETA)(x), expected, atol=0, rtol=0)
+        rope = rope_for_rank(grid, start, op=op)
+        for _ in range(2):  # the reference form reuses its cos/sin for the second call
+            torch.testing.assert_close(rope(x), expected, atol=0, rtol=0)
     with pytest.raises(ValueError, match="int32"):
-        make_rope_op(torch.tensor([5]), 2, 3, 4, 6, THETA)
+        rope_for_rank(grid, torch.tensor([5]), op=op)
 
 
 @pytest.mark.parametrize(

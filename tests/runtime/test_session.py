@@ -14,6 +14,11 @@ class RecordingExecutor:
 
     cfg = ModelConfig(dim=24, ffn_dim=8, num_heads=2, num_layers=1)
     device = torch.device("cpu")
+    cuda_graphs = False
+    world_size = 1
+    comm = None
+    cache_cfg = None  # no KV cache: nothing to re-cache
+    has_prompt = True
 
     def __init__(self):
         self.calls = []

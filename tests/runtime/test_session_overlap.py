@@ -19,6 +19,11 @@ class SlowExecutor:
 
     cfg = ModelConfig(dim=24, ffn_dim=8, num_heads=2, num_layers=1)
     device = torch.device("cpu")
+    cuda_graphs = False
+    world_size = 1
+    comm = None
+    cache_cfg = None  # no KV cache: nothing to re-cache
+    has_prompt = True
 
     def __init__(self, delay_s: float = 0.0, fail_at: int | None = None):
         self.delay_s, self.fail_at = delay_s, fail_at
@@ -72,15 +77,10 @@ def test_overlap_default_only_on_cuda_with_a_decoder():
 
 
 def test_overlap_default_is_single_rank_only():
-    from types import SimpleNamespace
-
-    from ropesp.runtime.dist import Mapping
-
     ex = SlowExecutor()
     ex.device = torch.device("cuda")  # only the default's decision is tested: nothing runs
-    ex.state = SimpleNamespace(mapping=Mapping(1, 0, 0))
     assert _session(ex, overlap=None).overlapped
-    ex.state = SimpleNamespace(mapping=Mapping(2, 0, 0))
+    ex.world_size = 2
     assert not _session(ex, overlap=None).overlapped
     assert _session(ex, overlap=True).overlapped
 
