@@ -9,8 +9,10 @@ starts a stream to its first chunk in the caller's hands: raw = `session.reset(p
 first `next()`; API = `pipe.stream(prompt, seed, frames)` then the first `next()` (its request checks,
 the group's request bookkeeping and the StreamChunk conversion included). Requests alternate between the
 two so they share the machine's state; medians after one warm-up each. The switch costs come from
-StreamChunk.timings["switch"] (the new prompt's K/V; for recache also the replayed clean-context forwards
-of the cached chunks), switching before the last chunk of the video.
+StreamChunk.timings["switch"] (host clock around the new prompt's K/V and, for recache, the replayed
+clean-context forwards of the cached chunks: it includes any wait for GPU work queued before it);
+switch_added_to_chunk_gap_ms is what the caller sees: the gap between the chunk the switch came before and
+the chunk ahead of it, less the same gap in the same streams without a switch (medians).
 """
 
 from __future__ import annotations
@@ -67,20 +69,31 @@ def measure(args) -> dict:
             if i:  # the first of each warms up
                 raw.append(raw_ms)
                 api.append(api_ms)
-        switch, applied = {}, {}
+        switch, applied, added = {}, {}, {}
         chunks = len(res.request.sampler.chunk_sizes((args.frames + 3) // 4))
         ask_after = max(0, chunks - 3)  # an overlapped DiT thread may apply it one chunk later
+        plain_gaps: dict[int, list[float]] = {}
+        for i in range(max(1, args.requests)):  # the same streams without a switch: chunk gaps
+            last = 0.0
+            for chunk in pipe.stream(prompt, seed=i, frames=args.frames):
+                plain_gaps.setdefault(chunk.index, []).append(chunk.timings["elapsed"] - last)
+                last = chunk.timings["elapsed"]
         for mode in ("swap", "recache"):
-            times = []
+            times, extra = [], []
             for i in range(max(1, args.requests)):
                 stream = pipe.stream(prompt, seed=i, frames=args.frames)
+                last = 0.0
                 for chunk in stream:
                     if chunk.index == ask_after:
                         stream.set_prompt(other, mode=mode)
                     if "switch" in chunk.timings:
                         times.append(chunk.timings["switch"])
                         applied.setdefault(mode, []).append(chunk.index)
+                        gap = chunk.timings["elapsed"] - last
+                        extra.append(gap - statistics.median(plain_gaps[chunk.index]))
+                    last = chunk.timings["elapsed"]
             switch[mode] = statistics.median(times)
+            added[mode] = statistics.median(extra)
     finally:
         pipe.close()
     med_raw, med_api = statistics.median(raw), statistics.median(api)
@@ -94,6 +107,7 @@ def measure(args) -> dict:
         "raw_all_ms": raw,
         "api_all_ms": api,
         "switch_ms": switch,
+        "switch_added_to_chunk_gap_ms": added,
         "switch_asked_after_chunk": ask_after,
         "switch_applied_before_chunk": applied,
         "note": "recache before chunk k replays k cached chunks (global attention)",
@@ -113,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
     out = measure(args)
+    added = out["switch_added_to_chunk_gap_ms"]
     print(
         f"first chunk: raw session {out['raw_first_chunk_ms']:.1f} ms, ropesp.Pipeline "
         f"{out['api_first_chunk_ms']:.1f} ms ({out['api_minus_raw_ms']:+.1f} ms); switch: swap "
-        f"{out['switch_ms']['swap']:.1f} ms, recache {out['switch_ms']['recache']:.1f} ms (applied before "
+        f"{out['switch_ms']['swap']:.1f} ms, recache {out['switch_ms']['recache']:.1f} ms; added to the chunk "
+        f"gap: swap {added['swap']:+.1f} ms, recache {added['recache']:+.1f} ms (applied before "
         f"chunks {out['switch_applied_before_chunk']})",
         file=sys.stderr,
     )
