@@ -21,3 +21,4 @@ def test_api_latency_script_runs_on_cpu(tmp_path):
     assert len(result["raw_all_ms"]) == len(result["api_all_ms"]) == 1
     assert set(result["switch_ms"]) == {"swap", "recache"} and min(result["switch_ms"].values()) > 0
     assert result["switch_applied_before_chunk"] == {"swap": [1], "recache": [1]}  # serial on the CPU
+    assert set(result["switch_added_to_chunk_gap_ms"]) == {"swap", "recache"}
