@@ -11,6 +11,8 @@ import gc
 import os
 import re
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -83,9 +85,16 @@ LOOPBACK_ENV = "ROPESP_LOOPBACK_STORE"
 """Set to 1 by the launcher of single-host rank groups: init_process_group then meets on loopback."""
 
 
+JOINED_KEY = "ropesp/joined"
+"""Store counter of the ranks that reached a loopback store; rank 0 enters the process group's own
+rendezvous only when it reads the world size, so a rank that never comes leaves no thread blocked there."""
+JOIN_POLL_S = 0.05
+
+
 def loopback_store(rank: int, world_size: int, port: int, timeout_s: float) -> dist.TCPStore:
     """The rendezvous store of a single-host group, listening on 127.0.0.1:port only: torch's store
-    server would listen on every interface, so rank 0 hands it a socket already bound to loopback."""
+    server would listen on every interface, so rank 0 hands it a socket already bound to loopback.
+    Rank 0's store does not wait for the others (`wait_for_ranks` does, abandonably)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if rank != 0:
         return dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
@@ -97,17 +106,42 @@ def loopback_store(rank: int, world_size: int, port: int, timeout_s: float) -> d
     except OSError:
         sock.close()
         raise
-    return dist.TCPStore("127.0.0.1", port, world_size, True, timeout, master_listen_fd=sock.detach())
+    return dist.TCPStore(
+        "127.0.0.1", port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=sock.detach()
+    )
+
+
+def wait_for_ranks(
+    store: dist.Store, world_size: int, timeout_s: float, abandon: threading.Event | None = None
+) -> None:
+    """Count this rank in at the store and wait until all world_size ranks have; raises TimeoutError
+    after timeout_s, or RuntimeError as soon as `abandon` is set (by the caller that watches the other
+    ranks' processes)."""
+    deadline = time.monotonic() + timeout_s
+    joined = store.add(JOINED_KEY, 1)
+    while joined < world_size:
+        if abandon is not None and abandon.is_set():
+            raise RuntimeError("the rendezvous was abandoned (a rank failed to start)")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{joined} of {world_size} ranks reached the rendezvous in {timeout_s:.0f} s")
+        time.sleep(JOIN_POLL_S)
+        joined = store.add(JOINED_KEY, 0)
 
 
 def init_process_group(
-    mapping: Mapping, device: torch.device, timeout_s: float = 300.0, *, port: int | None = None
+    mapping: Mapping,
+    device: torch.device,
+    timeout_s: float = 300.0,
+    *,
+    port: int | None = None,
+    abandon: threading.Event | None = None,
 ) -> None:
     """Join this rank's group: NCCL on GPU, gloo on CPU; a no-op at world size 1. The one init of every
     launch path: ranks ropesp spawned (LOOPBACK_ENV, MASTER_PORT) and a SessionGroup's ranks (port)
     meet on a loopback store at 127.0.0.1; torchrun's ranks at the rendezvous its env names
     (MASTER_ADDR/PORT). Under spawn/torchrun an existing group is kept; a group started on `port`
-    must be new."""
+    must be new. abandon: set by a caller on another thread to end a loopback rendezvous that waits
+    for ranks that died."""
     if mapping.world_size == 1 or (port is None and dist.is_initialized()):
         return
     if device.type == "cuda":
@@ -119,7 +153,20 @@ def init_process_group(
         dist.distributed_c10d._world.group_count = 0
     if port is None and os.environ.get(LOOPBACK_ENV) == "1":  # ranks ropesp spawned (not torchrun's)
         port = int(os.environ["MASTER_PORT"])
-    store = None if port is None else loopback_store(mapping.rank, mapping.world_size, port, timeout_s)
+    store = None
+    if port is not None:
+        store = loopback_store(mapping.rank, mapping.world_size, port, timeout_s)
+        try:
+            wait_for_ranks(store, mapping.world_size, timeout_s, abandon)
+            failed = None
+        except (TimeoutError, RuntimeError) as exc:
+            failed = exc.with_traceback(None)
+        if failed is not None:
+            # stop the store server now, on this thread, and raise without the frames that hold it: a
+            # store kept alive by a traceback and collected later in a forked child would wait forever
+            # for a server thread the fork did not copy
+            del store
+            raise failed
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo",
         store=store,

@@ -166,10 +166,13 @@ class _Channel:
         return Command(c), m, n
 
 
-def _init_group(mapping: Mapping, device: str, port: int, timeout_s: float) -> _Channel:
-    """Join the P-rank group at 127.0.0.1:port (gloo on the CPU, NCCL on GPUs) and its control group."""
+def _init_group(
+    mapping: Mapping, device: str, port: int, timeout_s: float, abandon: threading.Event | None = None
+) -> _Channel:
+    """Join the P-rank group at 127.0.0.1:port (gloo on the CPU, NCCL on GPUs) and its control group
+    (abandon: as runtime.dist.init_process_group's)."""
     dev = device_for(mapping, device)
-    init_process_group(mapping, dev, timeout_s, port=port)
+    init_process_group(mapping, dev, timeout_s, port=port, abandon=abandon)
     return _Channel(dev)
 
 
@@ -234,25 +237,33 @@ class SessionGroup:
     def _join(self, port: int) -> _Channel:
         """Join the group on a thread while watching the workers, so a crashed one fails fast."""
         result: list = []
+        abandon = threading.Event()
 
         def join() -> None:
             try:
-                result.append(_init_group(self.mapping, self.res.device, port, COLLECTIVE_TIMEOUT_S))
+                result.append(_init_group(self.mapping, self.res.device, port, COLLECTIVE_TIMEOUT_S, abandon))
             except Exception as exc:
                 result.append(exc)
 
         thread = threading.Thread(target=join, name="ropesp-join", daemon=True)
         thread.start()
         deadline = time.monotonic() + self.startup_timeout_s
-        while thread.is_alive():
-            thread.join(0.2)
-            for rank, proc in enumerate(self.workers, start=1):
-                if proc.poll() is not None:
-                    raise RankFailure(
-                        f"worker rank {rank} exited with status {proc.returncode} while starting"
-                    )
-            if time.monotonic() > deadline:
-                raise RankFailure(f"the worker ranks did not join within {self.startup_timeout_s:.0f} s")
+        try:
+            while thread.is_alive():
+                thread.join(0.2)
+                for rank, proc in enumerate(self.workers, start=1):
+                    if proc.poll() is not None:
+                        raise RankFailure(
+                            f"worker rank {rank} exited with status {proc.returncode} while starting"
+                        )
+                if time.monotonic() > deadline:
+                    raise RankFailure(f"the worker ranks did not join within {self.startup_timeout_s:.0f} s")
+        except RankFailure:
+            # a thread still waiting for ranks that will never come would stay blocked in the store
+            # until its timeout (and may outlive the interpreter): end it before reporting
+            abandon.set()
+            thread.join(1.0)
+            raise
         if isinstance(result[0], Exception):
             raise RankFailure(f"joining the process group failed: {result[0]}") from result[0]
         return result[0]

@@ -6,6 +6,7 @@ import dataclasses
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -88,6 +89,8 @@ def test_group_worker_that_dies_at_start_fails_fast():
         group.start()
     assert time.monotonic() - t0 < 30
     assert group.workers == []
+    # rank 0's joining thread ended with the start: none is left blocked in the store
+    assert [t.name for t in threading.enumerate() if t.name == "ropesp-join"] == []
 
 
 LEADER = """
