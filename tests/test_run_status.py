@@ -38,7 +38,7 @@ def test_cpu_warnings_for_compile_and_float16():
 
 
 def test_generate_prints_the_settings_before_the_first_chunk(tmp_path, capsys):
-    argv = ["generate", "--latent-height", "8", "--latent-width", "8", "--frames", "9"]
+    argv = ["generate", "--preset", "tiny", "--latent-height", "8", "--latent-width", "8", "--frames", "9"]
     assert main([*argv, "--dtype", "float16", "--output", str(tmp_path / "v.mp4")]) == 0
     err = capsys.readouterr().err
     settings = err.index("ropesp: eager backend · float16 on cpu · world size 1")

@@ -120,7 +120,7 @@ def test_a_failed_run_leaves_no_garbage_and_keeps_the_old_video(tmp_path):
 
 def test_generate_writes_frames_and_refuses_to_overwrite_before_any_work(tmp_path, capsys):
     out, frames = tmp_path / "v.mp4", tmp_path / "frames"
-    small = ["generate", "--latent-height", "8", "--latent-width", "8", "--frames", "9"]
+    small = ["generate", "--preset", "tiny", "--latent-height", "8", "--latent-width", "8", "--frames", "9"]
     assert main([*small, "--output", str(out), "--frames-dir", str(frames)]) == 0
     err = capsys.readouterr().err
     assert "playable while written" in err and f"wrote 9 PNG frames to {frames}" in err
@@ -145,8 +145,8 @@ def test_interrupted_generate_removes_its_partial_files(tmp_path):
         w.write(chunk_frames(5, 0))
     before = out.read_bytes()
     # 33 chunks, long enough that the signal always lands mid-stream
-    args = ["generate", "--latent-height", "16", "--latent-width", "16", "--frames", "393"]
-    args += ["--max-frames", "99"]
+    args = ["generate", "--preset", "tiny", "--latent-height", "16", "--latent-width", "16"]
+    args += ["--frames", "393", "--max-frames", "99"]
     args += ["--output", str(out), "--overwrite", "--frames-dir", str(tmp_path / "frames")]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ropesp.cli", *args],

@@ -1,4 +1,5 @@
-"""Prompt changes on engines: ONNX Runtime segments (1 and 2 ranks) switch exactly like the definition."""
+"""Prompt changes on engines: ONNX Runtime segments (1 and 2 ranks) and AOTInductor packages switch
+exactly like the definition."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from switch_reference import generate_with_switches
 
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 
-ATOL = 1e-4  # ORT's float32 kernels against eager PyTorch, as tests/export/test_export_onnx.py
+ATOL = 1e-4  # float32 engine kernels (ORT, Inductor) against eager PyTorch, as test_export_onnx/aoti.py
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,13 @@ def switch_prompts(tmp_path_factory, tiny_cfg):
     return out
 
 
-@pytest.mark.parametrize(("world_size", "mode"), [(1, "swap"), (1, "recache"), (2, "recache")])
-def test_ort_switch_equals_definition(builds, switch_prompts, tmp_path, world_size, mode):
+@pytest.mark.parametrize(
+    ("backend", "world_size", "mode"),
+    [("onnx", 1, "swap"), ("onnx", 1, "recache"), ("onnx", 2, "recache"), ("aoti", 1, "recache")],
+)
+def test_engine_switch_equals_definition(builds, switch_prompts, tmp_path, backend, world_size, mode):
     (p0, e0), (p1, e1) = switch_prompts
-    root = builds("onnx", world_size)
+    root = builds(backend, world_size)
     args = ["--engines", str(root), "--prompt-embeds", p0, "--prompt-at", "1", p1, "--prompt-mode", mode]
     got = run_generate(tmp_path, *args)
     res = PipelineConfig(
