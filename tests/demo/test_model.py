@@ -80,9 +80,10 @@ def test_rolling_window_keeps_the_score(eager):
 
 
 @shipped
-def test_sequence_parallel_two_ranks_keeps_the_latents_and_score(eager, tmp_path):
-    path = tmp_path / "sp2.pt"
-    spawn_ranks(2, generate_pairs, PAIRS, str(path), {})
+@pytest.mark.parametrize(("world_size", "sp_rope"), [(2, "local"), (4, "allgather")])
+def test_sequence_parallel_keeps_the_latents_and_score(eager, tmp_path, world_size, sp_rope):
+    path = tmp_path / "sp.pt"
+    spawn_ranks(world_size, generate_pairs, PAIRS, str(path), {"sp_rope": sp_rope})
     latents = torch.load(path)
     for a, b in zip(latents, eager[0]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # fp32 reduction order only
