@@ -42,25 +42,34 @@ def eager():
     return _generate(PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32"))
 
 
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """backend -> engines of the shipped weights, built once for this module."""
+    made = {}
+
+    def build(backend: str):
+        if backend not in made:
+            if backend == "onnx":
+                pytest.importorskip("onnxruntime")
+            out = tmp_path_factory.mktemp(f"demo_{backend}")
+            args = ["build", "--checkpoint", str(default_checkpoint()), "--backend", backend]
+            assert main([*args, "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+            made[backend] = out
+        return made[backend]
+
+    return build
+
+
 @pytest.mark.parametrize("backend", ["onnx", "aoti"])
-def test_engines_of_the_shipped_model_keep_latents_and_score(backend, eager, tmp_path):
-    if backend == "onnx":
-        pytest.importorskip("onnxruntime")
-    out = tmp_path / backend
-    args = ["build", "--checkpoint", str(default_checkpoint()), "--backend", backend, "--device", "cpu"]
-    assert main([*args, "--dtype", "float32", "--out", str(out)]) == 0
-    got = _generate(PipelineConfig(engines=str(out)))
+def test_engines_of_the_shipped_model_keep_latents_and_score(backend, builds, eager):
+    got = _generate(PipelineConfig(engines=str(builds(backend))))
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     assert abs(_mean_score(got) - _mean_score(eager)) <= PATH_TOLERANCE
 
 
-def test_demo_prompt_through_the_cli_on_engines(tmp_path):
-    """The CLI path: a text prompt of the demo grammar on ORT engines of the demo architecture."""
-    pytest.importorskip("onnxruntime")
-    out = tmp_path / "onnx"
-    args = ["build", "--preset", "demo", "--backend", "onnx", "--device", "cpu", "--dtype", "float32"]
-    assert main([*args, "--out", str(out)]) == 0
+def test_demo_prompt_through_the_cli_on_engines(builds, tmp_path):
+    """The CLI path: a text prompt of the demo grammar on the ORT engines, against the CLI's eager run."""
 
     def run(*source: str) -> torch.Tensor:
         lat = tmp_path / f"{len(list(tmp_path.glob('*.pt')))}.pt"
@@ -73,5 +82,5 @@ def test_demo_prompt_through_the_cli_on_engines(tmp_path):
         )
         return torch.load(lat)
 
-    eager = run("--preset", "demo", "--device", "cpu", "--dtype", "float32")
-    torch.testing.assert_close(run("--engines", str(out)), eager, atol=ATOL, rtol=0)
+    eager = run("--device", "cpu", "--dtype", "float32")  # the shipped model is the default
+    torch.testing.assert_close(run("--engines", str(builds("onnx"))), eager, atol=ATOL, rtol=0)
