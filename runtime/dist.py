@@ -147,9 +147,9 @@ def init_process_group(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        # group names (and their store keys) count the process's groups: a start that failed (a worker
-        # died before the rendezvous) leaves its joining thread inside init_process_group with the count
-        # advanced, and this rank's next group would wait for keys a fresh worker never writes
+        # group names (and their store keys) count the process's groups: a start that failed inside
+        # torch's rendezvous (a worker died after reaching the store) can leave the count advanced, and
+        # this rank's next group would wait for keys a fresh worker never writes
         dist.distributed_c10d._world.group_count = 0
     if port is None and os.environ.get(LOOPBACK_ENV) == "1":  # ranks ropesp spawned (not torchrun's)
         port = int(os.environ["MASTER_PORT"])

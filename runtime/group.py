@@ -258,9 +258,9 @@ class SessionGroup:
                         )
                 if time.monotonic() > deadline:
                     raise RankFailure(f"the worker ranks did not join within {self.startup_timeout_s:.0f} s")
-        except RankFailure:
+        except BaseException:  # a worker failed, the deadline passed, or the caller was interrupted
             # a thread still waiting for ranks that will never come would stay blocked in the store
-            # until its timeout (and may outlive the interpreter): end it before reporting
+            # until its timeout (and may outlive the interpreter): end it before leaving
             abandon.set()
             thread.join(1.0)
             raise
