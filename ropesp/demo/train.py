@@ -224,11 +224,11 @@ class Trainer:
     def init_from(self, checkpoint: Path) -> None:
         """Start model and EMA from a checkpoint's weights (fresh optimizer and schedule): continues an
         exported run whose optimizer state is gone."""
-        sd = load_file(checkpoint / WEIGHTS_NAME, device=str(self.device))
-        self.model.load_state_dict({k: v.float() for k, v in sd.items()})
-        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
-        with safe_open(checkpoint / WEIGHTS_NAME, "pt") as f:
+        with safe_open(checkpoint / WEIGHTS_NAME, "pt", device=str(self.device)) as f:
+            sd = {k: f.get_tensor(k).float() for k in f.keys()}
             info = f.metadata() or {}
+        self.model.load_state_dict(sd)
+        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.init_info = {"checkpoint": checkpoint.name, **info}
 
     def load(self, src: Path) -> None:
