@@ -57,14 +57,15 @@ def frames_png(out: Path) -> None:
 def loss_curve(train_jsons: list[Path], out: Path) -> None:
     """One curve over several training runs in order (a run started with --init counts its steps
     from 0: they are offset by the runs before it; a --resume run already continues them)."""
-    runs, curve, offset = [], [], 0
+    runs, curve, offset, end = [], [], 0, 0
     for path in train_jsons:
         meta = json.loads(path.read_text())
         rows = meta["curve"]
-        if curve and rows and rows[0]["step"] <= curve[-1]["step"] - offset:
-            offset = curve[-1]["step"]
+        if rows and rows[0]["step"] + offset <= end:  # counts from 0 again: after the previous run's end
+            offset = end
         runs.append({k: meta[k] for k in meta if k != "curve"} | {"file": path.name, "step_offset": offset})
         curve += [r | {"step": r["step"] + offset} for r in rows]
+        end = offset + meta["step"]
     (out / "loss_curve.json").write_text(json.dumps({"runs": runs, "curve": curve}, indent=1))
     fig, ax = plt.subplots(figsize=(5, 3))
     steps = [r["step"] for r in curve]
