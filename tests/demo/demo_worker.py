@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ropesp.demo import DemoTextEncoder, default_checkpoint
+from ropesp.demo import default_checkpoint
+from ropesp.demo.evaluate import generate_latents
 from ropesp.runtime.launch import process_group
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 
@@ -12,14 +13,9 @@ from ropesp.runtime.pipeline import PipelineConfig, build_session
 def generate_pairs(mapping, pairs, out_path, overrides) -> None:
     """Generate every (prompt, seed) pair on this rank (the shipped model unless overrides name another);
     rank 0 saves the latents."""
-    encoder = DemoTextEncoder()
     with process_group(mapping, "cpu"), torch.no_grad():
         kw = {"checkpoint": str(default_checkpoint()), "device": "cpu", "dtype": "float32", **overrides}
         cfg = PipelineConfig(world_size=mapping.world_size, **kw)
-        session = build_session(cfg, mapping)
-        latents = []
-        for prompt, seed in pairs:
-            session.reset(encoder.encode(prompt), seed)
-            latents.append(session.generate())
+        latents = generate_latents(build_session(cfg, mapping), pairs)
     if mapping.rank == 0:
         torch.save(latents, out_path)

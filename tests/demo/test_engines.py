@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from ropesp.cli import main
-from ropesp.demo import DemoTextEncoder, default_checkpoint, has_default_weights
-from ropesp.demo.evaluate import eval_pairs
-from ropesp.demo.prompts import parse
-from ropesp.demo.score import score_latents
+from ropesp.demo import default_checkpoint, has_default_weights
+from ropesp.demo.evaluate import eval_pairs, generate_latents, mean_score, score_pairs
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 
 pytestmark = pytest.mark.skipif(not has_default_weights(), reason="the demo weights are not in this tree")
@@ -23,18 +21,12 @@ PATH_TOLERANCE = 0.02
 
 
 def _generate(cfg: PipelineConfig) -> list[torch.Tensor]:
-    session = build_session(cfg)
-    encoder = DemoTextEncoder()
-    out = []
     with torch.no_grad():
-        for prompt, seed in PAIRS:
-            session.reset(encoder.encode(prompt), seed)
-            out.append(session.generate())
-    return out
+        return generate_latents(build_session(cfg), PAIRS)
 
 
 def _mean_score(latents: list[torch.Tensor]) -> float:
-    return sum(score_latents(x, parse(p)).score for x, (p, _) in zip(latents, PAIRS)) / len(PAIRS)
+    return mean_score(score_pairs(latents, PAIRS))
 
 
 @pytest.fixture(scope="module")

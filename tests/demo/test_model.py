@@ -9,10 +9,8 @@ import pytest
 import torch
 from demo_worker import generate_pairs
 
-from ropesp.demo import DemoTextEncoder, default_checkpoint, has_default_weights, is_demo_model
-from ropesp.demo.evaluate import eval_pairs, evaluate, mean_score
-from ropesp.demo.prompts import parse
-from ropesp.demo.score import score_latents
+from ropesp.demo import default_checkpoint, has_default_weights, is_demo_model
+from ropesp.demo.evaluate import eval_pairs, evaluate, generate_latents, mean_score, score_pairs
 from ropesp.runtime.launch import spawn_ranks
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 
@@ -37,18 +35,9 @@ def _session(**overrides):
 @pytest.fixture(scope="module")
 def eager():
     """(latents per pair, mean score) of the shipped model, eager on one rank."""
-    session = _session()
-    encoder = DemoTextEncoder()
-    latents = []
     with torch.no_grad():
-        for prompt, seed in PAIRS:
-            session.reset(encoder.encode(prompt), seed)
-            latents.append(session.generate())
-    return latents, _mean(latents)
-
-
-def _mean(latents) -> float:
-    return sum(score_latents(x, parse(p)).score for x, (p, _) in zip(latents, PAIRS)) / len(PAIRS)
+        latents = generate_latents(_session(), PAIRS)
+    return latents, mean_score(score_pairs(latents, PAIRS))
 
 
 @shipped
@@ -86,12 +75,11 @@ def test_sequence_parallel_keeps_the_latents_and_score(eager, tmp_path, world_si
     pairs = PAIRS if world_size == 2 else PAIRS[::2]  # 4 ranks on 2 cores: half the pairs
     spawn_ranks(world_size, generate_pairs, pairs, str(path), {"sp_rope": sp_rope})
     latents = torch.load(path)
-    for a, b in zip(latents, eager[0][:: len(PAIRS) // len(pairs)]):
+    want = eager[0][:: len(PAIRS) // len(pairs)]
+    for a, b in zip(latents, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # fp32 reduction order only
-    n = len(pairs)
-    scores = [score_latents(x, parse(p)).score for x, (p, _) in zip(latents, pairs)]
-    want = [score_latents(x, parse(p)).score for x, (p, _) in zip(eager[0][:: len(PAIRS) // n], pairs)]
-    assert abs(sum(scores) / n - sum(want) / n) <= PATH_TOLERANCE
+    got_score, want_score = (mean_score(score_pairs(x, pairs)) for x in (latents, want))
+    assert abs(got_score - want_score) <= PATH_TOLERANCE
 
 
 def test_position_embedding_is_sharded_right_by_sequence_parallel(tmp_path):
@@ -99,13 +87,8 @@ def test_position_embedding_is_sharded_right_by_sequence_parallel(tmp_path):
     weights: two ranks give one rank's latents."""
     pairs = PAIRS[:2]
     cfg = {"checkpoint": None, "preset": "demo"}
-    session = build_session(PipelineConfig(device="cpu", dtype="float32", **cfg))
-    encoder = DemoTextEncoder()
     with torch.no_grad():
-        single = []
-        for prompt, seed in pairs:
-            session.reset(encoder.encode(prompt), seed)
-            single.append(session.generate())
+        single = generate_latents(build_session(PipelineConfig(device="cpu", dtype="float32", **cfg)), pairs)
     path = tmp_path / "sp2.pt"
     spawn_ranks(2, generate_pairs, pairs, str(path), cfg)
     for a, b in zip(torch.load(path), single):
