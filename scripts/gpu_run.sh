@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick enginetests weights coldstart coldserve benchengines decodetests overlaptests alone profilealone build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick enginetests demotests weights coldstart coldserve benchengines decodetests overlaptests alone profilealone build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -23,8 +23,11 @@ DTYPE=${DTYPE:-bfloat16}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT" "$RES" "$ENG_ROOT"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (diffusers for the Wan VAE)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+# packages the GPU image lacks: .whl (av, diffusers for the Wan VAE), .whl_fp8 (torchao, fa3-fwd, sageattention)
+wheels=$(ls .whl/*.whl .whl_fp8/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  # shellcheck disable=SC2086
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
     && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
@@ -197,6 +200,9 @@ for step in "$@"; do
     enginetests)  # the export tests marked gpu (AOTInductor CUDA packages load, replay equals the uncaptured run)
       timeout -k 5 300 python3 -m pytest tests/export -m gpu -q -p no:cacheprovider >"$RES/tests_export.log" 2>&1
       tail -n 4 "$RES/tests_export.log" ;;
+    demotests)  # the shipped demo model on every GPU path (bf16, compile, CUDA engines, fp8): its score (carry torchao, fa3)
+      timeout -k 5 400 python3 -m pytest tests/demo -m gpu -q -p no:cacheprovider -rs >"$RES/tests_demo.log" 2>&1
+      tail -n 12 "$RES/tests_demo.log" ;;
     weights)  # engines built from the preset hold exactly the parameters the runtime draws on this GPU
       eng=$(engines 480_p1 1 "$LH" "$LW")
       python3 - "$eng" "$DTYPE" <<'PY' 2>&1 | tee "$RES/weights_check.txt"
@@ -216,7 +222,7 @@ PY
       # bytecode goes to a writable cache: the image's site-packages hold no .pyc, which a pip install
       # writes, so the first process compiles every module (~7 s) and the later ones are what a user meets
       export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/ropesp-pyc}
-      gen=(--latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --output /tmp/cold.mp4)
+      gen=(--latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --output /tmp/cold.mp4 --overwrite)
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --runs "${COLD_RUNS:-2}" --json "$RES/cold_engines.json" \
         --profile "$RES/cold_engines.prof" -- --engines "$eng" "${gen[@]}" >"$RES/cold_engines.log" 2>&1
       head -n 70 "$RES/cold_engines.log"
