@@ -132,6 +132,17 @@ class Attention(nn.Module):
         return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
 
 
+def modulation(rows: int, dim: int) -> nn.Parameter:
+    """adaLN modulation table [1, rows, dim], drawn N(0, 1) / sqrt(dim) (the values of
+    `torch.randn(1, rows, dim) / dim**0.5`). A shape-only model on the meta device skips the draw: there
+    a draw and a division run torch's Python reference kernels, whose first use imports sympy and Dynamo,
+    seconds of every process's start-up (checkpoint shape checks build such a model)."""
+    table = torch.empty(1, rows, dim)
+    if not table.is_meta:
+        table.normal_().div_(dim**0.5)
+    return nn.Parameter(table)
+
+
 class Block(nn.Module):
     """Transformer block with per-frame 6-way adaLN (MODEL_SPEC.md section 3)."""
 
@@ -142,7 +153,7 @@ class Block(nn.Module):
         self.norm3 = LayerNorm(cfg.dim, cfg.eps, affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+        self.modulation = modulation(6, cfg.dim)
 
     def frame_modulation(self, e0: torch.Tensor) -> torch.Tensor:
         """adaLN parameters per frame: e0 [B, F, 6, C] -> [B, F, 6, C] (shift, scale, gate, x2).
@@ -197,7 +208,7 @@ class Head(nn.Module):
         super().__init__()
         self.eps = cfg.eps
         self.head = nn.Linear(cfg.dim, cfg.patch_out)
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.modulation = modulation(2, cfg.dim)
 
     def forward(self, x: torch.Tensor, e_tok: torch.Tensor) -> torch.Tensor:
         """x: [B, L, C]; e_tok: [B, L, C] time embedding per token -> [B, L, patch_out]."""

@@ -125,3 +125,14 @@ def test_feed_forward_gelu_epilogue_matches_tanh_gelu_on_cuda(dtype):
     ref = down(act(up(x).float()).to(dtype))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(ffn(x), ref, **tol)
+
+
+def test_modulation_is_wans_draw_and_meta_models_skip_it():
+    from ropesp.model.wan import modulation
+
+    torch.manual_seed(0)
+    got = modulation(6, 64)
+    torch.manual_seed(0)
+    assert torch.equal(got, torch.randn(1, 6, 64) / 64**0.5)  # the random-weight presets keep their values
+    with torch.device("meta"):
+        assert modulation(2, 8).is_meta
