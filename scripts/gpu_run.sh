@@ -220,8 +220,12 @@ PY
     coldstart)  # fresh `ropesp generate` processes to their first chunk: the engines (built before), then compile
       eng=$(engines 480_p1 1 "$LH" "$LW")
       # bytecode goes to a writable cache: the image's site-packages hold no .pyc, which a pip install
-      # writes, so the first process compiles every module (~7 s) and the later ones are what a user meets
+      # writes, so the first process compiles every module (~5-7 s) and the later ones are what a user meets;
+      # writing it must be on (PYTHONDONTWRITEBYTECODE unset), and the flags the processes see are logged
       export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/ropesp-pyc}
+      unset PYTHONDONTWRITEBYTECODE
+      python3 -c "import sys; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'pycache_prefix', sys.pycache_prefix)" \
+        | tee "$RES/bytecode.txt"
       gen=(--latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --output /tmp/cold.mp4 --overwrite)
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --runs "${COLD_RUNS:-2}" --json "$RES/cold_engines.json" \
         --profile "$RES/cold_engines.prof" -- --engines "$eng" "${gen[@]}" >"$RES/cold_engines.log" 2>&1
