@@ -512,7 +512,7 @@ def run(bench: BenchConfig, prompt: torch.Tensor) -> dict:
 
     from ropesp.runtime.launch import spawn_ranks, under_launcher
 
-    res = bench.pipeline.resolve()
+    res, mapping = bench.pipeline.resolve_rank()  # the launcher's environment, read once
     if res.world_size == 1 and "paper-sp" in bench.configs:
         # one rank: the paper's SP baseline degenerates to the reference configuration
         bench = dataclasses.replace(bench, configs=tuple(c for c in bench.configs if c != "paper-sp"))
@@ -526,7 +526,6 @@ def run(bench: BenchConfig, prompt: torch.Tensor) -> dict:
             spawn_ranks(res.world_size, _spawned_rank, res, bench, prompt, str(path))
             results = json.loads(path.read_text())
     else:
-        mapping = Mapping.from_env(res.world_size)
         results = run_rank(mapping, res, bench, prompt)
         if results is None:
             return {}

@@ -322,7 +322,7 @@ def cmd_generate(args) -> None:
     from ropesp.decode.factory import check_wan_vae_options
     from ropesp.limits import check_local_ranks
     from ropesp.run_status import announce
-    from ropesp.runtime.dist import Mapping, parse_device
+    from ropesp.runtime.dist import parse_device
     from ropesp.runtime.launch import spawn_ranks, under_launcher
     from ropesp.runtime.session import check_unbounded
 
@@ -350,7 +350,8 @@ def cmd_generate(args) -> None:
     if md is not None:
         config = dataclasses.replace(config, checkpoint=str(md.dit_weights))
     try:
-        res = config.resolve()
+        # this process's place in the group: read from the launcher's environment once, passed down
+        res, mapping = config.resolve_rank()
     except CheckpointError as exc:
         if md is None or args.checkpoint:
             raise
@@ -368,8 +369,6 @@ def cmd_generate(args) -> None:
     chunks = None if unbounded else len(res.request.sampler.chunk_sizes(res.latent_frames))
     if res.world_size > 1 and not under_launcher():
         check_local_ranks(res.world_size, res.device)  # before the prompt is encoded
-    # this process's place in the group: read from the launcher's environment once, passed down
-    mapping = Mapping.from_env(res.world_size)
     prompts = _prompt_schedule(args, md, res, chunks, mapping)
     if res.request.checkpoint and args.checkpoint is None and md is None:
         print(

@@ -157,8 +157,15 @@ class PipelineConfig:
                 )
             check_attention(attention, device, arg("attention"))
 
-    def resolve(self) -> ResolvedPipeline:
-        """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
+    def resolve(self, mapping: Mapping | None = None) -> ResolvedPipeline:
+        """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text.
+        mapping: this process's place in its group where the caller has it (see resolve_rank)."""
+        return self.resolve_rank(mapping)[0]
+
+    def resolve_rank(self, mapping: Mapping | None = None) -> tuple[ResolvedPipeline, Mapping]:
+        """resolve(), and this process's place in its group: `mapping` where the caller has it (a
+        spawned rank's; its world size is the run's, checked against world_size=), else read from the
+        launcher's environment here, the one read of a process that passes it on."""
         from ropesp import limits
 
         self.video.check()
@@ -219,10 +226,8 @@ class PipelineConfig:
                 f"{arg('max_frames')} or use a rolling window ({arg('local_attn_frames')}/{arg('sink_frames')})"
             )
         parallel = self.parallel
-        requested = parallel.world_size
-        if requested is None and manifest is not None and "WORLD_SIZE" not in os.environ:
-            requested = manifest.world_size  # engines default to the world size they were built for
-        world = Mapping.from_env(requested).world_size
+        mapping = _rank_mapping(parallel.world_size, manifest, mapping)
+        world = mapping.world_size
         if manifest is not None:
             manifest.check_world_size(world)  # before any rank starts
         limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
@@ -230,7 +235,7 @@ class PipelineConfig:
         itemsize = DTYPES[dtype].itemsize
         limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
         self.check_precision(backend, device, dtype, layout)
-        return ResolvedPipeline(
+        resolved = ResolvedPipeline(
             self,
             cfg,
             geometry,
@@ -244,6 +249,21 @@ class PipelineConfig:
             manifest,
             layout,
         )
+        return resolved, mapping
+
+
+def _rank_mapping(requested: int | None, manifest, mapping: Mapping | None) -> Mapping:
+    """This process's Mapping: the caller's (checked against world_size=), else the launcher's
+    environment with engines defaulting to the world size they were built for."""
+    if mapping is not None:
+        if requested is not None and requested != mapping.world_size:
+            raise ConfigError(
+                f"{arg('world_size', requested)} disagrees with this rank's group of {mapping.world_size}"
+            )
+        return mapping
+    if requested is None and manifest is not None and "WORLD_SIZE" not in os.environ:
+        requested = manifest.world_size
+    return Mapping.from_env(requested)
 
 
 @dataclass(frozen=True)
@@ -377,7 +397,7 @@ def build_session(
     comm: this rank's collectives (runtime/sp.py): tests pass one with a CollectiveLog; bench's
     AloneCollectives run one rank of the group without its peers (no process group)."""
     if isinstance(res, PipelineConfig):
-        res = res.resolve()
+        res, mapping = res.resolve_rank(mapping)  # the environment read once, there
     mapping = mapping or Mapping.from_env(res.world_size)
     peers = mapping.world_size > 1 and (comm is None or comm.needs_peers)
     if peers and not _group_initialized():
