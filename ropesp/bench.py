@@ -305,7 +305,16 @@ def run_rank(
             if variant.backend == "eager":
                 from ropesp.runtime.executor import EagerExecutor
 
-                model = model if model is not None else load_model(res, device)
+                if model is None:
+                    req = res.request
+                    model = load_model(
+                        req.source,
+                        res.model,
+                        res.dtype,
+                        device,
+                        precision=req.precision,
+                        manifest=res.manifest,
+                    )
                 state = make_state(res, vmap, device, comm=comm, parallel=variant.request.parallel)
                 executor = EagerExecutor(model, state, cuda_graphs=name == "optimized-graphs")
             else:

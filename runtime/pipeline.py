@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -305,26 +304,36 @@ def lead_decoder(
     return make_decoder(vae, where, res.dtype, compile, warm)
 
 
-def load_model(res: ResolvedPipeline, device: torch.device):
-    """The eager model on device: the engines' weights (with --engines, e.g. for the eager baselines of
-    `ropesp bench`), checkpoint weights, or the preset's seeded random ones; with precision fp8 its
-    block Linears quantized once, here."""
-    model = _load_weights(res, device)
-    if res.request.precision == "fp8":
-        from ropesp.plugins.fp8 import apply_fp8
+def load_model(
+    source: ModelSource,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    precision: str = "bf16",
+    manifest=None,
+):
+    """The eager model `model` on device in dtype: the engines' weights (source.engines, e.g. for the
+    eager baselines of `ropesp bench`; `manifest`: their manifest where the caller has read it),
+    checkpoint weights, or the preset's seeded random ones; with precision fp8 its block Linears
+    quantized once, here."""
+    if manifest is None and source.engines:
+        from ropesp.export.manifest import Manifest  # stdlib-only reader
 
-        apply_fp8(model)
-    return model
-
-
-def _load_weights(res: ResolvedPipeline, device: torch.device):
-    if res.manifest is not None:
+        manifest = Manifest.load(source.engines)
+    if manifest is not None:
         from ropesp.runtime.engine import load_weights
 
-        return load_weights(res.manifest, device)
-    from ropesp.model.checkpoint import load_source
+        loaded = load_weights(manifest, device)
+    else:
+        from ropesp.model.checkpoint import load_source
 
-    return load_source(res.request.source, res.model, res.dtype, device)
+        loaded = load_source(source, model, dtype, device)
+    if precision == "fp8":
+        from ropesp.plugins.fp8 import apply_fp8
+
+        apply_fp8(loaded)
+    return loaded
 
 
 def make_state(
@@ -364,16 +373,31 @@ def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None):
     from ropesp.runtime.dist import device_for
     from ropesp.runtime.executor import EagerExecutor
 
+    req = res.request
     device = device_for(mapping, res.device)
     state = make_state(res, mapping, device, comm=comm)
     if res.backend in MODEL_BACKENDS:
         compiled = res.backend == "compile"
+        model = load_model(
+            req.source, res.model, res.dtype, device, precision=req.compute.precision, manifest=res.manifest
+        )
         return EagerExecutor(
-            load_model(res, device), state, compile=compiled, cuda_graphs=compiled and res.request.cuda_graphs
+            model,
+            state,
+            compile=compiled,
+            cuda_graphs=compiled and req.cuda_graphs,
         )
     from ropesp.runtime.engine import load_engine_executor
 
-    return load_engine_executor(res, state, Path(res.request.engines), mapping)
+    return load_engine_executor(
+        res.manifest,
+        state,
+        mapping,
+        backend=res.backend,
+        parallel=req.parallel,
+        chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
+        cuda_graphs=req.cuda_graphs,
+    )
 
 
 def _group_initialized() -> bool:
