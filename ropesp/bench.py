@@ -276,8 +276,13 @@ def run_rank(
     from ropesp.runtime.launch import process_group
 
     results: dict = {}
-    group = contextlib.nullcontext(device_for(mapping, res.device)) if bench.alone else None
-    with group or process_group(mapping, res.device) as device:
+    # alone: rank 0 by itself, no process group (its collectives move nothing)
+    group = (
+        contextlib.nullcontext(device_for(mapping, res.device))
+        if bench.alone
+        else process_group(mapping, res.device)
+    )
+    with group as device:
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.empty(1, device=device)  # the allocator's statistics exist only after a first use

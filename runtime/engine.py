@@ -5,7 +5,7 @@ Per chunk forward (segments: export/segments.py):
     per layer: pre(x, e0, start_frame, frame_of_token) -> q, k, v;  runner.attention(layer, q, k, v) -> o
                post(x, o, e0, cross_k, cross_v, frame_of_token) -> x   (block `layer`'s weights as inputs)
     head(x, e, frame_of_token) -> out;  runner.gather(out);  unpatchify
-The runner is SPState's (runtime/runners.py, chosen in runtime/executor.py), as in the eager path: the token shard, the all-to-alls /
+The runner is SPState's (runtime/runners.py), as in the eager path: the token shard, the all-to-alls /
 ring around attention, the persistent KV cache write and the attention itself run here, between engine
 calls. Cross-attention K/V come from the eager text path (CausalWanDiT.cross_kv on the loaded weights),
 once per prompt, into buffers whose addresses never change (CUDA graphs and TensorRT bindings read them).

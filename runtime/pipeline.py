@@ -347,7 +347,7 @@ def make_state(
     """The SP state (cache, collectives, RoPE tables) of this rank; parallel replaces the request's SP
     modes (sp_rope, sp_comm); comm: this rank's collectives (runtime/sp.py; default: over the default
     group)."""
-    from ropesp.runtime.executor import SPState
+    from ropesp.runtime.runners import SPState
 
     req = res.request
     parallel = parallel or req.parallel
