@@ -168,7 +168,8 @@ class Pipeline:
     unbounded streams), chunk_frames, independent_first_frame, steps, shift.
     Text prompts go through text_encoder (an object with encode(str) -> [1, L, text_dim], or a umT5
     directory), else the model's own encoder (the demo model's), else model_dir's umT5 (the one choice
-    of runtime.prompts.text_encoder_for, as `ropesp generate`'s); prompt_mode is set_prompt's default ("swap" | "recache").
+    of runtime.prompts.text_encoder_for, as `ropesp generate`'s); prompt_mode is set_prompt's default
+    ("swap" | "recache").
     """
 
     def __init__(
