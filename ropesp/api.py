@@ -21,7 +21,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -168,7 +167,9 @@ class Pipeline:
     default the model's default video), local_attn_frames/sink_frames (rolling window, sink included:
     unbounded streams), chunk_frames, independent_first_frame, steps, shift.
     Text prompts go through text_encoder (an object with encode(str) -> [1, L, text_dim], or a umT5
-    directory), else model_dir's umT5; prompt_mode is set_prompt's default ("swap" | "recache").
+    directory), else the model's own encoder (the demo model's), else model_dir's umT5 (the one choice
+    of runtime.prompts.text_encoder_for, as `ropesp generate`'s); prompt_mode is set_prompt's default
+    ("swap" | "recache").
     """
 
     def __init__(
@@ -215,6 +216,7 @@ class Pipeline:
     def _build(self, kw: dict) -> None:
         from ropesp.runtime.group import SessionGroup
         from ropesp.runtime.pipeline import PipelineConfig
+        from ropesp.runtime.prompts import text_encoder_for
 
         if kw["decoder"] not in DECODERS:
             raise ConfigError(f"{arg('decoder', kw['decoder'])}: choose one of {DECODERS}")
@@ -270,10 +272,8 @@ class Pipeline:
             config = dataclasses.replace(config, world_size=None)  # the engines' world size
         res = config.resolve()
         self.config, self.resolved = config, res
-        self._text_encoder, self._text_source = self._text_encoder_of(kw["text_encoder"], md)
-        if self._text_encoder is None and self._text_source is None and demo is not None:
-            if demo.is_demo_model(res.model):  # the demo model's own prompt encoder
-                self._text_encoder = demo.DemoTextEncoder(res.model.text_len, res.model.text_dim)
+        self._text = text_encoder_for(res.model, kw["text_encoder"], md)
+        self._text_encoder = None  # self._text's, loaded at the first text prompt
         decoder = self._decoder(res, kw, md)
         self._group = SessionGroup(config, decoder=decoder).start()
 
@@ -319,17 +319,9 @@ class Pipeline:
             flag=arg("decode_device"),
         )
 
-    def _text_encoder_of(self, text_encoder, md):
-        if text_encoder is None and md is not None:
-            return None, (md.text_encoder, md.tokenizer, arg("model_dir", str(md.root)))
-        if isinstance(text_encoder, (str, Path)):
-            return None, (text_encoder, None, arg("text_encoder", str(text_encoder)))
-        if text_encoder is not None and not callable(getattr(text_encoder, "encode", None)):
-            raise ConfigError(f"{arg('text_encoder')} must be a directory or have encode(text) -> embeddings")
-        return text_encoder, None
-
     def encode(self, prompt: str | torch.Tensor) -> torch.Tensor:
         """A prompt -> checked float32 embeddings [1, L, text_dim] (text through the text encoder)."""
+        group = self._require_group()  # a closed Pipeline loads no text encoder again
         with python_names():
             if isinstance(prompt, str):
                 prompt = self._encode_text(prompt)
@@ -339,25 +331,23 @@ class Pipeline:
                 )
             if prompt.is_floating_point():
                 prompt = prompt.detach().to("cpu", torch.float32)
-            return self._require_group().check_prompt(prompt)
+            return group.check_prompt(prompt)
 
     def _encode_text(self, text: str) -> torch.Tensor:
         if text in self._prompts:
             self._prompts.move_to_end(text)
             return self._prompts[text]
-        if self._text_encoder is None and self._text_source is not None:
-            from ropesp.runtime.dist import Mapping, device_for
-            from ropesp.runtime.prompts import load_umt5
-
-            path, tokenizer, source = self._text_source
-            res = self.resolved
-            device = device_for(Mapping(res.world_size), res.device)
-            self._text_encoder = load_umt5(path, tokenizer, res.model, res.dtype, device, source)
-        if self._text_encoder is None:
+        if self._text is None:
             raise ConfigError(
                 f"{arg('prompt')} is text, but this Pipeline has no text encoder: pass {arg('text_encoder')} "
                 f"or {arg('model_dir')}, or give embeddings [L, {self.text_dim}]"
             )
+        if self._text_encoder is None:
+            from ropesp.runtime.dist import Mapping, device_for
+
+            res = self.resolved
+            device = device_for(Mapping(res.world_size), res.device)
+            self._text_encoder = self._text.load(res.model, res.dtype, device)
         with torch.inference_mode():
             embeds = self._text_encoder.encode(text).detach().to("cpu", torch.float32)
         self._prompts[text] = embeds

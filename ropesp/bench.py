@@ -276,8 +276,13 @@ def run_rank(
     from ropesp.runtime.launch import process_group
 
     results: dict = {}
-    group = contextlib.nullcontext(device_for(mapping, res.device)) if bench.alone else None
-    with group or process_group(mapping, res.device) as device:
+    # alone: rank 0 by itself, no process group (its collectives move nothing)
+    group = (
+        contextlib.nullcontext(device_for(mapping, res.device))
+        if bench.alone
+        else process_group(mapping, res.device)
+    )
+    with group as device:
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.empty(1, device=device)  # the allocator's statistics exist only after a first use
@@ -305,7 +310,16 @@ def run_rank(
             if variant.backend == "eager":
                 from ropesp.runtime.executor import EagerExecutor
 
-                model = model if model is not None else load_model(res, device)
+                if model is None:
+                    req = res.request
+                    model = load_model(
+                        req.source,
+                        res.model,
+                        res.dtype,
+                        device,
+                        precision=req.precision,
+                        manifest=res.manifest,
+                    )
                 state = make_state(res, vmap, device, comm=comm, parallel=variant.request.parallel)
                 executor = EagerExecutor(model, state, cuda_graphs=name == "optimized-graphs")
             else:
@@ -512,7 +526,7 @@ def run(bench: BenchConfig, prompt: torch.Tensor) -> dict:
 
     from ropesp.runtime.launch import spawn_ranks, under_launcher
 
-    res = bench.pipeline.resolve()
+    res, mapping = bench.pipeline.resolve_rank()  # the launcher's environment, read once
     if res.world_size == 1 and "paper-sp" in bench.configs:
         # one rank: the paper's SP baseline degenerates to the reference configuration
         bench = dataclasses.replace(bench, configs=tuple(c for c in bench.configs if c != "paper-sp"))
@@ -526,7 +540,6 @@ def run(bench: BenchConfig, prompt: torch.Tensor) -> dict:
             spawn_ranks(res.world_size, _spawned_rank, res, bench, prompt, str(path))
             results = json.loads(path.read_text())
     else:
-        mapping = Mapping.from_env(res.world_size)
         results = run_rank(mapping, res, bench, prompt)
         if results is None:
             return {}

@@ -237,22 +237,17 @@ def model_dir_of(args):
     return resolve_model_dir(args.model_dir, args.checkpoint)
 
 
-def _encode_prompts(args, md, res, mapping, texts: list[str]) -> list[torch.Tensor]:
-    """Texts through umT5 (from --text-encoder, else --model-dir) on this rank's device, then freed."""
+def _encode_prompts(choice, res, mapping, texts: list[str]) -> list[torch.Tensor]:
+    """Texts through the chosen umT5 (runtime.prompts.text_encoder_for) on this rank's device, then freed."""
     from ropesp.runtime.dist import device_for
-    from ropesp.runtime.prompts import load_umt5
 
-    if args.text_encoder:
-        te_path, tok_path, flag = args.text_encoder, None, f"--text-encoder {args.text_encoder}"
-    else:
-        te_path, tok_path, flag = md.text_encoder, md.tokenizer, f"--model-dir {md.root}"
     device = device_for(mapping, res.device)
 
     def announce(model_dir) -> None:
         print(f"ropesp: encoding the prompt with umT5 from {model_dir} on {device}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    encoder = load_umt5(te_path, tok_path, res.model, res.dtype, device, flag, announce)
+    encoder = choice.load(res.model, res.dtype, device, announce)
     try:
         prompts = [encoder.encode(text) for text in texts]
     finally:
@@ -286,28 +281,27 @@ def _prompt_schedule(args, md, res, session_chunks: int | None, mapping):
     texts are encoded on this rank's (mapping's) device."""
     from ropesp.runtime.executor import check_prompt_embeds
     from ropesp.runtime.generate import PromptSchedule
-    from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
+    from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds, text_encoder_for
 
     changes = _prompt_changes(args)
     if session_chunks is not None and changes and changes[-1][0] >= session_chunks:
         raise ConfigError(
             f"--prompt-at {changes[-1][0]}: the video has {session_chunks} chunks (0..{session_chunks - 1})"
         )
-    from ropesp.demo import DEFAULT_PROMPT, DemoTextEncoder, is_demo_model
-
-    demo = is_demo_model(res.model) and not args.text_encoder
-    if args.prompt is not None and not args.text_encoder and md is None and not demo:
+    choice = text_encoder_for(res.model, args.text_encoder, md)
+    if args.prompt is not None and choice is None:
         raise ConfigError(
             "--prompt needs a text encoder: pass --text-encoder DIR (umT5: text_encoder/ + tokenizer/) or "
             "--model-dir DIR, or give --prompt-embeds PATH instead"
         )
-    if demo and not args.prompt_embeds:  # the demo model's own word embeddings: no download
-        encoder = DemoTextEncoder(res.model.text_len, res.model.text_dim)
+    if choice is not None and choice.builtin and not args.prompt_embeds:  # no download
+        from ropesp.demo import DEFAULT_PROMPT
+
         texts = [DEFAULT_PROMPT if args.prompt is None else args.prompt, *(v for _, v in changes)]
-        embeds = [encoder.encode(text) for text in texts]
+        embeds = [choice.encoder.encode(text) for text in texts]
         print(f"ropesp: prompt {texts[0]!r} (demo encoder)", file=sys.stderr)
     elif args.prompt is not None:
-        embeds = _encode_prompts(args, md, res, mapping, [args.prompt, *(v for _, v in changes)])
+        embeds = _encode_prompts(choice, res, mapping, [args.prompt, *(v for _, v in changes)])
     elif args.prompt_embeds:
         embeds = [load_prompt_embeds(args.prompt_embeds)]
         embeds += [load_prompt_embeds(v, f"--prompt-at {k}") for k, v in changes]
@@ -328,7 +322,7 @@ def cmd_generate(args) -> None:
     from ropesp.decode.factory import check_wan_vae_options
     from ropesp.limits import check_local_ranks
     from ropesp.run_status import announce
-    from ropesp.runtime.dist import Mapping, parse_device
+    from ropesp.runtime.dist import parse_device
     from ropesp.runtime.launch import spawn_ranks, under_launcher
     from ropesp.runtime.session import check_unbounded
 
@@ -356,7 +350,8 @@ def cmd_generate(args) -> None:
     if md is not None:
         config = dataclasses.replace(config, checkpoint=str(md.dit_weights))
     try:
-        res = config.resolve()
+        # this process's place in the group: read from the launcher's environment once, passed down
+        res, mapping = config.resolve_rank()
     except CheckpointError as exc:
         if md is None or args.checkpoint:
             raise
@@ -374,8 +369,6 @@ def cmd_generate(args) -> None:
     chunks = None if unbounded else len(res.request.sampler.chunk_sizes(res.latent_frames))
     if res.world_size > 1 and not under_launcher():
         check_local_ranks(res.world_size, res.device)  # before the prompt is encoded
-    # this process's place in the group: read from the launcher's environment once, passed down
-    mapping = Mapping.from_env(res.world_size)
     prompts = _prompt_schedule(args, md, res, chunks, mapping)
     if res.request.checkpoint and args.checkpoint is None and md is None:
         print(

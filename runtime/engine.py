@@ -5,7 +5,7 @@ Per chunk forward (segments: export/segments.py):
     per layer: pre(x, e0, start_frame, frame_of_token) -> q, k, v;  runner.attention(layer, q, k, v) -> o
                post(x, o, e0, cross_k, cross_v, frame_of_token) -> x   (block `layer`'s weights as inputs)
     head(x, e, frame_of_token) -> out;  runner.gather(out);  unpatchify
-The runner is SPState's (runtime/runners.py, chosen in runtime/executor.py), as in the eager path: the token shard, the all-to-alls /
+The runner is SPState's (runtime/runners.py), as in the eager path: the token shard, the all-to-alls /
 ring around attention, the persistent KV cache write and the attention itself run here, between engine
 calls. Cross-attention K/V come from the eager text path (CausalWanDiT.cross_kv on the loaded weights),
 once per prompt, into buffers whose addresses never change (CUDA graphs and TensorRT bindings read them).
@@ -19,10 +19,12 @@ cache slot plan and replayed with its static inputs refreshed; the rolling-windo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ropesp.config import ParallelConfig
 from ropesp.errors import EngineError, arg
 from ropesp.export.manifest import Manifest, SegmentSpec
 from ropesp.model.wan import CausalWanDiT
@@ -175,38 +177,38 @@ class EngineExecutor(ChunkExecutor):
 
 
 # --- loading -----------------------------------------------------------------------------------
-def _check_run(manifest: Manifest, res, state, mapping) -> None:
+def _check_run(
+    manifest: Manifest, state, mapping, backend: str, sp_rope: str, chunk_frames: Sequence[int]
+) -> None:
     """Refuse (EngineError) a run the engines were not built for; manifest.validate did files/versions."""
     where = f"engine directory {manifest.root}"
     runtime_backend = manifest.backend_for_runtime()
-    if res.backend != runtime_backend:
+    if backend != runtime_backend:
         raise EngineError(
-            f"{where} holds {manifest.backend} artifacts, which {arg('backend', res.backend)} cannot run; "
+            f"{where} holds {manifest.backend} artifacts, which {arg('backend', backend)} cannot run; "
             f"use {arg('backend', runtime_backend)}"
         )
     dtype = str(state.dtype).removeprefix("torch.")
     if dtype != manifest.dtype:
         raise EngineError(f"{where} was built for {arg('dtype', manifest.dtype)}; this run asks for {dtype}")
-    if res.backend == "ort" and (state.device.type != "cpu" or dtype != "float32"):
+    if backend == "ort" and (state.device.type != "cpu" or dtype != "float32"):
         raise EngineError(
             f"{arg('backend', 'ort')} runs float32 graphs on the CPU: pass {arg('device', 'cpu')} and an fp32 build"
         )
-    g = manifest.geometry
-    if (res.geometry.latent_height, res.geometry.latent_width) != (g["latent_height"], g["latent_width"]):
+    g, run = manifest.geometry, state.geometry
+    if (run.latent_height, run.latent_width) != (g["latent_height"], g["latent_width"]):
         raise EngineError(
             f"{where} was built for latents {g['latent_height']}x{g['latent_width']}; this run asks for "
-            f"{res.geometry.latent_height}x{res.geometry.latent_width}: rebuild for that size"
+            f"{run.latent_height}x{run.latent_width}: rebuild for that size"
         )
-    chunks = sorted(set(res.request.sampler.chunk_sizes(res.latent_frames)))
+    chunks = sorted(set(chunk_frames))
     if not set(chunks) <= set(manifest.frame_shapes):
         raise EngineError(
             f"{where} was built for chunks of {manifest.frame_shapes} latent frames; this run needs {chunks} "
             f"({arg('chunk_frames')} / {arg('independent_first_frame')}): rebuild with matching settings"
         )
-    if res.request.sp_rope != "local":
-        raise EngineError(
-            f"{arg('sp_rope', res.request.sp_rope)} is an eager-only baseline; engines apply RoPE locally"
-        )
+    if sp_rope != "local":
+        raise EngineError(f"{arg('sp_rope', sp_rope)} is an eager-only baseline; engines apply RoPE locally")
     files = manifest.rank_files(mapping.rank)
     for frames in manifest.frame_shapes:
         shard = TokenShard.split(frames * g["frame_tokens"], mapping.world_size, mapping.rank)
@@ -237,19 +239,30 @@ def load_weights(manifest: Manifest, device: torch.device) -> CausalWanDiT:
     return model.eval().requires_grad_(False)
 
 
-def load_engine_executor(res, state, directory: Path, mapping) -> EngineExecutor:
-    """The executor of this rank for engines in directory; validates them against the run first."""
-    manifest = res.manifest if res.manifest is not None else Manifest.load(directory)
+def load_engine_executor(
+    manifest: Manifest,
+    state,
+    mapping,
+    *,
+    backend: str,
+    parallel: ParallelConfig,
+    chunk_frames: Sequence[int],
+    cuda_graphs: bool = True,
+) -> EngineExecutor:
+    """The executor of this rank for the engines of `manifest` (Manifest.load of a `ropesp build`
+    directory), run by `backend` (ort | aoti | tensorrt) on state's device and geometry; validated
+    first against the run: the world and rank of mapping, parallel's SP modes, the chunk sizes
+    chunk_frames (latent frames) it will be asked for. cuda_graphs: capture chunks (on CUDA only)."""
     manifest.validate(world_size=mapping.world_size, rank=mapping.rank, device=state.device)
-    _check_run(manifest, res, state, mapping)
+    _check_run(manifest, state, mapping, backend, parallel.sp_rope, chunk_frames)
     files = manifest.rank_files(mapping.rank).files
-    cuda_graphs = res.request.cuda_graphs and state.device.type == "cuda"
+    cuda_graphs = cuda_graphs and state.device.type == "cuda"
     segments: dict[int, dict] = {}
     for spec in manifest.segments:
         path = manifest.confined(files[spec.stem])  # listed, verified by validate, inside the directory
-        if res.backend == "ort":
+        if backend == "ort":
             seg = OrtSegment(path, spec)
-        elif res.backend == "aoti":
+        elif backend == "aoti":
             seg = AotiSegment(path, state.device, single_threaded=cuda_graphs)
         else:
             seg = TrtSegment(path, spec, state.device)

@@ -10,29 +10,16 @@ exposes the same three calls, so the sampler and session never know which one ru
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Protocol
 
 import torch
 
-from ropesp.config import CacheConfig, ModelConfig, VideoGeometry
-from ropesp.errors import ConfigError, arg
-from ropesp.model.kv_cache import KVCache
-from ropesp.model.rope import RopeGrid
-from ropesp.model.wan import CausalWanDiT, timestep_sinusoid
-from ropesp.parallel import SPLayout, TokenShard
-from ropesp.plugins.attention_8bit import select_attention
-from ropesp.runtime.dist import Mapping
+from ropesp.config import CacheConfig, ModelConfig
+from ropesp.errors import ConfigError
+from ropesp.model.wan import CausalWanDiT
 from ropesp.runtime.graphs import ChunkGraphs
-from ropesp.runtime.ring import RingCache, ring_capacity, ulysses_group
-from ropesp.runtime.runners import (
-    CacheAttention,
-    RingAttention,
-    SingleDeviceRunner,
-    UlyssesRunner,
-    allgather_rope,
-)
-from ropesp.runtime.sp import SP_COMM_MODES, SP_ROPE_MODES, Collectives
+from ropesp.runtime.runners import ROPE_FORMS, SPState
+from ropesp.runtime.sp import Collectives
 
 
 class Executor(Protocol):
@@ -80,12 +67,6 @@ def check_prompt_embeds(cfg: ModelConfig, prompt_embeds: torch.Tensor) -> torch.
     return prompt_embeds
 
 
-def sinusoid_for(cfg: ModelConfig, t: torch.Tensor, batch: int, frames: int, device) -> torch.Tensor:
-    """The runtime's timestep sinusoid: t (scalar float32) -> [B, F, freq_dim] float64 on device."""
-    t_frames = t.reshape(1).to(torch.float32).expand(batch * frames)
-    return timestep_sinusoid(t_frames, cfg.freq_dim).view(batch, frames, -1).to(device)
-
-
 def attention_priority(device: torch.device):
     """SDPA backend order for a forward: cuDNN first on CUDA (measured fastest for these shapes on
     Hopper, ENVIRONMENT.md: 0.28 ms vs 0.49 ms flash at 4680 x 4680), then flash, efficient, math;
@@ -113,135 +94,6 @@ def refresh_cross_kv(buffers: list | None, kv: list) -> tuple[list, bool]:
             v_buf.copy_(v)
         return buffers, False
     return [(k.contiguous(), v.contiguous()) for k, v in kv], True
-
-
-ROPE_FORMS = ("op", "reference", "engine")
-"""How a runner rotates q/k: `op` the ropesp::rope_sp op reading the device start_frame (CUDA, compiled
-regions: one graph for every chunk position), `reference` its pure-torch math (eager on the CPU),
-`engine` not at all (an engine's pre segment applies it)."""
-
-
-def _rope_in_engine(x: torch.Tensor) -> torch.Tensor:
-    raise AssertionError("engines apply Causal-RoPE SP inside the pre segment")
-
-
-class SPState:
-    """What the executor of one rank of a P-rank group keeps between forwards: cache, collectives,
-    the device start_frame, the timestep sinusoids; `begin` plans a forward and returns its runner.
-
-    Pure Ulysses (ring degree 1) keeps a head-sharded KVCache; the hybrid layout (runtime/ring.py)
-    keeps a head- and token-sharded RingCache. The choice is made once, here: `begin` / `commit` take
-    the same arguments for both, and the runner composes the matching cache attention (runtime/runners.py).
-    """
-
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        geometry: VideoGeometry,
-        cache_cfg: CacheConfig,
-        mapping: Mapping,
-        device: torch.device,
-        dtype: torch.dtype,
-        *,
-        batch: int = 1,
-        sp_rope: str = "local",
-        sp_comm: str = "fused",
-        comm: Collectives | None = None,
-        layout: SPLayout | None = None,
-        chunk_frames: list[int] | None = None,
-        attention: str = "sdpa",
-    ) -> None:
-        """attention: the self-attention kernel over the cache, a mode of plugins/attention_8bit.py
-        (sdpa | fa3 | fp8 | int8); the hybrid (ring) layout merges partial attentions and takes sdpa only.
-        comm: this rank's collectives over the whole world (default: Collectives over the default
-        group); tests and bench hand in theirs (an observer, or bench's AloneCollectives)."""
-        layout = layout or SPLayout.choose(cfg.num_heads, mapping.world_size, ring=1)
-        if layout.world_size != mapping.world_size:
-            raise ConfigError(f"SP layout {layout} does not match the world size {mapping.world_size}")
-        if sp_rope not in SP_ROPE_MODES:
-            raise ConfigError(f"{arg('sp_rope', sp_rope)}; choose one of {SP_ROPE_MODES}")
-        if sp_comm not in SP_COMM_MODES:
-            raise ConfigError(f"{arg('sp_comm', sp_comm)}; choose one of {SP_COMM_MODES}")
-        if attention != "sdpa" and layout.ring > 1:
-            raise ConfigError(
-                f"--attention {attention} runs with pure Ulysses or one rank; the ring layout {layout} "
-                "merges partial attentions (log-sum-exp) that only --attention sdpa returns"
-            )
-        self.cfg, self.geometry, self.mapping, self.layout = cfg, geometry, mapping, layout
-        self.cache_cfg = cache_cfg
-        self.device, self.dtype, self.batch = device, dtype, batch
-        self.sp_rope, self.sp_comm = sp_rope, sp_comm
-        self.attend = select_attention(attention)
-        self.start_frame = torch.zeros(1, dtype=torch.int32, device=device)
-        """The chunk's start_frame, int32 [1] on the device: one buffer for every forward (CUDA graphs,
-        compiled regions and engine bindings read its address), refreshed by `begin`."""
-        self._sinusoids: dict[tuple[float, int, int], torch.Tensor] = {}
-        if mapping.world_size == 1:
-            self.comm = None
-        else:
-            self.comm = comm if comm is not None else Collectives(None, mapping.world_size)
-            if self.comm.sp_size != mapping.world_size:
-                raise ConfigError(
-                    f"collectives of {self.comm.sp_size} ranks for a world of {mapping.world_size}"
-                )
-            if not self.comm.needs_peers and layout.ring > 1:
-                raise ConfigError(f"a rank alone runs pure Ulysses only, not the layout {layout}")
-        self.ulysses_comm = self.comm
-        local_heads = cfg.num_heads // layout.ulysses
-        ft = geometry.frame_tokens
-        if layout.ring == 1:
-            self.cache = KVCache(
-                cfg.num_layers, batch, ft, cache_cfg, local_heads, cfg.head_dim, dtype, device
-            )
-            self._cache_attention = functools.partial(CacheAttention, attend=self.attend)
-        else:
-            chunks = chunk_frames or [cache_cfg.slot_frames]
-            local_len = -(-max(chunks) * ft // mapping.world_size)
-            capacity = ring_capacity(cache_cfg, ft, chunks, layout.ulysses * local_len)
-            self.cache = RingCache(
-                layout, mapping.rank, cfg.num_layers, batch, ft, cache_cfg, capacity, local_heads,
-                cfg.head_dim, dtype, device,
-            )  # fmt: skip
-            self._cache_attention = functools.partial(RingAttention, world=self.comm)
-            self.ulysses_comm = self.comm.with_group(ulysses_group(layout, mapping.rank), layout.ulysses)
-
-    def sinusoid(self, t: torch.Tensor | float, batch: int, frames: int) -> torch.Tensor:
-        """The timestep sinusoid [B, F, freq_dim] float64 on device, computed once per distinct step
-        (a host-to-device copy per forward would stall the host behind the GPU)."""
-        key = (float(t), batch, frames)
-        if key not in self._sinusoids:
-            self._sinusoids[key] = sinusoid_for(self.cfg, torch.tensor(key[0]), batch, frames, self.device)
-        return self._sinusoids[key]
-
-    def reset(self) -> None:
-        self.cache.reset()
-
-    def begin(self, start_frame: int, frames: int, rope: str) -> SingleDeviceRunner | UlyssesRunner:
-        """Plan this forward's cache slots (rolling the window if needed; host-side), set the device
-        start_frame and return this rank's runner; rope: how it rotates q/k, one of ROPE_FORMS."""
-        g, p = self.geometry, self.mapping
-        slots = self.cache.begin(start_frame * g.frame_tokens, frames * g.frame_tokens)
-        self.start_frame.fill_(start_frame)  # a device-side fill: no host sync
-        shard = TokenShard.split(frames * g.frame_tokens, p.world_size, p.rank)
-        grid = RopeGrid(frames, g.rows, g.cols, shard.first, self.cfg.rope_theta)
-        if self.sp_rope == "allgather":  # the upstream formulation: float64 RoPE of the full chunk
-            rank_rope = allgather_rope(grid, start_frame, self.comm)
-        elif rope == "engine":
-            rank_rope = _rope_in_engine
-        else:
-            from ropesp.plugins.rope_sp import rope_for_rank  # Triton, where installed: not for engines
-
-            rank_rope = rope_for_rank(grid, self.start_frame, op=rope == "op")
-        if p.world_size == 1:
-            return SingleDeviceRunner(self.cache, slots, rank_rope, self.attend)
-        attention = self._cache_attention(self.cache, slots, shard)
-        return UlyssesRunner(
-            shard, self.ulysses_comm, rank_rope, attention, slots, world=self.comm, sp_comm=self.sp_comm
-        )
-
-    def commit(self, runner: SingleDeviceRunner | UlyssesRunner) -> None:
-        """The forward of runner is done: its tokens are in the cache for the next chunks."""
-        self.cache.commit(runner.slots)
 
 
 class ChunkExecutor:

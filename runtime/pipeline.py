@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -157,8 +156,15 @@ class PipelineConfig:
                 )
             check_attention(attention, device, arg("attention"))
 
-    def resolve(self) -> ResolvedPipeline:
-        """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text."""
+    def resolve(self, mapping: Mapping | None = None) -> ResolvedPipeline:
+        """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text.
+        mapping: this process's place in its group where the caller has it (see resolve_rank)."""
+        return self.resolve_rank(mapping)[0]
+
+    def resolve_rank(self, mapping: Mapping | None = None) -> tuple[ResolvedPipeline, Mapping]:
+        """resolve(), and this process's place in its group: `mapping` where the caller has it (a
+        spawned rank's; its world size is the run's, checked against world_size=), else read from the
+        launcher's environment here, the one read of a process that passes it on."""
         from ropesp import limits
 
         self.video.check()
@@ -219,10 +225,8 @@ class PipelineConfig:
                 f"{arg('max_frames')} or use a rolling window ({arg('local_attn_frames')}/{arg('sink_frames')})"
             )
         parallel = self.parallel
-        requested = parallel.world_size
-        if requested is None and manifest is not None and "WORLD_SIZE" not in os.environ:
-            requested = manifest.world_size  # engines default to the world size they were built for
-        world = Mapping.from_env(requested).world_size
+        mapping = _rank_mapping(parallel.world_size, manifest, mapping)
+        world = mapping.world_size
         if manifest is not None:
             manifest.check_world_size(world)  # before any rank starts
         limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
@@ -230,7 +234,7 @@ class PipelineConfig:
         itemsize = DTYPES[dtype].itemsize
         limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
         self.check_precision(backend, device, dtype, layout)
-        return ResolvedPipeline(
+        resolved = ResolvedPipeline(
             self,
             cfg,
             geometry,
@@ -244,6 +248,21 @@ class PipelineConfig:
             manifest,
             layout,
         )
+        return resolved, mapping
+
+
+def _rank_mapping(requested: int | None, manifest, mapping: Mapping | None) -> Mapping:
+    """This process's Mapping: the caller's (checked against world_size=), else the launcher's
+    environment with engines defaulting to the world size they were built for."""
+    if mapping is not None:
+        if requested is not None and requested != mapping.world_size:
+            raise ConfigError(
+                f"{arg('world_size', requested)} disagrees with this rank's group of {mapping.world_size}"
+            )
+        return mapping
+    if requested is None and manifest is not None and "WORLD_SIZE" not in os.environ:
+        requested = manifest.world_size
+    return Mapping.from_env(requested)
 
 
 @dataclass(frozen=True)
@@ -285,26 +304,36 @@ def lead_decoder(
     return make_decoder(vae, where, res.dtype, compile, warm)
 
 
-def load_model(res: ResolvedPipeline, device: torch.device):
-    """The eager model on device: the engines' weights (with --engines, e.g. for the eager baselines of
-    `ropesp bench`), checkpoint weights, or the preset's seeded random ones; with precision fp8 its
-    block Linears quantized once, here."""
-    model = _load_weights(res, device)
-    if res.request.precision == "fp8":
-        from ropesp.plugins.fp8 import apply_fp8
+def load_model(
+    source: ModelSource,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    precision: str = "bf16",
+    manifest=None,
+):
+    """The eager model `model` on device in dtype: the engines' weights (source.engines, e.g. for the
+    eager baselines of `ropesp bench`; `manifest`: their manifest where the caller has read it),
+    checkpoint weights, or the preset's seeded random ones; with precision fp8 its block Linears
+    quantized once, here."""
+    if manifest is None and source.engines:
+        from ropesp.export.manifest import Manifest  # stdlib-only reader
 
-        apply_fp8(model)
-    return model
-
-
-def _load_weights(res: ResolvedPipeline, device: torch.device):
-    if res.manifest is not None:
+        manifest = Manifest.load(source.engines)
+    if manifest is not None:
         from ropesp.runtime.engine import load_weights
 
-        return load_weights(res.manifest, device)
-    from ropesp.model.checkpoint import load_source
+        loaded = load_weights(manifest, device)
+    else:
+        from ropesp.model.checkpoint import load_source
 
-    return load_source(res.request.source, res.model, res.dtype, device)
+        loaded = load_source(source, model, dtype, device)
+    if precision == "fp8":
+        from ropesp.plugins.fp8 import apply_fp8
+
+        apply_fp8(loaded)
+    return loaded
 
 
 def make_state(
@@ -318,7 +347,7 @@ def make_state(
     """The SP state (cache, collectives, RoPE tables) of this rank; parallel replaces the request's SP
     modes (sp_rope, sp_comm); comm: this rank's collectives (runtime/sp.py; default: over the default
     group)."""
-    from ropesp.runtime.executor import SPState
+    from ropesp.runtime.runners import SPState
 
     req = res.request
     parallel = parallel or req.parallel
@@ -344,16 +373,31 @@ def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None):
     from ropesp.runtime.dist import device_for
     from ropesp.runtime.executor import EagerExecutor
 
+    req = res.request
     device = device_for(mapping, res.device)
     state = make_state(res, mapping, device, comm=comm)
     if res.backend in MODEL_BACKENDS:
         compiled = res.backend == "compile"
+        model = load_model(
+            req.source, res.model, res.dtype, device, precision=req.compute.precision, manifest=res.manifest
+        )
         return EagerExecutor(
-            load_model(res, device), state, compile=compiled, cuda_graphs=compiled and res.request.cuda_graphs
+            model,
+            state,
+            compile=compiled,
+            cuda_graphs=compiled and req.cuda_graphs,
         )
     from ropesp.runtime.engine import load_engine_executor
 
-    return load_engine_executor(res, state, Path(res.request.engines), mapping)
+    return load_engine_executor(
+        res.manifest,
+        state,
+        mapping,
+        backend=res.backend,
+        parallel=req.parallel,
+        chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
+        cuda_graphs=req.cuda_graphs,
+    )
 
 
 def _group_initialized() -> bool:
@@ -377,7 +421,7 @@ def build_session(
     comm: this rank's collectives (runtime/sp.py): tests pass one with a CollectiveLog; bench's
     AloneCollectives run one rank of the group without its peers (no process group)."""
     if isinstance(res, PipelineConfig):
-        res = res.resolve()
+        res, mapping = res.resolve_rank(mapping)  # the environment read once, there
     mapping = mapping or Mapping.from_env(res.world_size)
     peers = mapping.world_size > 1 and (comm is None or comm.needs_peers)
     if peers and not _group_initialized():

@@ -1,13 +1,15 @@
-"""Prompt embeddings: from a file (.pt / .safetensors) or the embedded default."""
+"""Prompt embeddings: from a file (.pt / .safetensors), the embedded default, or text through the one
+text encoder `text_encoder_for` chooses."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ropesp.config import ModelConfig
-from ropesp.errors import ConfigError, read_failure
+from ropesp.errors import ConfigError, arg, read_failure
 
 DEFAULT_PROMPT_SEED = 1234
 DEFAULT_PROMPT_TOKENS = 32
@@ -85,3 +87,60 @@ def load_umt5(
         return load_text_encoder(path, dtype, device, cfg.text_len, tokenizer)
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class TextEncoderChoice:
+    """The text encoder a prompt goes through: a ready one (the caller's object, or the model's own) or
+    a umT5 directory, loaded by `load` when first needed (it is large)."""
+
+    source: str
+    """How the user named it, for messages: `--text-encoder DIR` / `text_encoder='DIR'`, `--model-dir
+    DIR` / `model_dir='DIR'`, or 'the demo encoder'."""
+    encoder: object | None = None
+    """A ready encoder: encode(text) -> [L, text_dim] or [1, L, text_dim]."""
+    path: Path | str | None = None
+    """The umT5 directory (text_encoder/ + tokenizer/, or one HF directory) when encoder is None."""
+    tokenizer: Path | str | None = None
+    """Its tokenizer directory when apart from path (a model dir's tokenizer/)."""
+    builtin: bool = False
+    """The model's own encoder (the embedded demo model's word embeddings: no download)."""
+
+    def load(self, cfg: ModelConfig, dtype, device, on_load=None):
+        """The encoder, ready: the one held, or the umT5 of path loaded on device (checked against the
+        DiT's text_dim; on_load(model dir) runs before the slow load, as load_umt5's)."""
+        if self.encoder is not None:
+            return self.encoder
+        return load_umt5(self.path, self.tokenizer, cfg, dtype, device, self.source, on_load)
+
+
+def text_encoder_for(cfg: ModelConfig, encoder=None, model_dir=None) -> TextEncoderChoice | None:
+    """The one choice of text encoder for the DiT `cfg`, first that applies: `encoder` (an object with
+    encode(text), or a umT5 directory), the model's own encoder (the demo model's), the umT5 of
+    `model_dir` (a resolved ropesp.model_dir.ModelDir); None when there is none (the caller says how
+    else to give a prompt). Errors name the arguments through errors.arg (flags in the CLI, Python
+    arguments inside python_names())."""
+    if isinstance(encoder, (str, Path)):
+        return TextEncoderChoice(arg("text_encoder", str(encoder)), path=encoder)
+    if encoder is not None:
+        if not callable(getattr(encoder, "encode", None)):
+            raise ConfigError(f"{arg('text_encoder')} must be a directory or have encode(text) -> embeddings")
+        return TextEncoderChoice(arg("text_encoder"), encoder=encoder)
+    own = _own_encoder(cfg)
+    if own is not None:
+        return TextEncoderChoice("the demo encoder", encoder=own, builtin=True)
+    if model_dir is not None:
+        return TextEncoderChoice(
+            arg("model_dir", str(model_dir.root)), path=model_dir.text_encoder, tokenizer=model_dir.tokenizer
+        )
+    return None
+
+
+def _own_encoder(cfg: ModelConfig):
+    """The encoder a model brings with it: the embedded demo model's, where this ropesp ships ropesp.demo
+    (imported here, at the call: the demo sits above the runtime and uses it)."""
+    try:
+        from ropesp.demo import DemoTextEncoder, is_demo_model
+    except ImportError:
+        return None
+    return DemoTextEncoder(cfg.text_len, cfg.text_dim) if is_demo_model(cfg) else None

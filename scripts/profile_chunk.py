@@ -61,8 +61,12 @@ def profile_rank(mapping: Mapping, args: argparse.Namespace) -> None:
     """Warm up, then one video under the profiler on rank 0 (the other ranks run it unprofiled)."""
     # --alone: rank 0 by itself, no process group; its collectives move nothing (ropesp bench --alone)
     alone = args.alone and mapping.world_size > 1
-    group = contextlib.nullcontext(device_for(mapping, args.device)) if alone else None
-    with group or process_group(mapping, args.device) as device:
+    group = (
+        contextlib.nullcontext(device_for(mapping, args.device))
+        if alone
+        else process_group(mapping, args.device)
+    )
+    with group as device:
         cfg = PipelineConfig(
             preset=None if args.engines else args.preset,
             engines=args.engines,

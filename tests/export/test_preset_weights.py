@@ -14,7 +14,7 @@ def test_preset_build_and_run_hold_identical_state(builds):
     manifest = Manifest.load(root)
     built = load_file(str(root / manifest.weights))
     res = PipelineConfig(preset="tiny", device="cpu", dtype="float32").resolve()
-    run = load_model(res, torch.device("cpu")).state_dict()  # parameters and buffers
+    run = load_model(res.request.source, res.model, res.dtype, torch.device("cpu")).state_dict()
     assert sorted(built) == sorted(run)
     for name, tensor in run.items():
         assert torch.equal(built[name], tensor), name

@@ -12,8 +12,8 @@ from ropesp.errors import ConfigError
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit as a8
 from ropesp.runtime.dist import Mapping
-from ropesp.runtime.executor import SPState
 from ropesp.runtime.pipeline import PipelineConfig
+from ropesp.runtime.runners import SPState
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])

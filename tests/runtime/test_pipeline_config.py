@@ -110,3 +110,35 @@ def test_build_and_run_resolve_a_source_alike(tmp_path):
     assert (res.model, res.geometry.latent_height, res.latent_frames) == (model_cfg, 24, 9)
     assert not res.random_weights
     assert resolve_model(ModelSource(), "tiny") == preset("tiny")
+
+
+def test_the_rank_environment_is_read_once_and_passed_down(monkeypatch):
+    """build_session of a PipelineConfig reads the launcher's environment once (in resolve) and builds
+    the rank that read gives; a caller's mapping is used as given, checked against world_size=."""
+    from ropesp.runtime.dist import Mapping
+    from ropesp.runtime.pipeline import build_session
+
+    reads = []
+    real = Mapping.from_env.__func__
+
+    def counting(cls, requested=None):
+        reads.append(requested)
+        return real(cls, requested)
+
+    monkeypatch.setattr(Mapping, "from_env", classmethod(counting))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    session = build_session(PipelineConfig(preset="tiny", device="cpu", latent_frames=3))
+    assert reads == [None] and session.executor.world_size == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    reads.clear()
+    res, mapping = PipelineConfig(preset="tiny", device="cpu").resolve_rank()
+    assert reads == [None] and mapping == Mapping(2, 1, 1) and res.world_size == 2
+    reads.clear()
+    res, mapping = PipelineConfig(preset="tiny", device="cpu", world_size=2).resolve_rank(Mapping(2, 1, 1))
+    assert reads == [] and mapping == Mapping(2, 1, 1)
+    with pytest.raises(ConfigError, match=r"^--world-size 3 disagrees with this rank's group of 2"):
+        PipelineConfig(preset="tiny", device="cpu", world_size=3).resolve(Mapping(2, 0, 0))
+    with python_names(), pytest.raises(ConfigError, match=r"^world_size=3 disagrees"):
+        PipelineConfig(preset="tiny", device="cpu", world_size=3).resolve(Mapping(2, 0, 0))
