@@ -272,7 +272,8 @@ class Pipeline:
             config = dataclasses.replace(config, world_size=None)  # the engines' world size
         res = config.resolve()
         self.config, self.resolved = config, res
-        self._text = text_encoder_for(res.model, kw["text_encoder"], md)
+        own = demo.own_text_encoder(res.model) if demo is not None else None
+        self._text = text_encoder_for(kw["text_encoder"], md, own)
         self._text_encoder = None  # self._text's, loaded at the first text prompt
         decoder = self._decoder(res, kw, md)
         self._group = SessionGroup(config, decoder=decoder).start()

@@ -288,7 +288,9 @@ def _prompt_schedule(args, md, res, session_chunks: int | None, mapping):
         raise ConfigError(
             f"--prompt-at {changes[-1][0]}: the video has {session_chunks} chunks (0..{session_chunks - 1})"
         )
-    choice = text_encoder_for(res.model, args.text_encoder, md)
+    from ropesp.demo import own_text_encoder
+
+    choice = text_encoder_for(args.text_encoder, md, own_text_encoder(res.model))
     if args.prompt is not None and choice is None:
         raise ConfigError(
             "--prompt needs a text encoder: pass --text-encoder DIR (umT5: text_encoder/ + tokenizer/) or "

@@ -114,19 +114,19 @@ class TextEncoderChoice:
         return load_umt5(self.path, self.tokenizer, cfg, dtype, device, self.source, on_load)
 
 
-def text_encoder_for(cfg: ModelConfig, encoder=None, model_dir=None) -> TextEncoderChoice | None:
-    """The one choice of text encoder for the DiT `cfg`, first that applies: `encoder` (an object with
-    encode(text), or a umT5 directory), the model's own encoder (the demo model's), the umT5 of
-    `model_dir` (a resolved ropesp.model_dir.ModelDir); None when there is none (the caller says how
-    else to give a prompt). Errors name the arguments through errors.arg (flags in the CLI, Python
-    arguments inside python_names())."""
+def text_encoder_for(encoder=None, model_dir=None, own=None) -> TextEncoderChoice | None:
+    """The one choice of text encoder, first that applies: `encoder` (an object with encode(text), or a
+    umT5 directory), `own` (the encoder the model brings with it: ropesp.demo.own_text_encoder(cfg),
+    passed in by the callers above the runtime), the umT5 of `model_dir` (a resolved
+    ropesp.model_dir.ModelDir); None when there is none (the caller says how else to give a prompt).
+    Errors name the arguments through errors.arg (flags in the CLI, Python arguments inside
+    python_names())."""
     if isinstance(encoder, (str, Path)):
         return TextEncoderChoice(arg("text_encoder", str(encoder)), path=encoder)
     if encoder is not None:
         if not callable(getattr(encoder, "encode", None)):
             raise ConfigError(f"{arg('text_encoder')} must be a directory or have encode(text) -> embeddings")
         return TextEncoderChoice(arg("text_encoder"), encoder=encoder)
-    own = _own_encoder(cfg)
     if own is not None:
         return TextEncoderChoice("the demo encoder", encoder=own, builtin=True)
     if model_dir is not None:
@@ -134,13 +134,3 @@ def text_encoder_for(cfg: ModelConfig, encoder=None, model_dir=None) -> TextEnco
             arg("model_dir", str(model_dir.root)), path=model_dir.text_encoder, tokenizer=model_dir.tokenizer
         )
     return None
-
-
-def _own_encoder(cfg: ModelConfig):
-    """The encoder a model brings with it: the embedded demo model's, where this ropesp ships ropesp.demo
-    (imported here, at the call: the demo sits above the runtime and uses it)."""
-    try:
-        from ropesp.demo import DemoTextEncoder, is_demo_model
-    except ImportError:
-        return None
-    return DemoTextEncoder(cfg.text_len, cfg.text_dim) if is_demo_model(cfg) else None

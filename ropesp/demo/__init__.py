@@ -4,6 +4,7 @@ discs, its prompt encoder and its quality metric.
     ropesp.demo.default_checkpoint()   -> the shipped weights (what `ropesp generate` runs by default)
     ropesp.demo.DemoTextEncoder().encode("a red square moving right")  -> [16, 64] prompt embeddings
     ropesp.demo.is_demo_model(cfg)     -> whether a model takes the demo encoder's embeddings
+    ropesp.demo.own_text_encoder(cfg)  -> that encoder for the demo model, None for any other
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "default_checkpoint",
     "has_default_weights",
     "is_demo_model",
+    "own_text_encoder",
     "parse",
 ]
 
@@ -44,3 +46,9 @@ def has_default_weights() -> bool:
 def is_demo_model(cfg: ModelConfig) -> bool:
     """True for the demo preset's architecture (text_dim 64 x 16 tokens: the DemoTextEncoder's output)."""
     return cfg == demo()
+
+
+def own_text_encoder(cfg: ModelConfig) -> DemoTextEncoder | None:
+    """The prompt encoder the model `cfg` brings with it: the demo encoder for the demo model (no
+    download), None for every other model (they take umT5 embeddings)."""
+    return DemoTextEncoder(cfg.text_len, cfg.text_dim) if is_demo_model(cfg) else None
