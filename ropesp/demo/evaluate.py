@@ -75,6 +75,7 @@ def mean_score(results: list[PairResult]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     from ropesp.demo import default_checkpoint
+    from ropesp.errors import RopespError
     from ropesp.runtime.pipeline import PipelineConfig, build_session
 
     p = argparse.ArgumentParser(prog="python -m ropesp.demo.evaluate", description=__doc__.split("\n")[0])
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype")
     p.add_argument("--backend")
     p.add_argument("--local-attn-frames", type=int, default=-1)
+    p.add_argument("--sink-frames", type=int, default=0)
+    p.add_argument(
+        "--latent-frames",
+        type=int,
+        help="video length to score (default: the model's 9; longer needs a window)",
+    )
     p.add_argument("--json", help="write the per-pair scores here")
     args = p.parse_args(argv)
     cfg = PipelineConfig(
@@ -94,9 +101,14 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype,
         backend=args.backend,
         local_attn_frames=args.local_attn_frames,
+        sink_frames=args.sink_frames,
+        latent_frames=args.latent_frames,
     )
     torch.set_grad_enabled(False)
-    session = build_session(cfg)
+    try:
+        session = build_session(cfg)
+    except RopespError as exc:
+        p.error(str(exc))
     t0 = time.perf_counter()
     results = evaluate(session, eval_pairs(args.pairs))
     seconds = time.perf_counter() - t0

@@ -13,8 +13,9 @@ video (t = 0) and a noisy copy (each chunk at one of the sampler's timesteps), b
 positions. A block-causal mask lets clean chunk c attend to clean chunks <= c (as its clean-context pass
 did) and noisy chunk c attend to clean chunks < c and to itself (as its denoising forwards do against the
 cache). The loss is the flow-matching MSE (target eps - x0) on the noisy copy. A fraction of the batches
-uses a rolling window (each chunk sees only the previous chunk), the cache a `--local-attn-frames 6` run
-keeps, so the model also streams with a window. A fraction of the noisy chunks takes a random timestep
+uses a rolling window (each chunk sees only the previous `--window-chunks` chunks: 1 is the cache a
+`--local-attn-frames 6` run keeps), so the model also streams with a window; `--frames` longer than the
+demo's 9 teaches it what follows (objects that bounce back, streams that go on). A fraction of the noisy chunks takes a random timestep
 of the shifted schedule instead of one of the four, so other `--steps` / `--shift` still work.
 
 Why teacher forcing suffices here: every prompt nearly fixes its scene (world.py), so E[x0 | x_t] for the
@@ -68,8 +69,14 @@ class TrainConfig:
     """Stop after this many steps (the time limit usually comes first)."""
     time_limit_s: float = 270.0
     """Stop and save after this much training time (seconds)."""
+    frames: int = 9
+    """Latent frames per training video (the demo preset's 9: 33 video frames, 3 chunks). Longer videos
+    (e.g. 21) teach what comes after: moving objects bouncing back, streams that go on."""
     window_prob: float = 0.25
-    """Fraction of batches trained with the one-chunk rolling window."""
+    """Fraction of batches trained with the rolling window."""
+    window_chunks: int = 1
+    """Earlier chunks a chunk sees in the rolling-window batches (1: `--local-attn-frames 6`; 2: the
+    demo page's window of 9 frames without a sink)."""
     random_t_prob: float = 0.15
     """Fraction of noisy chunks at a random timestep of the schedule instead of a sampler step."""
     seed: int = 0
@@ -149,12 +156,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         self.model_cfg, defaults = preset(cfg.preset)
-        self.frames = defaults.latent_frames
+        self.frames = cfg.frames
         self.height, self.width = defaults.latent_height, defaults.latent_width
         self.rows = self.height // self.model_cfg.patch_size[1]
         self.cols = self.width // self.model_cfg.patch_size[2]
         self.sampler = SamplerConfig()
         self.chunk = self.sampler.chunk_frames
+        if cfg.frames < self.chunk or cfg.frames % self.chunk:
+            raise ValueError(f"--frames {cfg.frames}: a whole number of {self.chunk}-frame chunks")
+        if not 1 <= cfg.window_chunks < cfg.frames // self.chunk:
+            raise ValueError(
+                f"--window-chunks {cfg.window_chunks}: 1 to {cfg.frames // self.chunk - 1} for {cfg.frames} frames"
+            )
         schedule = FlowSchedule(self.sampler)
         self.step_t = schedule.timesteps.to(device)  # [4] float32
         self.step_sigma = torch.tensor(schedule.step_sigmas, device=device)
@@ -194,8 +207,8 @@ class Trainer:
         self.tables = RopeTables(self.model_cfg.head_dim, self.frames, self.rows, self.cols, device=device)
         ft = self.rows * self.cols
         self.masks = {
-            ctx: block_mask(self.frames, ft, self.chunk, ctx, device) for ctx in (None, 1)
-        }  # full cache, one-chunk window
+            ctx: block_mask(self.frames, ft, self.chunk, ctx, device) for ctx in (None, cfg.window_chunks)
+        }  # full cache, rolling window
 
     # --- state ------------------------------------------------------------------------------
     def save(self, out: Path) -> None:
@@ -281,9 +294,8 @@ class Trainer:
 
     def train_step(self, elapsed: float) -> tuple[float, torch.Tensor, torch.Tensor]:
         x0, noisy, t_f, idx, prompts, eps = self.batch()
-        ctx = (
-            1 if torch.rand((), generator=self.generator, device=self.device) < self.cfg.window_prob else None
-        )
+        windowed = torch.rand((), generator=self.generator, device=self.device) < self.cfg.window_prob
+        ctx = self.cfg.window_chunks if windowed else None
         lr = self.lr_at(elapsed)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -370,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
         "warmup",
         "steps",
         "time_limit_s",
+        "frames",
         "window_prob",
+        "window_chunks",
         "random_t_prob",
         "seed",
         "ema",
@@ -393,7 +407,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    trainer = Trainer(cfg, device)
+    try:
+        trainer = Trainer(cfg, device)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.resume and args.init:
         p.error("--init and --resume exclude each other")
     if args.init:
