@@ -87,11 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend")
     p.add_argument("--local-attn-frames", type=int, default=-1)
     p.add_argument("--sink-frames", type=int, default=0)
-    p.add_argument(
-        "--latent-frames",
-        type=int,
-        help="video length to score (default: the model's 9; longer needs a window)",
-    )
     p.add_argument("--json", help="write the per-pair scores here")
     args = p.parse_args(argv)
     cfg = PipelineConfig(
@@ -102,7 +97,6 @@ def main(argv: list[str] | None = None) -> None:
         backend=args.backend,
         local_attn_frames=args.local_attn_frames,
         sink_frames=args.sink_frames,
-        latent_frames=args.latent_frames,
     )
     torch.set_grad_enabled(False)
     try:

@@ -19,6 +19,9 @@ Per video (each part in [0, 1], 1 = as the prompt says):
   the colour's pixel mass changes by less than 35% (unless an object crosses a border) and the mean
   level of the pixels outside objects changes by less than 6 levels.
 score = presence * motion * steadiness. The world's own videos score ~1; noise (an untrained model) ~0.
+The score is defined for the 9-latent-frame videos the canonical scenes are made for: over longer ones a
+"moving" object bounces back and an entering one leaves again, which the prompt does not describe (the
+world's own 30-frame videos score 0); scripts/demo_long_stream.py looks at long streams instead.
 """
 
 from __future__ import annotations
