@@ -24,7 +24,8 @@ PATH_TOLERANCE = 0.02
 
 
 def _score(**overrides) -> float:
-    cfg = PipelineConfig(checkpoint=str(default_checkpoint()), device="cuda", **overrides)
+    source = {} if "engines" in overrides else {"checkpoint": str(default_checkpoint())}
+    cfg = PipelineConfig(device="cuda", **source, **overrides)
     with torch.no_grad():
         latents = generate_latents(build_session(cfg), PAIRS)
     return mean_score(score_pairs(latents, PAIRS))
