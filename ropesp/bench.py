@@ -520,13 +520,17 @@ def plot(out: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(bench: BenchConfig, prompt: torch.Tensor) -> dict:
-    """Launch the ranks (spawned unless under torchrun) and report on rank 0."""
+def run(
+    bench: BenchConfig, prompt: torch.Tensor, resolved: tuple[ResolvedPipeline, Mapping] | None = None
+) -> dict:
+    """Launch the ranks (spawned unless under torchrun) and report on rank 0. resolved: what
+    `bench.pipeline.resolve_rank()` returned, where the caller has it (the launcher's environment is
+    read once per process)."""
     import tempfile
 
     from ropesp.runtime.launch import spawn_ranks, under_launcher
 
-    res, mapping = bench.pipeline.resolve_rank()  # the launcher's environment, read once
+    res, mapping = resolved or bench.pipeline.resolve_rank()
     if res.world_size == 1 and "paper-sp" in bench.configs:
         # one rank: the paper's SP baseline degenerates to the reference configuration
         bench = dataclasses.replace(bench, configs=tuple(c for c in bench.configs if c != "paper-sp"))

@@ -528,11 +528,11 @@ def cmd_bench(args) -> None:
         plot_out=args.plot,
         command="ropesp " + " ".join(sys.argv[1:]),
     )
-    res = bench.pipeline.resolve()
+    res, mapping = bench.pipeline.resolve_rank()
     if args.plot:
         require("bench", "--plot")
     require_backend(res.backend)
-    run(bench, default_prompt_embeds(res.model))
+    run(bench, default_prompt_embeds(res.model), (res, mapping))
 
 
 def add_bench_parser(sub) -> None:

@@ -57,11 +57,16 @@ def test_bench_writes_json_and_plot(tmp_path, world_size):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_no_decode_times_the_dit_only(tmp_path, capsys):
+def test_bench_no_decode_times_the_dit_only(tmp_path, capsys, monkeypatch):
+    from ropesp.runtime.dist import Mapping
+
+    reads, real = [], Mapping.from_env.__func__
+    monkeypatch.setattr(Mapping, "from_env", classmethod(lambda cls, n=None: reads.append(n) or real(cls, n)))
     js = tmp_path / "b.json"
     args = ["bench", "--latent-frames", "3", "--latent-height", "8", "--latent-width", "8"]
     code = main([*args, "--configs", "optimized", "--repeat", "1", "--no-decode", "--json", str(js)])
     assert code == 0
+    assert len(reads) == 1  # the rank environment, read once in the process
     row = json.loads(js.read_text())["results"]["optimized"]
     assert row["fps_dit"] > 0 and row["decoder"] is None
     assert row["first_frame_ms"] is None and row["fps_with_decode"] is None
