@@ -48,7 +48,13 @@ from ropesp.decode import video_frames_for
 from ropesp.decode.factory import WarmUp, check_wan_vae_options, make_decoder
 from ropesp.errors import ConfigError
 from ropesp.runtime.dist import Mapping, device_for, parse_device
-from ropesp.runtime.pipeline import PipelineConfig, ResolvedPipeline, build_executor, load_model, make_state
+from ropesp.runtime.pipeline import (
+    PipelineConfig,
+    ResolvedPipeline,
+    build_executor,
+    make_state,
+    resolved_model,
+)
 from ropesp.runtime.session import StreamSession
 from ropesp.runtime.sp import AloneCollectives, CollectiveLog, Collectives
 
@@ -311,15 +317,7 @@ def run_rank(
                 from ropesp.runtime.executor import EagerExecutor
 
                 if model is None:
-                    req = res.request
-                    model = load_model(
-                        req.source,
-                        res.model,
-                        res.dtype,
-                        device,
-                        precision=req.precision,
-                        manifest=res.manifest,
-                    )
+                    model = resolved_model(res, device)
                 state = make_state(res, vmap, device, comm=comm, parallel=variant.request.parallel)
                 executor = EagerExecutor(model, state, cuda_graphs=name == "optimized-graphs")
             else:

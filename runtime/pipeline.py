@@ -368,6 +368,15 @@ def make_state(
     )
 
 
+def resolved_model(res: ResolvedPipeline, device: torch.device):
+    """load_model for a resolved pipeline: its model source, architecture, dtype, precision and the
+    manifest it has read (the adapter, as make_state is SPState's)."""
+    req = res.request
+    return load_model(
+        req.source, res.model, res.dtype, device, precision=req.compute.precision, manifest=res.manifest
+    )
+
+
 def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None):
     """The executor of this rank for the resolved backend (comm: as make_state's)."""
     from ropesp.runtime.dist import device_for
@@ -378,9 +387,7 @@ def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None):
     state = make_state(res, mapping, device, comm=comm)
     if res.backend in MODEL_BACKENDS:
         compiled = res.backend == "compile"
-        model = load_model(
-            req.source, res.model, res.dtype, device, precision=req.compute.precision, manifest=res.manifest
-        )
+        model = resolved_model(res, device)
         return EagerExecutor(
             model,
             state,
