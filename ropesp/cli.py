@@ -288,7 +288,7 @@ def _prompt_schedule(args, md, res, session_chunks: int | None, mapping):
         raise ConfigError(
             f"--prompt-at {changes[-1][0]}: the video has {session_chunks} chunks (0..{session_chunks - 1})"
         )
-    from ropesp.demo import own_text_encoder
+    from ropesp.demo import DEFAULT_PROMPT, own_text_encoder
 
     choice = text_encoder_for(args.text_encoder, md, own_text_encoder(res.model))
     if args.prompt is not None and choice is None:
@@ -297,8 +297,6 @@ def _prompt_schedule(args, md, res, session_chunks: int | None, mapping):
             "--model-dir DIR, or give --prompt-embeds PATH instead"
         )
     if choice is not None and choice.builtin and not args.prompt_embeds:  # no download
-        from ropesp.demo import DEFAULT_PROMPT
-
         texts = [DEFAULT_PROMPT if args.prompt is None else args.prompt, *(v for _, v in changes)]
         embeds = [choice.encoder.encode(text) for text in texts]
         print(f"ropesp: prompt {texts[0]!r} (demo encoder)", file=sys.stderr)

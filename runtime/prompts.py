@@ -96,7 +96,7 @@ class TextEncoderChoice:
 
     source: str
     """How the user named it, for messages: `--text-encoder DIR` / `text_encoder='DIR'`, `--model-dir
-    DIR` / `model_dir='DIR'`, or 'the demo encoder'."""
+    DIR` / `model_dir='DIR'`, or 'the model's own encoder'."""
     encoder: object | None = None
     """A ready encoder: encode(text) -> [L, text_dim] or [1, L, text_dim]."""
     path: Path | str | None = None
@@ -104,7 +104,7 @@ class TextEncoderChoice:
     tokenizer: Path | str | None = None
     """Its tokenizer directory when apart from path (a model dir's tokenizer/)."""
     builtin: bool = False
-    """The model's own encoder (the embedded demo model's word embeddings: no download)."""
+    """The model's own encoder (e.g. the embedded demo model's word embeddings: no download)."""
 
     def load(self, cfg: ModelConfig, dtype, device, on_load=None):
         """The encoder, ready: the one held, or the umT5 of path loaded on device (checked against the
@@ -128,7 +128,7 @@ def text_encoder_for(encoder=None, model_dir=None, own=None) -> TextEncoderChoic
             raise ConfigError(f"{arg('text_encoder')} must be a directory or have encode(text) -> embeddings")
         return TextEncoderChoice(arg("text_encoder"), encoder=encoder)
     if own is not None:
-        return TextEncoderChoice("the demo encoder", encoder=own, builtin=True)
+        return TextEncoderChoice("the model's own encoder", encoder=own, builtin=True)
     if model_dir is not None:
         return TextEncoderChoice(
             arg("model_dir", str(model_dir.root)), path=model_dir.text_encoder, tokenizer=model_dir.tokenizer

@@ -15,8 +15,9 @@ did) and noisy chunk c attend to clean chunks < c and to itself (as its denoisin
 cache). The loss is the flow-matching MSE (target eps - x0) on the noisy copy. A fraction of the batches
 uses a rolling window (each chunk sees only the previous `--window-chunks` chunks: 1 is the cache a
 `--local-attn-frames 6` run keeps), so the model also streams with a window; `--frames` longer than the
-demo's 9 teaches it what follows (objects that bounce back, streams that go on). A fraction of the noisy chunks takes a random timestep
-of the shifted schedule instead of one of the four, so other `--steps` / `--shift` still work.
+demo's 9 teaches it what follows (objects that bounce back, streams that go on). A fraction of the noisy
+chunks takes a random timestep of the shifted schedule instead of one of the four, so other `--steps` /
+`--shift` still work.
 
 Why teacher forcing suffices here: every prompt nearly fixes its scene (world.py), so E[x0 | x_t] for the
 first chunk is sharp already at t = 1000, and later chunks are fixed by the cached context. The model can
