@@ -226,10 +226,18 @@ PY
       unset PYTHONDONTWRITEBYTECODE
       python3 -c "import sys; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'pycache_prefix', sys.pycache_prefix)" \
         | tee "$RES/bytecode.txt"
+      # what `pip install` leaves (it compiles every module it installs): bytecode for the image's packages
+      t_pyc=$SECONDS
+      python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+        ${PYTHONPATH:+"$PYTHONPATH"} ropesp runtime export plugins >/dev/null 2>&1
+      echo "compileall into $PYTHONPYCACHEPREFIX: $((SECONDS - t_pyc)) s" | tee -a "$RES/bytecode.txt"
       gen=(--latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --output /tmp/cold.mp4 --overwrite)
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --runs "${COLD_RUNS:-2}" --json "$RES/cold_engines.json" \
         --profile "$RES/cold_engines.prof" -- --engines "$eng" "${gen[@]}" >"$RES/cold_engines.log" 2>&1
       head -n 70 "$RES/cold_engines.log"
+      python3 -X importtime scripts/first_importers.py --json "$RES/first_imports_engines.json" -- generate --engines "$eng" \
+        "${gen[@]}" >"$RES/first_imports_engines.log" 2>"$RES/importtime_engines.txt"
+      cat "$RES/first_imports_engines.log"
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --json "$RES/cold_compile.json" \
         -- --backend compile --preset "$PRESET" "${gen[@]}" >"$RES/cold_compile.log" 2>&1
       head -n 3 "$RES/cold_compile.log" ;;
