@@ -202,11 +202,15 @@ class Manifest:
         raise EngineError(f"{self._where()} lists no files for rank {rank} (world size {self.world_size})")
 
     # --- checks -------------------------------------------------------------------------------
-    def validate(self, *, world_size: int, rank: int | None = None, device="cpu") -> None:
+    def validate(
+        self, *, world_size: int, rank: int | None = None, device="cpu", weights_digest: bool = True
+    ) -> None:
         """Refuse (EngineError) an engine directory that does not fit this run.
 
         world_size: ranks of the run; rank: this process (None: check every rank's files);
-        device: "cpu", "cuda", "cuda:N" or a torch.device.
+        device: "cpu", "cuda", "cuda:N" or a torch.device; weights_digest False leaves the weights
+        file's digest to the caller (`verify_files(rank, code=False)`), which may hash it while it loads
+        the weights (data only), never before loading a package (code).
         """
         where = self._where()
         if self.format != FORMAT:
@@ -241,7 +245,7 @@ class Manifest:
                     f"{where}: {rel} is not a {ext} file, though the manifest says backend "
                     f"{self.backend!r}; rebuild with `ropesp build`"
                 )
-        self.verify_files(rank)
+        self.verify_files(rank, weights=weights_digest)
 
     def check_world_size(self, world_size: int) -> None:
         """Engines are per rank: refuse another world size (cheap; the launcher calls it before spawning)."""
@@ -272,15 +276,18 @@ class Manifest:
             raise EngineError(f"{where}: {rel} resolves outside the engine directory (a symlink); refused")
         return path
 
-    def verify_files(self, rank: int | None = None) -> None:
+    def verify_files(self, rank: int | None = None, *, weights: bool = True, code: bool = True) -> None:
         """Every file of rank (None: all) and the shared weights exists inside the directory and has its
-        digest (file_digest); the files are hashed concurrently, large ones in blocks."""
+        digest (file_digest); the files are hashed concurrently, large ones in blocks. weights / code:
+        whether the weights file / every other file (engines, plugin libraries) is checked."""
         assert self.root is not None, "verify_files needs a manifest loaded from a directory"
         own = f"rank{rank}/"
         needed = set() if rank is None else {self.weights, *self.rank_files(rank).files.values()}
         wanted = {}
         for rel, digest in sorted(self.files.items()):
             if rank is not None and rel.startswith("rank") and not rel.startswith(own) and rel not in needed:
+                continue
+            if not (weights if rel == self.weights else code):
                 continue
             path = self.confined(rel)
             if not path.is_file():

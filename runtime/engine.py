@@ -20,6 +20,7 @@ cache slot plan and replayed with its static inputs refreshed; the rolling-windo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -253,7 +254,31 @@ def load_engine_executor(
     directory), run by `backend` (ort | aoti | tensorrt) on state's device and geometry; validated
     first against the run: the world and rank of mapping, parallel's SP modes, the chunk sizes
     chunk_frames (latent frames) it will be asked for. cuda_graphs: capture chunks (on CUDA only)."""
-    manifest.validate(world_size=mapping.world_size, rank=mapping.rank, device=state.device)
+    # every package's digest is checked before it loads; the weights' (the largest file, data only) is
+    # hashed while they load
+    manifest.validate(
+        world_size=mapping.world_size, rank=mapping.rank, device=state.device, weights_digest=False
+    )
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        weights_checked = pool.submit(manifest.verify_files, mapping.rank, code=False)
+        try:
+            executor = _load_executor(manifest, state, mapping, backend, parallel, chunk_frames, cuda_graphs)
+        except Exception:
+            weights_checked.result()  # a modified weights file is the cause: its digest error says so
+            raise
+        weights_checked.result()
+    return executor
+
+
+def _load_executor(
+    manifest: Manifest,
+    state,
+    mapping,
+    backend: str,
+    parallel: ParallelConfig,
+    chunk_frames: Sequence[int],
+    cuda_graphs: bool,
+) -> EngineExecutor:
     _check_run(manifest, state, mapping, backend, parallel.sp_rope, chunk_frames)
     files = manifest.rank_files(mapping.rank).files
     cuda_graphs = cuda_graphs and state.device.type == "cuda"

@@ -201,7 +201,7 @@ for step in "$@"; do
       timeout -k 5 300 python3 -m pytest tests/export -m gpu -q -p no:cacheprovider >"$RES/tests_export.log" 2>&1
       tail -n 4 "$RES/tests_export.log" ;;
     demotests)  # the shipped demo model on every GPU path (bf16, compile, CUDA engines, fp8): its score (carry torchao, fa3)
-      timeout -k 5 400 python3 -m pytest tests/demo -m gpu -q -p no:cacheprovider -rs >"$RES/tests_demo.log" 2>&1
+      timeout -k 5 400 python3 -m pytest tests/demo -m gpu -q -s -p no:cacheprovider -rs >"$RES/tests_demo.log" 2>&1
       tail -n 12 "$RES/tests_demo.log" ;;
     weights)  # engines built from the preset hold exactly the parameters the runtime draws on this GPU
       eng=$(engines 480_p1 1 "$LH" "$LW")

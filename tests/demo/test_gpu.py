@@ -28,7 +28,9 @@ def _score(**overrides) -> float:
     cfg = PipelineConfig(device="cuda", **source, **overrides)
     with torch.no_grad():
         latents = generate_latents(build_session(cfg), PAIRS)
-    return mean_score(score_pairs(latents, PAIRS))
+    score = mean_score(score_pairs(latents, PAIRS))
+    print(f"demo score {overrides}: {score:.3f}")  # the run's record (gpu_run.sh demotests runs with -s)
+    return score
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,8 @@ def engines(tmp_path_factory):
         pytest.param({"backend": "compile"}, id="bf16-compile"),
         pytest.param({"precision": "fp8"}, id="fp8-gemm"),
         pytest.param({"attention": "fa3"}, id="fa3-attention"),
+        pytest.param({"attention": "fp8"}, id="fp8-attention"),
+        pytest.param({"attention": "int8"}, id="int8-attention"),
         pytest.param({"precision": "fp8", "attention": "fp8"}, id="fp8-gemm-attention"),
     ],
 )

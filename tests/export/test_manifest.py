@@ -65,6 +65,21 @@ def test_flipped_byte_refused(onnx_copy, artifact):
         Manifest.load(onnx_copy).validate(world_size=1, rank=0, device="cpu")
 
 
+@pytest.mark.parametrize("offset", [10, -1], ids=["header", "last-weight"])
+def test_modified_weights_refused_while_they_load(onnx_copy, tmp_path, capsys, offset):
+    """The weights' digest is checked while they load (runtime/engine.py): a flipped byte in the header
+    (safetensors cannot parse it) or in a tensor (it loads) ends as the digest error, nothing else."""
+    path = onnx_copy / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x20
+    path.write_bytes(bytes(data))
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--engines", str(onnx_copy), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "weights.safetensors is corrupted or was modified" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_missing_file_refused(onnx_copy, tmp_path, capsys):
     (onnx_copy / "rank0" / "post.onnx").unlink()
     with pytest.raises(EngineError, match=r"rank0/post.onnx is missing \(listed in .*manifest.json\)"):

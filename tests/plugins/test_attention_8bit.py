@@ -39,6 +39,46 @@ def test_quantize_per_head_of_zeros_is_finite():
     assert torch.isfinite(descale).all() and (x8.float() == 0).all()
 
 
+def _e4m3_attention(q, k, v):
+    """The e4m3 kernel's input rounding, emulated in fp32: each of q, k, v through quantize_per_head and
+    back, then exact attention (what the quantization alone costs, without the kernel)."""
+
+    def back(x8, descale):
+        return x8.float() * descale[:, None, :, None]
+
+    return attention(
+        back(*a8.quantize_per_head(q)), back(*a8.quantize_per_head(k)), back(*a8.quantize_per_head(v))
+    )
+
+
+def test_smoothed_keys_leave_attention_unchanged():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 24, 3, 16, generator=g) for _ in range(3))
+    k = k + 5 * torch.randn(2, 1, 3, 16, generator=g)  # an offset shared by every key of a head
+    torch.testing.assert_close(attention(q, a8.smooth_keys(k), v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_smoothed_keys_cut_the_e4m3_error_of_offset_keys():
+    """Keys with a large shared offset (as qk-normed DiT keys have): one e4m3 scale per head spends the
+    range on the offset, and the keys' differences, which decide softmax, round coarsely; smoothing
+    takes the offset out first. Fixed seed; the measured ratio is 5.3x, the bound asks 3x."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 64, 2, 32, generator=g) for _ in range(3))
+    q = 3 * q  # sharp attention, where key rounding shows
+    k = k + 8 * torch.randn(1, 1, 2, 32, generator=g)
+    exact = attention(q, k, v)
+    raw = (_e4m3_attention(q, k, v) - exact).norm()
+    smoothed = (_e4m3_attention(q, a8.smooth_keys(k), v) - exact).norm()
+    assert smoothed * 3 < raw
+
+
+def test_quantize_keys_is_smooth_then_per_head():
+    k = torch.randn(1, 10, 2, 8) + 4
+    k8, descale = a8.quantize_keys(k)
+    ref8, ref_descale = a8.quantize_per_head(a8.smooth_keys(k))
+    assert torch.equal(k8.float(), ref8.float()) and torch.equal(descale, ref_descale)
+
+
 def test_sdpa_is_the_default_and_what_the_runner_calls():
     assert a8.select_attention("sdpa") is attention
     state = SPState(
