@@ -37,6 +37,8 @@ _PACKAGES = {
 }
 _MIN_CAPABILITY = {"fa3": (9, 0), "fp8": (9, 0), "int8": (8, 0)}
 """fa3-fwd ships sm_90 kernels only; SageAttention's Triton kernels run on Ampere and newer."""
+_HEAD_DIMS = {"int8": (64, 96, 128)}
+"""Head dims a kernel takes, where it does not take every one (SageAttention 1.0.6 asserts these)."""
 
 
 def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +117,10 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
-def attention_unsupported_reason(mode: str, device: torch.device | str) -> str | None:
-    """Why `mode` cannot run on device (None when it can)."""
+def attention_unsupported_reason(
+    mode: str, device: torch.device | str, head_dim: int | None = None
+) -> str | None:
+    """Why `mode` cannot run on device for a model of head_dim (None: not checked) (None when it can)."""
     if mode == "sdpa":
         return None
     from ropesp.plugins.fp8 import gpu_capability_reason
@@ -124,6 +128,9 @@ def attention_unsupported_reason(mode: str, device: torch.device | str) -> str |
     reason = gpu_capability_reason(device, _MIN_CAPABILITY[mode], "its kernels need")
     if reason is not None:
         return reason
+    dims = _HEAD_DIMS.get(mode)
+    if head_dim is not None and dims is not None and head_dim not in dims:
+        return f"its kernels take head dims {dims}, this model's is {head_dim} (dim / num_heads)"
     module, package = _PACKAGES[mode]
     try:
         __import__(module)
@@ -132,11 +139,14 @@ def attention_unsupported_reason(mode: str, device: torch.device | str) -> str |
     return None
 
 
-def check_attention(mode: str, device: torch.device | str, flag: str = "--attention") -> None:
-    """Raise ConfigError (unknown mode, hardware) or BackendUnavailableError (library) naming flag."""
+def check_attention(
+    mode: str, device: torch.device | str, flag: str = "--attention", head_dim: int | None = None
+) -> None:
+    """Raise ConfigError (unknown mode, hardware, head dim) or BackendUnavailableError (library) naming
+    flag."""
     if mode not in ATTENTION_MODES:
         raise ConfigError(f"{flag} {mode!r}; choose one of {ATTENTION_MODES}")
-    reason = attention_unsupported_reason(mode, device)
+    reason = attention_unsupported_reason(mode, device, head_dim)
     if reason is None:
         return
     error = BackendUnavailableError if "pip install" in reason else ConfigError

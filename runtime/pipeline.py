@@ -126,8 +126,11 @@ class PipelineConfig:
             sampler["steps"] = tuple(sampler["steps"])
         return cls(sampler=SamplerConfig(**sampler), **raw)
 
-    def check_precision(self, backend: str, device: str, dtype_name: str, layout: SPLayout) -> None:
-        """Refuse --precision / --attention where they cannot run, naming the flag and the reason."""
+    def check_precision(
+        self, backend: str, device: str, dtype_name: str, layout: SPLayout, head_dim: int | None = None
+    ) -> None:
+        """Refuse --precision / --attention where they cannot run (head_dim: the model's), naming the
+        flag and the reason."""
         from ropesp.plugins.attention_8bit import ATTENTION_MODES, check_attention
         from ropesp.plugins.fp8 import PRECISIONS, check_fp8
 
@@ -155,7 +158,7 @@ class PipelineConfig:
                     f"{arg('attention', attention)} runs with pure Ulysses or one rank; the ring layout "
                     f"{layout} merges partial attentions that only {arg('attention', 'sdpa')} returns"
                 )
-            check_attention(attention, device, arg("attention"))
+            check_attention(attention, device, arg("attention"), head_dim)
 
     def resolve(self, mapping: Mapping | None = None) -> ResolvedPipeline:
         """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text.
@@ -234,7 +237,7 @@ class PipelineConfig:
         layout = SPLayout.choose(cfg.num_heads, world, parallel.ulysses_degree, parallel.ring_degree)
         itemsize = DTYPES[dtype].itemsize
         limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
-        self.check_precision(backend, device, dtype, layout)
+        self.check_precision(backend, device, dtype, layout, cfg.dim // cfg.num_heads)
         resolved = ResolvedPipeline(
             self,
             cfg,

@@ -160,3 +160,16 @@ def test_attention_reason_names_the_missing_library(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "fa3_fwd_interface", None)
     with pytest.raises(Exception, match=r'--attention fp8: it needs fa3-fwd: pip install -e "\.\[fp8\]"'):
         a8.check_attention("fp8", "cuda")
+
+
+def test_int8_refuses_a_head_dim_its_kernels_lack(monkeypatch):
+    """SageAttention asserts head dims 64, 96, 128 inside its kernel call; the run's checks refuse first
+    (PipelineConfig passes the model's dim / num_heads), naming the flag. An Ampere-or-newer GPU is
+    pretended, as above; the demo model's heads are 32 wide."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(
+        ConfigError, match=r"--attention int8: its kernels take head dims \(64, 96, 128\), this model's is 32"
+    ):
+        a8.check_attention("int8", "cuda", "--attention", head_dim=32)
+    assert "head dims" not in (a8.attention_unsupported_reason("int8", "cuda", head_dim=128) or "")
