@@ -259,26 +259,6 @@ def load_engine_executor(
     manifest.validate(
         world_size=mapping.world_size, rank=mapping.rank, device=state.device, weights_digest=False
     )
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        weights_checked = pool.submit(manifest.verify_files, mapping.rank, code=False)
-        try:
-            executor = _load_executor(manifest, state, mapping, backend, parallel, chunk_frames, cuda_graphs)
-        except Exception:
-            weights_checked.result()  # a modified weights file is the cause: its digest error says so
-            raise
-        weights_checked.result()
-    return executor
-
-
-def _load_executor(
-    manifest: Manifest,
-    state,
-    mapping,
-    backend: str,
-    parallel: ParallelConfig,
-    chunk_frames: Sequence[int],
-    cuda_graphs: bool,
-) -> EngineExecutor:
     _check_run(manifest, state, mapping, backend, parallel.sp_rope, chunk_frames)
     files = manifest.rank_files(mapping.rank).files
     cuda_graphs = cuda_graphs and state.device.type == "cuda"
@@ -292,5 +272,12 @@ def _load_executor(
         else:
             seg = TrtSegment(path, spec, state.device)
         segments.setdefault(spec.frames, {})[spec.name] = seg
-    model = load_weights(manifest, state.device)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        weights_checked = pool.submit(manifest.verify_files, mapping.rank, code=False)
+        try:
+            model = load_weights(manifest, state.device)
+        except Exception:
+            weights_checked.result()  # a modified weights file is the cause: its digest error says so
+            raise
+        weights_checked.result()
     return EngineExecutor(manifest, mapping.rank, segments, model, state, cuda_graphs=cuda_graphs)
