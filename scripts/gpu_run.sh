@@ -91,6 +91,21 @@ bench_cmp() {
   bench "$name" "$p" "${size[@]}" --configs "$eager" "$@"
 }
 
+# bytecode [DIR...]: what `pip install` leaves (it compiles every module it installs), for the image's
+# site-packages, the carried wheels, ropesp and DIRs, into a writable cache: the image holds no .pyc, so
+# without it every cold-start process compiles ~2000 modules (~5 s); writing must be on
+# (PYTHONDONTWRITEBYTECODE unset), and the flags the processes see are logged
+bytecode() {
+  export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/ropesp-pyc}
+  unset PYTHONDONTWRITEBYTECODE
+  python3 -c "import sys; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'pycache_prefix', sys.pycache_prefix)" \
+    | tee -a "$RES/bytecode.txt"
+  local t0=$SECONDS
+  python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    ${PYTHONPATH:+"$PYTHONPATH"} ropesp runtime export plugins "$@" >/dev/null 2>&1
+  echo "compileall into $PYTHONPYCACHEPREFIX: $((SECONDS - t0)) s" | tee -a "$RES/bytecode.txt"
+}
+
 ENGINE_CFGS=compiled-nograph,compiled
 for step in "$@"; do
   echo "=== $step $(date +%T)"
@@ -219,18 +234,7 @@ PY
       ;;
     coldstart)  # fresh `ropesp generate` processes to their first chunk: the engines (built before), then compile
       eng=$(engines 480_p1 1 "$LH" "$LW")
-      # bytecode goes to a writable cache: the image's site-packages hold no .pyc, which a pip install
-      # writes, so the first process compiles every module (~5-7 s) and the later ones are what a user meets;
-      # writing it must be on (PYTHONDONTWRITEBYTECODE unset), and the flags the processes see are logged
-      export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/ropesp-pyc}
-      unset PYTHONDONTWRITEBYTECODE
-      python3 -c "import sys; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'pycache_prefix', sys.pycache_prefix)" \
-        | tee "$RES/bytecode.txt"
-      # what `pip install` leaves (it compiles every module it installs): bytecode for the image's packages
-      t_pyc=$SECONDS
-      python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-        ${PYTHONPATH:+"$PYTHONPATH"} ropesp runtime export plugins >/dev/null 2>&1
-      echo "compileall into $PYTHONPYCACHEPREFIX: $((SECONDS - t_pyc)) s" | tee -a "$RES/bytecode.txt"
+      bytecode
       gen=(--latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --output /tmp/cold.mp4 --overwrite)
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --runs "${COLD_RUNS:-2}" --json "$RES/cold_engines.json" \
         --profile "$RES/cold_engines.prof" -- --engines "$eng" "${gen[@]}" >"$RES/cold_engines.log" 2>&1
@@ -244,6 +248,7 @@ PY
     coldserve)  # Triton cold start with the engines: serve-repo --engines, tritonserver start to ready, first chunk
       if [ -f .whl_serve/site.tar.xz ] && [ ! -d .site/pytriton ]; then mkdir -p .site && tar xJf .whl_serve/site.tar.xz -C .site; fi
       eng=$(engines 480_p1 1 "$LH" "$LW")
+      bytecode .site
       (
         [ -d .site ] && export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
         timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/serve_latency.py --engines "$eng" --latent-frames "$LF" \
