@@ -201,7 +201,11 @@ else:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-rope_sp.register_kernel("cpu")(rope_sp_ref)  # the reference serves the CPU and CI path
+# the reference serves the CPU and CI path, as a plain dispatcher kernel: custom_op's register_kernel wraps
+# every kernel in torch._disable_dynamo, whose first call imports Dynamo, sympy and Inductor (0.9 s of a
+# CPU engines process's start, where AOTInductor's proxy executor calls this op)
+_CPU_KERNELS = torch.library.Library(OP_NAME.split("::")[0], "FRAGMENT")
+_CPU_KERNELS.impl(OP_NAME.split("::")[1], rope_sp_ref, "CPU")
 
 
 def rope_for_rank(grid: RopeGrid, start_frame: torch.Tensor | int, *, op: bool = True):
