@@ -91,9 +91,10 @@ WARM_TOKENS = 128
 def warm_device_libraries(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> None:
     """First use of cuBLAS and cuDNN's attention on device at a tiny shape ([1, WARM_TOKENS, heads,
     head_dim]): their libraries load and their handles are made, which a fresh process otherwise pays
-    inside its first chunk (a few hundred ms on an H200, bench/RESULTS.md). Meant for another thread
-    while the weights load; the global SDPA priority (attention_priority) is left alone, so cuDNN's op
-    is called by name. No-op off CUDA."""
+    at its first prompt (the cross-attention K/V's GEMMs: 0.3 s on an H200) and first chunk. Meant for
+    another thread while the weights load (with the weights' digest check, 0.9 s less start-up on an
+    H200, bench/RESULTS.md tenth session); the global SDPA priority (attention_priority) is left alone,
+    so cuDNN's op is called by name. No-op off CUDA."""
     if device.type != "cuda":
         return
     with torch.inference_mode(), torch.cuda.device(device):
