@@ -84,3 +84,34 @@ def test_plot_scaling_draws_the_compute_only_line_from_the_one_gpu_run(tmp_path)
     alone_fps = json.loads(alone.read_text())["results"]["optimized"]["fps_dit"]
     assert rows["optimized (compute only, --alone)"] == [f"{fps1:.1f}", f"{alone_fps:.1f}"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_importers_names_the_call_that_imports(tmp_path):
+    """The eager demo path imports av (the video writer) and none of the compiler stack; the hook
+    records av's first import with the ropesp frame that asked for it."""
+    out = tmp_path / "who.json"
+    _run("first_importers.py", "--json", str(out), "--", "generate", "--output", str(tmp_path / "v.mp4"))
+    res = json.loads(out.read_text())
+    assert res["exit_code"] == 0
+    seen = {row["module"]: row for row in res["first_imports"]}
+    assert "av" in seen and "torch._dynamo" not in seen and "sympy" not in seen
+    assert any("ropesp/video.py" in frame for frame in seen["av"]["stack"])
+
+
+def test_fp8_attention_emulation_exact_variant_is_the_eager_score(tmp_path):
+    """With no rounding the emulated attention is exact attention: the shipped model's eager score, as
+    the runtime's own attention gives it here."""
+    import torch
+
+    from ropesp.demo import default_checkpoint
+    from ropesp.demo.evaluate import eval_pairs, generate_latents, mean_score, score_pairs
+    from ropesp.runtime.pipeline import PipelineConfig, build_session
+
+    out = tmp_path / "emu.json"
+    _run("fp8_attention_emulation.py", "--variants", "none", "--json", str(out))
+    res = json.loads(out.read_text())
+    pairs = eval_pairs()
+    cfg = PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
+    with torch.no_grad():
+        eager = mean_score(score_pairs(generate_latents(build_session(cfg), pairs), pairs))
+    assert res["pairs"] == 32 and res["scores"]["none"] == pytest.approx(eager, abs=1e-9)
