@@ -115,3 +115,12 @@ def test_fp8_attention_emulation_exact_variant_is_the_eager_score(tmp_path):
     with torch.no_grad():
         eager = mean_score(score_pairs(generate_latents(build_session(cfg), pairs), pairs))
     assert res["pairs"] == 32 and res["scores"]["none"] == pytest.approx(eager, abs=1e-9)
+
+
+def test_plot_cold_start_from_the_measured_runs(tmp_path):
+    """The README's cold-start picture comes from the committed measurements."""
+    runs = Path(__file__).resolve().parents[1] / "bench" / "2026-12-02-run10"
+    out = tmp_path / "cold.png"
+    _run("plot_cold_start.py", str(out), "--engines", *map(str, sorted(runs.glob("call*_ab*_new_*.json"))),
+         "--compile", str(runs / "call5_cold_compile.json"), "--triton", str(runs / "call7_coldserve.json"))  # fmt: skip
+    assert out.stat().st_size > 10_000
