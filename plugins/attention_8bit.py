@@ -73,23 +73,15 @@ def quantize_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def _compiled_quantize():
+def _compiled(quantize):
     # one reduction and one cast kernel per tensor (eager takes five passes); dynamic in L: the
     # window grows chunk by chunk
-    return torch.compile(quantize_per_head, dynamic=True, fullgraph=True)
+    return torch.compile(quantize, dynamic=True, fullgraph=True)
 
 
-@functools.cache
-def _compiled_quantize_keys():
-    return torch.compile(quantize_keys, dynamic=True, fullgraph=True)
-
-
-def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _compiled_quantize()(x) if x.is_cuda else quantize_per_head(x)
-
-
-def _quantize_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _compiled_quantize_keys()(k) if k.is_cuda else quantize_keys(k)
+def _quantize(quantize, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize (quantize_per_head or quantize_keys) of x, compiled on CUDA."""
+    return _compiled(quantize)(x) if x.is_cuda else quantize(x)
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -97,9 +89,9 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     bf16 on an sm_90 GPU -> [B, Lq, H, D] bf16."""
     from fa3_fwd_interface import flash_attn_func
 
-    q8, dq = _quantize(q)
-    k8, dk = _quantize_keys(k)
-    v8, dv = _quantize(v)
+    q8, dq = _quantize(quantize_per_head, q)
+    k8, dk = _quantize(quantize_keys, k)
+    v8, dv = _quantize(quantize_per_head, v)
     return flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv)
 
 

@@ -22,7 +22,7 @@ import torch
 
 import ropesp.runtime.runners as runners
 from ropesp.demo import default_checkpoint
-from ropesp.demo.evaluate import eval_pairs, generate_latents, mean_score, score_pairs
+from ropesp.demo.evaluate import eval_pairs, evaluate, mean_score
 from ropesp.model.kv_cache import attention
 from ropesp.plugins.attention_8bit import quantize_per_head, smooth_keys
 from ropesp.runtime.pipeline import PipelineConfig, build_session
@@ -63,7 +63,7 @@ def score(variant: str) -> float:
     runners.select_attention = lambda mode: emulated_attention(variant)
     try:
         with torch.no_grad():
-            return mean_score(score_pairs(generate_latents(build_session(cfg), pairs), pairs))
+            return mean_score(evaluate(build_session(cfg), pairs))
     finally:
         runners.select_attention = chosen
 

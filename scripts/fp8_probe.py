@@ -139,7 +139,11 @@ def attention(lq: int, lks: list[int], heads: int = 12, dim: int = 128) -> list[
                 q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv
             )
             cands["fa3_fp8_with_quant"] = lambda: a8.fp8_attention(q, k, v)
-            cands["quant_qkv_only"] = lambda: (a8._quantize(q), a8._quantize(k), a8._quantize(v))
+            cands["quant_qkv_only"] = lambda: (
+                a8._quantize(a8.quantize_per_head, q),
+                a8._quantize(a8.quantize_keys, k),
+                a8._quantize(a8.quantize_per_head, v),
+            )
         except Exception as exc:
             rows.append({"lk": lk, "fa3_error": f"{type(exc).__name__}: {exc}"[:1000]})
         try:

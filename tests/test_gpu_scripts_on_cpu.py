@@ -104,7 +104,7 @@ def test_fp8_attention_emulation_exact_variant_is_the_eager_score(tmp_path):
     import torch
 
     from ropesp.demo import default_checkpoint
-    from ropesp.demo.evaluate import eval_pairs, generate_latents, mean_score, score_pairs
+    from ropesp.demo.evaluate import eval_pairs, evaluate, mean_score
     from ropesp.runtime.pipeline import PipelineConfig, build_session
 
     out = tmp_path / "emu.json"
@@ -113,7 +113,7 @@ def test_fp8_attention_emulation_exact_variant_is_the_eager_score(tmp_path):
     pairs = eval_pairs()
     cfg = PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
     with torch.no_grad():
-        eager = mean_score(score_pairs(generate_latents(build_session(cfg), pairs), pairs))
+        eager = mean_score(evaluate(build_session(cfg), pairs))
     assert res["pairs"] == 32 and res["scores"]["none"] == pytest.approx(eager, abs=1e-9)
 
 
