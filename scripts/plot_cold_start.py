@@ -1,7 +1,7 @@
 """Fresh process to first chunk, per path, split into set-up and the stream's first chunk.
 
     python scripts/plot_cold_start.py OUT.png --engines A.json [B.json ...] --compile C.json [...] \\
-        [--triton T.json] [--label-engines TEXT]
+        [--triton T.json] [--skip-first] [--target SECONDS] [--title TEXT]
 
 Reads what `scripts/cold_start.py --json` writes (runs of fresh `ropesp generate` processes: spawn to
 first chunk, and the process's own time to first chunk from the stream's start) and what
@@ -44,17 +44,17 @@ def main() -> None:
     ap.add_argument("--title", default="fresh process to first chunk")
     args = ap.parse_args()
 
-    bars = []  # (label, set-up s, first chunk s, set-up name)
+    bars = []  # (label, set-up s, first chunk s)
     for label, files in (("ropesp generate --engines", args.engines), ("--backend compile", args.compile)):
         runs = _runs(files, args.skip_first)
         totals = ", ".join(f"{r['process_to_first_chunk_s']:.2f}" for r in runs)
         print(f"{label}: {len(runs)} runs, process to first chunk {totals} s")
-        bars.append((label, *_median_split(runs), "process start, imports, session build"))
+        bars.append((label, *_median_split(runs)))
     if args.triton:
         cold = json.loads(args.triton.read_text())
         ready, first = cold["triton_load_to_ready_s"], cold["triton_cold_first_chunk_ms"] / 1e3
         print(f"Triton: server start to ready {ready:.2f} s, first chunk {first * 1e3:.0f} ms after")
-        bars.append(("Triton, serve-repo --engines", ready, first, "server start to model ready"))
+        bars.append(("Triton, serve-repo --engines", ready, first))
 
     import matplotlib
 
@@ -66,7 +66,7 @@ def main() -> None:
     ys = range(len(bars))
     ax.barh(ys, [b[1] for b in bars], color="#8da0cb", label="set-up (process start, imports, session build)")
     ax.barh(ys, [b[2] for b in bars], left=[b[1] for b in bars], color="#fc8d62", label="first chunk")
-    for y, (_, setup, first, _) in zip(ys, bars):
+    for y, (_, setup, first) in zip(ys, bars):
         ax.text(setup + first + 0.15, y, f"{setup + first:.1f} s", va="center", fontsize=9)
     ax.axvline(args.target, color="grey", linestyle="--", linewidth=1)
     ax.text(args.target, -0.55, f" target {args.target:g} s", color="grey", fontsize=8, va="bottom")
