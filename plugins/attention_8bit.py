@@ -1,27 +1,28 @@
 """8-bit self-attention over the KV cache, from maintained kernel libraries.
 
-    select_attention(mode) -> attend(q, k, v): q [B, Lq, H, D], k/v [B, Lk, H, D] bf16 -> [B, Lq, H, D] bf16
+    select_attention(mode) -> attend(q, k, v): q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] bf16
+    kv_cache_class(mode) -> the KVCache class whose windows attend takes (bf16; E4M3 for fp8)
 
 Modes (`--attention`):
   sdpa  torch SDPA in the cache's dtype (cuDNN first on CUDA, runtime/executor.py): the default and
         the reference
   fa3   FlashAttention-3's bf16 forward (package `fa3-fwd`, Hopper): measured 1.19-1.21x cuDNN at these
         shapes with cuDNN's error against fp32 (bench/2026-12-01-fp8)
-  fp8   FlashAttention-3's e4m3 forward (package `fa3-fwd`, Hopper): q, k and v are cast to e4m3 with one
-        scale per (batch, head) (amax / 448, the descale the kernel applies), the output is bf16; k is
-        smoothed first (its mean over the keys taken out, which leaves every softmax row unchanged)
+  fp8   FlashAttention-3's e4m3 forward (package `fa3-fwd`, Hopper) over an e4m3 KV cache
+        (plugins/e4m3_cache.py: keys and values quantized once, when written, under one scale per
+        stream, layer and head; keys less the stream's offset); q is cast to e4m3 per call with one
+        scale per (batch, head) (amax / 448, the descale the kernel applies); the output is bf16
   int8  SageAttention (package `sageattention`, Triton): INT8 q.k^T with per-block scales and a
         smoothed k, fp16 P.v; it quantizes its bf16 inputs itself
-The KV cache stays in the model dtype, so each fp8 forward quantizes the whole window it attends to.
-Measured on an H200 (bench/2026-12-01-fp8) the e4m3 kernel alone runs 1.45-1.56x cuDNN, but that
-quantization of bf16 q, k and v cost 0.18-0.79 ms per call, more than the kernel saves: an fp8 KV cache
-(keys and values quantized once, when written) is what makes it pay.
+The fp8 mode's cache is e4m3 because FA3's e4m3 kernel alone runs 1.45-1.56x cuDNN on an H200 while
+quantizing a bf16 window per call cost 0.18-0.79 ms, more than the kernel saved (bench/2026-12-01-fp8).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -67,32 +68,44 @@ def smooth_keys(k: torch.Tensor) -> torch.Tensor:
     return k - k.mean(dim=1, keepdim=True)
 
 
-def quantize_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """smooth_keys then quantize_per_head: k [B, Lk, H, D] -> (k8, descale [B, H])."""
-    return quantize_per_head(smooth_keys(k))
+@dataclass(frozen=True)
+class E4M3:
+    """Keys or values in e4m3 for the fp8 kernel: data [B, L, H, D] float8_e4m3fn, descale [B, H] fp32,
+    the value data * descale (keys: less their offset, which attention does not see)."""
+
+    data: torch.Tensor
+    descale: torch.Tensor
+
+    def dequantized(self) -> torch.Tensor:
+        """[B, L, H, D] fp32."""
+        return self.data.float() * self.descale[:, None, :, None]
 
 
 @functools.cache
-def _compiled(quantize):
-    # one reduction and one cast kernel per tensor (eager takes five passes); dynamic in L: the
-    # window grows chunk by chunk
-    return torch.compile(quantize, dynamic=True, fullgraph=True)
+def _compiled(fn):
+    # one reduction and one cast kernel per tensor (eager takes several passes); dynamic in L: the
+    # chunks' lengths differ
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
-def _quantize(quantize, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize (quantize_per_head or quantize_keys) of x, compiled on CUDA."""
-    return _compiled(quantize)(x) if x.is_cuda else quantize(x)
+def compiled(fn, x: torch.Tensor):
+    """fn compiled (once per function) where x is on CUDA; fn itself elsewhere."""
+    return _compiled(fn) if x.is_cuda else fn
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full (unmasked) attention in e4m3 through FlashAttention-3. q: [B, Lq, H, D]; k, v: [B, Lk, H, D]
-    bf16 on an sm_90 GPU -> [B, Lq, H, D] bf16."""
+def fp8_attention(q: torch.Tensor, k: E4M3, v: E4M3) -> torch.Tensor:
+    """Full (unmasked) attention in e4m3: q [B, Lq, H, D] bf16, k and v [B, Lk, H, D] of the e4m3 cache
+    -> [B, Lq, H, D] in q's dtype. FlashAttention-3 on CUDA (sm_90); elsewhere its input roundings with
+    exact fp32 attention (the CPU tests' and scripts/fp8_attention_emulation.py's reference)."""
+    q8, dq = compiled(quantize_per_head, q)(q)
+    if not q.is_cuda:
+        from ropesp.model.kv_cache import attention
+
+        q_back = E4M3(q8, dq).dequantized()
+        return attention(q_back, k.dequantized(), v.dequantized()).to(q.dtype)
     from fa3_fwd_interface import flash_attn_func
 
-    q8, dq = _quantize(quantize_per_head, q)
-    k8, dk = _quantize(quantize_keys, k)
-    v8, dv = _quantize(quantize_per_head, v)
-    return flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv)
+    return flash_attn_func(q8, k.data, v.data, q_descale=dq, k_descale=k.descale, v_descale=v.descale)
 
 
 def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -143,6 +156,17 @@ def check_attention(
         return
     error = BackendUnavailableError if "pip install" in reason else ConfigError
     raise error(f"{flag} {mode}: {reason}")
+
+
+def kv_cache_class(mode: str) -> type:
+    """The KV cache a mode attends to: the e4m3 cache for fp8, the model dtype's for the others."""
+    if mode == "fp8":
+        from ropesp.plugins.e4m3_cache import E4M3KVCache
+
+        return E4M3KVCache
+    from ropesp.model.kv_cache import KVCache
+
+    return KVCache
 
 
 def select_attention(mode: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:

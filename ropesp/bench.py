@@ -11,7 +11,8 @@ session, which synchronizes when a chunk's latents reach the host):
   compile    P ranks, regional torch.compile of the model + CUDA graphs (no build step)
   compile-fa3       compile with the self-attention as FlashAttention-3's bf16 forward (--attention fa3)
   compile-fp8       compile with the blocks' Linear layers in FP8 (torchao e4m3, --precision fp8)
-  compile-fp8attn   compile-fp8 with the self-attention in FP8 too (FlashAttention-3 e4m3, --attention fp8)
+  compile-fp8attn   compile-fp8 with the self-attention in FP8 too (FlashAttention-3 e4m3 over the e4m3 KV cache,
+                    --attention fp8)
   compile-int8attn  compile-fp8 with SageAttention's INT8 attention (--attention int8)
 With --alone, one process runs rank 0 of the P-rank configurations by itself on one GPU: its collectives
 keep their shapes and move no data (runtime/sp.py AloneCollectives), so it times one rank's compute at

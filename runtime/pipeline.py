@@ -235,7 +235,8 @@ class PipelineConfig:
             manifest.check_world_size(world)  # before any rank starts
         limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
         layout = SPLayout.choose(cfg.num_heads, world, parallel.ulysses_degree, parallel.ring_degree)
-        itemsize = DTYPES[dtype].itemsize
+        # --attention fp8 keeps the cache in e4m3 (plugins/e4m3_cache.py)
+        itemsize = 1 if self.compute.attention == "fp8" else DTYPES[dtype].itemsize
         limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
         self.check_precision(backend, device, dtype, layout, cfg.dim // cfg.num_heads)
         resolved = ResolvedPipeline(

@@ -34,7 +34,7 @@ from ropesp.model.kv_cache import CacheSlots, KVCache, attention
 from ropesp.model.rope import RopeGrid, rope_apply_ref
 from ropesp.model.wan import timestep_sinusoid
 from ropesp.parallel import SPLayout, TokenShard
-from ropesp.plugins.attention_8bit import select_attention
+from ropesp.plugins.attention_8bit import kv_cache_class, select_attention
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.ring import (
     RingCache,
@@ -350,7 +350,7 @@ class SPState:
         local_heads = cfg.num_heads // layout.ulysses
         ft = geometry.frame_tokens
         if layout.ring == 1:
-            self.cache = KVCache(
+            self.cache = kv_cache_class(attention)(
                 cfg.num_layers, batch, ft, cache_cfg, local_heads, cfg.head_dim, dtype, device
             )
             self._cache_attention = functools.partial(CacheAttention, attend=self.attend)

@@ -7,7 +7,10 @@ Each variant replaces the runtime's attention (runtime.runners.select_attention,
 says) with exact fp32 attention over rounded inputs: q, k and/or v through the plugin's per-head e4m3
 quantization and back, and/or the unnormalized softmax P (values in [0, 1], as the kernel holds it
 before P.v) rounded to e4m3; `/smooth-k` subtracts the keys' mean first (plugins/attention_8bit.py
-smooth_keys). The demo model then streams the 32 evaluation pairs in fp32 eager on the CPU and is scored
+smooth_keys). `e4m3-cache` is the runtime's own `--attention fp8` path on the CPU: the e4m3 KV cache
+(plugins/e4m3_cache.py: keys and values rounded once, when written, under the stream's fixed offset and
+scales) and plugins/attention_8bit.py fp8_attention's CPU reference (q rounded per call, exact softmax).
+The demo model then streams the 32 evaluation pairs in fp32 eager on the CPU and is scored
 as `python -m ropesp.demo.evaluate` scores it. The kernel itself needs an sm_90 GPU (tests/demo/test_gpu.py
 scores it there); this tells which rounding to fix.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from unittest import mock
 
 import torch
 
@@ -24,10 +28,11 @@ import ropesp.runtime.runners as runners
 from ropesp.demo import default_checkpoint
 from ropesp.demo.evaluate import eval_pairs, evaluate, mean_score
 from ropesp.model.kv_cache import attention
+from ropesp.plugins import attention_8bit
 from ropesp.plugins.attention_8bit import quantize_per_head, smooth_keys
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 
-VARIANTS = ("none", "qkv+p", "qkv", "p", "q", "k", "v", "qkv+p/smooth-k")
+VARIANTS = ("none", "qkv+p", "qkv", "p", "q", "k", "v", "qkv+p/smooth-k", "e4m3-cache")
 
 
 def _rounded(x: torch.Tensor) -> torch.Tensor:
@@ -57,15 +62,17 @@ def emulated_attention(variant: str):
 
 
 def score(variant: str) -> float:
-    cfg = PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
-    pairs = eval_pairs()
-    chosen = runners.select_attention
-    runners.select_attention = lambda mode: emulated_attention(variant)
-    try:
-        with torch.no_grad():
-            return mean_score(evaluate(build_session(cfg), pairs))
-    finally:
-        runners.select_attention = chosen
+    if variant == "e4m3-cache":
+        # the fp8 mode's checks refuse the CPU (its kernel needs sm_90); its CPU reference runs here
+        cfg = PipelineConfig(
+            checkpoint=str(default_checkpoint()), device="cpu", dtype="float32", attention="fp8"
+        )
+        patch = mock.patch.object(attention_8bit, "attention_unsupported_reason", lambda *a, **k: None)
+    else:
+        cfg = PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
+        patch = mock.patch.object(runners, "select_attention", lambda mode: emulated_attention(variant))
+    with patch, torch.no_grad():
+        return mean_score(evaluate(build_session(cfg), eval_pairs()))
 
 
 def main() -> None:

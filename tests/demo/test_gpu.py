@@ -19,11 +19,6 @@ pytestmark = [
 ]
 
 PAIRS = eval_pairs()
-FP8_ATTENTION_MEASURED = (
-    "e4m3 attention (FlashAttention-3, one scale per head, keys smoothed) measured 0.878 alone and 0.880 "
-    "with FP8 GEMMs against fp32's 0.920 on an H200 (bench/RESULTS.md, tenth session): e4m3 q and k "
-    "cost the score more than issue 21's 0.02; issue 24 tracks it"
-)
 PATH_TOLERANCE = 0.02
 """Every path's mean score within this of fp32 eager on the same GPU."""
 
@@ -60,17 +55,9 @@ def engines(tmp_path_factory):
         pytest.param({"backend": "compile"}, id="bf16-compile"),
         pytest.param({"precision": "fp8"}, id="fp8-gemm"),
         pytest.param({"attention": "fa3"}, id="fa3-attention"),
-        pytest.param(
-            {"attention": "fp8"},
-            id="fp8-attention",
-            marks=pytest.mark.xfail(reason=FP8_ATTENTION_MEASURED, strict=True),
-        ),
+        pytest.param({"attention": "fp8"}, id="fp8-attention"),
         pytest.param({"attention": "int8"}, id="int8-attention"),
-        pytest.param(
-            {"precision": "fp8", "attention": "fp8"},
-            id="fp8-gemm-attention",
-            marks=pytest.mark.xfail(reason=FP8_ATTENTION_MEASURED, strict=True),
-        ),
+        pytest.param({"precision": "fp8", "attention": "fp8"}, id="fp8-gemm-attention"),
     ],
 )
 def test_gpu_paths_keep_the_score(fp32_score, overrides):

@@ -72,13 +72,6 @@ def test_smoothed_keys_cut_the_e4m3_error_of_offset_keys():
     assert smoothed * 3 < raw
 
 
-def test_quantize_keys_is_smooth_then_per_head():
-    k = torch.randn(1, 10, 2, 8) + 4
-    k8, descale = a8.quantize_keys(k)
-    ref8, ref_descale = a8.quantize_per_head(a8.smooth_keys(k))
-    assert torch.equal(k8.float(), ref8.float()) and torch.equal(descale, ref_descale)
-
-
 def test_sdpa_is_the_default_and_what_the_runner_calls():
     assert a8.select_attention("sdpa") is attention
     state = SPState(
