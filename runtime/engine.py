@@ -29,6 +29,7 @@ from ropesp.config import ParallelConfig
 from ropesp.errors import EngineError, arg
 from ropesp.export.manifest import Manifest, SegmentSpec
 from ropesp.model.wan import CausalWanDiT
+from ropesp.model.weights_file import read_safetensors
 from ropesp.parallel import TokenShard
 from ropesp.runtime.executor import ChunkExecutor
 
@@ -222,11 +223,15 @@ def _check_run(
 
 def load_weights(manifest: Manifest, device: torch.device) -> CausalWanDiT:
     """CausalWanDiT with the build's weights.safetensors on device (for the text path and the segments)."""
-    from safetensors.torch import load_file
-
     with torch.device("meta"):
         model = CausalWanDiT(manifest.model_config())
-    state_dict = load_file(str(manifest.confined(manifest.weights)), device=str(device))
+    path = manifest.confined(manifest.weights)
+    if device.type == "cuda":
+        state_dict = read_safetensors(path, device)  # parallel reads and copies (model/weights_file.py)
+    else:
+        from safetensors.torch import load_file
+
+        state_dict = load_file(path)  # memory-mapped: pages are read as the segments first use them
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:  # a manifest `model` edited away from the weights it lists
