@@ -22,7 +22,7 @@ import torch
 from ropesp.config import PRESETS, SamplerConfig, latent_frames_for
 from ropesp.errors import CheckpointError, ConfigError, RopespError
 from ropesp.extras import require, require_backend
-from ropesp.video import OutputPaths, check_outputs
+from ropesp.video import OutputPaths, check_outputs, import_writer_in_background
 
 
 def _steps(text: str) -> tuple[int, ...]:
@@ -454,6 +454,8 @@ def _generate_rank(mapping, res, prompts, outputs: GenerateOutputs) -> None:
     from ropesp.runtime.generate import rank_session, write_video
 
     lead = mapping.is_first
+    if lead:
+        import_writer_in_background()  # while the session builds
     with rank_session(
         mapping,
         res,

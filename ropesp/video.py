@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +39,18 @@ fragment, which browsers' MSE players need."""
 def _check_frames(frames: np.ndarray) -> None:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {frames.shape}")
+
+
+def import_writer_in_background() -> None:
+    """Import PyAV on a daemon thread: loading FFmpeg's libraries takes ~0.2 s of a fresh process, which
+    can pass while the session loads instead of before the first chunk. A missing PyAV stays silent
+    here: the writer's own import reports it."""
+
+    def load() -> None:
+        with contextlib.suppress(ImportError):
+            importlib.import_module("av")
+
+    threading.Thread(target=load, name="ropesp-import-av", daemon=True).start()
 
 
 class Mp4Writer:
