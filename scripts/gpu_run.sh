@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick enginetests demotests weights coldstart coldserve benchengines decodetests overlaptests alone profilealone build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick enginetests demotests weights coldstart coldab coldserve fp8 fp8quality benchengines decodetests overlaptests alone profilealone build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -245,6 +245,45 @@ PY
       timeout -k 5 "${BENCH_TIMEOUT:-3000}" python3 scripts/cold_start.py --json "$RES/cold_compile.json" \
         -- --backend compile --preset "$PRESET" "${gen[@]}" >"$RES/cold_compile.log" 2>&1
       head -n 3 "$RES/cold_compile.log" ;;
+    coldab)  # cold start side by side: the tree ("new") against variants, each a set of files in .carry/ab/NAME/
+      # (paths from the repository root) copied over the tree before each of its runs; COLD_PAIRS rounds,
+      # the order rotating each round; bytecode for every variant's files is written by its first run
+      eng=$(engines 480_p1 1 "$LH" "$LW")
+      bytecode
+      gen=(--latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" --device "$DEVICE" --output /tmp/cold.mp4 --overwrite)
+      variants=(new $(ls .carry/ab 2>/dev/null))
+      files=$(cd .carry/ab 2>/dev/null && find . -type f -name '*.py' | sed 's|^\./[^/]*/||' | sort -u)
+      mkdir -p /tmp/ab_new
+      for f in $files; do mkdir -p "/tmp/ab_new/$(dirname "$f")"; cp "$f" "/tmp/ab_new/$f"; done
+      for v in "${variants[@]}"; do  # a first process per variant: its bytecode, not measured
+        for f in $files; do cp /tmp/ab_new/"$f" "$f"; [ -f ".carry/ab/$v/$f" ] && cp ".carry/ab/$v/$f" "$f"; done
+        python3 scripts/cold_start.py --runs 1 --json "$RES/ab_warm_$v.json" -- --engines "$eng" "${gen[@]}" >>"$RES/coldab.log" 2>&1
+      done
+      n=${#variants[@]}
+      for i in $(seq 0 $(( ${COLD_PAIRS:-5} - 1 ))); do
+        for j in $(seq 0 $((n - 1))); do
+          v=${variants[$(( (i + j) % n ))]}
+          for f in $files; do cp /tmp/ab_new/"$f" "$f"; [ -f ".carry/ab/$v/$f" ] && cp ".carry/ab/$v/$f" "$f"; done
+          python3 scripts/cold_start.py --runs 1 --json "$RES/ab_${v}_$i.json" -- --engines "$eng" "${gen[@]}" >>"$RES/coldab.log" 2>&1
+        done
+      done
+      for f in $files; do cp /tmp/ab_new/"$f" "$f"; done
+      python3 - "$RES" "${variants[@]}" <<'PY' | tee "$RES/coldab_summary.txt"
+import glob, json, statistics, sys
+res, variants = sys.argv[1], sys.argv[2:]
+for v in variants:
+    runs = [r for f in sorted(glob.glob(f"{res}/ab_{v}_[0-9]*.json")) for r in json.load(open(f))["runs"]]
+    ok = [r for r in runs if r["exit_code"] == 0]
+    total = [r["process_to_first_chunk_s"] for r in ok]
+    if not total:
+        print(f"{v}: no successful run of {len(runs)}"); continue
+    setup = [r["setup_s"] for r in ok]
+    chunk = [r["first_chunk_in_stream_ms"] for r in ok]
+    print(f"{v:>8}: to first chunk median {statistics.median(total):.2f} s (min {min(total):.2f}, n={len(total)}) "
+          f"setup {statistics.median(setup):.2f} s, first chunk in stream {statistics.median(chunk):.0f} ms; "
+          + " ".join(f"{t:.2f}" for t in total))
+PY
+      ;;
     coldserve)  # Triton cold start with the engines: serve-repo --engines, tritonserver start to ready, first chunk
       if [ -f .whl_serve/site.tar.xz ] && [ ! -d .site/pytriton ]; then mkdir -p .site && tar xJf .whl_serve/site.tar.xz -C .site; fi
       eng=$(engines 480_p1 1 "$LH" "$LW")
@@ -264,6 +303,14 @@ PY
     quick)  # the fast GPU tests (model kernels, no host sync in the chunk loop), before timing anything; `tests` has all
       timeout -k 5 300 python3 -m pytest tests/model tests/runtime/test_no_host_sync.py tests/test_preview_decoder.py -m gpu -q -p no:cacheprovider \
         >"$RES/tests_quick.log" 2>&1; tail -n 4 "$RES/tests_quick.log" ;;
+    fp8)  # FP8 on one GPU (carry .whl_fp8): the attention kernels at the real shapes, then bf16 / FP8 GEMMs /
+      # FP8 GEMMs + FP8 attention in one bench run
+      timeout -k 5 200 python3 scripts/fp8_probe.py --parts attention --json "$RES/fp8_probe_attention.json" \
+        >"$RES/fp8_probe_attention.log" 2>&1; grep -E '"candidate"' "$RES/fp8_probe_attention.log" | cut -c1-220
+      bench_cmp bench480_p1fp8 1 480 "$LH" "$LW" compile,compile-fp8,compile-fp8attn --no-decode ${FP8_ARGS:-} ;;
+    fp8quality)  # final latents of one 81-frame video per mode against bf16 and fp32 (same seed and weights)
+      timeout -k 5 400 python3 scripts/fp8_quality.py --preset "$PRESET" --frames 81 --modes bf16,fp8,fp8attn,fp32 \
+        --json "$RES/fp8_quality.json" >"$RES/fp8_quality.log" 2>&1; tail -n 12 "$RES/fp8_quality.log" ;;
     rope) python3 scripts/bench_rope.py --json "$RES/rope.json" 2>&1 | tail -15 ;;
     stage) python3 -m torch.distributed.run --nproc-per-node "$NGPU" scripts/sp_stage_bench.py \
       --json "$RES/stage_p$NGPU.json" 2>&1 | tail -25 ;;
