@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from ropesp.config import CacheConfig
 from ropesp.model.kv_cache import CacheSlots, KVCache
 from ropesp.plugins.attention_8bit import E4M3, E4M3_MAX, compiled
 
@@ -68,27 +67,17 @@ class E4M3KVCache(KVCache):
     """KVCache with keys (after RoPE, less the stream's offset) and values in float8_e4m3fn, and per
     (layer, batch, head) the stream's key offset [B, H, D] and descales [B, H] (fp32)."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        batch: int,
-        frame_tokens: int,
-        cache: CacheConfig,
-        local_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        """dtype: the activations' (the keys and values handed to update); the buffers are e4m3."""
-        super().__init__(
-            num_layers, batch, frame_tokens, cache, local_heads, head_dim, torch.float8_e4m3fn, device
+    storage_dtype = torch.float8_e4m3fn
+
+    def __init__(self, *args, **kwargs) -> None:
+        """KVCache's arguments; its dtype is the activations' (the keys and values handed to update)."""
+        super().__init__(*args, **kwargs)
+        layers, batch, _, heads, head_dim = self.k.shape
+        device = self.k.device
+        self.k_offset = torch.zeros((layers, batch, heads, head_dim), dtype=torch.float32, device=device)
+        self.k_scale, self.v_scale, self.k_descale, self.v_descale = (
+            torch.ones((layers, batch, heads), dtype=torch.float32, device=device) for _ in range(4)
         )
-        heads = (num_layers, batch, local_heads)
-        self.k_offset = torch.zeros((*heads, head_dim), dtype=torch.float32, device=device)
-        self.k_scale = torch.ones(heads, dtype=torch.float32, device=device)
-        self.v_scale = torch.ones(heads, dtype=torch.float32, device=device)
-        self.k_descale = torch.ones(heads, dtype=torch.float32, device=device)
-        self.v_descale = torch.ones(heads, dtype=torch.float32, device=device)
 
     def update(self, layer: int, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor) -> tuple[E4M3, E4M3]:
         """Quantize k, v [B, N, H, D] (or [B, N1, N2, H, D] blocks, as KVCache.update) into the chunk's

@@ -101,6 +101,9 @@ class SlotPlanner:
 class KVCache:
     """Keys (after RoPE) and values of every cached token: k, v [num_layers, B, S, H_local, D]."""
 
+    storage_dtype: torch.dtype | None = None
+    """The buffers' dtype where it is not the activations' (plugins/e4m3_cache.py)."""
+
     def __init__(
         self,
         num_layers: int,
@@ -114,8 +117,9 @@ class KVCache:
     ) -> None:
         self.planner = SlotPlanner(cache, frame_tokens)
         shape = (num_layers, batch, self.planner.size, local_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        storage = self.storage_dtype or dtype
+        self.k = torch.zeros(shape, dtype=storage, device=device)
+        self.v = torch.zeros(shape, dtype=storage, device=device)
 
     @property
     def slots(self) -> int:
