@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -87,6 +88,22 @@ def _profile_request(group: SessionGroup, req, trace_dir: str) -> None:
     log(f"in-process: trace of one request in {out}")
 
 
+READY = re.compile(r"ropesp: ready in ([0-9.]+) s[^(]*\(([^)]*)\)")
+PHASE = re.compile(r"([a-z][a-z ]*?) ([0-9.]+) s")
+
+
+def initialize_phases(server_log: str) -> dict[str, float]:
+    """The model's own account of its load (model.py.tmpl logs it when initialize ends): seconds from
+    the model module's start to ready ("total") and per phase; {} if the line is not in the log."""
+    found = READY.search(server_log)
+    if found is None:
+        return {}
+    phases = {"total": float(found[1])}
+    for name, seconds in PHASE.findall(found[2]):
+        phases[name] = float(seconds)
+    return phases
+
+
 def through_triton(
     config: PipelineConfig, prompt, frames: int, requests: int, server_log: str | None = None
 ) -> dict[str, dict[str, list[float]]]:
@@ -101,6 +118,8 @@ def through_triton(
         t_load = time.perf_counter()
         with TritonServer(repo, log_path=server_log) as server:
             out["cold"] = {"load_to_ready_s": [time.perf_counter() - t_load]}
+            if server_log:
+                out["cold"]["model_initialize"] = initialize_phases(Path(server_log).read_text())
             for name, outputs in variants.items():
                 for i in range(requests + 1):
                     log(f"triton ({name} outputs): request {i}")
@@ -156,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "triton_load_to_ready_s": served["cold"]["load_to_ready_s"][0],
         "triton_cold_first_chunk_ms": served["cold"]["first_request_first_chunk_ms"][0],
+        "triton_model_initialize_s": served["cold"].get("model_initialize", {}),
         "preset": args.preset,
         "world_size": res.world_size,
         "device": res.device,

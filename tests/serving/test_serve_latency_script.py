@@ -23,7 +23,9 @@ def test_serve_latency_script_reports_both_paths(tmp_path):
     args = ["--latent-height", "8", "--latent-width", "8", "--latent-frames", "3", "--requests", "1"]
     args += ["--backend", "compile"]
     trace = tmp_path / "trace"
-    assert serve_latency.main([*args, "--json", str(out), "--trace", str(trace)]) == 0
+    server_log = tmp_path / "triton.log"
+    argv = [*args, "--json", str(out), "--trace", str(trace), "--server-log", str(server_log)]
+    assert serve_latency.main(argv) == 0
     res = json.loads(out.read_text())
     assert res["in_process_first_chunk_ms"] > 0 and res["triton_first_chunk_ms"] > 0
     assert res["triton_total_ms"] >= res["triton_first_chunk_ms"]
@@ -35,5 +37,12 @@ def test_serve_latency_script_reports_both_paths(tmp_path):
     assert res["in_process_first_chunk_setup_ms"] >= 0
     assert 0 < res["triton_first_chunk_server_ms"] <= res["triton_first_chunk_ms"]
     assert 0 < res["triton_viewer_first_chunk_server_ms"] <= res["triton_viewer_first_chunk_ms"]
+    # the model's own account of its load, from the server's log: its phases add up to at most its total,
+    # which the server's start-to-ready contains
+    phases = dict(res["triton_model_initialize_s"])
+    total = phases.pop("total")
+    assert set(phases) == {"imports", "until initialize", "ropesp imports", "config and decoder", "pipeline"}
+    assert 0 < total <= res["triton_load_to_ready_s"]
+    assert sum(phases.values()) <= total + 0.05 and phases["pipeline"] > 0
     assert "ropesp.request" in (trace / "in_process_request.txt").read_text()
     assert json.loads(gzip.decompress((trace / "in_process_request.json.gz").read_bytes()))["traceEvents"]
