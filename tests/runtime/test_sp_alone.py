@@ -98,3 +98,23 @@ def test_collective_log_times_only_after_start_timing():
     log.start_timing()
     comm.all_gather(torch.zeros(3))
     assert dict(log.counts) == {"all_gather": 2} and log.elapsed_ms() > 0.0
+
+
+def test_alone_rank_of_three_writes_its_blocks_into_the_e4m3_cache(prompt, monkeypatch):
+    """`--attention fp8` at P = 3 (a chunk that splits evenly): the exchange's [B, P, L_local, H/P, D]
+    key blocks are quantized into the head-sharded e4m3 cache and calibrate it (the mode's hardware
+    check is bypassed: fp8_attention runs its CPU reference)."""
+    from ropesp.plugins import attention_8bit
+    from ropesp.plugins.e4m3_cache import E4M3KVCache
+
+    monkeypatch.setattr(attention_8bit, "attention_unsupported_reason", lambda *a, **k: None)
+    cfg = sp_worker.base_config(world_size=3, attention="fp8", **sp_worker.MODES["optimized"])
+    session = build_session(cfg, Mapping(3, 0, 0), comm=AloneCollectives(3, CollectiveLog()))
+    cache = session.executor.state.cache
+    assert isinstance(cache, E4M3KVCache) and cache.k.shape[-2] == HEADS // 3
+    session.reset(prompt, seed=3)
+    out = session.executor.forward(torch.zeros(1, 3, 16, 10, 14), torch.tensor(500.0), 0)
+    assert torch.isfinite(out).all()
+    written = cache.k[:, :, :CHUNK_TOKENS].float()
+    assert written.abs().amax() > 100  # scaled to e4m3's range (448 / HEADROOM at the maximum)
+    assert (cache.k_descale != 1).all() and (cache.k_offset != 0).any()
