@@ -89,18 +89,24 @@ def _profile_request(group: SessionGroup, req, trace_dir: str) -> None:
 
 
 READY = re.compile(r"ropesp: ready in ([0-9.]+) s[^(]*\(([^)]*)\)")
+IMPORTS = re.compile(r"ropesp: imports: ([^(]*)\(([^)]*)\)")
 PHASE = re.compile(r"([a-z][a-z ]*?) ([0-9.]+) s")
 
 
 def initialize_phases(server_log: str) -> dict[str, float]:
     """The model's own account of its load (model.py.tmpl logs it when initialize ends): seconds from
-    the model module's start to ready ("total") and per phase; {} if the line is not in the log."""
+    the model module's start to ready ("total"), per phase, per import ("import_steps") and where the
+    stub's bytecode cache is ("bytecode"); {} if the lines are not in the log."""
     found = READY.search(server_log)
     if found is None:
         return {}
     phases = {"total": float(found[1])}
     for name, seconds in PHASE.findall(found[2]):
         phases[name] = float(seconds)
+    imports = IMPORTS.search(server_log)
+    if imports is not None:
+        phases["import_steps"] = {name: float(seconds) for name, seconds in PHASE.findall(imports[1])}
+        phases["bytecode"] = imports[2]
     return phases
 
 

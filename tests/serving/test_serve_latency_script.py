@@ -40,7 +40,10 @@ def test_serve_latency_script_reports_both_paths(tmp_path):
     # the model's own account of its load, from the server's log: its phases add up to at most its total,
     # which the server's start-to-ready contains
     phases = dict(res["triton_model_initialize_s"])
-    total = phases.pop("total")
+    total, steps = phases.pop("total"), phases.pop("import_steps")
+    assert set(steps) == {"environment", "numpy", "torch", "backend utils"}
+    assert sum(steps.values()) == pytest.approx(phases["imports"], abs=0.03)
+    assert "written" in phases.pop("bytecode")
     assert set(phases) == {"imports", "until initialize", "ropesp imports", "config and decoder", "pipeline"}
     assert 0 < total <= res["triton_load_to_ready_s"]
     assert sum(phases.values()) <= total + 0.05 and phases["pipeline"] > 0
