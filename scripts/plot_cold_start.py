@@ -7,8 +7,8 @@ Reads what `scripts/cold_start.py --json` writes (runs of fresh `ropesp generate
 first chunk, and the process's own time to first chunk from the stream's start) and what
 `scripts/serve_latency.py --json` writes for a Triton cold start (server start to ready, then the first
 request's first chunk). Each path's bar is its median run (the lower middle of an even count), stacked
-as set-up (interpreter, imports, session build) plus the first chunk; `--skip-first` leaves out each
-file's run 0 (the first process after an install, which compiles bytecode). It prints every run.
+as set-up (interpreter, imports, session build) plus the first chunk; `--skip-first` leaves out run 0 of
+each file that holds more than one (the first process after an install, which compiles bytecode). It prints every run.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _runs(files: list[Path], skip_first: bool) -> list[dict]:
     runs = []
     for f in files:
         rows = json.loads(f.read_text())["runs"]
-        runs += rows[1:] if skip_first else rows
+        runs += rows[1:] if skip_first and len(rows) > 1 else rows
     return [r for r in runs if r.get("exit_code") == 0 and r.get("setup_s") is not None]
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--engines", type=Path, nargs="+", required=True)
     ap.add_argument("--compile", type=Path, nargs="+", required=True)
     ap.add_argument("--triton", type=Path, help="serve_latency.py JSON of a Triton cold start")
-    ap.add_argument("--skip-first", action="store_true", help="leave out each file's run 0")
+    ap.add_argument("--skip-first", action="store_true", help="leave out run 0 of each file of several runs")
     ap.add_argument("--target", type=float, default=3.0, help="the target line, seconds")
     ap.add_argument("--title", default="fresh process to first chunk")
     args = ap.parse_args()
@@ -47,6 +47,10 @@ def main() -> None:
     bars = []  # (label, set-up s, first chunk s)
     for label, files in (("ropesp generate --engines", args.engines), ("--backend compile", args.compile)):
         runs = _runs(files, args.skip_first)
+        if not runs:
+            raise SystemExit(
+                f"plot_cold_start.py: no successful run in the {label!r} files {[str(f) for f in files]}"
+            )
         totals = ", ".join(f"{r['process_to_first_chunk_s']:.2f}" for r in runs)
         print(f"{label}: {len(runs)} runs, process to first chunk {totals} s")
         bars.append((label, *_median_split(runs)))
