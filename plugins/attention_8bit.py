@@ -83,10 +83,9 @@ class E4M3:
 
 @functools.cache
 def _compiled(fn):
-    # static shapes: every call quantizes one chunk's q or new keys (a shape or two per run), and
-    # Inductor may split a static reduction over a chunk's tokens (to one value per head) across the
-    # GPU; scripts/fp8_probe.py times q's quantization both ways
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    # one reduction and one cast kernel per tensor (eager takes several passes); dynamic in L: the
+    # chunks' lengths differ
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 def compiled(fn, x: torch.Tensor):
