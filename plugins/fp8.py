@@ -10,7 +10,7 @@ quantization (row amax, scale, cast) is traced into the same Inductor regions as
 modulation and GELU that produce the input, so it costs no extra pass over memory.
 What stays in the model's dtype: the patch, text and time embeddings, the norms, the modulation
 parameters, the head and the KV cache (the first and last layers are the most sensitive, and their
-FLOPs are negligible).
+FLOPs are negligible; `--attention fp8` keeps the cache in e4m3 instead, plugins/e4m3_cache.py).
 
 Needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell) and torchao
 (`pip install -e ".[fp8]"`); `check_fp8` says which is missing.

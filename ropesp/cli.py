@@ -113,7 +113,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         choices=["sdpa", "fa3", "fp8", "int8"],
         default="sdpa",
         help="self-attention over the KV cache: sdpa (bf16 cuDNN, default) | fa3 (FlashAttention-3 bf16) | "
-        "fp8 (FlashAttention-3 e4m3) | int8 (SageAttention)",
+        "fp8 (FlashAttention-3 e4m3 over an e4m3 KV cache) | int8 (SageAttention)",
     )
     g.add_argument(
         "--collective-timeout",
