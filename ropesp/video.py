@@ -44,10 +44,10 @@ def _check_frames(frames: np.ndarray) -> None:
 def import_writer_in_background() -> None:
     """Import PyAV on a daemon thread: loading FFmpeg's libraries takes ~0.2 s of a fresh process, which
     can pass while the session loads instead of before the first chunk. A missing PyAV stays silent
-    here: the writer's own import reports it."""
+    here, as does any other failure to load it: the writer's own import reports it."""
 
     def load() -> None:
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(Exception):
             importlib.import_module("av")
 
     threading.Thread(target=load, name="ropesp-import-av", daemon=True).start()
