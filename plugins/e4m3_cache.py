@@ -13,9 +13,10 @@ batch, head), for the whole stream:
     448 / HEADROOM; a later value beyond 448 saturates instead of turning into NaN.
 They are set by every forward that writes from slot 0 (the first chunk's denoising passes and its clean
 pass, whose window holds only their own tokens; a replay from the stream's start after `reset`) and kept
-by every later write, so a write costs one elementwise pass and the attention none (the bf16 cache made
-each fp8 call quantize its whole window: 0.18-0.79 ms per layer on an H200, more than the e4m3 kernel
-saved, bench/RESULTS.md). The cache takes half the memory of a bf16 one.
+by every later write, so keys and values cost one elementwise pass per write and nothing per attention
+call (over a bf16 cache each fp8 call quantized its whole window: 0.18-0.79 ms per layer on an H200,
+more than the e4m3 kernel saved; with this cache FP8 GEMMs + FP8 attention ran 1.22x bf16 compile,
+bench/RESULTS.md eleventh session). The cache takes half the memory of a bf16 one.
 """
 
 from __future__ import annotations
