@@ -98,11 +98,6 @@ class E4M3KVCache(KVCache):
             (self.k, k, self.k_offset[layer], self.k_scale[layer]),
             (self.v, v, None, self.v_scale[layer]),
         ):
-            dst = buf[layer, :, slots.write_start : slots.write_end]
-            dst = dst.unflatten(1, new.shape[1:3]) if new.dim() == 5 else dst
-            dst.copy_(quantize(new, offset, scale))
-        window = slice(slots.attn_start, slots.attn_end)
-        return (
-            E4M3(self.k[layer, :, window], self.k_descale[layer]),
-            E4M3(self.v[layer, :, window], self.v_descale[layer]),
-        )
+            self.written_slots(buf, layer, slots, new).copy_(quantize(new, offset, scale))
+        keys, values = self.window(layer, slots)
+        return E4M3(keys, self.k_descale[layer]), E4M3(values, self.v_descale[layer])

@@ -151,9 +151,18 @@ class KVCache:
         k, v may also come as [B, N1, N2, H_local, D] with N = N1 * N2 in token order (the blocks of a
         head-sharded all-to-all, runtime/runners.py): written as they are, without flattening them first."""
         for buf, new in ((self.k, k), (self.v, v)):
-            dst = buf[layer, :, slots.write_start : slots.write_end]
-            dst = dst.unflatten(1, new.shape[1:3]) if new.dim() == 5 else dst
-            dst.copy_(new)
+            self.written_slots(buf, layer, slots, new).copy_(new)
+        return self.window(layer, slots)
+
+    @staticmethod
+    def written_slots(buf: torch.Tensor, layer: int, slots: CacheSlots, new: torch.Tensor) -> torch.Tensor:
+        """The view of buf (self.k or self.v) that the write of new (as update takes it) fills, in new's
+        shape."""
+        dst = buf[layer, :, slots.write_start : slots.write_end]
+        return dst.unflatten(1, new.shape[1:3]) if new.dim() == 5 else dst
+
+    def window(self, layer: int, slots: CacheSlots) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys' and values' views [B, S_win, H_local, D] that this forward attends to."""
         window = slice(slots.attn_start, slots.attn_end)
         return self.k[layer, :, window], self.v[layer, :, window]
 
