@@ -235,8 +235,10 @@ class PipelineConfig:
             manifest.check_world_size(world)  # before any rank starts
         limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
         layout = SPLayout.choose(cfg.num_heads, world, parallel.ulysses_degree, parallel.ring_degree)
-        # --attention fp8 keeps the cache in e4m3 (plugins/e4m3_cache.py)
-        itemsize = 1 if self.compute.attention == "fp8" else DTYPES[dtype].itemsize
+        from ropesp.plugins.attention_8bit import kv_cache_class
+
+        # the cache the attention mode reads (e4m3 for --attention fp8: plugins/e4m3_cache.py)
+        itemsize = (kv_cache_class(self.compute.attention).storage_dtype or DTYPES[dtype]).itemsize
         limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
         self.check_precision(backend, device, dtype, layout, cfg.dim // cfg.num_heads)
         resolved = ResolvedPipeline(

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ropesp.config import CacheConfig
-from ropesp.limits import kv_cache_bytes
 from ropesp.model.kv_cache import KVCache, attention
 from ropesp.plugins import attention_8bit as a8
 from ropesp.plugins.e4m3_cache import HEADROOM, E4M3KVCache
@@ -52,14 +51,21 @@ def test_buffers_are_e4m3_and_half_a_bf16_cache():
     assert cache.k.dtype == cache.v.dtype == torch.float8_e4m3fn
     bf16 = KVCache(2, 1, FT, CacheConfig(6), HEADS, DIM, torch.bfloat16, "cpu")
     assert cache.k.nbytes * 2 == bf16.k.nbytes
-    # the run's memory check counts one byte per element for the fp8 mode (runtime/pipeline.py)
-    assert kv_cache_bytes_for("fp8") * 2 == kv_cache_bytes_for("sdpa")
 
 
-def kv_cache_bytes_for(attention_mode: str) -> int:
-    res = PipelineConfig(preset="tiny", device="cpu", dtype="bfloat16").resolve()
-    itemsize = 1 if attention_mode == "fp8" else 2
-    return kv_cache_bytes(res.model, res.geometry.frame_tokens, res.cache, itemsize, 1)
+def test_the_runs_memory_check_counts_the_e4m3_cache(monkeypatch):
+    """PipelineConfig.resolve sizes the cache in its storage dtype: one byte per element for the fp8
+    mode (its hardware check comes after the memory check and refuses the CPU), the model dtype's for
+    the others."""
+    import ropesp.limits as limits
+    from ropesp.errors import ConfigError
+
+    seen = []
+    monkeypatch.setattr(limits, "check_cache_fits", lambda *args: seen.append(args[3]))
+    PipelineConfig(preset="tiny", device="cpu", dtype="bfloat16").resolve()
+    with pytest.raises(ConfigError, match="--attention fp8"):
+        PipelineConfig(preset="tiny", device="cpu", dtype="bfloat16", attention="fp8").resolve()
+    assert seen == [2, 1]
 
 
 def test_the_first_chunk_sets_the_streams_offset_and_scales():
