@@ -16,13 +16,15 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ropesp.config import PRESETS, SamplerConfig, latent_frames_for
 from ropesp.errors import CheckpointError, ConfigError, RopespError
 from ropesp.extras import require, require_backend
 from ropesp.video import OutputPaths, check_outputs, import_writer_in_background
+
+if TYPE_CHECKING:  # torch is imported by the commands that use it: the parser and --help stay quick
+    import torch
 
 
 def _steps(text: str) -> tuple[int, ...]:
@@ -253,6 +255,8 @@ def _encode_prompts(choice, res, mapping, texts: list[str]) -> list[torch.Tensor
     finally:
         del encoder
         if device.type == "cuda":
+            import torch
+
             torch.cuda.empty_cache()
     n = f"{len(texts)} prompts" if len(texts) > 1 else "the prompt"
     print(f"encoded {n} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -316,6 +320,10 @@ def _prompt_schedule(args, md, res, session_chunks: int | None, mapping):
 
 
 def cmd_generate(args) -> None:
+    from ropesp.runtime.cuda_context import start_for_local_device
+
+    # first, so that CUDA's start overlaps the imports below (torch's among them)
+    context = None if args.device == "cpu" else start_for_local_device(args.world_size)
     import dataclasses
     from pathlib import Path
 
@@ -361,6 +369,8 @@ def cmd_generate(args) -> None:
         args.output or f"ropesp-{args.seed}.mp4", args.latents_out, args.frames_dir, args.overwrite
     )
     require_backend(res.backend)
+    if context is not None and (res.device != "cuda" or (res.world_size > 1 and not under_launcher())):
+        context.release()  # this process does not run on the GPU: the ranks it spawns do
     if decoder == "vae":
         require("vae", "--decoder vae (the Wan VAE)")
     unbounded = 0 in (args.frames, args.latent_frames)

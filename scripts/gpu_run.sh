@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick enginetests demotests weights coldstart coldab coldserve fp8 fp8quality benchengines decodetests overlaptests alone profilealone build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick enginetests demotests weights coldstart coldab coldtimeline coldserve fp8 fp8quality benchengines decodetests overlaptests alone profilealone build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -284,6 +284,21 @@ for v in variants:
           + " ".join(f"{t:.2f}" for t in total))
 PY
       ;;
+    coldtimeline)  # fresh engines processes phase by phase (scripts/cold_timeline.py), the primary context made
+      # before `import torch` or not, alternating COLD_PAIRS rounds
+      eng=$(engines 480_p1 1 "$LH" "$LW")
+      bytecode
+      for i in $(seq 0 $(( ${COLD_PAIRS:-3} - 1 ))); do
+        for v in early late; do
+          flag=(); [ "$v" = early ] && flag=(--early-context)
+          python3 scripts/cold_timeline.py --engines "$eng" --latent-frames "$LF" --device "$DEVICE" "${flag[@]}" \
+            --json "$RES/timeline_${v}_$i.json" >"$RES/timeline_${v}_$i.log" 2>&1
+          head -n 16 "$RES/timeline_${v}_$i.log" | tr -d '\n' | cut -c1-400; echo
+        done
+      done
+      python3 scripts/cold_timeline.py --engines "$eng" --latent-frames "$LF" --device "$DEVICE" --early-context \
+        --json "$RES/timeline_traced.json" --trace "$RES/timeline_first_chunk.json.gz" >"$RES/timeline_traced.log" 2>&1
+      tail -n 22 "$RES/timeline_traced.log" ;;
     coldserve)  # Triton cold start with the engines: serve-repo --engines, tritonserver start to ready, first chunk
       if [ -f .whl_serve/site.tar.xz ] && [ ! -d .site/pytriton ]; then mkdir -p .site && tar xJf .whl_serve/site.tar.xz -C .site; fi
       eng=$(engines 480_p1 1 "$LH" "$LW")
