@@ -21,9 +21,13 @@ bench/RESULTS.md eleventh session). The cache takes half the memory of a bf16 on
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 from ropesp.model.kv_cache import CacheSlots, KVCache
+from ropesp.model.wan import RMSNorm
 from ropesp.plugins.attention_8bit import E4M3, E4M3_MAX, compiled
 
 HEADROOM = 4.0
@@ -32,6 +36,30 @@ before saturating. e4m3 is floating point, so this costs no relative precision e
 2^-6 * HEADROOM / 448 (~1/1800) of the first chunk's maximum, which become subnormal. On the demo model
 (fp32 on the CPU, 4 seeds x 15 latent frames, final latents against `--attention sdpa`): rel L2 0.0032 with
 headroom 1 (later chunks saturate), 0.0007 with 2, 0.0006 with 4 and 8."""
+
+
+QUERY_BOUND_MARGIN = 1 + 2**-6
+"""The bf16 roundings between the norm and the kernel (the normalized value, its product with the weight,
+RoPE's output: 2^-8 each at most) stay inside this factor."""
+
+
+def query_bounds(model: nn.Module) -> torch.Tensor | None:
+    """[num_layers] fp32: for each block, a bound on every element of its self-attention queries; None
+    where a block's q is not RMS-normalized (qk_norm off).
+
+    q = RMSNorm(x) * w over the whole dim C: the squares of x / rms(x) sum to at most C, so no element
+    exceeds sqrt(C) * max|w|, and RoPE rotates pairs of elements, which keeps that bound (a^2 + b^2 is
+    unchanged). Quantizing q under 448 / bound saturates nothing, for any input, and takes no
+    reduction per call; the bound is loose (typical elements sit ~sqrt(C) below it), which costs
+    e4m3 only its subnormal range, far below what the scores resolve."""
+    bounds = []
+    for block in model.blocks:
+        norm = block.self_attn.norm_q
+        if not isinstance(norm, RMSNorm):
+            return None
+        w = norm.weight.detach().float().abs().amax()
+        bounds.append(math.sqrt(norm.weight.numel()) * QUERY_BOUND_MARGIN * w)
+    return torch.stack(bounds)
 
 
 def calibrate(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,6 +107,20 @@ class E4M3KVCache(KVCache):
         self.k_scale, self.v_scale, self.k_descale, self.v_descale = (
             torch.ones((layers, batch, heads), dtype=torch.float32, device=device) for _ in range(4)
         )
+        self.q_scale: torch.Tensor | None = None
+        """[num_layers, 1] fp32, 448 / query_bounds (set_query_bounds); None: q scaled per call."""
+        self.q_descale: torch.Tensor | None = None
+        """[num_layers, B, H] fp32, the kernel's q descale."""
+
+    def set_query_bounds(self, bounds: torch.Tensor | None) -> None:
+        """Fix each layer's q scale from bounds [num_layers] on |q| (query_bounds); None: per call."""
+        if bounds is None:
+            self.q_scale = self.q_descale = None
+            return
+        layers, batch, heads = self.k_scale.shape
+        bounds = bounds.to(device=self.k.device, dtype=torch.float32).clamp_min(1e-12)
+        self.q_scale = (E4M3_MAX / bounds).view(layers, 1)
+        self.q_descale = (bounds / E4M3_MAX).view(layers, 1, 1).expand(layers, batch, heads).contiguous()
 
     def update(self, layer: int, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor) -> tuple[E4M3, E4M3]:
         """Quantize k, v [B, N, H, D] (or [B, N1, N2, H, D] blocks, as KVCache.update) into the chunk's
@@ -100,4 +142,6 @@ class E4M3KVCache(KVCache):
         ):
             self.written_slots(buf, layer, slots, new).copy_(quantize(new, offset, scale))
         keys, values = self.window(layer, slots)
-        return E4M3(keys, self.k_descale[layer]), E4M3(values, self.v_descale[layer])
+        q_scale = None if self.q_scale is None else self.q_scale[layer]
+        q_descale = None if self.q_descale is None else self.q_descale[layer]
+        return E4M3(keys, self.k_descale[layer], q_scale, q_descale), E4M3(values, self.v_descale[layer])

@@ -1,6 +1,6 @@
 """FP8 (e4m3) GEMMs for the transformer blocks through torchao's float8 inference API.
 
-    apply_fp8(model) -> names of the Linear layers whose weights became float8
+    apply_fp8(model, precision="fp8") -> names of the Linear layers whose weights became float8
 
 Applied once to a plain CausalWanDiT at load (the model knows nothing of precision): every Linear of
 the blocks (self-attention q/k/v/o, cross-attention q/k/v/o, FFN up/down) gets e4m3 weights with one
@@ -25,21 +25,27 @@ from torch import nn
 
 from ropesp.errors import BackendUnavailableError, ConfigError
 
-PRECISIONS = ("bf16", "fp8")
 MIN_CAPABILITY = (8, 9)
 """First NVIDIA architecture with e4m3 tensor-core GEMMs (Ada); Hopper is (9, 0)."""
-_BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])")
-"""Fully qualified names of the block Linears that run in FP8 (Wan checkpoint keys, model/wan.py)."""
+FP8_LINEARS = {
+    "fp8": re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])"),
+    "fp8-ffn": re.compile(r"blocks\.\d+\.ffn\.[02]"),
+}
+"""Per FP8 precision, the fully qualified names of the block Linears that run in FP8 (Wan checkpoint
+keys, model/wan.py). fp8-ffn leaves the attention projections in bf16: at Wan-1.3B's 1536 x 1536 their
+FP8 GEMM with the activation's quantization ran 0.83x bf16 on an H200, the FFN's up projection 1.55x
+(bench/RESULTS.md, 2026-12-01)."""
+PRECISIONS = ("bf16", *FP8_LINEARS)
 
 
-def is_fp8_linear(module: nn.Module, fqn: str) -> bool:
-    """The quantize-at-load selection: True for the blocks' attention and FFN Linear layers."""
-    return isinstance(module, nn.Linear) and _BLOCK_LINEAR.fullmatch(fqn) is not None
+def is_fp8_linear(module: nn.Module, fqn: str, precision: str = "fp8") -> bool:
+    """The quantize-at-load selection of `precision`: True for the block Linears it runs in FP8."""
+    return isinstance(module, nn.Linear) and FP8_LINEARS[precision].fullmatch(fqn) is not None
 
 
-def fp8_linear_names(model: nn.Module) -> list[str]:
-    """Names of the modules apply_fp8 quantizes, in model order."""
-    return [name for name, m in model.named_modules() if is_fp8_linear(m, name)]
+def fp8_linear_names(model: nn.Module, precision: str = "fp8") -> list[str]:
+    """Names of the modules apply_fp8 quantizes for precision, in model order."""
+    return [name for name, m in model.named_modules() if is_fp8_linear(m, name, precision)]
 
 
 def gpu_capability_reason(device: torch.device | str, need: tuple[int, int], what: str) -> str | None:
@@ -89,8 +95,9 @@ def default_config():
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
 
 
-def apply_fp8(model: nn.Module, config=None) -> list[str]:
-    """Quantize the block Linears of model in place (weights once, here); returns their names.
+def apply_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[str]:
+    """Quantize the block Linears of model that precision selects (FP8_LINEARS) in place, weights
+    once, here; returns their names.
 
     config: a torchao quantization config (default `default_config()`, which needs a GPU of compute
     capability >= 8.9: call `check_fp8` first for a clear message). The model must already be on its
@@ -99,8 +106,13 @@ def apply_fp8(model: nn.Module, config=None) -> list[str]:
 
     from ropesp.model.wan import FeedForward
 
-    names = fp8_linear_names(model)
-    quantize_(model, config if config is not None else default_config(), filter_fn=is_fp8_linear)
+    names = fp8_linear_names(model, precision)
+    selected = FP8_LINEARS[precision]
+    quantize_(
+        model,
+        config if config is not None else default_config(),
+        filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and selected.fullmatch(fqn) is not None,
+    )
     for module in model.modules():
         if isinstance(module, FeedForward):
             # the quantized up projection has a Linear but no fused bias+GELU GEMM; under the compile

@@ -14,6 +14,8 @@ session, which synchronizes when a chunk's latents reach the host):
   compile-fp8attn   compile-fp8 with the self-attention in FP8 too (FlashAttention-3 e4m3 over the e4m3 KV cache,
                     --attention fp8)
   compile-int8attn  compile-fp8 with SageAttention's INT8 attention (--attention int8)
+  compile-fp8ffn    compile with the FFN's Linear layers alone in FP8 (--precision fp8-ffn)
+  compile-fp8ffnattn  compile-fp8ffn with the self-attention in FP8 (--precision fp8-ffn --attention fp8)
 With --alone, one process runs rank 0 of the P-rank configurations by itself on one GPU: its collectives
 keep their shapes and move no data (runtime/sp.py AloneCollectives), so it times one rank's compute at
 world size P, on wrong data (max|d| is meaningless there): the scaling P ranks would reach if their
@@ -68,6 +70,8 @@ CONFIGS = (
     "compile-fa3",
     "compile-fp8",
     "compile-fp8attn",
+    "compile-fp8ffn",
+    "compile-fp8ffnattn",
     "compile-int8attn",
     "compiled-nograph",
     "compiled",
@@ -77,6 +81,8 @@ COMPILE_CONFIGS = {
     "compile": {},
     "compile-fa3": {"precision": "bf16", "attention": "fa3"},
     "compile-fp8": {"precision": "fp8", "attention": "sdpa"},
+    "compile-fp8ffn": {"precision": "fp8-ffn", "attention": "sdpa"},
+    "compile-fp8ffnattn": {"precision": "fp8-ffn", "attention": "fp8"},
     "compile-fp8attn": {"precision": "fp8", "attention": "fp8"},
     "compile-int8attn": {"precision": "fp8", "attention": "int8"},
 }

@@ -106,9 +106,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cuda-graphs", action="store_true")
     g.add_argument(
         "--precision",
-        choices=["bf16", "fp8"],
+        choices=["bf16", "fp8", "fp8-ffn"],
         default="bf16",
-        help="fp8: the blocks' Linear layers as e4m3 GEMMs (torchao; eager/compile, CUDA >= sm_89)",
+        help="fp8: the blocks' Linear layers as e4m3 GEMMs (torchao; eager/compile, CUDA >= sm_89); "
+        "fp8-ffn: the FFN's only",
     )
     g.add_argument(
         "--attention",

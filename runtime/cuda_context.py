@@ -18,7 +18,7 @@ import os
 import threading
 import time
 
-DRIVER_LIBRARY = "libcuda.so.1"
+from ropesp import cuda_driver
 
 
 class PrimaryContext:
@@ -38,13 +38,10 @@ class PrimaryContext:
         self._thread.start()
 
     @classmethod
-    def start(cls, ordinal: int = 0, library: str = DRIVER_LIBRARY) -> PrimaryContext | None:
+    def start(cls, ordinal: int = 0, library: str = cuda_driver.DRIVER_LIBRARY) -> PrimaryContext | None:
         """Begin making the context; None where the CUDA driver library is not on this machine."""
-        try:
-            driver = ctypes.CDLL(library)
-        except OSError:
-            return None
-        return cls(driver, ordinal)
+        driver = cuda_driver.load(library)
+        return None if driver is None else cls(driver, ordinal)
 
     def _make(self) -> None:
         t0 = time.perf_counter()

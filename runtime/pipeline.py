@@ -139,17 +139,17 @@ class PipelineConfig:
             raise ConfigError(f"{arg('precision', precision)}; choose one of {PRECISIONS}")
         if attention not in ATTENTION_MODES:
             raise ConfigError(f"{arg('attention', attention)}; choose one of {ATTENTION_MODES}")
-        if precision == "fp8":
+        if precision != "bf16":
             if backend not in MODEL_BACKENDS:
                 raise ConfigError(
-                    f"{arg('precision', 'fp8')} quantizes the PyTorch model at load: use "
+                    f"{arg('precision', precision)} quantizes the PyTorch model at load: use "
                     f"{arg('backend', 'eager')} or compile "
                     f"(the {backend} engines of `ropesp build` run in their build dtype)"
                 )
-            check_fp8(device, arg("precision", "fp8"))
+            check_fp8(device, arg("precision", precision))
             if dtype_name != "bfloat16":
                 raise ConfigError(
-                    f"{arg('precision', 'fp8')} runs on bfloat16 activations, not {arg('dtype', dtype_name)}: "
+                    f"{arg('precision', precision)} runs on bfloat16 activations, not {arg('dtype', dtype_name)}: "
                     f"pass {arg('dtype', 'bfloat16')} (the default on CUDA)"
                 )
         if attention != "sdpa":
@@ -322,8 +322,8 @@ def load_model(
 ):
     """The eager model `model` on device in dtype: the engines' weights (source.engines, e.g. for the
     eager baselines of `ropesp bench`; `manifest`: their manifest where the caller has read it),
-    checkpoint weights, or the preset's seeded random ones; with precision fp8 its block Linears
-    quantized once, here."""
+    checkpoint weights, or the preset's seeded random ones; with an FP8 precision (fp8, fp8-ffn) its
+    block Linears quantized once, here."""
     if manifest is None and source.engines:
         from ropesp.export.manifest import Manifest  # stdlib-only reader
 
@@ -336,10 +336,10 @@ def load_model(
         from ropesp.model.checkpoint import load_source
 
         loaded = load_source(source, model, dtype, device)
-    if precision == "fp8":
+    if precision != "bf16":
         from ropesp.plugins.fp8 import apply_fp8
 
-        apply_fp8(loaded)
+        apply_fp8(loaded, precision=precision)
     return loaded
 
 

@@ -32,6 +32,8 @@ MODES = {
     "fp8": ("bfloat16", "compile", "fp8", "sdpa"),
     "fp8attn": ("bfloat16", "compile", "fp8", "fp8"),
     "int8attn": ("bfloat16", "compile", "fp8", "int8"),
+    "fp8ffn": ("bfloat16", "compile", "fp8-ffn", "sdpa"),
+    "fp8ffnattn": ("bfloat16", "compile", "fp8-ffn", "fp8"),
     "attn-fp8-only": ("bfloat16", "compile", "bf16", "fp8"),
 }
 

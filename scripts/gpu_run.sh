@@ -322,9 +322,9 @@ PY
       # FP8 GEMMs + FP8 attention in one bench run
       timeout -k 5 200 python3 scripts/fp8_probe.py --parts attention --json "$RES/fp8_probe_attention.json" \
         >"$RES/fp8_probe_attention.log" 2>&1; grep -E '"candidate"' "$RES/fp8_probe_attention.log" | cut -c1-220
-      bench_cmp bench480_p1fp8 1 480 "$LH" "$LW" compile,compile-fp8,compile-fp8attn --no-decode ${FP8_ARGS:-} ;;
+      bench_cmp bench480_p1fp8 1 480 "$LH" "$LW" "${FP8_CONFIGS:-compile,compile-fp8,compile-fp8attn}" --no-decode ${FP8_ARGS:-} ;;
     fp8quality)  # final latents of one 81-frame video per mode against bf16 and fp32 (same seed and weights)
-      timeout -k 5 400 python3 scripts/fp8_quality.py --preset "$PRESET" --frames 81 --modes bf16,fp8,fp8attn,fp32 \
+      timeout -k 5 400 python3 scripts/fp8_quality.py --preset "$PRESET" --frames 81 --modes "${FP8_MODES:-bf16,fp8,fp8attn,fp32}" \
         --json "$RES/fp8_quality.json" >"$RES/fp8_quality.log" 2>&1; tail -n 12 "$RES/fp8_quality.log" ;;
     rope) python3 scripts/bench_rope.py --json "$RES/rope.json" 2>&1 | tail -15 ;;
     stage) python3 -m torch.distributed.run --nproc-per-node "$NGPU" scripts/sp_stage_bench.py \

@@ -101,18 +101,6 @@ def block_mask(
     return torch.cat([top, bottom], dim=0)
 
 
-def patchify_linear(model: CausalWanDiT, x: torch.Tensor) -> torch.Tensor:
-    """model.patchify as one matmul (the same numbers as its strided Conv3d; its backward on the CPU is
-    several times faster). x: [B, F, C, H, W] -> [B, F*rows*cols, dim] in (f, row, col) order."""
-    b, f, c, h, w = x.shape
-    _, ph, pw = model.cfg.patch_size
-    rows, cols = h // ph, w // pw
-    patches = x.view(b, f, c, rows, ph, cols, pw).permute(0, 1, 3, 5, 2, 4, 6)  # [B, F, r, c, C, ph, pw]
-    conv = model.patch_embedding
-    tokens = F.linear(patches.reshape(b, f * rows * cols, c * ph * pw), conv.weight.flatten(1), conv.bias)
-    return conv.add_position(tokens, rows, cols)
-
-
 def teacher_forcing_flow(
     model: CausalWanDiT,
     clean: torch.Tensor,
@@ -130,7 +118,7 @@ def teacher_forcing_flow(
     cfg = model.cfg
     rows, cols = height // cfg.patch_size[1], width // cfg.patch_size[2]
     length = frames * rows * cols
-    tokens = patchify_linear(model, torch.cat([clean, noisy], dim=1))  # [B, 2L, C]: clean copy, noisy copy
+    tokens = model.patchify(torch.cat([clean, noisy], dim=1))  # [B, 2L, C]: clean copy, noisy copy
     t_all = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)  # [B, 2F]
     e, e0 = model.embed_time(timestep_sinusoid(t_all.flatten(), cfg.freq_dim).view(b, 2 * frames, -1))
     frame_of_token = torch.arange(2 * length, device=clean.device) // (rows * cols)  # [2L] over 2F frames

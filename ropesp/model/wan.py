@@ -260,9 +260,20 @@ class CausalWanDiT(nn.Module):
 
     # --- embeddings -------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, F, C, H, W] latents -> [B, F*rows*cols, dim] tokens in (f, row, col) order."""
-        y = self.patch_embedding(x.transpose(1, 2).to(self.patch_embedding.weight.dtype))  # [B, dim, F, r, c]
-        return self.patch_embedding.add_position(y.flatten(2).transpose(1, 2), *y.shape[3:])  # [B, L, dim]
+        """x: [B, F, C, H, W] latents -> [B, F*rows*cols, dim] tokens in (f, row, col) order.
+
+        The strided Conv3d as the one GEMM it is (kernel = stride): the same sums, through cuBLAS,
+        where the convolution would be the run's only cuDNN convolution (its first call costs a fresh
+        process ~0.1 s on an H200 before the first chunk; bench/RESULTS.md)."""
+        conv = self.patch_embedding
+        b, f, c, h, w = x.shape
+        pt, ph, pw = conv.kernel_size
+        frames, rows, cols = f // pt, h // ph, w // pw
+        x = x[:, : frames * pt, :, : rows * ph, : cols * pw].to(conv.weight.dtype)  # as the strided conv
+        patches = x.reshape(b, frames, pt, c, rows, ph, cols, pw).permute(0, 1, 4, 6, 3, 2, 5, 7)
+        # [B, F', r, c, C, pt, ph, pw]: the weight's [dim, C, pt, ph, pw] order
+        tokens = F.linear(patches.reshape(b, frames * rows * cols, -1), conv.weight.flatten(1), conv.bias)
+        return conv.add_position(tokens, rows, cols)  # [B, L, dim]
 
     def embed_time(self, t_sinusoid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t_sinusoid: [B, F, freq_dim] (float64 ok) -> e [B, F, C], e0 [B, F, 6, C] in model dtype."""

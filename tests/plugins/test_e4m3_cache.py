@@ -12,7 +12,7 @@ import torch
 from ropesp.config import CacheConfig
 from ropesp.model.kv_cache import KVCache, attention
 from ropesp.plugins import attention_8bit as a8
-from ropesp.plugins.e4m3_cache import HEADROOM, E4M3KVCache
+from ropesp.plugins.e4m3_cache import HEADROOM, E4M3KVCache, query_bounds
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 
 FT, HEADS, DIM = 4, 2, 8
@@ -171,7 +171,11 @@ def test_the_fp8_mode_holds_the_e4m3_cache_and_a_video_stays_close(monkeypatch):
             )
             session = build_session(cfg)
             expected = E4M3KVCache if mode == "fp8" else KVCache
-            assert type(session.executor.state.cache) is expected
+            cache = session.executor.state.cache
+            assert type(cache) is expected
+            if mode == "fp8":  # the executor bound the model's q scales before the first forward
+                want = a8.E4M3_MAX / query_bounds(session.executor.model)
+                torch.testing.assert_close(cache.q_scale[:, 0], want)
             session.reset(seed=3)
             latents[mode] = session.generate()
         a, b = latents["sdpa"], latents["fp8"]
@@ -179,3 +183,59 @@ def test_the_fp8_mode_holds_the_e4m3_cache_and_a_video_stays_close(monkeypatch):
         for i in range(0, 9, 3):
             err = (a[:, i : i + 3] - b[:, i : i + 3]).norm() / a[:, i : i + 3].norm()
             assert 0 < err < 0.01, (window, i, err)
+
+
+def _tiny_model(qk_norm: bool = True):
+    import dataclasses
+
+    from ropesp.config import preset
+    from ropesp.model.wan import CausalWanDiT
+
+    torch.manual_seed(0)
+    model = CausalWanDiT(dataclasses.replace(preset("tiny")[0], qk_norm=qk_norm)).eval()
+    if qk_norm:
+        with torch.no_grad():  # norms as trained ones are: weights of different sizes per channel
+            for block in model.blocks:
+                block.self_attn.norm_q.weight.uniform_(0.2, 3.0)
+    return model
+
+
+def test_query_bounds_hold_for_any_input_and_are_reached_by_the_worst_one():
+    """The bound is a bound (random and worst-case inputs, bf16 as the runtime computes q) and is not
+    loose for the worst input: all of a token's energy in the channel of the largest norm weight."""
+    model = _tiny_model()
+    bounds = query_bounds(model)
+    assert bounds.shape == (len(model.blocks),) and bounds.dtype == torch.float32
+    dim = model.cfg.dim
+    for i, block in enumerate(model.blocks):
+        attn = block.self_attn.to(torch.bfloat16)
+        worst = torch.zeros(1, 1, dim, dtype=torch.bfloat16)
+        worst[..., attn.norm_q.weight.float().abs().argmax()] = 1.0  # x = the q projection's output
+        noise = torch.randn(1, 64, dim, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+        for h in (noise * 50, worst):
+            q = attn.norm_q(h)  # RoPE rotates pairs: their norm, hence the bound, is unchanged
+            assert q.float().abs().max() <= bounds[i]
+        assert attn.norm_q(worst).float().abs().max() >= 0.95 * bounds[i]
+
+
+def test_query_bounds_need_rms_normalized_queries():
+    assert query_bounds(_tiny_model(qk_norm=False)) is None
+
+
+def test_fixed_query_scale_rounds_q_under_it_and_leaves_k_v_as_they_were():
+    """With the cache's q scale set, fp8_attention rounds q * 448 / bound (no per-call amax): exactly the
+    reference roundings of q under that scale and of the cached keys and values."""
+    cache = _cache()
+    bound = torch.tensor([12.0, 30.0])  # [num_layers]
+    cache.set_query_bounds(bound)
+    k, v = _kv(3, seed=1)
+    q = 4 * torch.randn(1, 3 * FT, HEADS, DIM, generator=torch.Generator().manual_seed(7))
+    keys, values = _write(cache, 1, 0, k, v)
+    assert keys.query_descale.shape == (1, HEADS) and values.query_scale is None
+    out = a8.fp8_attention(q, keys, values)
+    q_back = a8.quantize_scaled(q, a8.E4M3_MAX / bound[1:]).float() * (bound[1] / a8.E4M3_MAX)
+    torch.testing.assert_close(out, attention(q_back, keys.dequantized(), values.dequantized()))
+    exact = attention(q, k, v)
+    assert (out - exact).norm() / exact.norm() < 0.08
+    cache.set_query_bounds(None)
+    assert _write(cache, 1, 0, k, v)[0].query_scale is None  # per call again

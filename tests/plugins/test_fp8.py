@@ -44,6 +44,27 @@ def test_selection_is_the_blocks_attention_and_ffn_linears(tiny_model, tiny_cfg)
     }
 
 
+def test_fp8_ffn_selects_the_ffn_linears_alone(tiny_model, tiny_cfg):
+    names = fp8.fp8_linear_names(tiny_model, "fp8-ffn")
+    assert names == [f"blocks.{i}.ffn.{j}" for i in range(tiny_cfg.num_layers) for j in (0, 2)]
+    lin = torch.nn.Linear(4, 4)
+    assert not fp8.is_fp8_linear(lin, "blocks.0.self_attn.q", "fp8-ffn")
+    assert fp8.PRECISIONS == ("bf16", "fp8", "fp8-ffn")
+
+
+def test_apply_fp8_ffn_leaves_the_attention_projections_bf16(tiny_model):
+    tq = pytest.importorskip("torchao.quantization")
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    names = fp8.apply_fp8(model, tq.Float8WeightOnlyConfig(), precision="fp8-ffn")
+    assert names == fp8.fp8_linear_names(tiny_model, "fp8-ffn")
+    quantized = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and type(m.weight) is not torch.nn.Parameter
+    }
+    assert quantized == set(names)
+
+
 def test_selection_rejects_lookalikes():
     lin = torch.nn.Linear(4, 4)
     assert fp8.is_fp8_linear(lin, "blocks.0.self_attn.q")
@@ -103,10 +124,11 @@ def test_apply_fp8_quantizes_exactly_the_selection(tiny_model, tiny_cfg, prompt)
 
 
 def test_precision_fp8_refused_on_the_cpu():
-    with pytest.raises(
-        ConfigError, match=r"--precision fp8: it needs a CUDA GPU of compute capability >= 8\.9"
-    ):
-        PipelineConfig(preset="tiny", precision="fp8").resolve()
+    for precision in ("fp8", "fp8-ffn"):
+        with pytest.raises(
+            ConfigError, match=rf"--precision {precision}: it needs a CUDA GPU of compute capability >= 8\.9"
+        ):
+            PipelineConfig(preset="tiny", precision=precision).resolve()
     with pytest.raises(ConfigError, match="--precision int4; choose one of"):
         PipelineConfig(preset="tiny", precision="int4").resolve()
 

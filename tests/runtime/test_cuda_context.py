@@ -108,3 +108,17 @@ print(current.value == ctx.handle.value, float(x.sum()))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "8.0"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_register_page_locks_and_unlocks():
+    from ropesp import cuda_driver
+
+    torch.empty(1, device="cuda")  # this thread's current context
+    x = torch.empty(4 << 20, dtype=torch.uint8)
+    assert not x.is_pinned()
+    assert cuda_driver.host_register(x.data_ptr(), x.numel())
+    assert x.is_pinned()
+    cuda_driver.host_unregister(x.data_ptr())
+    assert not x.is_pinned()
