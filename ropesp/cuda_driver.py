@@ -1,9 +1,8 @@
 """The CUDA driver library through ctypes, for the few calls that must not hold the GIL.
 
 ctypes releases the GIL for the length of a foreign call, so these run alongside Python on other
-threads: the primary context made while torch imports (runtime/cuda_context.py), the page-locking of
-the weights reader's staging blocks (model/weights_file.py). PyTorch's own bindings of the same calls
-(`torch.cuda.cudart().cudaHostRegister`) keep the GIL. Nothing here imports torch.
+threads: the primary context made while torch imports (runtime/cuda_context.py), the page-locked
+staging blocks of the weights reader, freed on its threads (model/weights_file.py). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -23,18 +22,21 @@ def load(library: str = DRIVER_LIBRARY) -> ctypes.CDLL | None:
         return None
 
 
-def host_register(address: int, nbytes: int) -> bool:
-    """Page-lock [address, address + nbytes) of host memory for asynchronous copies (cuMemHostRegister);
-    False where it cannot be (no driver, or the driver refused: the memory stays pageable, and copies
-    from it are synchronous but correct)."""
+def host_alloc(nbytes: int) -> int | None:
+    """Page-locked host memory of nbytes for asynchronous copies (cuMemHostAlloc, what cudaHostAlloc
+    calls), in the calling thread's current context; its address, or None where there is no driver or
+    it refused (the caller then uses pageable memory: synchronous copies, the same bytes)."""
     driver = load()
     if driver is None:
-        return False
-    return driver.cuMemHostRegister_v2(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), 0) == 0
+        return None
+    address = ctypes.c_void_p()
+    if driver.cuMemHostAlloc(ctypes.byref(address), ctypes.c_size_t(nbytes), 0) != 0:
+        return None
+    return address.value
 
 
-def host_unregister(address: int) -> None:
-    """Undo host_register (the memory must not be in use by a pending copy)."""
+def host_free(address: int) -> None:
+    """Free host_alloc's memory (no copy from it may be pending)."""
     driver = load()
     if driver is not None:
-        driver.cuMemHostUnregister(ctypes.c_void_p(address))
+        driver.cuMemFreeHost(ctypes.c_void_p(address))

@@ -14,6 +14,7 @@ faster there, so the engines use it on the CPU). The tensors are views of that b
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -93,11 +94,15 @@ def _host_reader(fd: int, start: int, buf: torch.Tensor, blocks, block_bytes: in
 
 def _cuda_reader(fd: int, start: int, buf: torch.Tensor, blocks, block_bytes: int) -> None:
     stream = torch.cuda.Stream(buf.device)
-    # page-locked by the driver, not torch's pinned allocator: that one keeps freed blocks cached until
-    # the first CUDA-graph capture empties it (cudaFreeHost, ~5 ms a block, inside the first chunk);
-    # these are unlocked here, on the reader threads, in parallel, before the session goes on
-    host = torch.empty(2, block_bytes, dtype=torch.uint8)
-    pinned = cuda_driver.host_register(host.data_ptr(), host.numel())
+    # page-locked through the driver, not torch's pinned allocator: that one keeps freed blocks cached
+    # until the first CUDA-graph capture empties its cache (cudaFreeHost, ~5 ms a block, in the first
+    # chunk); these are freed here, on the reader threads, in parallel and without the GIL
+    address = cuda_driver.host_alloc(2 * block_bytes)
+    if address is None:
+        host = torch.empty(2, block_bytes, dtype=torch.uint8)
+    else:
+        memory = (ctypes.c_uint8 * (2 * block_bytes)).from_address(address)
+        host = torch.frombuffer(memory, dtype=torch.uint8).view(2, block_bytes)
     done = [None, None]  # the event after each staging block's last copy
     try:
         for i, (off, n) in enumerate(blocks):
@@ -111,8 +116,9 @@ def _cuda_reader(fd: int, start: int, buf: torch.Tensor, blocks, block_bytes: in
                 done[slot].record(stream)
     finally:
         stream.synchronize()
-        if pinned:
-            cuda_driver.host_unregister(host.data_ptr())
+        del host
+        if address is not None:
+            cuda_driver.host_free(address)
 
 
 def _view(buf: torch.Tensor, entry: dict) -> torch.Tensor:

@@ -112,13 +112,17 @@ print(current.value == ctx.handle.value, float(x.sum()))
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_host_register_page_locks_and_unlocks():
+def test_host_alloc_is_page_locked_memory():
     from ropesp import cuda_driver
 
     torch.empty(1, device="cuda")  # this thread's current context
-    x = torch.empty(4 << 20, dtype=torch.uint8)
-    assert not x.is_pinned()
-    assert cuda_driver.host_register(x.data_ptr(), x.numel())
-    assert x.is_pinned()
-    cuda_driver.host_unregister(x.data_ptr())
-    assert not x.is_pinned()
+    address = cuda_driver.host_alloc(4 << 20)
+    assert address is not None
+    host = torch.frombuffer((ctypes.c_uint8 * (4 << 20)).from_address(address), dtype=torch.uint8)
+    assert host.is_pinned()
+    host.fill_(7)
+    dev = host.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert int(dev.sum()) == 7 * (4 << 20)
+    del host
+    cuda_driver.host_free(address)
