@@ -10,9 +10,9 @@ Modes (`--attention`):
         shapes with cuDNN's error against fp32 (bench/2026-12-01-fp8)
   fp8   FlashAttention-3's e4m3 forward (package `fa3-fwd`, Hopper) over an e4m3 KV cache
         (plugins/e4m3_cache.py: keys and values quantized once, when written, under one scale per
-        stream, layer and head; keys less the stream's offset); q is cast to e4m3 under one fixed
-        scale per layer, a bound of its RMS-normalized values (no reduction per call); the output
-        is bf16
+        stream, layer and head; keys less the stream's offset); q is cast to e4m3 under scales
+        per layer and head that the stream's first chunk fixes as well (no reduction per call
+        after it); the output is bf16
   int8  SageAttention (package `sageattention`, Triton): INT8 q.k^T with per-block scales and a
         smoothed k, fp16 P.v; it quantizes its bf16 inputs itself
 The fp8 mode's cache is e4m3 because FA3's e4m3 kernel alone runs 1.45-1.56x cuDNN on an H200 while
@@ -74,14 +74,13 @@ class E4M3:
     """Keys or values in e4m3 for the fp8 kernel: data [B, L, H, D] float8_e4m3fn, descale [B, H] fp32,
     the value data * descale (keys: less their offset, which attention does not see).
 
-    Keys may carry the queries' fixed scale (query_scale [1] and query_descale [B, H], fp32: a bound on
-    the layer's |q| maps to 448, plugins/e4m3_cache.py query_bounds); without it fp8_attention scales q
-    per call by its amax."""
+    Keys may carry how the queries attending to them are quantized (`query`, an object whose
+    quantize(q) returns (q8, descale [B, H]): the cache's stream-fixed scales, plugins/e4m3_cache.py);
+    without it fp8_attention scales q per call by its amax."""
 
     data: torch.Tensor
     descale: torch.Tensor
-    query_scale: torch.Tensor | None = None
-    query_descale: torch.Tensor | None = None
+    query: object | None = None
 
     def dequantized(self) -> torch.Tensor:
         """[B, L, H, D] fp32."""
@@ -100,19 +99,13 @@ def compiled(fn, x: torch.Tensor):
     return _compiled(fn) if x.is_cuda else fn
 
 
-def quantize_scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [B, L, H, D] * scale ([1] fp32) -> float8_e4m3fn, saturated at +-448: one elementwise pass
-    (no reduction) where the scale is known before the call."""
-    return (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
 def fp8_attention(q: torch.Tensor, k: E4M3, v: E4M3) -> torch.Tensor:
     """Full (unmasked) attention in e4m3: q [B, Lq, H, D] bf16, k and v [B, Lk, H, D] of the e4m3 cache
     -> [B, Lq, H, D] in q's dtype. FlashAttention-3 on CUDA (sm_90); elsewhere its input roundings with
     exact fp32 attention (the CPU tests' and scripts/fp8_attention_emulation.py's reference). q is
-    quantized under the keys' query_scale where they carry one, else per (batch, head) by its amax."""
-    if k.query_scale is not None:
-        q8, dq = compiled(quantize_scaled, q)(q, k.query_scale), k.query_descale
+    quantized as the keys' `query` says where they carry one, else per (batch, head) by its amax."""
+    if k.query is not None:
+        q8, dq = k.query.quantize(q)
     else:
         q8, dq = compiled(quantize_per_head, q)(q)
     if not q.is_cuda:

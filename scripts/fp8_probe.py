@@ -153,17 +153,17 @@ def attention(lq: int, lks: list[int], heads: int = 12, dim: int = 128) -> list[
                 return write(k_new, offset, k_scale), write(v_new, None, v_scale)
 
             cands["fa3_fp8_e4m3_cache"] = lambda: (cache_writes(), a8.fp8_attention(q, keys, values))[1]
-            # q under a fixed scale (the runtime's: a bound of the layer's |q|, here 4x its amax, as loose
-            # as the norm's bound is for typical inputs), no per-call reduction
-            bound = q.abs().amax().float() * 4
-            q_scale = (a8.E4M3_MAX / bound).view(1)
-            q_descale = (bound / a8.E4M3_MAX).expand(1, heads).contiguous()
-            keys_q = a8.E4M3(keys.data, keys.descale, q_scale, q_descale)
+            # q under the stream's fixed scales (the runtime's after its first chunk), no reduction
+            from ropesp.plugins.e4m3_cache import QueryScale, query_scale
+
+            scale = query_scale(q, None)
+            fixed = QueryScale(scale, scale.reciprocal(), None, calibrate=False)
+            keys_q = a8.E4M3(keys.data, keys.descale, fixed)
             cands["fa3_fp8_e4m3_cache_fixed_q"] = lambda: (
                 cache_writes(),
                 a8.fp8_attention(q, keys_q, values),
             )[1]
-            cands["quant_q_fixed_scale"] = lambda: a8.compiled(a8.quantize_scaled, q)(q, q_scale)
+            cands["quant_q_fixed_scale"] = lambda: fixed.quantize(q)
             cands["quant_per_call"] = lambda: (
                 cache_writes(),
                 a8.compiled(a8.quantize_per_head, q)(q),

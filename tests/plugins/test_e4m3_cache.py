@@ -12,7 +12,7 @@ import torch
 from ropesp.config import CacheConfig
 from ropesp.model.kv_cache import KVCache, attention
 from ropesp.plugins import attention_8bit as a8
-from ropesp.plugins.e4m3_cache import HEADROOM, E4M3KVCache, query_bounds
+from ropesp.plugins.e4m3_cache import HEADROOM, QUERY_HEADROOM, E4M3KVCache, query_bounds
 from ropesp.runtime.pipeline import PipelineConfig, build_session
 
 FT, HEADS, DIM = 4, 2, 8
@@ -173,9 +173,8 @@ def test_the_fp8_mode_holds_the_e4m3_cache_and_a_video_stays_close(monkeypatch):
             expected = E4M3KVCache if mode == "fp8" else KVCache
             cache = session.executor.state.cache
             assert type(cache) is expected
-            if mode == "fp8":  # the executor bound the model's q scales before the first forward
-                want = a8.E4M3_MAX / query_bounds(session.executor.model)
-                torch.testing.assert_close(cache.q_scale[:, 0], want)
+            if mode == "fp8":  # the executor gave the cache the model's q bounds before any forward
+                torch.testing.assert_close(cache.q_bound, query_bounds(session.executor.model))
             session.reset(seed=3)
             latents[mode] = session.generate()
         a, b = latents["sdpa"], latents["fp8"]
@@ -222,20 +221,34 @@ def test_query_bounds_need_rms_normalized_queries():
     assert query_bounds(_tiny_model(qk_norm=False)) is None
 
 
-def test_fixed_query_scale_rounds_q_under_it_and_leaves_k_v_as_they_were():
-    """With the cache's q scale set, fp8_attention rounds q * 448 / bound (no per-call amax): exactly the
-    reference roundings of q under that scale and of the cached keys and values."""
+def test_the_first_chunk_fixes_the_query_scales_and_later_calls_round_under_them():
+    """Calls over keys written from slot 0 set q's scale per (batch, head) from its amax with HEADROOM,
+    capped by the layer's bound; later calls round q under it (no amax), exactly the reference
+    rounding; a q beyond the kept range saturates, never NaN."""
     cache = _cache()
-    bound = torch.tensor([12.0, 30.0])  # [num_layers]
-    cache.set_query_bounds(bound)
+    cache.set_query_bounds(torch.tensor([1e3, 6.0]))  # layer 1's bound caps a head's range below
     k, v = _kv(3, seed=1)
-    q = 4 * torch.randn(1, 3 * FT, HEADS, DIM, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 3 * FT, HEADS, DIM, generator=g) * torch.tensor([0.5, 4.0]).view(1, 1, HEADS, 1)
     keys, values = _write(cache, 1, 0, k, v)
-    assert keys.query_descale.shape == (1, HEADS) and values.query_scale is None
-    out = a8.fp8_attention(q, keys, values)
-    q_back = a8.quantize_scaled(q, a8.E4M3_MAX / bound[1:]).float() * (bound[1] / a8.E4M3_MAX)
+    assert keys.query.calibrate and values.query is None
+    a8.fp8_attention(q, keys, values)
+    top = torch.minimum(QUERY_HEADROOM * q.abs().amax(dim=(1, 3)), torch.tensor(6.0))  # [B, H]
+    torch.testing.assert_close(cache.q_scale[1], a8.E4M3_MAX / top)
+    torch.testing.assert_close(cache.q_descale[1], top / a8.E4M3_MAX)
+    kept = cache.q_scale[1].clone()
+    k2, v2 = _kv(3, seed=2)
+    keys, values = _write(cache, 1, 3, k2, v2)  # a later chunk: the scales stay
+    assert not keys.query.calibrate
+    q2 = 3 * q
+    out = a8.fp8_attention(q2, keys, values)
+    assert torch.equal(cache.q_scale[1], kept) and torch.isfinite(out).all()
+    q_back = E4M3_round(q2, kept)
     torch.testing.assert_close(out, attention(q_back, keys.dequantized(), values.dequantized()))
-    exact = attention(q, k, v)
-    assert (out - exact).norm() / exact.norm() < 0.08
-    cache.set_query_bounds(None)
-    assert _write(cache, 1, 0, k, v)[0].query_scale is None  # per call again
+    assert (q_back.abs().amax(dim=(1, 3)) <= top * (1 + 2**-4)).all()  # head 1 saturated at its cap
+
+
+def E4M3_round(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q [B, L, H, D] rounded to e4m3 under scale [B, H], saturating, and back (fp32)."""
+    s = scale[:, None, :, None]
+    return (q * s).clamp(-a8.E4M3_MAX, a8.E4M3_MAX).to(torch.float8_e4m3fn).float() / s
