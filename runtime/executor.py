@@ -84,6 +84,31 @@ def attention_priority(device: torch.device):
     return sdpa_kernel(order, set_priority=True)
 
 
+WARM_TOKENS = 128
+"""Tokens of the warm-up attention: a shape every SDPA backend takes."""
+
+
+def warm_device_libraries(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> None:
+    """First use of cuBLAS and cuDNN's attention on device at a tiny shape ([1, WARM_TOKENS, heads,
+    head_dim]): their libraries load and their handles are made, which a fresh process otherwise pays
+    at its first prompt (the cross-attention K/V's GEMMs: 0.3 s on an H200) and first chunk. Meant for
+    another thread while the weights load. cuDNN's attention plans and cuBLAS's handles are per
+    thread, so what it saves the DiT's thread is the libraries' loading and their kernels' first
+    loading, not the plans: side by side on an H200 (bench/RESULTS.md twelfth session) fresh engine
+    processes reached their first chunk 0.26 and 0.47 s sooner with it than without. The global SDPA
+    priority (attention_priority) is left alone, so cuDNN's op is called by name. No-op off CUDA."""
+    if device.type != "cuda":
+        return
+    with torch.inference_mode(), torch.cuda.device(device):
+        x = torch.zeros(1, heads, WARM_TOKENS, head_dim, device=device, dtype=dtype)  # [B, H, L, D]
+        torch.nn.functional.linear(x[0, 0], x[0, 0])  # cuBLAS
+        try:
+            torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, False)
+        except RuntimeError:  # no cuDNN attention here: the forwards pick another backend
+            pass
+        torch.cuda.synchronize(device)
+
+
 def refresh_cross_kv(buffers: list | None, kv: list) -> tuple[list, bool]:
     """A new prompt's cross-attention K/V [B, text_len, H, D] per layer, copied into the previous
     prompt's buffers when the shapes match (CUDA graphs and bound engine addresses keep reading them);

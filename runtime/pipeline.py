@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -386,27 +387,39 @@ def resolved_model(res: ResolvedPipeline, device: torch.device):
 def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None):
     """The executor of this rank for the resolved backend (comm: as make_state's)."""
     from ropesp.runtime.dist import device_for
-    from ropesp.runtime.executor import EagerExecutor
+    from ropesp.runtime.executor import EagerExecutor, warm_device_libraries
 
     req = res.request
     device = device_for(mapping, res.device)
     state = make_state(res, mapping, device, comm=comm)
-    if res.backend in MODEL_BACKENDS:
-        compiled = res.backend == "compile"
-        return EagerExecutor(
-            resolved_model(res, device), state, compile=compiled, cuda_graphs=compiled and req.cuda_graphs
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # the device's libraries load while the weights do (warm_device_libraries)
+        warm = pool.submit(
+            warm_device_libraries,
+            device,
+            res.dtype,
+            res.model.num_heads,
+            res.model.dim // res.model.num_heads,
         )
-    from ropesp.runtime.engine import load_engine_executor
+        if res.backend in MODEL_BACKENDS:
+            compiled = res.backend == "compile"
+            executor = EagerExecutor(
+                resolved_model(res, device), state, compile=compiled, cuda_graphs=compiled and req.cuda_graphs
+            )
+        else:
+            from ropesp.runtime.engine import load_engine_executor
 
-    return load_engine_executor(
-        res.manifest,
-        state,
-        mapping,
-        backend=res.backend,
-        parallel=req.parallel,
-        chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
-        cuda_graphs=req.cuda_graphs,
-    )
+            executor = load_engine_executor(
+                res.manifest,
+                state,
+                mapping,
+                backend=res.backend,
+                parallel=req.parallel,
+                chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
+                cuda_graphs=req.cuda_graphs,
+            )
+        warm.result()
+    return executor
 
 
 def _group_initialized() -> bool:

@@ -163,8 +163,7 @@ def time_session_build_parts() -> dict[str, float]:
     wrap(wan.CausalWanDiT, "__init__", "    CausalWanDiT on meta")
     wrap(engine, "read_safetensors", "    read_safetensors")
     wrap(engine.EngineExecutor, "__init__", "  EngineExecutor init")
-    if hasattr(executor, "warm_device_libraries"):  # an A/B variant of runtime/ that has it
-        wrap(executor, "warm_device_libraries", "warm_device_libraries (thread)")
+    wrap(executor, "warm_device_libraries", "warm_device_libraries (thread)")
     wrap(StreamSession, "reset", "session reset (prompt cross K/V)")
     return parts
 
