@@ -18,7 +18,7 @@ import os
 import threading
 import time
 
-from ropesp import cuda_driver
+DRIVER_LIBRARY = "libcuda.so.1"
 
 
 class PrimaryContext:
@@ -38,10 +38,13 @@ class PrimaryContext:
         self._thread.start()
 
     @classmethod
-    def start(cls, ordinal: int = 0, library: str = cuda_driver.DRIVER_LIBRARY) -> PrimaryContext | None:
+    def start(cls, ordinal: int = 0, library: str = DRIVER_LIBRARY) -> PrimaryContext | None:
         """Begin making the context; None where the CUDA driver library is not on this machine."""
-        driver = cuda_driver.load(library)
-        return None if driver is None else cls(driver, ordinal)
+        try:
+            driver = ctypes.CDLL(library)
+        except OSError:
+            return None
+        return cls(driver, ordinal)
 
     def _make(self) -> None:
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@
 safetensors' own `load_file(device="cuda")` copies tensor by tensor from its memory map: ~4 GB/s for
 the engines' 2.8 GB of Wan-1.3B weights on an H200 host (0.7 s of a 3.9 s cold start,
 bench/RESULTS.md). Here the file's data section is read with `os.preadv` (no GIL held) by a few
-threads, each through two page-locked staging blocks and a CUDA stream of its own, so reading the page
+threads, each through two pinned staging blocks and a CUDA stream of its own, so reading the page
 cache, the host-to-device copies and the other threads overlap; on the CPU the threads read straight
 into the buffer (an eager read: safetensors' memory map, which reads nothing until it is used, starts
 faster there, so the engines use it on the CPU). The tensors are views of that buffer (one allocation), each at its offset in the file
@@ -14,7 +14,6 @@ faster there, so the engines use it on the CPU). The tensors are views of that b
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
@@ -22,8 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
-from ropesp import cuda_driver
 
 DTYPES = {
     "BOOL": torch.bool,
@@ -94,31 +91,18 @@ def _host_reader(fd: int, start: int, buf: torch.Tensor, blocks, block_bytes: in
 
 def _cuda_reader(fd: int, start: int, buf: torch.Tensor, blocks, block_bytes: int) -> None:
     stream = torch.cuda.Stream(buf.device)
-    # page-locked through the driver, not torch's pinned allocator: that one keeps freed blocks cached
-    # until the first CUDA-graph capture empties its cache (cudaFreeHost, ~5 ms a block, in the first
-    # chunk); these are freed here, on the reader threads, in parallel and without the GIL
-    address = cuda_driver.host_alloc(2 * block_bytes)
-    if address is None:
-        host = torch.empty(2, block_bytes, dtype=torch.uint8)
-    else:
-        memory = (ctypes.c_uint8 * (2 * block_bytes)).from_address(address)
-        host = torch.frombuffer(memory, dtype=torch.uint8).view(2, block_bytes)
+    staging = [torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
     done = [None, None]  # the event after each staging block's last copy
-    try:
-        for i, (off, n) in enumerate(blocks):
-            slot = i % 2
-            if done[slot] is not None:
-                done[slot].synchronize()  # its previous copy has left the block
-            _read_into(fd, memoryview(host[slot].numpy())[:n], start + off)
-            with torch.cuda.stream(stream):
-                buf[off : off + n].copy_(host[slot, :n], non_blocking=True)
-                done[slot] = torch.cuda.Event()
-                done[slot].record(stream)
-    finally:
-        stream.synchronize()
-        del host
-        if address is not None:
-            cuda_driver.host_free(address)
+    for i, (off, n) in enumerate(blocks):
+        slot = i % 2
+        if done[slot] is not None:
+            done[slot].synchronize()  # its previous copy has left the block
+        _read_into(fd, memoryview(staging[slot].numpy())[:n], start + off)
+        with torch.cuda.stream(stream):
+            buf[off : off + n].copy_(staging[slot][:n], non_blocking=True)
+            done[slot] = torch.cuda.Event()
+            done[slot].record(stream)
+    stream.synchronize()
 
 
 def _view(buf: torch.Tensor, entry: dict) -> torch.Tensor:

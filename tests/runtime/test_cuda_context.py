@@ -108,21 +108,3 @@ print(current.value == ctx.handle.value, float(x.sum()))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "8.0"]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_host_alloc_is_page_locked_memory():
-    from ropesp import cuda_driver
-
-    torch.empty(1, device="cuda")  # this thread's current context
-    address = cuda_driver.host_alloc(4 << 20)
-    assert address is not None
-    host = torch.frombuffer((ctypes.c_uint8 * (4 << 20)).from_address(address), dtype=torch.uint8)
-    assert host.is_pinned()
-    host.fill_(7)
-    dev = host.to("cuda", non_blocking=True)
-    torch.cuda.synchronize()
-    assert int(dev.sum()) == 7 * (4 << 20)
-    del host
-    cuda_driver.host_free(address)
