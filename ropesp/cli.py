@@ -321,10 +321,6 @@ def _prompt_schedule(args, md, res, session_chunks: int | None, mapping):
 
 
 def cmd_generate(args) -> None:
-    from ropesp.runtime.cuda_context import start_for_local_device
-
-    # first, so that CUDA's start overlaps the imports below (torch's among them)
-    context = None if args.device == "cpu" else start_for_local_device(args.world_size)
     import dataclasses
     from pathlib import Path
 
@@ -370,8 +366,6 @@ def cmd_generate(args) -> None:
         args.output or f"ropesp-{args.seed}.mp4", args.latents_out, args.frames_dir, args.overwrite
     )
     require_backend(res.backend)
-    if context is not None and (res.device != "cuda" or (res.world_size > 1 and not under_launcher())):
-        context.release()  # this process does not run on the GPU: the ranks it spawns do
     if decoder == "vae":
         require("vae", "--decoder vae (the Wan VAE)")
     unbounded = 0 in (args.frames, args.latent_frames)

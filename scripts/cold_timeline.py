@@ -1,15 +1,15 @@
 """Where a fresh engines process's start goes, phase by phase, with the first chunk under the profiler.
 
-    python scripts/cold_timeline.py --engines .eng/480_p1 --json timeline.json [--early-context] [--trace t.json.gz]
+    python scripts/cold_timeline.py --engines .eng/480_p1 --json timeline.json [--trace t.json.gz]
 
 The steps of `ropesp generate --engines DIR` (the default prompt, the preview decoder off), each timed
 from this script's first line with the device synchronized at its end: `import torch`; CUDA's start
 (torch.cuda.init and a first allocation: the driver and the primary context); the runtime's imports; the
 session build (under cProfile: its main-thread calls); the stream's first chunk under torch.profiler
 (CPU ops of every thread, the CUDA runtime and driver calls, kernels); the remaining chunks; a second
-video's first chunk (what is left once everything has been used once). --early-context makes the
-primary context on a thread before `import torch` (runtime/cuda_context.py), as `ropesp generate`
-does, so the two can be set side by side in fresh processes.
+video's first chunk (what is left once everything has been used once). The session build's parts
+(KV cache, package digests, packages, the shape-only model, the weights' read, the prompt's K/V) are
+timed by wrapping them in place.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--latent-frames", type=int, default=21)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
-    ap.add_argument("--early-context", action="store_true", help="the primary context before import torch")
     ap.add_argument("--json", required=True)
     ap.add_argument("--trace", help="chrome trace of the first chunk (.json or .json.gz)")
     args = ap.parse_args()
@@ -53,11 +52,6 @@ def main() -> None:
         phases[name] = round((now - mark[0]) * 1e3, 1)
         mark[0] = now
 
-    context = None
-    if args.early_context and args.device == "cuda":
-        from ropesp.runtime.cuda_context import PrimaryContext
-
-        context = PrimaryContext.start(0)
     phase("before_import_torch_ms")
     import torch
 
@@ -116,8 +110,6 @@ def main() -> None:
         "to_first_chunk_ms": round(sum(v for k, v in phases.items() if k in TO_FIRST_CHUNK), 1),
         "first_chunk_in_stream_ms": first.elapsed_ms,
         "later_chunks_ms": rest,
-        "early_context_s": None if context is None else context.seconds,
-        "early_context_error": None if context is None else context.error,
         "session_build_parts_ms": {k: round(v, 1) for k, v in build_parts.items()},
         "session_build_top": top_calls(prof_build, 25),
         "first_chunk": summarize_profile(prof),
@@ -126,7 +118,7 @@ def main() -> None:
         json.dump(out, f, indent=1)
     if args.trace:
         prof.export_chrome_trace(args.trace)
-    keys = ("phases_ms", "to_first_chunk_ms", "early_context_s", "session_build_parts_ms")
+    keys = ("phases_ms", "to_first_chunk_ms", "session_build_parts_ms")
     print(json.dumps({k: out[k] for k in keys}, indent=1))
     fc = out["first_chunk"]
     print(f"first chunk: {fc['kernel_ms']:.1f} ms of kernels in {phases['first_chunk_ms']:.1f} ms")

@@ -284,19 +284,16 @@ for v in variants:
           + " ".join(f"{t:.2f}" for t in total))
 PY
       ;;
-    coldtimeline)  # fresh engines processes phase by phase (scripts/cold_timeline.py), the primary context made
-      # before `import torch` or not, alternating COLD_PAIRS rounds
+    coldtimeline)  # fresh engines processes phase by phase (scripts/cold_timeline.py), COLD_PAIRS of them, then
+      # one with the first chunk's trace
       eng=$(engines 480_p1 1 "$LH" "$LW")
       bytecode
       for i in $(seq 0 $(( ${COLD_PAIRS:-3} - 1 ))); do
-        for v in early late; do
-          flag=(); [ "$v" = early ] && flag=(--early-context)
-          python3 scripts/cold_timeline.py --engines "$eng" --latent-frames "$LF" --device "$DEVICE" "${flag[@]}" \
-            --json "$RES/timeline_${v}_$i.json" >"$RES/timeline_${v}_$i.log" 2>&1
-          head -n 16 "$RES/timeline_${v}_$i.log" | tr -d '\n' | cut -c1-400; echo
-        done
+        python3 scripts/cold_timeline.py --engines "$eng" --latent-frames "$LF" --device "$DEVICE" \
+          --json "$RES/timeline_$i.json" >"$RES/timeline_$i.log" 2>&1
+        head -n 16 "$RES/timeline_$i.log" | tr -d '\n' | cut -c1-400; echo
       done
-      python3 scripts/cold_timeline.py --engines "$eng" --latent-frames "$LF" --device "$DEVICE" --early-context \
+      python3 scripts/cold_timeline.py --engines "$eng" --latent-frames "$LF" --device "$DEVICE" \
         --json "$RES/timeline_traced.json" --trace "$RES/timeline_first_chunk.json.gz" >"$RES/timeline_traced.log" 2>&1
       tail -n 22 "$RES/timeline_traced.log" ;;
     coldserve)  # Triton cold start with the engines: serve-repo --engines, tritonserver start to ready, first chunk
