@@ -11,14 +11,15 @@ batch, head), for the whole stream:
     and the offset the keys share no longer takes e4m3's range (plugins/attention_8bit.py smooth_keys);
   - the scales: the first chunk's absolute maximum (of the offset keys, of the values) maps to
     448 / HEADROOM; a later value beyond 448 saturates instead of turning into NaN.
-The queries' scale per (layer, batch, head) is fixed the same way (QueryScale: the first chunk's amax
-with the same headroom, capped by a bound the model's q norm implies). They are set by every forward
-that writes from slot 0 (the first chunk's denoising passes and its clean
-pass, whose window holds only their own tokens; a replay from the stream's start after `reset`) and kept
-by every later write, so keys and values cost one elementwise pass per write and nothing per attention
-call (over a bf16 cache each fp8 call quantized its whole window: 0.18-0.79 ms per layer on an H200,
-more than the e4m3 kernel saved; with this cache FP8 GEMMs + FP8 attention ran 1.22x bf16 compile,
-bench/RESULTS.md eleventh session). The cache takes half the memory of a bf16 one.
+The queries' scales per (layer, batch, head) are fixed the same way (QueryScale: the first chunk's
+amax with QUERY_HEADROOM, capped by a bound the model's q norm implies). All are set by every forward
+that writes from slot 0 (the first chunk's denoising passes and its clean pass, whose window holds only
+their own tokens; a replay from the stream's start after `reset`) and kept by every later write and
+call, so keys and values cost one elementwise pass per write, q one per call, and no call reduces
+anything (over a bf16 cache each fp8 call quantized its whole window: 0.18-0.79 ms per layer on an
+H200, more than the e4m3 kernel saved; with this cache and q under a fixed scale, FP8 GEMMs + FP8
+attention ran 1.29x bf16 compile, bench/RESULTS.md twelfth session). The cache takes half the memory
+of a bf16 one.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch
 
 from ropesp.config import CacheConfig
 from ropesp.model.kv_cache import KVCache, attention
+from ropesp.model.rope import rope_apply_ref
 from ropesp.plugins import attention_8bit as a8
 from ropesp.plugins.e4m3_cache import HEADROOM, QUERY_HEADROOM, E4M3KVCache, query_bounds
 from ropesp.runtime.pipeline import PipelineConfig, build_session
@@ -211,9 +212,11 @@ def test_query_bounds_hold_for_any_input_and_are_reached_by_the_worst_one():
         worst = torch.zeros(1, 1, dim, dtype=torch.bfloat16)
         worst[..., attn.norm_q.weight.float().abs().argmax()] = 1.0  # x = the q projection's output
         noise = torch.randn(1, 64, dim, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
-        for h in (noise * 50, worst):
-            q = attn.norm_q(h)  # RoPE rotates pairs: their norm, hence the bound, is unchanged
+        for h in (noise * 50, worst.expand(1, 64, dim)):
+            q = attn.heads(attn.norm_q(h))  # [1, 64, H, D], then rotated as the runtime does (4 frames 4 x 4)
+            rotated = rope_apply_ref(q, 5, 4, 4, 4, model.cfg.rope_theta).to(torch.bfloat16)
             assert q.float().abs().max() <= bounds[i]
+            assert rotated.float().abs().max() <= bounds[i]
         assert attn.norm_q(worst).float().abs().max() >= 0.95 * bounds[i]
 
 
