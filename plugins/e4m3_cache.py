@@ -74,8 +74,9 @@ def query_bounds(model: nn.Module) -> torch.Tensor | None:
 
 
 def query_scale(q: torch.Tensor, bound: torch.Tensor | None) -> torch.Tensor:
-    """q [B, L, H, D] -> its scale [B, H] fp32: the absolute maximum per (batch, head) times HEADROOM
-    maps to 448, but never a value above `bound` ([1], query_bounds: beyond it q cannot go)."""
+    """q [B, L, H, D] -> its scale [B, H] fp32: the absolute maximum per (batch, head) times
+    QUERY_HEADROOM maps to 448, but never a value above `bound` ([1], query_bounds: beyond it q
+    cannot go)."""
     top = QUERY_HEADROOM * q.abs().amax(dim=-1).amax(dim=1).float()  # [B, H]
     if bound is not None:
         top = torch.minimum(top, bound)
