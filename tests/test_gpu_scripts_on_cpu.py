@@ -124,3 +124,26 @@ def test_plot_cold_start_from_the_measured_runs(tmp_path):
     _run("plot_cold_start.py", str(out), "--engines", *map(str, sorted(runs.glob("call*_ab*_new_*.json"))),
          "--compile", str(runs / "call5_cold_compile.json"), "--triton", str(runs / "call7_coldserve.json"))  # fmt: skip
     assert out.stat().st_size > 10_000
+
+
+def test_cold_timeline_splits_a_fresh_process_into_its_phases(tmp_path):
+    """scripts/cold_timeline.py on the tiny eager model: every phase timed, the parts of the session
+    build that ran (the eager path: no engines, no weights file), the first chunk profiled."""
+    out, trace = tmp_path / "timeline.json", tmp_path / "first_chunk.json"
+    _run("cold_timeline.py", "--preset", "tiny", "--latent-frames", "6", "--device", "cpu",
+         "--json", str(out), "--trace", str(trace))  # fmt: skip
+    res = json.loads(out.read_text())
+    phases = res["phases_ms"]
+    assert list(phases) == [
+        "before_import_torch_ms", "import_torch_ms", "cuda_start_ms", "runtime_imports_ms",
+        "session_build_ms", "profiler_start_ms", "first_chunk_ms", "remaining_chunks_ms",
+        "second_video_first_chunk_ms",
+    ]  # fmt: skip
+    assert all(v >= 0 for v in phases.values()) and phases["import_torch_ms"] > 0
+    skipped = (
+        phases["profiler_start_ms"] + phases["remaining_chunks_ms"] + phases["second_video_first_chunk_ms"]
+    )
+    assert res["to_first_chunk_ms"] == pytest.approx(sum(phases.values()) - skipped, abs=0.5)
+    assert res["session_build_parts_ms"]["make_state (KV cache, RoPE tables)"] > 0
+    assert res["first_chunk"]["cpu_ops"] and json.loads(trace.read_text())["traceEvents"]
+    assert len(res["later_chunks_ms"]) == 1  # 6 latent frames: two chunks
