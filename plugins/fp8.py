@@ -108,11 +108,10 @@ def apply_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[str
     from ropesp.model.wan import FeedForward
 
     names = fp8_linear_names(model, precision)
-    selected = FP8_LINEARS[precision]
     quantize_(
         model,
         config if config is not None else default_config(),
-        filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and selected.fullmatch(fqn) is not None,
+        filter_fn=lambda m, fqn: is_fp8_linear(m, fqn, precision),
     )
     for module in model.modules():
         if isinstance(module, FeedForward):

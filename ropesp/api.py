@@ -161,8 +161,9 @@ class Pipeline:
     "ort" | "aoti" | "tensorrt"; world_size ranks (spawned and owned here); decoder "preview" (fast
     latent preview), "vae" (the Wan VAE from vae= or model_dir) or None (latents only); precision "bf16" |
     "fp8" (the blocks' GEMMs in e4m3) | "fp8-ffn" (the FFN's alone) and attention "sdpa" | "fa3" |
-    "fp8" | "int8" (the self-attention kernel) as `ropesp generate --precision / --attention`; collective_timeout_s bounds how long a rank
-    waits for the others while streaming (default: 60 s, 300 s with backend "compile").
+    "fp8" | "int8" (the self-attention kernel) as `ropesp generate --precision / --attention`;
+    collective_timeout_s bounds how long a rank waits for the others while streaming (default: 60 s,
+    300 s with backend "compile").
     Video (latent units, as the CLI): height/width in pixels, max_frames (KV cache in latent frames,
     default the model's default video), local_attn_frames/sink_frames (rolling window, sink included:
     unbounded streams), chunk_frames, independent_first_frame, steps, shift.

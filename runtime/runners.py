@@ -366,9 +366,9 @@ class SPState:
             self.ulysses_comm = self.comm.with_group(ulysses_group(layout, mapping.rank), layout.ulysses)
 
     def bind_model(self, model) -> None:
-        """Take from the model's weights what attention over the cache needs of them: the e4m3 cache's
-        fixed q scales (plugins/e4m3_cache.py query_bounds). The executor calls it once, before any
-        forward (CUDA graphs read the scales' buffers)."""
+        """Take from the model's weights what attention over the cache needs of them: the bounds on q
+        that cap the e4m3 cache's q scales (plugins/e4m3_cache.py query_bounds). The executor calls it
+        once, before any forward."""
         from ropesp.plugins.e4m3_cache import E4M3KVCache, query_bounds
 
         if isinstance(self.cache, E4M3KVCache):

@@ -246,12 +246,12 @@ def test_the_first_chunk_fixes_the_query_scales_and_later_calls_round_under_them
     q2 = 3 * q
     out = a8.fp8_attention(q2, keys, values)
     assert torch.equal(cache.q_scale[1], kept) and torch.isfinite(out).all()
-    q_back = E4M3_round(q2, kept)
+    q_back = _e4m3_round(q2, kept)
     torch.testing.assert_close(out, attention(q_back, keys.dequantized(), values.dequantized()))
     assert (q_back.abs().amax(dim=(1, 3)) <= top * (1 + 2**-4)).all()  # head 1 saturated at its cap
 
 
-def E4M3_round(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _e4m3_round(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q [B, L, H, D] rounded to e4m3 under scale [B, H], saturating, and back (fp32)."""
     s = scale[:, None, :, None]
     return (q * s).clamp(-a8.E4M3_MAX, a8.E4M3_MAX).to(torch.float8_e4m3fn).float() / s
