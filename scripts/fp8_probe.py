@@ -3,8 +3,9 @@
     python scripts/fp8_probe.py --json OUT.json
 
 Records, in one process on one GPU: which libraries import (torchao, fa3-fwd, sageattention); the
-block's Linear shapes as bf16 `nn.Linear` against torchao's float8 Linear (rowwise scales), both under
-torch.compile; self-attention at q 4680 tokens against 4680 / 18720 / 32760 keys, 12 heads x 128, for
+block's Linear shapes as bf16 `nn.Linear` against torchao's float8 Linear (rowwise and tensorwise
+scales), both under torch.compile, and the bare `torch._scaled_mm` kernels; a block's two GEMM stages with
+the modulated LayerNorm that feeds them, compiled, in bf16 and float8; self-attention at q 4680 tokens against 4680 / 18720 / 32760 keys, 12 heads x 128, for
 cuDNN SDPA bf16 (the baseline), FlashAttention-3 bf16 and e4m3 (the kernel alone, and as `--attention fp8`
 runs it: the chunk's new keys and values written into the e4m3 cache, q quantized per call, the kernel
 over the window; and those quantizations alone) and SageAttention, each with its error against fp32 attention; and
@@ -70,41 +71,136 @@ def try_import(name: str) -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
+def _e4m3(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in e4m3 with its fp32 scale: one per row of `dim` (keepdim), or one for the tensor (dim None)."""
+    amax = (x.abs().amax(dim, keepdim=True) if dim is not None else x.abs().amax()).float()
+    scale = amax.clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+class _Modulated(torch.nn.Module):
+    """A block's GEMM stage with its producer: LayerNorm (no affine) x (1 + scale) + shift, then either
+    the self-attention's q, k, v projections or the FFN (model/wan.py's FeedForward)."""
+
+    def __init__(self, dim: int, ffn_dim: int, part: str) -> None:
+        super().__init__()
+        from ropesp.model.wan import FeedForward, Linear
+
+        self.part = part
+        if part == "qkv":
+            self.q, self.k, self.v = (Linear(dim, dim) for _ in range(3))
+        else:
+            self.ffn = FeedForward(dim, ffn_dim)
+
+    def forward(self, x, shift, scale):
+        h = F.layer_norm(x.float(), x.shape[-1:]).mul(1 + scale).add(shift).type_as(x)
+        if self.part == "qkv":
+            return self.q(h), self.k(h), self.v(h)
+        return self.ffn(h)
+
+
 def gemms(rows: int) -> list[dict]:
-    from torchao.quantization import quantize_
+    """Each block GEMM shape: bf16 nn.Linear, torchao float8 with rowwise and with tensorwise scales
+    (the activation's quantization included), and the bare `torch._scaled_mm` kernels on inputs
+    quantized beforehand; then the two GEMM stages of a block with their producer (the modulated
+    LayerNorm), compiled as the runtime compiles them, in bf16 and in both float8 granularities."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    from ropesp.plugins.fp8 import default_config
+    def config(granularity):
+        return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
 
+    configs = {"fp8_rowwise": config(PerRow()), "fp8_tensorwise": config(PerTensor())}
+    g = torch.Generator("cuda").manual_seed(0)
     out = []
-    for k, n in ((1536, 1536), (1536, 8960), (8960, 1536)):
-        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+
+    def record(row: dict) -> None:
+        out.append(row)
+        print(json.dumps(row), flush=True)
+
+    for k, n in ((1536, 1536), (1536, 8960), (8960, 1536), (1536, 4608)):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g)
         lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
         ref = F.linear(x.float(), lin.weight.float(), lin.bias.float())
-        bf16 = torch.compile(lin)
         flops = 2 * rows * k * n
         with torch.inference_mode():
-            t_bf16 = bench_ms(lambda: bf16(x))
-            e_bf16 = errors(bf16(x), ref)
-            q = torch.nn.Sequential(torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16))
-            q[0].load_state_dict(lin.state_dict())
-            q.requires_grad_(False)
-            quantize_(q, default_config())
-            fp8 = torch.compile(q)
-            t_fp8 = bench_ms(lambda: fp8(x))
-            e_fp8 = errors(fp8(x), ref)
-        out.append(
-            {
-                "shape": [rows, k, n],
-                "bf16_ms": t_bf16,
-                "bf16_tflops": flops / t_bf16 / 1e9,
-                "fp8_ms": t_fp8,
-                "fp8_tflops": flops / t_fp8 / 1e9,
-                "speedup": t_bf16 / t_fp8,
-                "bf16_err_vs_fp32": e_bf16,
-                "fp8_err_vs_fp32": e_fp8,
-            }
-        )
-        print(json.dumps(out[-1]), flush=True)
+            cands = {"bf16": torch.compile(lin)}
+            for name, cfg in configs.items():
+                q = torch.nn.Sequential(torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16))
+                q[0].load_state_dict(lin.state_dict())
+                q.requires_grad_(False)
+                quantize_(q, cfg)
+                cands[name] = torch.compile(q)
+            xr, sxr = _e4m3(x, -1)
+            wr, swr = _e4m3(lin.weight, -1)
+            xt, sxt = _e4m3(x, None)
+            wt, swt = _e4m3(lin.weight, None)
+            for name, (a, sa, b, sb) in {
+                "kernel_rowwise": (xr, sxr, wr, swr),
+                "kernel_tensorwise": (xt, sxt, wt, swt),
+            }.items():
+                for fast in (True, False):
+                    cands[f"{name}{'' if fast else '_no_fast_accum'}"] = (
+                        lambda a=a, sa=sa, b=b, sb=sb, fast=fast, bias=lin.bias: torch._scaled_mm(
+                            a,
+                            b.t(),
+                            scale_a=sa,
+                            scale_b=sb.t(),
+                            bias=bias,
+                            out_dtype=torch.bfloat16,
+                            use_fast_accum=fast,
+                        )
+                    )
+            base = None
+            for name, fn in cands.items():
+                row = {"shape": [rows, k, n], "variant": name}
+                try:
+                    ms = bench_ms(lambda: fn(x) if not name.startswith("kernel") else fn())
+                    res = fn(x) if not name.startswith("kernel") else fn()
+                    base = ms if name == "bf16" else base
+                    row.update(
+                        ms=ms,
+                        tflops=flops / ms / 1e9,
+                        speedup_vs_bf16=base / ms,
+                        err_vs_fp32=errors(res, ref),
+                    )
+                except Exception:
+                    row["error"] = traceback.format_exc()[-1500:]
+                record(row)
+        del x, lin, ref, cands
+        torch.cuda.empty_cache()
+
+    dim, ffn_dim = 1536, 8960
+    x = torch.randn(1, rows, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    shift = torch.randn(1, 1, dim, device="cuda", generator=g) * 0.1
+    scale = torch.randn(1, 1, dim, device="cuda", generator=g) * 0.1
+    for part, flops in (("qkv", 2 * rows * dim * dim * 3), ("ffn", 4 * rows * dim * ffn_dim)):
+        torch.manual_seed(0)
+        bf16 = _Modulated(dim, ffn_dim, part).cuda().bfloat16().requires_grad_(False)
+        with torch.inference_mode():
+            ref = bf16.float()(x.float(), shift, scale)
+            bf16 = bf16.bfloat16()
+            cands = {"bf16": bf16}
+            for name, cfg in configs.items():
+                m = _Modulated(dim, ffn_dim, part).cuda().bfloat16().requires_grad_(False)
+                m.load_state_dict(bf16.state_dict())
+                quantize_(m, cfg)
+                if part == "ffn":
+                    m.ffn.fuse_up_gelu = False
+                cands[name] = m
+            base = None
+            for name, m in cands.items():
+                fn = torch.compile(m, dynamic=True)
+                row = {"stage": f"modulated LayerNorm -> {part}", "rows": rows, "variant": name}
+                try:
+                    ms = bench_ms(lambda: fn(x, shift, scale))
+                    res = fn(x, shift, scale)
+                    base = ms if name == "bf16" else base
+                    err = errors(torch.cat([r.flatten() for r in res]) if part == "qkv" else res,
+                                 torch.cat([r.flatten() for r in ref]) if part == "qkv" else ref)  # fmt: skip
+                    row.update(ms=ms, tflops=flops / ms / 1e9, speedup_vs_bf16=base / ms, err_vs_fp32=err)
+                except Exception:
+                    row["error"] = traceback.format_exc()[-1500:]
+                record(row)
     return out
 
 

@@ -4,7 +4,7 @@
 # still leaves the earlier ones).
 #
 # Usage: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_run.sh STEP [STEP ...]
-#   steps: tests quick enginetests demotests weights coldstart coldab coldtimeline coldserve fp8 fp8quality benchengines decodetests overlaptests alone profilealone build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
+#   steps: tests quick enginetests demotests weights coldstart coldab coldtimeline coldserve fp8 fp8gemm profilefp8 fp8quality benchengines decodetests overlaptests alone profilealone build480 bench1 bench1opt bench2 bench4 parity hybrid profile profilesp profilevae vae vaeown vaedec build720 bench720 wan14b
 #          serve kernels rope stage (Triton latency; the single-kernel and SP-stage micro-benchmarks)
 # Dry run on a CPU (tiny model): DEVICE=cpu PRESET=tiny LH=8 LW=8 LF=6 DTYPE=float32 bash scripts/gpu_run.sh ...
 # BENCH_TIMEOUT caps each bench/parity run (s); ROPESP_HANG_DUMP_S makes every rank dump its stacks.
@@ -215,8 +215,9 @@ for step in "$@"; do
     enginetests)  # the export tests marked gpu (AOTInductor CUDA packages load, replay equals the uncaptured run)
       timeout -k 5 300 python3 -m pytest tests/export -m gpu -q -p no:cacheprovider >"$RES/tests_export.log" 2>&1
       tail -n 4 "$RES/tests_export.log" ;;
-    demotests)  # the shipped demo model on every GPU path (bf16, compile, CUDA engines, fp8): its score (carry torchao, fa3)
-      timeout -k 5 400 python3 -m pytest tests/demo -m gpu -q -s -p no:cacheprovider -rs >"$RES/tests_demo.log" 2>&1
+    demotests)  # the shipped demo model on every GPU path (bf16, compile, CUDA engines, fp8): its score (carry torchao,
+      # fa3); DEMO_K selects tests (pytest -k)
+      timeout -k 5 400 python3 -m pytest tests/demo -m gpu -q -s -p no:cacheprovider -rs ${DEMO_K:+-k "$DEMO_K"} >"$RES/tests_demo.log" 2>&1
       tail -n 12 "$RES/tests_demo.log" ;;
     weights)  # engines built from the preset hold exactly the parameters the runtime draws on this GPU
       eng=$(engines 480_p1 1 "$LH" "$LW")
@@ -320,6 +321,17 @@ PY
       timeout -k 5 200 python3 scripts/fp8_probe.py --parts attention --json "$RES/fp8_probe_attention.json" \
         >"$RES/fp8_probe_attention.log" 2>&1; grep -E '"candidate"' "$RES/fp8_probe_attention.log" | cut -c1-220
       bench_cmp bench480_p1fp8 1 480 "$LH" "$LW" "${FP8_CONFIGS:-compile,compile-fp8,compile-fp8attn}" --no-decode ${FP8_ARGS:-} ;;
+    fp8gemm)  # the block's GEMMs alone and with their producers: bf16 against torchao float8 rowwise / tensorwise
+      timeout -k 5 300 python3 scripts/fp8_probe.py --parts gemm --json "$RES/fp8_probe_gemm.json" \
+        >"$RES/fp8_probe_gemm.log" 2>&1; grep -E '"variant"' "$RES/fp8_probe_gemm.log" | cut -c1-200 ;;
+    profilefp8)  # one video under the profiler per precision (compile backend): bf16, FP8 GEMMs, + FP8 attention;
+      # PROFILE_FP8 picks them as precision:attention pairs
+      for pa in ${PROFILE_FP8:-bf16:sdpa fp8:sdpa fp8:fp8}; do
+        tag=${pa/:/_}
+        timeout -k 5 400 python3 scripts/profile_chunk.py --preset "$PRESET" --backend compile --precision "${pa%%:*}" \
+          --attention "${pa##*:}" --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" \
+          --device "$DEVICE" --json "$RES/profile_$tag.json" --trace "$RES/trace_$tag.json.gz" \
+          >"$RES/profile_$tag.log" 2>&1; tail -n 30 "$RES/profile_$tag.log"; done ;;
     fp8quality)  # final latents of one 81-frame video per mode against bf16 and fp32 (same seed and weights)
       timeout -k 5 400 python3 scripts/fp8_quality.py --preset "$PRESET" --frames 81 --modes "${FP8_MODES:-bf16,fp8,fp8attn,fp32}" \
         --json "$RES/fp8_quality.json" >"$RES/fp8_quality.log" 2>&1; tail -n 12 "$RES/fp8_quality.log" ;;

@@ -1,7 +1,7 @@
 """Where one video's time goes on a GPU: torch.profiler over one warm 81-frame video, as seen by rank 0.
 
     python scripts/profile_chunk.py --preset wan2.1-1.3b --latent-height 60 --latent-width 104 \
-        [--engines DIR --backend aoti] [--vae random] [--world-size P [--alone]] --json prof.json --trace trace.json.gz
+        [--engines DIR --backend aoti] [--precision fp8 --attention fp8] [--vae random] [--world-size P [--alone]] --json prof.json --trace trace.json.gz
 
 With --world-size P every rank runs the same videos (Ulysses SP, lock-step, each video started after a
 barrier) and rank 0 alone is profiled: its NCCL kernels' time includes waiting for the slowest peer, so
@@ -77,6 +77,8 @@ def profile_rank(mapping: Mapping, args: argparse.Namespace) -> None:
             dtype=args.dtype,
             device=args.device,
             world_size=mapping.world_size,
+            precision=args.precision,
+            attention=args.attention,
         )
         decoder = None
         if args.vae and mapping.rank == 0:  # rank 0 decodes, as in generate, serving and the bench
@@ -162,6 +164,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default="eager")
     ap.add_argument("--engines")
+    ap.add_argument("--precision", default="bf16", help="bf16, fp8 or fp8-ffn (the block Linears' GEMMs)")
+    ap.add_argument("--attention", default="sdpa", help="the self-attention kernel (e.g. fp8)")
     ap.add_argument("--vae", help="'random' or a checkpoint: decode overlapped with the DiT")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     ap.add_argument("--world-size", type=int, default=1, help="ranks (one GPU each); rank 0 is profiled")
