@@ -10,9 +10,8 @@ Modes (`--attention`):
         shapes with cuDNN's error against fp32 (bench/2026-12-01-fp8)
   fp8   FlashAttention-3's e4m3 forward (package `fa3-fwd`, Hopper) over an e4m3 KV cache
         (plugins/e4m3_cache.py: keys and values quantized once, when written, under one scale per
-        stream, layer and head; keys less the stream's offset); q is cast to e4m3 under scales
-        per layer and head that the stream's first chunk fixes as well (no reduction per call
-        after it); the output is bf16
+        stream, layer and head; keys less the stream's offset); q is quantized per call, one scale
+        per (batch, head) from its amax; the output is bf16
   int8  SageAttention (package `sageattention`, Triton): INT8 q.k^T with per-block scales and a
         smoothed k, fp16 P.v; it quantizes its bf16 inputs itself
 The fp8 mode's cache is e4m3 because FA3's e4m3 kernel alone runs 1.45-1.56x cuDNN on an H200 while
@@ -72,15 +71,10 @@ def smooth_keys(k: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class E4M3:
     """Keys or values in e4m3 for the fp8 kernel: data [B, L, H, D] float8_e4m3fn, descale [B, H] fp32,
-    the value data * descale (keys: less their offset, which attention does not see).
-
-    Keys may carry how the queries attending to them are quantized (`query`, an object whose
-    quantize(q) returns (q8, descale [B, H]): the cache's stream-fixed scales, plugins/e4m3_cache.py);
-    without it fp8_attention scales q per call by its amax."""
+    the value data * descale (keys: less their offset, which attention does not see)."""
 
     data: torch.Tensor
     descale: torch.Tensor
-    query: object | None = None
 
     def dequantized(self) -> torch.Tensor:
         """[B, L, H, D] fp32."""
@@ -89,9 +83,10 @@ class E4M3:
 
 @functools.cache
 def _compiled(fn):
-    # one reduction and one cast kernel per tensor (eager takes several passes); dynamic in L: the
-    # chunks' lengths differ
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    # one reduction and one cast kernel per tensor (eager takes several passes), specialized to each
+    # shape (a process meets a few: the chunk's tokens per rank, its all-to-all blocks): with dynamic
+    # shapes the cache writes' casts ran ~6x slower than their bytes allow on an H200, and q's amax 3x
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def compiled(fn, x: torch.Tensor):
@@ -103,11 +98,8 @@ def fp8_attention(q: torch.Tensor, k: E4M3, v: E4M3) -> torch.Tensor:
     """Full (unmasked) attention in e4m3: q [B, Lq, H, D] bf16, k and v [B, Lk, H, D] of the e4m3 cache
     -> [B, Lq, H, D] in q's dtype. FlashAttention-3 on CUDA (sm_90); elsewhere its input roundings with
     exact fp32 attention (the CPU tests' and scripts/fp8_attention_emulation.py's reference). q is
-    quantized as the keys' `query` says where they carry one, else per (batch, head) by its amax."""
-    if k.query is not None:
-        q8, dq = k.query.quantize(q)
-    else:
-        q8, dq = compiled(quantize_per_head, q)(q)
+    quantized per (batch, head) by its amax, per call."""
+    q8, dq = compiled(quantize_per_head, q)(q)
     if not q.is_cuda:
         from ropesp.model.kv_cache import attention
 

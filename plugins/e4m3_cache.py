@@ -11,27 +11,21 @@ batch, head), for the whole stream:
     and the offset the keys share no longer takes e4m3's range (plugins/attention_8bit.py smooth_keys);
   - the scales: the first chunk's absolute maximum (of the offset keys, of the values) maps to
     448 / HEADROOM; a later value beyond 448 saturates instead of turning into NaN.
-The queries' scales per (layer, batch, head) are fixed the same way (QueryScale: the first chunk's
-amax with QUERY_HEADROOM, capped by a bound the model's q norm implies). All are set by every forward
-that writes from slot 0 (the first chunk's denoising passes and its clean pass, whose window holds only
-their own tokens; a replay from the stream's start after `reset`) and kept by every later write and
-call, so keys and values cost one elementwise pass per write, q one per call, and no call reduces
-anything (over a bf16 cache each fp8 call quantized its whole window: 0.18-0.79 ms per layer on an
-H200, more than the e4m3 kernel saved; with this cache and q under a fixed scale, FP8 GEMMs + FP8
-attention ran 1.29x bf16 compile, bench/RESULTS.md twelfth session). The cache takes half the memory
-of a bf16 one.
+They are set by every forward that writes from slot 0 (the first chunk's denoising passes and its
+clean pass, whose window holds only their own tokens; a replay from the stream's start after `reset`)
+and kept by every later write, so keys and values cost one elementwise pass per write and no call
+reduces over the window (over a bf16 cache each fp8 call quantized its whole window: 0.18-0.79 ms per
+layer on an H200, more than the e4m3 kernel saved). The queries are quantized per call by their amax
+(plugins/attention_8bit.py): scales fixed by the first chunk as the keys' are cost the demo model
+0.03 of its score on an H200 (0.891 against 0.903 per call, against 0.920 in fp32; bench/RESULTS.md).
+The cache takes half the memory of a bf16 one.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
 from ropesp.model.kv_cache import CacheSlots, KVCache
-from ropesp.model.wan import RMSNorm
 from ropesp.plugins.attention_8bit import E4M3, E4M3_MAX, compiled
 
 HEADROOM = 4.0
@@ -40,69 +34,6 @@ before saturating. e4m3 is floating point, so this costs no relative precision e
 2^-6 * HEADROOM / 448 (~1/1800) of the first chunk's maximum, which become subnormal. On the demo model
 (fp32 on the CPU, 4 seeds x 15 latent frames, final latents against `--attention sdpa`): rel L2 0.0032 with
 headroom 1 (later chunks saturate), 0.0007 with 2, 0.0006 with 4 and 8."""
-
-
-QUERY_HEADROOM = 2.0
-"""As HEADROOM, for the queries' scales (RMS-normalized, they vary less from chunk to chunk than the
-keys' ranges). Chosen on the demo model (`scripts/fp8_attention_emulation.py --variants e4m3-cache`,
-the runtime's roundings on the CPU, 32 pairs; fp32 0.920, q scaled per call by its amax 0.911): 0.832
-with headroom 1 (later calls saturate), 0.908 with 2, 0.899 with 4, 0.861 with 8; q under the
-weights' bound alone (query_bounds as its scale) 0.856."""
-QUERY_BOUND_MARGIN = 1 + 2**-6
-"""The bf16 roundings between the norm and the kernel (the normalized value, its product with the weight,
-RoPE's output: 2^-8 each at most) stay inside this factor."""
-
-
-def query_bounds(model: nn.Module) -> torch.Tensor | None:
-    """[num_layers] fp32: for each block, a bound on every element of its self-attention queries; None
-    where a block's q is not RMS-normalized (qk_norm off).
-
-    q = RMSNorm(x) * w over the whole dim C: the squares of x / rms(x) sum to at most C, so no element
-    exceeds sqrt(C) * max|w|, and RoPE rotates pairs of elements, which keeps that bound (a^2 + b^2 is
-    unchanged). It caps the range QueryScale keeps for q (no saturation past it is possible). As the
-    scale itself it is too loose: typical elements sit ~sqrt(C) below it, and q rounded under it cost
-    the demo model 0.045 of its score on an H200 (0.858 against 0.903 under per-call amax scales,
-    bench/RESULTS.md)."""
-    bounds = []
-    for block in model.blocks:
-        norm = block.self_attn.norm_q
-        if not isinstance(norm, RMSNorm):
-            return None
-        w = norm.weight.detach().float().abs().amax()
-        bounds.append(math.sqrt(norm.weight.numel()) * QUERY_BOUND_MARGIN * w)
-    return torch.stack(bounds)
-
-
-def query_scale(q: torch.Tensor, bound: torch.Tensor | None) -> torch.Tensor:
-    """q [B, L, H, D] -> its scale [B, H] fp32: the absolute maximum per (batch, head) times
-    QUERY_HEADROOM maps to 448, but never a value above `bound` ([1], query_bounds: beyond it q
-    cannot go)."""
-    top = QUERY_HEADROOM * q.abs().amax(dim=-1).amax(dim=1).float()  # [B, H]
-    if bound is not None:
-        top = torch.minimum(top, bound)
-    return E4M3_MAX / top.clamp_min(1e-12)
-
-
-@dataclass(frozen=True)
-class QueryScale:
-    """How one layer's queries are quantized for the fp8 kernel: scale and descale [B, H] fp32 (views
-    of the cache's buffers, which CUDA graphs read), set by the stream's first chunk as the keys' are
-    (every call whose keys were written from slot 0 calibrates) and fixed after it, so a later call
-    multiplies and casts, one pass, no reduction. bound: [1] fp32, query_bounds' value for the layer
-    (None where the model has none)."""
-
-    scale: torch.Tensor
-    descale: torch.Tensor
-    bound: torch.Tensor | None
-    calibrate: bool
-
-    def quantize(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, L, H, D] -> (q8 float8_e4m3fn [B, L, H, D], descale [B, H])."""
-        if self.calibrate:
-            new = compiled(query_scale, q)(q, self.bound)
-            self.scale.copy_(new)
-            self.descale.copy_(new.reciprocal())
-        return compiled(to_e4m3, q)(q, None, self.scale), self.descale
 
 
 def calibrate(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,15 +81,6 @@ class E4M3KVCache(KVCache):
         self.k_scale, self.v_scale, self.k_descale, self.v_descale = (
             torch.ones((layers, batch, heads), dtype=torch.float32, device=device) for _ in range(4)
         )
-        self.q_scale, self.q_descale = (
-            torch.ones((layers, batch, heads), dtype=torch.float32, device=device) for _ in range(2)
-        )
-        self.q_bound: torch.Tensor | None = None
-        """[num_layers] fp32 bounds on |q| (set_query_bounds), or None."""
-
-    def set_query_bounds(self, bounds: torch.Tensor | None) -> None:
-        """Cap each layer's q range at bounds [num_layers] (query_bounds of the model; None: no cap)."""
-        self.q_bound = None if bounds is None else bounds.to(self.k.device, torch.float32).clamp_min(1e-12)
 
     def update(self, layer: int, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor) -> tuple[E4M3, E4M3]:
         """Quantize k, v [B, N, H, D] (or [B, N1, N2, H, D] blocks, as KVCache.update) into the chunk's
@@ -180,6 +102,4 @@ class E4M3KVCache(KVCache):
         ):
             self.written_slots(buf, layer, slots, new).copy_(quantize(new, offset, scale))
         keys, values = self.window(layer, slots)
-        bound = None if self.q_bound is None else self.q_bound[layer : layer + 1]
-        query = QueryScale(self.q_scale[layer], self.q_descale[layer], bound, slots.write_start == 0)
-        return E4M3(keys, self.k_descale[layer], query), E4M3(values, self.v_descale[layer])
+        return E4M3(keys, self.k_descale[layer]), E4M3(values, self.v_descale[layer])

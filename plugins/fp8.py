@@ -6,8 +6,9 @@ Applied once to a plain CausalWanDiT at load (the model knows nothing of precisi
 the blocks (self-attention q/k/v/o, cross-attention q/k/v/o, FFN up/down) gets e4m3 weights with one
 scale per output channel, quantized here once; its input is quantized per row (token) at run time, and
 the GEMM is `torch._scaled_mm` (rowwise scales, bf16 output). Under the compile backend the activation
-quantization (row amax, scale, cast) is traced into the same Inductor regions as the LayerNorm,
-modulation and GELU that produce the input, so it costs no extra pass over memory.
+quantization (row amax, scale, cast) is traced into the same Inductor regions as the LayerNorm and
+modulation that produce the input, so it costs no extra pass over memory; the FFN's down projection
+takes its input from one kernel that applies the GELU and quantizes (plugins/fp8_ffn.py).
 What stays in the model's dtype: the patch, text and time embeddings, the norms, the modulation
 parameters, the head and the KV cache (the first and last layers are the most sensitive, and their
 FLOPs are negligible; `--attention fp8` keeps the cache in e4m3 instead, plugins/e4m3_cache.py).
@@ -106,6 +107,7 @@ def apply_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[str
     from torchao.quantization import quantize_
 
     from ropesp.model.wan import FeedForward
+    from ropesp.plugins.fp8_ffn import FP8FeedForward
 
     names = fp8_linear_names(model, precision)
     quantize_(
@@ -113,9 +115,9 @@ def apply_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[str
         config if config is not None else default_config(),
         filter_fn=lambda m, fqn: is_fp8_linear(m, fqn, precision),
     )
-    for module in model.modules():
-        if isinstance(module, FeedForward):
-            # the quantized up projection has a Linear but no fused bias+GELU GEMM; under the compile
-            # backend Inductor fuses the GELU with the down projection's input quantization instead
-            module.fuse_up_gelu = False
+    for name, module in model.named_modules():
+        if isinstance(module, FeedForward) and f"{name}.2" in names:
+            # _scaled_mm has no GELU epilogue: one kernel applies GELU and quantizes the down
+            # projection's input instead (plugins/fp8_ffn.py)
+            FP8FeedForward.from_quantized(module)
     return names

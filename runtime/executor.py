@@ -132,7 +132,6 @@ class ChunkExecutor:
         """rope: how the runners rotate q/k, one of ROPE_FORMS."""
         assert rope in ROPE_FORMS, rope
         self.model, self.state, self.rope = model, state, rope
-        state.bind_model(model)
         self.cfg, self.device, self.dtype = model.cfg, state.device, state.dtype
         self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         cuda = self.device.type == "cuda"

@@ -365,15 +365,6 @@ class SPState:
             self._cache_attention = functools.partial(RingAttention, world=self.comm)
             self.ulysses_comm = self.comm.with_group(ulysses_group(layout, mapping.rank), layout.ulysses)
 
-    def bind_model(self, model) -> None:
-        """Take from the model's weights what attention over the cache needs of them: the bounds on q
-        that cap the e4m3 cache's q scales (plugins/e4m3_cache.py query_bounds). The executor calls it
-        once, before any forward."""
-        from ropesp.plugins.e4m3_cache import E4M3KVCache, query_bounds
-
-        if isinstance(self.cache, E4M3KVCache):
-            self.cache.set_query_bounds(query_bounds(model))
-
     def sinusoid(self, t: torch.Tensor | float, batch: int, frames: int) -> torch.Tensor:
         """The timestep sinusoid [B, F, freq_dim] float64 on device, computed once per distinct step
         (a host-to-device copy per forward would stall the host behind the GPU)."""

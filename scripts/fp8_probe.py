@@ -16,6 +16,7 @@ whether an AOTInductor package of a float8 Linear builds and loads (--parts aoti
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -106,6 +107,8 @@ def gemms(rows: int) -> list[dict]:
     LayerNorm), compiled as the runtime compiles them, in bf16 and in both float8 granularities."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
+    from ropesp.plugins.fp8_ffn import FP8FeedForward, gelu_quant_e4m3, gelu_quant_ref
+
     def config(granularity):
         return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
 
@@ -181,12 +184,18 @@ def gemms(rows: int) -> list[dict]:
             bf16 = bf16.bfloat16()
             cands = {"bf16": bf16}
             for name, cfg in configs.items():
-                m = _Modulated(dim, ffn_dim, part).cuda().bfloat16().requires_grad_(False)
-                m.load_state_dict(bf16.state_dict())
-                quantize_(m, cfg)
-                if part == "ffn":
-                    m.ffn.fuse_up_gelu = False
-                cands[name] = m
+                variants = [name]
+                if part == "ffn" and name == "fp8_rowwise":
+                    variants.append("fp8_rowwise_inductor_gelu_quant")
+                for variant in variants:
+                    m = _Modulated(dim, ffn_dim, part).cuda().bfloat16().requires_grad_(False)
+                    m.load_state_dict(bf16.state_dict())
+                    quantize_(m, cfg)
+                    if variant == "fp8_rowwise" and part == "ffn":  # the runtime's FFN (apply_fp8)
+                        FP8FeedForward.from_quantized(m.ffn)
+                    elif part == "ffn":  # Linear, GELU, Linear: Inductor fuses the GELU and the quantization
+                        m.ffn.forward = functools.partial(torch.nn.Sequential.forward, m.ffn)
+                    cands[variant] = m
             base = None
             for name, m in cands.items():
                 fn = torch.compile(m, dynamic=True)
@@ -201,6 +210,27 @@ def gemms(rows: int) -> list[dict]:
                 except Exception:
                     row["error"] = traceback.format_exc()[-1500:]
                 record(row)
+    # the FFN's GELU + rowwise quantization alone: the runtime's kernel against Inductor's code for
+    # the same math (what the down projection's torchao Linear gets without it)
+    h = torch.randn(rows, ffn_dim, device="cuda", dtype=torch.bfloat16, generator=g) * 3
+    ref8, ref_scale = gelu_quant_ref(h)
+    inductor = torch.compile(gelu_quant_ref, dynamic=False)
+    moved = h.numel() * (h.element_size() + 1) + rows * 4  # bytes read and written
+    from ropesp.plugins import fp8_ffn
+
+    kernels = [("gelu_quant_kernel", gelu_quant_e4m3), ("gelu_quant_inductor", inductor)]
+    kernels += [
+        (f"gelu_quant_kernel_{w}_warps", functools.partial(fp8_ffn.launch, num_warps=w)) for w in (4, 8, 32)
+    ]
+    for name, fn in kernels:
+        with torch.inference_mode():
+            ms = bench_ms(lambda: fn(h))
+            h8, scale = fn(h)
+        back, ref = h8.float() * scale, ref8.float() * ref_scale
+        record({"stage": "gelu + rowwise e4m3", "rows": rows, "cols": ffn_dim, "variant": name, "ms": ms,
+                "gb_per_s": moved / ms / 1e6, "scale_max_rel": float(((scale - ref_scale) / ref_scale).abs().max()),
+                "codes_differing": int((h8.view(torch.uint8) != ref8.view(torch.uint8)).sum()),
+                "err_vs_reference": errors(back, ref)})  # fmt: skip
     return out
 
 
@@ -249,26 +279,15 @@ def attention(lq: int, lks: list[int], heads: int = 12, dim: int = 128) -> list[
                 return write(k_new, offset, k_scale), write(v_new, None, v_scale)
 
             cands["fa3_fp8_e4m3_cache"] = lambda: (cache_writes(), a8.fp8_attention(q, keys, values))[1]
-            # q under the stream's fixed scales (the runtime's after its first chunk), no reduction
-            from ropesp.plugins.e4m3_cache import QueryScale, query_scale
-
-            scale = query_scale(q, None)
-            fixed = QueryScale(scale, scale.reciprocal(), None, calibrate=False)
-            keys_q = a8.E4M3(keys.data, keys.descale, fixed)
-            cands["fa3_fp8_e4m3_cache_fixed_q"] = lambda: (
-                cache_writes(),
-                a8.fp8_attention(q, keys_q, values),
-            )[1]
-            cands["quant_q_fixed_scale"] = lambda: fixed.quantize(q)
             cands["quant_per_call"] = lambda: (
                 cache_writes(),
                 a8.compiled(a8.quantize_per_head, q)(q),
             )
             cands["quant_cache_writes"] = cache_writes
             cands["quant_q"] = lambda: a8.compiled(a8.quantize_per_head, q)(q)
-            # the runtime compiles with dynamic shapes; a static reduction may be split across the GPU
-            static_q = torch.compile(a8.quantize_per_head, dynamic=False, fullgraph=True)
-            cands["quant_q_static_shapes"] = lambda: static_q(q)
+            # for comparison: the same reduction compiled with dynamic shapes
+            dynamic_q = torch.compile(a8.quantize_per_head, dynamic=True, fullgraph=True)
+            cands["quant_q_dynamic_shapes"] = lambda: dynamic_q(q)
         except Exception as exc:
             rows.append({"lk": lk, "fa3_error": f"{type(exc).__name__}: {exc}"[:1000]})
         try:

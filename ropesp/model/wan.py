@@ -105,18 +105,14 @@ class FeedForward(nn.Sequential):
     On CUDA the first Linear and the GELU are one cuBLASLt GEMM with a bias + GELU(tanh) epilogue
     (`aten._addmm_activation`), so the [L, ffn_dim] activation (86 MB per layer at 832x480 bf16) is
     written once instead of written, read and written again. The CPU kernel of that op applies the
-    erf GELU, so the CPU keeps the two separate ops."""
-
-    fuse_up_gelu = True
-    """CUDA: the up projection and GELU as one GEMM epilogue; False where the up weight is a tensor
-    subclass that implements Linear but not that op (quantized weights, plugins/fp8.py)."""
+    erf GELU, so the CPU keeps the two separate ops. (With FP8 weights plugins/fp8_ffn.py takes over.)"""
 
     def __init__(self, dim: int, ffn_dim: int) -> None:
         super().__init__(Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), Linear(ffn_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, _, down = self
-        if not (x.is_cuda and self.fuse_up_gelu):
+        if not x.is_cuda:
             return super().forward(x)
         h = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
         return down(h.unflatten(0, x.shape[:-1]))

@@ -19,6 +19,7 @@ from ropesp.model.kv_cache import CacheSlots, KVCache
 from ropesp.model.rope import RopeGrid
 from ropesp.model.wan import FeedForward, timestep_sinusoid
 from ropesp.plugins import fp8
+from ropesp.plugins.fp8_ffn import E4M3Linear, FP8FeedForward
 from ropesp.plugins.rope_sp import rope_for_rank
 from ropesp.runtime.pipeline import PipelineConfig
 from ropesp.runtime.runners import SingleDeviceRunner
@@ -60,7 +61,8 @@ def test_apply_fp8_ffn_leaves_the_attention_projections_bf16(tiny_model):
     quantized = {
         n
         for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and type(m.weight) is not torch.nn.Parameter
+        if isinstance(m, E4M3Linear)
+        or (isinstance(m, torch.nn.Linear) and type(m.weight) is not torch.nn.Parameter)
     }
     assert quantized == set(names)
 
@@ -99,6 +101,10 @@ def test_apply_fp8_quantizes_exactly_the_selection(tiny_model, tiny_cfg, prompt)
     names = fp8.apply_fp8(model, tq.Float8WeightOnlyConfig())
     assert names == fp8.fp8_linear_names(reference)
     for name, module in model.named_modules():
+        if isinstance(module, E4M3Linear):  # the FFN's down projection: plain e4m3 buffers
+            assert name in names and module.weight.dtype == torch.float8_e4m3fn, name
+            assert module.weight_scale.shape == (1, module.weight.shape[0]), name
+            continue
         if not isinstance(module, torch.nn.Linear):
             continue
         weight = module.weight
@@ -110,10 +116,14 @@ def test_apply_fp8_quantizes_exactly_the_selection(tiny_model, tiny_cfg, prompt)
         else:
             assert type(weight) is torch.nn.Parameter and weight.dtype == torch.bfloat16, name
     # norms, modulation and the embeddings' parameters are untouched
-    for (name, p), (_, p0) in zip(model.named_parameters(), reference.named_parameters()):
+    before = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
         if "modulation" in name or "norm" in name or "embedding" in name:
-            assert torch.equal(p, p0), name
-    assert all(not m.fuse_up_gelu for m in model.modules() if isinstance(m, FeedForward))
+            assert torch.equal(p, before[name]), name
+    # the FFNs take the down projection's input from the GELU + quantization op (plugins/fp8_ffn.py)
+    ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
+    assert ffns and all(type(m) is FP8FeedForward and isinstance(m[2], E4M3Linear) for m in ffns)
+    assert all(m[2].weight.dtype == torch.float8_e4m3fn for m in ffns)
     # the quantized model runs, close to bf16: e4m3 weights carry a 2^-4 relative rounding step
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, tiny_cfg.in_dim, 8, 8, generator=g)

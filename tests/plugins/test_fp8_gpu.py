@@ -75,3 +75,58 @@ def test_fp8_pipeline_is_close_to_bf16(tmp_path, attention):
     rel = ((fp8 - bf16).norm() / bf16.norm()).item()
     # Wan-1.3B, 81 frames: 0.044 (GEMMs) and 0.126 (GEMMs + attention) against bf16
     assert 0 < rel < (0.1 if attention == "sdpa" else 0.2), rel
+
+
+@pytest.mark.parametrize("shape", [(4680, 8960), (37, 2048), (5, 13824)])
+def test_gelu_quant_kernel_matches_the_reference(shape):
+    """The Triton kernel against gelu_quant_ref (fp32 GELU): the same scales to fp32 rounding, and codes
+    that differ only where the kernel's tanh (libdevice) and torch's put a value on the other side of a
+    rounding boundary: one e4m3 step, for a few values in a million."""
+    from ropesp.plugins.fp8_ffn import gelu_quant_e4m3, gelu_quant_ref
+
+    _skip_unless(fp8_unsupported_reason("cuda"))
+    g = torch.Generator("cuda").manual_seed(0)
+    h = (torch.randn(*shape, device="cuda", generator=g) * 3).bfloat16()
+    h8, scale = gelu_quant_e4m3(h)
+    ref8, ref_scale = gelu_quant_ref(h)
+    assert h8.dtype == torch.float8_e4m3fn and scale.shape == (shape[0], 1)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    differ = h8.view(torch.uint8) != ref8.view(torch.uint8)
+    assert differ.float().mean().item() < 1e-4
+    back, ref = h8.float() * scale, ref8.float() * ref_scale
+    # one e4m3 step: 2^-3 of the value in the normal range, a subnormal step (2^-9 of the scale) below
+    assert ((back - ref).abs() <= ref.abs() * 2**-3 + 2**-9 * ref_scale).all()
+
+
+def test_fp8_ffn_compiled_and_captured_matches_its_eager_self():
+    """FP8FeedForward under torch.compile and a CUDA graph (as the compile backend runs it) equals its
+    eager forward, and is within FP8's error of the bf16 FFN (Wan-1.3B's FFN sizes: measured rel L2
+    ~0.04 for GEMM stages, bench/2026-12-03-run13)."""
+    from torchao.quantization import quantize_
+
+    from ropesp.model.wan import FeedForward
+    from ropesp.plugins.fp8 import default_config
+    from ropesp.plugins.fp8_ffn import FP8FeedForward
+
+    _skip_unless(fp8_unsupported_reason("cuda"))
+    torch.manual_seed(0)
+    bf16 = FeedForward(1536, 8960).cuda().bfloat16().requires_grad_(False)
+    ffn = FeedForward(1536, 8960).cuda().bfloat16().requires_grad_(False)
+    ffn.load_state_dict(bf16.state_dict())
+    quantize_(ffn, default_config())
+    FP8FeedForward.from_quantized(ffn)
+    x = torch.randn(1, 4680, 1536, device="cuda").bfloat16()
+    compiled = torch.compile(ffn, fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        eager, ref = ffn(x), bf16(x)
+        compiled(x)
+        graph = torch.cuda.CUDAGraph()
+        static_x = x.clone()
+        with torch.cuda.graph(graph):
+            out = compiled(static_x)
+        graph.replay()
+    # Inductor computes torchao's activation scales with its own fp32 code: an e4m3 code may land one
+    # step apart from eager's, so the two agree to the last bits of bf16, not bit for bit
+    assert ((out.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-2
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert torch.isfinite(out).all() and rel < 0.08, rel
