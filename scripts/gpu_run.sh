@@ -325,9 +325,9 @@ PY
       timeout -k 5 300 python3 scripts/fp8_probe.py --parts gemm --json "$RES/fp8_probe_gemm.json" \
         >"$RES/fp8_probe_gemm.log" 2>&1; grep -E '"variant"' "$RES/fp8_probe_gemm.log" | cut -c1-200 ;;
     profilefp8)  # one video under the profiler per precision (compile backend): bf16, FP8 GEMMs, + FP8 attention;
-      # PROFILE_FP8 picks them as precision:attention pairs
+      # PROFILE_FP8 picks them as precision:attention pairs, PROFILE_TAG suffixes the files
       for pa in ${PROFILE_FP8:-bf16:sdpa fp8:sdpa fp8:fp8}; do
-        tag=${pa/:/_}
+        tag=${pa/:/_}${PROFILE_TAG:-}
         timeout -k 5 400 python3 scripts/profile_chunk.py --preset "$PRESET" --backend compile --precision "${pa%%:*}" \
           --attention "${pa##*:}" --latent-height "$LH" --latent-width "$LW" --latent-frames "$LF" --dtype "$DTYPE" \
           --device "$DEVICE" --json "$RES/profile_$tag.json" --trace "$RES/trace_$tag.json.gz" \

@@ -80,8 +80,8 @@ def test_fp8_pipeline_is_close_to_bf16(tmp_path, attention):
 @pytest.mark.parametrize("shape", [(4680, 8960), (37, 2048), (5, 13824)])
 def test_gelu_quant_kernel_matches_the_reference(shape):
     """The Triton kernel against gelu_quant_ref (fp32 GELU): the same scales to fp32 rounding, and codes
-    that differ only where the kernel's tanh (libdevice) and torch's put a value on the other side of a
-    rounding boundary: one e4m3 step, for a few values in a million."""
+    that differ only where the kernel's approximate tanh (relative error ~2^-11) puts a value on the
+    other side of a rounding boundary: one e4m3 step (2^-4 relative), so about 2^-11 / 2^-4 of them."""
     from ropesp.plugins.fp8_ffn import gelu_quant_e4m3, gelu_quant_ref
 
     _skip_unless(fp8_unsupported_reason("cuda"))
@@ -92,7 +92,7 @@ def test_gelu_quant_kernel_matches_the_reference(shape):
     assert h8.dtype == torch.float8_e4m3fn and scale.shape == (shape[0], 1)
     torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
     differ = h8.view(torch.uint8) != ref8.view(torch.uint8)
-    assert differ.float().mean().item() < 1e-4
+    assert differ.float().mean().item() < 0.03
     back, ref = h8.float() * scale, ref8.float() * ref_scale
     # one e4m3 step: 2^-3 of the value in the normal range, a subnormal step (2^-9 of the scale) below
     assert ((back - ref).abs() <= ref.abs() * 2**-3 + 2**-9 * ref_scale).all()
