@@ -129,8 +129,9 @@ def pieces(k: int) -> tuple[int, int, int]:
 
 
 def _num_warps(k: int) -> int:
-    """About 8 fp32 values a thread, 4 to 32 warps."""
-    return max(4, min(32, k // 256))
+    """8 warps (4 for short rows): at K = 8960 on an H200, 0.0415 ms against 0.0440 with 4 warps and
+    0.0751 with 32 (bench/RESULTS.md thirteenth session)."""
+    return 8 if k >= 2048 else 4
 
 
 def launch(h: torch.Tensor, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
