@@ -220,7 +220,7 @@ def gemms(rows: int) -> list[dict]:
 
     kernels = [("gelu_quant_kernel", gelu_quant_e4m3), ("gelu_quant_inductor", inductor)]
     kernels += [
-        (f"gelu_quant_kernel_{w}_warps", functools.partial(fp8_ffn.launch, num_warps=w)) for w in (4, 8, 32)
+        (f"gelu_quant_kernel_{w}_warps", functools.partial(fp8_ffn.launch, num_warps=w)) for w in (4, 16, 32)
     ]
     for name, fn in kernels:
         with torch.inference_mode():
