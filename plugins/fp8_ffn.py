@@ -10,7 +10,7 @@ GELU epilogue, so with both FFN Linears in FP8 the [L, ffn_dim] activation (4680
 goes through GELU and the down projection's row amax and cast; Inductor generated that as one looped
 reduction which took 159 us per call on an H200 (163 ms of a 1.86 s video, ~1.3 TB/s, where the bf16
 GEMM it feeds takes 164 us; bench/RESULTS.md thirteenth session). Here one program holds a whole row
-in registers: one read of h (bf16), one write of h8 and its scale.
+in registers: one read of h (bf16), one write of h8 and its scale; 42 us a call (3.0 TB/s).
 
 Forms as plugins/rope_sp.py: `gelu_quant_ref` (pure torch, the CPU kernel and the tests' reference),
 `_gelu_quant_kernel` (Triton, CUDA) and the op (`torch.library.triton_op` where triton imports, so
@@ -66,8 +66,9 @@ if triton is not None:
     @triton.jit
     def _gelu(x):
         """GELU (tanh) of fp32 x; tanh through the hardware's approximate tanh (one MUFU instruction,
-        relative error ~2^-11, far below e4m3's 2^-4 step): libdevice's tanhf and the padded lanes
-        made the kernel compute-bound (0.165 ms for 4680 x 8960, 0.76 TB/s on an H200)."""
+        relative error ~2^-11, far below e4m3's 2^-4 step): with libdevice's tanhf (~20 instructions)
+        and a row padded to a power of two the kernel is compute-bound (0.165 ms for 4680 x 8960 on an
+        H200 against 0.042 ms this way)."""
         inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) (x + 0.044715 x^3)
         t = tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;", "=f,f", [inner], dtype=tl.float32, is_pure=True, pack=1
