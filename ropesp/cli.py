@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ropesp import start_gc
 from ropesp.config import PRESETS, SamplerConfig, latent_frames_for
 from ropesp.errors import CheckpointError, ConfigError, RopespError
 from ropesp.extras import require, require_backend
@@ -819,6 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.func is cmd_generate:  # until its first chunk (the runtime releases it): ropesp/start_gc.py
+        start_gc.hold()
     try:
         args.func(args)
     except RopespError as exc:
@@ -827,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C or SIGINT: every rank was stopped on the way out
         print("ropesp: interrupted", file=sys.stderr)
         return 130
+    finally:
+        start_gc.release()
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ropesp import start_gc
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.session import Chunk, StreamSession, check_prompt_mode
 from ropesp.video import OutputPaths, StreamOutputs
@@ -151,6 +152,7 @@ def write_video(
         def each(chunk: Chunk) -> None:
             if out is not None:
                 out.write(chunk.frames[0].numpy())
+            start_gc.release()  # the process has started: collect again (ropesp/start_gc.py)
             if on_chunk is not None:
                 on_chunk(chunk)
 
