@@ -25,6 +25,7 @@ from torch import nn
 from torch.library import wrap_triton
 
 from ropesp.model.wan import FeedForward
+from ropesp.plugins.attention_8bit import E4M3_MAX
 
 try:
     import triton
@@ -33,8 +34,6 @@ except ImportError:
     triton = None
 
 OP_NAME = "ropesp::gelu_quant_e4m3"
-E4M3_MAX = 448.0
-"""Largest finite float8_e4m3fn value: a row's absolute maximum maps to it."""
 MIN_AMAX = 1e-12
 """A row of zeros keeps a finite scale (torchao's float8 scales clamp the same way)."""
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

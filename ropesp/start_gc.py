@@ -6,8 +6,8 @@
 
 A fresh process allocates ~180K objects that live as long as it does (torch's import, the model's
 modules, the engines' wrappers): each full (generation-2) collection walks all of them, and a CPU
-`ropesp generate` of the demo model ran three, 16-77 ms each (0.15 s of its 3 s; bench/RESULTS.md
-thirteenth session). After `gc.freeze` later collections skip them. Nothing is collected while the
+`ropesp generate` of the demo model ran three, 25-112 ms each (290 ms of collections in all; whole
+process 3.07 s without the hold, 2.56 s with it; bench/RESULTS.md thirteenth session). After `gc.freeze` later collections skip them. Nothing is collected while the
 collector is held, so the hold covers the start only, never a whole stream or a server's life; the
 one collection at release frees the start's garbage (a compile backend's start leaves much) instead of
 freezing it, once the first chunk is out.

@@ -107,7 +107,7 @@ def gemms(rows: int) -> list[dict]:
     LayerNorm), compiled as the runtime compiles them, in bf16 and in both float8 granularities."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    from ropesp.plugins.fp8_ffn import FP8FeedForward, gelu_quant_e4m3, gelu_quant_ref
+    from ropesp.plugins.fp8_ffn import FP8FeedForward, gelu_quant_e4m3, gelu_quant_ref, launch
 
     def config(granularity):
         return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
@@ -216,12 +216,8 @@ def gemms(rows: int) -> list[dict]:
     ref8, ref_scale = gelu_quant_ref(h)
     inductor = torch.compile(gelu_quant_ref, dynamic=False)
     moved = h.numel() * (h.element_size() + 1) + rows * 4  # bytes read and written
-    from ropesp.plugins import fp8_ffn
-
     kernels = [("gelu_quant_kernel", gelu_quant_e4m3), ("gelu_quant_inductor", inductor)]
-    kernels += [
-        (f"gelu_quant_kernel_{w}_warps", functools.partial(fp8_ffn.launch, num_warps=w)) for w in (4, 16, 32)
-    ]
+    kernels += [(f"gelu_quant_kernel_{w}_warps", functools.partial(launch, num_warps=w)) for w in (4, 16, 32)]
     for name, fn in kernels:
         with torch.inference_mode():
             ms = bench_ms(lambda: fn(h))
