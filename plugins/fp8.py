@@ -5,10 +5,10 @@
 Applied once to a plain CausalWanDiT at load (the model knows nothing of precision): every Linear of
 the blocks (self-attention q/k/v/o, cross-attention q/k/v/o, FFN up/down) gets e4m3 weights with one
 scale per output channel, quantized here once; its input is quantized per row (token) at run time, and
-the GEMM is `torch._scaled_mm` (rowwise scales, bf16 output). Under the compile backend the activation
-quantization (row amax, scale, cast) is traced into the same Inductor regions as the LayerNorm and
-modulation that produce the input, so it costs no extra pass over memory; the FFN's down projection
-takes its input from one kernel that applies the GELU and quantizes (plugins/fp8_ffn.py).
+the GEMM is `torch._scaled_mm` (rowwise scales, bf16 output). The activation's quantization is one
+Triton kernel fused with what produces it: the modulated LayerNorms (norm1 before q/k/v, norm2 before
+the FFN), the affine norm3 before the cross-attention's q, the FFN's GELU; the attention outputs are
+quantized by a kernel of their own (plugins/e4m3_rows.py, plugins/fp8_layers.py).
 What stays in the model's dtype: the patch, text and time embeddings, the norms, the modulation
 parameters, the head and the KV cache (the first and last layers are the most sensitive, and their
 FLOPs are negligible; `--attention fp8` keeps the cache in e4m3 instead, plugins/e4m3_cache.py).
@@ -101,13 +101,15 @@ def apply_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[str
     """Quantize the block Linears of model that precision selects (FP8_LINEARS) in place, weights
     once, here; returns their names.
 
-    config: a torchao quantization config (default `default_config()`, which needs a GPU of compute
-    capability >= 8.9: call `check_fp8` first for a clear message). The model must already be on its
-    device and in its dtype."""
+    torchao quantizes the weights (config: a torchao float8 config with one scale per output channel,
+    default `default_config()`, which needs a GPU of compute capability >= 8.9: call `check_fp8` first
+    for a clear message); each selected Linear then becomes an E4M3Linear on those e4m3 weights, each
+    FFN an FP8FeedForward, and each norm whose every reader is an E4M3Linear quantizes its output
+    itself (plugins/fp8_layers.py). The model must already be on its device and in its dtype."""
     from torchao.quantization import quantize_
 
-    from ropesp.model.wan import FeedForward
-    from ropesp.plugins.fp8_ffn import FP8FeedForward
+    from ropesp.model.wan import Block, LayerNorm
+    from ropesp.plugins import fp8_layers as layers
 
     names = fp8_linear_names(model, precision)
     quantize_(
@@ -115,9 +117,24 @@ def apply_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[str
         config if config is not None else default_config(),
         filter_fn=lambda m, fqn: is_fp8_linear(m, fqn, precision),
     )
-    for name, module in model.named_modules():
-        if isinstance(module, FeedForward) and f"{name}.2" in names:
-            # _scaled_mm has no GELU epilogue: one kernel applies GELU and quantizes the down
-            # projection's input instead (plugins/fp8_ffn.py)
-            FP8FeedForward.from_quantized(module)
+    selected = set(names)
+    for name, block in model.named_modules():
+        if not isinstance(block, Block):
+            continue
+        for attn_name in ("self_attn", "cross_attn"):
+            attn = getattr(block, attn_name)
+            for proj in "qkvo":
+                if f"{name}.{attn_name}.{proj}" in selected:
+                    setattr(attn, proj, layers.E4M3Linear.from_quantized(getattr(attn, proj)))
+        if {f"{name}.ffn.0", f"{name}.ffn.2"} <= selected:
+            layers.FP8FeedForward.from_quantized(block.ffn)
+            layers.swap_class(block.norm2, layers.E4M3ModulatedLayerNorm)
+        if {f"{name}.self_attn.{p}" for p in "qkv"} <= selected:
+            layers.swap_class(block.norm1, layers.E4M3ModulatedLayerNorm)
+        if (
+            f"{name}.cross_attn.q" in selected
+            and type(block.norm3) is LayerNorm
+            and block.norm3.weight is not None
+        ):
+            layers.swap_class(block.norm3, layers.E4M3LayerNorm)
     return names

@@ -99,13 +99,29 @@ class LayerNorm(nn.Module):
         return layer_norm(x, self.eps, self.weight, self.bias)
 
 
+class ModulatedLayerNorm(nn.Module):
+    """adaLN: LayerNorm (fp32, no affine of its own) with a shift and scale per frame (Wan's norm1 and
+    norm2, no parameters: the tables come from the block's modulation and the time embedding)."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frame_of_token: torch.Tensor
+    ) -> torch.Tensor:
+        """x [B, L, C]; shift, scale [B, F, C] per frame; frame_of_token [L] int64 -> [B, L, C] in x's
+        dtype: layer_norm(x) * (1 + scale[frame]) + shift[frame]."""
+        return layer_norm(x, self.eps) * (1 + scale[:, frame_of_token]) + shift[:, frame_of_token]
+
+
 class FeedForward(nn.Sequential):
     """Linear -> GELU (tanh) -> Linear; keys `0.weight`, `0.bias`, `2.weight`, `2.bias` as Wan's FFN.
 
     On CUDA the first Linear and the GELU are one cuBLASLt GEMM with a bias + GELU(tanh) epilogue
     (`aten._addmm_activation`), so the [L, ffn_dim] activation (86 MB per layer at 832x480 bf16) is
     written once instead of written, read and written again. The CPU kernel of that op applies the
-    erf GELU, so the CPU keeps the two separate ops. (With FP8 weights plugins/fp8_ffn.py takes over.)"""
+    erf GELU, so the CPU keeps the two separate ops. (With FP8 weights plugins/fp8_layers.py takes over.)"""
 
     def __init__(self, dim: int, ffn_dim: int) -> None:
         super().__init__(Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), Linear(ffn_dim, dim))
@@ -155,10 +171,11 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.eps = cfg.eps
+        self.norm1 = ModulatedLayerNorm(cfg.eps)
         self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
         self.norm3 = LayerNorm(cfg.dim, cfg.eps, affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = ModulatedLayerNorm(cfg.eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
         self.modulation = modulation(6, cfg.dim)
 
@@ -176,7 +193,7 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """x: [B, L, C], e0: [B, F, 6, C], frame_of_token: [L] int64 -> q, k (rotated), v: [B, L, H, D]."""
         mod = self.frame_modulation(e0)
-        h = layer_norm(x, self.eps) * (1 + mod[:, frame_of_token, 1]) + mod[:, frame_of_token, 0]
+        h = self.norm1(x, mod[:, :, 0], mod[:, :, 1], frame_of_token)
         attn = self.self_attn
         q = attn.heads(attn.norm_q(attn.q(h)))  # [B, L, H, D]
         k = attn.heads(attn.norm_k(attn.k(h)))
@@ -204,7 +221,7 @@ class Block(nn.Module):
             cross_v.transpose(1, 2),  # [B, H, L, D]
         ).transpose(1, 2)  # [B, L, H, D]
         x = x + ca.o(c.flatten(2))
-        h = layer_norm(x, self.eps) * (1 + mod[:, frame_of_token, 4]) + mod[:, frame_of_token, 3]
+        h = self.norm2(x, mod[:, :, 3], mod[:, :, 4], frame_of_token)
         return x + self.ffn(h) * mod[:, frame_of_token, 5]
 
 

@@ -17,9 +17,9 @@ import torch
 from ropesp.errors import BackendUnavailableError, ConfigError
 from ropesp.model.kv_cache import CacheSlots, KVCache
 from ropesp.model.rope import RopeGrid
-from ropesp.model.wan import FeedForward, timestep_sinusoid
+from ropesp.model.wan import FeedForward, LayerNorm, ModulatedLayerNorm, timestep_sinusoid
 from ropesp.plugins import fp8
-from ropesp.plugins.fp8_ffn import E4M3Linear, FP8FeedForward
+from ropesp.plugins.fp8_layers import E4M3LayerNorm, E4M3Linear, E4M3ModulatedLayerNorm, FP8FeedForward
 from ropesp.plugins.rope_sp import rope_for_rank
 from ropesp.runtime.pipeline import PipelineConfig
 from ropesp.runtime.runners import SingleDeviceRunner
@@ -58,13 +58,12 @@ def test_apply_fp8_ffn_leaves_the_attention_projections_bf16(tiny_model):
     model = copy.deepcopy(tiny_model).to(torch.bfloat16)
     names = fp8.apply_fp8(model, tq.Float8WeightOnlyConfig(), precision="fp8-ffn")
     assert names == fp8.fp8_linear_names(tiny_model, "fp8-ffn")
-    quantized = {
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, E4M3Linear)
-        or (isinstance(m, torch.nn.Linear) and type(m.weight) is not torch.nn.Parameter)
-    }
-    assert quantized == set(names)
+    assert {n for n, m in model.named_modules() if isinstance(m, E4M3Linear)} == set(names)
+    # the FFN's norm quantizes its output; norm1 and norm3 feed bf16 projections and stay as they are
+    for block in model.blocks:
+        assert type(block.norm2) is E4M3ModulatedLayerNorm
+        assert type(block.norm1) is ModulatedLayerNorm and type(block.norm3) is LayerNorm
+        assert all(isinstance(block.self_attn.get_submodule(p), torch.nn.Linear) for p in "qkvo")
 
 
 def test_selection_rejects_lookalikes():
@@ -100,30 +99,28 @@ def test_apply_fp8_quantizes_exactly_the_selection(tiny_model, tiny_cfg, prompt)
     reference = copy.deepcopy(model)
     names = fp8.apply_fp8(model, tq.Float8WeightOnlyConfig())
     assert names == fp8.fp8_linear_names(reference)
+    converted = dict(reference.named_modules())
     for name, module in model.named_modules():
-        if isinstance(module, E4M3Linear):  # the FFN's down projection: plain e4m3 buffers
-            assert name in names and module.weight.dtype == torch.float8_e4m3fn, name
+        if name in names:  # e4m3 buffers with a scale per output channel, the bias in the model dtype
+            assert type(module) is E4M3Linear, name
+            assert module.weight.dtype == torch.float8_e4m3fn and module.weight_scale.dtype == torch.float32
+            assert module.weight.shape == converted[name].weight.shape
             assert module.weight_scale.shape == (1, module.weight.shape[0]), name
-            continue
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        weight = module.weight
-        if name in names:  # e4m3 data with a scale per output channel, bf16 to the outside
-            assert type(weight) is not torch.nn.Parameter, name
-            assert weight.qdata.dtype == torch.float8_e4m3fn
-            assert weight.qdata.shape == weight.shape and weight.dtype == torch.bfloat16
-            assert weight.scale.numel() == weight.shape[0]
-        else:
-            assert type(weight) is torch.nn.Parameter and weight.dtype == torch.bfloat16, name
+            assert module.bias.dtype == module.out_dtype == torch.bfloat16
+        elif isinstance(module, torch.nn.Linear):
+            assert type(module.weight) is torch.nn.Parameter and module.weight.dtype == torch.bfloat16, name
     # norms, modulation and the embeddings' parameters are untouched
     before = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         if "modulation" in name or "norm" in name or "embedding" in name:
             assert torch.equal(p, before[name]), name
-    # the FFNs take the down projection's input from the GELU + quantization op (plugins/fp8_ffn.py)
+    # every norm before an FP8 GEMM quantizes its output; the FFNs fuse the GELU into the down
+    # projection's input quantization (plugins/fp8_layers.py)
+    for block in model.blocks:
+        assert type(block.norm1) is E4M3ModulatedLayerNorm and type(block.norm2) is E4M3ModulatedLayerNorm
+        assert type(block.norm3) is E4M3LayerNorm
     ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
     assert ffns and all(type(m) is FP8FeedForward and isinstance(m[2], E4M3Linear) for m in ffns)
-    assert all(m[2].weight.dtype == torch.float8_e4m3fn for m in ffns)
     # the quantized model runs, close to bf16: e4m3 weights carry a 2^-4 relative rounding step
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, tiny_cfg.in_dim, 8, 8, generator=g)

@@ -77,38 +77,67 @@ def test_fp8_pipeline_is_close_to_bf16(tmp_path, attention):
     assert 0 < rel < (0.1 if attention == "sdpa" else 0.2), rel
 
 
+def _assert_codes_close(got, want, differing: float) -> None:
+    """The kernel's (x8, scale) against the reference's: the same scales to fp32 rounding, and codes
+    that differ only where a value lands on the other side of a rounding boundary (at most `differing`
+    of them): one e4m3 step, 2^-3 of the value in the normal range, a subnormal step (2^-9 of the
+    scale) below it."""
+    (x8, scale), (ref8, ref_scale) = got, want
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == ref8.shape and scale.shape == ref_scale.shape
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-5, atol=0)
+    assert (x8.view(torch.uint8) != ref8.view(torch.uint8)).float().mean().item() <= differing
+    back, ref = x8.float() * scale, ref8.float() * ref_scale
+    assert ((back - ref).abs() <= ref.abs() * 2**-3 + 2**-9 * ref_scale).all()
+
+
 @pytest.mark.parametrize("shape", [(4680, 8960), (37, 2048), (5, 13824)])
 def test_gelu_quant_kernel_matches_the_reference(shape):
-    """The Triton kernel against gelu_quant_ref (fp32 GELU): the same scales to fp32 rounding, and codes
-    that differ only where the kernel's approximate tanh (relative error ~2^-11) puts a value on the
-    other side of a rounding boundary: one e4m3 step (2^-4 relative), so about 2^-11 / 2^-4 of them."""
-    from ropesp.plugins.fp8_ffn import gelu_quant_e4m3, gelu_quant_ref
+    """GELU: the kernel's approximate tanh (relative error ~2^-11) moves about 2^-11 / 2^-4 of the
+    codes across a boundary; 3 % bounds it."""
+    from ropesp.plugins.e4m3_rows import gelu_quant_e4m3, gelu_quant_ref
 
     _skip_unless(fp8_unsupported_reason("cuda"))
     g = torch.Generator("cuda").manual_seed(0)
     h = (torch.randn(*shape, device="cuda", generator=g) * 3).bfloat16()
-    h8, scale = gelu_quant_e4m3(h)
-    ref8, ref_scale = gelu_quant_ref(h)
-    assert h8.dtype == torch.float8_e4m3fn and scale.shape == (shape[0], 1)
-    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
-    differ = h8.view(torch.uint8) != ref8.view(torch.uint8)
-    assert differ.float().mean().item() < 0.03
-    back, ref = h8.float() * scale, ref8.float() * ref_scale
-    # one e4m3 step: 2^-3 of the value in the normal range, a subnormal step (2^-9 of the scale) below
-    assert ((back - ref).abs() <= ref.abs() * 2**-3 + 2**-9 * ref_scale).all()
+    _assert_codes_close(gelu_quant_e4m3(h), gelu_quant_ref(h), 0.03)
+
+
+@pytest.mark.parametrize("shape", [(4680, 1536), (37, 5120), (3, 1000)])
+def test_quant_and_norm_kernels_match_the_references(shape):
+    """Plain, affine-norm and modulated-norm quantization against their fp32 references (the norms'
+    statistics summed in another order: codes differ at a few boundaries only, 1 % bounds them); the
+    plain input with a row stride (an attention output's view), the modulated one over two batches of
+    three frames' tables."""
+    from ropesp.plugins import e4m3_rows as r
+
+    _skip_unless(fp8_unsupported_reason("cuda"))
+    m, k = shape
+    g = torch.Generator("cuda").manual_seed(1)
+    wide = (torch.randn(m, k + 64, device="cuda", generator=g) * 4 + 1).bfloat16()
+    x = wide[:, :k]  # row stride k + 64
+    _assert_codes_close(r.quant_e4m3(x), r.quant_ref(x), 1e-4)  # x * (448 / amax) against x / (amax / 448)
+    weight, bias = (torch.randn(2, k, device="cuda", generator=g) * 0.5 + 1).bfloat16().unbind(0)
+    _assert_codes_close(
+        r.norm_quant_e4m3(x, weight, bias, 1e-6), r.norm_quant_ref(x, weight, bias, 1e-6), 0.01
+    )
+    mul, add = (torch.randn(2, 6, k, device="cuda", generator=g) * 0.5).bfloat16().unbind(0)
+    rows = torch.randint(0, 6, (m,), device="cuda", generator=g)
+    _assert_codes_close(
+        r.modulated_norm_quant_e4m3(x, mul, add, rows, 1e-6),
+        r.modulated_norm_quant_ref(x, mul, add, rows, 1e-6),
+        0.01,
+    )
 
 
 def test_fp8_ffn_compiled_and_captured_is_close_to_bf16():
     """FP8FeedForward under torch.compile and a CUDA graph (as the compile backend runs it): the replay
     matches the compiled call it captured, and eager and compiled are each within FP8's error of the
-    bf16 FFN (Wan-1.3B's FFN sizes). The two FP8 paths round differently (Inductor computes torchao's
-    activation scales with its own code: measured 0.025 apart on an H200), so each is held to the bf16
-    reference rather than to the other: measured ~0.04 for the block's FP8 GEMM stages."""
+    bf16 FFN (Wan-1.3B's FFN sizes): measured ~0.04 for the block's FP8 GEMM stages."""
     from torchao.quantization import quantize_
 
     from ropesp.model.wan import FeedForward
     from ropesp.plugins.fp8 import default_config
-    from ropesp.plugins.fp8_ffn import FP8FeedForward
+    from ropesp.plugins.fp8_layers import FP8FeedForward
 
     _skip_unless(fp8_unsupported_reason("cuda"))
     torch.manual_seed(0)
