@@ -164,7 +164,7 @@ if triton is not None:
         stride_x,
         stride_mul,
         stride_add,
-        eps,
+        EPS: tl.constexpr,  # NORM: the LayerNorm's epsilon (a runtime float would be fp64 under Inductor)
         MODE: tl.constexpr,  # QUANT, GELU or NORM
         GATHER: tl.constexpr,  # NORM: read mul/add rows through ROWS (else row 0)
         B0: tl.constexpr,  # the row as three power-of-two pieces B0 >= B1 >= B2 that cover K with
@@ -182,7 +182,7 @@ if triton is not None:
             mean = (tl.sum(v0, axis=0) + tl.sum(v1, axis=0) + tl.sum(v2, axis=0)) / n_cols
             d0, d1, d2 = _centred(v0, mean, k0), _centred(v1, mean, k1), _centred(v2, mean, k2)
             var = (tl.sum(d0 * d0, axis=0) + tl.sum(d1 * d1, axis=0) + tl.sum(d2 * d2, axis=0)) / n_cols
-            rstd = tl.rsqrt(var + eps)
+            rstd = tl.rsqrt(var + EPS)
             if GATHER:
                 table_row = tl.load(ROWS + row)
             else:
@@ -246,8 +246,8 @@ def launch(
     stride_add = add.stride(0) if add.dim() == 2 else 0
     b0, b1, b2 = pieces(k)
     wrap_triton(_rows_kernel)[(m,)](
-        x, q, scale, mul, add, rows if rows is not None else scale, k, x.stride(0), stride_mul, stride_add, eps,
-        MODE=mode, GATHER=rows is not None, B0=b0, B1=b1, B2=b2, num_warps=num_warps or _num_warps(k),
+        x, q, scale, mul, add, rows if rows is not None else scale, k, x.stride(0), stride_mul, stride_add,
+        EPS=eps, MODE=mode, GATHER=rows is not None, B0=b0, B1=b1, B2=b2, num_warps=num_warps or _num_warps(k),
     )  # fmt: skip
     return q, scale
 
