@@ -220,9 +220,11 @@ def pieces(k: int) -> tuple[int, int, int]:
 
 
 def _num_warps(k: int) -> int:
-    """8 warps (4 for short rows): GELU at K = 8960 on an H200, 0.0415 ms against 0.0440 with 4 warps
-    and 0.0751 with 32 (bench/RESULTS.md thirteenth session)."""
-    return 8 if k >= 2048 else 4
+    """8 warps for long rows, 2 for short ones. On an H200 (bench/RESULTS.md fourteenth session),
+    [4680, 1536] bf16: quantization 0.0053 ms with 2 warps against 0.0061 with 4, a LayerNorm +
+    quantization 0.0091 against 0.0117; GELU at [4680, 8960] 0.038-0.041 ms with 4 or 8 warps, 0.075
+    with 32."""
+    return 8 if k >= 4096 else 2
 
 
 def launch(

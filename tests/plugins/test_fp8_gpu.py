@@ -117,7 +117,10 @@ def test_quant_and_norm_kernels_match_the_references(shape):
     g = torch.Generator("cuda").manual_seed(1)
     wide = (torch.randn(m, k + 64, device="cuda", generator=g) * 4 + 1).bfloat16()
     x = wide[:, :k]  # row stride k + 64
-    _assert_codes_close(r.quant_e4m3(x), r.quant_ref(x), 1e-4)  # x * (448 / amax) against x / (amax / 448)
+    # bf16 inputs keep 8 significant bits, so many sit exactly on a tie between two e4m3 neighbours,
+    # where the last bit of x * (448 / amax) against x / (amax / 448) picks the other one: 0.06 %
+    # measured at [4680, 1536]
+    _assert_codes_close(r.quant_e4m3(x), r.quant_ref(x), 0.002)
     weight, bias = (torch.randn(2, k, device="cuda", generator=g) * 0.5 + 1).bfloat16().unbind(0)
     _assert_codes_close(
         r.norm_quant_e4m3(x, weight, bias, 1e-6), r.norm_quant_ref(x, weight, bias, 1e-6), 0.01
