@@ -4,12 +4,13 @@ ops on one Triton kernel, for the inputs of the FP8 block GEMMs (plugins/fp8_lay
     quant_e4m3(x)                                  x                         -> (x8, scale)
     gelu_quant_e4m3(h)                             gelu_tanh(h)              -> (h8, scale)
     norm_quant_e4m3(x, weight, bias, eps)          LayerNorm(x) * w + b      -> (h8, scale)
-    modulated_norm_quant_e4m3(x, mul, add, rows, eps)
-                                                   LayerNorm(x) * mul[rows] + add[rows] -> (h8, scale)
+    modulated_norm_quant_e4m3(x, shift, scale, frame_of_token, eps)
+                      LayerNorm(x) * (1 + scale[b, frame]) + shift[b, frame] -> (h8, scale)
 
-x, h [M, K] (fp32, fp16 or bf16; unit column stride on CUDA); weight, bias [K]; mul, add [R, K] (adaLN
-tables, one row per (batch, frame)); rows [M] int64, the table row of each row of x; out: x8 [M, K]
-float8_e4m3fn and scale [M, 1] fp32 with value ~= x8 * scale, scale = max(row amax, MIN_AMAX) / 448
+x, h [M, K] (fp32, fp16 or bf16; unit column stride on CUDA), for the modulated norm [B, L, K] (then
+M = B * L); weight, bias [K]; shift, scale [B, F, K] (adaLN tables per batch and frame, any strides);
+frame_of_token [L] int64; out: x8 [M, K] float8_e4m3fn and scale [M, 1] fp32 with value ~= x8 *
+scale, scale = max(row amax, MIN_AMAX) / 448
 (torchao's float8 rowwise scale; `torch._scaled_mm` takes it as scale_a). The LayerNorm has no affine
 of its own (Wan's norm1/norm2; norm3's weight and bias are the `w`, `b` above), statistics in fp32.
 
@@ -58,11 +59,10 @@ def check_rows(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: row length {x.shape[1]} must be in [1, {MAX_ROW}]")
 
 
-def check_table(op: str, name: str, table: torch.Tensor, x: torch.Tensor, dims: int) -> None:
-    """Raise ValueError where table (weight/bias [K] for dims 1, mul/add [R, K] for dims 2) does not fit x."""
-    if table.dim() != dims or table.shape[-1] != x.shape[1]:
-        want = "[K]" if dims == 1 else "[R, K]"
-        raise ValueError(f"{op}: {name} must be {want} with K = {x.shape[1]}, got shape {tuple(table.shape)}")
+def check_vector(op: str, name: str, vector: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise ValueError where vector (a LayerNorm's weight or bias) is not [K] for x [M, K]."""
+    if vector.dim() != 1 or vector.shape[0] != x.shape[1]:
+        raise ValueError(f"{op}: {name} must be [K] with K = {x.shape[1]}, got shape {tuple(vector.shape)}")
 
 
 def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,29 +86,40 @@ def gelu_quant_ref(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def norm_quant_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     """Reference of norm_quant_e4m3: LayerNorm(x) * weight + bias in fp32, then quantize_rows."""
     check_rows("norm_quant_e4m3", x)
-    check_table("norm_quant_e4m3", "weight", weight, x, 1)
-    check_table("norm_quant_e4m3", "bias", bias, x, 1)
+    check_vector("norm_quant_e4m3", "weight", weight, x)
+    check_vector("norm_quant_e4m3", "bias", bias, x)
     return quantize_rows(F.layer_norm(x.float(), x.shape[1:], weight.float(), bias.float(), eps))
 
 
 def modulated_norm_quant_ref(
-    x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, rows: torch.Tensor, eps: float
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frame_of_token: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of modulated_norm_quant_e4m3: LayerNorm(x) * mul[rows] + add[rows] in fp32, then
-    quantize_rows."""
-    check_modulated(x, mul, add, rows)
-    normed = F.layer_norm(x.float(), x.shape[1:], eps=eps)
-    return quantize_rows(normed * mul[rows].float() + add[rows].float())
+    """Reference of modulated_norm_quant_e4m3: LayerNorm(x) * (1 + scale[:, frame_of_token]) +
+    shift[:, frame_of_token] in fp32, then quantize_rows over the B * L rows."""
+    check_modulated(x, shift, scale, frame_of_token)
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)  # [B, L, K]
+    value = normed * (1 + scale[:, frame_of_token].float()) + shift[:, frame_of_token].float()
+    return quantize_rows(value.flatten(0, 1))
 
 
-def check_modulated(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, rows: torch.Tensor) -> None:
+def check_modulated(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frame_of_token: torch.Tensor
+) -> None:
+    """Raise ValueError naming what is wrong with modulated_norm_quant_e4m3's arguments."""
     op = "modulated_norm_quant_e4m3"
-    check_rows(op, x)
-    check_table(op, "mul", mul, x, 2)
-    check_table(op, "add", add, x, 2)
-    if rows.shape != (x.shape[0],) or rows.dtype != torch.int64:
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [B, L, K], got shape {tuple(x.shape)}")
+    check_rows(op, x.flatten(0, 1))
+    b, length, k = x.shape
+    for name, table in (("shift", shift), ("scale", scale)):
+        if table.dim() != 3 or table.shape[0] != b or table.shape[2] != k or table.shape[1] != shift.shape[1]:
+            raise ValueError(
+                f"{op}: {name} must be [B, F, K] with B = {b}, K = {k} (F as shift's), got shape {tuple(table.shape)}"
+            )
+    if frame_of_token.shape != (length,) or frame_of_token.dtype != torch.int64:
         raise ValueError(
-            f"{op}: rows must be int64 [M] with M = {x.shape[0]}, got {rows.dtype} {tuple(rows.shape)}"
+            f"{op}: frame_of_token must be int64 [L] with L = {length}, "
+            f"got {frame_of_token.dtype} {tuple(frame_of_token.shape)}"
         )
 
 
@@ -138,12 +149,14 @@ if triton is not None:
         return tl.where(mask, x - mean, 0.0)
 
     @triton.jit
-    def _affine(d, rstd, MUL, ADD, at_mul, at_add, start, n_cols, SIZE: tl.constexpr):
-        """(centred x) * rstd * mul + add over one piece; 0 past n_cols (mul and add load 0 there)."""
+    def _affine(d, rstd, MUL, ADD, at_mul, at_add, start, n_cols, SIZE: tl.constexpr, ONE_PLUS: tl.constexpr):
+        """(centred x) * rstd * (1 +) mul + add over one piece; 0 past n_cols (d is 0 there)."""
         cols = start + tl.arange(0, SIZE)
         mask = cols < n_cols
         mul = tl.load(MUL + at_mul + cols, mask=mask, other=0.0).to(tl.float32)
         add = tl.load(ADD + at_add + cols, mask=mask, other=0.0).to(tl.float32)
+        if ONE_PLUS:
+            mul = mul + 1.0
         return d * rstd * mul + add
 
     @triton.jit
@@ -157,16 +170,20 @@ if triton is not None:
         X,  # x [M, K], row stride stride_x
         Q,  # x8 [M, K] float8_e4m3fn, contiguous
         S,  # scale [M] fp32
-        MUL,  # NORM: the LayerNorm's multiplier, [K] or [R, K] (row stride stride_mul; 0 for [K])
-        ADD,  # NORM: its addend, as MUL
-        ROWS,  # NORM with GATHER: table row per row of x, [M] int64
+        MUL,  # NORM: the LayerNorm's multiplier, [K], or with GATHER [B, F, K] (strides mul_b, mul_f)
+        ADD,  # NORM: its addend, as MUL (strides add_b, add_f)
+        FOT,  # NORM with GATHER: the frame of each token, [L] int64
         n_cols,  # K
         stride_x,
-        stride_mul,
-        stride_add,
+        tokens,  # L: rows of x per batch
+        mul_b,
+        mul_f,
+        add_b,
+        add_f,
         EPS: tl.constexpr,  # NORM: the LayerNorm's epsilon (a runtime float would be fp64 under Inductor)
         MODE: tl.constexpr,  # QUANT, GELU or NORM
-        GATHER: tl.constexpr,  # NORM: read mul/add rows through ROWS (else row 0)
+        GATHER: tl.constexpr,  # NORM: row (b, l) reads table row (b, FOT[l]) (else the [K] vectors)
+        ONE_PLUS: tl.constexpr,  # NORM: multiply by 1 + MUL (adaLN's scale) instead of MUL
         B0: tl.constexpr,  # the row as three power-of-two pieces B0 >= B1 >= B2 that cover K with
         B1: tl.constexpr,  # little or no padding (8960 = 8192 + 512 + 256, 1536 = 1024 + 512); a
         B2: tl.constexpr,  # piece of 1 past K is absent (masked)
@@ -184,13 +201,14 @@ if triton is not None:
             var = (tl.sum(d0 * d0, axis=0) + tl.sum(d1 * d1, axis=0) + tl.sum(d2 * d2, axis=0)) / n_cols
             rstd = tl.rsqrt(var + EPS)
             if GATHER:
-                table_row = tl.load(ROWS + row)
+                b = row // tokens
+                f = tl.load(FOT + row % tokens)
+                at_mul, at_add = b * mul_b + f * mul_f, b * add_b + f * add_f
             else:
-                table_row = row * 0
-            at_mul, at_add = table_row * stride_mul, table_row * stride_add
-            v0 = _affine(d0, rstd, MUL, ADD, at_mul, at_add, 0, n_cols, B0)
-            v1 = _affine(d1, rstd, MUL, ADD, at_mul, at_add, B0, n_cols, B1)
-            v2 = _affine(d2, rstd, MUL, ADD, at_mul, at_add, B0 + B1, n_cols, B2)
+                at_mul, at_add = row * 0, row * 0
+            v0 = _affine(d0, rstd, MUL, ADD, at_mul, at_add, 0, n_cols, B0, ONE_PLUS)
+            v1 = _affine(d1, rstd, MUL, ADD, at_mul, at_add, B0, n_cols, B1, ONE_PLUS)
+            v2 = _affine(d2, rstd, MUL, ADD, at_mul, at_add, B0 + B1, n_cols, B2, ONE_PLUS)
         elif MODE == 1:  # masked lanes: gelu(0) = 0, no effect on the amax
             v0, v1, v2 = _gelu(v0), _gelu(v1), _gelu(v2)
         m0 = tl.max(tl.abs(v0), axis=0)
@@ -232,24 +250,28 @@ def launch(
     mode: int = QUANT,
     mul: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
-    rows: torch.Tensor | None = None,
+    frame_of_token: torch.Tensor | None = None,
     eps: float = 0.0,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `_rows_kernel` on CUDA x [M, K] (unit column stride) in `mode`; for NORM, mul and add are
-    [K] (then rows is None) or [R, K] with rows [M] int64. num_warps: None picks `_num_warps`
+    """Run `_rows_kernel` on CUDA x in `mode`: x [M, K] (unit column stride), or for NORM with
+    frame_of_token [L] x [B, L, K] with mul = scale and add = shift [B, F, K] (adaLN: 1 + scale);
+    for NORM without it mul = weight, add = bias [K]. num_warps: None picks `_num_warps`
     (scripts/fp8_probe.py times the others). Returns (x8 [M, K] e4m3, scale [M, 1] fp32)."""
+    x = x.reshape(-1, x.shape[-1])
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    gather = frame_of_token is not None
     if mode != NORM:
-        mul = add = rows = scale  # unread placeholders
-    stride_mul = mul.stride(0) if mul.dim() == 2 else 0
-    stride_add = add.stride(0) if add.dim() == 2 else 0
+        mul = add = scale  # unread placeholders
+    strides = (*mul.stride()[:2], *add.stride()[:2]) if gather else (0, 0, 0, 0)
     b0, b1, b2 = pieces(k)
     wrap_triton(_rows_kernel)[(m,)](
-        x, q, scale, mul, add, rows if rows is not None else scale, k, x.stride(0), stride_mul, stride_add,
-        EPS=eps, MODE=mode, GATHER=rows is not None, B0=b0, B1=b1, B2=b2, num_warps=num_warps or _num_warps(k),
+        x, q, scale, mul, add, frame_of_token if gather else scale, k, x.stride(0),
+        frame_of_token.shape[0] if gather else 1, *strides,
+        EPS=eps, MODE=mode, GATHER=gather, ONE_PLUS=gather, B0=b0, B1=b1, B2=b2,
+        num_warps=num_warps or _num_warps(k),
     )  # fmt: skip
     return q, scale
 
@@ -284,18 +306,19 @@ def _norm_quant(
     if not _on_cuda(x):
         return norm_quant_ref(x, weight, bias, eps)
     check_rows("norm_quant_e4m3", x)
-    check_table("norm_quant_e4m3", "weight", weight, x, 1)
-    check_table("norm_quant_e4m3", "bias", bias, x, 1)
+    check_vector("norm_quant_e4m3", "weight", weight, x)
+    check_vector("norm_quant_e4m3", "bias", bias, x)
     return launch(_unit_columns(x), NORM, _unit_columns(weight), _unit_columns(bias), eps=eps)
 
 
 def _modulated_norm_quant(
-    x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, rows: torch.Tensor, eps: float
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frame_of_token: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not _on_cuda(x):
-        return modulated_norm_quant_ref(x, mul, add, rows, eps)
-    check_modulated(x, mul, add, rows)
-    return launch(_unit_columns(x), NORM, _unit_columns(mul), _unit_columns(add), _unit_columns(rows), eps)
+        return modulated_norm_quant_ref(x, shift, scale, frame_of_token, eps)
+    check_modulated(x, shift, scale, frame_of_token)
+    tables = (_unit_columns(scale), _unit_columns(shift))
+    return launch(_unit_columns(x), NORM, *tables, frame_of_token.contiguous(), eps)
 
 
 def _register(name: str, body, reference):
@@ -309,9 +332,10 @@ def _register(name: str, body, reference):
 
         @op.register_fake
         def _(x, *args):
+            rows = x.numel() // x.shape[-1]
             return (
-                torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
-                torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device),
+                torch.empty((rows, x.shape[-1]), dtype=torch.float8_e4m3fn, device=x.device),
+                torch.empty((rows, 1), dtype=torch.float32, device=x.device),
             )
 
     # the CPU kernel as a plain dispatcher kernel (custom_op's register_kernel would import Dynamo on

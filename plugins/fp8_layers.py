@@ -98,11 +98,9 @@ class E4M3ModulatedLayerNorm(ModulatedLayerNorm):
         self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frame_of_token: torch.Tensor
     ) -> E4M3Rows:
         """x [B, L, C]; shift, scale [B, F, C]; frame_of_token [L] int64 -> E4M3Rows [B, L, C]."""
-        b, frames = shift.shape[:2]
-        # table row of each token: batch b, frame f -> b * F + f
-        rows = (torch.arange(b, device=x.device).unsqueeze(1) * frames + frame_of_token).flatten()
-        mul, add = (1 + scale).flatten(0, 1), shift.flatten(0, 1)  # [B * F, C]
-        return _rows(modulated_norm_quant_e4m3(x.flatten(0, 1), mul, add, rows, self.eps), x)
+        # the kernel reads each token's (batch, frame) row of the tables and adds the 1 itself: no
+        # per-token tables, no [B, F, C] 1 + scale (a small kernel of ~9 us per call on an H200)
+        return _rows(modulated_norm_quant_e4m3(x, shift, scale, frame_of_token, self.eps), x)
 
 
 class E4M3LayerNorm(LayerNorm):

@@ -227,7 +227,6 @@ def gemms(rows: int) -> list[dict]:
     h = torch.randn(rows, ffn_dim, device="cuda", dtype=torch.bfloat16, generator=g) * 3
     x2 = x.flatten(0, 1)
     w, b = (1 + scale[0, 0]), shift[0, 0]
-    mul, add = (1 + scale).flatten(0, 1), shift.flatten(0, 1)
     cases = {
         "gelu + rowwise e4m3": (rows_ops.gelu_quant_e4m3, rows_ops.gelu_quant_ref, (h,), rows_ops.GELU, {}),
         "rowwise e4m3": (rows_ops.quant_e4m3, rows_ops.quant_ref, (x2,), rows_ops.QUANT, {}),
@@ -237,14 +236,16 @@ def gemms(rows: int) -> list[dict]:
         ),
         "modulated LayerNorm + rowwise e4m3": (
             rows_ops.modulated_norm_quant_e4m3, rows_ops.modulated_norm_quant_ref,
-            (x2, mul, add, frame_of_token, 1e-6), rows_ops.NORM,
-            {"mul": mul, "add": add, "rows": frame_of_token, "eps": 1e-6},
+            (x, shift, scale, frame_of_token, 1e-6), rows_ops.NORM,
+            {"mul": scale, "add": shift, "frame_of_token": frame_of_token, "eps": 1e-6},
         ),
     }  # fmt: skip
     for stage, (op, ref_fn, op_args, mode, launch_kw) in cases.items():
         src = op_args[0]
         ref8, ref_scale = ref_fn(*op_args)
-        moved = src.numel() * (src.element_size() + 1) + src.shape[0] * 4  # bytes read and written
+        moved = (
+            src.numel() * (src.element_size() + 1) + src.numel() // src.shape[-1] * 4
+        )  # bytes read, written
         kernels = [("kernel", op), ("inductor", torch.compile(ref_fn, dynamic=False))]
         kernels += [(f"kernel_{w_}_warps", functools.partial(rows_ops.launch, mode=mode, num_warps=w_, **launch_kw))
                     for w_ in (2, 4, 8, 16)]  # fmt: skip

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton_load_to_ready_s": served["cold"]["load_to_ready_s"][0],
         "triton_cold_first_chunk_ms": served["cold"]["first_request_first_chunk_ms"][0],
         "triton_model_initialize_s": served["cold"].get("model_initialize", {}),
-        "preset": args.preset,
+        "model": args.engines or args.preset,  # the engines' directory, or the preset
         "world_size": res.world_size,
         "device": res.device,
         "backend": res.backend,

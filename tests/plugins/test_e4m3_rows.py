@@ -49,15 +49,21 @@ def test_norm_reference_is_the_affine_layer_norm_rounded_per_row():
     _assert_rounded(*rows.norm_quant_ref(x, weight, bias, 1e-6), want)
 
 
-def test_modulated_reference_reads_each_rows_table_row():
-    x = _x(m=8, k=48)
+def test_modulated_reference_reads_each_tokens_batch_and_frame():
+    """Two batches of four tokens over three frames: token l of batch b takes (1 + scale[b, f]) and
+    shift[b, f] of its frame f = frame_of_token[l]."""
+    x = _x(m=8, k=48).view(2, 4, 48)
     g = torch.Generator().manual_seed(4)
-    mul, add = torch.randn(3, 48, generator=g), torch.randn(3, 48, generator=g)
-    table_rows = torch.tensor([0, 0, 1, 1, 2, 2, 0, 2])
+    shift, scale = torch.randn(2, 3, 48, generator=g), torch.randn(2, 3, 48, generator=g)
+    frame_of_token = torch.tensor([0, 1, 1, 2])
     want = torch.stack(
-        [F.layer_norm(x[i], (48,), eps=1e-6) * mul[r] + add[r] for i, r in enumerate(table_rows.tolist())]
+        [
+            F.layer_norm(x[b, token], (48,), eps=1e-6) * (1 + scale[b, f]) + shift[b, f]
+            for b in range(2)
+            for token, f in enumerate(frame_of_token.tolist())
+        ]
     )
-    _assert_rounded(*rows.modulated_norm_quant_ref(x, mul, add, table_rows, 1e-6), want)
+    _assert_rounded(*rows.modulated_norm_quant_ref(x, shift, scale, frame_of_token, 1e-6), want)
 
 
 def test_a_row_of_zeros_stays_finite():
@@ -71,18 +77,18 @@ def test_a_row_of_zeros_stays_finite():
 def test_the_ops_run_the_references_on_the_cpu():
     x = _x(k=48, seed=1).bfloat16()
     w, b = torch.randn(48).bfloat16(), torch.randn(48).bfloat16()
-    mul, add, table_rows = (
-        torch.randn(2, 48).bfloat16(),
-        torch.randn(2, 48).bfloat16(),
-        torch.tensor([0, 1] * 3),
+    shift, scale, frame_of_token = (
+        torch.randn(2, 2, 48).bfloat16(),
+        torch.randn(2, 2, 48).bfloat16(),
+        torch.tensor([0, 1, 1]),
     )
     pairs = [
         (rows.quant_e4m3(x), rows.quant_ref(x)),
         (rows.gelu_quant_e4m3(x), rows.gelu_quant_ref(x)),
         (rows.norm_quant_e4m3(x, w, b, 1e-6), rows.norm_quant_ref(x, w, b, 1e-6)),
         (
-            rows.modulated_norm_quant_e4m3(x, mul, add, table_rows, 1e-6),
-            rows.modulated_norm_quant_ref(x, mul, add, table_rows, 1e-6),
+            rows.modulated_norm_quant_e4m3(x.view(2, 3, 48), shift, scale, frame_of_token, 1e-6),
+            rows.modulated_norm_quant_ref(x.view(2, 3, 48), shift, scale, frame_of_token, 1e-6),
         ),
     ]
     for got, want in pairs:
@@ -108,14 +114,20 @@ def test_bad_tables_name_the_argument():
     x = torch.zeros(4, 8)
     with pytest.raises(ValueError, match=r"norm_quant_e4m3: bias must be \[K\] with K = 8, got shape \(7,\)"):
         rows.norm_quant_e4m3(x, torch.ones(8), torch.zeros(7), 1e-6)
-    with pytest.raises(ValueError, match=r"mul must be \[R, K\] with K = 8, got shape \(8,\)"):
-        rows.modulated_norm_quant_e4m3(
-            x, torch.ones(8), torch.zeros(1, 8), torch.zeros(4, dtype=torch.long), 1e-6
-        )
-    with pytest.raises(ValueError, match=r"rows must be int64 \[M\] with M = 4, got torch.int32 \(4,\)"):
-        rows.modulated_norm_quant_e4m3(
-            x, torch.ones(1, 8), torch.zeros(1, 8), torch.zeros(4, dtype=torch.int32), 1e-6
-        )
+    x, tables, frames = torch.zeros(2, 4, 8), torch.zeros(2, 3, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(
+        ValueError, match=r"modulated_norm_quant_e4m3: x must be \[B, L, K\], got shape \(8, 8\)"
+    ):
+        rows.modulated_norm_quant_e4m3(x.view(8, 8), tables, tables, frames, 1e-6)
+    with pytest.raises(
+        ValueError,
+        match=r"scale must be \[B, F, K\] with B = 2, K = 8 \(F as shift's\), got shape \(2, 2, 8\)",
+    ):
+        rows.modulated_norm_quant_e4m3(x, tables, tables[:, :2], frames, 1e-6)
+    with pytest.raises(
+        ValueError, match=r"frame_of_token must be int64 \[L\] with L = 4, got torch.int32 \(4,\)"
+    ):
+        rows.modulated_norm_quant_e4m3(x, tables, tables, frames.int(), 1e-6)
 
 
 @pytest.mark.parametrize(

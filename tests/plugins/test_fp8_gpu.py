@@ -125,11 +125,14 @@ def test_quant_and_norm_kernels_match_the_references(shape):
     _assert_codes_close(
         r.norm_quant_e4m3(x, weight, bias, 1e-6), r.norm_quant_ref(x, weight, bias, 1e-6), 0.01
     )
-    mul, add = (torch.randn(2, 6, k, device="cuda", generator=g) * 0.5).bfloat16().unbind(0)
-    rows = torch.randint(0, 6, (m,), device="cuda", generator=g)
+    # the tables as the block passes them: strided views of its [B, F, 6, K] modulation
+    mod = (torch.randn(2, 3, 6, k, device="cuda", generator=g) * 0.5).bfloat16()
+    shift, scale = mod[:, :, 0], mod[:, :, 1]
+    xb = x[: m - m % 2].unflatten(0, (2, -1))  # [2, L, K], rows still k + 64 apart
+    frame_of_token = torch.randint(0, 3, (xb.shape[1],), device="cuda", generator=g)
     _assert_codes_close(
-        r.modulated_norm_quant_e4m3(x, mul, add, rows, 1e-6),
-        r.modulated_norm_quant_ref(x, mul, add, rows, 1e-6),
+        r.modulated_norm_quant_e4m3(xb, shift, scale, frame_of_token, 1e-6),
+        r.modulated_norm_quant_ref(xb, shift, scale, frame_of_token, 1e-6),
         0.01,
     )
 
