@@ -10,16 +10,17 @@ ops on one Triton kernel, for the inputs of the FP8 block GEMMs (plugins/fp8_lay
 x, h [M, K] (fp32, fp16 or bf16; unit column stride on CUDA), for the modulated norm [B, L, K] (then
 M = B * L); weight, bias [K]; shift, scale [B, F, K] (adaLN tables per batch and frame, any strides);
 frame_of_token [L] int64; out: x8 [M, K] float8_e4m3fn and scale [M, 1] fp32 with value ~= x8 *
-scale, scale = max(row amax, MIN_AMAX) / 448
-(torchao's float8 rowwise scale; `torch._scaled_mm` takes it as scale_a). The LayerNorm has no affine
-of its own (Wan's norm1/norm2; norm3's weight and bias are the `w`, `b` above), statistics in fp32.
+scale, scale = max(row amax, MIN_AMAX) / 448 (torchao's float8 rowwise scale; `torch._scaled_mm`
+takes it as scale_a). The LayerNorm has no affine of its own (Wan's norm1/norm2; norm3's weight and
+bias are the `w`, `b` above), statistics in fp32.
 
 Why kernels of their own: `torch._scaled_mm` has no GELU epilogue and no fused input quantization, and
 Inductor generates the quantization after a LayerNorm (or GELU) as a looped reduction that reads each
 row two or three times: 24-29 us a call for a [4680, 1536] bf16 row block on an H200 (~1 TB/s), 159 us
 for GELU at [4680, 8960] (bench/RESULTS.md thirteenth session). Here one program holds one row in
-registers: one read of the input, one write of the codes and the scale (GELU at [4680, 8960]:
-0.0415 ms, 3.0 TB/s).
+registers: one read of the input, one write of the codes and the scale; on an H200 a LayerNorm +
+quantization at [4680, 1536] takes 0.009-0.010 ms (Inductor's code for it 0.033), GELU + quantization
+at [4680, 8960] 0.042 ms (0.153; bench/RESULTS.md fourteenth session).
 
 Forms as plugins/rope_sp.py: `*_ref` (pure torch, the CPU kernels and the tests' references),
 `_rows_kernel` (Triton, CUDA) and the ops (`torch.library.triton_op` where triton imports, so
