@@ -60,10 +60,15 @@ def check_rows(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: row length {x.shape[1]} must be in [1, {MAX_ROW}]")
 
 
-def check_vector(op: str, name: str, vector: torch.Tensor, x: torch.Tensor) -> None:
-    """Raise ValueError where vector (a LayerNorm's weight or bias) is not [K] for x [M, K]."""
-    if vector.dim() != 1 or vector.shape[0] != x.shape[1]:
-        raise ValueError(f"{op}: {name} must be [K] with K = {x.shape[1]}, got shape {tuple(vector.shape)}")
+def check_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Raise ValueError naming what is wrong with norm_quant_e4m3's x [M, K], weight and bias [K]."""
+    op = "norm_quant_e4m3"
+    check_rows(op, x)
+    for name, vector in (("weight", weight), ("bias", bias)):
+        if vector.dim() != 1 or vector.shape[0] != x.shape[1]:
+            raise ValueError(
+                f"{op}: {name} must be [K] with K = {x.shape[1]}, got shape {tuple(vector.shape)}"
+            )
 
 
 def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +91,7 @@ def gelu_quant_ref(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def norm_quant_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     """Reference of norm_quant_e4m3: LayerNorm(x) * weight + bias in fp32, then quantize_rows."""
-    check_rows("norm_quant_e4m3", x)
-    check_vector("norm_quant_e4m3", "weight", weight, x)
-    check_vector("norm_quant_e4m3", "bias", bias, x)
+    check_norm(x, weight, bias)
     return quantize_rows(F.layer_norm(x.float(), x.shape[1:], weight.float(), bias.float(), eps))
 
 
@@ -306,9 +309,7 @@ def _norm_quant(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not _on_cuda(x):
         return norm_quant_ref(x, weight, bias, eps)
-    check_rows("norm_quant_e4m3", x)
-    check_vector("norm_quant_e4m3", "weight", weight, x)
-    check_vector("norm_quant_e4m3", "bias", bias, x)
+    check_norm(x, weight, bias)
     return launch(_unit_columns(x), NORM, _unit_columns(weight), _unit_columns(bias), eps=eps)
 
 

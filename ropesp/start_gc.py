@@ -7,10 +7,11 @@
 A fresh process allocates ~180K objects that live as long as it does (torch's import, the model's
 modules, the engines' wrappers): each full (generation-2) collection walks all of them, and a CPU
 `ropesp generate` of the demo model ran three, 25-112 ms each (290 ms of collections in all; whole
-process 3.07 s without the hold, 2.56 s with it; bench/RESULTS.md thirteenth session). After `gc.freeze` later collections skip them. Nothing is collected while the
-collector is held, so the hold covers the start only, never a whole stream or a server's life; the
-one collection at release frees the start's garbage (a compile backend's start leaves much) instead of
-freezing it, once the first chunk is out.
+process 3.07 s without the hold, 2.56 s with it; bench/RESULTS.md thirteenth session; a GPU engines
+process started as fast without it, fourteenth session). After `gc.freeze` later collections skip
+them. Nothing is collected while the collector is held, so the hold covers the start only, never a
+whole stream or a server's life; the one collection at release frees the start's garbage (a compile
+backend's start leaves much) instead of freezing it, once the first chunk is out.
 """
 
 from __future__ import annotations
