@@ -1,6 +1,6 @@
 """`ropesp build`: trace the DiT's segments per rank and compile them for one backend.
 
-    DIR/manifest.json                    export/manifest.py
+    DIR/manifest.json                    ropesp/manifest.py
     DIR/weights.safetensors              the state dict in the build dtype (segments take weights as inputs)
     DIR/rank{r}/{embed,pre,post,head}.onnx|.pt2|.engine    (tensorrt keeps its .onnx beside the .engine)
     DIR/build.log                        per-segment timings and polygraphy summaries (not an artifact)
@@ -22,117 +22,80 @@ from typing import Any
 import torch
 
 from ropesp import dtypes
-from ropesp.config import (
-    CacheConfig,
-    ModelSource,
-    ParallelConfig,
-    SamplerConfig,
-    VideoConfig,
-    compose,
-    flat_field,
-)
-from ropesp.errors import ConfigError, EngineError
-from ropesp.export import manifest as mf
+from ropesp import manifest as mf
+from ropesp.config import CacheConfig, VideoGeometry
+from ropesp.errors import ConfigError, EngineError, arg
 from ropesp.export.segments import SEGMENTS, make_segments
 from ropesp.limits import check_rank_count
 from ropesp.model.checkpoint import load_source, resolve_model
 from ropesp.parallel import SPLayout, TokenShard
+from ropesp.settings import (
+    BUILD_BACKENDS,
+    BUILD_SECTIONS,
+    ComputeConfig,
+    ModelSource,
+    ParallelConfig,
+    RunConfig,
+    SamplerConfig,
+    VideoConfig,
+)
 
-BACKENDS = ("onnx", "tensorrt", "aoti")
 BUILD_LOG = "build.log"
 
 
-_PARTS = ("source", "video", "parallel")
-
-
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class BuildConfig:
-    """What `ropesp build` builds: the model, video and parallel sub-configs the runtime's PipelineConfig
-    also holds, and the build's own settings. Constructed and read flat as well:
-    BuildConfig(out, "onnx", preset="tiny").source.preset == "tiny" == config.preset."""
+    """What `ropesp build` builds: the run's shared sections (BUILD_SECTIONS: the model, the video size
+    and KV cache window, the chunking, the world size, dtype and device) and the build's own options."""
 
     out: str
     """Engine directory to write: new or empty (or, with `overwrite`, holding only a previous build)."""
     backend: str
     """onnx | tensorrt | aoti."""
-    source: ModelSource
+    source: ModelSource = dataclasses.field(default_factory=ModelSource)
     """A checkpoint (optionally with its model config) or a preset; None of them: refused."""
-    video: VideoConfig
-    """Default latent size (else the preset's) and cache: max_frames is the default video length and
-    KV cache capacity (else the preset's video), the rolling window the runtime's default."""
-    parallel: ParallelConfig
-    """world_size: the ranks P the engines are built for (must divide the heads; None: 1). Every
-    Ulysses x ring layout of P runs on them; a given degree is checked against the heads here."""
-    chunk_frames: int
-    """Latent frames per chunk."""
-    independent_first_frame: bool
-    """Also build the 1-frame first chunk."""
-    dtype: str | None
-    """float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)."""
-    device: str | None
-    """cpu | cuda: where the engines run (default: cuda for tensorrt, else cpu)."""
-    autotune: bool
+    video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
+    """Default latent size (else the preset's) and cache: the video's length (frames / max_frames) is the
+    default video length and KV cache capacity (else the preset's), the rolling window the runtime's
+    default."""
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    """chunk_frames, and independent_first_frame: also build the 1-frame first chunk."""
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    """world_size: the ranks P the engines are built for (None: 1). Every Ulysses x ring layout of P
+    runs on them; a given degree is checked against the heads here."""
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    """dtype (default: bfloat16 on cuda, float32 on cpu) and device (where the engines run; default:
+    cuda for tensorrt, else cpu)."""
+    autotune: bool = False
     """AOTInductor max-autotune on CUDA (slower build); never on the CPU."""
-    overwrite: bool
+    overwrite: bool = False
     """Replace the previous ropesp build in `out` (only the files its manifest lists)."""
 
-    def __init__(
-        self,
-        out: str,
-        backend: str,
-        *,
-        source: ModelSource | None = None,
-        video: VideoConfig | None = None,
-        parallel: ParallelConfig | None = None,
-        chunk_frames: int = 3,
-        independent_first_frame: bool = False,
-        dtype: str | None = None,
-        device: str | None = None,
-        autotune: bool = False,
-        overwrite: bool = False,
-        **flat: Any,
-    ) -> None:
-        """flat: fields of the sub-configs by name (preset=..., world_size=...), applied over the given ones."""
-        parts = dict(
-            source=source or ModelSource(),
-            video=video or VideoConfig(),
-            parallel=parallel or ParallelConfig(),
-        )
-        parts = compose("BuildConfig", parts, flat)
-        if parts["parallel"].world_size is None:
-            parts["parallel"] = dataclasses.replace(parts["parallel"], world_size=1)
-        fields = dict(
-            out=out,
-            backend=backend,
-            **parts,
-            chunk_frames=chunk_frames,
-            independent_first_frame=independent_first_frame,
-            dtype=dtype,
-            device=device,
-            autotune=autotune,
-            overwrite=overwrite,
-        )
-        for name, value in fields.items():
-            object.__setattr__(self, name, value)
-        self._check()
+    @classmethod
+    def of(cls, out: str, backend: str, *, autotune: bool = False, overwrite: bool = False, **settings: Any):
+        """A BuildConfig from settings by name (preset="tiny", world_size=2, ...); a setting a build does
+        not take is refused by name."""
+        allowed = {n for names in BUILD_SECTIONS.values() for n in names}
+        extra = sorted(set(settings) - allowed)
+        if extra:
+            raise ConfigError(f"`ropesp build` does not take {', '.join(arg(n) for n in extra)}")
+        run = RunConfig.of(**settings)
+        parts = {part: getattr(run, part) for part in BUILD_SECTIONS}
+        return cls(out, backend, **parts, autotune=autotune, overwrite=overwrite)
 
-    def __getattr__(self, name: str) -> Any:
-        return flat_field(self, _PARTS, name)
-
-    def _check(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend {self.backend!r}; choose one of {BACKENDS}")
-        self.parallel.check()
-        self.video.check()
-        if self.chunk_frames < 1:
-            raise ConfigError(f"--chunk-frames {self.chunk_frames} must be >= 1")
-        if self.device not in (None, "cpu", "cuda"):
-            raise ConfigError(f"--device {self.device!r}; choose cpu or cuda")
-        if self.backend == "tensorrt" and self.device == "cpu":
-            raise ConfigError("--backend tensorrt builds CUDA engines; --device cpu is not possible")
-        if self.backend == "onnx" and self.device == "cuda":
+    def __post_init__(self) -> None:
+        if self.backend not in BUILD_BACKENDS:
+            raise ConfigError(f"{arg('backend', self.backend)}: choose one of {', '.join(BUILD_BACKENDS)}")
+        if self.parallel.world_size is None:
+            object.__setattr__(self, "parallel", dataclasses.replace(self.parallel, world_size=1))
+        device = self.compute.device
+        if self.backend == "tensorrt" and device == "cpu":
             raise ConfigError(
-                "--backend onnx graphs run in ONNX Runtime on the CPU (`generate --backend ort`); "
+                f"{arg('backend', 'tensorrt')} builds CUDA engines; {arg('device', 'cpu')} is not possible"
+            )
+        if self.backend == "onnx" and device == "cuda":
+            raise ConfigError(
+                f"{arg('backend', 'onnx')} graphs run in ONNX Runtime on the CPU (`generate --backend ort`); "
                 "for CUDA engines build --backend tensorrt or aoti"
             )
         source, video = self.source, self.video
@@ -141,20 +104,33 @@ class BuildConfig:
                 "`ropesp build` writes engines: give --checkpoint PATH or --preset NAME, not --engines"
             )
         if source.checkpoint is None and source.preset is None and source.model_config is None:
-            raise ConfigError("give --checkpoint PATH (optionally --model-config) or --preset NAME")
-        if video.max_frames is not None and video.local_attn_frames != -1:
-            raise ConfigError("give either --max-frames or --local-attn-frames/--sink-frames, not both")
-        dtypes.dtype_name(self.dtype, self.run_device)
+            raise ConfigError(
+                f"give {arg('checkpoint')} PATH (optionally {arg('model_config')}) or {arg('preset')} NAME"
+            )
+        if video.unbounded:
+            raise ConfigError(
+                f"{arg('frames', 0)}: a build records a default video length; give one, or a rolling window"
+            )
+        if (video.max_frames is not None or video.length) and video.local_attn_frames != -1:
+            raise ConfigError(
+                f"give either the video's length ({arg('frames')}/{arg('max_frames')}) or a rolling window "
+                f"({arg('local_attn_frames')}/{arg('sink_frames')}), not both"
+            )
+        dtypes.dtype_name(self.compute.dtype, self.run_device, given=self.compute.dtype)
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.sampler.chunk_frames
 
     @property
     def run_device(self) -> str:
         if self.backend == "tensorrt":
             return "cuda"
-        return "cpu" if self.backend == "onnx" else (self.device or "cpu")
+        return "cpu" if self.backend == "onnx" else (self.compute.device or "cpu")
 
     @property
     def dtype_name(self) -> str:
-        return dtypes.dtype_name(self.dtype, self.run_device)
+        return dtypes.dtype_name(self.compute.dtype, self.run_device)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> bool:
@@ -245,23 +221,26 @@ def _build(cfg: BuildConfig, prepared: dict) -> Path:
     # segments hold all heads of a rank's tokens, so every Ulysses x ring layout of this world size
     # runs on the same engines; choose() refuses a layout the heads cannot take
     SPLayout.choose(model_cfg.num_heads, world, cfg.parallel.ulysses_degree, cfg.parallel.ring_degree)
-    geometry = video.geometry(defaults, model_cfg.patch_size)
+    lh, lw = video.latent_size
+    geometry = VideoGeometry(lh or defaults.latent_height, lw or defaults.latent_width, model_cfg.patch_size)
     cache = CacheConfig(
-        video.max_frames or defaults.latent_frames, video.local_attn_frames, video.sink_frames
+        video.max_frames or video.length or defaults.latent_frames, video.local_attn_frames, video.sink_frames
     )
-    shapes = [cfg.chunk_frames] + ([1] if cfg.independent_first_frame and cfg.chunk_frames != 1 else [])
+    sampler = cfg.sampler
+    shapes = [sampler.chunk_frames] + (
+        [1] if sampler.independent_first_frame and sampler.chunk_frames != 1 else []
+    )
     check_rank_count(world, min(shapes) * geometry.frame_tokens)
-    sampler = SamplerConfig(
-        chunk_frames=cfg.chunk_frames, independent_first_frame=cfg.independent_first_frame
-    )
     try:
         sampler.chunk_sizes(cache.max_frames)  # the default video must tile into chunks
     except ConfigError as exc:
-        raise ConfigError(f"--max-frames {cache.max_frames} (the default video length): {exc}") from None
+        raise ConfigError(
+            f"{arg('max_frames', cache.max_frames)} (the default video length): {exc}"
+        ) from None
     cache.check_chunk(max(shapes))
     run_device = torch.device(cfg.run_device)
     if run_device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--backend {cfg.backend} on cuda needs a CUDA GPU, and none is visible")
+        raise ConfigError(f"{arg('backend', cfg.backend)} on cuda needs a CUDA GPU, and none is visible")
     out = Path(cfg.out)
     prepared["created"] = _prepare_out(out, cfg.overwrite)
     model = load_source(cfg.source, model_cfg, dtypes.DTYPES[cfg.dtype_name], run_device)

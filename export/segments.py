@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ropesp.config import ModelConfig, VideoGeometry
-from ropesp.export.manifest import SegmentSpec, TensorSpec
+from ropesp.manifest import SegmentSpec, TensorSpec
 from ropesp.model.rope import RopeGrid
 from ropesp.model.wan import Block, CausalWanDiT, Head
 from ropesp.parallel import TokenShard

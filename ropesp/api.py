@@ -1,4 +1,4 @@
-"""The Python API: `ropesp.Pipeline`, a warm pipeline (every rank of it) that streams videos chunk by chunk.
+"""The Python API: `ropesp.Pipeline`, the engine core's Python face.
 
     import ropesp
     with ropesp.Pipeline(device="cpu") as pipe:          # the default model, preview frames
@@ -6,32 +6,33 @@
         for chunk in stream:                             # StreamChunk: frames [N, H, W, 3] uint8, timings
             stream.set_prompt(other)                     # from another thread too: at the next chunk
         video = pipe.generate(prompt, seed=1)            # Video: frames [N, H, W, 3], latents [1, F, C, h, w]
+        video.save("out.mp4")
 
-The pipeline is built once (model or engines, KV cache, CUDA graphs, decoder) and serves request after
-request; with world_size > 1 it starts ranks 1..P-1 as worker processes (runtime/group.py) and owns them
-until close(). One stream runs at a time: starting another ends the running one after its current chunk.
-Errors are RopespError subclasses (ConfigError is also a ValueError) whose messages name the Python
-arguments of this module.
+The pipeline is built once (model or engines, a KV cache slot per stream, CUDA graphs, decoder) and
+serves request after request; with world_size > 1 its engine starts ranks 1..P-1 and owns them until
+close(). Several streams may run at once (max_streams), each iterated from its own thread; a stream
+beyond them is refused with AtCapacity. Errors are RopespError subclasses (ConfigError is also a
+ValueError) whose messages name the Python arguments of this module.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+import inspect
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ropesp.config import SamplerConfig, latent_frames_for
+from ropesp.config import latent_frames_for
 from ropesp.errors import ConfigError, arg, python_names
 from ropesp.runtime.session import check_prompt_mode
+from ropesp.settings import SECTIONS, RunConfig, check_seed
 
-DECODERS = ("preview", "vae", None)
-PROMPT_CACHE = 16
-"""Text prompts whose embeddings a Pipeline keeps (a stream switching back and forth encodes once)."""
+_DEFAULT = object()
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class StreamChunk:
     start_frame: int
     """Latent frame of the chunk's first frame in the stream."""
     frames: np.ndarray | None
-    """[N, H, W, 3] uint8 video frames (None for decoder=None)."""
+    """[N, H, W, 3] uint8 video frames (None for decoder="none")."""
     latents: torch.Tensor | None
     """[1, F_chunk, C, h, w] float32 on the CPU when the stream was asked for latents, else None."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -58,82 +59,93 @@ class Video:
     """A whole generated video."""
 
     frames: np.ndarray | None
-    """[N, H, W, 3] uint8 (None for decoder=None)."""
+    """[N, H, W, 3] uint8 (None for decoder="none")."""
     latents: torch.Tensor
     """[1, F, C, h, w] float32."""
     chunks: tuple[StreamChunk, ...]
     """The chunks it came in (their timings; their latents and frames are the ones above)."""
 
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the frames as an MP4 (16 FPS, H.264) at path; the file appears only when complete.
+        Refuses to replace an existing file unless overwrite=True."""
+        from ropesp.video import StreamOutputs, check_outputs
+
+        with python_names():
+            if self.frames is None:
+                raise ConfigError(
+                    'this Video has no frames (decoder="none"): save its latents with torch.save'
+                )
+            paths = check_outputs(str(path), overwrite=overwrite, names={"output": "path"})
+            with StreamOutputs(paths) as out:
+                out.write(self.frames)
+                out.commit()
+        return paths.video
+
 
 class Stream:
-    """One running video: iterate it for StreamChunks; set_prompt / cancel from any thread."""
+    """One video: iterate it for StreamChunks (the work starts with the iteration); set_prompt and cancel
+    from any thread."""
 
     def __init__(self, pipe: Pipeline, request, latents: bool, mode: str) -> None:
         self._pipe, self._request, self._latents, self._mode = pipe, request, latents, mode
-        self._cancel = threading.Event()
-        self._lock = threading.Lock()
+        self._engine_stream = None
+        self._iterating = False
+        self._cancelled = False
         self._pending: list[tuple[torch.Tensor, str]] = []
-        self._iterator: Iterator[StreamChunk] | None = None
-        self._done = threading.Event()
 
-    def set_prompt(self, prompt: str | torch.Tensor, mode: str | None = None) -> None:
-        """Change the prompt from the next chunk the DiT starts on. Thread-safe. prompt: text or
-        embeddings [L, text_dim] / [1, L, text_dim]; mode: "swap" (cross-attention K/V only) or "recache"
-        (also recompute the window's self-attention cache under the new prompt); default: the Pipeline's
-        prompt_mode."""
+    def set_prompt(self, prompt: str | torch.Tensor, mode: str | None = None) -> bool:
+        """Change the prompt from the next chunk the DiT starts. Thread-safe. prompt: text or embeddings
+        [L, text_dim] / [1, L, text_dim]; mode: "swap" (cross-attention K/V only) or "recache" (also
+        recompute the window's self-attention cache under the new prompt); default: the Pipeline's
+        prompt_mode. Returns whether the change was queued: False once the stream has ended (its last
+        chunk made, or cancelled), when no chunk is left to take it."""
         with python_names():
             mode = check_prompt_mode(mode or self._mode)
-            embeds = self._pipe.encode(prompt)
-        with self._lock:
-            self._pending.append((embeds, mode))
+            embeds = self._pipe._core.check_prompt(self._pipe.encode(prompt), "prompt")
+            stream = self._engine_stream
+            if stream is None:  # not started: from its first chunk on
+                if self._cancelled:
+                    return False
+                self._pending.append((embeds, mode))
+                return True
+            return stream.set_prompt(embeds, mode)
 
     def cancel(self) -> None:
         """End the stream after the current chunk. Thread-safe."""
-        self._cancel.set()
+        self._cancelled = True
+        if self._engine_stream is not None:
+            self._engine_stream.cancel()
 
     def close(self) -> None:
-        """Cancel and release the pipeline now (the consumer's thread; a stream another thread is
-        iterating ends after its current chunk instead)."""
+        """Cancel and free the stream's slot now."""
         self.cancel()
-        if self._iterator is not None:
-            try:
-                self._iterator.close()
-            except ValueError:  # being iterated by another thread: it stops at the chunk boundary
-                pass
-
-    def _take(self) -> tuple[torch.Tensor, str] | None:
-        with self._lock:
-            if not self._pending:
-                return None
-            pending, self._pending = self._pending, []
-        mode = "recache" if any(m == "recache" for _, m in pending) else "swap"
-        return pending[-1][0], mode
 
     def __iter__(self) -> Iterator[StreamChunk]:
-        if self._iterator is not None:
+        if self._iterating:
             raise RuntimeError("a Stream is iterated once; call Pipeline.stream again for another video")
-        self._iterator = self._chunks()
-        return self._iterator
+        self._iterating = True
+        return self._chunks()
 
     def _chunks(self) -> Iterator[StreamChunk]:
-        group = self._pipe._acquire(self)
+        if self._cancelled:
+            return
+        core = self._pipe._require_core()
+        with python_names():
+            stream = self._engine_stream = core.open(self._request)
+        for embeds, mode in self._pending:
+            stream.set_prompt(embeds, mode)
         try:
-            for chunk in group.stream(self._request, self._cancel.is_set, self._take):
+            for chunk in stream:
                 timings = {"dit": chunk.dit_ms, "decode": chunk.decode_ms, "elapsed": chunk.elapsed_ms}
                 if chunk.switch is not None:
                     timings["switch"] = chunk.switch_ms
                 frames = None if chunk.frames is None else chunk.frames[0].numpy()
+                latents = chunk.latents if self._latents else None
                 yield StreamChunk(
-                    chunk.index,
-                    chunk.start_frame,
-                    frames,
-                    chunk.latents if self._latents else None,
-                    timings,
-                    chunk.prompt_version,
+                    chunk.index, chunk.start_frame, frames, latents, timings, chunk.prompt_version
                 )
         finally:
-            self._done.set()
-            self._pipe._release(self)
+            stream.cancel()  # a consumer that walks away ends the stream: its slot is free at once
 
     def __enter__(self) -> Stream:
         return self
@@ -141,143 +153,74 @@ class Stream:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        if self._engine_stream is not None:
+            self._engine_stream.cancel()
 
-def _demo_module():
-    """ropesp.demo (the embedded default model and its prompt encoder) where this ropesp ships it."""
-    try:
-        import ropesp.demo as demo
-    except ImportError:
-        return None
-    return demo if hasattr(demo, "default_checkpoint") else None
+
+def _setting_parameters() -> list[inspect.Parameter]:
+    params = [inspect.Parameter("text_encoder", inspect.Parameter.KEYWORD_ONLY, default=None)]
+    for cls in SECTIONS.values():
+        for name in cls.names():
+            if name != "text_encoder":
+                default = cls.__dataclass_fields__[name].default
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    return params
 
 
 class Pipeline:
-    """A warm streaming pipeline: one model source, its cache, decoder and ranks, for many requests.
-
-    Model source (one of; none: the embedded default model): preset (random weights without a
-    checkpoint), checkpoint (+ model_config), model_dir (diffusers Wan2.1: DiT, VAE, umT5), engines
-    (a `ropesp build` directory; backend, world size, device and dtype default to the build's).
-    device "cuda" | "cpu", dtype "float32" | "bfloat16" | "float16", backend "eager" | "compile" |
-    "ort" | "aoti" | "tensorrt"; world_size ranks (spawned and owned here); decoder "preview" (fast
-    latent preview), "vae" (the Wan VAE from vae= or model_dir) or None (latents only); precision "bf16" |
-    "fp8" (the blocks' GEMMs in e4m3) | "fp8-ffn" (the FFN's alone) and attention "sdpa" | "fa3" |
-    "fp8" | "int8" (the self-attention kernel) as `ropesp generate --precision / --attention`;
-    collective_timeout_s bounds how long a rank waits for the others while streaming (default: 60 s,
-    300 s with backend "compile").
-    Video (latent units, as the CLI): height/width in pixels, max_frames (KV cache in latent frames,
-    default the model's default video), local_attn_frames/sink_frames (rolling window, sink included:
-    unbounded streams), chunk_frames, independent_first_frame, steps, shift.
-    Text prompts go through text_encoder (an object with encode(str) -> [1, L, text_dim], or a umT5
-    directory), else the model's own encoder (the demo model's), else model_dir's umT5 (the one choice
-    of runtime.prompts.text_encoder_for, as `ropesp generate`'s); prompt_mode is set_prompt's default
-    ("swap" | "recache").
+    """A warm streaming pipeline: one model source, its KV cache slots, decoder and ranks, for many
+    requests. Its keywords are the run settings of ropesp.settings (the flags of `ropesp generate`, by
+    their Python names): the model source (none: the embedded demo model; preset, checkpoint,
+    model_config, model_dir, engines), the video (height/width in pixels, frames: the default video
+    length, which also sizes the KV cache, max_frames, local_attn_frames/sink_frames: a rolling window for
+    unbounded streams), the sampler (steps, shift, chunk_frames, ...), parallel (world_size: ranks
+    spawned and owned here, ...), compute (backend, dtype, device, precision, attention, cuda_graphs),
+    decode (decoder "preview" | "vae" | "none", vae, vae_compile, decode_device, overlap_decode), prompt
+    (prompt_mode: set_prompt's default) and streams (max_streams: streams at once, realtime_fps).
+    text_encoder: an object with encode(str) -> [1, L, text_dim] embeddings, or a umT5 directory; default:
+    the model's own encoder (the demo model's), else model_dir's umT5.
     """
 
-    def __init__(
-        self,
-        preset: str | None = None,
-        checkpoint: str | None = None,
-        model_dir: str | None = None,
-        engines: str | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        backend: str | None = None,
-        precision: str | None = None,
-        world_size: int = 1,
-        decoder: str | None = "preview",
-        *,
-        attention: str | None = None,
-        collective_timeout_s: float | None = None,
-        model_config: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        max_frames: int | None = None,
-        local_attn_frames: int = -1,
-        sink_frames: int = 0,
-        chunk_frames: int = 3,
-        independent_first_frame: bool = False,
-        steps: Sequence[int] = SamplerConfig.steps,
-        shift: float = SamplerConfig.shift,
-        text_encoder=None,
-        vae: str | None = None,
-        vae_compile: bool = False,
-        decode_device: str | None = None,
-        ulysses_degree: int | None = None,
-        ring_degree: int | None = None,
-        cuda_graphs: bool = True,
-        prompt_mode: str = "swap",
-    ) -> None:
-        self._group = None
-        self._active: Stream | None = None
-        self._cond = threading.Condition()
-        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+    def __init__(self, *, text_encoder: Any = None, **settings: Any) -> None:
+        self._core = None
         with python_names():
-            self._build(locals())
+            encoder = None
+            if text_encoder is not None and not isinstance(text_encoder, (str, os.PathLike)):
+                if not callable(getattr(text_encoder, "encode", None)):
+                    raise ConfigError(
+                        f"{arg('text_encoder')} must be a directory or have encode(text) -> embeddings"
+                    )
+                encoder = text_encoder
+            elif text_encoder is not None:
+                settings["text_encoder"] = os.fspath(text_encoder)
+            self._start(RunConfig.of(**settings), encoder)
 
-    def _build(self, kw: dict) -> None:
-        from ropesp.runtime.group import SessionGroup
-        from ropesp.runtime.pipeline import PipelineConfig
-        from ropesp.runtime.prompts import text_encoder_for
+    @classmethod
+    def from_config(cls, config: RunConfig, text_encoder: Any = None) -> Pipeline:
+        """A Pipeline of run settings already gathered (a front end's flags)."""
+        pipe = cls.__new__(cls)
+        pipe._core = None
+        with python_names():
+            pipe._start(config, text_encoder)
+        return pipe
 
-        if kw["decoder"] not in DECODERS:
-            raise ConfigError(f"{arg('decoder', kw['decoder'])}: choose one of {DECODERS}")
-        self.prompt_mode = check_prompt_mode(kw["prompt_mode"])
-        if not isinstance(kw["world_size"], int) or kw["world_size"] < 1:
-            raise ConfigError(f"{arg('world_size', kw['world_size'])} must be an integer >= 1")
-        checkpoint, md = kw["checkpoint"], None
-        demo = _demo_module()
-        named = ("preset", "checkpoint", "model_dir", "engines", "model_config")
-        if demo is not None and demo.has_default_weights() and not any(kw[name] for name in named):
-            checkpoint = str(demo.default_checkpoint())  # the embedded default model
-        if kw["model_dir"] is not None:
-            from ropesp.model_dir import resolve_model_dir
+    def _start(self, config: RunConfig, encoder) -> None:
+        from ropesp.runtime.engine_core import EngineCore
+        from ropesp.runtime.pipeline import resolve
+        from ropesp.runtime.prompts import PromptEncoder
 
-            md = resolve_model_dir(kw["model_dir"], checkpoint)
-            checkpoint = str(md.dit_weights)
-        latent = {}
-        for name in ("height", "width"):
-            px = kw[name]
-            if px is not None and (not isinstance(px, int) or px < 16 or px % 16):
-                raise ConfigError(f"{arg(name, px)} must be a positive multiple of 16 pixels")
-            latent[name] = None if px is None else px // 8
-        config = PipelineConfig(
-            checkpoint=checkpoint,
-            model_config=kw["model_config"],
-            preset=kw["preset"],
-            engines=kw["engines"],
-            backend=kw["backend"],
-            latent_height=latent["height"],
-            latent_width=latent["width"],
-            sampler=SamplerConfig(
-                steps=tuple(kw["steps"]),
-                shift=kw["shift"],
-                chunk_frames=kw["chunk_frames"],
-                independent_first_frame=kw["independent_first_frame"],
-            ),
-            max_frames=kw["max_frames"],
-            local_attn_frames=kw["local_attn_frames"],
-            sink_frames=kw["sink_frames"],
-            dtype=kw["dtype"],
-            device=kw["device"],
-            world_size=kw["world_size"],
-            ulysses_degree=kw["ulysses_degree"],
-            ring_degree=kw["ring_degree"],
-            cuda_graphs=kw["cuda_graphs"],
-            collective_timeout_s=kw["collective_timeout_s"],
-        )
-        if kw["precision"] is not None:
-            config = dataclasses.replace(config, precision=kw["precision"])
-        if kw["attention"] is not None:
-            config = dataclasses.replace(config, attention=kw["attention"])
-        if kw["engines"] is not None and kw["world_size"] == 1:
-            config = dataclasses.replace(config, world_size=None)  # the engines' world size
-        res = config.resolve()
-        self.config, self.resolved = config, res
-        own = demo.own_text_encoder(res.model) if demo is not None else None
-        self._text = text_encoder_for(kw["text_encoder"], md, own)
-        self._text_encoder = None  # self._text's, loaded at the first text prompt
-        decoder = self._decoder(res, kw, md)
-        self._group = SessionGroup(config, decoder=decoder).start()
+        if config.video.unbounded:
+            raise ConfigError(f"{arg('frames', 0)}: give streams without end with stream(frames=None)")
+        res = resolve(config)
+        self.config, self.resolved = res.config, res
+        self.prompt_mode = config.prompt.prompt_mode
+        self._prompts = PromptEncoder(res, encoder)
+        self._core = EngineCore(res).start()
+
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *_setting_parameters()]
+    )
 
     # --- properties ------------------------------------------------------------------------------
     @property
@@ -295,91 +238,67 @@ class Pipeline:
         g = self.resolved.geometry
         return g.latent_height * 8, g.latent_width * 8
 
-    # --- building blocks ---------------------------------------------------------------------------
-    @staticmethod
-    def _decoder(res, kw: dict, md):
-        from ropesp.runtime.dist import Mapping, device_for
-        from ropesp.runtime.pipeline import lead_decoder
+    @property
+    def frames(self) -> int:
+        """The default video length in frames (stream and generate without frames=)."""
+        return 4 * self.resolved.latent_frames - 3
 
-        name = kw["decoder"]
-        if name is None:
-            return None
-        vae = kw["vae"] or (str(md.vae) if md is not None and name == "vae" else None)
-        if name == "vae" and vae is None:
-            raise ConfigError(
-                f"{arg('decoder', 'vae')} needs a Wan VAE: pass {arg('vae')} or {arg('model_dir')}"
-            )
-        if name == "preview" and (kw["vae"] or kw["vae_compile"]):
-            raise ConfigError(f"{arg('vae')} and {arg('vae_compile')} are for {arg('decoder', 'vae')}")
-        device = device_for(Mapping(res.world_size), res.device)
-        return lead_decoder(
-            res,
-            vae if name == "vae" else None,
-            device,
-            compile=kw["vae_compile"],
-            decode_device=kw["decode_device"],
-            flag=arg("decode_device"),
-        )
+    @property
+    def max_streams(self) -> int:
+        return self.resolved.max_streams
 
+    @property
+    def workers(self) -> list:
+        """The processes of ranks 1..P-1 (empty at world size 1)."""
+        return self._core.workers if self._core is not None else []
+
+    def description(self) -> str:
+        """One line on what it runs: model, backend, device, world size."""
+        res = self.resolved
+        source = res.config.source
+        model = source.engines or source.checkpoint or f"{source.preset} preset"
+        return f"{Path(model).name if os.sep in str(model) else model} · {res.backend} · {res.device} · {res.world_size} rank(s)"
+
+    # --- requests --------------------------------------------------------------------------------
     def encode(self, prompt: str | torch.Tensor) -> torch.Tensor:
-        """A prompt -> checked float32 embeddings [1, L, text_dim] (text through the text encoder)."""
-        group = self._require_group()  # a closed Pipeline loads no text encoder again
+        """A prompt -> float32 embeddings [1, L, text_dim] (text through the text encoder), checked."""
+        core = self._require_core()  # a closed Pipeline loads no text encoder again
         with python_names():
-            if isinstance(prompt, str):
-                prompt = self._encode_text(prompt)
-            if not isinstance(prompt, torch.Tensor):
+            if not isinstance(prompt, (str, torch.Tensor)):
                 raise ConfigError(
                     f"{arg('prompt')} must be text or an embeddings tensor [L, {self.text_dim}]"
                 )
-            if prompt.is_floating_point():
-                prompt = prompt.detach().to("cpu", torch.float32)
-            return group.check_prompt(prompt)
+            return core.check_prompt(self._prompts(prompt), "prompt")
 
-    def _encode_text(self, text: str) -> torch.Tensor:
-        if text in self._prompts:
-            self._prompts.move_to_end(text)
-            return self._prompts[text]
-        if self._text is None:
-            raise ConfigError(
-                f"{arg('prompt')} is text, but this Pipeline has no text encoder: pass {arg('text_encoder')} "
-                f"or {arg('model_dir')}, or give embeddings [L, {self.text_dim}]"
-            )
-        if self._text_encoder is None:
-            from ropesp.runtime.dist import Mapping, device_for
-
-            res = self.resolved
-            device = device_for(Mapping(res.world_size), res.device)
-            self._text_encoder = self._text.load(res.model, res.dtype, device)
-        with torch.inference_mode():
-            embeds = self._text_encoder.encode(text).detach().to("cpu", torch.float32)
-        self._prompts[text] = embeds
-        if len(self._prompts) > PROMPT_CACHE:
-            self._prompts.popitem(last=False)
-        return embeds
-
-    # --- requests --------------------------------------------------------------------------------
     def stream(
         self,
         prompt: str | torch.Tensor,
         seed: int = 0,
-        frames: int | None = 33,
+        frames: int | None = _DEFAULT,  # type: ignore[assignment]
         recache: bool = False,
         latents: bool = False,
     ) -> Stream:
-        """A stream of `frames` video frames (4k+1; None: until cancelled, needs local_attn_frames).
-        recache=True makes "recache" the default mode of this stream's set_prompt. Iterate it for
-        StreamChunks; the work starts with the iteration."""
+        """A stream of `frames` video frames (4k+1; default: the pipeline's length; None: until
+        cancelled, which needs local_attn_frames). recache=True makes "recache" the default mode of this
+        stream's set_prompt. Iterate it for StreamChunks; the work starts with the iteration."""
+        core = self._require_core()
         with python_names():
-            if not isinstance(seed, int) or isinstance(seed, bool):
-                raise ConfigError(f"{arg('seed', seed)} must be an integer")
-            latent_frames = None if frames is None else latent_frames_for(frames)
-            embeds = self.encode(prompt)
-            request = self._require_group().check(embeds, seed, latent_frames, frames=True)
+            seed = check_seed(seed)
+            if frames is _DEFAULT:
+                frames = self.frames
+            if frames is not None and (isinstance(frames, bool) or not isinstance(frames, (int, np.integer))):
+                raise ConfigError(
+                    f"{arg('frames', frames)} must be an integer (4*k + 1 video frames) or None"
+                )
+            latent_frames = None if frames is None else latent_frames_for(int(frames))
+            request = core.request(
+                self.encode(prompt), seed, latent_frames, decode=self.resolved.decoder != "none"
+            )
         mode = "recache" if recache else self.prompt_mode
         return Stream(self, request, latents, mode)
 
-    def generate(self, prompt: str | torch.Tensor, seed: int = 0, frames: int = 33) -> Video:
-        """The whole video at once (frames: 4k+1 video frames)."""
+    def generate(self, prompt: str | torch.Tensor, seed: int = 0, frames: int = _DEFAULT) -> Video:  # type: ignore[assignment]
+        """The whole video at once (frames: 4k+1 video frames; default: the pipeline's length)."""
         if frames is None:
             with python_names():
                 raise ConfigError(f"{arg('frames', None)}: generate() makes a bounded video; use stream()")
@@ -388,37 +307,18 @@ class Pipeline:
         video = None if chunks[0].frames is None else np.concatenate([c.frames for c in chunks])
         return Video(video, latents, chunks)
 
-    # --- one stream at a time ---------------------------------------------------------------------
-    def _require_group(self):
-        if self._group is None:
+    # --- life ------------------------------------------------------------------------------------
+    def _require_core(self):
+        if self._core is None:
             raise RuntimeError("this Pipeline is closed")
-        return self._group
-
-    def _acquire(self, stream: Stream):
-        """Make `stream` the running one; a running other one is ended after its current chunk first."""
-        with self._cond:
-            while self._active is not None and self._active is not stream:
-                other = self._active
-                other.close()  # ends it now if suspended, else at its next chunk boundary
-                if self._active is other:
-                    self._cond.wait(0.05)
-            self._active = stream
-            return self._require_group()
-
-    def _release(self, stream: Stream) -> None:
-        with self._cond:
-            if self._active is stream:
-                self._active = None
-            self._cond.notify_all()
+        return self._core
 
     def close(self) -> None:
-        """Stop the running stream and every rank; idempotent."""
-        group, self._group = self._group, None
-        if self._active is not None:
-            self._active.close()
-        if group is not None:
-            group.close()
-        self._text_encoder = None
+        """Stop every stream and every rank; idempotent."""
+        core, self._core = self._core, None
+        if core is not None:
+            core.close()
+        self._prompts = None
 
     def __enter__(self) -> Pipeline:
         return self

@@ -32,7 +32,6 @@ around each call, so a CUDA-graph replay (compile, compiled) reports none: its s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import gc
@@ -52,14 +51,15 @@ from ropesp.decode.factory import WarmUp, check_wan_vae_options, make_decoder
 from ropesp.errors import ConfigError
 from ropesp.runtime.dist import Mapping, device_for, parse_device
 from ropesp.runtime.pipeline import (
-    PipelineConfig,
     ResolvedPipeline,
     build_executor,
     make_state,
+    resolve,
     resolved_model,
 )
 from ropesp.runtime.session import StreamSession
 from ropesp.runtime.sp import AloneCollectives, CollectiveLog, Collectives
+from ropesp.settings import RunConfig
 
 CONFIGS = (
     "reference",
@@ -86,17 +86,17 @@ COMPILE_CONFIGS = {
     "compile-fp8attn": {"precision": "fp8", "attention": "fp8"},
     "compile-int8attn": {"precision": "fp8", "attention": "int8"},
 }
-"""The compile backend's configurations: PipelineConfig fields each one sets (the rest as requested)."""
+"""The compile backend's configurations: the settings each one sets (the rest as requested)."""
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """What to measure."""
 
-    pipeline: PipelineConfig
+    run: RunConfig
     """Model, resolution, frames, dtype, device and world size (the optimized setup)."""
     configs: tuple[str, ...] = ("reference", "paper-sp", "optimized")
-    """Configurations to run (compiled needs pipeline.engines)."""
+    """Configurations to run (compiled needs engines)."""
     warmup: int = 1
     """Untimed videos per configuration."""
     repeat: int = 2
@@ -126,16 +126,16 @@ class BenchConfig:
         if bad:
             raise ConfigError(f"--configs {bad}: choose from {CONFIGS}")
         engine_configs = [c for c in self.configs if c in ENGINE_CONFIGS]
-        if engine_configs and not self.pipeline.engines:
+        if engine_configs and not self.run.source.engines:
             raise ConfigError(f"--configs {','.join(engine_configs)} needs --engines DIR from `ropesp build`")
         check_wan_vae_options(self.vae is not None, self.vae_compile, self.decode_device, "pass --vae too")
         if self.decode_device:
             parse_device(self.decode_device, "--decode-device")  # fail before any rank starts
         if self.vae and not self.decode:
             raise ConfigError("--vae times decode; it cannot be combined with --no-decode")
-        if self.alone and self.pipeline.world_size in (None, 1):
+        if self.alone and self.run.parallel.world_size in (None, 1):
             raise ConfigError("--alone times rank 0 of a P-rank group by itself: pass --world-size P >= 2")
-        if self.alone and self.pipeline.ring_degree not in (None, 1):
+        if self.alone and self.run.parallel.ring_degree not in (None, 1):
             raise ConfigError("--alone runs the pure Ulysses layout only: drop --ring-degree")
         if self.alone and self.decode_device:
             raise ConfigError(
@@ -144,7 +144,7 @@ class BenchConfig:
         for name in self.configs:  # FP8 hardware and libraries, before any rank starts
             if COMPILE_CONFIGS.get(name):
                 overrides = COMPILE_CONFIGS[name]
-                dataclasses.replace(self.pipeline, backend="compile", engines=None, **overrides).resolve()
+                resolve(self.run.replace(backend="compile", engines=None, **overrides), default_model=False)
         if self.repeat < 1 or self.warmup < 0:
             raise ConfigError(f"--repeat {self.repeat} must be >= 1 and --warmup {self.warmup} >= 0")
 
@@ -269,16 +269,16 @@ def per_chunk_errors(x: torch.Tensor, ref: torch.Tensor, chunk_frames: list[int]
 
 
 def _variant(res: ResolvedPipeline, name: str, world_size: int) -> ResolvedPipeline:
-    req = res.request
+    config = res.config
     if name in ("reference", "paper-sp"):
-        req = dataclasses.replace(req, sp_rope="allgather", sp_comm="unfused", backend="eager", engines=None)
+        config = config.replace(sp_rope="allgather", sp_comm="unfused", backend="eager", engines=None)
     elif name in ("optimized", "optimized-graphs", *COMPILE_CONFIGS):
         overrides = COMPILE_CONFIGS.get(name, {})
-        req = dataclasses.replace(req, sp_rope="local", sp_comm="fused", engines=None, **overrides)
+        config = config.replace(sp_rope="local", sp_comm="fused", engines=None, **overrides)
     elif name == "compiled-nograph":
-        req = dataclasses.replace(req, cuda_graphs=False)
+        config = config.replace(cuda_graphs=False)
     backend = res.backend if name in ENGINE_CONFIGS else "compile" if name in COMPILE_CONFIGS else "eager"
-    return dataclasses.replace(res, request=req, world_size=world_size, backend=backend)
+    return dataclasses.replace(res, config=config, world_size=world_size, backend=backend)
 
 
 def run_rank(
@@ -286,105 +286,97 @@ def run_rank(
 ) -> dict | None:
     """Every rank runs every configuration in lock-step; rank 0 returns the results. With bench.alone
     this process is rank 0 of the group by itself: no process group, AloneCollectives."""
-    from ropesp.runtime.launch import process_group
-
     results: dict = {}
-    # alone: rank 0 by itself, no process group (its collectives move nothing)
-    group = (
-        contextlib.nullcontext(device_for(mapping, res.device))
-        if bench.alone
-        else process_group(mapping, res.device)
-    )
-    with group as device:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            torch.empty(1, device=device)  # the allocator's statistics exist only after a first use
-        model = None
-        first: tuple[str, torch.Tensor] | None = None
-        for name in bench.configs:
-            single = name == "reference"
-            if single and mapping.world_size > 1 and dist.is_initialized():
+    device = device_for(mapping, res.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.empty(1, device=device)  # the allocator's statistics exist only after a first use
+    model = None
+    first: tuple[str, torch.Tensor] | None = None
+    for name in bench.configs:
+        single = name == "reference"
+        if single and mapping.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+        if single and mapping.rank != 0:
+            if dist.is_initialized():
                 dist.barrier()
-            if single and mapping.rank != 0:
-                if dist.is_initialized():
-                    dist.barrier()
-                continue
-            variant = _variant(res, name, 1 if single else mapping.world_size)
-            vmap = Mapping(1, 0, mapping.local_rank) if single else mapping
-            if variant.backend != "eager":
-                model = None  # engines load their own weights: the peak must not count two copies
-                gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            log = CollectiveLog() if vmap.world_size > 1 else None  # the communication share
-            comm = _collectives(vmap.world_size, log, bench.alone) if log is not None else None
-            if variant.backend == "eager":
-                from ropesp.runtime.executor import EagerExecutor
-
-                if model is None:
-                    model = resolved_model(res, device)
-                state = make_state(res, vmap, device, comm=comm, parallel=variant.request.parallel)
-                executor = EagerExecutor(model, state, cuda_graphs=name == "optimized-graphs")
-            else:
-                executor = build_executor(variant, vmap, comm)
-            session = StreamSession(
-                executor, res.request.sampler, res.geometry, res.latent_frames, overlap_decode=False
-            )
-            build_s = time.perf_counter() - t0
-            row = measure(
-                session,
-                prompt,
-                bench,
-                device,
-                log,
-                decoder_device=parse_device(bench.decode_device, "--decode-device")
-                if bench.decode_device
-                else None,
-                decodes=mapping.rank == 0,
-            )
-            row["session_build_s"] = build_s
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            if single:
-                row["peak_gib_per_rank"] = [peak]
-                if dist.is_initialized():
-                    dist.barrier()
-            else:
-                peaks = [peak]
-                if dist.is_initialized():  # a tensor collective (no pickled objects over NCCL)
-                    mine = torch.tensor([peak], dtype=torch.float64, device=device)
-                    parts = [torch.empty_like(mine) for _ in range(mapping.world_size)]
-                    dist.all_gather(parts, mine)
-                    peaks = [float(t.item()) for t in parts]
-                row["peak_gib_per_rank"] = peaks
-            row["world_size"] = vmap.world_size
-            # every configuration draws the same noise on the same weights: its latents must match the
-            # first one's up to the dtype's rounding (bf16: ~1e-2 on values of magnitude ~1)
-            latents = row.pop("latents")
-            if first is None:
-                first = (name, latents)
-            diff = (latents - first[1]).abs()
-            row["latents_vs"] = {
-                "config": first[0],
-                "max_abs": float(diff.max()),
-                "mean_abs": float(diff.mean()),
-                "rel_l2": rel_l2(latents, first[1]),
-                **per_chunk_errors(latents, first[1], res.request.sampler.chunk_sizes(res.latent_frames)),
-            }
-            results[name] = row
-            if mapping.rank == 0:  # progress: a run cut short still shows the configurations it finished
-                print(
-                    f"bench: {name}: first chunk {row['first_chunk_ms']:.1f} ms, {row['fps_dit']:.1f} FPS, "
-                    f"cold first chunk {row['cold_first_chunk_ms'] / 1e3:.1f} s, rel L2 vs "
-                    f"{first[0]} {row['latents_vs']['rel_l2']:.2e}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            # free this configuration's cache before the next one allocates its own (peaks are per config)
-            del session, executor, comm
-            state = None
+            continue
+        variant = _variant(res, name, 1 if single else mapping.world_size)
+        vmap = Mapping(1, 0, mapping.local_rank) if single else mapping
+        if variant.backend != "eager":
+            model = None  # engines load their own weights: the peak must not count two copies
             gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        log = CollectiveLog() if vmap.world_size > 1 else None  # the communication share
+        comm = _collectives(vmap.world_size, log, bench.alone) if log is not None else None
+        if variant.backend == "eager":
+            from ropesp.runtime.executor import EagerExecutor
+
+            if model is None:
+                model = resolved_model(res, device)
+            state = make_state(res, vmap, device, comm=comm, parallel=variant.config.parallel, slots=1)
+            executor = EagerExecutor(model, state, cuda_graphs=name == "optimized-graphs")
+        else:
+            executor = build_executor(variant, vmap, comm, slots=1)
+        session = StreamSession(
+            executor, res.config.sampler, res.geometry, res.latent_frames, overlap_decode=False
+        )
+        build_s = time.perf_counter() - t0
+        row = measure(
+            session,
+            prompt,
+            bench,
+            device,
+            log,
+            decoder_device=parse_device(bench.decode_device, "--decode-device")
+            if bench.decode_device
+            else None,
+            decodes=mapping.rank == 0,
+        )
+        row["session_build_s"] = build_s
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        if single:
+            row["peak_gib_per_rank"] = [peak]
+            if dist.is_initialized():
+                dist.barrier()
+        else:
+            peaks = [peak]
+            if dist.is_initialized():  # a tensor collective (no pickled objects over NCCL)
+                mine = torch.tensor([peak], dtype=torch.float64, device=device)
+                parts = [torch.empty_like(mine) for _ in range(mapping.world_size)]
+                dist.all_gather(parts, mine)
+                peaks = [float(t.item()) for t in parts]
+            row["peak_gib_per_rank"] = peaks
+        row["world_size"] = vmap.world_size
+        # every configuration draws the same noise on the same weights: its latents must match the
+        # first one's up to the dtype's rounding (bf16: ~1e-2 on values of magnitude ~1)
+        latents = row.pop("latents")
+        if first is None:
+            first = (name, latents)
+        diff = (latents - first[1]).abs()
+        row["latents_vs"] = {
+            "config": first[0],
+            "max_abs": float(diff.max()),
+            "mean_abs": float(diff.mean()),
+            "rel_l2": rel_l2(latents, first[1]),
+            **per_chunk_errors(latents, first[1], res.chunk_sizes()),
+        }
+        results[name] = row
+        if mapping.rank == 0:  # progress: a run cut short still shows the configurations it finished
+            print(
+                f"bench: {name}: first chunk {row['first_chunk_ms']:.1f} ms, {row['fps_dit']:.1f} FPS, "
+                f"cold first chunk {row['cold_first_chunk_ms'] / 1e3:.1f} s, rel L2 vs "
+                f"{first[0]} {row['latents_vs']['rel_l2']:.2e}",
+                file=sys.stderr,
+                flush=True,
+            )
+        # free this configuration's cache before the next one allocates its own (peaks are per config)
+        del session, executor, comm
+        state = None
+        gc.collect()
     return results if mapping.rank == 0 else None
 
 
@@ -428,7 +420,7 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
     from ropesp.flops import video_flops
 
     flops = video_flops(
-        res.model, res.geometry.frame_tokens, res.request.sampler, res.latent_frames, res.cache
+        res.model, res.geometry.frame_tokens, res.config.sampler, res.latent_frames, res.cache
     )
     for row in results.values():  # achieved matrix throughput, against the GPU's measured GEMM rate
         row["tflops_per_gpu"] = flops["total"] / (row["total_ms"] / 1e3) / row["world_size"] / 1e12
@@ -444,8 +436,8 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
             "dtype": str(res.dtype).removeprefix("torch."),
             "device": res.device,
             "world_size": res.world_size,
-            "steps": list(res.request.sampler.steps),
-            "chunk_frames": res.request.sampler.chunk_frames,
+            "steps": list(res.config.sampler.steps),
+            "chunk_frames": res.config.sampler.chunk_frames,
             "warmup": bench.warmup,
             "repeat": bench.repeat,
             "alone": bench.alone,
@@ -528,34 +520,24 @@ def plot(out: dict, path: str) -> None:
 def run(
     bench: BenchConfig, prompt: torch.Tensor, resolved: tuple[ResolvedPipeline, Mapping] | None = None
 ) -> dict:
-    """Launch the ranks (spawned unless under torchrun) and report on rank 0. resolved: what
-    `bench.pipeline.resolve_rank()` returned, where the caller has it (the launcher's environment is
-    read once per process)."""
-    import tempfile
+    """Start the ranks through the engine's rank group (spawned, or torchrun's), run every configuration
+    on every rank in step, report on rank 0 (a follower under torchrun returns {}). resolved: what
+    resolve_rank(bench.run) returned, where the caller has it (the rank environment is read once)."""
+    from ropesp.runtime.pipeline import resolve_rank
+    from ropesp.runtime.ranks import RankGroup, under_launcher
 
-    from ropesp.runtime.launch import spawn_ranks, under_launcher
-
-    res, mapping = resolved or bench.pipeline.resolve_rank()
+    res, mapping = resolved or resolve_rank(bench.run, default_model=False)
     if res.world_size == 1 and "paper-sp" in bench.configs:
         # one rank: the paper's SP baseline degenerates to the reference configuration
         bench = dataclasses.replace(bench, configs=tuple(c for c in bench.configs if c != "paper-sp"))
     if bench.alone:
         if under_launcher():
             raise ConfigError("--alone runs one process by itself: start it without torchrun")
-        results = run_rank(Mapping(res.world_size, 0, 0), res, bench, prompt)
-    elif res.world_size > 1 and not under_launcher():
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "bench.json"
-            spawn_ranks(res.world_size, _spawned_rank, res, bench, prompt, str(path))
-            results = json.loads(path.read_text())
-    else:
-        results = run_rank(mapping, res, bench, prompt)
-        if results is None:
+        return report(res, bench, run_rank(Mapping(res.world_size, 0, 0), res, bench, prompt))
+    spawned = mapping.rank == 0 and not under_launcher()
+    with RankGroup(res.world_size, res.device, mapping=None if spawned else mapping) as group:
+        if not group.is_leader:
+            group.follow({})
             return {}
+        results = group.call(run_rank, res, bench, prompt)
     return report(res, bench, results)
-
-
-def _spawned_rank(mapping, res, bench, prompt, path) -> None:
-    results = run_rank(mapping, res, bench, prompt)
-    if results is not None:
-        Path(path).write_text(json.dumps(results))

@@ -7,11 +7,9 @@ S cache slots, H heads (H_local per rank), D head_dim, P sequence-parallel size.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ropesp.errors import ConfigError, arg
 
@@ -263,52 +261,6 @@ class CacheConfig:
             )
 
 
-@dataclass(frozen=True)
-class SamplerConfig:
-    """Few-step flow-matching sampler (Self-Forcing DMD)."""
-
-    steps: tuple[int, ...] = (1000, 750, 500, 250)
-    """Denoising step list as Self-Forcing's config writes it, before warping with shift."""
-    shift: float = 5.0
-    """Timestep shift (5 for inference.py, 8 for demo.py)."""
-    chunk_frames: int = 3
-    """Latent frames generated per chunk."""
-    independent_first_frame: bool = False
-    """First chunk is a single frame, then chunks of chunk_frames."""
-    context_noise: float = 0.0
-    """Timestep of the clean-context pass that refreshes the cache (0 = clean)."""
-
-    def __post_init__(self) -> None:
-        steps = list(self.steps)
-        if not steps:
-            raise ConfigError(f"{arg('steps')} must list at least one step")
-        if any(not isinstance(s, int) or not 1 <= s <= 1000 for s in steps):
-            raise ConfigError(f"{arg('steps', steps)}: every step must be an integer in 1..1000")
-        if any(a <= b for a, b in itertools.pairwise(steps)):
-            raise ConfigError(f"{arg('steps', steps)}: steps must be strictly descending")
-        if self.shift <= 0:
-            raise ConfigError(f"{arg('shift', self.shift)} must be > 0")
-        if self.chunk_frames < 1:
-            raise ConfigError(f"{arg('chunk_frames', self.chunk_frames)} must be >= 1")
-
-    def chunk_sizes(self, latent_frames: int) -> list[int]:
-        """Frames per chunk for a video of latent_frames; refuses lengths that do not tile."""
-        n = self.chunk_frames
-        if self.independent_first_frame:
-            if latent_frames < 1 or (latent_frames - 1) % n:
-                raise ConfigError(
-                    f"latent frames={latent_frames} must be 1 + a multiple of {arg('chunk_frames', n)} "
-                    f"with {arg('independent_first_frame')} (e.g. {1 + n}, {1 + 2 * n})"
-                )
-            return [1] + [n] * ((latent_frames - 1) // n)
-        if latent_frames < 1 or latent_frames % n:
-            raise ConfigError(
-                f"latent frames={latent_frames} must be a positive multiple of {arg('chunk_frames', n)} "
-                f"(e.g. {n}, {2 * n}, {7 * n}); video frames = 4*latent_frames - 3"
-            )
-        return [n] * (latent_frames // n)
-
-
 def latent_frames_for(frames: int) -> int:
     """Latent frames of a video of `frames` frames (Wan's VAE: frames = 4*latent - 3); ConfigError else."""
     if frames < 1 or (frames - 1) % 4:
@@ -349,136 +301,3 @@ class VideoGeometry:
     def frame_tokens(self) -> int:
         """Tokens per latent frame (rows * cols); 1560 for Wan 480p."""
         return self.rows * self.cols
-
-
-# --- the sub-configs that the build (export/build.py) and run (runtime/pipeline.py) configs share ---
-class DictCodec:
-    """to_dict / from_dict of a flat frozen dataclass whose fields are JSON values."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]):
-        """Inverse of to_dict; unknown keys are refused by name."""
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"{cls.__name__} has unknown fields {unknown}")
-        return cls(**raw)
-
-
-@dataclass(frozen=True)
-class ModelSource(DictCodec):
-    """What model and weights: checked and read by model.checkpoint.resolve_model, which returns the
-    model config and the preset sizes for any of these."""
-
-    checkpoint: str | None = None
-    """Self-Forcing .pt, Wan safetensors (file, index or dir) or diffusers transformer dir; None: the
-    preset's seeded random weights (model.wan.random_model)."""
-    model_config: str | None = None
-    """Wan config.json; else next to the checkpoint, else the preset, else matched by tensor shapes."""
-    preset: str | None = None
-    """Named preset (tiny, demo, wan2.1-1.3b, wan2.1-14b)."""
-    engines: str | None = None
-    """Engine directory from `ropesp build` (the runtime only): its manifest names the model and its
-    weights, and the fields above are not read."""
-
-
-@dataclass(frozen=True)
-class VideoConfig(DictCodec):
-    """The video's latent size and its KV cache geometry in latent frames; None: the model's default."""
-
-    latent_height: int | None = None
-    latent_width: int | None = None
-    max_frames: int | None = None
-    """KV cache capacity in frames without a rolling window (default: the video's length; a build's is
-    also the default video length its manifest records, else the preset's)."""
-    local_attn_frames: int = -1
-    """Rolling window in frames, sink included (-1: global attention); a build's is the runtime's default."""
-    sink_frames: int = 0
-    """Frames never evicted from the rolling window."""
-
-    def check(self) -> None:
-        """Refuse a given size below 1 (the window is checked by CacheConfig)."""
-        from ropesp.limits import check_positive
-
-        check_positive(
-            latent_height=self.latent_height, latent_width=self.latent_width, max_frames=self.max_frames
-        )
-
-    def geometry(self, defaults: PresetDefaults, patch_size: tuple[int, int, int]) -> VideoGeometry:
-        """The latent size, the given one or the preset's defaults."""
-        return VideoGeometry(
-            self.latent_height or defaults.latent_height,
-            self.latent_width or defaults.latent_width,
-            patch_size,
-        )
-
-
-@dataclass(frozen=True)
-class ParallelConfig(DictCodec):
-    """How the sequence-parallel ranks split the work (runtime/sp.py, ropesp/parallel.py)."""
-
-    world_size: int | None = None
-    """Sequence-parallel ranks P (default: the launcher's WORLD_SIZE, else the engines', else 1)."""
-    ulysses_degree: int | None = None
-    """U of the hybrid layout P = U x R (default: the largest divisor of P and the heads)."""
-    ring_degree: int | None = None
-    """R of the hybrid layout (default: P / U)."""
-    sp_rope: str = "local"
-    """local | allgather: how each rank gets the RoPE of its tokens."""
-    sp_comm: str = "fused"
-    """fused | unfused all-to-alls."""
-
-    def check(self) -> None:
-        """Refuse a given size below 1 (the modes are checked where the runtime builds its state)."""
-        from ropesp.limits import check_positive
-
-        check_positive(
-            world_size=self.world_size, ulysses_degree=self.ulysses_degree, ring_degree=self.ring_degree
-        )
-
-
-@dataclass(frozen=True)
-class ComputeConfig(DictCodec):
-    """Where and in what precision the DiT runs (checked against the backend in runtime/pipeline.py)."""
-
-    backend: str | None = None
-    """eager | compile (regional torch.compile + CUDA graphs) | ort | aoti | tensorrt; defaults to the
-    engines' backend, else eager."""
-    dtype: str | None = None
-    """float32 | bfloat16 | float16 (default: the engines' dtype, else bfloat16 on cuda, float32 on cpu)."""
-    device: str | None = None
-    """cuda | cpu (default: the engines' device, else cuda when a GPU is present)."""
-    precision: str = "bf16"
-    """bf16 | fp8: the blocks' Linear layers as e4m3 GEMMs (torchao, quantized once at load;
-    plugins/fp8.py); the eager and compile backends, CUDA compute capability >= 8.9, bfloat16."""
-    attention: str = "sdpa"
-    """sdpa | fa3 | fp8 | int8: the self-attention kernel over the KV cache (plugins/attention_8bit.py)."""
-
-
-def compose(owner: str, parts: dict[str, DictCodec], flat: dict[str, Any]) -> dict[str, DictCodec]:
-    """parts with the flat keyword arguments (`preset="tiny"`, `world_size=2`) applied to the sub-config
-    that holds each; TypeError (as for any unknown keyword of owner) for a name none holds."""
-    changes: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        part = next((n for n, p in parts.items() if key in _field_names(p)), None)
-        if part is None:
-            raise TypeError(f"{owner}() got an unexpected keyword argument {key!r}")
-        changes.setdefault(part, {})[key] = value
-    return {n: dataclasses.replace(p, **changes[n]) if n in changes else p for n, p in parts.items()}
-
-
-def flat_field(config: object, parts: tuple[str, ...], name: str) -> Any:
-    """config's sub-config field `name` (config.sp_rope = config.parallel.sp_rope): the flat reads that
-    composed configs offer beside their flat construction."""
-    if not name.startswith("_"):  # copy/pickle probe dunders before the parts exist
-        for part in parts:
-            sub = vars(config).get(part)
-            if sub is not None and name in _field_names(sub):
-                return getattr(sub, name)
-    raise AttributeError(f"{type(config).__name__!r} object has no attribute {name!r}")
-
-
-def _field_names(sub: object) -> set[str]:
-    return {f.name for f in dataclasses.fields(sub)}

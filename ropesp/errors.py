@@ -17,6 +17,9 @@ _UNSET = object()
 class RopespError(Exception):
     """Base class: a problem the user can fix, described in the message."""
 
+    exit_code = 2
+    """The CLI's exit status for it: 2 for a bad setting or input, 1 for a run that failed on the way."""
+
 
 class ConfigError(RopespError, ValueError):
     """A size, flag or file content is outside the accepted range."""
@@ -36,6 +39,12 @@ class BackendUnavailableError(RopespError):
 
 class BuildError(RopespError):
     """An engine cannot be built here: a toolchain is missing or produces artifacts that would not load."""
+
+
+class OutputError(RopespError):
+    """An output could not be written (a full disk, a vanished directory); nothing partial is left."""
+
+    exit_code = 1
 
 
 # --- how a message names a parameter: as the caller spelled it -----------------------------------

@@ -11,7 +11,8 @@ forward and 4.0 to 28 TFLOP of attention as the cache grows (ENVIRONMENT.md's fl
 
 from __future__ import annotations
 
-from ropesp.config import CacheConfig, ModelConfig, SamplerConfig
+from ropesp.config import CacheConfig, ModelConfig
+from ropesp.settings import SamplerConfig
 
 
 def forward_flops(cfg: ModelConfig, tokens: int, attended: int) -> dict[str, float]:

@@ -14,7 +14,7 @@ COMPILE_NOTE = (
 
 
 def cpu_threads_per_rank(world_size: int) -> int:
-    """torch's intra-op threads on each rank: spawned ranks split the host's cores (runtime/launch.py),
+    """torch's intra-op threads on each rank: spawned ranks split the host's cores (runtime/ranks.py),
     one rank keeps torch's own default."""
     if world_size > 1:
         return max(1, (os.cpu_count() or 1) // world_size)
@@ -48,9 +48,10 @@ def settings_line(res) -> str:
 def long_work_lines(res) -> list[str]:
     """What takes long before the first chunk, said before it starts."""
     lines = []
-    if res.request.engines:
+    engines = res.config.source.engines
+    if engines:
         lines.append(
-            f"loading {res.backend} engines from {res.request.engines} "
+            f"loading {res.backend} engines from {engines} "
             f"({res.world_size} rank{'s' if res.world_size != 1 else ''}; SHA-256 checked)"
         )
     if res.backend == "compile":
@@ -76,7 +77,58 @@ def slow_path_warnings(res) -> list[str]:
     return warnings
 
 
+def model_notes(res) -> list[str]:
+    """What model runs, where the user named none (the embedded demo model, or random weights)."""
+    source = res.config.source
+    if res.random_weights:
+        name = source.preset or "tiny"
+        return [f"ropesp: no --checkpoint given: running the {name!r} preset on seeded random weights"]
+    from ropesp.demo import default_checkpoint
+
+    if source.checkpoint == str(default_checkpoint()) and res.model_dir is None:
+        return [f"ropesp: no --checkpoint given: running the embedded demo model ({source.checkpoint})"]
+    return []
+
+
+def slow_model_warning(res) -> list[str]:
+    """A model far too large for the CPU says so before the work, with the time to expect."""
+    if res.device != "cpu":
+        return []
+    from ropesp.flops import video_flops
+
+    flops = video_flops(
+        res.model, res.geometry.frame_tokens, res.config.sampler, res.chunk_sizes()[0], res.cache
+    )
+    seconds = flops["total"] / CPU_FLOPS
+    if seconds < SLOW_CHUNK_S:
+        return []
+    return [
+        f"warning: this model on the CPU needs about {flops['total'] / 1e12:.1f} TFLOP per chunk: expect "
+        f"{_duration(seconds)} for the first chunk (measured ~{CPU_FLOPS / 1e9:.0f} GFLOP/s on a 2-core CPU); "
+        "use a GPU (--device cuda), or the demo model / --preset tiny to try it on the CPU"
+    ]
+
+
+CPU_FLOPS = 60e9
+"""Matrix throughput of the project's 2-core CPU machine in float32 (GFLOP/s), for the slow-model warning."""
+SLOW_CHUNK_S = 30.0
+"""A first chunk expected to take longer than this on the CPU is warned about."""
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
+
+
 def announce(res, out) -> None:
     """Print the settings line, warnings and long-work notes to `out` (a text stream)."""
-    for line in [settings_line(res), *slow_path_warnings(res), *long_work_lines(res)]:
+    for line in [
+        settings_line(res),
+        *slow_path_warnings(res),
+        *slow_model_warning(res),
+        *long_work_lines(res),
+    ]:
         print(line, file=out)

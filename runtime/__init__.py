@@ -1,4 +1,4 @@
 """The runtime: process groups, sequence-parallel runners, engines, sampler and streaming sessions.
 
-The runtime never imports the exporter; it reads engine directories through export/manifest.py.
+The runtime never imports the exporter; it reads engine directories through ropesp/manifest.py.
 """

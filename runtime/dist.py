@@ -1,4 +1,4 @@
-"""Process groups and rank math. One launch path: torchrun's environment (or ranks we spawn).
+"""Process groups and rank math: joining, leaving, bounded waits that name a stalled rank.
 
 `Mapping` is read once from RANK / WORLD_SIZE / LOCAL_RANK and passed on; a single process is
 world size 1 on the same code path.
@@ -81,10 +81,6 @@ def parse_device(spec: str, flag: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-LOOPBACK_ENV = "ROPESP_LOOPBACK_STORE"
-"""Set to 1 by the launcher of single-host rank groups: init_process_group then meets on loopback."""
-
-
 JOINED_KEY = "ropesp/joined"
 """Store counter of the ranks that reached a loopback store; rank 0 enters the process group's own
 rendezvous only when it reads the world size, so a rank that never comes leaves no thread blocked there."""
@@ -136,12 +132,11 @@ def init_process_group(
     port: int | None = None,
     abandon: threading.Event | None = None,
 ) -> None:
-    """Join this rank's group: NCCL on GPU, gloo on CPU; a no-op at world size 1. The one init of every
-    launch path: ranks ropesp spawned (LOOPBACK_ENV, MASTER_PORT) and a SessionGroup's ranks (port)
-    meet on a loopback store at 127.0.0.1; torchrun's ranks at the rendezvous its env names
-    (MASTER_ADDR/PORT). Under spawn/torchrun an existing group is kept; a group started on `port`
-    must be new. abandon: set by a caller on another thread to end a loopback rendezvous that waits
-    for ranks that died."""
+    """Join this rank's group: NCCL on GPU, gloo on CPU; a no-op at world size 1. The one init of both
+    ways ranks come (runtime/ranks.py): ranks the leader spawned meet on a loopback store at
+    127.0.0.1:port; torchrun's ranks at the rendezvous its env names (MASTER_ADDR/PORT), where an existing
+    group is kept. A group started on `port` must be new. abandon: set by a caller on another thread to
+    end a loopback rendezvous that waits for ranks that died."""
     if mapping.world_size == 1 or (port is None and dist.is_initialized()):
         return
     if device.type == "cuda":
@@ -151,8 +146,6 @@ def init_process_group(
         # torch's rendezvous (a worker died after reaching the store) can leave the count advanced, and
         # this rank's next group would wait for keys a fresh worker never writes
         dist.distributed_c10d._world.group_count = 0
-    if port is None and os.environ.get(LOOPBACK_ENV) == "1":  # ranks ropesp spawned (not torchrun's)
-        port = int(os.environ["MASTER_PORT"])
     store = None
     if port is not None:
         store = loopback_store(mapping.rank, mapping.world_size, port, timeout_s)

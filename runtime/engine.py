@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from ropesp.config import ParallelConfig
 from ropesp.errors import EngineError, arg
-from ropesp.export.manifest import Manifest, SegmentSpec
+from ropesp.manifest import Manifest, SegmentSpec
 from ropesp.model.wan import CausalWanDiT
 from ropesp.model.weights_file import read_safetensors
 from ropesp.parallel import TokenShard
 from ropesp.runtime.executor import ChunkExecutor
+from ropesp.settings import ParallelConfig
 
 
 # --- one segment, per backend: seg(*activations, *weights) -> [outputs] ------------------------

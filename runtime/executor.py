@@ -1,10 +1,15 @@
 """Executors: one chunk forward of the DiT, with the KV cache and SP collectives the runtime owns.
 
 Every backend (eager here; ONNX Runtime, AOTInductor and TensorRT engines in runtime/engine.py)
-exposes the same three calls, so the sampler and session never know which one runs:
+exposes the same calls, so the sampler and session never know which one runs:
+    use_slot(slot)             -> the stream slot (KV cache + prompt K/V) the next calls act on
     set_prompt(prompt_embeds)  -> computes the cross-attention K/V once per prompt
     reset()                    -> a new stream (cache indices to 0, buffers kept)
     forward(x, t, start_frame) -> flow prediction of one chunk
+
+An executor serves `slots` streams at once (SPState allocates a KV cache per slot): each slot keeps
+its own cache and prompt K/V at fixed addresses, and a CUDA graph is captured per (slot, chunk shape,
+cache plan), once, and replayed for every later stream in that slot.
 """
 
 from __future__ import annotations
@@ -36,13 +41,22 @@ class Executor(Protocol):
     cache_cfg: CacheConfig | None
     """The KV cache's geometry (None: no cache, so no re-cache on a prompt switch)."""
     has_prompt: bool
-    """Whether set_prompt has run (forward needs it)."""
+    """Whether set_prompt has run in the current slot (forward needs it)."""
+    slots: int
+    """Streams it serves at once (KV cache slots)."""
+
+    def use_slot(self, slot: int) -> None: ...
 
     def set_prompt(self, prompt_embeds: torch.Tensor) -> None: ...
 
     def reset(self) -> None: ...
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor: ...
+
+
+PROMPT_MAX_ABS = 1e4
+"""Largest magnitude a prompt embedding may hold: far above any text encoder's output, far below what
+overflows the cross-attention's bf16/fp32 activations (1e30 gave NaN latents)."""
 
 
 def check_prompt_embeds(cfg: ModelConfig, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -64,6 +78,12 @@ def check_prompt_embeds(cfg: ModelConfig, prompt_embeds: torch.Tensor) -> torch.
     if not torch.isfinite(prompt_embeds).all():  # one host sync per prompt, not per chunk
         bad = int((~torch.isfinite(prompt_embeds)).sum())
         raise ConfigError(f"prompt embeddings hold {bad} NaN or Inf values; every value must be finite")
+    peak = float(prompt_embeds.abs().max())
+    if peak > PROMPT_MAX_ABS:
+        raise ConfigError(
+            f"prompt embeddings reach {peak:.3g} in magnitude; a text encoder's output stays within "
+            f"+-{PROMPT_MAX_ABS:g} (umT5's within +-100), and such values overflow the model's activations"
+        )
     return prompt_embeds
 
 
@@ -133,7 +153,8 @@ class ChunkExecutor:
         assert rope in ROPE_FORMS, rope
         self.model, self.state, self.rope = model, state, rope
         self.cfg, self.device, self.dtype = model.cfg, state.device, state.dtype
-        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._cross_kv: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * state.slots
+        """Per slot, the prompt's cross-attention K/V per layer [B, text_len, H, D]."""
         cuda = self.device.type == "cuda"
         self.cuda_graphs = cuda_graphs and cuda
         # graphs cannot be captured on the legacy default stream
@@ -155,6 +176,23 @@ class ChunkExecutor:
     @property
     def comm(self) -> Collectives | None:
         return self.state.comm
+
+    @property
+    def slots(self) -> int:
+        return self.state.slots
+
+    @property
+    def slot(self) -> int:
+        return self.state.slot
+
+    def use_slot(self, slot: int) -> None:
+        """The next set_prompt / reset / forward act on stream slot `slot`."""
+        self.state.use_slot(slot)
+
+    @property
+    def cross_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The current slot's cross-attention K/V."""
+        return self._cross_kv[self.state.slot]
 
     @property
     def has_prompt(self) -> bool:
@@ -180,10 +218,11 @@ class ChunkExecutor:
 
     def set_prompt(self, prompt_embeds: torch.Tensor) -> None:
         pe = check_prompt_embeds(self.cfg, prompt_embeds).to(self.device)
+        slot = self.state.slot
         with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
-            self.cross_kv, moved = refresh_cross_kv(self.cross_kv, self.model.cross_kv(pe))
-        if moved:
-            self.graphs.clear()
+            self._cross_kv[slot], moved = refresh_cross_kv(self._cross_kv[slot], self.model.cross_kv(pe))
+        if moved:  # the slot's graphs read the old buffers
+            self.graphs.clear(lambda key: key[0] == slot)
 
     def reset(self) -> None:
         self.state.reset()
@@ -203,7 +242,8 @@ class ChunkExecutor:
         with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
             # one CUDA graph per cache slot plan; None (graphs off, or no static plan) runs uncaptured
             plan = runner.graph_key if self.cuda_graphs else None
-            flow = chunk(x, t_sin) if plan is None else self.graphs.run((frames, *plan), chunk, x, t_sin)
+            key = None if plan is None else (self.state.slot, frames, *plan)
+            flow = chunk(x, t_sin) if key is None else self.graphs.run(key, chunk, x, t_sin)
         self.state.commit(runner)
         return self._hand_over(flow)
 

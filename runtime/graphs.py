@@ -4,9 +4,9 @@ A chunk forward is host-sync free (tests/runtime/test_no_host_sync.py), and ever
 between calls of the same shape lives in device buffers: the latents and timestep sinusoid (copied
 into the graph's static inputs), start_frame (a device scalar the RoPE op reads), the KV cache and the
 cross-attention K/V (fixed addresses). What the host decides per call is the cache slot plan (which
-cache rows are written and attended), so there is one graph per distinct plan: with a fixed-size
-cache that is one per chunk position of the video (7 for 21 latent frames), captured during the
-first video and replayed for every later one.
+cache rows are written and attended) and which stream slot's cache it is, so there is one graph per
+distinct (slot, plan): with a fixed-size cache that is one per chunk position of the video (7 for 21
+latent frames), captured during the slot's first video and replayed for every later one.
 """
 
 from __future__ import annotations
@@ -30,9 +30,14 @@ class ChunkGraphs:
     def __len__(self) -> int:
         return len(self.graphs)
 
-    def clear(self) -> None:
-        self.graphs.clear()
-        self.pool = None
+    def clear(self, which: Callable[[Hashable], bool] | None = None) -> None:
+        """Drop the graphs whose key `which` selects (default: all)."""
+        if which is None:
+            self.graphs.clear()
+            self.pool = None
+            return
+        for key in [k for k in self.graphs if which(k)]:
+            del self.graphs[key]
 
     def run(self, key: Hashable, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         """fn(*inputs) through the graph of key: inputs are copied into its static buffers, the output

@@ -1,12 +1,11 @@
-"""The Python API: resolve what the user asked for into a ready StreamSession on this rank.
+"""From settings to a ready rank: `resolve` checks a RunConfig and fills every default; the builders make
+this rank's executor (the model or its engines, the KV cache slots, the collectives) and sessions.
 
-    from ropesp.runtime.pipeline import PipelineConfig, build_session
-    session = build_session(PipelineConfig(preset="tiny"))
-    session.reset(prompt_embeds, seed=0)
-    for chunk in session: ...
+    res = resolve(RunConfig.of(preset="tiny"))      # ConfigError / CheckpointError before any work
+    session = build_session(res)                    # one rank: a StreamSession on its executor
 
-`PipelineConfig.resolve()` validates everything that can be checked without a process group, so a
-launcher can refuse bad input once, before it starts any rank.
+`resolve` validates everything that can be checked without a process group, so the engine core
+(runtime/engine_core.py) refuses bad input once, before it starts any rank.
 """
 
 from __future__ import annotations
@@ -15,251 +14,295 @@ import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from ropesp.config import (
-    CacheConfig,
-    ComputeConfig,
-    ModelConfig,
-    ModelSource,
-    ParallelConfig,
-    PresetDefaults,
-    SamplerConfig,
-    VideoConfig,
-    VideoGeometry,
-    compose,
-    flat_field,
-)
+from ropesp import limits
+from ropesp.config import CacheConfig, ModelConfig, PresetDefaults, VideoGeometry
 from ropesp.dtypes import DTYPES, dtype_name
-from ropesp.errors import ConfigError, arg
+from ropesp.errors import CheckpointError, ConfigError, arg
 from ropesp.parallel import SPLayout
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.session import StreamSession
+from ropesp.settings import MODEL_BACKENDS, ModelSource, ParallelConfig, RunConfig
 
-BACKENDS = ("eager", "compile", "ort", "aoti", "tensorrt")
-MODEL_BACKENDS = ("eager", "compile")
-"""Backends that run the PyTorch model itself (no --engines); the others run `ropesp build` artifacts."""
 DEFAULT_PRESET = "tiny"
+"""The model of a run that names none where the embedded demo weights are absent (a bare source tree)."""
 COLLECTIVE_TIMEOUT_S = 60.0
 """Default bound on a streaming collective's wait for the other ranks (interactive use)."""
+COMPILE_COLLECTIVE_TIMEOUT_S = 300.0
+"""With the compile backend: its graphs compile during the first chunks, at a pace that differs
+between ranks."""
+MAX_STREAMS_AUTO = 4
+"""The most KV cache slots an engine allocates when max_streams is not given."""
+FREE_MEMORY_SHARE = 0.5
+"""The share of the device's free memory (after the weights) an automatic slot count may take."""
 
 
-_PARTS = ("source", "video", "parallel", "compute")
+@dataclass(frozen=True)
+class ResolvedPipeline:
+    """A validated RunConfig with every default filled in."""
+
+    config: RunConfig
+    """The settings as given, with the model source made concrete (demo default, --model-dir's DiT)."""
+    model: ModelConfig
+    geometry: VideoGeometry
+    latent_frames: int
+    """The default video length in latent frames (a request may ask for another that fits the cache)."""
+    unbounded: bool
+    """The settings asked for a stream until stopped (frames 0)."""
+    cache: CacheConfig
+    device: str
+    dtype: torch.dtype
+    backend: str
+    world_size: int
+    random_weights: bool
+    manifest: object | None
+    """The engines' ropesp.manifest.Manifest, or None."""
+    layout: SPLayout
+    model_dir: object | None = None
+    """The resolved --model-dir (ropesp.model_dir.ModelDir), or None."""
+    max_streams: int = 1
+    """KV cache slots of the engine: the streams it serves at once."""
+    decoder: str = "preview"
+    """preview | vae | none (the settings' default filled in)."""
+    vae: str | None = None
+    """The Wan VAE's path for the vae decoder (--vae, else --model-dir's)."""
+
+    @property
+    def collective_timeout_s(self) -> float:
+        """Seconds a streaming collective waits for the other ranks."""
+        given = self.config.parallel.collective_timeout
+        if given is not None:
+            return given
+        return COMPILE_COLLECTIVE_TIMEOUT_S if self.backend == "compile" else COLLECTIVE_TIMEOUT_S
+
+    def chunk_sizes(self, latent_frames: int | None = None) -> list[int]:
+        """Latent frames per chunk of a video of latent_frames (default: the resolved length)."""
+        return self.config.sampler.chunk_sizes(latent_frames or self.latent_frames)
 
 
-@dataclass(frozen=True, init=False)
-class PipelineConfig:
-    """Everything a session needs; None means 'the default for this model/device'.
+def check_precision(
+    config: RunConfig, backend: str, device: str, dtype: str, layout: SPLayout, head_dim: int | None = None
+) -> None:
+    """Refuse precision / attention where they cannot run (head_dim: the model's), naming the setting
+    and the reason."""
+    from ropesp.plugins.attention_8bit import check_attention
+    from ropesp.plugins.fp8 import check_fp8
 
-    Composed of the sub-configs that `ropesp build` shares (ropesp/config.py); constructed and read
-    flat as well: PipelineConfig(preset="tiny", world_size=2).parallel.world_size == 2, and
-    config.world_size reads the same field."""
-
-    source: ModelSource
-    video: VideoConfig
-    parallel: ParallelConfig
-    compute: ComputeConfig
-    sampler: SamplerConfig
-    latent_frames: int | None
-    """The video's length in latent frames (default: the model's)."""
-    cuda_graphs: bool
-    collective_timeout_s: float | None
-    """Seconds a collective waits for the other ranks while streaming before the run stops and names
-    the stalled rank (setup before the first chunk may take longer: loading, compiling). None:
-    COLLECTIVE_TIMEOUT_S, except for backend compile, whose graphs compile during the first chunks at
-    a pace that differs between ranks: it keeps the join timeout."""
-
-    def __init__(
-        self,
-        *,
-        source: ModelSource | None = None,
-        video: VideoConfig | None = None,
-        parallel: ParallelConfig | None = None,
-        compute: ComputeConfig | None = None,
-        sampler: SamplerConfig | None = None,
-        latent_frames: int | None = None,
-        cuda_graphs: bool = True,
-        collective_timeout_s: float | None = None,
-        **flat: Any,
-    ) -> None:
-        """flat: fields of the sub-configs by name (preset=..., sp_rope=...), applied over the given ones."""
-        parts = dict(
-            source=source or ModelSource(),
-            video=video or VideoConfig(),
-            parallel=parallel or ParallelConfig(),
-            compute=compute or ComputeConfig(),
-        )
-        fields = dict(
-            compose("PipelineConfig", parts, flat),
-            sampler=sampler if sampler is not None else SamplerConfig(),
-            latent_frames=latent_frames,
-            cuda_graphs=cuda_graphs,
-            collective_timeout_s=collective_timeout_s,
-        )
-        for name, value in fields.items():
-            object.__setattr__(self, name, value)
-
-    def __getattr__(self, name: str) -> Any:
-        return flat_field(self, _PARTS, name)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: the sub-configs' fields flat, the sampler nested."""
-        raw: dict[str, Any] = {}
-        for part in _PARTS:
-            raw.update(getattr(self, part).to_dict())
-        sampler = dataclasses.asdict(self.sampler)
-        sampler["steps"] = list(self.sampler.steps)
-        extra = {"latent_frames": self.latent_frames, "cuda_graphs": self.cuda_graphs}
-        return {**raw, **extra, "sampler": sampler, "collective_timeout_s": self.collective_timeout_s}
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> PipelineConfig:
-        """Inverse of to_dict; unknown keys are refused by name."""
-        raw = dict(raw)
-        sampler = dict(raw.pop("sampler", {}))
-        unknown = sorted(set(raw) - set(cls().to_dict()))
-        if unknown:
-            raise ConfigError(f"pipeline config has unknown fields {unknown}")
-        if "steps" in sampler:
-            sampler["steps"] = tuple(sampler["steps"])
-        return cls(sampler=SamplerConfig(**sampler), **raw)
-
-    def check_precision(
-        self, backend: str, device: str, dtype_name: str, layout: SPLayout, head_dim: int | None = None
-    ) -> None:
-        """Refuse --precision / --attention where they cannot run (head_dim: the model's), naming the
-        flag and the reason."""
-        from ropesp.plugins.attention_8bit import ATTENTION_MODES, check_attention
-        from ropesp.plugins.fp8 import PRECISIONS, check_fp8
-
-        precision, attention = self.compute.precision, self.compute.attention
-        if precision not in PRECISIONS:
-            raise ConfigError(f"{arg('precision', precision)}; choose one of {PRECISIONS}")
-        if attention not in ATTENTION_MODES:
-            raise ConfigError(f"{arg('attention', attention)}; choose one of {ATTENTION_MODES}")
-        if precision != "bf16":
-            if backend not in MODEL_BACKENDS:
-                raise ConfigError(
-                    f"{arg('precision', precision)} quantizes the PyTorch model at load: use "
-                    f"{arg('backend', 'eager')} or compile "
-                    f"(the {backend} engines of `ropesp build` run in their build dtype)"
-                )
-            check_fp8(device, arg("precision", precision))
-            if dtype_name != "bfloat16":
-                raise ConfigError(
-                    f"{arg('precision', precision)} runs on bfloat16 activations, not {arg('dtype', dtype_name)}: "
-                    f"pass {arg('dtype', 'bfloat16')} (the default on CUDA)"
-                )
-        if attention != "sdpa":
-            if layout.ring > 1:
-                raise ConfigError(
-                    f"{arg('attention', attention)} runs with pure Ulysses or one rank; the ring layout "
-                    f"{layout} merges partial attentions that only {arg('attention', 'sdpa')} returns"
-                )
-            check_attention(attention, device, arg("attention"), head_dim)
-
-    def resolve(self, mapping: Mapping | None = None) -> ResolvedPipeline:
-        """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text.
-        mapping: this process's place in its group where the caller has it (see resolve_rank)."""
-        return self.resolve_rank(mapping)[0]
-
-    def resolve_rank(self, mapping: Mapping | None = None) -> tuple[ResolvedPipeline, Mapping]:
-        """resolve(), and this process's place in its group: `mapping` where the caller has it (a
-        spawned rank's; its world size is the run's, checked against world_size=), else read from the
-        launcher's environment here, the one read of a process that passes it on."""
-        from ropesp import limits
-
-        self.video.check()
-        limits.check_positive(latent_frames=self.latent_frames)
-        self.parallel.check()
-        timeout = self.collective_timeout_s
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ConfigError(f"--collective-timeout {timeout} must be > 0 seconds")
-        source, video, compute = self.source, self.video, self.compute
-        manifest = None
-        if source.engines:
-            from ropesp.export.manifest import Manifest  # stdlib-only reader
-
-            manifest = Manifest.load(source.engines)
-        # with engines, device and dtype default to what they were built for
-        device = compute.device or (manifest.device if manifest else None)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device not in ("cuda", "cpu"):
-            raise ConfigError(f"{arg('device', device)}; choose cuda or cpu")
-        dtype = dtype_name(compute.dtype or (manifest.dtype if manifest else None), device)
-        backend = compute.backend or (manifest.backend_for_runtime() if manifest else "eager")
-        if backend not in BACKENDS:
-            raise ConfigError(f"{arg('backend', backend)}; choose one of {BACKENDS}")
-        if backend not in MODEL_BACKENDS and manifest is None:
+    precision, attention = config.compute.precision, config.compute.attention
+    if precision != "bf16":
+        if backend not in MODEL_BACKENDS:
             raise ConfigError(
-                f"{arg('backend', backend)} needs {arg('engines')} (a directory from `ropesp build`)"
+                f"{arg('precision', precision)} quantizes the PyTorch model at load: use "
+                f"{arg('backend', 'eager')} or compile (the {backend} engines of `ropesp build` run in their "
+                "build dtype)"
             )
-        if backend in MODEL_BACKENDS and manifest is not None:
+        check_fp8(device, arg("precision", precision))
+        if dtype != "bfloat16":
             raise ConfigError(
-                f"{arg('backend', backend)} runs the PyTorch model, not engines: drop {arg('engines')}, or use "
-                f"{arg('backend', manifest.backend_for_runtime())} for {source.engines}"
+                f"{arg('precision', precision)} runs on bfloat16 activations, not {arg('dtype', dtype)}: pass "
+                f"{arg('dtype', 'bfloat16')} (the default on CUDA)"
             )
-        if manifest is not None:
-            cfg, g = manifest.model_config(), manifest.geometry
-            defaults = PresetDefaults(g["latent_height"], g["latent_width"], manifest.max_frames)
-        else:
-            from ropesp.model.checkpoint import resolve_model
+    if attention != "sdpa":
+        if layout.ring > 1:
+            raise ConfigError(
+                f"{arg('attention', attention)} runs with pure Ulysses or one rank; the ring layout {layout} "
+                f"merges partial attentions that only {arg('attention', 'sdpa')} returns"
+            )
+        check_attention(attention, device, arg("attention"), head_dim)
 
+
+def with_default_model(config: RunConfig) -> RunConfig:
+    """The embedded demo model where the settings name no model (ropesp.demo ships its weights)."""
+    if config.source.named:
+        return config
+    from ropesp.demo import default_checkpoint, has_default_weights
+
+    if has_default_weights():
+        return config.replace(checkpoint=str(default_checkpoint()))
+    return config
+
+
+def resolve(
+    config: RunConfig, mapping: Mapping | None = None, *, default_model: bool = True
+) -> ResolvedPipeline:
+    """Fill defaults and validate; raises ConfigError/CheckpointError with actionable text.
+
+    mapping: this process's place in its group where the caller has it (a rank the engine core
+    started), else read from the launcher's environment here (torchrun), the one read of a process.
+    default_model: a config that names no model runs the embedded demo model (else the `tiny` preset
+    on random weights, as `ropesp bench` times it)."""
+    return resolve_rank(config, mapping, default_model=default_model)[0]
+
+
+def resolve_rank(
+    config: RunConfig, mapping: Mapping | None = None, *, default_model: bool = True
+) -> tuple[ResolvedPipeline, Mapping]:
+    """resolve(), and this process's Mapping."""
+    if default_model:
+        config = with_default_model(config)
+    source, video, compute = config.source, config.video, config.compute
+    model_dir = None
+    if source.model_dir:
+        from ropesp.model_dir import resolve_model_dir
+
+        model_dir = resolve_model_dir(source.model_dir, source.checkpoint)
+        source = dataclasses.replace(source, checkpoint=str(model_dir.dit_weights), model_dir=None)
+    manifest = None
+    if source.engines:
+        from ropesp.manifest import Manifest
+
+        manifest = Manifest.load(source.engines)
+    # with engines, device and dtype default to what they were built for
+    device = compute.device or (manifest.device if manifest else None)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype_name(compute.dtype or (manifest.dtype if manifest else None), device, given=compute.dtype)
+    backend = compute.backend or (manifest.backend_for_runtime() if manifest else "eager")
+    if backend not in MODEL_BACKENDS and manifest is None:
+        raise ConfigError(
+            f"{arg('backend', backend)} needs {arg('engines')} (a directory from `ropesp build`)"
+        )
+    if backend in MODEL_BACKENDS and manifest is not None:
+        raise ConfigError(
+            f"{arg('backend', backend)} runs the PyTorch model, not engines: drop {arg('engines')}, or use "
+            f"{arg('backend', manifest.backend_for_runtime())} for {source.engines}"
+        )
+    if manifest is not None:
+        cfg, g = manifest.model_config(), manifest.geometry
+        defaults = PresetDefaults(g["latent_height"], g["latent_width"], manifest.max_frames)
+    else:
+        from ropesp.model.checkpoint import resolve_model
+
+        try:
             cfg, defaults = resolve_model(source, DEFAULT_PRESET)
-        geometry = video.geometry(defaults, cfg.patch_size)
-        if cfg.pos_grid is not None and (geometry.rows, geometry.cols) != tuple(cfg.pos_grid):
-            _, ph, pw = cfg.patch_size
-            raise ConfigError(
-                f"the model's position embedding is for a {cfg.pos_grid[0] * ph} x {cfg.pos_grid[1] * pw} "
-                f"latent grid; drop --latent-height/--latent-width ({geometry.latent_height} x "
-                f"{geometry.latent_width}) or give those sizes"
-            )
-        frames = self.latent_frames or defaults.latent_frames
-        chunks = self.sampler.chunk_sizes(frames)
-        local_attn, sink = video.local_attn_frames, video.sink_frames
-        if manifest is not None and local_attn == -1 and not sink:  # the engines' rolling window
-            local_attn, sink = manifest.local_attn_frames, manifest.sink_frames
-        cache = CacheConfig(video.max_frames or frames, local_attn, sink)
-        cache.check_chunk(max(chunks))
-        if not cache.rolling and frames > cache.max_frames:
-            raise ConfigError(
-                f"{frames} latent frames exceed the KV cache of {cache.max_frames} frames; raise "
-                f"{arg('max_frames')} or use a rolling window ({arg('local_attn_frames')}/{arg('sink_frames')})"
-            )
-        parallel = self.parallel
-        mapping = _rank_mapping(parallel.world_size, manifest, mapping)
-        world = mapping.world_size
-        if manifest is not None:
-            manifest.check_world_size(world)  # before any rank starts
-        limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
-        layout = SPLayout.choose(cfg.num_heads, world, parallel.ulysses_degree, parallel.ring_degree)
-        from ropesp.plugins.attention_8bit import kv_cache_class
-
-        # the cache the attention mode reads (e4m3 for --attention fp8: plugins/e4m3_cache.py)
-        itemsize = (kv_cache_class(self.compute.attention).storage_dtype or DTYPES[dtype]).itemsize
-        limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device)
-        self.check_precision(backend, device, dtype, layout, cfg.dim // cfg.num_heads)
-        resolved = ResolvedPipeline(
-            self,
-            cfg,
-            geometry,
-            frames,
-            cache,
-            device,
-            DTYPES[dtype],
-            backend,
-            world,
-            manifest is None and not source.checkpoint,
-            manifest,
-            layout,
+        except CheckpointError as exc:
+            if model_dir is None or config.source.checkpoint:
+                raise
+            raise CheckpointError(f"{arg('model_dir', model_dir.root)} (transformer/): {exc}") from None
+    lh, lw = video.latent_size
+    geometry = VideoGeometry(lh or defaults.latent_height, lw or defaults.latent_width, cfg.patch_size)
+    if cfg.pos_grid is not None and (geometry.rows, geometry.cols) != tuple(cfg.pos_grid):
+        _, ph, pw = cfg.patch_size
+        h, w = cfg.pos_grid[0] * ph, cfg.pos_grid[1] * pw
+        raise ConfigError(
+            f"the model's position embedding is for a {h * 8} x {w * 8} video ({h} x {w} latents); drop "
+            f"{arg('height')}/{arg('width')} or give those sizes"
         )
-        return resolved, mapping
+    length = video.length
+    unbounded = length == 0
+    frames = defaults.latent_frames if not length else length
+    sampler = config.sampler
+    chunks = sampler.chunk_sizes(frames) if not unbounded else [sampler.chunk_size(0), sampler.chunk_size(1)]
+    local_attn, sink = video.local_attn_frames, video.sink_frames
+    if manifest is not None and local_attn == -1 and not sink:  # the engines' rolling window
+        local_attn, sink = manifest.local_attn_frames, manifest.sink_frames
+    cache = CacheConfig(video.max_frames or frames, local_attn, sink)
+    cache.check_chunk(max(chunks))
+    if unbounded and not cache.rolling:
+        raise ConfigError(unbounded_needs_window())
+    if not cache.rolling and frames > cache.max_frames:
+        raise ConfigError(cache_too_small(frames, cache.max_frames))
+    mapping = _rank_mapping(config.parallel.world_size, manifest, mapping)
+    world = mapping.world_size
+    if manifest is not None:
+        manifest.check_world_size(world)  # before any rank starts
+    limits.check_rank_count(world, min(chunks) * geometry.frame_tokens)
+    layout = SPLayout.choose(
+        cfg.num_heads, world, config.parallel.ulysses_degree, config.parallel.ring_degree
+    )
+    from ropesp.plugins.attention_8bit import kv_cache_class
+
+    # the cache the attention mode reads (e4m3 for --attention fp8: plugins/e4m3_cache.py)
+    itemsize = (kv_cache_class(compute.attention).storage_dtype or DTYPES[dtype]).itemsize
+    slots = config.streams.max_streams or auto_streams(
+        cfg, geometry.frame_tokens, cache, itemsize, world, device
+    )
+    limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device, slots)
+    check_precision(config, backend, device, dtype, layout, cfg.dim // cfg.num_heads)
+    decoder, vae = _decoder(config, model_dir)
+    resolved = ResolvedPipeline(
+        dataclasses.replace(config, source=source),
+        cfg,
+        geometry,
+        frames,
+        unbounded,
+        cache,
+        device,
+        DTYPES[dtype],
+        backend,
+        world,
+        manifest is None and not source.checkpoint,
+        manifest,
+        layout,
+        model_dir,
+        slots,
+        decoder,
+        vae,
+    )
+    return resolved, mapping
+
+
+def auto_streams(
+    cfg: ModelConfig, frame_tokens: int, cache: CacheConfig, itemsize: int, world: int, device: str
+) -> int:
+    """KV cache slots when max_streams is not given: what FREE_MEMORY_SHARE of the memory free now holds
+    (a GPU's, or this host's for every CPU rank together), at least 1 and at most MAX_STREAMS_AUTO."""
+    per_slot = limits.kv_cache_bytes(cfg, frame_tokens, cache, itemsize, world) * (
+        1 if device == "cuda" else world
+    )
+    free = limits.free_memory_bytes(device)
+    if free is None:
+        return 1
+    return max(1, min(MAX_STREAMS_AUTO, int(free * FREE_MEMORY_SHARE // max(per_slot, 1))))
+
+
+def _decoder(config: RunConfig, model_dir) -> tuple[str, str | None]:
+    """(decoder, the Wan VAE's path): vae where --vae or --model-dir gives one, unless told otherwise."""
+    settings = config.decode
+    vae = settings.vae or (str(model_dir.vae) if model_dir is not None else None)
+    decoder = settings.decoder or ("vae" if vae else "preview")
+    if decoder == "vae" and vae is None:
+        raise ConfigError(
+            f"{arg('decoder', 'vae')} needs a Wan VAE: pass {arg('vae')} (a diffusers vae/ directory or "
+            f"Wan2.1_VAE.pth) or {arg('model_dir')}, or use {arg('decoder', 'preview')}"
+        )
+    if settings.vae and not os.path.exists(settings.vae):
+        raise ConfigError(
+            f"{arg('vae', settings.vae)} does not exist (a diffusers vae/ directory or Wan2.1_VAE.pth)"
+        )
+    if decoder != "vae" and (settings.vae_compile or settings.decode_device):
+        name = "vae_compile" if settings.vae_compile else "decode_device"
+        raise ConfigError(f"{arg(name)} acts on the Wan VAE decoder: use {arg('decoder', 'vae')}")
+    if settings.decode_device:
+        from ropesp.runtime.dist import parse_device
+
+        parse_device(settings.decode_device, arg("decode_device"))
+    if decoder == "vae":
+        from ropesp.extras import require
+
+        require("vae", f"{arg('decoder', 'vae')} (the Wan VAE)")
+    return decoder, (vae if decoder == "vae" else None)
+
+
+def unbounded_needs_window() -> str:
+    return (
+        "an unbounded stream needs a rolling window (the KV cache would overflow): set "
+        f"{arg('local_attn_frames')} (sink frames included) and {arg('sink_frames')}"
+    )
+
+
+def cache_too_small(frames: int, cache_frames: int) -> str:
+    """Why a video of `frames` latent frames does not fit a KV cache of cache_frames, and the ways out."""
+    return (
+        f"a video of {4 * frames - 3} frames ({frames} latent) exceeds the KV cache of {cache_frames} latent "
+        f"frames: raise {arg('max_frames')} to {frames} (or set {arg('frames')} when building the pipeline), "
+        f"or stream through a rolling window ({arg('local_attn_frames')}/{arg('sink_frames')})"
+    )
 
 
 def _rank_mapping(requested: int | None, manifest, mapping: Mapping | None) -> Mapping:
-    """This process's Mapping: the caller's (checked against world_size=), else the launcher's
+    """This process's Mapping: the caller's (checked against world_size), else the launcher's
     environment with engines defaulting to the world size they were built for."""
     if mapping is not None:
         if requested is not None and requested != mapping.world_size:
@@ -272,43 +315,24 @@ def _rank_mapping(requested: int | None, manifest, mapping: Mapping | None) -> M
     return Mapping.from_env(requested)
 
 
-@dataclass(frozen=True)
-class ResolvedPipeline:
-    """A validated PipelineConfig with every default filled in."""
-
-    request: PipelineConfig
-    model: ModelConfig
-    geometry: VideoGeometry
-    latent_frames: int
-    cache: CacheConfig
-    device: str
-    dtype: torch.dtype
-    backend: str
-    world_size: int
-    random_weights: bool
-    manifest: object | None
-    layout: SPLayout
-
-
-def lead_decoder(
-    res: ResolvedPipeline,
-    vae: str | None,
-    device: torch.device,
-    *,
-    compile: bool = False,
-    decode_device: str | None = None,
-    flag: str = "--decode-device",
-):
-    """Rank 0's stream decoder for this pipeline: the preview (vae None) on `device`, or the Wan VAE there
-    or on decode_device (checked, named `flag` in errors); a compiled one is warmed up for the pipeline's
-    latent size here, before any chunk. Raises CheckpointError for an unreadable VAE."""
+def stream_decoder(res: ResolvedPipeline, device: torch.device, *, decode: bool = True):
+    """Rank 0's stream decoder for this pipeline: the preview on `device`, or the Wan VAE there or on
+    --decode-device (a compiled one warmed up for the pipeline's latent size here, before any chunk);
+    None for decoder none (or decode=False). CheckpointError for an unreadable VAE, naming its source."""
+    if not decode or res.decoder == "none":
+        return None
     from ropesp.decode.factory import WarmUp, make_decoder
     from ropesp.runtime.dist import parse_device
 
-    where = parse_device(decode_device, flag) if decode_device else device
+    settings = res.config.decode
+    where = parse_device(settings.decode_device, arg("decode_device")) if settings.decode_device else device
     g = res.geometry
-    warm = WarmUp(g.latent_height, g.latent_width, res.request.sampler.chunk_frames)
-    return make_decoder(vae, where, res.dtype, compile, warm)
+    warm = WarmUp(g.latent_height, g.latent_width, res.config.sampler.chunk_frames)
+    try:
+        return make_decoder(res.vae, where, res.dtype, settings.vae_compile, warm)
+    except CheckpointError as exc:
+        source = arg("vae", res.vae) if settings.vae else arg("model_dir", res.config.source.model_dir)
+        raise CheckpointError(f"{source}: {exc}") from None
 
 
 def load_model(
@@ -325,7 +349,7 @@ def load_model(
     checkpoint weights, or the preset's seeded random ones; with an FP8 precision (fp8, fp8-ffn) its
     block Linears quantized once, here."""
     if manifest is None and source.engines:
-        from ropesp.export.manifest import Manifest  # stdlib-only reader
+        from ropesp.manifest import Manifest
 
         manifest = Manifest.load(source.engines)
     if manifest is not None:
@@ -350,14 +374,15 @@ def make_state(
     *,
     comm=None,
     parallel: ParallelConfig | None = None,
+    slots: int | None = None,
 ):
-    """The SP state (cache, collectives, RoPE tables) of this rank; parallel replaces the request's SP
-    modes (sp_rope, sp_comm); comm: this rank's collectives (runtime/sp.py; default: over the default
-    group)."""
+    """The SP state (cache slots, collectives, RoPE tables) of this rank; parallel replaces the settings'
+    SP modes (sp_rope, sp_comm); comm: this rank's collectives (runtime/sp.py; default: over the default
+    group); slots: KV cache slots (default: res.max_streams)."""
     from ropesp.runtime.runners import SPState
 
-    req = res.request
-    parallel = parallel or req.parallel
+    config = res.config
+    parallel = parallel or config.parallel
     layout = res.layout if mapping.world_size == res.layout.world_size else SPLayout(1, 1)
     return SPState(
         res.model,
@@ -370,28 +395,34 @@ def make_state(
         sp_comm=parallel.sp_comm,
         comm=comm,
         layout=layout,
-        chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
-        attention=req.compute.attention,
+        chunk_frames=res.chunk_sizes(),
+        attention=config.compute.attention,
+        slots=slots or res.max_streams,
     )
 
 
 def resolved_model(res: ResolvedPipeline, device: torch.device):
     """load_model for a resolved pipeline: its model source, architecture, dtype, precision and the
-    manifest it has read (the adapter, as make_state is SPState's)."""
-    req = res.request
+    manifest it has read."""
     return load_model(
-        req.source, res.model, res.dtype, device, precision=req.compute.precision, manifest=res.manifest
+        res.config.source,
+        res.model,
+        res.dtype,
+        device,
+        precision=res.config.compute.precision,
+        manifest=res.manifest,
     )
 
 
-def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None):
-    """The executor of this rank for the resolved backend (comm: as make_state's)."""
+def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None, slots: int | None = None):
+    """The executor of this rank for the resolved backend (comm: as make_state's; slots: KV cache slots,
+    default res.max_streams)."""
     from ropesp.runtime.dist import device_for
     from ropesp.runtime.executor import EagerExecutor, warm_device_libraries
 
-    req = res.request
+    config = res.config
     device = device_for(mapping, res.device)
-    state = make_state(res, mapping, device, comm=comm)
+    state = make_state(res, mapping, device, comm=comm, slots=slots)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # the device's libraries load while the weights do (warm_device_libraries)
         warm = pool.submit(
@@ -401,11 +432,11 @@ def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None):
             res.model.num_heads,
             res.model.dim // res.model.num_heads,
         )
+        graphs = config.compute.cuda_graphs
         if res.backend in MODEL_BACKENDS:
             compiled = res.backend == "compile"
-            executor = EagerExecutor(
-                resolved_model(res, device), state, compile=compiled, cuda_graphs=compiled and req.cuda_graphs
-            )
+            model = resolved_model(res, device)
+            executor = EagerExecutor(model, state, compile=compiled, cuda_graphs=compiled and graphs)
         else:
             from ropesp.runtime.engine import load_engine_executor
 
@@ -414,9 +445,9 @@ def build_executor(res: ResolvedPipeline, mapping: Mapping, comm=None):
                 state,
                 mapping,
                 backend=res.backend,
-                parallel=req.parallel,
-                chunk_frames=req.sampler.chunk_sizes(res.latent_frames),
-                cuda_graphs=req.cuda_graphs,
+                parallel=config.parallel,
+                chunk_frames=res.chunk_sizes(),
+                cuda_graphs=graphs,
             )
         warm.result()
     return executor
@@ -429,40 +460,38 @@ def _group_initialized() -> bool:
 
 
 def build_session(
-    res: ResolvedPipeline | PipelineConfig,
+    res: ResolvedPipeline | RunConfig,
     mapping: Mapping | None = None,
     decoder=None,
     comm=None,
     overlap_decode: bool | None = None,
-    unbounded: bool = False,
-):
-    """A StreamSession on this rank (the process group must already exist for world size > 1).
+    unbounded: bool | None = None,
+) -> StreamSession:
+    """A StreamSession of one stream on this rank (the process group must already exist for world
+    size > 1: the engine core's ranks, or torchrun's).
 
     overlap_decode: decode chunk c while the DiT runs chunk c+1 (default: with a decoder on CUDA).
-    unbounded: stream until the iterator is closed (needs the rolling window), not res.latent_frames.
-    comm: this rank's collectives (runtime/sp.py): tests pass one with a CollectiveLog; bench's
+    unbounded: stream until the iterator is closed (default: as the settings ask; needs the rolling
+    window). comm: this rank's collectives (runtime/sp.py): tests pass one with a CollectiveLog; bench's
     AloneCollectives run one rank of the group without its peers (no process group)."""
-    if isinstance(res, PipelineConfig):
-        res, mapping = res.resolve_rank(mapping)  # the environment read once, there
+    if isinstance(res, RunConfig):
+        res, mapping = resolve_rank(res, mapping)
     mapping = mapping or Mapping.from_env(res.world_size)
     peers = mapping.world_size > 1 and (comm is None or comm.needs_peers)
     if peers and not _group_initialized():
         raise ConfigError(
-            f"{arg('world_size', mapping.world_size)} needs its ranks: ropesp.Pipeline(world_size=...) "
-            "starts and owns them (or runtime.group.SessionGroup); build_session runs one rank of a group "
-            "that already exists (torchrun, or runtime.launch.spawn_ranks + process_group)"
+            f"{arg('world_size', mapping.world_size)} needs its ranks: the engine core starts and owns them "
+            "(ropesp.Pipeline, `ropesp generate`); build_session runs one rank of a group that already exists"
         )
-    executor = build_executor(res, mapping, comm)
-    timeout = res.request.collective_timeout_s
-    if timeout is None and res.backend != "compile":
-        timeout = COLLECTIVE_TIMEOUT_S
-    if peers and timeout is not None:
+    executor = build_executor(res, mapping, comm, slots=1)
+    if peers:
         from ropesp.runtime.dist import set_collective_timeout
 
-        set_collective_timeout(timeout)  # every rank is set up: bound the waits from here on
+        set_collective_timeout(res.collective_timeout_s)  # every rank is set up: bound the waits from here on
+    unbounded = res.unbounded if unbounded is None else unbounded
     return StreamSession(
         executor,
-        res.request.sampler,
+        res.config.sampler,
         res.geometry,
         None if unbounded else res.latent_frames,
         decoder,

@@ -134,3 +134,63 @@ def text_encoder_for(encoder=None, model_dir=None, own=None) -> TextEncoderChoic
             arg("model_dir", str(model_dir.root)), path=model_dir.text_encoder, tokenizer=model_dir.tokenizer
         )
     return None
+
+
+PROMPT_CACHE = 16
+"""Text prompts whose embeddings a PromptEncoder keeps (a stream switching back and forth encodes once)."""
+
+
+class PromptEncoder:
+    """What every front end does with a prompt: text through the run's one text encoder (text_encoder_for:
+    the caller's, else the model's own, else --model-dir's umT5; loaded at the first text, then kept),
+    embeddings as they are. Returns float32 [1, L, text_dim] on the CPU (the engine core checks it)."""
+
+    def __init__(self, res, encoder=None, device=None) -> None:
+        """res: the ResolvedPipeline; encoder: an object with encode(text) or a umT5 directory (default:
+        the settings' text_encoder); device: where umT5 runs (default: rank 0's)."""
+        from ropesp.demo import own_text_encoder
+
+        self.res = res
+        given = encoder if encoder is not None else res.config.prompt.text_encoder
+        self.choice = text_encoder_for(given, res.model_dir, own_text_encoder(res.model))
+        self.device = device
+        self._encoder = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def takes_text(self) -> bool:
+        return self.choice is not None
+
+    def encoder(self, on_load=None):
+        """The loaded encoder (on_load(model dir) runs before a umT5 loads)."""
+        if self._encoder is None:
+            if self.choice is None:
+                raise ConfigError(
+                    f"{arg('prompt')} is text, but this model has no text encoder: pass {arg('text_encoder')} "
+                    f"(umT5) or {arg('model_dir')}, or give embeddings [L, {self.res.model.text_dim}]"
+                )
+            from ropesp.runtime.dist import Mapping, device_for
+
+            device = self.device or device_for(Mapping(self.res.world_size), self.res.device)
+            self._encoder = self.choice.load(self.res.model, self.res.dtype, device, on_load)
+        return self._encoder
+
+    def __call__(self, prompt, on_load=None) -> torch.Tensor:
+        if not isinstance(prompt, str):
+            return prompt
+        if prompt in self._cache:
+            return self._cache[prompt]
+        with torch.inference_mode():
+            embeds = self.encoder(on_load).encode(prompt).detach().to("cpu", torch.float32)
+        if embeds.dim() == 2:
+            embeds = embeds.unsqueeze(0)
+        self._cache[prompt] = embeds
+        if len(self._cache) > PROMPT_CACHE:
+            self._cache.pop(next(iter(self._cache)))
+        return embeds
+
+    def free(self) -> None:
+        """Release a loaded umT5 (a one-shot run encodes its prompts, then frees the GPU for the DiT)."""
+        self._encoder = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()

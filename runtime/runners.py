@@ -310,11 +310,14 @@ class SPState:
         layout: SPLayout | None = None,
         chunk_frames: list[int] | None = None,
         attention: str = "sdpa",
+        slots: int = 1,
     ) -> None:
         """attention: the self-attention kernel over the cache, a mode of plugins/attention_8bit.py
         (sdpa | fa3 | fp8 | int8); the hybrid (ring) layout merges partial attentions and takes sdpa only.
         comm: this rank's collectives over the whole world (default: Collectives over the default
-        group); tests and bench hand in theirs (an observer, or bench's AloneCollectives)."""
+        group); tests and bench hand in theirs (an observer, or bench's AloneCollectives).
+        slots: KV caches allocated here, one per stream served at once; `use_slot` picks the one the
+        next forwards read and write."""
         layout = layout or SPLayout.choose(cfg.num_heads, mapping.world_size, ring=1)
         if layout.world_size != mapping.world_size:
             raise ConfigError(f"SP layout {layout} does not match the world size {mapping.world_size}")
@@ -349,21 +352,33 @@ class SPState:
         self.ulysses_comm = self.comm
         local_heads = cfg.num_heads // layout.ulysses
         ft = geometry.frame_tokens
+        if slots < 1:
+            raise ConfigError(f"{arg('max_streams', slots)} must be >= 1")
         if layout.ring == 1:
-            self.cache = kv_cache_class(attention)(
-                cfg.num_layers, batch, ft, cache_cfg, local_heads, cfg.head_dim, dtype, device
-            )
+
+            def make_cache():
+                return kv_cache_class(attention)(
+                    cfg.num_layers, batch, ft, cache_cfg, local_heads, cfg.head_dim, dtype, device
+                )
+
             self._cache_attention = functools.partial(CacheAttention, attend=self.attend)
         else:
             chunks = chunk_frames or [cache_cfg.slot_frames]
             local_len = -(-max(chunks) * ft // mapping.world_size)
             capacity = ring_capacity(cache_cfg, ft, chunks, layout.ulysses * local_len)
-            self.cache = RingCache(
-                layout, mapping.rank, cfg.num_layers, batch, ft, cache_cfg, capacity, local_heads,
-                cfg.head_dim, dtype, device,
-            )  # fmt: skip
+
+            def make_cache():
+                return RingCache(
+                    layout, mapping.rank, cfg.num_layers, batch, ft, cache_cfg, capacity, local_heads,
+                    cfg.head_dim, dtype, device,
+                )  # fmt: skip
+
             self._cache_attention = functools.partial(RingAttention, world=self.comm)
             self.ulysses_comm = self.comm.with_group(ulysses_group(layout, mapping.rank), layout.ulysses)
+        self.caches = [make_cache() for _ in range(slots)]
+        """One KV cache per stream slot, allocated once (a finished stream's slot serves the next)."""
+        self.slot = 0
+        """The slot the next forwards read and write (use_slot)."""
 
     def sinusoid(self, t: torch.Tensor | float, batch: int, frames: int) -> torch.Tensor:
         """The timestep sinusoid [B, F, freq_dim] float64 on device, computed once per distinct step
@@ -373,7 +388,22 @@ class SPState:
             self._sinusoids[key] = sinusoid_for(self.cfg, torch.tensor(key[0]), batch, frames, self.device)
         return self._sinusoids[key]
 
+    @property
+    def cache(self):
+        """The KV cache of the current slot."""
+        return self.caches[self.slot]
+
+    @property
+    def slots(self) -> int:
+        return len(self.caches)
+
+    def use_slot(self, slot: int) -> None:
+        """Read and write the KV cache of `slot` from now on (host-side: no device work)."""
+        assert 0 <= slot < len(self.caches), slot
+        self.slot = slot
+
     def reset(self) -> None:
+        """A new stream in the current slot."""
         self.cache.reset()
 
     def begin(self, start_frame: int, frames: int, rope: str) -> SingleDeviceRunner | UlyssesRunner:

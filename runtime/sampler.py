@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ropesp.config import SamplerConfig
+from ropesp.settings import SamplerConfig
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -38,14 +38,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ropesp.config import CacheConfig, SamplerConfig, VideoGeometry
+from ropesp.config import CacheConfig, VideoGeometry
 from ropesp.decode.base import StreamDecoder, to_host
 from ropesp.errors import ConfigError, arg
 from ropesp.runtime.executor import Executor, check_prompt_embeds
 from ropesp.runtime.sampler import FlowSchedule, NoiseStream
+from ropesp.settings import PROMPT_MODES, SamplerConfig
 
-PROMPT_MODES = ("swap", "recache")
-"""How a prompt change mid-stream treats the self-attention cache (module docstring)."""
 MAX_AHEAD_UNBOUNDED = 2
 """Chunks an unbounded stream's DiT thread may finish before the consumer takes them (memory stays flat)."""
 
@@ -76,6 +75,18 @@ class Chunk:
     """Prompt changes applied in this stream up to this chunk (0: the prompt it started with)."""
 
 
+@dataclass(frozen=True)
+class DitChunk:
+    """One chunk as the DiT finished it, before decoding."""
+
+    index: int
+    start_frame: int
+    latents: torch.Tensor
+    """[B, F_chunk, C, h, w] float32 on the CPU."""
+    info: dict
+    """dit_ms, switch, switch_ms, prompt_version (Chunk's fields)."""
+
+
 @dataclass(frozen=True, eq=False)
 class PromptSwitch:
     """A queued prompt change."""
@@ -97,9 +108,16 @@ class _Cached:
     """[B, frames, C, h, w] float32 on the executor's device."""
 
 
-def check_prompt_mode(mode: str) -> str:
+def finished_chunk(item: DitChunk, frames: torch.Tensor | None, elapsed_ms: float, decode_ms: float) -> Chunk:
+    """The Chunk of a DiT chunk and its decoded frames."""
+    return Chunk(
+        item.index, item.start_frame, item.latents, frames, elapsed_ms, decode_ms=decode_ms, **item.info
+    )
+
+
+def check_prompt_mode(mode: str, name: str = "mode") -> str:
     if mode not in PROMPT_MODES:
-        raise ConfigError(f"{arg('mode', mode)}: choose one of {PROMPT_MODES}")
+        raise ConfigError(f"{arg(name, mode)}: choose one of {', '.join(PROMPT_MODES)}")
     return mode
 
 
@@ -132,8 +150,11 @@ class StreamSession:
         batch: int = 1,
         skip_final_refresh: bool = True,
         overlap_decode: bool | None = None,
+        slot: int = 0,
     ) -> None:
+        """slot: the executor's stream slot (KV cache and prompt K/V) this session's stream uses."""
         self.executor = executor
+        self.slot = slot
         self.sampler = sampler
         self.schedule = FlowSchedule(sampler)
         self.geometry = geometry
@@ -164,8 +185,11 @@ class StreamSession:
         """Latent frames of chunk `index` (also past any end, for unbounded streams)."""
         if self.chunk_sizes is not None and index < len(self.chunk_sizes):
             return self.chunk_sizes[index]
-        first = self.sampler.independent_first_frame and index == 0
-        return 1 if first else self.sampler.chunk_frames
+        return self.sampler.chunk_size(index)
+
+    def is_last(self, index: int) -> bool:
+        """Whether chunk `index` ends the stream (never for an unbounded one)."""
+        return self._is_last(index)
 
     def _is_last(self, index: int) -> bool:
         return self.chunk_sizes is not None and index == len(self.chunk_sizes) - 1
@@ -212,6 +236,7 @@ class StreamSession:
         previous stream's is kept (the first stream gets runtime/prompts.py's default embedding).
         Queued prompt changes of the previous stream are dropped."""
         self._stop_producer()
+        self.executor.use_slot(self.slot)
         if prompt_embeds is None and not self.executor.has_prompt:
             from ropesp.runtime.prompts import default_prompt_embeds
 
@@ -259,17 +284,27 @@ class StreamSession:
         return torch.cat([chunk.latents for chunk in self], dim=1)
 
     # --- the DiT loop ------------------------------------------------------------------------
-    def _dit_chunks(
-        self, stop: threading.Event | None = None
-    ) -> Iterator[tuple[int, int, torch.Tensor, dict]]:
-        """(index, start_frame, latents on the CPU, info) of each chunk, in order; checks `stop` before
-        each forward. info: dit_ms, switch, switch_ms, prompt_version (Chunk's fields)."""
+    def dit_chunks(self) -> Iterator[DitChunk]:
+        """The stream's chunks as the DiT finishes them, undecoded: the engine core steps a stream with
+        next() on this and decodes on rank 0 itself (runtime/engine_core.py). Call reset() first."""
+        if not self._ready:
+            raise RuntimeError("call reset(prompt_embeds, seed) before iterating a session")
+        self._ready = False
+        return self._dit_chunks()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """One chunk's frames [B, N, H, W, 3] uint8 through this session's decoder (None without one)."""
+        return self._decode(-1, latents)
+
+    def _dit_chunks(self, stop: threading.Event | None = None) -> Iterator[DitChunk]:
+        """Each chunk, in order, as the DiT finishes it; checks `stop` before each forward."""
         x_next, self._first_x = self._first_x, None
         steps, sigmas = self.schedule.timesteps, self.schedule.step_sigmas
 
         def forward(x, t, start):
             if stop is not None and stop.is_set():
                 raise _Stopped
+            self.executor.use_slot(self.slot)
             return self.executor.forward(x, t, start)
 
         start, index = 0, 0
@@ -315,7 +350,7 @@ class StreamSession:
             if copied is not None:
                 copied.synchronize()
             info["dit_ms"] = (time.perf_counter() - t0) * 1e3
-            yield index, start, latents, info
+            yield DitChunk(index, start, latents, info)
             if refresh and not ahead:
                 clean_context_pass()
             if last:
@@ -330,6 +365,7 @@ class StreamSession:
             return {"switch": None, "switch_ms": 0.0, "prompt_version": self._version}
         t0 = time.perf_counter()
         with torch.profiler.record_function(f"ropesp.switch{index}.{switch.mode}"):
+            self.executor.use_slot(self.slot)
             self.executor.set_prompt(switch.prompt_embeds)
             if switch.mode == "recache" and self._cached:
                 replay = self._replay_set(start + frames)
@@ -368,14 +404,13 @@ class StreamSession:
         with torch.profiler.record_function(f"ropesp.decode.chunk{index}"):
             return self.decoder.decode(latents)
 
-    def _chunk(self, t0: float, item: tuple) -> Chunk:
-        """Decode one item of the DiT loop into a Chunk (elapsed since the stream's start t0)."""
-        index, start, latents, info = item
+    def _chunk(self, t0: float, item: DitChunk) -> Chunk:
+        """Decode one chunk of the DiT loop into a Chunk (elapsed since the stream's start t0)."""
         d0 = time.perf_counter()
-        frames = self._decode(index, latents)
+        frames = self._decode(item.index, item.latents)
         now = time.perf_counter()
         decode_ms = (now - d0) * 1e3 if self.decoder is not None else 0.0
-        return Chunk(index, start, latents, frames, (now - t0) * 1e3, decode_ms=decode_ms, **info)
+        return finished_chunk(item, frames, (now - t0) * 1e3, decode_ms)
 
     def _iter_serial(self) -> Iterator[Chunk]:
         t0 = time.perf_counter()

@@ -70,7 +70,7 @@ def measure(args) -> dict:
                 raw.append(raw_ms)
                 api.append(api_ms)
         switch, applied, added = {}, {}, {}
-        chunks = len(res.request.sampler.chunk_sizes((args.frames + 3) // 4))
+        chunks = len(res.config.sampler.chunk_sizes((args.frames + 3) // 4))
         ask_after = max(0, chunks - 3)  # an overlapped DiT thread may apply it one chunk later
         plain_gaps: dict[int, list[float]] = {}
         for i in range(max(1, args.requests)):  # the same streams without a switch: chunk gaps

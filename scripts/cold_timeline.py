@@ -65,12 +65,13 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from ropesp.runtime.dist import Mapping
-    from ropesp.runtime.pipeline import PipelineConfig, build_session
+    from ropesp.runtime.pipeline import build_session
     from ropesp.runtime.prompts import default_prompt_embeds
+    from ropesp.settings import RunConfig
 
     phase("runtime_imports_ms")
     build_parts = time_session_build_parts()
-    cfg = PipelineConfig(
+    cfg = RunConfig.of(
         preset=None if args.engines else args.preset,
         engines=args.engines,
         latent_frames=args.latent_frames,

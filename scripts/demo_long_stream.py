@@ -19,7 +19,8 @@ from ropesp.demo import DemoTextEncoder, default_checkpoint
 from ropesp.demo.prompts import parse
 from ropesp.demo.score import find_objects, keyframes, label_pixels
 from ropesp.demo.world import scene_latents, seeded_scene
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
+from ropesp.settings import RunConfig
 
 PROMPTS = ("a red square moving right", "two blue discs bouncing", "three green squares moving left")
 
@@ -41,7 +42,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_grad_enabled(False)
-    cfg = PipelineConfig(
+    cfg = RunConfig.of(
         checkpoint=args.checkpoint,
         device="cpu",
         dtype="float32",

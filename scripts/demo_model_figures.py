@@ -23,7 +23,8 @@ import torch
 from ropesp.decode.preview import PreviewDecoder
 from ropesp.demo import DemoTextEncoder, default_checkpoint
 from ropesp.demo.evaluate import eval_pairs, evaluate, mean_score
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
+from ropesp.settings import RunConfig
 
 PROMPTS = (
     "a red square moving right",
@@ -36,7 +37,7 @@ FRAMES = (8, 32)
 
 
 def frames_png(out: Path) -> None:
-    session = build_session(PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu"))
+    session = build_session(RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu"))
     enc = DemoTextEncoder()
     rows = []
     for prompt in PROMPTS:
@@ -87,11 +88,11 @@ def scores(out: Path) -> None:
     pairs = eval_pairs()
     table = {}
     for name, cfg in (
-        ("shipped", PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")),
-        ("untrained", PipelineConfig(preset="demo", device="cpu", dtype="float32")),
+        ("shipped", RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")),
+        ("untrained", RunConfig.of(preset="demo", device="cpu", dtype="float32")),
         (
             "shipped, rolling window 6",
-            PipelineConfig(
+            RunConfig.of(
                 checkpoint=str(default_checkpoint()), device="cpu", dtype="float32", local_attn_frames=6
             ),
         ),

@@ -30,7 +30,8 @@ from ropesp.demo.evaluate import eval_pairs, evaluate, mean_score
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit
 from ropesp.plugins.attention_8bit import quantize_per_head, smooth_keys
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
+from ropesp.settings import RunConfig
 
 VARIANTS = ("none", "qkv+p", "qkv", "p", "q", "k", "v", "qkv+p/smooth-k", "e4m3-cache")
 
@@ -64,12 +65,12 @@ def emulated_attention(variant: str):
 def score(variant: str) -> float:
     if variant == "e4m3-cache":
         # the fp8 mode's checks refuse the CPU (its kernel needs sm_90); its CPU reference runs here
-        cfg = PipelineConfig(
+        cfg = RunConfig.of(
             checkpoint=str(default_checkpoint()), device="cpu", dtype="float32", attention="fp8"
         )
         patch = mock.patch.object(attention_8bit, "attention_unsupported_reason", lambda *a, **k: None)
     else:
-        cfg = PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
+        cfg = RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
         patch = mock.patch.object(runners, "select_attention", lambda mode: emulated_attention(variant))
     with patch, torch.no_grad():
         return mean_score(evaluate(build_session(cfg), eval_pairs()))

@@ -21,8 +21,9 @@ import traceback
 import torch
 
 from ropesp.bench import per_chunk_errors, rel_l2
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
 from ropesp.runtime.prompts import default_prompt_embeds
+from ropesp.settings import RunConfig
 
 MODES = {
     # name: (dtype, backend, precision, attention)
@@ -67,7 +68,7 @@ def main() -> None:
         t0 = time.perf_counter()
         row: dict = {"dtype": dtype, "backend": backend, "precision": precision, "attention": attention}
         try:
-            config = PipelineConfig(
+            config = RunConfig.of(
                 preset=args.preset,
                 latent_frames=latent_frames,
                 dtype=dtype,
@@ -76,8 +77,8 @@ def main() -> None:
                 attention=attention,
                 device="cuda",
             )
-            res = config.resolve()
-            chunks = res.request.sampler.chunk_sizes(res.latent_frames)
+            res = resolve(config)
+            chunks = res.config.sampler.chunk_sizes(res.latent_frames)
             session = build_session(res)
             prompt = default_prompt_embeds(res.model)
             first = video(session, prompt)

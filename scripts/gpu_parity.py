@@ -13,25 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ropesp.runtime.launch import process_group, spawn_ranks
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
 from ropesp.runtime.prompts import default_prompt_embeds
+from ropesp.runtime.ranks import run_on_ranks
+from ropesp.settings import RunConfig
 
 
-def _run(mapping, cfg: PipelineConfig, out: str) -> None:
-    with process_group(mapping, cfg.device):
-        session = build_session(cfg, mapping)
-        session.reset(default_prompt_embeds(session.executor.cfg), seed=0)
-        t0 = time.perf_counter()
-        latents = session.generate()
-        if mapping.rank == 0:
-            torch.save({"latents": latents, "seconds": time.perf_counter() - t0}, out)
+def _run(mapping, cfg: RunConfig) -> dict | None:
+    session = build_session(cfg, mapping)
+    session.reset(default_prompt_embeds(session.executor.cfg), seed=0)
+    t0 = time.perf_counter()
+    latents = session.generate()
+    return {"latents": latents, "seconds": time.perf_counter() - t0} if mapping.rank == 0 else None
 
 
 def main() -> None:
@@ -58,8 +56,8 @@ def main() -> None:
         device=args.device,
     )
     runs = {
-        "eager_ws1": PipelineConfig(preset=args.preset, world_size=1, **common),
-        "candidate": PipelineConfig(
+        "eager_ws1": RunConfig.of(preset=args.preset, world_size=1, **common),
+        "candidate": RunConfig.of(
             preset=None if args.engines else args.preset,
             engines=args.engines,
             backend=args.backend,
@@ -70,12 +68,9 @@ def main() -> None:
             **common,
         ),
     }
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg in runs.items():
-            path = str(Path(tmp) / f"{name}.pt")
-            spawn_ranks(cfg.world_size, _run, cfg, path)
-            results[name] = torch.load(path)
+    results = {
+        name: run_on_ranks(cfg.parallel.world_size, args.device, _run, cfg) for name, cfg in runs.items()
+    }
     a, b = results["eager_ws1"]["latents"], results["candidate"]["latents"]
     diff = (a - b).abs()
     out = {

@@ -29,10 +29,11 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from ropesp.runtime.dist import Mapping, device_for
-from ropesp.runtime.launch import process_group, spawn_ranks
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
 from ropesp.runtime.prompts import default_prompt_embeds
+from ropesp.runtime.ranks import run_on_ranks
 from ropesp.runtime.sp import AloneCollectives
+from ropesp.settings import RunConfig
 
 CATEGORIES = (  # first match wins; kernel names are lower-cased
     ("nccl", ("nccl",)),
@@ -61,60 +62,55 @@ def profile_rank(mapping: Mapping, args: argparse.Namespace) -> None:
     """Warm up, then one video under the profiler on rank 0 (the other ranks run it unprofiled)."""
     # --alone: rank 0 by itself, no process group; its collectives move nothing (ropesp bench --alone)
     alone = args.alone and mapping.world_size > 1
-    group = (
-        contextlib.nullcontext(device_for(mapping, args.device))
-        if alone
-        else process_group(mapping, args.device)
+    device = device_for(mapping, args.device)
+    cfg = RunConfig.of(
+        preset=None if args.engines else args.preset,
+        engines=args.engines,
+        backend=args.backend,
+        latent_height=args.latent_height,
+        latent_width=args.latent_width,
+        latent_frames=args.latent_frames,
+        dtype=args.dtype,
+        device=args.device,
+        world_size=mapping.world_size,
+        precision=args.precision,
+        attention=args.attention,
     )
-    with group as device:
-        cfg = PipelineConfig(
-            preset=None if args.engines else args.preset,
-            engines=args.engines,
-            backend=args.backend,
-            latent_height=args.latent_height,
-            latent_width=args.latent_width,
-            latent_frames=args.latent_frames,
-            dtype=args.dtype,
-            device=args.device,
-            world_size=mapping.world_size,
-            precision=args.precision,
-            attention=args.attention,
-        )
-        decoder = None
-        if args.vae and mapping.rank == 0:  # rank 0 decodes, as in generate, serving and the bench
-            from ropesp.decode.factory import make_decoder
+    decoder = None
+    if args.vae and mapping.rank == 0:  # rank 0 decodes, as in generate, serving and the bench
+        from ropesp.decode.factory import make_decoder
 
-            decoder = make_decoder(args.vae, device)
-        comm = AloneCollectives(mapping.world_size) if alone else None
-        session = build_session(cfg, mapping, decoder=decoder, comm=comm, overlap_decode=decoder is not None)
-        prompt = default_prompt_embeds(session.executor.cfg)
-        cuda = device.type == "cuda"
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
-        for _ in range(2):  # warm-up: compile, CUDA graph capture, allocator
-            session.reset(prompt, seed=0)
-            session.generate()
+        decoder = make_decoder(args.vae, device)
+    comm = AloneCollectives(mapping.world_size) if alone else None
+    session = build_session(cfg, mapping, decoder=decoder, comm=comm, overlap_decode=decoder is not None)
+    prompt = default_prompt_embeds(session.executor.cfg)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(2):  # warm-up: compile, CUDA graph capture, allocator
         session.reset(prompt, seed=0)
+        session.generate()
+    session.reset(prompt, seed=0)
+    sync()
+    if dist.is_initialized():
+        dist.barrier()  # every rank starts the video together (see ropesp.bench._run_video)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) if mapping.rank == 0 else contextlib.nullcontext() as prof:
+        t0 = time.perf_counter()
+        chunks = [c.elapsed_ms for c in session]
         sync()
-        if dist.is_initialized():
-            dist.barrier()  # every rank starts the video together (see ropesp.bench._run_video)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) if mapping.rank == 0 else contextlib.nullcontext() as prof:
-            t0 = time.perf_counter()
-            chunks = [c.elapsed_ms for c in session]
-            sync()
-            wall_ms = (time.perf_counter() - t0) * 1e3
-        if mapping.rank != 0:
-            return
-        out = summarize(prof, wall_ms, chunks)
-        out = {"card": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-               "args": vars(args), **out}  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        if args.trace:
-            prof.export_chrome_trace(args.trace)
-        print(json.dumps({k: v for k, v in out.items() if k != "top_kernels_ms"}, indent=1))
-        for name, ms in out["top_kernels_ms"][:12]:
-            print(f"{ms:9.2f} ms  {name[:110]}")
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    if mapping.rank != 0:
+        return
+    out = summarize(prof, wall_ms, chunks)
+    out = {"card": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+           "args": vars(args), **out}  # fmt: skip
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    print(json.dumps({k: v for k, v in out.items() if k != "top_kernels_ms"}, indent=1))
+    for name, ms in out["top_kernels_ms"][:12]:
+        print(f"{ms:9.2f} ms  {name[:110]}")
 
 
 def summarize(prof, wall_ms: float, chunks: list[float]) -> dict:
@@ -178,7 +174,7 @@ def main() -> None:
     if args.world_size == 1 or args.alone:
         profile_rank(Mapping(args.world_size, 0, 0), args)
     else:
-        spawn_ranks(args.world_size, profile_rank, args)
+        run_on_ranks(args.world_size, args.device, profile_rank, args)
 
 
 if __name__ == "__main__":

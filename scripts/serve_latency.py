@@ -3,7 +3,7 @@
     python scripts/serve_latency.py --preset wan2.1-1.3b --latent-height 60 --latent-width 104 --latent-frames 21 \\
         --world-size 2 --device cuda --requests 3 --json out.json
 
-In-process: ropesp.runtime.group.SessionGroup (rank 0 + P-1 worker ranks) with the preview decoder,
+In-process: ropesp.runtime.engine_core.EngineCore (rank 0 + P-1 spawned ranks) with the preview decoder,
 exactly what the Triton model instance of a default repository runs. Through Triton: `ropesp serve-repo` + tritonserver on 127.0.0.1 + a gRPC streaming
 client; the first chunk's arrival is taken on the client. Medians over --requests after one warm-up.
 
@@ -35,11 +35,12 @@ import triton_client
 
 from ropesp.decode import PreviewDecoder
 from ropesp.runtime.dist import Mapping, device_for
-from ropesp.runtime.group import SessionGroup
-from ropesp.runtime.pipeline import PipelineConfig
+from ropesp.runtime.engine_core import EngineCore
+from ropesp.runtime.pipeline import resolve
 from ropesp.runtime.prompts import default_prompt_embeds
 from ropesp.serving.repository import write_repository
 from ropesp.serving.server import TritonServer
+from ropesp.settings import RunConfig
 
 
 def log(msg: str) -> None:
@@ -48,29 +49,29 @@ def log(msg: str) -> None:
 
 
 def in_process(
-    config: PipelineConfig, res, prompt, frames: int, requests: int, trace: str | None = None
+    config: RunConfig, res, prompt, frames: int, requests: int, trace: str | None = None
 ) -> dict[str, list[float]]:
     """Per timed request: first chunk (ms from the call), its DiT part, and the whole video (ms).
     res: config resolved."""
     out: dict[str, list[float]] = {"first": [], "dit": [], "total": []}
     log("in-process: starting the ranks")
     decoder = PreviewDecoder(device=device_for(Mapping(res.world_size), res.device))  # as the served model's
-    with SessionGroup(config, decoder=decoder) as group:
+    with EngineCore(res, decoder=decoder).start() as core:
         for i in range(requests + 1):
             log(f"in-process: request {i}")
-            req = group.check(prompt, seed=i, latent_frames=frames)
+            req = core.request(prompt, seed=i, latent_frames=frames)
             t0 = time.perf_counter()
-            chunks = [(chunk.elapsed_ms, (time.perf_counter() - t0) * 1e3) for chunk in group.stream(req)]
+            chunks = [(chunk.elapsed_ms, (time.perf_counter() - t0) * 1e3) for chunk in core.open(req)]
             if i:  # the first request warms up
                 out["first"].append(chunks[0][1])
                 out["dit"].append(chunks[0][0])
                 out["total"].append(chunks[-1][1])
         if trace:
-            _profile_request(group, group.check(prompt, seed=requests + 1, latent_frames=frames), trace)
+            _profile_request(core, core.request(prompt, seed=requests + 1, latent_frames=frames), trace)
     return out
 
 
-def _profile_request(group: SessionGroup, req, trace_dir: str) -> None:
+def _profile_request(core: EngineCore, req, trace_dir: str) -> None:
     """One in-process request under torch.profiler: a Chrome trace and the top host ops, in trace_dir."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -79,9 +80,9 @@ def _profile_request(group: SessionGroup, req, trace_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with profile(activities=activities) as prof:
         with record_function("ropesp.request"):
-            for chunk in group.stream(req):
-                if chunk.index == 0:
-                    break  # the first chunk is what a client waits for
+            stream = core.open(req)
+            next(stream)  # the first chunk is what a client waits for
+            stream.cancel()
     prof.export_chrome_trace(str(out / "in_process_request.json.gz"))  # gzip: tens of MB at full size
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
     (out / "in_process_request.txt").write_text(table)
@@ -94,7 +95,7 @@ PHASE = re.compile(r"([a-z][a-z ]*?) ([0-9.]+) s")
 
 
 def initialize_phases(server_log: str) -> dict[str, float]:
-    """The model's own account of its load (model.py.tmpl logs it when initialize ends): seconds from
+    """The model's own account of its load (ropesp/serving/triton_model.py logs it when initialize ends): seconds from
     the model module's start to ready ("total"), per phase, per import ("import_steps") and where the
     stub's bytecode cache is ("bytecode"); {} if the lines are not in the log."""
     found = READY.search(server_log)
@@ -111,7 +112,7 @@ def initialize_phases(server_log: str) -> dict[str, float]:
 
 
 def through_triton(
-    config: PipelineConfig, prompt, frames: int, requests: int, server_log: str | None = None
+    config: RunConfig, prompt, frames: int, requests: int, server_log: str | None = None
 ) -> dict[str, dict[str, list[float]]]:
     """Per outputs variant ("all"; "viewer": frames only, as triton_client.py's MP4 asks) and timed
     request: the first chunk's client arrival, its server timing_ms, the last arrival (ms)."""
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-log", help="keep tritonserver's log here")
     ap.add_argument("--trace", help="profile one more in-process request into this directory")
     args = ap.parse_args(argv)
-    config = PipelineConfig(
+    config = RunConfig.of(
         preset=None if args.engines else args.preset,
         engines=args.engines,
         latent_height=args.latent_height,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         backend=args.backend,
     )
-    res = config.resolve()
+    res = resolve(config)
     prompt = default_prompt_embeds(res.model)
     empty = {"first": [0.0], "dit": [0.0], "total": [0.0]}
     local = (

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ropesp.config import CacheConfig, SamplerConfig
+from ropesp.config import CacheConfig
 from ropesp.runtime.sampler import FlowSchedule
+from ropesp.settings import SamplerConfig
 
 
 def generate_with_switches(

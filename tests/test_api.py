@@ -11,7 +11,9 @@ from switch_reference import generate_with_switches
 
 import ropesp
 from ropesp.errors import ConfigError
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.engine_core import AtCapacity
+from ropesp.runtime.pipeline import build_session
+from ropesp.settings import RunConfig
 
 SMALL = dict(preset="tiny", device="cpu", height=80, width=112)
 """Latents 10 x 14 (a 5 x 7 token grid: uneven over 2 ranks), 33 frames = 3 chunks."""
@@ -31,10 +33,10 @@ def reference_executor(pipe):
 def by_definition(pipe, executor, prompts: dict, mode: str, seed: int = 3) -> torch.Tensor:
     res = pipe.resolved
     g = res.geometry
-    chunks = res.request.sampler.chunk_sizes(9)
+    chunks = res.config.sampler.chunk_sizes(9)
     return generate_with_switches(
         executor,
-        res.request.sampler,
+        res.config.sampler,
         res.cache,
         (g.latent_height, g.latent_width),
         chunks,
@@ -92,9 +94,12 @@ def test_cancel_from_another_thread_and_unbounded_stream(prompt):
                 threading.Thread(target=stream.cancel).start()
                 threading.Event().wait(0.2)
         assert seen == [0, 1, 2, 3, 4]  # the cancel came before the boundary after chunk 4
-        # a new stream ends a suspended one and runs
+        # one KV cache slot (max_streams=1): a second stream is refused while a suspended one holds it
         first = iter(p.stream(prompt, frames=None))
         next(first)
+        with pytest.raises(AtCapacity, match=r"at capacity: 1 stream running, every KV cache slot taken \(max_streams=1\)"):
+            list(p.stream(prompt, frames=9))
+        first.close()  # a consumer that walks away frees the slot at once
         assert [c.index for c in p.stream(prompt, frames=9)] == [0]
 
 
@@ -105,18 +110,18 @@ def test_errors_name_python_arguments(pipe, prompt):
             lambda: pipe.stream(prompt, frames=None),
             "set local_attn_frames (sink frames included) and sink_frames",
         ),
-        (lambda: pipe.stream(prompt, frames=81), "raise max_frames or use a rolling window"),
+        (lambda: pipe.stream(prompt, frames=81), "raise max_frames to 21 (or set frames when building"),
         (
             lambda: pipe.stream("a fox"),
-            "prompt is text, but this Pipeline has no text encoder: pass text_encoder",
+            "prompt is text, but this model has no text encoder: pass text_encoder (umT5) or model_dir",
         ),
         (lambda: pipe.stream(torch.zeros(5, 7)), "expected [L, 4096]"),
         (lambda: pipe.stream(prompt).set_prompt(prompt, mode="fade"), "mode='fade': choose one of"),
         (
             lambda: ropesp.Pipeline(preset="tiny", device="cpu", world_size=0),
-            "world_size=0 must be an integer >= 1",
+            "world_size=0 must be >= 1",
         ),
-        (lambda: ropesp.Pipeline(preset="nope"), "preset='nope' is unknown"),
+        (lambda: ropesp.Pipeline(preset="nope"), "preset='nope': choose one of demo, tiny"),
         (
             lambda: ropesp.Pipeline(device="cpu", local_attn_frames=2, sink_frames=1),
             "local_attn_frames=2 must be >=",
@@ -132,11 +137,9 @@ def test_errors_name_python_arguments(pipe, prompt):
 
 
 def test_session_rough_edges(prompt):
-    with pytest.raises(
-        ConfigError, match=r"--world-size 2 needs its ranks: ropesp.Pipeline\(world_size=...\)"
-    ):
-        build_session(PipelineConfig(preset="tiny", device="cpu", world_size=2))
-    session = build_session(PipelineConfig(preset="tiny", device="cpu", latent_frames=3))
+    with pytest.raises(ConfigError, match=r"--world-size 2 needs its ranks: the engine core starts and owns them"):
+        build_session(RunConfig.of(preset="tiny", device="cpu", world_size=2))
+    session = build_session(RunConfig.of(preset="tiny", device="cpu", latent_frames=3))
     session.reset(seed=0)  # no prompt yet: the default embedding, as `ropesp generate` without one
     assert session.generate().shape == (1, 3, 16, 16, 16)
 
@@ -144,7 +147,7 @@ def test_session_rough_edges(prompt):
 def test_two_owned_ranks_switch_equals_definition(prompt, reference_executor, pipe):
     """world_size=2: the Pipeline starts rank 1, the switch travels to it at the chunk boundary."""
     other = torch.randn(1, 12, pipe.text_dim, generator=torch.Generator().manual_seed(5)) * 0.1
-    with ropesp.Pipeline(**SMALL, world_size=2, decoder=None) as two:
+    with ropesp.Pipeline(**SMALL, world_size=2, decoder="none") as two:
         stream = two.stream(prompt, seed=3, frames=33, latents=True)
         chunks = []
         for chunk in stream:
@@ -154,7 +157,7 @@ def test_two_owned_ranks_switch_equals_definition(prompt, reference_executor, pi
         assert chunks[0].frames is None and [c.prompt_version for c in chunks] == [0, 1, 1]
         want = by_definition(pipe, reference_executor, {0: prompt, 1: other}, "recache")
         torch.testing.assert_close(torch.cat([c.latents for c in chunks], 1), want, rtol=0, atol=1e-5)
-        workers = list(two._group.workers)
+        workers = list(two.workers)
     assert all(w.poll() is not None for w in workers)  # close() stopped rank 1
 
 
@@ -165,7 +168,7 @@ def test_unbounded_recache_stream_on_two_ranks_equals_one_rank(prompt):
     window = dict(preset="tiny", device="cpu", height=64, width=64, local_attn_frames=7, sink_frames=1)
     runs = {}
     for world in (1, 2):
-        with ropesp.Pipeline(**window, world_size=world, decoder=None) as p:
+        with ropesp.Pipeline(**window, world_size=world, decoder="none") as p:
             stream, chunks = p.stream(prompt, seed=2, frames=None, latents=True), []
             for chunk in stream:
                 chunks.append(chunk)

@@ -102,30 +102,30 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--steps", "1000,1200"], "integer in 1..1000"),
-        (["--steps", "750,1000"], "descending"),
+        (["--steps", "1000,1200"], "--steps 1000,1200: every step must be in 1..1000"),
+        (["--steps", "750,1000"], "--steps 750,1000: steps must be strictly descending"),
         (["--steps", "a,b"], "comma-separated integers"),
         (["--latent-height", "15"], "--latent-height 15 must be a positive multiple of the patch size 2"),
         (["--height", "120", "--width", "128"], "--height 120 must be a positive multiple of 16"),
-        (["--latent-frames", "8"], "must be a positive multiple of --chunk-frames 3"),
+        (["--latent-frames", "8"], "does not tile into chunks of --chunk-frames 3: valid lengths are 9, 21, 33"),
         (["--frames", "10"], "--frames 10 must be 4*k + 1"),
         (["--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
-        (["--latent-frames", "12", "--max-frames", "9"], "exceed the KV cache of 9 frames"),
+        (["--latent-frames", "12", "--max-frames", "9"], "a video of 45 frames (12 latent) exceeds the KV cache of 9 latent frames: raise --max-frames to 12"),
         (
             ["--local-attn-frames", "3", "--sink-frames", "1"],
             "--local-attn-frames 3 must be >= --sink-frames 1",
         ),
         (["--world-size", "8", "--ulysses-degree", "8"], "valid Ulysses degrees for world size 8: [1, 2, 4]"),
         (["--backend", "aoti"], "needs --engines"),
-        (["--vae-compile"], "--vae-compile compiles the Wan VAE decoder: use it with --decoder vae"),
+        (["--vae-compile"], "--vae-compile acts on the Wan VAE decoder: give --vae or --model-dir"),
         (
             ["--decode-device", "cuda:1"],
-            "--decode-device places the Wan VAE decoder: use it with --decoder vae",
+            "--decode-device acts on the Wan VAE decoder: give --vae or --model-dir",
         ),
     ],
 )
 def test_bad_input_gives_clear_error(args, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) if args[0] == "--steps" else _no_exit():
+    with pytest.raises(SystemExit) if args[:2] == ["--steps", "a,b"] else _no_exit():
         code = main(["generate", "--preset", "tiny", *args, "--output", str(tmp_path / "x.mp4")])
         assert code == 2
     err = capsys.readouterr().err

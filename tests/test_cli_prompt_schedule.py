@@ -13,7 +13,8 @@ import torch
 from switch_reference import generate_with_switches
 
 from ropesp.cli import main
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
+from ropesp.settings import RunConfig
 from ropesp.video import read_video_info
 
 GRID = ["--preset", "tiny", "--latent-height", "10", "--latent-width", "14", "--device", "cpu", "--seed", "3"]
@@ -38,12 +39,12 @@ def test_prompt_at_schedule_equals_definition(embeds, tmp_path, world_size, mode
     args = ["generate", *GRID, "--latent-frames", "12", "--prompt-embeds", p0, "--prompt-at", "1", p1]
     args += ["--prompt-at", "3", p2, "--prompt-mode", mode, "--world-size", str(world_size)]
     assert main([*args, "--output", str(tmp_path / "v.mp4"), "--latents-out", str(out)]) == 0
-    res = PipelineConfig(
+    res = resolve(RunConfig.of(
         preset="tiny", latent_height=10, latent_width=14, latent_frames=12, device="cpu"
-    ).resolve()
+    ))
     executor = build_session(res).executor
     want = generate_with_switches(
-        executor, res.request.sampler, res.cache, (10, 14), [3] * 4, {0: e0, 1: e1, 3: e2}, 3, mode
+        executor, res.config.sampler, res.cache, (10, 14), [3] * 4, {0: e0, 1: e1, 3: e2}, 3, mode
     )
     torch.testing.assert_close(torch.load(out), want, rtol=0, atol=1e-5)
 
@@ -73,11 +74,14 @@ def test_prompt_at_bad_input(embeds, tmp_path, capsys):
 
 def test_help_shows_the_schedule_syntax():
     proc = subprocess.run(
-        [sys.executable, "-m", "ropesp.cli", "generate", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "ropesp.cli", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "400"},  # no wrapping inside the example
     )
     text = " ".join(proc.stdout.split())  # argparse wraps to the terminal width
-    assert "--prompt-at CHUNK PROMPT" in text and "0 streams until Ctrl-C" in text
-    assert '--prompt "a fox" --prompt-at 4 "the fox jumps"' in text
+    assert "--prompt-at CHUNK PROMPT" in text and "0: a stream until stopped" in text
+    assert "--prompt 'a fox' --prompt-at 4 'the fox jumps'" in text
 
 
 def test_frames_0_streams_until_ctrl_c(tmp_path):

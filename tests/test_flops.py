@@ -2,8 +2,9 @@
 
 import pytest
 
-from ropesp.config import CacheConfig, ModelConfig, SamplerConfig, preset
+from ropesp.config import CacheConfig, ModelConfig, preset
 from ropesp.flops import forward_flops, video_flops
+from ropesp.settings import SamplerConfig
 
 
 def test_one_forward_by_hand():

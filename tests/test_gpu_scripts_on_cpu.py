@@ -105,13 +105,14 @@ def test_fp8_attention_emulation_exact_variant_is_the_eager_score(tmp_path):
 
     from ropesp.demo import default_checkpoint
     from ropesp.demo.evaluate import eval_pairs, evaluate, mean_score
-    from ropesp.runtime.pipeline import PipelineConfig, build_session
+    from ropesp.runtime.pipeline import build_session
+    from ropesp.settings import RunConfig
 
     out = tmp_path / "emu.json"
     _run("fp8_attention_emulation.py", "--variants", "none", "--json", str(out))
     res = json.loads(out.read_text())
     pairs = eval_pairs()
-    cfg = PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
+    cfg = RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
     with torch.no_grad():
         eager = mean_score(evaluate(build_session(cfg), pairs))
     assert res["pairs"] == 32 and res["scores"]["none"] == pytest.approx(eager, abs=1e-9)

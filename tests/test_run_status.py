@@ -12,14 +12,15 @@ from ropesp.cli import main
 from ropesp.errors import ConfigError
 from ropesp.extras import EXTRAS, require, require_backend
 from ropesp.run_status import COMPILE_NOTE, long_work_lines, settings_line, slow_path_warnings
-from ropesp.runtime.pipeline import PipelineConfig
+from ropesp.runtime.pipeline import resolve
+from ropesp.settings import RunConfig
 
 
 def test_settings_line_names_backend_precision_window_world_and_threads():
-    line = settings_line(PipelineConfig(device="cpu").resolve())
+    line = settings_line(resolve(RunConfig.of(device="cpu")))
     assert line.startswith("ropesp: eager backend · float32 on cpu · world size 1 · global attention over 9")
     assert "CPU thread" in line and "ONNX Runtime" not in line
-    res = PipelineConfig(device="cpu", world_size=2, local_attn_frames=6, sink_frames=1).resolve()
+    res = resolve(RunConfig.of(device="cpu", world_size=2, local_attn_frames=6, sink_frames=1))
     line = settings_line(res)
     assert "world size 2 (Ulysses 2 x ring 1)" in line
     assert "rolling window 6 latent frames (1 sink)" in line
@@ -28,13 +29,13 @@ def test_settings_line_names_backend_precision_window_world_and_threads():
 
 
 def test_cpu_warnings_for_compile_and_float16():
-    res = PipelineConfig(device="cpu", backend="compile", dtype="float16").resolve()
+    res = resolve(RunConfig.of(device="cpu", backend="compile", dtype="float16"))
     warnings = slow_path_warnings(res)
     assert len(warnings) == 2
     assert warnings[0].startswith("warning: --backend compile on the CPU spends minutes compiling")
     assert warnings[1].startswith("warning: --dtype float16 on the CPU is slow")
     assert long_work_lines(res) == [COMPILE_NOTE]
-    assert slow_path_warnings(PipelineConfig(device="cpu").resolve()) == []
+    assert slow_path_warnings(resolve(RunConfig.of(device="cpu"))) == []
 
 
 def test_generate_prints_the_settings_before_the_first_chunk(tmp_path, capsys):

@@ -16,11 +16,20 @@ from ropesp.demo.prompts import DemoTextEncoder, PromptError, parse
 
 DEFAULT_PROMPT = "a red square moving right"
 """What the demo model generates when no prompt is given."""
+EXAMPLE_PROMPTS = (
+    DEFAULT_PROMPT,
+    "two blue discs bouncing",
+    "three white squares entering from the top",
+    "a green disc leaving to the left",
+    "two yellow squares moving down",
+)
+"""Prompts of the demo grammar that the README, `generate --help` and the demo page offer."""
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 __all__ = [
     "DEFAULT_PROMPT",
+    "EXAMPLE_PROMPTS",
     "DemoTextEncoder",
     "PromptError",
     "default_checkpoint",

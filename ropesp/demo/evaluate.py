@@ -76,7 +76,8 @@ def mean_score(results: list[PairResult]) -> float:
 def main(argv: list[str] | None = None) -> None:
     from ropesp.demo import default_checkpoint
     from ropesp.errors import RopespError
-    from ropesp.runtime.pipeline import PipelineConfig, build_session
+    from ropesp.runtime.pipeline import build_session
+    from ropesp.settings import RunConfig
 
     p = argparse.ArgumentParser(prog="python -m ropesp.demo.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", help="demo weights (default: the shipped ones)")
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sink-frames", type=int, default=0)
     p.add_argument("--json", help="write the per-pair scores here")
     args = p.parse_args(argv)
-    cfg = PipelineConfig(
+    cfg = RunConfig.of(
         checkpoint=None if args.preset else (args.checkpoint or str(default_checkpoint())),
         preset=args.preset,
         device=args.device,

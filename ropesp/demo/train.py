@@ -41,12 +41,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ropesp.config import SamplerConfig, preset
+from ropesp.config import preset
 from ropesp.demo.prompts import DemoTextEncoder, describe
 from ropesp.demo.world import OVERDRIVE, all_specs, canonical_scene, jittered, scene_latents, take, to_device
 from ropesp.model.rope import RopeTables, rotate_pairs
 from ropesp.model.wan import CausalWanDiT, init_weights, timestep_sinusoid
 from ropesp.runtime.sampler import FlowSchedule
+from ropesp.settings import SamplerConfig
 
 STATE_FILES = ("state_model", "state_ema", "state_adam_m", "state_adam_v")
 

@@ -29,9 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ropesp.config import PRESETS, ModelConfig, ModelSource, PresetDefaults, preset, preset_of
+from ropesp.config import PRESETS, ModelConfig, PresetDefaults, preset, preset_of
 from ropesp.errors import CheckpointError, ConfigError, read_failure
 from ropesp.model.wan import RANDOM_WEIGHTS_SEED, CausalWanDiT, random_model
+from ropesp.settings import ModelSource
 
 StateDict = dict[str, torch.Tensor]
 FORMATS = ("self-forcing", "wan", "wan-sharded", "diffusers")

@@ -1,9 +1,9 @@
 """Write (and read back) a Triton model repository that serves a ropesp pipeline with streaming.
 
-    REPO/ropesp/config.pbtxt            python backend, decoupled, one KIND_MODEL instance
-    REPO/ropesp/1/model.py              from model.py.tmpl (TritonPythonModel)
-    REPO/ropesp/1/ropesp_config.json    pipeline config, world size, decoder, the Python environment
-    REPO/ropesp/1/artifacts/            engines, checkpoint, model config, VAE (copied or linked)
+    REPO/ropesp/config.pbtxt            python backend, decoupled, KIND_MODEL instances (one engine each)
+    REPO/ropesp/1/model.py              from model.py.tmpl: imports ropesp.serving.triton_model
+    REPO/ropesp/1/ropesp_config.json    the run settings (ropesp.settings), the Python environment
+    REPO/ropesp/1/artifacts/            engines, checkpoint, model config, VAE, text encoder (copied or linked)
 
 The repository is relocatable: every artifact lives under `1/artifacts/` and ropesp_config.json names it
 relative to `1/`. It also records the Python environment that holds ropesp (executable, version,
@@ -31,11 +31,14 @@ from ropesp.errors import ConfigError
 MODEL_NAME = "ropesp"
 CONFIG_FILE = "ropesp_config.json"
 ARTIFACTS = "artifacts"
-FORMAT = 1
+FORMAT = 2
 """Version of the ropesp_config.json layout."""
-DECODERS = ("preview", "vae")
-ARTIFACT_FIELDS = ("checkpoint", "model_config", "engines")
-"""PipelineConfig fields that name files; they are placed under artifacts/ and stored relative."""
+ARTIFACT_FIELDS = {
+    "source": ("checkpoint", "model_config", "engines", "model_dir"),
+    "decode": ("vae",),
+    "prompt": ("text_encoder",),
+}
+"""The settings that name files, by section: placed under artifacts/ and stored relative."""
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 """A plain Triton model name: one directory name inside the repository."""
 MODEL_FILES = {"config.pbtxt", "1", "1/model.py", f"1/{CONFIG_FILE}", f"1/{ARTIFACTS}", "1/__pycache__"}
@@ -87,41 +90,26 @@ class PythonEnv:
 class ServedModel:
     """What ropesp_config.json holds, with artifact paths made absolute."""
 
-    pipeline: object
-    """The PipelineConfig (world size filled in)."""
-    decoder: str
-    """preview | vae"""
-    vae: str | None
-    """Wan VAE path for the vae decoder."""
+    config: object
+    """The ropesp.settings.RunConfig the engine runs."""
     python: PythonEnv
-    vae_compile: bool = False
-    """torch.compile the Wan VAE decoder; its graphs are built when the model loads."""
-    decode_device: str | None = None
-    """Where the Wan VAE decodes (cuda:N); None = rank 0's device."""
-
-    def make_decoder(self, res, device):
-        """Rank 0's stream decoder, on decode_device or else `device` (a compiled one warmed up here, at
-        model load, not in the first request)."""
-        from ropesp.runtime.pipeline import lead_decoder
-
-        vae = self.vae if self.decoder == "vae" else None
-        return lead_decoder(
-            res, vae, device, compile=self.vae_compile, decode_device=self.decode_device, flag="decode_device"
-        )
+    instances: int = 1
+    """Engines the model serves as Triton instances."""
 
 
-def config_pbtxt(name: str, text_dim: int, world_size: int) -> str:
-    """The model configuration: decoupled python model, one instance that owns every rank."""
+def config_pbtxt(name: str, text_dim: int, world_size: int, instances: int = 1) -> str:
+    """The model configuration: a decoupled python model of `instances` KIND_MODEL instances, each an
+    engine that owns its ranks."""
 
     def tensor(tname: str, dtype: str, dims: str, optional: bool = False) -> str:
         opt = " optional: true" if optional else ""
         return f'  {{ name: "{tname}" data_type: TYPE_{dtype} dims: [ {dims} ]{opt} }}'
 
-    # a stream request: prompt_embeds, seed, latent_frames (+ height/width, + stream_id to steer it);
-    # a control request: prompt_embeds, stream_id and control ("swap" | "recache"): the new prompt of
-    # that running (or queued) stream from its next chunk boundary on
+    # a stream request: prompt_embeds or prompt, seed, latent_frames (+ height/width, + stream_id to steer
+    # it); a control request: stream_id, control ("swap" | "recache" | "cancel") and the new prompt
     inputs = [
-        tensor("prompt_embeds", "FP32", f"-1, {text_dim}"),
+        tensor("prompt_embeds", "FP32", f"-1, {text_dim}", optional=True),
+        tensor("prompt", "STRING", "1", optional=True),
         tensor("seed", "INT64", "1", optional=True),
         tensor("latent_frames", "INT32", "1", optional=True),
         tensor("height", "INT32", "1", optional=True),
@@ -144,7 +132,7 @@ def config_pbtxt(name: str, text_dim: int, world_size: int) -> str:
             "model_transaction_policy { decoupled: true }",
             "input [\n" + ",\n".join(inputs) + "\n]",
             "output [\n" + ",\n".join(outputs) + "\n]",
-            "instance_group [ { kind: KIND_MODEL count: 1 } ]",
+            f"instance_group [ {{ kind: KIND_MODEL count: {instances} }} ]",
             f'parameters {{ key: "world_size" value: {{ string_value: "{world_size}" }} }}',
             "",
         ]
@@ -183,7 +171,7 @@ def _place(src: str, artifacts: Path, name: str, link: bool) -> str:
 def _copy_engines(src: Path, dest: Path) -> None:
     """Copy an engine directory: its manifest and the files it lists, verified (nothing else, never a
     file outside src), as real files."""
-    from ropesp.export.manifest import MANIFEST, Manifest
+    from ropesp.manifest import MANIFEST, Manifest
 
     manifest = Manifest.load(src)
     manifest.verify_files()  # every listed file inside src, with its SHA-256
@@ -213,33 +201,33 @@ def _replaceable(model_dir: Path) -> bool:
 
 def write_repository(
     out: str | Path,
-    pipeline_config,
-    world_size: int | None = None,
+    config,
     *,
-    decoder: str = "preview",
-    vae: str | None = None,
-    vae_compile: bool = False,
-    decode_device: str | None = None,
     model_name: str = MODEL_NAME,
+    instances: int = 1,
     link: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Write REPO/<model_name>/ for pipeline_config served by world_size ranks; returns the model dir.
+    """Write REPO/<model_name>/ serving the run settings `config` (a ropesp.settings.RunConfig) with
+    `instances` engines; returns the model dir.
 
     Validates everything first (the same checks as `ropesp generate`), so a bad config writes nothing.
     link=True symlinks the artifacts instead of copying them (the repository is then not relocatable).
     """
-    from ropesp.decode.factory import check_wan_vae_options
+    from ropesp.runtime.pipeline import resolve, with_default_model
 
-    world = world_size or pipeline_config.world_size or 1
-    config = dataclasses.replace(pipeline_config, world_size=world)
-    res = config.resolve()
-    if decoder not in DECODERS:
-        raise ConfigError(f"decoder {decoder!r}; choose one of {DECODERS}")
-    if (decoder == "vae") != (vae is not None):
-        raise ConfigError("the vae decoder needs a Wan VAE path (and only it takes one)")
-    check_wan_vae_options(decoder == "vae", vae_compile, decode_device, "use --decoder vae")
+    config = with_default_model(config)
+    res = resolve(config)
+    world = res.world_size
+    config = config.replace(world_size=world)
     check_model_name(model_name)
+    if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+        raise ConfigError(f"--instances {instances} must be an integer >= 1")
+    if res.device == "cuda" and instances * world > _visible_gpus():
+        raise ConfigError(
+            f"--instances {instances} x --world-size {world} needs {instances * world} GPUs (one engine's ranks "
+            f"each on GPUs of their own); this host has {_visible_gpus()}"
+        )
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out} is a file; choose a directory for the repository")
     model_dir = Path(out) / model_name
@@ -253,44 +241,50 @@ def write_repository(
             )
         shutil.rmtree(model_dir)
     try:
-        return _write_model(model_dir, config, res, world, decoder, vae, vae_compile, decode_device, link)
+        return _write_model(model_dir, config, res, instances, link)
     except BaseException:
         shutil.rmtree(model_dir, ignore_errors=True)  # nothing half-written
         raise
 
 
-def _write_model(model_dir: Path, config, res, world, decoder, vae, vae_compile, decode_device, link) -> Path:
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _write_model(model_dir: Path, config, res, instances: int, link: bool) -> Path:
     """write_repository's writing part (everything validated); returns model_dir."""
     model_name = model_dir.name
     version = model_dir / "1"
     artifacts = version / ARTIFACTS
     version.mkdir(parents=True)
-    placed = {
-        name: _place(getattr(config, name), artifacts, name, link)
-        for name in ARTIFACT_FIELDS
-        if getattr(config, name)
-    }
+    placed = {}
+    for part, names in ARTIFACT_FIELDS.items():
+        for name in names:
+            value = getattr(getattr(config, part), name)
+            if value:
+                placed[name] = _place(value, artifacts, name, link)
     spec = {
         "format": FORMAT,
-        "pipeline": dataclasses.replace(config, **placed).to_dict(),
-        "world_size": world,
-        "decoder": decoder,
-        "vae": _place(vae, artifacts, "vae", link) if vae else None,
-        "vae_compile": vae_compile,
-        "decode_device": decode_device,
+        "config": config.replace(**placed).to_dict(),
+        "instances": instances,
         "linked": link,
         "python": dataclasses.asdict(PythonEnv.current()),
     }
     (version / CONFIG_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     template = resources.files("ropesp.serving").joinpath("model.py.tmpl").read_text()
     (version / "model.py").write_text(template)
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(model_name, res.model.text_dim, world))
+    (model_dir / "config.pbtxt").write_text(
+        config_pbtxt(model_name, res.model.text_dim, res.world_size, instances)
+    )
     return model_dir
 
 
-def read_model_config(version_dir: str | Path) -> ServedModel:
-    """Load <model>/1/ropesp_config.json, resolving artifact paths against the version directory."""
-    from ropesp.runtime.pipeline import PipelineConfig
+def read_model_config(version_dir: str | Path, instance: int = 0) -> ServedModel:
+    """Load <model>/1/ropesp_config.json, resolving artifact paths against the version directory;
+    instance: the Triton instance whose engine this is (its ranks take GPUs of their own)."""
+    from ropesp.settings import RunConfig
 
     version_dir = Path(version_dir)
     spec = json.loads((version_dir / CONFIG_FILE).read_text())
@@ -299,20 +293,19 @@ def read_model_config(version_dir: str | Path) -> ServedModel:
             f"{version_dir / CONFIG_FILE} has format {spec.get('format')}; this ropesp reads {FORMAT}: "
             "write the repository again with `ropesp serve-repo`"
         )
-    raw = dict(spec["pipeline"])
+    config = RunConfig.from_dict(spec["config"])
     linked = spec.get("linked") is True
-    for name in ARTIFACT_FIELDS:
-        if raw.get(name):
-            raw[name] = str(_confined(version_dir, raw[name], name, linked))
-    vae = str(_confined(version_dir, spec["vae"], "vae", linked)) if spec.get("vae") else None
-    return ServedModel(
-        PipelineConfig.from_dict(raw),
-        spec["decoder"],
-        vae,
-        PythonEnv.from_dict(spec["python"]),
-        vae_compile=bool(spec.get("vae_compile", False)),
-        decode_device=spec.get("decode_device"),
-    )
+    paths = {}
+    for part, names in ARTIFACT_FIELDS.items():
+        for name in names:
+            rel = getattr(getattr(config, part), name)
+            if rel:
+                paths[name] = str(_confined(version_dir, rel, name, linked))
+    config = config.replace(**paths)
+    instances = int(spec.get("instances", 1))
+    if instances > 1:
+        config = config.replace(first_device=instance * (config.parallel.world_size or 1))
+    return ServedModel(config, PythonEnv.from_dict(spec["python"]), instances)
 
 
 def _confined(version_dir: Path, rel, name: str, linked: bool) -> Path:

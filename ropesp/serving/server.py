@@ -63,7 +63,7 @@ def find_triton() -> tuple[Path, Path]:
 
 def _free_port(taken: int | None = None) -> int:
     """A free loopback port other than `taken` (two probes in a row can get the same port back)."""
-    from ropesp.runtime.launch import free_port
+    from ropesp.runtime.ranks import free_port
 
     while (port := free_port()) == taken:
         pass

@@ -36,9 +36,13 @@ class PagePrompts:
     """How the demo hands the page's text to `pipe.stream` / `stream.set_prompt`."""
 
     def __init__(self, pipe, probe_text: str) -> None:
+        from ropesp.demo import EXAMPLE_PROMPTS, is_demo_model
+
         self.fallback: SeededPromptEmbeddings | None = None
         self.note = "text prompts through the pipeline's text encoder"
         self.reason: str | None = None
+        self.examples: tuple[str, ...] = EXAMPLE_PROMPTS if is_demo_model(pipe.resolved.model) else ()
+        """Prompts the page offers to click (the demo model's grammar)."""
         try:
             pipe.encode(probe_text)
         except ConfigError as exc:
@@ -47,6 +51,12 @@ class PagePrompts:
             self.note = (
                 "this model has no text encoder: each prompt gets its own seeded embedding "
                 "(the words carry no meaning)"
+            )
+        if self.examples:
+            self.note = (
+                "the demo model knows COUNT COLOUR SHAPE MOTION: a|two|three, red|green|blue|yellow|white|cyan|"
+                "magenta, square|disc, moving left|right|up|down, bouncing, entering from / leaving to the "
+                "left|right|top|bottom"
             )
 
     def __call__(self, text: str) -> str | torch.Tensor:

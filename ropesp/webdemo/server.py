@@ -1,10 +1,12 @@
-"""The demo's web server: aiohttp, one WebSocket per page, one stream at a time.
+"""The demo's web server: aiohttp, one WebSocket per page, each page its own stream of the engine.
 
 Protocol (`/ws`). Page -> server, JSON text: `{"type": "start", "prompt": str, "seed": int}`,
 `{"type": "prompt", "prompt": str}` (the running stream's next chunk boundary), `{"type": "stop"}`.
 Server -> page, JSON text: `hello` (figures of the server), `started`, `chunk` (sent before the chunk's
 frames: index, first frame, frame count, generation ms, prompt in effect), `busy`, `free`, `stopped`,
-`error`; binary: one frame per message (`frames.FRAME_HEADER` + JPEG).
+`error`; binary: one frame per message (`frames.FRAME_HEADER` + JPEG). A page that starts while the engine
+is at capacity (every KV cache slot taken, or real time would be lost: runtime/engine_core.py) is told
+`busy` with the engine's reason, and `free` when a stream has ended.
 
 Threads: the pipeline's iterator blocks, so each stream runs it on a worker thread that encodes the frames
 and hands chunks to the event loop. With `realtime`, a chunk is released only when the page's 16 FPS
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSMsgType, web
 
 from ropesp.errors import ConfigError, RopespError
+from ropesp.settings import check_seed
 from ropesp.video import VIDEO_FPS
 from ropesp.webdemo.frames import encode_jpeg, frame_message
 from ropesp.webdemo.prompts import PagePrompts
@@ -132,6 +135,8 @@ class _Run:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def _work(self) -> None:
+        from ropesp.runtime.engine_core import AtCapacity
+
         stream = None
         try:
             stream = self.pipe.stream(self.encode(self.prompt), seed=self.seed, frames=self.config.frames)
@@ -152,7 +157,11 @@ class _Run:
                     except (RopespError, ValueError) as exc:  # e.g. a word the encoder does not know: go on
                         self._hand_over(_Notice(f"prompt change refused: {exc}"))
                 t0 = time.perf_counter()
-                chunk = next(iterator, None)
+                try:
+                    chunk = next(iterator, None)
+                except AtCapacity as exc:  # the engine holds as many streams as it can keep in real time
+                    self._hand_over(_Busy(str(exc)))
+                    return
                 gen_ms = (time.perf_counter() - t0) * 1e3
                 if chunk is None:
                     break
@@ -172,8 +181,15 @@ class _Run:
         finally:
             if stream is not None:
                 with contextlib.suppress(Exception):
-                    stream.close()  # this thread iterates it: releases the pipeline now
+                    stream.close()  # frees its KV cache slot for the next page now
             self._hand_over(_END)
+
+
+@dataclass
+class _Busy:
+    """The engine refused the stream: at capacity."""
+
+    text: str
 
 
 @dataclass
@@ -184,15 +200,15 @@ class _Notice:
 
 
 class _Hub:
-    """The server's state: the pages connected and the one stream that runs."""
+    """The server's state: the pages connected and each page's running stream."""
 
     def __init__(self, pipe, config: DemoConfig, description: str) -> None:
         self.pipe, self.config, self.description = pipe, config, description
         self.prompts = PagePrompts(pipe, config.default_prompt)
         self.sockets: set[web.WebSocketResponse] = set()
-        self.owner: web.WebSocketResponse | None = None
-        self.run: _Run | None = None
-        self.sender: asyncio.Task | None = None
+        self.runs: dict[web.WebSocketResponse, tuple[_Run, asyncio.Task]] = {}
+        self.refused: set[web.WebSocketResponse] = set()
+        """Pages told `busy`: they are told `free` when a stream ends."""
 
     def hello(self) -> dict[str, Any]:
         c = self.config
@@ -204,42 +220,32 @@ class _Hub:
             "frames": c.frames,
             "realtime": c.realtime,
             "default_prompt": c.default_prompt,
-            "busy": self.run is not None,
+            "busy": len(self.runs) >= self.pipe.max_streams,
+            "streams": len(self.runs),
+            "max_streams": self.pipe.max_streams,
             "prompts": self.prompts.note,
+            "examples": list(self.prompts.examples),
         }
 
-    async def broadcast(self, message: dict, but: web.WebSocketResponse | None = None) -> None:
-        for ws in list(self.sockets):
-            if ws is not but and not ws.closed:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.send_json(message)
-
     async def start(self, ws: web.WebSocketResponse, prompt: str, seed: int) -> None:
-        if self.run is not None and self.owner is not ws:
-            await ws.send_json(
-                {
-                    "type": "busy",
-                    "message": "busy: another page is streaming (one stream at a time); "
-                    "this page is told when it stops",
-                }
-            )
-            return
-        await self.stop()
-        run = self.run = _Run(self.pipe, self.prompts, asyncio.get_running_loop(), prompt, seed, self.config)
-        self.owner = ws
+        await self.stop(ws)  # the same page starting again: its old stream ends first, at once
+        run = _Run(self.pipe, self.prompts, asyncio.get_running_loop(), prompt, seed, self.config)
         await ws.send_json({"type": "started", "stream": run.id, "prompt": prompt, "seed": seed})
-        await self.broadcast({"type": "busy", "message": "busy: another page started a stream"}, but=ws)
         run.start()
-        self.sender = asyncio.create_task(self._send(ws, run))
+        self.runs[ws] = (run, asyncio.create_task(self._send(ws, run)))
 
-    async def stop(self) -> None:
-        """Stop the running stream (if any) and wait until its worker thread has ended."""
-        run, sender = self.run, self.sender
-        if run is None:
+    async def stop(self, ws: web.WebSocketResponse) -> None:
+        """Stop this page's stream (if any) and wait until its worker thread has ended."""
+        entry = self.runs.get(ws)
+        if entry is None:
             return
+        run, sender = entry
         run.stop()
-        if sender is not None:
-            await sender
+        await sender
+
+    async def stop_all(self) -> None:
+        for ws in list(self.runs):
+            await self.stop(ws)
 
     async def _send(self, ws: web.WebSocketResponse, run: _Run) -> None:
         loop = asyncio.get_running_loop()
@@ -251,6 +257,16 @@ class _Hub:
                     break
                 if isinstance(item, _Notice):
                     await ws.send_json({"type": "error", "message": item.text})
+                    continue
+                if isinstance(item, _Busy):
+                    reason = "busy"
+                    self.refused.add(ws)
+                    await ws.send_json(
+                        {
+                            "type": "busy",
+                            "message": f"busy: {item.text}; this page is told when a stream ends",
+                        }
+                    )
                     continue
                 if isinstance(item, BaseException):
                     reason = "error"
@@ -291,8 +307,8 @@ class _Hub:
                 reason = "stopped"
             run.stop()
             await asyncio.to_thread(run.thread.join)
-            if self.run is run:
-                self.run, self.owner, self.sender = None, None, None
+            if self.runs.get(ws, (None,))[0] is run:
+                del self.runs[ws]
             if not ws.closed:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await ws.send_json(
@@ -304,8 +320,16 @@ class _Hub:
                             "gen_fps": round(frames / (gen_ms / 1e3), 2) if gen_ms > 0 else None,
                         }
                     )
-            if self.run is None:
-                await self.broadcast({"type": "free"}, but=ws)
+            if reason != "busy":
+                await self._tell_free()
+
+    async def _tell_free(self) -> None:
+        """A stream ended: the pages that were refused may try again."""
+        for ws in list(self.refused):
+            self.refused.discard(ws)
+            if not ws.closed:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_json({"type": "free"})
 
 
 HUB = web.AppKey("hub", _Hub)
@@ -338,8 +362,8 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
                 await ws.send_json({"type": "error", "message": f"bad request: {exc}"})
     finally:
         hub.sockets.discard(ws)
-        if hub.owner is ws:
-            await hub.stop()
+        hub.refused.discard(ws)
+        await hub.stop(ws)
     return ws
 
 
@@ -353,25 +377,27 @@ def _prompt_of(message: dict, default: str) -> str:
     return prompt
 
 
-async def _handle(hub: _Hub, ws: web.WebSocketResponse, message: dict) -> None:
+async def _handle(hub: _Hub, ws: web.WebSocketResponse, message) -> None:
+    if not isinstance(message, dict):
+        raise ValueError("a message is a JSON object with a 'type'")
     kind = message.get("type")
     if kind == "start":
         seed = message.get("seed", 0)
-        if isinstance(seed, str) and seed.strip().lstrip("-").isdigit():
-            seed = int(seed)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed {seed!r} must be an integer in 0..2^63-1")
+        try:
+            seed = check_seed(seed)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         await hub.start(ws, _prompt_of(message, hub.config.default_prompt), seed)
     elif kind == "prompt":
-        if hub.owner is not ws or hub.run is None:
+        entry = hub.runs.get(ws)
+        if entry is None:
             await ws.send_json({"type": "error", "message": "no stream of this page is running"})
             return
         prompt = _prompt_of(message, hub.config.default_prompt)
-        hub.run.set_prompt(prompt)
+        entry[0].set_prompt(prompt)
         await ws.send_json({"type": "prompt_queued", "prompt": prompt})
     elif kind == "stop":
-        if hub.owner is ws:
-            await hub.stop()
+        await hub.stop(ws)
     else:
         raise ValueError(f"unknown message type {kind!r}")
 
@@ -424,7 +450,7 @@ def make_app(pipe, config: DemoConfig, description: str = "") -> web.Application
     app.router.add_get("/favicon.ico", no_icon)
 
     async def on_shutdown(app: web.Application) -> None:
-        await hub.stop()
+        await hub.stop_all()
         for ws in list(hub.sockets):
             await ws.close(code=1001, message=b"server shutting down")
 

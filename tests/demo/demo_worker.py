@@ -1,4 +1,5 @@
-"""Rank function of the demo's spawned-world tests (importable by child processes)."""
+"""Rank function of the demo's tests on P CPU ranks (importable by the spawned ranks; run on every rank by
+the engine's launcher, runtime/ranks.py RankGroup.call)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,22 @@ import torch
 
 from ropesp.demo import default_checkpoint
 from ropesp.demo.evaluate import generate_latents
-from ropesp.runtime.launch import process_group
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
+from ropesp.settings import RunConfig
 
 
-def generate_pairs(mapping, pairs, out_path, overrides) -> None:
+def generate_pairs(mapping, pairs, overrides) -> list | None:
     """Generate every (prompt, seed) pair on this rank (the shipped model unless overrides name another);
-    rank 0 saves the latents."""
-    with process_group(mapping, "cpu"), torch.no_grad():
+    rank 0 returns the latents."""
+    with torch.no_grad():
         kw = {"checkpoint": str(default_checkpoint()), "device": "cpu", "dtype": "float32", **overrides}
-        cfg = PipelineConfig(world_size=mapping.world_size, **kw)
+        cfg = RunConfig.of(world_size=mapping.world_size, **kw)
         latents = generate_latents(build_session(cfg, mapping), pairs)
-    if mapping.rank == 0:
-        torch.save(latents, out_path)
+    return latents if mapping.rank == 0 else None
+
+
+def on_ranks(world_size: int, fn, *args):
+    """fn(mapping, *args) on world_size CPU ranks (this process is rank 0); rank 0's result."""
+    from ropesp.runtime.ranks import run_on_ranks
+
+    return run_on_ranks(world_size, "cpu", fn, *args)

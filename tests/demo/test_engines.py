@@ -9,7 +9,8 @@ import torch
 from ropesp.cli import main
 from ropesp.demo import default_checkpoint, has_default_weights
 from ropesp.demo.evaluate import eval_pairs, generate_latents, mean_score, score_pairs
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
+from ropesp.settings import RunConfig
 
 pytestmark = pytest.mark.skipif(not has_default_weights(), reason="the demo weights are not in this tree")
 
@@ -20,7 +21,7 @@ ATOL = 1e-4
 PATH_TOLERANCE = 0.02
 
 
-def _generate(cfg: PipelineConfig) -> list[torch.Tensor]:
+def _generate(cfg: RunConfig) -> list[torch.Tensor]:
     with torch.no_grad():
         return generate_latents(build_session(cfg), PAIRS)
 
@@ -31,7 +32,7 @@ def _mean_score(latents: list[torch.Tensor]) -> float:
 
 @pytest.fixture(scope="module")
 def eager():
-    return _generate(PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32"))
+    return _generate(RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def builds(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", ["onnx", "aoti"])
 def test_engines_of_the_shipped_model_keep_latents_and_score(backend, builds, eager):
-    got = _generate(PipelineConfig(engines=str(builds(backend))))
+    got = _generate(RunConfig.of(engines=str(builds(backend))))
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     assert abs(_mean_score(got) - _mean_score(eager)) <= PATH_TOLERANCE

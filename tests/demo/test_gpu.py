@@ -10,7 +10,8 @@ import torch
 
 from ropesp.demo import default_checkpoint, has_default_weights
 from ropesp.demo.evaluate import eval_pairs, generate_latents, mean_score, score_pairs
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
+from ropesp.settings import RunConfig
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,7 +32,7 @@ thirteenth session). A q scaled by a bound instead of its amax scored 0.858: thi
 
 def _score(**overrides) -> float:
     source = {} if "engines" in overrides else {"checkpoint": str(default_checkpoint())}
-    cfg = PipelineConfig(device="cuda", **source, **overrides)
+    cfg = RunConfig.of(device="cuda", **source, **overrides)
     with torch.no_grad():
         latents = generate_latents(build_session(cfg), PAIRS)
     score = mean_score(score_pairs(latents, PAIRS))
@@ -50,7 +51,7 @@ def engines(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo_cuda_aoti")
     return build(
-        BuildConfig(str(out), "aoti", checkpoint=str(default_checkpoint()), dtype="bfloat16", device="cuda")
+        BuildConfig.of(str(out), "aoti", checkpoint=str(default_checkpoint()), dtype="bfloat16", device="cuda")
     )
 
 
@@ -81,7 +82,7 @@ def test_gpu_paths_keep_the_score(fp32_score, overrides):
 
 
 def _demo_head_dim() -> int:
-    cfg = PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu").resolve().model
+    cfg = resolve(RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu")).model
     return cfg.dim // cfg.num_heads
 
 

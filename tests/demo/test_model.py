@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from demo_worker import generate_pairs
+from demo_worker import generate_pairs, on_ranks
 
 from ropesp.demo import default_checkpoint, has_default_weights, is_demo_model
 from ropesp.demo.evaluate import eval_pairs, evaluate, generate_latents, mean_score, score_pairs
-from ropesp.runtime.launch import spawn_ranks
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
+from ropesp.settings import RunConfig
 
 PAIRS = eval_pairs()[::4]
 shipped = pytest.mark.skipif(
@@ -27,7 +27,7 @@ PATH_TOLERANCE = 0.02
 
 
 def _session(**overrides):
-    cfg = PipelineConfig(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32", **overrides)
+    cfg = RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32", **overrides)
     return build_session(cfg)
 
 
@@ -41,7 +41,7 @@ def eager():
 
 @shipped
 def test_shipped_weights_are_the_demo_model():
-    res = PipelineConfig(checkpoint=str(default_checkpoint())).resolve()
+    res = resolve(RunConfig.of(checkpoint=str(default_checkpoint())))
     assert is_demo_model(res.model) and not res.random_weights
     assert (res.geometry.latent_height, res.geometry.latent_width, res.latent_frames) == (24, 24, 9)
     assert (default_checkpoint() / "diffusion_pytorch_model.safetensors").stat().st_size <= 10_000_000
@@ -58,7 +58,7 @@ def test_shipped_model_makes_what_the_prompt_says(eager):
 
 
 def test_untrained_model_scores_near_zero():
-    cfg = PipelineConfig(preset="demo", device="cpu", dtype="float32")
+    cfg = RunConfig.of(preset="demo", device="cpu", dtype="float32")
     with torch.no_grad():
         results = evaluate(build_session(cfg), PAIRS[:4])
     assert mean_score(results) <= 0.05
@@ -75,10 +75,8 @@ def test_rolling_window_keeps_the_score(eager):
 @shipped
 @pytest.mark.parametrize(("world_size", "sp_rope"), [(2, "local"), (4, "allgather")])
 def test_sequence_parallel_keeps_the_latents_and_score(eager, tmp_path, world_size, sp_rope):
-    path = tmp_path / "sp.pt"
     pairs = PAIRS if world_size == 2 else PAIRS[::2]  # 4 ranks on 2 cores: half the pairs
-    spawn_ranks(world_size, generate_pairs, pairs, str(path), {"sp_rope": sp_rope})
-    latents = torch.load(path)
+    latents = on_ranks(world_size, generate_pairs, pairs, {"sp_rope": sp_rope})
     want = eager[0][:: len(PAIRS) // len(pairs)]
     for a, b in zip(latents, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # fp32 reduction order only
@@ -92,8 +90,6 @@ def test_position_embedding_is_sharded_right_by_sequence_parallel(tmp_path):
     pairs = PAIRS[:2]
     cfg = {"checkpoint": None, "preset": "demo"}
     with torch.no_grad():
-        single = generate_latents(build_session(PipelineConfig(device="cpu", dtype="float32", **cfg)), pairs)
-    path = tmp_path / "sp2.pt"
-    spawn_ranks(2, generate_pairs, pairs, str(path), cfg)
-    for a, b in zip(torch.load(path), single):
+        single = generate_latents(build_session(RunConfig.of(device="cpu", dtype="float32", **cfg)), pairs)
+    for a, b in zip(on_ranks(2, generate_pairs, pairs, cfg), single):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ropesp.demo.train import TrainConfig, Trainer, export_weights, main
-from ropesp.runtime.pipeline import PipelineConfig
+from ropesp.runtime.pipeline import resolve
+from ropesp.settings import RunConfig
 
 
 def _trainer(**recipe) -> Trainer:
@@ -35,7 +36,7 @@ def test_steps_resume_and_export(tmp_path):
     assert json.loads((tmp_path / "s" / "train.json").read_text())["step"] == 3
 
     out = export_weights(tmp_path / "s", tmp_path / "w")
-    res = PipelineConfig(checkpoint=str(out), device="cpu").resolve()
+    res = resolve(RunConfig.of(checkpoint=str(out), device="cpu"))
     assert res.model == again.model_cfg and not res.random_weights
 
 

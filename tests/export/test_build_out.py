@@ -7,7 +7,7 @@ from engine_builds import GRID
 
 from ropesp.cli import main
 from ropesp.export import build as build_mod
-from ropesp.export.manifest import Manifest
+from ropesp.manifest import Manifest
 
 BUILD = ["build", "--preset", "tiny", *GRID, "--max-frames", "6", "--backend", "onnx", "--dtype", "float32"]
 

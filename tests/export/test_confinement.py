@@ -15,9 +15,9 @@ import pytest
 
 from ropesp.cli import main
 from ropesp.errors import EngineError, RopespError
-from ropesp.export.manifest import Manifest, sha256
-from ropesp.runtime.pipeline import PipelineConfig
+from ropesp.manifest import Manifest, sha256
 from ropesp.serving.repository import read_model_config, write_repository
+from ropesp.settings import RunConfig
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_symlink_out_of_the_directory_is_refused(engines, tmp_path, capsys):
     assert "resolves outside the engine directory (a symlink); refused" in err
     # serve-repo refuses to copy it, and writes nothing
     with pytest.raises(RopespError, match="resolves outside the engine directory"):
-        write_repository(tmp_path / "repo", PipelineConfig(engines=str(engines), latent_frames=3))
+        write_repository(tmp_path / "repo", RunConfig.of(engines=str(engines), latent_frames=3))
     assert not (tmp_path / "repo" / "ropesp").exists()
 
 
@@ -145,7 +145,7 @@ def test_serve_repo_copies_only_listed_files_as_real_files(engines, tmp_path):
     weights = engines / "weights.safetensors"
     shutil.move(weights, engines / "rank0" / "w.bin")
     weights.symlink_to("rank0/w.bin")  # a symlink inside the directory is fine, and copied as a file
-    model_dir = write_repository(tmp_path / "repo", PipelineConfig(engines=str(engines), latent_frames=3))
+    model_dir = write_repository(tmp_path / "repo", RunConfig.of(engines=str(engines), latent_frames=3))
     served = read_model_config(model_dir / "1")
     copied = Path(served.pipeline.engines)
     manifest = Manifest.load(copied)

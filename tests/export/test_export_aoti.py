@@ -7,7 +7,7 @@ import pytest
 import torch
 from engine_builds import run_generate
 
-from ropesp.export.manifest import Manifest
+from ropesp.manifest import Manifest
 
 ATOL = 1e-4
 
@@ -38,9 +38,10 @@ def test_aoti_ranks_share_all_but_the_rope_segment(builds):
 )
 def test_aoti_cuda_graphs_equal_uncaptured_and_eager(tmp_path, prompt):
     from ropesp.export.build import BuildConfig, build
-    from ropesp.runtime.pipeline import PipelineConfig, build_session
+    from ropesp.runtime.pipeline import build_session
+    from ropesp.settings import RunConfig
 
-    out = build(BuildConfig(str(tmp_path / "e"), "aoti", preset="tiny", latent_height=10, latent_width=14,
+    out = build(BuildConfig.of(str(tmp_path / "e"), "aoti", preset="tiny", latent_height=10, latent_width=14,
                             max_frames=6, dtype="float32", device="cuda"))  # fmt: skip
     common = dict(
         preset="tiny", latent_height=10, latent_width=14, latent_frames=6, device="cuda", dtype="float32"
@@ -48,7 +49,7 @@ def test_aoti_cuda_graphs_equal_uncaptured_and_eager(tmp_path, prompt):
     results = {}
     for name, extra in {"eager": {}, "aoti": dict(engines=str(out), cuda_graphs=False),
                         "graphs": dict(engines=str(out), cuda_graphs=True)}.items():  # fmt: skip
-        session = build_session(PipelineConfig(**common, **extra))
+        session = build_session(RunConfig.of(**common, **extra))
         session.reset(prompt, seed=3)
         results[name] = session.generate()
         if name == "graphs":

@@ -8,7 +8,8 @@ import pytest
 import torch
 from engine_builds import FRAMES, GRID, run_generate
 
-from ropesp.export.manifest import Manifest
+from ropesp.manifest import Manifest
+from ropesp.runtime.pipeline import resolve
 
 ATOL = 1e-4
 
@@ -76,9 +77,9 @@ def test_ort_rolling_window_runtime_owned_cache(builds, tmp_path):
 
 
 def test_engine_defaults_come_from_the_manifest(builds):
-    from ropesp.runtime.pipeline import PipelineConfig
+    from ropesp.settings import RunConfig
 
-    res = PipelineConfig(engines=str(builds("onnx", 2))).resolve()
+    res = resolve(RunConfig.of(engines=str(builds("onnx", 2))))
     assert (res.backend, res.world_size, res.device, res.dtype) == ("ort", 2, "cpu", torch.float32)
     assert (res.geometry.latent_height, res.geometry.latent_width, res.latent_frames) == (10, 14, 6)
 

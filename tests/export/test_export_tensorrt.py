@@ -58,7 +58,7 @@ def test_bfloat16_onnx_for_tensorrt_is_valid_and_ort_refuses_it(tmp_path, capsys
     from ropesp.cli import main
     from ropesp.export.build import BuildConfig, build
 
-    out = build(BuildConfig(str(tmp_path / "bf16"), "onnx", preset="tiny", latent_height=10, latent_width=14,
+    out = build(BuildConfig.of(str(tmp_path / "bf16"), "onnx", preset="tiny", latent_height=10, latent_width=14,
                             max_frames=3, dtype="bfloat16"))  # fmt: skip
     pre = onnx.load(out / "rank0" / "pre.onnx")
     bf16 = onnx.TensorProto.BFLOAT16
@@ -73,10 +73,11 @@ def test_bfloat16_onnx_for_tensorrt_is_valid_and_ort_refuses_it(tmp_path, capsys
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tensorrt_engines_equal_eager(tmp_path, prompt, dtype):
     from ropesp.export.build import BuildConfig, build
-    from ropesp.export.manifest import Manifest
-    from ropesp.runtime.pipeline import PipelineConfig, build_session
+    from ropesp.manifest import Manifest
+    from ropesp.runtime.pipeline import build_session
+    from ropesp.settings import RunConfig
 
-    out = build(BuildConfig(str(tmp_path / "trt"), "tensorrt", preset="tiny", latent_height=10, latent_width=14,
+    out = build(BuildConfig.of(str(tmp_path / "trt"), "tensorrt", preset="tiny", latent_height=10, latent_width=14,
                             max_frames=6, dtype=dtype))  # fmt: skip
     manifest = Manifest.load(out)
     assert manifest.versions["tensorrt"] and manifest.gpu_arch.startswith("sm_")
@@ -86,7 +87,7 @@ def test_tensorrt_engines_equal_eager(tmp_path, prompt, dtype):
     results = {}
     for name, extra in {"eager": {}, "trt": dict(engines=str(out), cuda_graphs=False),
                         "graphs": dict(engines=str(out))}.items():  # fmt: skip
-        session = build_session(PipelineConfig(**common, **extra))
+        session = build_session(RunConfig.of(**common, **extra))
         session.reset(prompt, seed=3)
         results[name] = session.generate()
     rel = (results["trt"] - results["eager"]).norm() / results["eager"].norm()

@@ -9,7 +9,7 @@ import pytest
 
 from ropesp.cli import main
 from ropesp.errors import EngineError
-from ropesp.export.manifest import Manifest
+from ropesp.manifest import Manifest
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_version_arch_backend_mismatch_refused(builds, tmp_path, fields, device,
 
 
 def test_gpu_arch_mismatch_refused(builds, tmp_path, monkeypatch):
-    import ropesp.export.manifest as mf
+    import ropesp.manifest as mf
 
     root = builds.copy("onnx", 1, tmp_path / "engines")
     _edit(root, device="cuda", gpu_arch="sm_90")
@@ -126,7 +126,7 @@ def test_large_files_use_the_parallel_block_digest(tmp_path, monkeypatch):
     blocks hash on separate cores); a change in any block changes it; plain digests still verify."""
     import hashlib
 
-    from ropesp.export import manifest as mf
+    from ropesp import manifest as mf
 
     monkeypatch.setattr(mf, "TREE_BLOCK", 1000)
     monkeypatch.setattr(mf, "TREE_MIN_SIZE", 4000)

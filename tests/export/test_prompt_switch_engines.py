@@ -8,7 +8,8 @@ import torch
 from engine_builds import run_generate
 from switch_reference import generate_with_switches
 
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
+from ropesp.settings import RunConfig
 
 ATOL = 1e-4  # float32 engine kernels (ORT, Inductor) against eager PyTorch, as test_export_onnx/aoti.py
 
@@ -34,12 +35,12 @@ def test_engine_switch_equals_definition(builds, switch_prompts, tmp_path, backe
     root = builds(backend, world_size)
     args = ["--engines", str(root), "--prompt-embeds", p0, "--prompt-at", "1", p1, "--prompt-mode", mode]
     got = run_generate(tmp_path, *args)
-    res = PipelineConfig(
+    res = resolve(RunConfig.of(
         preset="tiny", latent_height=10, latent_width=14, latent_frames=6, device="cpu", dtype="float32"
-    ).resolve()
+    ))
     executor = build_session(res).executor  # eager, the weights the build used (seeded)
     want = generate_with_switches(
-        executor, res.request.sampler, res.cache, (10, 14), [3, 3], {0: e0, 1: e1}, 3, mode
+        executor, res.config.sampler, res.cache, (10, 14), [3, 3], {0: e0, 1: e1}, 3, mode
     )
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
     unswitched = run_generate(tmp_path, "--engines", str(root), "--prompt-embeds", p0)

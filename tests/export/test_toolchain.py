@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from ropesp.errors import BuildError
-from ropesp.export.manifest import Manifest
 from ropesp.export.toolchain import (
     SHARED_LIBSTDCXX,
     check_package,
@@ -20,6 +19,7 @@ from ropesp.export.toolchain import (
     links_shared_libstdcxx,
     needed_libraries,
 )
+from ropesp.manifest import Manifest
 
 GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(

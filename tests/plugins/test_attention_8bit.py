@@ -12,8 +12,9 @@ from ropesp.errors import ConfigError
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit as a8
 from ropesp.runtime.dist import Mapping
-from ropesp.runtime.pipeline import PipelineConfig
+from ropesp.runtime.pipeline import resolve
 from ropesp.runtime.runners import SPState
+from ropesp.settings import RunConfig
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
@@ -75,7 +76,7 @@ def test_smoothed_keys_cut_the_e4m3_error_of_offset_keys():
 def test_sdpa_is_the_default_and_what_the_runner_calls():
     assert a8.select_attention("sdpa") is attention
     state = SPState(
-        PipelineConfig().resolve().model,
+        resolve(RunConfig.of()).model,
         VideoGeometry(4, 4),
         CacheConfig(3),
         Mapping(1, 0, 0),
@@ -110,19 +111,19 @@ def test_attention_modes_refused_where_they_cannot_run():
     with pytest.raises(
         ConfigError, match=r"--attention fp8: it needs a CUDA GPU of compute capability >= 9\.0"
     ):
-        PipelineConfig(preset="tiny", attention="fp8").resolve()
+        resolve(RunConfig.of(preset="tiny", attention="fp8"))
     with pytest.raises(
         ConfigError, match=r"--attention int8: it needs a CUDA GPU of compute capability >= 8\.0"
     ):
-        PipelineConfig(preset="tiny", attention="int8").resolve()
+        resolve(RunConfig.of(preset="tiny", attention="int8"))
     with pytest.raises(ConfigError, match=r"--attention fa3: it needs a CUDA GPU of compute capability"):
-        PipelineConfig(preset="tiny", attention="fa3").resolve()
+        resolve(RunConfig.of(preset="tiny", attention="fa3"))
     with pytest.raises(ConfigError, match="--attention fp4; choose one of"):
-        PipelineConfig(preset="tiny", attention="fp4").resolve()
+        resolve(RunConfig.of(preset="tiny", attention="fp4"))
     with pytest.raises(ConfigError, match=r"the ring layout .* merges partial attentions"):
-        PipelineConfig(
+        resolve(RunConfig.of(
             preset="tiny", attention="fp8", world_size=2, ulysses_degree=1, ring_degree=2
-        ).resolve()
+        ))
 
 
 def test_every_mode_selects_its_own_kernel():
@@ -157,7 +158,7 @@ def test_attention_reason_names_the_missing_library(monkeypatch):
 
 def test_int8_refuses_a_head_dim_its_kernels_lack(monkeypatch):
     """SageAttention asserts head dims 64, 96, 128 inside its kernel call; the run's checks refuse first
-    (PipelineConfig passes the model's dim / num_heads), naming the flag. An Ampere-or-newer GPU is
+    (RunConfig passes the model's dim / num_heads), naming the flag. An Ampere-or-newer GPU is
     pretended, as above; the demo model's heads are 32 wide."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

@@ -13,7 +13,8 @@ from ropesp.config import CacheConfig
 from ropesp.model.kv_cache import KVCache, attention
 from ropesp.plugins import attention_8bit as a8
 from ropesp.plugins.e4m3_cache import HEADROOM, E4M3KVCache
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
+from ropesp.settings import RunConfig
 
 FT, HEADS, DIM = 4, 2, 8
 """Tokens per latent frame, heads, head dim of the small caches below."""
@@ -54,7 +55,7 @@ def test_buffers_are_e4m3_and_half_a_bf16_cache():
 
 
 def test_the_runs_memory_check_counts_the_e4m3_cache(monkeypatch):
-    """PipelineConfig.resolve sizes the cache in its storage dtype: one byte per element for the fp8
+    """RunConfig.resolve sizes the cache in its storage dtype: one byte per element for the fp8
     mode (its hardware check comes after the memory check and refuses the CPU), the model dtype's for
     the others."""
     import ropesp.limits as limits
@@ -62,9 +63,9 @@ def test_the_runs_memory_check_counts_the_e4m3_cache(monkeypatch):
 
     seen = []
     monkeypatch.setattr(limits, "check_cache_fits", lambda *args: seen.append(args[3]))
-    PipelineConfig(preset="tiny", device="cpu", dtype="bfloat16").resolve()
+    resolve(RunConfig.of(preset="tiny", device="cpu", dtype="bfloat16"))
     with pytest.raises(ConfigError, match="--attention fp8"):
-        PipelineConfig(preset="tiny", device="cpu", dtype="bfloat16", attention="fp8").resolve()
+        resolve(RunConfig.of(preset="tiny", device="cpu", dtype="bfloat16", attention="fp8"))
     assert seen == [2, 1]
 
 
@@ -166,7 +167,7 @@ def test_the_fp8_mode_holds_the_e4m3_cache_and_a_video_stays_close(monkeypatch):
     for window in ({}, {"local_attn_frames": 6, "sink_frames": 3}):
         latents = {}
         for mode in ("sdpa", "fp8"):
-            cfg = PipelineConfig(
+            cfg = RunConfig.of(
                 preset="tiny", attention=mode, device="cpu", dtype="float32", latent_frames=9, **window
             )
             session = build_session(cfg)

@@ -21,8 +21,9 @@ from ropesp.model.wan import FeedForward, LayerNorm, ModulatedLayerNorm, timeste
 from ropesp.plugins import fp8
 from ropesp.plugins.fp8_layers import E4M3LayerNorm, E4M3Linear, E4M3ModulatedLayerNorm, FP8FeedForward
 from ropesp.plugins.rope_sp import rope_for_rank
-from ropesp.runtime.pipeline import PipelineConfig
+from ropesp.runtime.pipeline import resolve
 from ropesp.runtime.runners import SingleDeviceRunner
+from ropesp.settings import RunConfig
 
 BLOCK_LINEARS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o"]
 BLOCK_LINEARS += ["cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
@@ -135,9 +136,9 @@ def test_precision_fp8_refused_on_the_cpu():
         with pytest.raises(
             ConfigError, match=rf"--precision {precision}: it needs a CUDA GPU of compute capability >= 8\.9"
         ):
-            PipelineConfig(preset="tiny", precision=precision).resolve()
+            resolve(RunConfig.of(preset="tiny", precision=precision))
     with pytest.raises(ConfigError, match="--precision int4; choose one of"):
-        PipelineConfig(preset="tiny", precision="int4").resolve()
+        resolve(RunConfig.of(preset="tiny", precision="int4"))
 
 
 def test_pipeline_names_the_python_arguments():
@@ -171,7 +172,7 @@ def test_precision_fp8_refused_for_engines_and_other_dtypes(monkeypatch, tmp_pat
     monkeypatch.setattr(fp8, "check_fp8", lambda device, flag="--precision fp8": None)
     from ropesp.parallel import SPLayout
 
-    config = PipelineConfig(preset="tiny", precision="fp8")
+    config = RunConfig.of(preset="tiny", precision="fp8")
     with pytest.raises(ConfigError, match="--precision fp8 quantizes the PyTorch model at load"):
         config.check_precision("aoti", "cuda", "bfloat16", SPLayout(1, 1))
     with pytest.raises(
@@ -200,17 +201,17 @@ def test_bench_refuses_fp8_configs_on_the_cpu():
     from ropesp.bench import BenchConfig
 
     with pytest.raises(ConfigError, match="--precision fp8"):
-        BenchConfig(pipeline=PipelineConfig(preset="tiny"), configs=("compile", "compile-fp8"))
+        BenchConfig(pipeline=RunConfig.of(preset="tiny"), configs=("compile", "compile-fp8"))
     with pytest.raises(ConfigError, match="--precision fp8"):
-        BenchConfig(pipeline=PipelineConfig(preset="tiny"), configs=("compile-fp8attn",))
+        BenchConfig(pipeline=RunConfig.of(preset="tiny"), configs=("compile-fp8attn",))
     with pytest.raises(ConfigError, match="--attention fa3"):
-        BenchConfig(pipeline=PipelineConfig(preset="tiny"), configs=("compile-fa3",))
+        BenchConfig(pipeline=RunConfig.of(preset="tiny"), configs=("compile-fa3",))
 
 
 def test_precision_and_attention_travel_to_a_served_model():
-    """serve-repo stores the PipelineConfig as JSON: the ranks that load it run the same modes."""
+    """serve-repo stores the RunConfig as JSON: the ranks that load it run the same modes."""
     import json
 
-    config = PipelineConfig(preset="tiny", precision="fp8", attention="fa3", backend="compile")
-    back = PipelineConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    config = RunConfig.of(preset="tiny", precision="fp8", attention="fa3", backend="compile")
+    back = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert (back.precision, back.attention) == ("fp8", "fa3") and back == config

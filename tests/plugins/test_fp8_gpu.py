@@ -50,10 +50,11 @@ def _model_config(tmp_path) -> str:
 
 
 def _latents(tmp_path, **fields) -> torch.Tensor:
-    from ropesp.runtime.pipeline import PipelineConfig, build_session
+    from ropesp.runtime.pipeline import build_session
     from ropesp.runtime.prompts import default_prompt_embeds
+    from ropesp.settings import RunConfig
 
-    config = PipelineConfig(
+    config = RunConfig.of(
         model_config=_model_config(tmp_path),
         latent_height=16,
         latent_width=16,

@@ -1,23 +1,27 @@
-"""Rank functions for the spawned-world tests (importable by child processes)."""
+"""Rank functions for the tests of worlds of P CPU ranks (importable by the spawned ranks), run on every
+rank by the engine's own launcher and protocol (runtime/ranks.py RankGroup.call)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from ropesp.config import SamplerConfig
-from ropesp.runtime.launch import process_group
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
+from ropesp.runtime.ranks import run_on_ranks
 from ropesp.runtime.sp import CollectiveLog, Collectives
+from ropesp.settings import RunConfig
 
 
-def base_config(**overrides) -> PipelineConfig:
+def on_ranks(world_size: int, fn, *args):
+    """fn(mapping, *args) on world_size CPU ranks (this process is rank 0); rank 0's result."""
+    return run_on_ranks(world_size, "cpu", fn, *args)
+
+
+def base_config(**overrides) -> RunConfig:
     kw = dict(
         preset="tiny", latent_height=10, latent_width=14, latent_frames=6, device="cpu", dtype="float32"
     )
     kw.update(overrides)
-    return PipelineConfig(**kw)
+    return RunConfig.of(**kw)
 
 
 MODES = {
@@ -26,48 +30,42 @@ MODES = {
     "rolling": dict(
         sp_rope="local", sp_comm="fused", local_attn_frames=4, sink_frames=1, latent_frames=9, max_frames=4
     ),
-    "iff": dict(
-        sp_rope="local", sp_comm="fused", latent_frames=7, sampler=SamplerConfig(independent_first_frame=True)
-    ),
+    "iff": dict(sp_rope="local", sp_comm="fused", latent_frames=7, independent_first_frame=True),
 }
 
 
-def run_modes(mapping, prompt, out_path, modes, ring_degree=None) -> None:
-    """Generate once per mode on this rank; rank 0 saves {mode: latents, counts: {...}}."""
+def run_modes(mapping, prompt, modes, ring_degree=None) -> dict | None:
+    """Generate once per mode on this rank; rank 0 returns {"latents": {mode: ...}, "counts": {...}}."""
     results, counts = {}, {}
-    with process_group(mapping, "cpu"):
-        for mode in modes:
-            cfg = base_config(world_size=mapping.world_size, ring_degree=ring_degree, **MODES[mode])
-            log = CollectiveLog()  # sees the world's and (hybrid) the Ulysses group's collectives
-            session = build_session(cfg, mapping, comm=Collectives(None, mapping.world_size, log))
-            session.reset(prompt, seed=3)
-            log.counts.clear()
-            session.executor.forward(torch.zeros(1, 3, 16, 10, 14), torch.tensor(500.0), 0)
-            counts[mode] = dict(log.counts)
-            session.reset(seed=3)
-            results[mode] = session.generate()
-    if mapping.rank == 0:
-        torch.save({"latents": results, "counts": counts}, out_path)
+    for mode in modes:
+        cfg = base_config(world_size=mapping.world_size, ring_degree=ring_degree, **MODES[mode])
+        log = CollectiveLog()  # sees the world's and (hybrid) the Ulysses group's collectives
+        session = build_session(cfg, mapping, comm=Collectives(None, mapping.world_size, log))
+        session.reset(prompt, seed=3)
+        log.counts.clear()
+        session.executor.forward(torch.zeros(1, 3, 16, 10, 14), torch.tensor(500.0), 0)
+        counts[mode] = dict(log.counts)
+        session.reset(seed=3)
+        results[mode] = session.generate()
+    return {"latents": results, "counts": counts} if mapping.rank == 0 else None
 
 
 def build_only(mapping, ulysses_degree=None) -> None:
     """Every rank validates the layout itself (as under torchrun) and exits on a bad one."""
-    with process_group(mapping, "cpu"):
-        build_session(base_config(world_size=mapping.world_size, ulysses_degree=ulysses_degree), mapping)
+    build_session(base_config(world_size=mapping.world_size, ulysses_degree=ulysses_degree), mapping)
 
 
-def replace(cfg: PipelineConfig, **kw) -> PipelineConfig:
-    return dataclasses.replace(cfg, **kw)
+def replace(cfg: RunConfig, **kw) -> RunConfig:
+    return cfg.replace(**kw)
 
 
 def fail_on_rank1(mapping) -> None:
     """Rank 1 fails while rank 0 waits in a collective: every rank must still exit promptly."""
     import torch.distributed as dist
 
-    with process_group(mapping, "cpu"):
-        if mapping.rank == 1:
-            raise RuntimeError("boom on rank 1")
-        dist.barrier()
+    if mapping.rank == 1:
+        raise RuntimeError("boom on rank 1")
+    dist.barrier()
 
 
 SWITCH_CASES = {
@@ -79,19 +77,17 @@ SWITCH_CASES = {
 }
 
 
-def run_switches(mapping, prompts, out_path, cases=tuple(SWITCH_CASES), ring_degree=None) -> None:
+def run_switches(mapping, prompts, cases=tuple(SWITCH_CASES), ring_degree=None) -> dict | None:
     """Each case's stream with its prompt schedule on this rank (StreamSession.set_prompt at_chunk);
-    rank 0 saves {case: latents}."""
+    rank 0 returns {case: latents}."""
     results = {}
-    with process_group(mapping, "cpu"):
-        for case in cases:
-            overrides, schedule, mode = SWITCH_CASES[case]
-            cfg = base_config(world_size=mapping.world_size, ring_degree=ring_degree, **overrides)
-            session = build_session(cfg, mapping)
-            session.reset(prompts[schedule[0]], seed=3)
-            for chunk, index in schedule.items():
-                if chunk:
-                    session.set_prompt(prompts[index], mode, at_chunk=chunk)
-            results[case] = session.generate()
-    if mapping.rank == 0:
-        torch.save(results, out_path)
+    for case in cases:
+        overrides, schedule, mode = SWITCH_CASES[case]
+        cfg = base_config(world_size=mapping.world_size, ring_degree=ring_degree, **overrides)
+        session = build_session(cfg, mapping)
+        session.reset(prompts[schedule[0]], seed=3)
+        for chunk, index in schedule.items():
+            if chunk:
+                session.set_prompt(prompts[index], mode, at_chunk=chunk)
+        results[case] = session.generate()
+    return results if mapping.rank == 0 else None

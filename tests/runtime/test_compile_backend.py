@@ -11,23 +11,24 @@ import torch
 from torch._dynamo.utils import counters
 
 from ropesp.cli import main
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
+from ropesp.settings import RunConfig
 
 COMMON = dict(preset="tiny", latent_frames=9, latent_height=8, latent_width=10, device="cpu", dtype="float32")
 ATOL = 1e-5
 
 
-def _generate(cfg: PipelineConfig, prompt) -> tuple[torch.Tensor, object]:
+def _generate(cfg: RunConfig, prompt) -> tuple[torch.Tensor, object]:
     session = build_session(cfg)
     session.reset(prompt, seed=5)
     return session.generate(), session
 
 
 def test_compile_equals_eager_and_never_recompiles_per_chunk(prompt):
-    eager, _ = _generate(PipelineConfig(**COMMON), prompt)
+    eager, _ = _generate(RunConfig.of(**COMMON), prompt)
     torch._dynamo.reset()
     counters.clear()
-    compiled, session = _generate(PipelineConfig(**COMMON, backend="compile"), prompt)
+    compiled, session = _generate(RunConfig.of(**COMMON, backend="compile"), prompt)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=ATOL)
     # pre_attention, post_attention (shared by both layers) and the head: one graph each for 3
     # chunks x 5 forwards (start_frame is a device tensor, not a guarded constant)
@@ -40,8 +41,8 @@ def test_compile_equals_eager_and_never_recompiles_per_chunk(prompt):
 def test_compile_rolling_window_equals_eager(prompt):
     """A rolling window with sink frames: the cache rolls between forwards (outside compiled regions)."""
     rolling = dict(COMMON, latent_frames=12, local_attn_frames=6, sink_frames=3)
-    eager, _ = _generate(PipelineConfig(**rolling), prompt)
-    compiled, _ = _generate(PipelineConfig(**rolling, backend="compile"), prompt)
+    eager, _ = _generate(RunConfig.of(**rolling), prompt)
+    compiled, _ = _generate(RunConfig.of(**rolling, backend="compile"), prompt)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=ATOL)
 
 
@@ -67,8 +68,8 @@ def test_compile_refuses_engines(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
 def test_compile_cuda_graphs_equal_uncaptured(prompt):
     cuda = dict(COMMON, device="cuda")
-    plain, _ = _generate(PipelineConfig(**cuda, backend="compile", cuda_graphs=False), prompt)
-    graphed, session = _generate(PipelineConfig(**cuda, backend="compile"), prompt)
+    plain, _ = _generate(RunConfig.of(**cuda, backend="compile", cuda_graphs=False), prompt)
+    graphed, session = _generate(RunConfig.of(**cuda, backend="compile"), prompt)
     assert len(session.executor.graphs) == 3  # one per chunk position's cache slot plan
     torch.testing.assert_close(graphed, plain, rtol=0, atol=ATOL)
     session.reset(prompt, seed=5)  # replays only

@@ -11,7 +11,8 @@ from ropesp.cli import main
 from ropesp.errors import ConfigError
 from ropesp.limits import check_local_ranks, kv_cache_bytes
 from ropesp.parallel import SPLayout
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
+from ropesp.settings import RunConfig
 
 GEN = ["generate", "--preset", "tiny", "--latent-height", "8", "--latent-width", "8", "--device", "cpu"]
 
@@ -22,7 +23,7 @@ GEN = ["generate", "--preset", "tiny", "--latent-height", "8", "--latent-width",
         (["--world-size", "0"], "--world-size 0 must be >= 1"),
         (["--world-size", "-1"], "--world-size -1 must be >= 1"),
         (["--world-size", "1000000000"], "--world-size 1000000000 exceeds the 48 tokens of a chunk"),
-        (["--latent-frames", "-3"], "--latent-frames -3 must be >= 1"),
+        (["--latent-frames", "-3"], "--latent-frames -3 must be >= 0"),
         (["--latent-frames", "0"], "an unbounded stream needs a rolling window"),  # 0: until Ctrl-C
         (["--latent-height", "0"], "--latent-height 0 must be >= 1"),
         (["--latent-width", "-2"], "--latent-width -2 must be >= 1"),
@@ -67,25 +68,24 @@ def test_enormous_video_refused_before_allocating(tmp_path, capsys):
 
 def test_python_api_refuses_zero_sizes_and_huge_caches():
     for kwargs, message in [
-        ({"latent_frames": 0}, "--latent-frames 0 must be >= 1"),
+        ({"latent_frames": -1}, "--latent-frames -1 must be >= 0"),
+        ({"latent_frames": 0}, "an unbounded stream needs a rolling window"),  # 0: until stopped
         ({"max_frames": 0}, "--max-frames 0 must be >= 1"),
         ({"world_size": 0}, "--world-size 0 must be >= 1"),
         ({"latent_height": 0}, "--latent-height 0 must be >= 1"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            PipelineConfig(preset="tiny", device="cpu", **kwargs).resolve()
+            resolve(RunConfig.of(preset="tiny", device="cpu", **kwargs))
     with pytest.raises(ConfigError, match="the KV cache of 3000 latent frames needs"):
-        PipelineConfig(preset="wan2.1-14b", latent_frames=3000).resolve()
+        resolve(RunConfig.of(preset="wan2.1-14b", latent_frames=3000))
 
 
 def test_cache_estimate_is_the_allocated_size():
     session = build_session(
-        PipelineConfig(preset="tiny", latent_height=8, latent_width=8, latent_frames=6, device="cpu")
+        RunConfig.of(preset="tiny", latent_height=8, latent_width=8, latent_frames=6, device="cpu")
     )
     cache = session.executor.state.cache
-    res = PipelineConfig(
-        preset="tiny", latent_height=8, latent_width=8, latent_frames=6, device="cpu"
-    ).resolve()
+    res = resolve(RunConfig.of(preset="tiny", latent_height=8, latent_width=8, latent_frames=6, device="cpu"))
     allocated = sum(t.numel() * t.element_size() for t in (cache.k, cache.v))
     assert kv_cache_bytes(res.model, res.geometry.frame_tokens, res.cache, 4, 1) == allocated
 
@@ -124,7 +124,7 @@ def test_non_finite_prompt_refused(tmp_path, capsys, bad):
     assert "prompt embeddings hold 1 NaN or Inf values; every value must be finite" in err
     assert err.count("\n") == 1 and not out.exists()
     session = build_session(
-        PipelineConfig(preset="tiny", latent_height=8, latent_width=8, latent_frames=3, device="cpu")
+        RunConfig.of(preset="tiny", latent_height=8, latent_width=8, latent_frames=3, device="cpu")
     )
     with pytest.raises(ConfigError, match="NaN or Inf"):
         session.reset(prompt, seed=0)

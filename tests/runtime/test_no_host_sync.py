@@ -7,16 +7,17 @@ nonzero, ...) into an exception, which is how this proves it rather than by read
 import pytest
 import torch
 
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
 from ropesp.runtime.prompts import default_prompt_embeds
 from ropesp.runtime.sampler import NoiseStream
+from ropesp.settings import RunConfig
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host-sync detection is CUDA's)")
 def test_chunk_loop_has_no_host_sync():
-    session = build_session(PipelineConfig(preset="tiny", latent_frames=6, device="cuda", dtype="bfloat16"))
+    session = build_session(RunConfig.of(preset="tiny", latent_frames=6, device="cuda", dtype="bfloat16"))
     ex, sched = session.executor, session.schedule
     session.reset(default_prompt_embeds(ex.cfg), seed=0)
     session.generate()  # warm-up: kernels compiled, sinusoids cached on the device

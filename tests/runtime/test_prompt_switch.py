@@ -14,8 +14,8 @@ from switch_reference import generate_with_switches
 
 from ropesp.errors import ConfigError, python_names
 from ropesp.runtime.dist import Mapping
-from ropesp.runtime.launch import spawn_ranks
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
+from ropesp.settings import RunConfig
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +29,19 @@ def references(prompts):
     """Each case by definition, on one rank's executor (switch_reference.py)."""
     out = {}
     for case, (overrides, schedule, mode) in sp_worker.SWITCH_CASES.items():
-        res = sp_worker.base_config(**overrides).resolve()
+        res = resolve(sp_worker.base_config(**overrides))
         executor = build_session(res).executor
-        chunks = res.request.sampler.chunk_sizes(res.latent_frames)
+        chunks = res.config.sampler.chunk_sizes(res.latent_frames)
         size = (res.geometry.latent_height, res.geometry.latent_width)
         by_chunk = {k: prompts[i] for k, i in schedule.items()}
         out[case] = generate_with_switches(
-            executor, res.request.sampler, res.cache, size, chunks, by_chunk, 3, mode
+            executor, res.config.sampler, res.cache, size, chunks, by_chunk, 3, mode
         )
     return out
 
 
 def test_switch_one_rank_equals_definition(prompts, references, tmp_path):
-    path = tmp_path / "out.pt"
-    sp_worker.run_switches(Mapping(1, 0, 0), prompts, path)
-    got = torch.load(path)
+    got = sp_worker.run_switches(Mapping(1, 0, 0), prompts)
     for case, want in references.items():
         torch.testing.assert_close(got[case], want, rtol=0, atol=1e-6, msg=case)
 
@@ -66,18 +64,14 @@ def test_switches_change_the_video(prompts, references):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_switch_sp_equals_definition(world_size, prompts, references, tmp_path):
-    path = tmp_path / "out.pt"
-    spawn_ranks(world_size, sp_worker.run_switches, prompts, str(path))
-    got = torch.load(path)
+    got = sp_worker.on_ranks(world_size, sp_worker.run_switches, prompts)
     for case, want in references.items():
         torch.testing.assert_close(got[case], want, rtol=0, atol=1e-5, msg=case)
 
 
 def test_switch_on_a_ring_layout_equals_definition(prompts, references, tmp_path):
     """World size 4 as U=2 x R=2: the token-sharded ring cache replays (and skips) as one rank does."""
-    path = tmp_path / "out.pt"
-    spawn_ranks(4, sp_worker.run_switches, prompts, str(path), ("recache", "recache-rolling"), 2)
-    got = torch.load(path)
+    got = sp_worker.on_ranks(4, sp_worker.run_switches, prompts, ("recache", "recache-rolling"), 2)
     for case in ("recache", "recache-rolling"):
         torch.testing.assert_close(got[case], references[case], rtol=0, atol=1e-5, msg=case)
 
@@ -96,7 +90,7 @@ def test_switch_from_another_thread_takes_effect_at_the_next_chunk(prompts):
 
 def test_bad_switch_and_unbounded_requests_are_refused(prompts):
     session = build_session(sp_worker.base_config(latent_frames=9))
-    with pytest.raises(ConfigError, match=r"mode='fade': choose one of \('swap', 'recache'\)"):
+    with pytest.raises(ConfigError, match=r"mode='fade': choose one of swap, recache"):
         with python_names():
             session.set_prompt(prompts[1], "fade")
     with pytest.raises(ConfigError, match="expected"):
@@ -124,7 +118,7 @@ def test_unbounded_stream_memory_is_flat(prompts):
     within 8 MB (each chunk's frames alone are 0.6 MB: a leak of them would show as 16 MB)."""
     from ropesp.decode import PreviewDecoder
 
-    cfg = PipelineConfig(
+    cfg = RunConfig.of(
         preset="tiny", latent_height=16, latent_width=16, local_attn_frames=7, sink_frames=1, device="cpu"
     )
     session = build_session(cfg, decoder=PreviewDecoder())

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from pathlib import Path
 
 import torch.distributed as dist
 
 from ropesp.runtime.dist import Mapping
-from ropesp.runtime.launch import process_group, spawn_ranks
 
 
 def listening_addresses(pid: int) -> list[str]:
@@ -40,29 +36,19 @@ def listening_addresses(pid: int) -> list[str]:
     return found
 
 
-def _rank(mapping: Mapping, out: str) -> None:
-    with process_group(mapping, "cpu"):
-        dist.barrier()  # every socket of the group is open now
-        addresses = listening_addresses(os.getpid())
-        Path(out, f"rank{mapping.rank}.json").write_text(json.dumps(addresses))
-        dist.barrier()
+def _listening(mapping: Mapping) -> list[str]:
+    dist.barrier()  # every socket of the group is open now
+    addresses = listening_addresses(os.getpid())
+    dist.barrier()
+    return addresses
 
 
-def test_spawned_ranks_listen_on_loopback_only(tmp_path):
-    spawn_ranks(2, _rank, str(tmp_path))
-    listening = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)}
-    assert listening[0], "rank 0 serves the rendezvous store: it must be listening somewhere"
-    for rank, addresses in listening.items():
-        assert all(a.startswith("127.0.0.1:") for a in addresses), (rank, addresses)
+def test_spawned_ranks_listen_on_loopback_only():
+    from ropesp.runtime.ranks import RankGroup
 
-
-def test_served_worker_group_listens_on_loopback_only(tmp_path):
-    from ropesp.runtime.group import SessionGroup
-    from ropesp.runtime.pipeline import PipelineConfig
-
-    config = PipelineConfig(preset="tiny", latent_height=8, latent_width=8, latent_frames=3, device="cpu")
-    with SessionGroup(dataclasses.replace(config, world_size=2)) as group:
-        addresses = listening_addresses(os.getpid())
+    with RankGroup(2, "cpu") as group:
+        leader = group.call(_listening)
         workers = [listening_addresses(p.pid) for p in group.workers]
-    assert addresses and all(a.startswith("127.0.0.1:") for a in addresses), addresses
-    assert all(a.startswith("127.0.0.1:") for w in workers for a in w), workers
+    assert leader, "rank 0 serves the rendezvous store: it must be listening somewhere"
+    for addresses in [leader, *workers]:
+        assert all(a.startswith("127.0.0.1:") for a in addresses), addresses

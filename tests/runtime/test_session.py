@@ -3,10 +3,11 @@ import itertools
 import pytest
 import torch
 
-from ropesp.config import ModelConfig, SamplerConfig, VideoGeometry
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.config import ModelConfig, VideoGeometry
+from ropesp.runtime.pipeline import build_session
 from ropesp.runtime.sampler import FlowSchedule
 from ropesp.runtime.session import StreamSession
+from ropesp.settings import RunConfig, SamplerConfig
 
 
 class RecordingExecutor:
@@ -19,6 +20,10 @@ class RecordingExecutor:
     comm = None
     cache_cfg = None  # no KV cache: nothing to re-cache
     has_prompt = True
+    slots = 1
+
+    def use_slot(self, slot):
+        assert slot == 0
 
     def __init__(self):
         self.calls = []
@@ -136,7 +141,7 @@ def test_a_busy_device_gets_the_clean_pass_queued_before_the_chunk_is_handed_out
 
 
 def test_same_seed_same_latents_and_reset_reuses_caches(prompt):
-    session = build_session(PipelineConfig(preset="tiny", latent_frames=6, device="cpu"))
+    session = build_session(RunConfig.of(preset="tiny", latent_frames=6, device="cpu"))
     k_buffer = session.executor.cache.k
     session.reset(prompt, seed=5)
     a = session.generate()
@@ -153,7 +158,7 @@ def test_chunks_stream_in_order_with_preview_frames(prompt):
     from ropesp.decode import PreviewDecoder
 
     session = build_session(
-        PipelineConfig(preset="tiny", latent_frames=9, device="cpu"), decoder=PreviewDecoder()
+        RunConfig.of(preset="tiny", latent_frames=9, device="cpu"), decoder=PreviewDecoder()
     )
     session.reset(prompt, seed=0)
     chunks = list(session)

@@ -8,10 +8,11 @@ import time
 import pytest
 import torch
 
-from ropesp.config import ModelConfig, SamplerConfig, VideoGeometry
+from ropesp.config import ModelConfig, VideoGeometry
 from ropesp.decode import PreviewDecoder
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
 from ropesp.runtime.session import StreamSession
+from ropesp.settings import RunConfig, SamplerConfig
 
 
 class SlowExecutor:
@@ -24,6 +25,10 @@ class SlowExecutor:
     comm = None
     cache_cfg = None  # no KV cache: nothing to re-cache
     has_prompt = True
+    slots = 1
+
+    def use_slot(self, slot):
+        assert slot == 0
 
     def __init__(self, delay_s: float = 0.0, fail_at: int | None = None):
         self.delay_s, self.fail_at = delay_s, fail_at
@@ -88,7 +93,7 @@ def test_overlap_default_is_single_rank_only():
 def test_overlapped_equals_serial_tiny_dit_preview(prompt):
     torch.set_num_threads(1)
     session = build_session(
-        PipelineConfig(preset="tiny", latent_frames=6, latent_height=8, latent_width=8, device="cpu"),
+        RunConfig.of(preset="tiny", latent_frames=6, latent_height=8, latent_width=8, device="cpu"),
         decoder=PreviewDecoder(),
     )
     session.overlap_decode = False
@@ -110,7 +115,7 @@ def test_overlapped_equals_serial_tiny_wan_vae(prompt):
     torch.set_num_threads(1)
     decoder = WanVAEDecoder(helpers_media.make_tiny_wan_vae())
     session = build_session(
-        PipelineConfig(preset="tiny", latent_frames=6, latent_height=4, latent_width=6, device="cpu"),
+        RunConfig.of(preset="tiny", latent_frames=6, latent_height=4, latent_width=6, device="cpu"),
         decoder=decoder,
     )
     session.overlap_decode = False
@@ -213,7 +218,7 @@ class _GpuConvDecoder(PreviewDecoder):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_overlapped_equals_serial_on_cuda_streams(prompt):
     session = build_session(
-        PipelineConfig(preset="tiny", latent_frames=9, device="cuda", dtype="float32"),
+        RunConfig.of(preset="tiny", latent_frames=9, device="cuda", dtype="float32"),
         decoder=_GpuConvDecoder("cuda"),
     )
     assert session.overlapped  # the default on CUDA with a decoder
@@ -239,7 +244,7 @@ def test_wan_vae_on_its_own_gpu_equals_decoding_beside_the_dit(prompt):
     from ropesp.decode.wan_vae import WanVAEDecoder
 
     vae = helpers_media.make_tiny_wan_vae()
-    config = PipelineConfig(preset="tiny", latent_frames=6, latent_height=4, latent_width=6, device="cuda")
+    config = RunConfig.of(preset="tiny", latent_frames=6, latent_height=4, latent_width=6, device="cuda")
     runs = []
     for where in ("cuda:0", "cuda:1"):
         decoder = WanVAEDecoder(copy.deepcopy(vae).to(where))

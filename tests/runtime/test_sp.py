@@ -10,8 +10,8 @@ import sp_worker
 import torch
 
 from ropesp.errors import ConfigError
-from ropesp.runtime.launch import RankFailure, spawn_ranks
-from ropesp.runtime.pipeline import build_session
+from ropesp.runtime.pipeline import build_session, resolve
+from ropesp.runtime.ranks import RankGroup
 
 ALL_MODES = ("optimized", "baseline", "rolling", "iff")
 LAYERS = 2  # tiny preset
@@ -30,9 +30,7 @@ def single_rank(prompt):
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_sp_equals_single_rank(world_size, single_rank, prompt, tmp_path):
     # grid 5x7 = 35 tokens per frame, 105 per chunk: not divisible by 2 or 4 (tail padding)
-    path = tmp_path / "out.pt"
-    spawn_ranks(world_size, sp_worker.run_modes, prompt, str(path), ALL_MODES)
-    result = torch.load(path)
+    result = sp_worker.on_ranks(world_size, sp_worker.run_modes, prompt, ALL_MODES)
     for mode in ALL_MODES:
         # fp32; the only difference is the allgather baseline's float64 RoPE and reduction order
         torch.testing.assert_close(result["latents"][mode], single_rank[mode], rtol=0, atol=1e-5, msg=mode)
@@ -52,12 +50,10 @@ def test_single_rank_modes_agree(single_rank):
     [(5, None, (1, 5)), (8, None, (4, 2)), (6, None, (6, 1)), (4, 2, (2, 2))],
 )
 def test_hybrid_ulysses_ring_equals_single_rank(world_size, ring, layout, single_rank, prompt, tmp_path):
-    cfg = sp_worker.base_config(world_size=world_size, ring_degree=ring).resolve()
+    cfg = resolve(sp_worker.base_config(world_size=world_size, ring_degree=ring))
     assert (cfg.layout.ulysses, cfg.layout.ring) == layout
-    path = tmp_path / "out.pt"
     modes = ("optimized", "rolling") if world_size != 4 else ("optimized", "baseline", "rolling", "iff")
-    spawn_ranks(world_size, sp_worker.run_modes, prompt, str(path), modes, ring)
-    result = torch.load(path)
+    result = sp_worker.on_ranks(world_size, sp_worker.run_modes, prompt, modes, ring)
     for mode in modes:
         # fp32; log-sum-exp merging of ring partials changes only the summation order
         torch.testing.assert_close(result["latents"][mode], single_rank[mode], rtol=0, atol=1e-5, msg=mode)
@@ -82,14 +78,14 @@ def test_hybrid_ulysses_ring_equals_single_rank(world_size, ring, layout, single
 )
 def test_bad_hybrid_layouts_are_refused(kw, message):
     with pytest.raises(ConfigError) as err:
-        sp_worker.base_config(**kw).resolve()
+        resolve(sp_worker.base_config(**kw))
     assert message in str(err.value)
 
 
 def test_bad_layout_every_rank_exits():
     t0 = time.monotonic()
-    with pytest.raises(RankFailure, match="exited with status 2"):
-        spawn_ranks(4, sp_worker.build_only, 8)
+    with pytest.raises(ConfigError, match="--ulysses-degree 8 x --ring-degree 0 must equal the world size 4"):
+        sp_worker.on_ranks(4, sp_worker.build_only, 8)
     assert time.monotonic() - t0 < 120
 
 
@@ -109,6 +105,13 @@ def test_cli_world_size_must_match_launcher_env():
 
 def test_a_crashing_rank_takes_every_rank_down_promptly():
     t0 = time.monotonic()
-    with pytest.raises(RankFailure, match="exited with status 1"):
-        spawn_ranks(2, sp_worker.fail_on_rank1)
+    with pytest.raises(RuntimeError):
+        with RankGroup(2, "cpu") as group:
+            (worker,) = group.workers
+            try:
+                group.call(sp_worker.fail_on_rank1)
+            except RuntimeError as exc:
+                assert group.failure(exc) == "rank 1 exited with status 1"
+                raise
+    assert worker.poll() is not None
     assert time.monotonic() - t0 < 60, "a rank blocked in a collective must not keep the job alive"

@@ -13,7 +13,7 @@ import uuid
 import torch
 
 from ropesp.cli import main
-from ropesp.runtime.launch import free_port
+from ropesp.runtime.ranks import free_port
 
 SIZE = ["--preset", "tiny", "--latent-height", "10", "--latent-width", "14", "--latent-frames", "6"]
 RUN = [*SIZE, "--dtype", "float32", "--device", "cpu", "--seed", "3"]

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from ropesp.errors import BackendUnavailableError
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session
+from ropesp.settings import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CONFIG = PipelineConfig(
+CONFIG = RunConfig.of(
     preset="tiny",
     latent_height=8,
     latent_width=8,

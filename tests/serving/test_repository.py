@@ -15,6 +15,7 @@ from ropesp.cli import main
 from ropesp.errors import ConfigError, RopespError
 from ropesp.model.checkpoint import save_checkpoint
 from ropesp.model.wan import CausalWanDiT, init_weights
+from ropesp.runtime.pipeline import resolve
 from ropesp.serving.repository import CONFIG_FILE, read_model_config, recorded_python, write_repository
 
 
@@ -64,12 +65,12 @@ def test_repository_records_the_wan_vae_options(tmp_path):
                                      vae_compile=compiled, decode_device="cpu")  # fmt: skip
         served = read_model_config(model_dir / "1")
         assert (served.decoder, served.vae_compile, served.decode_device) == ("vae", compiled, "cpu")
-    decoder = served.make_decoder(served.pipeline.resolve(), device="meta")  # decode_device wins
+    decoder = served.make_decoder(resolve(served.pipeline), device="meta")  # decode_device wins
     assert next(decoder.vae.parameters()).device.type == "cpu" and not decoder.compiled
 
 
 def test_repository_checkpoint_is_copied_and_relocatable(tmp_path):
-    model = CausalWanDiT(CONFIG.resolve().model)
+    model = CausalWanDiT(resolve(CONFIG).model)
     init_weights(model, 0)
     ckpt = save_checkpoint(model, tmp_path / "ckpt", "wan-sharded")
     index = next(ckpt.glob("*.index.json"))
@@ -81,12 +82,12 @@ def test_repository_checkpoint_is_copied_and_relocatable(tmp_path):
     shutil.rmtree(ckpt)  # the repository must not need the original
     served = read_model_config(tmp_path / "b" / "ropesp" / "1")
     assert served.pipeline.checkpoint == str(tmp_path / "b" / "ropesp" / "1" / spec["pipeline"]["checkpoint"])
-    res = served.pipeline.resolve()  # reads the copied shards' header and config.json
-    assert not res.random_weights and res.model == CONFIG.resolve().model
+    res = resolve(served.pipeline)  # reads the copied shards' header and config.json
+    assert not res.random_weights and res.model == resolve(CONFIG).model
 
 
 def test_repository_link_symlinks_artifacts(tmp_path):
-    model = CausalWanDiT(CONFIG.resolve().model)
+    model = CausalWanDiT(resolve(CONFIG).model)
     ckpt = save_checkpoint(model, tmp_path / "ckpt", "wan-sharded")
     write_repository(
         tmp_path / "r", dataclasses.replace(CONFIG, preset=None, checkpoint=str(ckpt)), link=True
@@ -101,7 +102,7 @@ def test_repository_refusals(tmp_path):
         write_repository(tmp_path / "r", CONFIG)
     write_repository(tmp_path / "r", CONFIG, world_size=3, overwrite=True)
     assert read_model_config(tmp_path / "r" / "ropesp" / "1").pipeline.world_size == 3
-    with pytest.raises(ConfigError, match="positive multiple of --chunk-frames 3"):
+    with pytest.raises(ConfigError, match="positive does not tile into chunks of --chunk-frames 3"):
         write_repository(tmp_path / "bad", dataclasses.replace(CONFIG, latent_frames=4))
     with pytest.raises(ConfigError, match="needs a Wan VAE path"):
         write_repository(tmp_path / "bad", CONFIG, decoder="vae")
@@ -115,7 +116,7 @@ def test_repository_refusals(tmp_path):
 def test_serve_repo_cli_refuses_before_writing(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["serve-repo", "--out", str(out), "--preset", "tiny", "--latent-frames", "4"]) == 2
-    assert "positive multiple of --chunk-frames 3" in capsys.readouterr().err
+    assert "positive does not tile into chunks of --chunk-frames 3" in capsys.readouterr().err
     assert not out.exists()
 
 

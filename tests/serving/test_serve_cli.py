@@ -13,7 +13,7 @@ import torch
 from helpers_triton import Reference, alive, descendants, load_client, require_triton
 
 from ropesp.cli import main
-from ropesp.runtime.launch import free_port
+from ropesp.runtime.ranks import free_port
 
 pytestmark = pytest.mark.slow
 

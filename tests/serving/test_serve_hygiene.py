@@ -13,7 +13,7 @@ import pytest
 from helpers_triton import CONFIG, alive, descendants, require_triton
 
 from ropesp.cli import main
-from ropesp.runtime.launch import free_port
+from ropesp.runtime.ranks import free_port
 from ropesp.serving.repository import write_repository
 from ropesp.serving.server import WORKDIR_PREFIX, TritonServer, remove_stale_workdirs
 

@@ -7,9 +7,10 @@ import torch
 from helpers_triton import load_client, require_triton
 
 from ropesp.cli import main
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
 from ropesp.runtime.prompts import default_prompt_embeds
 from ropesp.serving.server import TritonServer
+from ropesp.settings import RunConfig
 
 
 @pytest.mark.slow
@@ -38,10 +39,10 @@ def test_onnx_engines_served_from_a_moved_repository(tmp_path):
     assert main(["serve-repo", "--engines", str(engines), "--out", str(repo)]) == 0
     shutil.rmtree(engines)  # the repository holds its own copy
     moved = shutil.move(str(repo), str(tmp_path / "moved"))
-    cfg = PipelineConfig(
+    cfg = RunConfig.of(
         preset="tiny", latent_height=8, latent_width=8, latent_frames=6, device="cpu", dtype="float32"
     )
-    prompt = default_prompt_embeds(cfg.resolve().model)
+    prompt = default_prompt_embeds(resolve(cfg).model)
     session = build_session(cfg)
     session.reset(prompt, seed=2)
     eager = session.generate()

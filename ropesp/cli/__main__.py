@@ -1,0 +1,5 @@
+import sys
+
+from ropesp.cli import main
+
+sys.exit(main())

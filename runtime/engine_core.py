@@ -1,0 +1,741 @@
+"""The engine core: one rank group, one model (or its engines) and the streams it serves.
+
+Every front end drives it the same way (`ropesp generate`, `ropesp.Pipeline`, the Triton model, the
+demo's WebSocket server):
+
+    core = EngineCore(resolve(config)).start()        # ranks started, executors and decoder built
+    stream = core.open(core.request(prompt, seed=0, latent_frames=9))   # AtCapacity when full
+    for chunk in stream: ...                          # Chunk: latents, frames, timings, prompt_version
+    stream.set_prompt(other, "recache")               # any thread: from the next chunk the DiT starts
+    stream.cancel()                                   # any thread: ends after the current chunk
+    core.close()
+
+Inside, one engine thread on rank 0 runs the loop: it takes the front ends' operations (new streams,
+prompt changes, cancels), picks the next stream to step (`scheduler.pick`: a new stream's first chunk
+first, then the stream closest to its real-time deadline, else round robin), tells every rank the
+tick (runtime/ranks.py), and every rank applies it to its `RankEngine`: each stream is a StreamSession
+on its own KV cache slot of one executor, stepped one chunk (its denoising forwards and clean-context
+pass) per tick. Rank 0 decodes the chunk, inline or on a decode thread (overlapped with the next DiT
+chunk; the default on CUDA), and hands it to the stream's queue.
+
+A stream is stepped only as far as its consumer asks, plus `ahead` chunks (0 when decode is inline,
+so a prompt change after chunk k applies to chunk k+1; 2 for an unbounded overlapped stream; the
+whole video for a bounded one): a slow consumer holds bounded memory and never stalls the others.
+
+Admission: `open` refuses a stream when every KV cache slot is taken, or, with `realtime_fps`, when
+the measured chunk time says one more stream would bring the running ones below real time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ropesp.config import VAE_STRIDE
+from ropesp.errors import ConfigError, EngineError, RopespError, arg
+from ropesp.runtime.dist import Mapping, destroy_process_group, set_collective_timeout
+from ropesp.runtime.executor import check_prompt_embeds
+from ropesp.runtime.pipeline import (
+    ResolvedPipeline,
+    build_executor,
+    cache_too_small,
+    resolve_rank,
+    stream_decoder,
+)
+from ropesp.runtime.ranks import Command, RankFailure, RankGroup
+from ropesp.runtime.scheduler import Scheduled, pick
+from ropesp.runtime.session import (
+    Chunk,
+    DitChunk,
+    StreamSession,
+    check_prompt_mode,
+    check_unbounded,
+    finished_chunk,
+)
+from ropesp.settings import RunConfig, check_seed
+
+MAX_AHEAD = 2
+"""Chunks an overlapped unbounded stream's DiT may finish before its consumer asks for them."""
+CAPACITY_HEADROOM = 0.9
+"""Admission keeps this share of the real-time budget: chunk times vary, and a stream admitted at the
+edge would miss its deadlines."""
+STEP_EMA = 0.3
+"""Weight of the newest chunk in the engine's chunk-time average (what admission reads)."""
+
+
+class AtCapacity(RopespError):
+    """The engine cannot take another stream now (every slot taken, or real time would be lost)."""
+
+
+@dataclass(frozen=True, eq=False)
+class StreamRequest:
+    """One validated stream, as every rank runs it."""
+
+    prompt: torch.Tensor
+    """[1, L, text_dim] float32 on the CPU."""
+    seed: int
+    latent_frames: int | None
+    """None: until cancelled (needs the rolling window)."""
+    changes: tuple[tuple[int, torch.Tensor], ...] = ()
+    """(chunk k >= 1, embeddings [1, L, text_dim]): the prompt from chunk k on (a prompt schedule)."""
+    change_mode: str = "swap"
+    """How the scheduled changes treat the self-attention cache."""
+    decode: bool = True
+    """Decode this stream's chunks on rank 0 (False: latents only)."""
+
+
+# --- what every rank applies ------------------------------------------------------------------------
+@dataclass
+class OpenOp:
+    stream: int
+    slot: int
+    seed: int
+    latent_frames: int | None
+    change_chunks: list[int]
+    change_mode: str
+
+
+@dataclass
+class Tick:
+    """One step of the engine loop, the same on every rank. Its tensors travel in order: each open's
+    prompt and scheduled changes, then each prompt change's."""
+
+    opens: list[OpenOp] = field(default_factory=list)
+    prompts: list[tuple[int, str]] = field(default_factory=list)
+    """(stream, mode) of each prompt change."""
+    closes: list[int] = field(default_factory=list)
+    step: int | None = None
+    """The stream whose next chunk every rank computes now."""
+
+    def __bool__(self) -> bool:
+        return bool(self.opens or self.prompts or self.closes or self.step is not None)
+
+
+class RankEngine:
+    """One rank's executor (with a KV cache slot per stream) and the sessions of its streams."""
+
+    def __init__(self, res: ResolvedPipeline, mapping: Mapping) -> None:
+        self.res = res
+        self.executor = build_executor(res, mapping)
+        self.sessions: dict[int, tuple[StreamSession, Iterator[DitChunk]]] = {}
+        if mapping.world_size > 1:  # every rank is built: bound the waits from here on
+            set_collective_timeout(res.collective_timeout_s)
+
+    def apply(self, tick: Tick, tensors: Sequence[torch.Tensor]) -> DitChunk | None:
+        """Apply one tick; returns the stepped stream's chunk (None when nothing was stepped). A bounded
+        stream's session is dropped after its last chunk, on every rank alike."""
+        res, pending = self.res, list(tensors)
+        for stream in tick.closes:  # first: a slot freed here may serve a stream opened below
+            self._drop(stream)
+        for op in tick.opens:
+            session = StreamSession(
+                self.executor, res.config.sampler, res.geometry, op.latent_frames, slot=op.slot
+            )
+            session.reset(pending.pop(0), op.seed)
+            for k in op.change_chunks:
+                session.set_prompt(pending.pop(0), op.change_mode, at_chunk=k)
+            self.sessions[op.stream] = (session, session.dit_chunks())
+        for stream, mode in tick.prompts:
+            prompt = pending.pop(0)
+            if stream in self.sessions:
+                self.sessions[stream][0].set_prompt(prompt, mode)
+        if tick.step is None or tick.step not in self.sessions:
+            return None
+        session, chunks = self.sessions[tick.step]
+        item = next(chunks)
+        if session.is_last(item.index):
+            self._drop(tick.step)
+        return item
+
+    def _drop(self, stream: int) -> None:
+        entry = self.sessions.pop(stream, None)
+        if entry is not None:
+            entry[1].close()
+
+
+def follow(group: RankGroup) -> None:
+    """A follower rank: build its RankEngine when told, apply every tick, until SHUTDOWN."""
+    engine: list[RankEngine] = []
+
+    def build(raw, _tensors) -> None:
+        res, mapping = resolve_rank(RunConfig.from_dict(raw), group.mapping, default_model=False)
+        engine.append(RankEngine(res, mapping))
+
+    def tick(t: Tick, tensors) -> None:
+        engine[0].apply(t, tensors)
+
+    try:
+        group.follow({"build": build, "tick": tick})
+    finally:
+        engine.clear()  # its CUDA graphs captured NCCL calls: gone before the group
+        destroy_process_group()
+
+
+# --- rank 0 -------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Stream:
+    """Rank 0's record of a stream."""
+
+    id: int
+    slot: int
+    request: StreamRequest
+    opened: float
+    """perf_counter() at open."""
+    decoder: object | None
+    chunks: int | None
+    """Chunks of a bounded stream (None: until cancelled)."""
+    out: queue.Queue = field(default_factory=queue.Queue)
+    requested: int = 0
+    """Chunks the consumer has asked for."""
+    produced: int = 0
+    """Chunks the DiT has finished."""
+    ahead: int = 0
+    video_frames: int = 0
+    """Video frames of the chunks produced (for the real-time deadline)."""
+    last_step: float = 0.0
+    finished: bool = False
+    """The engine is done with it (last chunk, cancel, or failure): its slot is free."""
+    cancelled: bool = False
+    prompts: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+
+
+_END = object()
+
+
+class EngineStream:
+    """A running stream, for its front end: iterate it for Chunks; set_prompt / cancel from any thread."""
+
+    def __init__(self, core: EngineCore, record: _Stream) -> None:
+        self._core, self._record = core, record
+        self._ended = False
+
+    @property
+    def id(self) -> int:
+        return self._record.id
+
+    @property
+    def request(self) -> StreamRequest:
+        return self._record.request
+
+    @property
+    def finished(self) -> bool:
+        """The stream has ended (its last chunk made, cancelled, or failed)."""
+        return self._record.finished
+
+    def __iter__(self) -> EngineStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._ended:
+            raise StopIteration
+        self._core._demand(self._record)
+        item = self._record.out.get()
+        if item is _END:
+            self._ended = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        return item
+
+    def set_prompt(self, prompt: torch.Tensor, mode: str = "swap") -> bool:
+        """Change the prompt from the next chunk the DiT starts (checked embeddings [1, L, text_dim]);
+        False when the stream has already ended (nothing is queued)."""
+        return self._core._set_prompt(self._record, prompt, check_prompt_mode(mode))
+
+    def cancel(self) -> None:
+        """End the stream after the chunk the DiT is on; chunks not yet taken are dropped."""
+        self._core._cancel(self._record)
+
+    def close(self) -> None:
+        self.cancel()
+        self._ended = True
+
+    def __enter__(self) -> EngineStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class EngineCore:
+    """Rank 0 of an engine (world size 1 runs the same code with no other ranks); see the module
+    docstring. Thread-safe: any thread may open streams and steer them."""
+
+    def __init__(
+        self,
+        res: ResolvedPipeline,
+        mapping: Mapping | None = None,
+        *,
+        python: str = sys.executable,
+        python_path: Sequence[str] = (),
+        decoder: object | None = None,
+    ) -> None:
+        """mapping: this process's rank under torchrun (None: rank 0, spawning the others); python /
+        python_path: the interpreter of spawned ranks; decoder: rank 0's decoder instead of the
+        one the settings name (tests)."""
+        self.res = res
+        self.mapping = mapping or Mapping(res.world_size, 0, 0)
+        self._python, self._python_path = python, list(python_path)
+        self._decoder_given = decoder
+        self.group: RankGroup | None = None
+        self.rank_engine: RankEngine | None = None
+        self.decoder = None
+        self._slot_decoders: dict[int, object] = {}
+        self._cv = threading.Condition()
+        self._streams: dict[int, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._tick = Tick()
+        self._tensors: list[torch.Tensor] = []
+        self._failure: str | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._decode_thread: threading.Thread | None = None
+        self._decode_queue: queue.Queue = queue.Queue()
+        self.step_ms: float | None = None
+        """Average milliseconds of one chunk step (DiT, and decode when inline): what admission reads."""
+
+    # --- life -----------------------------------------------------------------------------------------
+    def start(self) -> EngineCore | None:
+        """Start the ranks, build every rank's engine and rank 0's decoder, start the engine thread.
+        On a follower rank (under torchrun) follow the leader until it shuts down, then return None."""
+        res = self.res
+        group = RankGroup(
+            res.world_size,
+            res.device,
+            mapping=None if self.mapping.rank == 0 and not _under_torchrun(self.mapping) else self.mapping,
+            python=self._python,
+            python_path=self._python_path,
+        )
+        self.group = group.start()
+        if not group.is_leader:
+            follow(group)
+            group.close(graceful=False)
+            return None
+        try:
+            group.send(Command("build", res.config.to_dict()))
+            self.rank_engine = RankEngine(res, group.mapping)
+            group.bound_sends(res.collective_timeout_s)
+            if self._decoder_given is not None:
+                self.decoder = self._decoder_given
+            else:
+                self.decoder = stream_decoder(res, group.device)
+        except BaseException as exc:
+            reason = group.failure(exc) if res.world_size > 1 and not isinstance(exc, RopespError) else None
+            self.rank_engine = None
+            group.close(graceful=False)
+            if reason is not None:
+                raise RankFailure(f"the engine could not start: {reason}") from exc
+            raise
+        self._failure = None
+        self._thread = threading.Thread(target=self._loop, name="ropesp-engine", daemon=True)
+        self._thread.start()
+        if self.overlapped:
+            self._decode_thread = threading.Thread(
+                target=self._decode_loop, name="ropesp-decode", daemon=True
+            )
+            self._decode_thread.start()
+        return self
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether rank 0 decodes on its own thread, concurrently with the next DiT chunk."""
+        decode = self.res.config.decode
+        if decode.overlap_decode is not None:
+            return decode.overlap_decode and self.decoder is not None
+        # on CUDA, or with a decoder on a device of its own: decoding then takes nothing from the DiT
+        on_gpu = torch.device(self.res.device).type == "cuda"
+        return self.decoder is not None and (on_gpu or bool(decode.decode_device))
+
+    @property
+    def world_size(self) -> int:
+        return self.res.world_size
+
+    @property
+    def workers(self) -> list:
+        """The spawned ranks' processes (empty at world size 1 or under torchrun)."""
+        return list(self.group.workers) if self.group is not None else []
+
+    def healthy(self) -> bool:
+        return self._failure is None and self.group is not None and self.group.healthy()
+
+    def close(self) -> None:
+        """End every stream and stop every rank; idempotent."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._stop_decode_thread()
+        group, self.group = self.group, None
+        self.rank_engine = None  # its CUDA graphs captured NCCL calls: gone before the group
+        self._slot_decoders.clear()
+        if group is not None:
+            group.close(graceful=self._failure is None)
+        with self._cv:
+            for record in self._streams.values():
+                self._end(record, None)
+            self._streams.clear()
+
+    def __enter__(self) -> EngineCore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def recover(self) -> None:
+        """Replace a failed rank group (its ranks are out of step for good): stop every rank, start them
+        again, so the next stream is served. RankFailure if that fails."""
+        reason = self._failure or "the engine was closed"
+        print(f"ropesp: restarting the rank group ({reason})", file=sys.stderr, flush=True)
+        self.close()
+        self._closing = False
+        try:
+            self.start()
+        except RopespError as exc:
+            self._failure = f"restart failed: {exc}"
+            raise RankFailure(f"the rank group failed ({reason}) and could not be restarted: {exc}") from exc
+
+    # --- requests -------------------------------------------------------------------------------------
+    def check_prompt(self, prompt: torch.Tensor, name: str = "prompt_embeds") -> torch.Tensor:
+        """A stream's prompt embeddings, checked -> float32 [1, L, text_dim] on the CPU."""
+        cfg = self.res.model
+        if not isinstance(prompt, torch.Tensor):
+            raise ConfigError(f"{arg(name)} must be an embeddings tensor [L, {cfg.text_dim}]")
+        if prompt.device.type == "meta":
+            raise ConfigError(f"{arg(name)} is on the meta device (it holds no values)")
+        if prompt.is_floating_point():
+            prompt = prompt.detach().to("cpu", torch.float32)
+        prompt = check_prompt_embeds(cfg, prompt)
+        if prompt.shape[0] != 1:
+            raise ConfigError(
+                f"{arg(name)} must be one stream's embeddings [L, {cfg.text_dim}], got {tuple(prompt.shape)}"
+            )
+        return prompt.contiguous()
+
+    def request(
+        self,
+        prompt: torch.Tensor,
+        seed: int = 0,
+        latent_frames: int | None = None,
+        *,
+        changes: Sequence[tuple[int, torch.Tensor]] = (),
+        change_mode: str = "swap",
+        height: int | None = None,
+        width: int | None = None,
+        decode: bool = True,
+    ) -> StreamRequest:
+        """Validate a stream -> StreamRequest (ConfigError naming the parameter otherwise).
+        latent_frames None: until cancelled (needs the rolling window); height/width (pixels) are
+        optional: the engine serves the size it was built for."""
+        seed = check_seed(seed)
+        res = self.res
+        if latent_frames is None:
+            check_unbounded(res.cache)
+        else:
+            if isinstance(latent_frames, bool) or not isinstance(latent_frames, int) or latent_frames < 1:
+                raise ConfigError(f"{arg('latent_frames', latent_frames)} must be an integer >= 1")
+            res.config.sampler.chunk_sizes(latent_frames)
+            if not res.cache.rolling and latent_frames > res.cache.max_frames:
+                raise ConfigError(cache_too_small(latent_frames, res.cache.max_frames))
+        g = res.geometry
+        served = (g.latent_height * VAE_STRIDE[1], g.latent_width * VAE_STRIDE[2])
+        if (height, width) not in ((None, None), served):
+            raise ConfigError(
+                f"{arg('height')} x {arg('width')} {height} x {width}: this engine serves {served[0]} x {served[1]} "
+                "pixels (its KV cache and engines are built for that size)"
+            )
+        chunks = None if latent_frames is None else len(res.config.sampler.chunk_sizes(latent_frames))
+        checked = []
+        for k, embeds in changes:
+            if chunks is not None and k >= chunks:
+                raise ConfigError(
+                    f"a prompt change at chunk {k}: the video has {chunks} chunks (0..{chunks - 1})"
+                )
+            checked.append((k, self.check_prompt(embeds)))
+        return StreamRequest(
+            self.check_prompt(prompt),
+            seed,
+            latent_frames,
+            tuple(checked),
+            check_prompt_mode(change_mode),
+            decode,
+        )
+
+    def open(self, request: StreamRequest) -> EngineStream:
+        """Admit a stream (AtCapacity otherwise); its chunks come as its consumer iterates it."""
+        if self._failure is not None or self.group is None:
+            self.recover()
+        with self._cv:
+            if self._closing:
+                raise EngineError("the engine is closed")
+            running = [r for r in self._streams.values() if not r.finished]
+            self._admit(len(running))
+            slot = min(set(range(self.res.max_streams)) - {r.slot for r in running})
+            decoder = self._stream_decoder(slot) if request.decode else None
+            ahead = (MAX_AHEAD if request.latent_frames is None else 1 << 30) if self.overlapped else 0
+            chunks = (
+                None if request.latent_frames is None else len(self.res.chunk_sizes(request.latent_frames))
+            )
+            record = _Stream(
+                next(self._ids), slot, request, time.perf_counter(), decoder, chunks, ahead=ahead
+            )
+            self._streams[record.id] = record
+            op = OpenOp(
+                record.id,
+                slot,
+                request.seed,
+                request.latent_frames,
+                [k for k, _ in request.changes],
+                request.change_mode,
+            )
+            self._tick.opens.append(op)
+            self._tensors += [request.prompt, *(e for _, e in request.changes)]
+            self._cv.notify_all()
+        return EngineStream(self, record)
+
+    def _admit(self, running: int) -> None:
+        """Raise AtCapacity when another stream cannot be served now."""
+        slots = self.res.max_streams
+        if running >= slots:
+            raise AtCapacity(
+                f"at capacity: {running} stream{'s' if running != 1 else ''} running, every KV cache slot taken "
+                f"({arg('max_streams', slots)}); try again when one ends"
+            )
+        fps = self.res.config.streams.realtime_fps
+        if fps <= 0 or running == 0 or self.step_ms is None:
+            return
+        frames = 4 * self.res.config.sampler.chunk_frames
+        budget_ms = 1e3 * frames / fps * CAPACITY_HEADROOM
+        if (running + 1) * self.step_ms > budget_ms:
+            each = frames / ((running * self.step_ms) / 1e3) if running else 0.0
+            raise AtCapacity(
+                f"at capacity: {running} stream{'s' if running != 1 else ''} at {min(each, 999):.1f} FPS each "
+                f"(a chunk takes {self.step_ms:.0f} ms); one more would bring them below "
+                f"{arg('realtime_fps', fps)}"
+            )
+
+    def _stream_decoder(self, slot: int):
+        """The decoder of a slot's stream, reset: rank 0's decoder for slot 0, a fork of it (the same
+        weights, its own carried state) for the others, made once."""
+        if self.decoder is None:
+            return None
+        if slot not in self._slot_decoders:
+            # a decoder's carried state is what reset() makes anew: a shallow copy shares the weights (and
+            # compiled code) and gets its own state
+            fork = getattr(self.decoder, "fork", None) or (lambda: copy.copy(self.decoder))
+            self._slot_decoders[slot] = fork() if slot else self.decoder
+        decoder = self._slot_decoders[slot]
+        decoder.reset()
+        return decoder
+
+    # --- what front-end threads ask -------------------------------------------------------------------
+    def _demand(self, record: _Stream) -> None:
+        with self._cv:
+            record.requested += 1
+            self._cv.notify_all()
+
+    def _set_prompt(self, record: _Stream, prompt: torch.Tensor, mode: str) -> bool:
+        prompt = self.check_prompt(prompt)
+        with self._cv:
+            if record.finished or record.cancelled:
+                return False
+            self._tick.prompts.append((record.id, mode))
+            self._tensors.append(prompt)
+            self._cv.notify_all()
+        return True
+
+    def _cancel(self, record: _Stream) -> None:
+        with self._cv:
+            if record.finished or record.cancelled:
+                return
+            record.cancelled = True
+            self._drain(record)
+            if record.id not in [op.stream for op in self._tick.opens]:
+                self._tick.closes.append(record.id)
+            else:  # never started: drop the open with its prompt tensors
+                self._drop_open(record.id)
+            self._end(record, None)
+            self._cv.notify_all()
+
+    def _drop_open(self, stream: int) -> None:
+        kept_ops, kept_tensors, pending = [], [], list(self._tensors)
+        for op in self._tick.opens:
+            mine = pending[: 1 + len(op.change_chunks)]
+            del pending[: 1 + len(op.change_chunks)]
+            if op.stream != stream:
+                kept_ops.append(op)
+                kept_tensors += mine
+        self._tick.opens = kept_ops
+        # prompt changes of the dropped stream were refused (it had not started): the rest stays
+        self._tensors = kept_tensors + pending
+
+    @staticmethod
+    def _drain(record: _Stream) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                record.out.get_nowait()
+
+    def _end(self, record: _Stream, error: BaseException | None) -> None:
+        """The stream is over for its consumer (called with the lock held)."""
+        if record.finished:
+            return
+        record.finished = True
+        if error is not None:
+            record.out.put(error)
+        record.out.put(_END)
+
+    # --- the engine thread ----------------------------------------------------------------------------
+    def _runnable(self) -> list[Scheduled]:
+        return [
+            Scheduled(r.id, r.produced, r.video_frames, r.opened, r.last_step)
+            for r in self._streams.values()
+            if not r.finished and r.produced < r.requested + r.ahead
+        ]
+
+    def _next_tick(self) -> tuple[Tick, list[torch.Tensor]] | None:
+        with self._cv:
+            while True:
+                if self._closing:
+                    return None
+                candidates = self._runnable()
+                if self._tick or candidates:
+                    break
+                self._cv.wait()
+            tick, tensors = self._tick, self._tensors
+            self._tick, self._tensors = Tick(), []
+            tick.step = pick(candidates, self.res.config.streams.realtime_fps, time.perf_counter())
+            return tick, tensors
+
+    def _loop(self) -> None:
+        if torch.device(self.res.device).type == "cuda":
+            torch.cuda.set_device(self.group.device)
+        torch.set_grad_enabled(False)
+        while True:
+            work = self._next_tick()
+            if work is None:
+                return
+            tick, tensors = work
+            t0 = time.perf_counter()
+            try:
+                self.group.send(Command("tick", tick), tensors)
+                item = self.rank_engine.apply(tick, tensors)
+            except BaseException as exc:
+                self._fail(exc)
+                if self.res.world_size > 1:
+                    return  # the ranks are out of step: the next open() restarts them
+                continue
+            with self._cv:
+                for stream in tick.closes:
+                    self._streams.pop(stream, None)
+                record = self._streams.get(tick.step) if tick.step is not None else None
+            if item is None or record is None:
+                continue
+            last = item.index + 1 == record.chunks
+            with self._cv:
+                record.produced += 1
+                record.video_frames += 4 * item.latents.shape[1] - (3 if item.index == 0 else 0)
+                record.last_step = time.perf_counter()
+            if record.decoder is not None and self.overlapped:
+                self._decode_queue.put((record, item, last))
+            else:
+                self._deliver(record, item, last)
+            ms = (time.perf_counter() - t0) * 1e3
+            self.step_ms = ms if self.step_ms is None else (1 - STEP_EMA) * self.step_ms + STEP_EMA * ms
+
+    def _deliver(self, record: _Stream, item: DitChunk, last: bool) -> None:
+        """Decode (when the stream asks for frames) and hand the chunk to its consumer."""
+        d0 = time.perf_counter()
+        try:
+            frames = record.decoder.decode(item.latents) if record.decoder is not None else None
+        except BaseException as exc:
+            with self._cv:
+                self._end(record, exc)
+                if record.id not in self._tick.closes and not last:
+                    self._tick.closes.append(record.id)
+                self._cv.notify_all()
+            return
+        now = time.perf_counter()
+        decode_ms = (now - d0) * 1e3 if record.decoder is not None else 0.0
+        chunk = finished_chunk(item, frames, (now - record.opened) * 1e3, decode_ms)
+        with self._cv:
+            if record.finished:
+                return
+            record.out.put(chunk)
+            if last:
+                self._end(record, None)
+                self._streams.pop(record.id, None)
+            self._cv.notify_all()
+
+    def _decode_loop(self) -> None:
+        device = self._decoder_device()
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if side is not None:
+            torch.cuda.set_device(device)
+        torch.set_grad_enabled(False)
+        while True:
+            work = self._decode_queue.get()
+            if work is None:
+                return
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                self._deliver(*work)
+
+    def _decoder_device(self) -> torch.device:
+        device = getattr(self.decoder, "device", None)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def _stop_decode_thread(self) -> None:
+        if self._decode_thread is not None:
+            self._decode_queue.put(None)
+            self._decode_thread.join()
+            self._decode_thread = None
+
+    def _fail(self, exc: BaseException) -> None:
+        """A tick failed: every running stream gets the reason (naming the rank where one failed)."""
+        if self.res.world_size > 1:
+            reason = self.group.failure(exc)
+            error: BaseException = RankFailure(reason)
+            self._failure = reason
+        else:
+            error = exc if isinstance(exc, RopespError) else EngineError(f"{type(exc).__name__}: {exc}")
+        with self._cv:
+            for record in self._streams.values():
+                self._end(record, error)
+            self._streams.clear()
+            self._tick, self._tensors = Tick(), []
+            self._cv.notify_all()
+        if self.res.world_size == 1 and self.rank_engine is not None:
+            for stream in list(self.rank_engine.sessions):
+                self.rank_engine._drop(stream)
+
+    # --- figures ----------------------------------------------------------------------------------------
+    def running(self) -> int:
+        """Streams running now."""
+        with self._cv:
+            return sum(not r.finished for r in self._streams.values())
+
+
+def _under_torchrun(mapping: Mapping) -> bool:
+    from ropesp.runtime.ranks import under_launcher
+
+    return mapping.world_size > 1 and under_launcher()
+
+
+def start_engine(config: RunConfig, **kwargs) -> EngineCore | None:
+    """resolve + EngineCore(...).start(): the leader's ready engine, or None on a follower rank (torchrun)
+    once the leader has shut down."""
+    res, mapping = resolve_rank(config)
+    return EngineCore(res, mapping, **kwargs).start()
