@@ -26,7 +26,7 @@ Variants (each replaces the runtime's attention; `sdpa` is the reference):
   attn:FIX    the same with bf16 GEMMs
 FIX: base (today's: values not smoothed, the whole window in one kernel program), v (the values'
 offset taken out, plugins/e4m3_cache.py smooth_values), split (pieces of KEYS_PER_SPLIT keys,
-plugins/attention_8bit.py), v+split (both; the committed default).
+plugins/attention_8bit.py), v+split (both). The committed default is v.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def cache_attend(p_rounded: bool) -> Callable:
 FIXES = {  # FIX -> (E4M3KVCache.smooth_values, KEYS_PER_SPLIT)
     "base": (False, None),
     "v": (True, None),
-    "split": (False, attention_8bit.KEYS_PER_SPLIT or 4680),
-    "v+split": (True, attention_8bit.KEYS_PER_SPLIT or 4680),
+    "split": (False, 4680),
+    "v+split": (True, 4680),
 }
 
 

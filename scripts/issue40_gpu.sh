@@ -17,14 +17,16 @@ DEADLINE=${DEADLINE:-540}
 DRIFT_VARIANTS=${DRIFT_VARIANTS:-sdpa,gemm,fp8:base,fp8:v,fp8:split,fp8:v+split}
 mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+if [ -z "${SKIP_INSTALL:-}" ]; then  # SKIP_INSTALL=1: a dry run where the tree is installed already
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site
+  fi
+  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$RES/gpu.csv"
 fi
-python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$RES/gpu.csv"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
-  | tee "$RES/versions.txt"
+PY=${PY:-python3}
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$RES/versions.txt"
 pack() { tar czf "$OUT/results.tgz" -C "$RES" . ; }
 trap pack EXIT
 step() {  # step NAME LIMIT CMD...: at most LIMIT seconds and never past DEADLINE
@@ -35,32 +37,29 @@ step() {  # step NAME LIMIT CMD...: at most LIMIT seconds and never past DEADLIN
   echo "=== $name $(date +%T) (limit ${limit} s)"
   timeout -k 5 "$limit" "$@" >"$RES/$name.log" 2>&1
   echo "--- $name rc=$? after $((SECONDS)) s"
-  grep -v -E "Warning|warn\(|torchao|_pytree|register_constant|^\s*$" "$RES/$name.log" | tail -n "${TAIL:-30}" | cut -c1-220
+  grep -v -E "Warning|warn\(|torchao|_pytree|register_constant|^\s*$" "$RES/$name.log" | tail -n "${TAIL:-30}" | cut -c1-240
   pack
 }
-vae() {  # vae TAG LH LW VARIANTS [args...]
-  local tag=$1 lh=$2 lw=$3 variants=$4; shift 4
-  python3 scripts/vae_bench.py --latent-height "$lh" --latent-width "$lw" --latent-frames 21 --repeat 2 \
-    --variants "$variants" --json "$RES/$tag.json" "$@"
-}
-drift() {  # drift TAG LH LW
-  python3 scripts/fp8_attention_drift.py --preset wan2.1-1.3b --latent-height "$2" --latent-width "$3" \
-    --latent-frames 21 --device cuda --dtype bfloat16 --backend "${DRIFT_BACKEND:-eager}" \
-    --variants "$DRIFT_VARIANTS" --json "$RES/$1.json"
-}
+VAE=(scripts/vae_bench.py --latent-frames 21 --repeat 2)
+DRIFT=(scripts/fp8_attention_drift.py --preset wan2.1-1.3b --latent-frames 21 --device cuda --dtype bfloat16
+  --backend "${DRIFT_BACKEND:-eager}" --variants "$DRIFT_VARIANTS")
 for s in "$@"; do
   case $s in
-    ceilings) step ceilings 40 python3 scripts/gpu_ceilings.py --json "$RES/ceilings.json" ;;
-    tests) step tests 120 python3 -m pytest tests/decode/test_wan_fast.py tests/plugins/test_fp8_attention_gpu.py \
+    ceilings) step ceilings 40 $PY scripts/gpu_ceilings.py --json "$RES/ceilings.json" ;;
+    tests) step tests 120 $PY -m pytest tests/decode/test_wan_fast.py tests/plugins/test_fp8_attention_gpu.py \
       -m gpu -q -p no:cacheprovider -rs ;;
-    vae480) TAIL=60 step vae480 150 vae vae480 60 104 channels-last,fast,fast-eager --fp32-reference --profile --conv-bench ;;
-    vae720) TAIL=60 step vae720 150 vae vae720 90 160 channels-last,fast --profile --conv-bench ;;
-    vaecompile480) TAIL=40 step vaecompile480 240 vae vaecompile480 60 104 fast,compile-channels-last --profile ;;
-    fp8acc480) step fp8acc480 60 python3 scripts/fp8_attention_accuracy.py --json "$RES/fp8acc480.json" ;;
-    fp8acc720) step fp8acc720 90 python3 scripts/fp8_attention_accuracy.py --queries 10800 \
+    vae480) TAIL=60 step vae480 150 $PY "${VAE[@]}" --latent-height 60 --latent-width 104 \
+      --variants channels-last,fast,fast-eager --fp32-reference --profile --conv-bench --json "$RES/vae480.json" ;;
+    vae720) TAIL=60 step vae720 150 $PY "${VAE[@]}" --latent-height 90 --latent-width 160 \
+      --variants channels-last,fast --profile --conv-bench --json "$RES/vae720.json" ;;
+    vaecompile480) TAIL=60 step vaecompile480 300 $PY "${VAE[@]}" --latent-height 60 --latent-width 104 \
+      --variants "${VAE_VARIANTS:-channels-last,fast,compile-channels-last}" --fp32-reference --profile --conv-bench \
+      --json "$RES/vaecompile480.json" ;;
+    fp8acc480) step fp8acc480 60 $PY scripts/fp8_attention_accuracy.py --json "$RES/fp8acc480.json" ;;
+    fp8acc720) step fp8acc720 90 $PY scripts/fp8_attention_accuracy.py --queries 10800 \
       --windows 10800,43200,75600 --json "$RES/fp8acc720.json" ;;
-    drift480) step drift480 150 drift drift480 60 104 ;;
-    drift720) step drift720 200 drift drift720 90 160 ;;
+    drift480) step drift480 150 $PY "${DRIFT[@]}" --latent-height 60 --latent-width 104 --json "$RES/drift480.json" ;;
+    drift720) step drift720 200 $PY "${DRIFT[@]}" --latent-height 90 --latent-width 160 --json "$RES/drift720.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done

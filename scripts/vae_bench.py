@@ -27,6 +27,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -200,15 +201,21 @@ def main() -> None:
         torch.backends.cudnn.benchmark = name != "eager"
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        decoder = make(name, vae)
-        t0 = time.perf_counter()
-        for _ in range(2 if name.startswith("compile") else 1):
-            decode_video_ms(decoder, latents, args.chunk, device)
-        warmup_s = time.perf_counter() - t0
-        runs = [decode_video_ms(decoder, latents, args.chunk, device) for _ in range(args.repeat)]
+        try:
+            decoder = make(name, vae)
+            t0 = time.perf_counter()
+            for _ in range(2 if name.startswith("compile") else 1):
+                decode_video_ms(decoder, latents, args.chunk, device)
+            warmup_s = time.perf_counter() - t0
+            runs = [decode_video_ms(decoder, latents, args.chunk, device) for _ in range(args.repeat)]
+        except Exception:  # one variant failing leaves the others' numbers
+            results[name] = {"error": traceback.format_exc()[-3000:]}
+            print(f"{name:>22}: failed\n{results[name]['error']}", flush=True)
+            torch._dynamo.reset()
+            continue
         video = runs[0][1]
         if reference is None:
-            reference = video
+            reference, first = video, name
         per_chunk = [statistics.median(r[0][i] for r in runs) for i in range(len(runs[0][0]))]
         total = statistics.median(sum(r[0]) for r in runs)
         results[name] = {
@@ -226,9 +233,9 @@ def main() -> None:
             results[name]["profile"] = profile_video(decoder, latents, args.chunk, device)
         if args.conv_bench and name.startswith("fast") and device.type == "cuda":
             results[name]["convs"] = conv_bench(decoder, latents, device)
-        first = results[variants[0]]["video_ms"]
+        first_ms = results[first]["video_ms"]
         print(
-            f"{name:>22}: video {total:8.1f} ms ({video.shape[2]} frames, {first / total:5.2f}x vs {variants[0]}), "
+            f"{name:>22}: video {total:8.1f} ms ({video.shape[2]} frames, {first_ms / total:5.2f}x vs {first}), "
             f"chunks {' '.join(f'{t:.1f}' for t in per_chunk)} ms, warm-up {warmup_s:.1f} s, "
             f"max|d| {results[name]['max_abs_vs_first']:.4f}"
             + (
