@@ -92,7 +92,12 @@ def test_later_chunks_keep_the_scales_and_saturate_instead_of_nan():
     cache = _cache()
     k0, v0 = _kv(3, seed=0)
     _write(cache, 0, 0, k0, v0)
-    scales = (cache.k_offset.clone(), cache.k_descale.clone(), cache.v_offset.clone(), cache.v_descale.clone())
+    scales = (
+        cache.k_offset.clone(),
+        cache.k_descale.clone(),
+        cache.v_offset.clone(),
+        cache.v_descale.clone(),
+    )
     k1, v1 = _kv(3, seed=1)
     v1[0, 5, 1, 2] = 1e6  # far beyond HEADROOM x the first chunk's maximum
     keys, values = _write(cache, 0, 3, k1, v1)
