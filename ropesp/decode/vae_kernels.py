@@ -1,10 +1,13 @@
 """The fast Wan VAE decoder's elementwise passes (ropesp/decode/wan_fast.py), each one read of its inputs
 and one write straight into the buffer the next convolution reads:
 
-    norm_silu_into(x, res, norm, dst, sum_out)   s = x (+ res); dst <- SiLU(RMS_norm(s)) (or s itself)
-    upsample_into(x, res, split, dst)            nearest 2x of x (+ res), frames interleaved, into dst
+    norm_silu_into(x, res, norm, dst, sum_out, bias)   s = x (+ bias) (+ res); dst <- SiLU(RMS_norm(s))
+                                                       (or s itself)
+    upsample_into(x, res, split, dst, bias)            nearest 2x of x (+ bias) (+ res), frames
+                                                       interleaved, into dst
 
-x, res: [B, C, T, H, W] activations; dst: a view of a padded convolution input (any strides, channels
+x, res: [B, C, T, H, W] activations; bias: [C] (a convolution's, which cuDNN would add in a pass of its
+own: PyTorch adds a convolution's bias after cuDNN's kernel); dst: a view of a padded convolution input (any strides, channels
 unit-stride on CUDA). On CUDA they run as Triton kernels over channels-last rows (one pixel's C channels
 a row); elsewhere, and wherever Triton is absent, as the torch ops of diffusers' WanResidualBlock /
 WanResample, so a CPU decode gives diffusers' values bit for bit (tests/decode).
@@ -39,18 +42,24 @@ def use_kernels(x: torch.Tensor) -> bool:
 
 
 # --- references: diffusers' ops, in its order ---------------------------------------------------
-def norm_silu_ref(x, res, norm, dst, sum_out: bool):
-    """s = x + res (res None: x); dst.copy_(SiLU(norm(s))) (norm None: dst.copy_(s)). Returns s if
-    sum_out else None. norm: the WanRMS_norm module (called as diffusers calls it)."""
+def _biased(x, bias):
+    return x if bias is None else x + bias.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def norm_silu_ref(x, res, norm, dst, sum_out: bool, bias=None):
+    """s = x (+ bias) + res (res None: x); dst.copy_(SiLU(norm(s))) (norm None: dst.copy_(s)). Returns
+    s if sum_out else None. norm: the WanRMS_norm module (called as diffusers calls it)."""
+    x = _biased(x, bias)
     s = x if res is None else x + res
     dst.copy_(s if norm is None else F.silu(norm(s)))
     return s if sum_out else None
 
 
-def upsample_ref(x, res, split: int, dst):
+def upsample_ref(x, res, split: int, dst, bias=None):
     """dst [B * T * split, C, 2H, 2W] <- nearest 2x of x (+ res) [B, split * C, T, H, W], as
     WanResample: the split channel halves become consecutive frames (its time upsampling), then every
     frame is upsampled in fp32 ("nearest-exact" at factor 2 repeats each pixel)."""
+    x = _biased(x, bias)
     s = x if res is None else x + res
     b, c, t, h, w = s.shape
     if split == 2:
@@ -67,6 +76,7 @@ if triton is not None:
     @triton.jit
     def _norm_silu_kernel(
         X,  # [R, C] rows, dense
+        BIAS,  # [C] (HAS_BIAS)
         RES,  # [R, C] rows (HAS_RES)
         GAMMA,  # [C] (NORM)
         DST,  # dst's first element; row (b, t, h, w) at b * d_b + t * d_t + h * d_h + w * d_w
@@ -81,6 +91,7 @@ if triton is not None:
         d_h,
         d_w,
         scale,
+        HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
         WRITE_SUM: tl.constexpr,
         NORM: tl.constexpr,
@@ -92,6 +103,8 @@ if triton is not None:
         mask = (rows < n_rows)[:, None] & (cols < C)[None, :]
         offs = rows[:, None] * C + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(BIAS + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
             x += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
         if WRITE_SUM:
@@ -113,6 +126,7 @@ if triton is not None:
     @triton.jit
     def _upsample_kernel(
         X,  # [R, SPLIT * C] rows, dense: pixel (b, t, h, w) of the input
+        BIAS,  # [SPLIT * C] (HAS_BIAS)
         RES,  # as X (HAS_RES)
         DST,  # interior of the padded frames: frame f, row y, column x at f * d_f + y * d_h + x * d_w
         n_rows,
@@ -124,6 +138,7 @@ if triton is not None:
         d_h,
         d_w,
         SPLIT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -133,11 +148,11 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_C)
         mask = (rows < n_rows)[:, None] & (cols < C)[None, :]
         offs = rows[:, None] * (SPLIT * C) + half * C + cols[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(BIAS + half * C + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)).to(
-                DST.dtype.element_ty
-            )
+            x += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
         w = rows % W
         h = (rows // W) % H
         bt = rows // (W * H)  # b * T + t
@@ -167,12 +182,13 @@ def norm_silu_into(
     norm: torch.nn.Module | None,
     dst: torch.Tensor,
     sum_out: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """s = x + res (res None: x) [B, C, T, H, W]; dst [B, C, T, H, W] (a view) <- SiLU(norm(s)), or s
-    where norm is None. Returns s when sum_out (channels-last on CUDA), else None."""
+    """s = x (+ bias [C]) + res (res None: x) [B, C, T, H, W]; dst [B, C, T, H, W] (a view) <-
+    SiLU(norm(s)), or s where norm is None. Returns s when sum_out (channels-last on CUDA), else None."""
     assert dst.shape == x.shape and (res is None or res.shape == x.shape), (x.shape, dst.shape)
     if not use_kernels(x):
-        return norm_silu_ref(x, res, norm, dst, sum_out)
+        return norm_silu_ref(x, res, norm, dst, sum_out, bias)
     assert dst.stride(1) == 1, "dst must hold channels unit-stride"
     x = _rows(x)
     res = None if res is None else _rows(res)
@@ -184,24 +200,31 @@ def norm_silu_into(
     n_rows = b * t * h * w
     block_r, block_c, warps = _block(c)
     _norm_silu_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, res if res is not None else x, gamma, dst, out if out is not None else x,
+        x, bias if bias is not None else x, res if res is not None else x, gamma, dst,
+        out if out is not None else x,
         n_rows, c, t, h, w, dst.stride(0), dst.stride(2), dst.stride(3), dst.stride(4),
         float(norm.scale) if norm is not None else 1.0,
-        HAS_RES=res is not None, WRITE_SUM=sum_out, NORM=norm is not None,
+        HAS_BIAS=bias is not None, HAS_RES=res is not None, WRITE_SUM=sum_out, NORM=norm is not None,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return out
 
 
-def upsample_into(x: torch.Tensor, res: torch.Tensor | None, split: int, dst: torch.Tensor) -> None:
-    """dst [B * T * split, C, 2H, 2W] (the interior of padded frames) <- nearest 2x of x (+ res)
-    [B, split * C, T, H, W]; split 2: channel half j of input frame t becomes frame 2t + j (the time
+def upsample_into(
+    x: torch.Tensor,
+    res: torch.Tensor | None,
+    split: int,
+    dst: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> None:
+    """dst [B * T * split, C, 2H, 2W] (the interior of padded frames) <- nearest 2x of x (+ bias
+    [split * C]) (+ res) [B, split * C, T, H, W]; split 2: channel half j of input frame t becomes frame 2t + j (the time
     upsampling of WanResample's upsample3d)."""
     b, c2, t, h, w = x.shape
     c = c2 // split
     assert dst.shape == (b * t * split, c, 2 * h, 2 * w), (x.shape, dst.shape)
     if not use_kernels(x):
-        upsample_ref(x, res, split, dst)
+        upsample_ref(x, res, split, dst, bias)
         return
     assert dst.stride(1) == 1, "dst must hold channels unit-stride"
     x = _rows(x)
@@ -209,7 +232,8 @@ def upsample_into(x: torch.Tensor, res: torch.Tensor | None, split: int, dst: to
     n_rows = b * t * h * w
     block_r, block_c, warps = _block(c)
     _upsample_kernel[(triton.cdiv(n_rows, block_r), split)](
-        x, res if res is not None else x, dst, n_rows, c, t, h, w, dst.stride(0), dst.stride(2),
-        dst.stride(3), SPLIT=split, HAS_RES=res is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        x, bias if bias is not None else x, res if res is not None else x, dst, n_rows, c, t, h, w,
+        dst.stride(0), dst.stride(2), dst.stride(3), SPLIT=split, HAS_BIAS=bias is not None,
+        HAS_RES=res is not None, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=warps,
     )  # fmt: skip

@@ -7,8 +7,10 @@ few bytes besides the convolutions' own:
   whose first two frames are its cache: the pass before the convolution writes the new frames into the
   interior, the convolution reads the buffer as it is (no concatenation, no padding copy), and afterwards
   the buffer's last two frames move to the front (2 of 2 + T frames; diffusers copies all 2 + T twice);
-- RMS norm + SiLU, and the residual add before them, are one pass that writes straight into that buffer
-  (ropesp/decode/vae_kernels.py); the nearest 2x upsampling (with the time upsampling's frame interleave
+- RMS norm + SiLU, and the residual add and the residual blocks' convolution biases before them, are
+  one pass that writes straight into that buffer (ropesp/decode/vae_kernels.py; PyTorch would add a
+  cuDNN convolution's bias in a pass of its own: 114.5 ms of a 480p video's 839 ms of kernels on an
+  H100, bench/notes-40.md); the nearest 2x upsampling (with the time upsampling's frame interleave
   and, before a 2-D upsampler, the residual add) is one pass into the 2-D convolution's padded buffer;
 - activations and weights channels-last (cuDNN's NDHWC kernels; every pass reads whole pixel rows);
 - on CUDA the per-latent-frame decode is replayed from a CUDA graph (one for the stream's first frame,
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ropesp.decode import vae_kernels
 from ropesp.decode.base import frames_to_host
 from ropesp.decode.preview import to_uint8
 from ropesp.decode.vae_kernels import norm_silu_into, upsample_into
@@ -45,6 +48,15 @@ def _zeros(shape: tuple[int, ...], like: torch.Tensor, channels_last: bool) -> t
     n, c, *spatial = shape
     order = (0, len(shape) - 1, *range(1, len(shape) - 1))  # [N, *spatial, C] -> [N, C, *spatial]
     return torch.zeros((n, *spatial, c), dtype=like.dtype, device=like.device).permute(order)
+
+
+def _total(pending: tuple) -> torch.Tensor:
+    """x + bias + res of a pending (x, res, bias), materialized (diffusers' order: the convolution's
+    output with its bias, then the residual)."""
+    x, res, bias = pending
+    if bias is not None:
+        x = x + bias.view(1, -1, 1, 1, 1)
+    return x if res is None else x + res
 
 
 class CausalConvBuffer:
@@ -66,10 +78,10 @@ class CausalConvBuffer:
         h, w = self.buf.shape[3] - 2 * p, self.buf.shape[4] - 2 * p
         return self.buf[:, :, CACHE_T : CACHE_T + frames, p : p + h, p : p + w]
 
-    def run(self, frames: int) -> torch.Tensor:
-        """The convolution over cache + interior -> [B, C_out, frames, H, W]; then the last two input
-        frames become the cache."""
-        out = F.conv3d(self.buf[:, :, : CACHE_T + frames], self.conv.weight, self.conv.bias)
+    def run(self, frames: int, bias: bool = True) -> torch.Tensor:
+        """The convolution over cache + interior -> [B, C_out, frames, H, W] (without its bias where
+        bias is False: the consumer adds it); then the last two input frames become the cache."""
+        out = F.conv3d(self.buf[:, :, : CACHE_T + frames], self.conv.weight, self.conv.bias if bias else None)
         if frames >= CACHE_T:
             self.buf[:, :, :CACHE_T].copy_(self.buf[:, :, frames : frames + CACHE_T])
         else:  # overlapping ranges: frame by frame, front to back
@@ -137,6 +149,9 @@ class DecodeEngine:
         self.channels_last = channels_last
         set_conv_layout(vae, channels_last)
         self.cuda_graphs = cuda_graphs
+        self.fuse_bias = vae_kernels.triton is not None and next(vae.parameters()).is_cuda
+        """Leave the residual blocks' convolution biases to the fused passes (where those run as kernels;
+        on the CPU the convolution adds its bias itself, as diffusers', bit for bit)."""
         self.workspaces: dict[tuple[int, int, int], Workspace] = {}
         self.lock = threading.Lock()
 
@@ -185,12 +200,12 @@ class DecodeEngine:
         d = self.decoder
         conv_in = ws.convs[id(d.conv_in)]
         conv_in.interior(1).copy_(x)
-        pending = (conv_in.run(1), None)  # the next input: pending[0] + pending[1] (None: nothing)
+        # the next input, pending: (x, res, bias) = x + bias + res, each None where absent
+        pending = (conv_in.run(1), None, None)
         t = 1
         pending = self._resnet(ws, d.mid_block.resnets[0], pending, t)
         for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:]):
-            x = pending[0] if pending[1] is None else pending[0] + pending[1]
-            pending = (attention(x), None)
+            pending = (attention(_total(pending)), None, None)
             pending = self._resnet(ws, resnet, pending, t)
         for block in d.up_blocks:
             for resnet in block.resnets:
@@ -198,39 +213,44 @@ class DecodeEngine:
             if block.upsamplers is not None:
                 pending, t = self._upsample(ws, block.upsamplers[0], pending, t, first)
         conv_out = ws.convs[id(d.conv_out)]
-        norm_silu_into(pending[0], pending[1], d.norm_out, conv_out.interior(t))
+        x, res, bias = pending
+        norm_silu_into(x, res, d.norm_out, conv_out.interior(t), bias=bias)
         return conv_out.run(t)
 
     def _resnet(self, ws: Workspace, resnet, pending, t: int):
-        """WanResidualBlock: (x, res) -> (conv2 output, shortcut), the sum left to its consumer."""
-        x, res = pending
+        """WanResidualBlock: (x, res, bias) -> (conv2 output, shortcut, conv2's bias or None), the sum
+        left to its consumer."""
+        x, res, bias = pending
         conv1, conv2 = ws.convs[id(resnet.conv1)], ws.convs[id(resnet.conv2)]
-        total = norm_silu_into(x, res, resnet.norm1, conv1.interior(t), sum_out=res is not None)
+        whole = res is not None or bias is not None  # the block's input, needed by its shortcut
+        total = norm_silu_into(x, res, resnet.norm1, conv1.interior(t), sum_out=whole, bias=bias)
         x = x if total is None else total
         shortcut = resnet.conv_shortcut(x)  # a 1x1x1 convolution, or Identity
-        norm_silu_into(conv1.run(t), None, resnet.norm2, conv2.interior(t))
-        return conv2.run(t), shortcut
+        fused = self.fuse_bias
+        h = conv1.run(t, bias=not fused)
+        norm_silu_into(h, None, resnet.norm2, conv2.interior(t), bias=conv1.conv.bias if fused else None)
+        return conv2.run(t, bias=not fused), shortcut, conv2.conv.bias if fused else None
 
     def _upsample(self, ws: Workspace, up, pending, t: int, first: bool):
-        """WanResample upsample2d / upsample3d: -> ((the 2-D convolution's output, None), frames)."""
-        x, res = pending
+        """WanResample upsample2d / upsample3d: -> ((the 2-D convolution's output, None, None), frames)."""
+        x, res, bias = pending
         split = 1
         if up.mode == "upsample3d":
             time_conv = ws.convs[id(up.time_conv)]
-            norm_silu_into(x, res, None, time_conv.interior(t))
+            norm_silu_into(x, res, None, time_conv.interior(t), bias=bias)
             if first:  # diffusers' "Rep": the stream's first frame skips the time convolution
                 x = time_conv.interior(t)
             else:
                 x, split = time_conv.run(t), 2
-            res = None
+            res = bias = None
         conv2d = up.resample[1]
         b = x.shape[0]
         frames = t * split
         padded = ws.upsample[id(up)][: b * frames]
-        upsample_into(x, res, split, padded[:, :, 1:-1, 1:-1])
+        upsample_into(x, res, split, padded[:, :, 1:-1, 1:-1], bias=bias)
         out = F.conv2d(padded, conv2d.weight, conv2d.bias)  # [B * frames, C, 2h, 2w]
         out = out.view(b, frames, *out.shape[1:]).permute(0, 2, 1, 3, 4)  # [B, C, frames, 2h, 2w]
-        return (out, None), frames
+        return (out, None, None), frames
 
     # --- CUDA graphs -----------------------------------------------------------------------------
     def run_frame(self, ws: Workspace, x: torch.Tensor, first: bool) -> torch.Tensor:
