@@ -109,7 +109,9 @@ scripts/fp8_attention_accuracy.py: Lq 4680, 12 x 128, values offset by one stand
 against exact attention over the same e4m3 inputs): 0.071 / 0.138 / 0.238 / 0.340 at 4680 / 9360 /
 18720 / 32760 keys. Pieces of 4680 keys hold it at 0.071; taking the values' offset out
 (E4M3KVCache.smooth_values) brings it to 0.0017-0.0018 at every length (bf16 SDPA: 0.0017) at no
-cost, so pieces stay off; this is the knob should another input grow the accumulator."""
+measurable cost. End to end (Wan-1.3B, 480p, H100, latents per chunk against bf16) the offset out took
+the last chunk from 0.181 to 0.071 rel L2, still growing from 0.039; pieces on top of it are not
+measured end to end yet (bench/notes-40.md), so they stay off."""
 
 
 def num_splits(keys: int) -> int:

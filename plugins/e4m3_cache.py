@@ -14,7 +14,8 @@ batch, head), for the whole stream:
     FlashAttention-3's e4m3 P.v, whose FP8 MMA accumulator keeps fewer bits than fp32, a shared offset
     grows the accumulator with every key, and the truncations with it: the kernel's error grew with
     the window, 0.071 -> 0.340 rel L2 from 4680 to 32760 keys on an H100, and is 0.0017-0.0018 at
-    every length with the offset out (plugins/attention_8bit.py KEYS_PER_SPLIT);
+    every length with the offset out (plugins/attention_8bit.py KEYS_PER_SPLIT); Wan-1.3B's 480p latents
+    went from 0.046 -> 0.181 rel L2 per chunk against bf16 to 0.039 -> 0.071 (bench/notes-40.md);
   - the scales: the first chunk's absolute maximum (of the offset keys, of the values) maps to
     448 / HEADROOM; a later value beyond 448 saturates instead of turning into NaN.
 They are set by every forward that writes from slot 0 (the first chunk's denoising passes and its
