@@ -141,7 +141,12 @@ def patches(variant: str, precision: str) -> tuple[str, str, list]:
 def stream(args, model_config: str | None, variant: str) -> tuple[torch.Tensor, list[int]]:
     """[B, F, C, h, w] fp32 latents of one seeded video with the variant's attention; chunk sizes."""
     precision, mode, patchers = patches(variant, args.precision)
-    source = {"model_config": model_config} if model_config else {"preset": args.preset}
+    if args.demo:
+        from ropesp.demo import default_checkpoint
+
+        source = {"checkpoint": str(default_checkpoint())}
+    else:
+        source = {"model_config": model_config} if model_config else {"preset": args.preset}
     config = PipelineConfig(
         **source,
         latent_height=args.latent_height,
@@ -159,8 +164,11 @@ def stream(args, model_config: str | None, variant: str) -> tuple[torch.Tensor, 
         res = config.resolve()
         chunks = res.request.sampler.chunk_sizes(res.latent_frames)
         session = build_session(res)
-        session.reset(default_prompt_embeds(res.model), seed=0)
-        latents = torch.cat([c.latents.float().cpu() for c in session], dim=1)
+        videos = []
+        for seed in range(args.seeds):
+            session.reset(default_prompt_embeds(res.model), seed=seed)
+            videos.append(torch.cat([c.latents.float().cpu() for c in session], dim=1))
+        latents = torch.cat(videos, dim=0)  # the seeds as a batch: [seeds, F, C, h, w]
         del session
     gc.collect()
     if torch.cuda.is_available():
@@ -172,6 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="wan2.1-1.3b")
     ap.add_argument("--layers", type=int, help="keep the preset's first N layers' shape (CPU time)")
+    ap.add_argument("--demo", action="store_true", help="the shipped demo model instead of --preset")
+    ap.add_argument("--seeds", type=int, default=1, help="videos (seeds 0..N-1), errors over all of them")
     ap.add_argument("--latent-height", type=int, default=16)
     ap.add_argument("--latent-width", type=int, default=16)
     ap.add_argument("--latent-frames", type=int, default=21)
