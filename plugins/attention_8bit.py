@@ -71,14 +71,18 @@ def smooth_keys(k: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class E4M3:
     """Keys or values in e4m3 for the fp8 kernel: data [B, L, H, D] float8_e4m3fn, descale [B, H] fp32,
-    the value data * descale (keys: less their offset, which attention does not see)."""
+    and for values their offset [B, H, D] fp32 (None: none): the value is data * descale + offset. Keys
+    are less an offset too, one that attention does not see (it moves a query's scores alike), so
+    theirs is not carried."""
 
     data: torch.Tensor
     descale: torch.Tensor
+    offset: torch.Tensor | None = None
 
     def dequantized(self) -> torch.Tensor:
         """[B, L, H, D] fp32."""
-        return self.data.float() * self.descale[:, None, :, None]
+        x = self.data.float() * self.descale[:, None, :, None]
+        return x if self.offset is None else x + self.offset[:, None]
 
 
 @functools.cache
@@ -94,11 +98,34 @@ def compiled(fn, x: torch.Tensor):
     return _compiled(fn) if x.is_cuda else fn
 
 
+KEYS_PER_SPLIT: int | None = None
+"""Keys one FlashAttention-3 program accumulates P.v over before its split-KV path merges the pieces in
+fp32 (None: the whole window in one piece, the default).
+
+FA3's e4m3 P.v runs on the tensor cores' FP8 MMA, whose accumulator keeps fewer bits than fp32
+(~13 mantissa bits, SageAttention2's measurement): a value offset shared by every key makes the
+accumulator grow with the window and its truncations with it. Measured on an H100 (2026-12-06,
+scripts/fp8_attention_accuracy.py: Lq 4680, 12 x 128, values offset by one standard deviation; rel L2
+against exact attention over the same e4m3 inputs): 0.071 / 0.138 / 0.238 / 0.340 at 4680 / 9360 /
+18720 / 32760 keys. Pieces of 4680 keys hold it at 0.071; taking the values' offset out
+(E4M3KVCache.smooth_values) brings it to 0.0017-0.0018 at every length (bf16 SDPA: 0.0017) at no
+measurable cost. End to end (Wan-1.3B, 480p, H100, latents per chunk against bf16) the offset out took
+the last chunk from 0.181 to 0.071 rel L2, still growing from 0.039; pieces on top of it are not
+measured end to end yet (bench/notes-40.md), so they stay off."""
+
+
+def num_splits(keys: int) -> int:
+    """The FA3 num_splits that keeps every piece at or under KEYS_PER_SPLIT keys."""
+    return 1 if KEYS_PER_SPLIT is None else max(1, -(-keys // KEYS_PER_SPLIT))
+
+
 def fp8_attention(q: torch.Tensor, k: E4M3, v: E4M3) -> torch.Tensor:
     """Full (unmasked) attention in e4m3: q [B, Lq, H, D] bf16, k and v [B, Lk, H, D] of the e4m3 cache
-    -> [B, Lq, H, D] in q's dtype. FlashAttention-3 on CUDA (sm_90); elsewhere its input roundings with
-    exact fp32 attention (the CPU tests' and scripts/fp8_attention_emulation.py's reference). q is
-    quantized per (batch, head) by its amax, per call."""
+    -> [B, Lq, H, D] in q's dtype. FlashAttention-3 on CUDA (sm_90; in pieces of KEYS_PER_SPLIT keys
+    where set); elsewhere its input roundings with exact fp32 attention (the CPU tests' and
+    scripts/fp8_attention_emulation.py's reference). q is quantized per (batch, head) by its amax, per
+    call. The values' offset comes back after the kernel: softmax's weights sum to 1, so attention to
+    v - m plus m is attention to v."""
     q8, dq = compiled(quantize_per_head, q)(q)
     if not q.is_cuda:
         from ropesp.model.kv_cache import attention
@@ -107,7 +134,23 @@ def fp8_attention(q: torch.Tensor, k: E4M3, v: E4M3) -> torch.Tensor:
         return attention(q_back, k.dequantized(), v.dequantized()).to(q.dtype)
     from fa3_fwd_interface import flash_attn_func
 
-    return flash_attn_func(q8, k.data, v.data, q_descale=dq, k_descale=k.descale, v_descale=v.descale)
+    out = flash_attn_func(
+        q8,
+        k.data,
+        v.data,
+        q_descale=dq,
+        k_descale=k.descale,
+        v_descale=v.descale,
+        num_splits=num_splits(k.data.shape[1]),
+    )
+    if v.offset is None:
+        return out
+    return compiled(_add_offset, out)(out, v.offset)
+
+
+def _add_offset(out: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """out [B, L, H, D] + offset [B, H, D] in fp32, rounded once to out's dtype."""
+    return (out.float() + offset[:, None]).to(out.dtype)
 
 
 def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

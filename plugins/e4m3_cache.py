@@ -9,6 +9,13 @@ batch, head), for the whole stream:
   - the keys' offset: their mean over the first chunk's keys (per channel), taken out of every key
     before rounding; softmax is unchanged (q.(k - m) moves all of a query's scores by the same q.m),
     and the offset the keys share no longer takes e4m3's range (plugins/attention_8bit.py smooth_keys);
+  - the values' offset, the same for the values (with smooth_values): fp8_attention adds it back to
+    the output (softmax's weights sum to 1), so the kernel's P.v accumulates values of zero mean. In
+    FlashAttention-3's e4m3 P.v, whose FP8 MMA accumulator keeps fewer bits than fp32, a shared offset
+    grows the accumulator with every key, and the truncations with it: the kernel's error grew with
+    the window, 0.071 -> 0.340 rel L2 from 4680 to 32760 keys on an H100, and is 0.0017-0.0018 at
+    every length with the offset out (plugins/attention_8bit.py KEYS_PER_SPLIT); Wan-1.3B's 480p latents
+    went from 0.046 -> 0.181 rel L2 per chunk against bf16 to 0.039 -> 0.071 (bench/notes-40.md);
   - the scales: the first chunk's absolute maximum (of the offset keys, of the values) maps to
     448 / HEADROOM; a later value beyond 448 saturates instead of turning into NaN.
 They are set by every forward that writes from slot 0 (the first chunk's denoising passes and its
@@ -36,14 +43,16 @@ before saturating. e4m3 is floating point, so this costs no relative precision e
 headroom 1 (later chunks saturate), 0.0007 with 2, 0.0006 with 4 and 8."""
 
 
-def calibrate(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def calibrate(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """k, v [B, *tokens, H, D] (tokens: N, or the all-to-all's U x N blocks) -> (key offset [B, H, D],
-    key scale [B, H], value scale [B, H]) in fp32, scale = 448 / (HEADROOM * amax)."""
+    key scale [B, H], value offset [B, H, D], value scale [B, H]) in fp32, offset = the mean over the
+    tokens, scale = 448 / (HEADROOM * amax of the offset tensor)."""
     tokens = tuple(range(1, k.dim() - 2))
-    kf = k.float()
-    offset = kf.mean(dim=tokens)  # [B, H, D]
-    centred = kf - offset.view(_broadcast(k, offset.shape[-1]))
-    return offset, _scale(centred, tokens), _scale(v.float(), tokens)
+    kf, vf = k.float(), v.float()
+    k_offset, v_offset = kf.mean(dim=tokens), vf.mean(dim=tokens)  # [B, H, D]
+    k_centred = kf - k_offset.view(_broadcast(k, k_offset.shape[-1]))
+    v_centred = vf - v_offset.view(_broadcast(v, v_offset.shape[-1]))
+    return k_offset, _scale(k_centred, tokens), v_offset, _scale(v_centred, tokens)
 
 
 def _scale(x: torch.Tensor, tokens: tuple[int, ...]) -> torch.Tensor:
@@ -67,28 +76,38 @@ def to_e4m3(x: torch.Tensor, offset: torch.Tensor | None, scale: torch.Tensor) -
 
 
 class E4M3KVCache(KVCache):
-    """KVCache with keys (after RoPE, less the stream's offset) and values in float8_e4m3fn, and per
-    (layer, batch, head) the stream's key offset [B, H, D] and descales [B, H] (fp32)."""
+    """KVCache with keys (after RoPE, less the stream's offset) and values (less theirs, with
+    smooth_values) in float8_e4m3fn, and per (layer, batch, head) the stream's offsets [B, H, D] and
+    descales [B, H] (fp32)."""
 
     storage_dtype = torch.float8_e4m3fn
+    smooth_values = True
+    """Take the values' offset out before rounding (and fp8_attention adds it back)."""
 
     def __init__(self, *args, **kwargs) -> None:
         """KVCache's arguments; its dtype is the activations' (the keys and values handed to update)."""
         super().__init__(*args, **kwargs)
         layers, batch, _, heads, head_dim = self.k.shape
         device = self.k.device
-        self.k_offset = torch.zeros((layers, batch, heads, head_dim), dtype=torch.float32, device=device)
+        self.k_offset, self.v_offset = (
+            torch.zeros((layers, batch, heads, head_dim), dtype=torch.float32, device=device)
+            for _ in range(2)
+        )
         self.k_scale, self.v_scale, self.k_descale, self.v_descale = (
             torch.ones((layers, batch, heads), dtype=torch.float32, device=device) for _ in range(4)
         )
 
     def update(self, layer: int, slots: CacheSlots, k: torch.Tensor, v: torch.Tensor) -> tuple[E4M3, E4M3]:
         """Quantize k, v [B, N, H, D] (or [B, N1, N2, H, D] blocks, as KVCache.update) into the chunk's
-        slots; a write from slot 0 first sets the stream's offset and scales (in place: CUDA graphs
+        slots; a write from slot 0 first sets the stream's offsets and scales (in place: CUDA graphs
         read these buffers). Returns the window's keys and values, E4M3 [B, S_win, H, D]."""
         if slots.write_start == 0:  # the window holds this write only: nothing quantized earlier
-            offset, k_scale, v_scale = compiled(calibrate, k)(k, v)
-            self.k_offset[layer].copy_(offset)
+            k_offset, k_scale, v_offset, v_scale = compiled(calibrate, k)(k, v)
+            self.k_offset[layer].copy_(k_offset)
+            if self.smooth_values:
+                self.v_offset[layer].copy_(v_offset)
+            else:
+                v_scale = compiled(_unsmoothed_scale, v)(v)
             for scale, descale, new in (
                 (self.k_scale, self.k_descale, k_scale),
                 (self.v_scale, self.v_descale, v_scale),
@@ -98,8 +117,14 @@ class E4M3KVCache(KVCache):
         quantize = compiled(to_e4m3, k)
         for buf, new, offset, scale in (
             (self.k, k, self.k_offset[layer], self.k_scale[layer]),
-            (self.v, v, None, self.v_scale[layer]),
+            (self.v, v, self.v_offset[layer] if self.smooth_values else None, self.v_scale[layer]),
         ):
             self.written_slots(buf, layer, slots, new).copy_(quantize(new, offset, scale))
         keys, values = self.window(layer, slots)
-        return E4M3(keys, self.k_descale[layer]), E4M3(values, self.v_descale[layer])
+        v_offset = self.v_offset[layer] if self.smooth_values else None
+        return E4M3(keys, self.k_descale[layer]), E4M3(values, self.v_descale[layer], v_offset)
+
+
+def _unsmoothed_scale(v: torch.Tensor) -> torch.Tensor:
+    """The values' scale [B, H] without their offset taken out."""
+    return _scale(v.float(), tuple(range(1, v.dim() - 2)))

@@ -53,3 +53,9 @@ class StreamDecoder(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents: [B, F, C, h, w] float32 of one chunk -> frames [B, N, H, W, 3] uint8."""
         ...
+
+    def fork(self) -> StreamDecoder:
+        """A decoder of a new stream on the same weights (and compiled code or CUDA graphs where the
+        decoder has them), with its own carried state: forks may decode chunks of their streams in
+        any interleaving, each getting exactly the frames it would get alone."""
+        ...

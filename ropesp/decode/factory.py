@@ -38,19 +38,32 @@ def make_decoder(
     dtype: torch.dtype | None = None,
     compile: bool = False,
     warm_up: WarmUp | None = None,
+    fast: bool = False,
 ) -> StreamDecoder:
     """The preview decoder (vae None) or the streaming Wan VAE (a checkpoint path, or RANDOM_VAE).
 
     dtype: the Wan VAE's weights (default bfloat16 on CUDA, float32 elsewhere). compile: torch.compile
     the Wan VAE; with warm_up its graphs are built here (~2 min on an H200, bench/RESULTS.md), so no video
-    or request pays for them. Raises CheckpointError for an unreadable VAE.
+    or request pays for them. fast: the Wan VAE as `FastWanDecoder` (ropesp/decode/wan_fast.py: in-place
+    caches, fused passes, CUDA graphs; the same frames), compile then ignored; with warm_up on CUDA its
+    graphs are captured here. Raises CheckpointError for an unreadable VAE.
     """
     device = torch.device(device)
     if vae is None:
         return PreviewDecoder(device=device)
-    from ropesp.decode.wan_vae import WanVAEDecoder
+    from ropesp.decode.wan_vae import WanVAEDecoder, load_wan_vae
 
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if fast:
+        from ropesp.decode.wan_fast import FastWanDecoder
+
+        if vae == RANDOM_VAE:
+            fast_decoder = FastWanDecoder.random(dtype, device)
+        else:
+            fast_decoder = FastWanDecoder(load_wan_vae(vae, dtype, device))
+        if warm_up is not None and device.type == "cuda":
+            fast_decoder.warm_up(warm_up.latent_height, warm_up.latent_width, warm_up.chunk_frames)
+        return fast_decoder
     if vae == RANDOM_VAE:
         decoder = WanVAEDecoder.random(dtype, device, compile=compile)
     else:

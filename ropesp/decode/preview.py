@@ -71,6 +71,10 @@ class PreviewDecoder:
     def reset(self) -> None:
         self.prev = None
 
+    def fork(self) -> PreviewDecoder:
+        """A fresh decoder with the same settings (its only state is the stream's last latent frame)."""
+        return PreviewDecoder(self.upscale, self.frames_per_latent, self.device)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents: [B, F, 16, h, w] -> [B, N, 8h, 8w, 3] uint8 on the CPU, N = 4F (or 4F - 3 for the
         first chunk)."""

@@ -19,6 +19,7 @@ Checkpoints (`load_wan_vae`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import time
@@ -344,6 +345,13 @@ class WanVAEDecoder:
     def reset(self) -> None:
         self._feat_cache: list = [None] * self.num_convs
         self._first = True
+
+    def fork(self) -> WanVAEDecoder:
+        """A decoder of a new stream on the same VAE and compiled module: its own feature cache (the
+        compiled graphs guard on the cache's shapes, not on the list, so the forks share them)."""
+        other = copy.copy(self)
+        other.reset()
+        return other
 
     def warm_up(
         self, latent_height: int, latent_width: int, chunk_frames: int = 3, streams: int = 2

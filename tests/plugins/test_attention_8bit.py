@@ -167,3 +167,29 @@ def test_int8_refuses_a_head_dim_its_kernels_lack(monkeypatch):
     ):
         a8.check_attention("int8", "cuda", "--attention", head_dim=32)
     assert "head dims" not in (a8.attention_unsupported_reason("int8", "cuda", head_dim=128) or "")
+
+
+def test_num_splits_keeps_every_piece_within_keys_per_split(monkeypatch):
+    monkeypatch.setattr(a8, "KEYS_PER_SPLIT", 4680)
+    assert [a8.num_splits(n) for n in (1, 4680, 4681, 9360, 32760)] == [1, 1, 2, 2, 7]
+    monkeypatch.setattr(a8, "KEYS_PER_SPLIT", None)
+    assert a8.num_splits(32760) == 1
+
+
+def test_values_offset_comes_back_after_attention():
+    """Softmax's weights sum to 1: attention to v - m plus m is attention to v. The e4m3 values carry
+    the offset back (dequantized adds it), and fp8_attention's reference gives the same output as
+    exact attention over values that were rounded around their mean."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=g) for _ in range(3))
+    m = 5 * torch.randn(1, 2, 16, generator=g)  # [B, H, D], shared by every value of a head
+    torch.testing.assert_close(
+        attention(q, k, v - m[:, None]) + m[:, None], attention(q, k, v), atol=1e-5, rtol=1e-5
+    )
+    v8, descale = a8.quantize_per_head(v)  # the values' spread, around 0
+    values = a8.E4M3(v8, descale, m)
+    torch.testing.assert_close(values.dequantized(), v8.float() * descale[:, None, :, None] + m[:, None])
+    keys = a8.E4M3(*a8.quantize_per_head(k))
+    out = a8.fp8_attention(q, keys, values)
+    q_back = a8.E4M3(*a8.quantize_per_head(q)).dequantized()
+    torch.testing.assert_close(out, attention(q_back, keys.dequantized(), values.dequantized()))

@@ -77,10 +77,14 @@ def test_the_first_chunk_sets_the_streams_offset_and_scales():
     torch.testing.assert_close(cache.k_offset[0], offset)
     amax_k = (k - offset[:, None]).abs().amax(dim=(1, 3))
     torch.testing.assert_close(cache.k_descale[0], amax_k * HEADROOM / a8.E4M3_MAX)
-    torch.testing.assert_close(cache.v_descale[0], v.abs().amax(dim=(1, 3)) * HEADROOM / a8.E4M3_MAX)
+    v_offset = v.mean(dim=1)
+    torch.testing.assert_close(cache.v_offset[0], v_offset)
+    amax_v = (v - v_offset[:, None]).abs().amax(dim=(1, 3))
+    torch.testing.assert_close(cache.v_descale[0], amax_v * HEADROOM / a8.E4M3_MAX)
     assert keys.data.shape == values.data.shape == (1, 3 * FT, HEADS, DIM)
+    assert keys.offset is None and torch.equal(values.offset, cache.v_offset[0])  # only v's comes back
     assert _within_e4m3(keys.dequantized(), k - offset[:, None], keys.descale)
-    assert _within_e4m3(values.dequantized(), v, values.descale)
+    assert _within_e4m3(values.dequantized() - v_offset[:, None], v - v_offset[:, None], values.descale)
     # layer 1 is not written yet: its scales are still the buffers' initial ones
     assert torch.equal(cache.k_descale[1], torch.ones(1, HEADS))
 
@@ -89,15 +93,22 @@ def test_later_chunks_keep_the_scales_and_saturate_instead_of_nan():
     cache = _cache()
     k0, v0 = _kv(3, seed=0)
     _write(cache, 0, 0, k0, v0)
-    scales = (cache.k_offset.clone(), cache.k_descale.clone(), cache.v_descale.clone())
+    scales = (
+        cache.k_offset.clone(),
+        cache.k_descale.clone(),
+        cache.v_offset.clone(),
+        cache.v_descale.clone(),
+    )
     k1, v1 = _kv(3, seed=1)
     v1[0, 5, 1, 2] = 1e6  # far beyond HEADROOM x the first chunk's maximum
     keys, values = _write(cache, 0, 3, k1, v1)
-    assert all(torch.equal(a, b) for a, b in zip(scales, (cache.k_offset, cache.k_descale, cache.v_descale)))
+    now = (cache.k_offset, cache.k_descale, cache.v_offset, cache.v_descale)
+    assert all(torch.equal(a, b) for a, b in zip(scales, now))
     assert keys.data.shape[1] == 6 * FT  # the window: both chunks
     back = values.dequantized()
     assert torch.isfinite(back).all()
-    assert back[0, 3 * FT + 5, 1, 2] == pytest.approx(a8.E4M3_MAX * values.descale[0, 1].item())
+    saturated = a8.E4M3_MAX * values.descale[0, 1] + values.offset[0, 1, 2]
+    assert back[0, 3 * FT + 5, 1, 2] == pytest.approx(saturated.item())
     # the first chunk's slots were not rewritten by the second write
     assert _within_e4m3(keys.dequantized()[:, : 3 * FT], k0 - cache.k_offset[0][:, None], keys.descale)
 
@@ -108,8 +119,10 @@ def test_every_write_from_slot_zero_recalibrates_and_reset_starts_over():
     _write(cache, 0, 0, k, v)
     cache.reset()  # a new stream, or the first chunk's next denoising pass at the same slots
     _write(cache, 0, 0, 3 * k, 3 * v)
-    torch.testing.assert_close(cache.v_descale[0], 3 * v.abs().amax(dim=(1, 3)) * HEADROOM / a8.E4M3_MAX)
+    amax_v = (v - v.mean(dim=1, keepdim=True)).abs().amax(dim=(1, 3))
+    torch.testing.assert_close(cache.v_descale[0], 3 * amax_v * HEADROOM / a8.E4M3_MAX)
     torch.testing.assert_close(cache.k_offset[0], 3 * k.mean(dim=1))
+    torch.testing.assert_close(cache.v_offset[0], 3 * v.mean(dim=1))
 
 
 def test_blocks_of_the_all_to_all_write_as_their_flat_tokens():
@@ -133,7 +146,8 @@ def test_the_rolling_window_moves_e4m3_keys_with_their_scales():
     offset = cache.k_offset[0][:, None]
     assert _within_e4m3(keys.dequantized()[:, : 3 * FT], chunks[0][0] - offset, keys.descale)
     assert _within_e4m3(keys.dequantized()[:, 3 * FT :], chunks[2][0] - offset, keys.descale)
-    assert _within_e4m3(values.dequantized()[:, 3 * FT :], chunks[2][1], values.descale)
+    v_offset = cache.v_offset[0][:, None]
+    assert _within_e4m3(values.dequantized()[:, 3 * FT :] - v_offset, chunks[2][1] - v_offset, values.descale)
 
 
 def test_fp8_attention_over_the_first_chunk_is_the_per_call_e4m3_rounding():
@@ -151,7 +165,8 @@ def test_fp8_attention_over_the_first_chunk_is_the_per_call_e4m3_rounding():
     def rounded(x):
         return a8.E4M3(*a8.quantize_per_head(x)).dequantized()
 
-    per_call = attention(rounded(q), rounded(a8.smooth_keys(k)), rounded(v))
+    v_mean = v.mean(dim=1, keepdim=True)
+    per_call = attention(rounded(q), rounded(a8.smooth_keys(k)), rounded(v - v_mean) + v_mean)
     torch.testing.assert_close(out, per_call, rtol=1e-5, atol=1e-6)
     exact = attention(q, k, v)
     assert (out - exact).norm() / exact.norm() < 0.08

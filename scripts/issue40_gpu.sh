@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One device call for issue 40 (the fast Wan VAE decoder, FP8 attention's drift): install, then the named
+# steps in order, each under its own time limit and all under DEADLINE seconds; every result lands in
+# $RES and is packed into $OUT/results.tgz after each step (the device tool returns at most 8 files).
+#
+# Usage (from the repository root, wheels in .whl/): DEADLINE=320 bash scripts/issue40_gpu.sh STEP...
+#   ceilings  copy bandwidth and bf16 GEMM rate (scripts/gpu_ceilings.py)
+#   tests     the fast decoder's and the fp8 attention's GPU tests
+#   vae480 / vae720     fast, fast-eager and eager channels-last decoders, fp32 reference, profiles, convs
+#   vaecompile480       today's --vae-compile decoder and the fast one in one process
+#   fp8acc480 / fp8acc720  FA3 e4m3 attention's error and time over growing windows
+#   drift480 / drift720    per-chunk latents of Wan-1.3B (random weights) per FP8 attention fix
+set -uo pipefail
+OUT=${OUT:-out}
+RES=${RES:-$(mktemp -d)}
+DEADLINE=${DEADLINE:-540}
+DRIFT_VARIANTS=${DRIFT_VARIANTS:-sdpa,gemm,fp8:base,fp8:v,fp8:split,fp8:v+split}
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1
+if [ -z "${SKIP_INSTALL:-}" ]; then  # SKIP_INSTALL=1: a dry run where the tree is installed already
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site
+  fi
+  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$RES/gpu.csv"
+fi
+PY=${PY:-python3}
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$RES/versions.txt"
+pack() { tar czf "$OUT/results.tgz" -C "$RES" . ; }
+trap pack EXIT
+step() {  # step NAME LIMIT CMD...: at most LIMIT seconds and never past DEADLINE
+  local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -le 5 ]; then echo "=== $name skipped (deadline)"; return; fi
+  echo "=== $name $(date +%T) (limit ${limit} s)"
+  timeout -k 5 "$limit" "$@" >"$RES/$name.log" 2>&1
+  echo "--- $name rc=$? after $((SECONDS)) s"
+  grep -v -E "Warning|warn\(|torchao|_pytree|register_constant|^\s*$" "$RES/$name.log" | tail -n "${TAIL:-30}" | cut -c1-240
+  pack
+}
+VAE=(scripts/vae_bench.py --latent-frames 21 --repeat 2)
+DRIFT=(scripts/fp8_attention_drift.py --preset wan2.1-1.3b --latent-frames 21 --device cuda --dtype bfloat16
+  --backend "${DRIFT_BACKEND:-eager}" --variants "$DRIFT_VARIANTS")
+for s in "$@"; do
+  case $s in
+    ceilings) step ceilings 40 $PY scripts/gpu_ceilings.py --json "$RES/ceilings.json" ;;
+    tests) step tests 120 $PY -m pytest tests/decode/test_wan_fast.py tests/plugins/test_fp8_attention_gpu.py \
+      -m gpu -q -p no:cacheprovider -rs ;;
+    vae480) TAIL=60 step vae480 150 $PY "${VAE[@]}" --latent-height 60 --latent-width 104 \
+      --variants channels-last,fast,fast-eager --fp32-reference --profile --conv-bench --json "$RES/vae480.json" ;;
+    vae720) TAIL=60 step vae720 150 $PY "${VAE[@]}" --latent-height 90 --latent-width 160 \
+      --variants channels-last,fast --profile --conv-bench --json "$RES/vae720.json" ;;
+    vaecompile480) TAIL=60 step vaecompile480 300 $PY "${VAE[@]}" --latent-height 60 --latent-width 104 \
+      --variants "${VAE_VARIANTS:-channels-last,fast,compile-channels-last}" --fp32-reference --profile --conv-bench \
+      --json "$RES/vaecompile480.json" ;;
+    fp8acc480) step fp8acc480 60 $PY scripts/fp8_attention_accuracy.py --json "$RES/fp8acc480.json" ;;
+    fp8acc720) step fp8acc720 90 $PY scripts/fp8_attention_accuracy.py --queries 10800 \
+      --windows 10800,43200,75600 --json "$RES/fp8acc720.json" ;;
+    drift480) step drift480 150 $PY "${DRIFT[@]}" --latent-height 60 --latent-width 104 --json "$RES/drift480.json" ;;
+    drift720) step drift720 200 $PY "${DRIFT[@]}" --latent-height 90 --latent-width 160 --json "$RES/drift720.json" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
+echo "=== done after $SECONDS s"
