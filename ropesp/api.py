@@ -198,11 +198,11 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: RunConfig, text_encoder: Any = None) -> Pipeline:
-        """A Pipeline of run settings already gathered (a front end's flags)."""
+        """A Pipeline of run settings already gathered (a front end's flags: its errors name them as the
+        front end does, flags unless the caller is inside errors.python_names)."""
         pipe = cls.__new__(cls)
         pipe._core = None
-        with python_names():
-            pipe._start(config, text_encoder)
+        pipe._start(config, text_encoder)
         return pipe
 
     def _start(self, config: RunConfig, encoder) -> None:

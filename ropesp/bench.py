@@ -105,6 +105,8 @@ class BenchConfig:
     """Time decode with the Wan VAE: a checkpoint path, or "random" (full size, random weights);
     None = the preview decoder."""
     vae_compile: bool = False
+    vae_fast: bool = False
+    """The Wan VAE as FastWanDecoder (ropesp/decode/wan_fast.py)."""
     """Run the Wan VAE decoder through torch.compile (WanVAEDecoder(compile=True))."""
     decode_device: str | None = None
     """Where rank 0's decoder runs ('cuda:N', e.g. a GPU of its own beside the DiT ranks'); None = rank
@@ -211,7 +213,9 @@ def measure(
         g = session.geometry  # a compiled decoder compiles here, off the clocks
         warm = WarmUp(g.latent_height, g.latent_width, session.chunk_sizes[0])
         session.decoder = (
-            make_decoder(bench.vae, decoder_device, compile=bench.vae_compile, warm_up=warm)
+            make_decoder(
+                bench.vae, decoder_device, compile=bench.vae_compile, warm_up=warm, fast=bench.vae_fast
+            )
             if decodes
             else None
         )

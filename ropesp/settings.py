@@ -502,6 +502,11 @@ class DecodeConfig(Section):
     vae_compile: bool = setting(
         False, "torch.compile the Wan VAE decoder once per process (its graphs built at load)"
     )
+    vae_fast: bool = setting(
+        False,
+        "the Wan VAE as FastWanDecoder: in-place causal caches, fused passes, a CUDA graph per latent frame; the "
+        "same frames (1.13x --vae-compile on an H100, 9 s of warm-up instead of 99 s)",
+    )
     decode_device: str | None = setting(
         None,
         "run the Wan VAE on this device (cuda:N), e.g. a GPU of its own beside the DiT's",
@@ -515,7 +520,7 @@ class DecodeConfig(Section):
         if self.decoder in ("preview", "none") and self.vae:
             raise ConfigError(f"{arg('vae')} is for {arg('decoder', 'vae')}")
         if self.decoder != "vae" and not self.vae:
-            for name in ("vae_compile", "decode_device"):
+            for name in ("vae_compile", "vae_fast", "decode_device"):
                 if getattr(self, name):
                     raise ConfigError(
                         f"{arg(name)} acts on the Wan VAE decoder: give {arg('vae')} or {arg('model_dir')}"

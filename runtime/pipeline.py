@@ -271,8 +271,9 @@ def _decoder(config: RunConfig, model_dir) -> tuple[str, str | None]:
         raise ConfigError(
             f"{arg('vae', settings.vae)} does not exist (a diffusers vae/ directory or Wan2.1_VAE.pth)"
         )
-    if decoder != "vae" and (settings.vae_compile or settings.decode_device):
-        name = "vae_compile" if settings.vae_compile else "decode_device"
+    given = [n for n in ("vae_compile", "vae_fast", "decode_device") if getattr(settings, n)]
+    if decoder != "vae" and given:
+        name = given[0]
         raise ConfigError(f"{arg(name)} acts on the Wan VAE decoder: use {arg('decoder', 'vae')}")
     if settings.decode_device:
         from ropesp.runtime.dist import parse_device
@@ -329,7 +330,7 @@ def stream_decoder(res: ResolvedPipeline, device: torch.device, *, decode: bool 
     g = res.geometry
     warm = WarmUp(g.latent_height, g.latent_width, res.config.sampler.chunk_frames)
     try:
-        return make_decoder(res.vae, where, res.dtype, settings.vae_compile, warm)
+        return make_decoder(res.vae, where, res.dtype, settings.vae_compile, warm, fast=settings.vae_fast)
     except CheckpointError as exc:
         source = arg("vae", res.vae) if settings.vae else arg("model_dir", res.config.source.model_dir)
         raise CheckpointError(f"{source}: {exc}") from None

@@ -49,8 +49,9 @@ from ropesp.config import preset as preset_config
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit, e4m3_cache
 from ropesp.plugins.attention_8bit import E4M3, quantize_per_head
-from ropesp.runtime.pipeline import PipelineConfig, build_session
+from ropesp.runtime.pipeline import build_session, resolve
 from ropesp.runtime.prompts import default_prompt_embeds
+from ropesp.settings import RunConfig
 
 FA3_P_OFFSET = 8.0
 """FlashAttention-3's fp8 forward subtracts rowmax - 8 (log2 units) before exp2, so P <= 2^8."""
@@ -147,7 +148,7 @@ def stream(args, model_config: str | None, variant: str) -> tuple[torch.Tensor, 
         source = {"checkpoint": str(default_checkpoint())}
     else:
         source = {"model_config": model_config} if model_config else {"preset": args.preset}
-    config = PipelineConfig(
+    config = RunConfig.of(
         **source,
         latent_height=args.latent_height,
         latent_width=args.latent_width,
@@ -161,8 +162,8 @@ def stream(args, model_config: str | None, variant: str) -> tuple[torch.Tensor, 
     with ExitStack() as stack, torch.inference_mode():
         for p in patchers:
             stack.enter_context(p)
-        res = config.resolve()
-        chunks = res.request.sampler.chunk_sizes(res.latent_frames)
+        res = resolve(config)
+        chunks = res.config.sampler.chunk_sizes(res.latent_frames)
         session = build_session(res)
         videos = []
         for seed in range(args.seeds):

@@ -225,10 +225,11 @@ for step in "$@"; do
       python3 - "$eng" "$DTYPE" <<'PY' 2>&1 | tee "$RES/weights_check.txt"
 import sys, torch
 from safetensors.torch import load_file
-from ropesp.runtime.pipeline import PipelineConfig, load_model
+from ropesp.runtime.pipeline import load_model, resolve
+from ropesp.settings import RunConfig
 eng, dtype = sys.argv[1], sys.argv[2]
 built = load_file(f"{eng}/weights.safetensors")
-res = PipelineConfig(preset="wan2.1-1.3b", device="cuda", dtype=dtype).resolve()
+res = resolve(RunConfig.of(preset="wan2.1-1.3b", device="cuda", dtype=dtype))
 run = {k: v.cpu() for k, v in load_model(res, torch.device("cuda")).state_dict().items()}
 bad = [k for k in run if not torch.equal(run[k], built.get(k, torch.empty(0)))]
 print(f"tensors {len(run)}, differing {len(bad)}: {bad[:8]}")

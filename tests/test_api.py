@@ -97,7 +97,9 @@ def test_cancel_from_another_thread_and_unbounded_stream(prompt):
         # one KV cache slot (max_streams=1): a second stream is refused while a suspended one holds it
         first = iter(p.stream(prompt, frames=None))
         next(first)
-        with pytest.raises(AtCapacity, match=r"at capacity: 1 stream running, every KV cache slot taken \(max_streams=1\)"):
+        with pytest.raises(
+            AtCapacity, match=r"at capacity: 1 stream running, every KV cache slot taken \(max_streams=1\)"
+        ):
             list(p.stream(prompt, frames=9))
         first.close()  # a consumer that walks away frees the slot at once
         assert [c.index for c in p.stream(prompt, frames=9)] == [0]
@@ -137,7 +139,9 @@ def test_errors_name_python_arguments(pipe, prompt):
 
 
 def test_session_rough_edges(prompt):
-    with pytest.raises(ConfigError, match=r"--world-size 2 needs its ranks: the engine core starts and owns them"):
+    with pytest.raises(
+        ConfigError, match=r"--world-size 2 needs its ranks: the engine core starts and owns them"
+    ):
         build_session(RunConfig.of(preset="tiny", device="cpu", world_size=2))
     session = build_session(RunConfig.of(preset="tiny", device="cpu", latent_frames=3))
     session.reset(seed=0)  # no prompt yet: the default embedding, as `ropesp generate` without one

@@ -107,10 +107,16 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
         (["--steps", "a,b"], "comma-separated integers"),
         (["--latent-height", "15"], "--latent-height 15 must be a positive multiple of the patch size 2"),
         (["--height", "120", "--width", "128"], "--height 120 must be a positive multiple of 16"),
-        (["--latent-frames", "8"], "does not tile into chunks of --chunk-frames 3: valid lengths are 9, 21, 33"),
+        (
+            ["--latent-frames", "8"],
+            "does not tile into chunks of --chunk-frames 3: valid lengths are 9, 21, 33",
+        ),
         (["--frames", "10"], "--frames 10 must be 4*k + 1"),
         (["--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
-        (["--latent-frames", "12", "--max-frames", "9"], "a video of 45 frames (12 latent) exceeds the KV cache of 9 latent frames: raise --max-frames to 12"),
+        (
+            ["--latent-frames", "12", "--max-frames", "9"],
+            "a video of 45 frames (12 latent) exceeds the KV cache of 9 latent frames: raise --max-frames to 12",
+        ),
         (
             ["--local-attn-frames", "3", "--sink-frames", "1"],
             "--local-attn-frames 3 must be >= --sink-frames 1",

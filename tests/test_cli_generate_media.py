@@ -140,7 +140,11 @@ def _partial(model_root, tmp_path, *drop):
     ("case", "flag", "message"),
     [
         ("prompt-without-encoder", "--prompt", "--prompt needs a text encoder: pass --text-encoder DIR"),
-        ("decoder-vae-without-vae", "--decoder", "--decoder vae needs a Wan VAE: pass --vae (a diffusers vae/ directory or Wan2.1_VAE.pth) or --model-dir"),
+        (
+            "decoder-vae-without-vae",
+            "--decoder",
+            "--decoder vae needs a Wan VAE: pass --vae (a diffusers vae/ directory or Wan2.1_VAE.pth) or --model-dir",
+        ),
         ("vae-missing", "--vae", "--vae /nonexistent/vae does not exist"),
         ("text-encoder-without-prompt", "--text-encoder", "--text-encoder is only used with --prompt"),
         ("text-encoder-incomplete", "--text-encoder", "is incomplete"),

@@ -39,9 +39,9 @@ def test_prompt_at_schedule_equals_definition(embeds, tmp_path, world_size, mode
     args = ["generate", *GRID, "--latent-frames", "12", "--prompt-embeds", p0, "--prompt-at", "1", p1]
     args += ["--prompt-at", "3", p2, "--prompt-mode", mode, "--world-size", str(world_size)]
     assert main([*args, "--output", str(tmp_path / "v.mp4"), "--latents-out", str(out)]) == 0
-    res = resolve(RunConfig.of(
-        preset="tiny", latent_height=10, latent_width=14, latent_frames=12, device="cpu"
-    ))
+    res = resolve(
+        RunConfig.of(preset="tiny", latent_height=10, latent_width=14, latent_frames=12, device="cpu")
+    )
     executor = build_session(res).executor
     want = generate_with_switches(
         executor, res.config.sampler, res.cache, (10, 14), [3] * 4, {0: e0, 1: e1, 3: e2}, 3, mode

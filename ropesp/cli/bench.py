@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     add_flags(
         p,
         DecodeConfig,
-        only=("vae", "vae_compile", "decode_device"),
+        only=("vae", "vae_compile", "vae_fast", "decode_device"),
         help={"vae": "time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)"},
     )
     g = p.add_argument_group("bench")
@@ -70,12 +70,15 @@ def run(args) -> None:
     if config.video.unbounded:
         raise ConfigError("--frames 0 (a stream until stopped) is for `ropesp generate`: give a length here")
     bench = BenchConfig(
-        run=config.replace(vae=None, vae_compile=False, decode_device=None),  # the decoder is bench's own
+        run=config.replace(
+            vae=None, vae_compile=False, vae_fast=False, decode_device=None
+        ),  # bench's own decoder
         configs=tuple(c for c in args.configs.split(",") if c),
         warmup=args.warmup,
         repeat=args.repeat,
         vae=config.decode.vae,
         vae_compile=config.decode.vae_compile,
+        vae_fast=config.decode.vae_fast,
         decode_device=config.decode.decode_device,
         decode=not args.no_decode,
         commit=args.commit,

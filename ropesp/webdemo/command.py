@@ -23,6 +23,9 @@ def run(config: RunConfig, *, host: str, port: int, jpeg_quality: int) -> None:
         jpeg_quality=jpeg_quality,
     )
     check_listen(demo.host, demo.port)  # before the model is built
+    from ropesp.runtime.pipeline import resolve
+
+    resolve(config)  # every setting checked (a page's --frames too) and named as a flag, before any work
     print("ropesp demo: building the pipeline ...", file=sys.stderr)
     pipe = ropesp.Pipeline.from_config(config.replace(frames=None))  # each page asks for its own length
     try:

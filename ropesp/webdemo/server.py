@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import importlib.resources
 import ipaddress
+import json
 import signal
 import sys
 import threading
@@ -30,7 +31,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
-from ropesp.errors import ConfigError, RopespError
+from ropesp.errors import ConfigError, RopespError, python_names
 from ropesp.settings import check_seed
 from ropesp.video import VIDEO_FPS
 from ropesp.webdemo.frames import encode_jpeg, frame_message
@@ -357,7 +358,8 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
             if msg.type != WSMsgType.TEXT:
                 continue
             try:
-                await _handle(hub, ws, msg.json())
+                with python_names():  # the page's JSON fields are named as Python names them (seed=-1)
+                    await _handle(hub, ws, msg.json(loads=_loads))
             except (ValueError, TypeError, KeyError) as exc:
                 await ws.send_json({"type": "error", "message": f"bad request: {exc}"})
     finally:
@@ -365,6 +367,17 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
         hub.refused.discard(ws)
         await hub.stop(ws)
     return ws
+
+
+class _LongNumber(str):
+    """A JSON number too long to be any setting's value, kept as its digits (int() refuses them)."""
+
+    def __repr__(self) -> str:
+        return f"<a {len(self)}-digit integer>"
+
+
+def _loads(text: str):
+    return json.loads(text, parse_int=lambda digits: int(digits) if len(digits) <= 40 else _LongNumber(digits))
 
 
 def _prompt_of(message: dict, default: str) -> str:

@@ -51,7 +51,9 @@ def engines(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo_cuda_aoti")
     return build(
-        BuildConfig.of(str(out), "aoti", checkpoint=str(default_checkpoint()), dtype="bfloat16", device="cuda")
+        BuildConfig.of(
+            str(out), "aoti", checkpoint=str(default_checkpoint()), dtype="bfloat16", device="cuda"
+        )
     )
 
 

@@ -35,9 +35,11 @@ def test_engine_switch_equals_definition(builds, switch_prompts, tmp_path, backe
     root = builds(backend, world_size)
     args = ["--engines", str(root), "--prompt-embeds", p0, "--prompt-at", "1", p1, "--prompt-mode", mode]
     got = run_generate(tmp_path, *args)
-    res = resolve(RunConfig.of(
-        preset="tiny", latent_height=10, latent_width=14, latent_frames=6, device="cpu", dtype="float32"
-    ))
+    res = resolve(
+        RunConfig.of(
+            preset="tiny", latent_height=10, latent_width=14, latent_frames=6, device="cpu", dtype="float32"
+        )
+    )
     executor = build_session(res).executor  # eager, the weights the build used (seeded)
     want = generate_with_switches(
         executor, res.config.sampler, res.cache, (10, 14), [3, 3], {0: e0, 1: e1}, 3, mode

@@ -121,9 +121,7 @@ def test_attention_modes_refused_where_they_cannot_run():
     with pytest.raises(ConfigError, match="--attention fp4; choose one of"):
         resolve(RunConfig.of(preset="tiny", attention="fp4"))
     with pytest.raises(ConfigError, match=r"the ring layout .* merges partial attentions"):
-        resolve(RunConfig.of(
-            preset="tiny", attention="fp8", world_size=2, ulysses_degree=1, ring_degree=2
-        ))
+        resolve(RunConfig.of(preset="tiny", attention="fp8", world_size=2, ulysses_degree=1, ring_degree=2))
 
 
 def test_every_mode_selects_its_own_kernel():

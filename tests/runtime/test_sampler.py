@@ -56,5 +56,8 @@ def test_chunk_sizes():
     assert SamplerConfig(independent_first_frame=True).chunk_sizes(7) == [1, 3, 3]
     with pytest.raises(ConfigError, match="does not tile into chunks of --chunk-frames 3"):
         SamplerConfig().chunk_sizes(8)
-    with pytest.raises(ConfigError, match=r"after a 1-frame first chunk \(--independent-first-frame\): valid lengths are 1, 13, 25"):
+    with pytest.raises(
+        ConfigError,
+        match=r"after a 1-frame first chunk \(--independent-first-frame\): valid lengths are 1, 13, 25",
+    ):
         SamplerConfig(independent_first_frame=True).chunk_sizes(6)

@@ -54,7 +54,7 @@ def test_serve_world_size_2_equals_world_size_1_and_stops_on_sigint(tmp_path, pr
     try:
         _wait_ready(f"127.0.0.1:{http}", proc)
         procs = descendants(proc.pid)
-        assert sum("ropesp.runtime.group" in cmd for cmd in procs.values()) == 1, procs  # rank 1
+        assert sum("ropesp.runtime.worker" in cmd for cmd in procs.values()) == 1, procs  # rank 1
         client = load_client()
         inputs = client.make_inputs(prompt[0].numpy(), 3, 6)
         chunks = list(client.stream(f"127.0.0.1:{grpc}", inputs, timeout_s=120))

@@ -59,7 +59,10 @@ def test_triton_stream_equals_in_process_run(server, client, prompt, reference):
         ("fp64 prompt", "data-type"),
         ("wrong text_dim", "shape"),
         ("too many tokens", "the model takes 1..512"),
-        ("frames not a multiple of the chunk", "must be a positive does not tile into chunks of --chunk-frames 3"),
+        (
+            "frames not a multiple of the chunk",
+            "must be a positive does not tile into chunks of --chunk-frames 3",
+        ),
         ("frames beyond the cache", "exceed the KV cache of 30 frames"),
         ("other height", "serves 64 x 64 pixels"),
         ("nan prompt", "prompt embeddings hold 1 NaN or Inf values"),

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def _workers(pid: int) -> list[int]:
-    return [p for p, cmd in descendants(pid).items() if "ropesp.runtime.group" in cmd]
+    return [p for p, cmd in descendants(pid).items() if "ropesp.runtime.worker" in cmd]
 
 
 def _ready(url: str) -> bool:

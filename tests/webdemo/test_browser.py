@@ -42,7 +42,7 @@ for a CI machine whose two cores other jobs share."""
 
 @pytest.fixture(scope="module")
 def server():
-    pipe = ropesp.Pipeline(local_attn_frames=9, sink_frames=3)  # streams until stopped
+    pipe = ropesp.Pipeline(local_attn_frames=9, sink_frames=3, max_streams=2)  # streams until stopped
     warm_up(pipe, None)
     demo = DemoServer(pipe, DemoConfig(port=0), "CPU default model").start()
     try:
@@ -85,18 +85,21 @@ def canvas_pixels(page) -> np.ndarray:
     )
 
 
-def test_stream_prompt_switch_busy_tab_and_stop_in_a_real_browser(server, browser):
+def test_two_tabs_stream_a_third_is_busy_prompt_switch_and_stop_in_a_real_browser(server, browser):
     t0 = time.perf_counter()
     page = browser.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(server.url)
     page.wait_for_function("window.demoStats.state === 'ready'", timeout=10_000)
+    examples = page.locator("button.example").all_inner_texts()
+    if examples:  # the demo model: its grammar's prompts, one click away
+        assert "two blue discs bouncing" in examples
 
     page.fill("#seed", "-5")  # refused with one clear message, nothing starts
     page.click("#start")
     page.wait_for_selector("#status.error", timeout=10_000)
-    assert "seed -5 must be an integer" in page.inner_text("#status") and not page.is_enabled("#stop")
+    assert "seed=-5 must be in 0..2^63-1" in page.inner_text("#status") and not page.is_enabled("#stop")
     page.fill("#seed", "0")
     page.fill("#prompt", "a red square moving right")
     page.click("#start")
@@ -113,13 +116,26 @@ def test_stream_prompt_switch_busy_tab_and_stop_in_a_real_browser(server, browse
     changed = np.abs(first - second).max(axis=-1) > 8
     assert changed.mean() > 0.05, f"only {changed.mean():.1%} of the canvas changed between two frames"
 
-    other = browser.new_page()  # a second tab while the first streams: a clear busy answer
+    two = browser.new_page()  # a second tab streams beside the first, its own stream
+    two.goto(server.url)
+    two.wait_for_function("window.demoStats.state === 'ready'", timeout=10_000)
+    two.fill("#prompt", "two blue discs bouncing")
+    two.click("#start")
+    two.wait_for_function("window.demoStats.painted > 0", timeout=20_000)
+    other = browser.new_page()  # a third while both stream: every slot is taken, a clear busy answer
     other.goto(server.url)
     other.wait_for_selector("#status.busy", timeout=10_000)
-    assert "busy: another page is streaming" in other.inner_text("#status")
+    assert "busy: 2 of 2 streams running" in other.inner_text("#status")
     other.click("#start")
     other.wait_for_selector("#status.busy", timeout=10_000)
+    assert "at capacity: 2 streams running" in other.inner_text("#status")
     assert stats(other)["painted"] == 0
+    two.click("#stop")  # a slot frees: the refused page is told
+    two.wait_for_function("window.demoStats.state === 'stopped'", timeout=15_000)
+    other.wait_for_function(
+        "document.getElementById('status').textContent.startsWith('ready')", timeout=10_000
+    )
+    two.close()
 
     page.bring_to_front()  # the second tab hid it, and a hidden page paints nothing
     page.fill("#prompt", "two blue discs bouncing")
@@ -144,9 +160,6 @@ def test_stream_prompt_switch_busy_tab_and_stop_in_a_real_browser(server, browse
     page.click("#stop")
     page.wait_for_function("window.demoStats.state === 'stopped'", timeout=15_000)
     assert page.inner_text("#status").startswith("stopped:")
-    other.wait_for_function(
-        "document.getElementById('status').textContent.startsWith('ready')", timeout=10_000
-    )
 
     link = browser.new_page()  # a link that opens straight into a running stream
     link.goto(server.url + "?autostart=1&prompt=a%20green%20disc%20moving%20up&seed=7")

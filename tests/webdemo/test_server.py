@@ -34,7 +34,8 @@ DEMO_MODEL = (
 """Whether this ropesp ships the embedded demo model's weights, the default Pipeline's model, with its own
 prompt encoder (else the default model is a random-weight preset without one)."""
 PROMPTS_NOTE = (
-    "text prompts through the pipeline's text encoder"
+    "the demo model knows COUNT COLOUR SHAPE MOTION: a|two|three, red|green|blue|yellow|white|cyan|magenta, "
+    "square|disc, moving left|right|up|down, bouncing, entering from / leaving to the left|right|top|bottom"
     if DEMO_MODEL
     else "this model has no text encoder: each prompt gets its own seeded embedding (the words carry no meaning)"
 )
@@ -98,18 +99,22 @@ def test_bad_requests_get_one_clear_message(server):
             {"type": "start", "prompt": 5},
             {"type": "dance"},
             {"type": "prompt", "prompt": "a blue disc"},
+            [1, 2, 3],
+            '{"type": "start", "seed": 1' + "0" * 5000 + "}",
         ):
-            await ws.send_json(request)
+            await (ws.send_str(request) if isinstance(request, str) else ws.send_json(request))
             replies.append(await ws.receive_json())
         return replies
 
     replies = run(server, script)
-    assert [r["type"] for r in replies] == ["error"] * 5
-    assert "seed -1 must be an integer" in replies[0]["message"]
-    assert "seed 'x'" in replies[1]["message"]
+    assert [r["type"] for r in replies] == ["error"] * 7
+    assert replies[0]["message"] == "bad request: seed=-1 must be in 0..2^63-1"
+    assert replies[1]["message"] == "bad request: seed='x' must be an integer"
     assert "prompt must be a string" in replies[2]["message"]
     assert "unknown message type 'dance'" in replies[3]["message"]
     assert replies[4]["message"] == "no stream of this page is running"
+    assert replies[5]["message"] == "bad request: a message is a JSON object with a 'type'"
+    assert replies[6]["message"] == "bad request: seed=<a 5001-digit integer> must be an integer"
 
 
 def test_cross_origin_pages_are_refused(server):
@@ -171,8 +176,10 @@ def test_refusals_before_any_work(capsys):
             check_listen("127.0.0.1", port)
         assert main(["demo", "--port", str(port)]) == 2
     assert f"ropesp: error: --host 127.0.0.1 --port {port}: cannot listen" in capsys.readouterr().err
-    assert main(["demo", "--frames", "0"]) == 2
-    assert "--frames 0 must be 4*k + 1 video frames" in capsys.readouterr().err
+    assert main(["demo", "--frames", "6"]) == 2
+    assert "--frames 6 must be 4*k + 1 video frames" in capsys.readouterr().err
+    assert main(["demo", "--frames", "5"]) == 2  # 2 latent frames: not a whole chunk, named by its flag
+    assert "does not tile into chunks of --chunk-frames 3" in capsys.readouterr().err
 
 
 def test_missing_demo_extra_is_named(monkeypatch):

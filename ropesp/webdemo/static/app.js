@@ -82,7 +82,8 @@ function onJson(m) {
       $("prompt-note").textContent = m.prompts;
       if (!ui.prompt.value) ui.prompt.value = params.get("prompt") || m.default_prompt;
       if (params.has("seed")) ui.seed.value = params.get("seed");
-      if (m.busy) busy("busy: another page is streaming (one stream at a time); this page is told when it stops");
+      showExamples(m.examples || []);
+      if (m.busy) busy(`busy: ${m.streams} of ${m.max_streams} streams running; this page is told when one ends`);
       else setStatus("ready");
       if (params.get("autostart") === "1" && !autostarted) {
         autostarted = true;
@@ -109,12 +110,12 @@ function onJson(m) {
       break;
     case "free":
       stats.busy = false;
-      if (!running) setStatus("ready (the other stream stopped)");
+      if (!running) setStatus("ready (a stream ended: press Start)");
       break;
     case "stopped":
       if (m.stream !== streamId) break;
       setRunning(false);
-      if (m.reason !== "error") { // after an error its message stays on screen
+      if (m.reason !== "error" && m.reason !== "busy") { // an error's or a refusal's message stays on screen
         setStatus(`${m.reason}: ${m.frames} frames` + (m.gen_fps ? `, generated at ${m.gen_fps.toFixed(1)} FPS` : ""));
       }
       stats.state = m.reason;
@@ -123,6 +124,24 @@ function onJson(m) {
       setStatus(`error: ${m.message}`, "error");
       break;
   }
+}
+
+function showExamples(examples) {
+  const list = $("examples");
+  list.replaceChildren();
+  for (const text of examples) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "example";
+    b.textContent = text;
+    b.title = running ? "switch the running stream to this prompt" : "use this prompt";
+    b.addEventListener("click", () => {
+      ui.prompt.value = text;
+      if (running) send({ type: "prompt", prompt: text });
+    });
+    list.append(b);
+  }
+  $("examples-box").hidden = examples.length === 0;
 }
 
 function busy(message) {
