@@ -377,7 +377,9 @@ class _LongNumber(str):
 
 
 def _loads(text: str):
-    return json.loads(text, parse_int=lambda digits: int(digits) if len(digits) <= 40 else _LongNumber(digits))
+    return json.loads(
+        text, parse_int=lambda digits: int(digits) if len(digits) <= 40 else _LongNumber(digits)
+    )
 
 
 def _prompt_of(message: dict, default: str) -> str:
