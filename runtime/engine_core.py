@@ -473,7 +473,10 @@ class EngineCore:
         )
 
     def open(self, request: StreamRequest) -> EngineStream:
-        """Admit a stream (AtCapacity otherwise); its chunks come as its consumer iterates it."""
+        """Admit a stream (AtCapacity otherwise); its chunks come as its consumer iterates it. A rank that
+        died while the engine idled is found here, and the ranks are started again first."""
+        if self._failure is None and self.group is not None and not self.group.healthy():
+            self._failure = self.group.failure()
         if self._failure is not None or self.group is None:
             self.recover()
         with self._cv:

@@ -293,15 +293,14 @@ def read_model_config(version_dir: str | Path, instance: int = 0) -> ServedModel
             f"{version_dir / CONFIG_FILE} has format {spec.get('format')}; this ropesp reads {FORMAT}: "
             "write the repository again with `ropesp serve-repo`"
         )
-    config = RunConfig.from_dict(spec["config"])
+    raw = {part: dict(values) for part, values in spec["config"].items()}
     linked = spec.get("linked") is True
-    paths = {}
-    for part, names in ARTIFACT_FIELDS.items():
+    for part, names in ARTIFACT_FIELDS.items():  # confined before anything reads them
         for name in names:
-            rel = getattr(getattr(config, part), name)
+            rel = raw.get(part, {}).get(name)
             if rel:
-                paths[name] = str(_confined(version_dir, rel, name, linked))
-    config = config.replace(**paths)
+                raw[part][name] = str(_confined(version_dir, rel, name, linked))
+    config = RunConfig.from_dict(raw)
     instances = int(spec.get("instances", 1))
     if instances > 1:
         config = config.replace(first_device=instance * (config.parallel.world_size or 1))

@@ -28,11 +28,16 @@ import sys
 import threading
 import time
 
-import numpy as np
-import torch
-
-from ropesp.errors import ConfigError, RopespError
 from ropesp.serving import stub_env
+
+_IMPORTS = [("environment", time.perf_counter())]
+import numpy as np  # noqa: E402
+
+_IMPORTS.append(("numpy", time.perf_counter()))
+import torch  # noqa: E402
+
+_IMPORTS.append(("torch", time.perf_counter()))
+from ropesp.errors import ConfigError, RopespError, python_names  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
@@ -88,7 +93,12 @@ class TritonPythonModel:
         self.stopping = threading.Event()
         ready = time.perf_counter()
         start = stub_env.STARTED or started
-        # where a cold load goes (scripts/serve_latency.py reads this line from the server's log)
+        # where a cold load goes (scripts/serve_latency.py reads these lines from the server's log)
+        starts = [start, *(t for _, t in _IMPORTS)]
+        steps = ", ".join(f"{name} {t - t0:.2f} s" for (name, t), t0 in zip(_IMPORTS, starts, strict=False))
+        cache = sys.pycache_prefix or "beside the sources"
+        written = "not written" if sys.dont_write_bytecode else "written"
+        pb.Logger.log_info(f"ropesp: imports: {steps} (bytecode cache {cache}, {written})")
         pb.Logger.log_info(
             f"ropesp: ready in {ready - start:.2f} s from the model module's start (imports {IMPORTED - start:.2f} s, "
             f"until initialize {started - IMPORTED:.2f} s, engine and decoder {ready - started:.2f} s)"
@@ -105,12 +115,13 @@ class TritonPythonModel:
             arrived = time.perf_counter()
             sender = request.get_response_sender()
             try:
-                control = self._string(request, "control")
-                if control is not None:
-                    self._control(request, sender, control)
-                    continue
-                wanted = set(request.requested_output_names()) or set(OUTPUTS)
-                running = self._start(request, "frames" in wanted)
+                with python_names():  # a request's inputs are named as Python names them (latent_frames=4)
+                    control = self._string(request, "control")
+                    if control is not None:
+                        self._control(request, sender, control)
+                        continue
+                    wanted = set(request.requested_output_names()) or set(OUTPUTS)
+                    running = self._start(request, "frames" in wanted)
             except Exception as exc:  # the client's mistake, or the engine at capacity: reply, keep serving
                 self._reply_error(sender, exc)
                 continue
@@ -222,6 +233,8 @@ class TritonPythonModel:
                 sender.send(self._response(chunk, arrived, wanted))
                 if sender.is_cancelled() or self.stopping.is_set():
                     running.stream.cancel()
+                    if sender.is_cancelled():
+                        pb.Logger.log_info(f"ropesp: request cancelled after chunk {chunk.index}")
             sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as exc:  # reported to the client; the other streams go on
             running.stream.cancel()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -20,7 +19,7 @@ from ropesp.serving.repository import CONFIG_FILE, read_model_config, recorded_p
 
 
 def test_repository_layout_and_config(tmp_path):
-    model_dir = write_repository(tmp_path / "repo", CONFIG, world_size=2)
+    model_dir = write_repository(tmp_path / "repo", CONFIG.replace(world_size=2))
     assert model_dir == tmp_path / "repo" / "ropesp"
     pbtxt = (model_dir / "config.pbtxt").read_text()
     for line in (
@@ -28,8 +27,9 @@ def test_repository_layout_and_config(tmp_path):
         "max_batch_size: 0",
         "model_transaction_policy { decoupled: true }",
         "instance_group [ { kind: KIND_MODEL count: 1 } ]",
-        '{ name: "prompt_embeds" data_type: TYPE_FP32 dims: [ -1, 4096 ] }',
-        # optional: a control request (stream_id + control) carries only the new prompt
+        # optional: a stream's prompt comes as embeddings or as text; a cancel carries none
+        '{ name: "prompt_embeds" data_type: TYPE_FP32 dims: [ -1, 4096 ] optional: true }',
+        '{ name: "prompt" data_type: TYPE_STRING dims: [ 1 ] optional: true }',
         '{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }',
         '{ name: "latent_frames" data_type: TYPE_INT32 dims: [ 1 ] optional: true }',
         '{ name: "height" data_type: TYPE_INT32 dims: [ 1 ] optional: true }',
@@ -46,26 +46,29 @@ def test_repository_layout_and_config(tmp_path):
     assert (model_dir / "1" / "model.py").read_text() == template
     compile(template, "model.py", "exec")
     served = read_model_config(model_dir / "1")
-    assert served.pipeline == dataclasses.replace(CONFIG, world_size=2)
-    assert served.decoder == "preview"
+    assert served.config == CONFIG.replace(world_size=2) and served.instances == 1
     assert served.python.executable == sys.executable
     assert served.python.version == f"{sys.version_info.major}.{sys.version_info.minor}"
     assert recorded_python(tmp_path / "repo") == served.python
 
 
 def test_repository_records_the_wan_vae_options(tmp_path):
-    """--vae-compile and --decode-device travel in the repository; the served decoder lands on that device
-    (a compiled one would build its graphs there, at load: too slow for the CPU suite, GPU-tested apart)."""
+    """The decode settings travel in the repository, the VAE copied under artifacts/; the served engine's
+    decoder is the settings' (a compiled one would build its graphs at load: GPU-tested apart)."""
     pytest.importorskip("diffusers")
     import helpers_media
 
+    from ropesp.runtime.pipeline import stream_decoder
+
     vae_dir = helpers_media.save_wan_vae_diffusers(helpers_media.make_tiny_wan_vae(), tmp_path / "vae")
     for compiled in (True, False):
-        model_dir = write_repository(tmp_path / f"r{compiled}", CONFIG, decoder="vae", vae=str(vae_dir),
-                                     vae_compile=compiled, decode_device="cpu")  # fmt: skip
+        config = CONFIG.replace(decoder="vae", vae=str(vae_dir), vae_compile=compiled, decode_device="cpu")
+        model_dir = write_repository(tmp_path / f"r{compiled}", config)
         served = read_model_config(model_dir / "1")
-        assert (served.decoder, served.vae_compile, served.decode_device) == ("vae", compiled, "cpu")
-    decoder = served.make_decoder(resolve(served.pipeline), device="meta")  # decode_device wins
+        decode = served.config.decode
+        assert (decode.decoder, decode.vae_compile, decode.decode_device) == ("vae", compiled, "cpu")
+        assert decode.vae.startswith(str(model_dir / "1" / "artifacts" / "vae"))
+    decoder = stream_decoder(resolve(served.config), device="meta")  # decode_device wins
     assert next(decoder.vae.parameters()).device.type == "cpu" and not decoder.compiled
 
 
@@ -74,24 +77,23 @@ def test_repository_checkpoint_is_copied_and_relocatable(tmp_path):
     init_weights(model, 0)
     ckpt = save_checkpoint(model, tmp_path / "ckpt", "wan-sharded")
     index = next(ckpt.glob("*.index.json"))
-    config = dataclasses.replace(CONFIG, preset=None, checkpoint=str(index))
+    config = CONFIG.replace(preset=None, checkpoint=str(index))
     write_repository(tmp_path / "a", config)
     spec = json.loads((tmp_path / "a" / "ropesp" / "1" / CONFIG_FILE).read_text())
-    assert spec["pipeline"]["checkpoint"] == f"artifacts/checkpoint/ckpt/{index.name}"
+    assert spec["config"]["source"]["checkpoint"] == f"artifacts/checkpoint/ckpt/{index.name}"
     shutil.move(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(ckpt)  # the repository must not need the original
     served = read_model_config(tmp_path / "b" / "ropesp" / "1")
-    assert served.pipeline.checkpoint == str(tmp_path / "b" / "ropesp" / "1" / spec["pipeline"]["checkpoint"])
-    res = resolve(served.pipeline)  # reads the copied shards' header and config.json
+    rel = spec["config"]["source"]["checkpoint"]
+    assert served.config.source.checkpoint == str(tmp_path / "b" / "ropesp" / "1" / rel)
+    res = resolve(served.config)  # reads the copied shards' header and config.json
     assert not res.random_weights and res.model == resolve(CONFIG).model
 
 
 def test_repository_link_symlinks_artifacts(tmp_path):
     model = CausalWanDiT(resolve(CONFIG).model)
     ckpt = save_checkpoint(model, tmp_path / "ckpt", "wan-sharded")
-    write_repository(
-        tmp_path / "r", dataclasses.replace(CONFIG, preset=None, checkpoint=str(ckpt)), link=True
-    )
+    write_repository(tmp_path / "r", CONFIG.replace(preset=None, checkpoint=str(ckpt)), link=True)
     linked = tmp_path / "r" / "ropesp" / "1" / "artifacts" / "checkpoint" / "ckpt"
     assert linked.is_symlink() and linked.resolve() == ckpt.resolve()
 
@@ -100,23 +102,25 @@ def test_repository_refusals(tmp_path):
     write_repository(tmp_path / "r", CONFIG)
     with pytest.raises(ConfigError, match="exists; remove it or pass --force"):
         write_repository(tmp_path / "r", CONFIG)
-    write_repository(tmp_path / "r", CONFIG, world_size=3, overwrite=True)
-    assert read_model_config(tmp_path / "r" / "ropesp" / "1").pipeline.world_size == 3
-    with pytest.raises(ConfigError, match="positive does not tile into chunks of --chunk-frames 3"):
-        write_repository(tmp_path / "bad", dataclasses.replace(CONFIG, latent_frames=4))
-    with pytest.raises(ConfigError, match="needs a Wan VAE path"):
-        write_repository(tmp_path / "bad", CONFIG, decoder="vae")
-    with pytest.raises(ConfigError, match="the Wan VAE decoder: use --decoder vae"):
-        write_repository(tmp_path / "bad", CONFIG, vae_compile=True)
+    write_repository(tmp_path / "r", CONFIG.replace(world_size=3), overwrite=True)
+    assert read_model_config(tmp_path / "r" / "ropesp" / "1").config.parallel.world_size == 3
+    with pytest.raises(ConfigError, match="does not tile into chunks of --chunk-frames 3"):
+        write_repository(tmp_path / "bad", CONFIG.replace(latent_frames=4))
+    with pytest.raises(ConfigError, match="--decoder vae needs a Wan VAE"):
+        write_repository(tmp_path / "bad", CONFIG.replace(decoder="vae"))
+    with pytest.raises(ConfigError, match="--vae-compile acts on the Wan VAE decoder"):
+        write_repository(tmp_path / "bad", CONFIG.replace(vae_compile=True))
+    with pytest.raises(ConfigError, match="--instances 0 must be an integer >= 1"):
+        write_repository(tmp_path / "bad", CONFIG, instances=0)
     with pytest.raises(RopespError, match=r"nope\.pt"):
-        write_repository(tmp_path / "bad", dataclasses.replace(CONFIG, preset=None, checkpoint="nope.pt"))
+        write_repository(tmp_path / "bad", CONFIG.replace(preset=None, checkpoint="nope.pt"))
     assert not (tmp_path / "bad").exists()
 
 
 def test_serve_repo_cli_refuses_before_writing(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["serve-repo", "--out", str(out), "--preset", "tiny", "--latent-frames", "4"]) == 2
-    assert "positive does not tile into chunks of --chunk-frames 3" in capsys.readouterr().err
+    assert "does not tile into chunks of --chunk-frames 3" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -47,7 +47,7 @@ def test_force_replaces_only_a_ropesp_model(tmp_path, capsys):
     assert (
         main([*SERVE_REPO, "--out", str(out), "--model-name", "m-1.a", "--force", "--world-size", "3"]) == 0
     )
-    assert read_model_config(out / "m-1.a" / "1").pipeline.world_size == 3
+    assert read_model_config(out / "m-1.a" / "1").config.parallel.world_size == 3
 
 
 @pytest.mark.parametrize("path", ["/etc", "../../../../etc", "artifacts/../../x", "elsewhere/x"])
@@ -55,7 +55,7 @@ def test_config_artifact_paths_stay_inside_the_model(tmp_path, path):
     model_dir = write_repository(tmp_path / "repo", CONFIG)
     spec_path = model_dir / "1" / CONFIG_FILE
     spec = json.loads(spec_path.read_text())
-    spec["pipeline"]["engines"] = path
+    spec["config"]["source"]["engines"] = path
     spec_path.write_text(json.dumps(spec))
     with pytest.raises(ConfigError, match=r"engines .* is outside artifacts/ of the model"):
         read_model_config(model_dir / "1")
@@ -69,7 +69,7 @@ def test_config_artifact_symlinked_out_is_refused(tmp_path):
     (model_dir / "1" / "artifacts" / "engines").symlink_to(outside, target_is_directory=True)
     spec_path = model_dir / "1" / CONFIG_FILE
     spec = json.loads(spec_path.read_text())
-    spec["pipeline"]["engines"] = "artifacts/engines"
+    spec["config"]["source"]["engines"] = "artifacts/engines"
     spec_path.write_text(json.dumps(spec))
     with pytest.raises(ConfigError, match="resolves outside the model directory"):
         read_model_config(model_dir / "1")

@@ -61,12 +61,16 @@ def test_triton_stream_equals_in_process_run(server, client, prompt, reference):
         ("too many tokens", "the model takes 1..512"),
         (
             "frames not a multiple of the chunk",
-            "must be a positive does not tile into chunks of --chunk-frames 3",
+            "a video of 13 frames (4 latent) does not tile into chunks of",
         ),
-        ("frames beyond the cache", "exceed the KV cache of 30 frames"),
+        (
+            "frames beyond the cache",
+            "a video of 129 frames (33 latent) exceeds the KV cache of 30 latent frames",
+        ),
         ("other height", "serves 64 x 64 pixels"),
         ("nan prompt", "prompt embeddings hold 1 NaN or Inf values"),
-        ("zero frames", "latent_frames 0 must be >= 1"),
+        ("zero frames", "an unbounded stream needs a rolling window"),  # 0: until cancelled
+        ("negative frames", "latent_frames=-3 must be an integer >= 1"),
     ],
 )
 def test_triton_bad_request_gets_an_error_and_serving_goes_on(
@@ -86,6 +90,7 @@ def test_triton_bad_request_gets_an_error_and_serving_goes_on(
             np.where(np.arange(p.size).reshape(p.shape) == 7, np.nan, p).astype(np.float32), 0, 6
         ),
         "zero frames": lambda: client.make_inputs(p, 0, 0),
+        "negative frames": lambda: client.make_inputs(p, 0, -3),
     }[case]()
     with pytest.raises(InferenceServerException) as err:
         list(client.stream(server.grpc_url, inputs, timeout_s=60))
