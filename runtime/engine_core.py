@@ -295,7 +295,10 @@ class EngineCore:
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count(1)
         self._tick = Tick()
-        self._tensors: list[torch.Tensor] = []
+        self._open_tensors: list[torch.Tensor] = []
+        """The pending opens' prompts and scheduled changes, in the opens' order."""
+        self._prompt_tensors: list[torch.Tensor] = []
+        """The pending prompt changes' embeddings, in their order (a tick carries the opens' first)."""
         self._failure: str | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -503,7 +506,7 @@ class EngineCore:
                 request.change_mode,
             )
             self._tick.opens.append(op)
-            self._tensors += [request.prompt, *(e for _, e in request.changes)]
+            self._open_tensors += [request.prompt, *(e for _, e in request.changes)]
             self._cv.notify_all()
         return EngineStream(self, record)
 
@@ -554,7 +557,7 @@ class EngineCore:
             if record.finished or record.cancelled:
                 return False
             self._tick.prompts.append((record.id, mode))
-            self._tensors.append(prompt)
+            self._prompt_tensors.append(prompt)
             self._cv.notify_all()
         return True
 
@@ -572,16 +575,16 @@ class EngineCore:
             self._cv.notify_all()
 
     def _drop_open(self, stream: int) -> None:
-        kept_ops, kept_tensors, pending = [], [], list(self._tensors)
+        """Drop a pending open (cancelled before its first tick) with its tensors (called with the lock
+        held; its prompt changes were refused: it had not started)."""
+        kept_ops, kept, pending = [], [], list(self._open_tensors)
         for op in self._tick.opens:
             mine = pending[: 1 + len(op.change_chunks)]
             del pending[: 1 + len(op.change_chunks)]
             if op.stream != stream:
                 kept_ops.append(op)
-                kept_tensors += mine
-        self._tick.opens = kept_ops
-        # prompt changes of the dropped stream were refused (it had not started): the rest stays
-        self._tensors = kept_tensors + pending
+                kept += mine
+        self._tick.opens, self._open_tensors = kept_ops, kept
 
     @staticmethod
     def _drain(record: _Stream) -> None:
@@ -615,8 +618,9 @@ class EngineCore:
                 if self._tick or candidates:
                     break
                 self._cv.wait()
-            tick, tensors = self._tick, self._tensors
-            self._tick, self._tensors = Tick(), []
+            # the order every rank's RankEngine.apply pops them in: the opens', then the prompt changes'
+            tick, tensors = self._tick, self._open_tensors + self._prompt_tensors
+            self._tick, self._open_tensors, self._prompt_tensors = Tick(), [], []
             tick.step = pick(candidates, self.res.config.streams.realtime_fps, time.perf_counter())
             return tick, tensors
 
@@ -718,7 +722,7 @@ class EngineCore:
             for record in self._streams.values():
                 self._end(record, error)
             self._streams.clear()
-            self._tick, self._tensors = Tick(), []
+            self._tick, self._open_tensors, self._prompt_tensors = Tick(), [], []
             self._cv.notify_all()
         if self.res.world_size == 1 and self.rank_engine is not None:
             for stream in list(self.rank_engine.sessions):
