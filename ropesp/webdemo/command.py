@@ -32,7 +32,9 @@ def run(config: RunConfig, *, host: str, port: int, jpeg_quality: int) -> None:
         prompts = PagePrompts(pipe, demo.default_prompt)
         if prompts.reason:
             print(f"ropesp demo: {prompts.note} ({prompts.reason})", file=sys.stderr)
-        ms = warm_up(pipe, demo.frames, demo.default_prompt)
+        # on a GPU every slot's CUDA graphs are captured now, not while a page waits for its first frame
+        slots = pipe.max_streams if pipe.resolved.device == "cuda" else 1
+        ms = warm_up(pipe, demo.frames, demo.default_prompt, streams=slots, chunks=4 if slots > 1 else 1)
         print(
             f"ropesp demo: warmed up ({ms:.0f} ms for one chunk), {pipe.max_streams} streams at once",
             file=sys.stderr,

@@ -590,12 +590,23 @@ def check_listen(host: str, port: int) -> None:
             raise ConfigError(f"--host {host} --port {port}: cannot listen: {exc.strerror or exc}") from None
 
 
-def warm_up(pipe, frames: int | None, prompt: str = DEFAULT_PROMPT) -> float:
-    """Run one chunk of a throwaway stream so the first page's stream starts warm (and a pipeline that
-    cannot stream `frames` says so now); returns its ms."""
+def warm_up(
+    pipe, frames: int | None, prompt: str = DEFAULT_PROMPT, streams: int = 1, chunks: int = 1
+) -> float:
+    """Run `chunks` chunks of `streams` throwaway streams at once, so the first pages start warm (each KV
+    cache slot's CUDA graphs captured: a rolling window's cache plans repeat from the fourth chunk on) and
+    a pipeline that cannot stream `frames` says so now; returns its ms."""
     t0 = time.perf_counter()
-    with pipe.stream(PagePrompts(pipe, prompt)(prompt), seed=0, frames=frames) as stream:
-        next(iter(stream), None)
+    text = PagePrompts(pipe, prompt)(prompt)
+    opened = [pipe.stream(text, seed=i, frames=frames) for i in range(streams)]
+    iterators = [iter(s) for s in opened]
+    try:
+        for _ in range(chunks):  # round robin from this thread: every stream holds its slot throughout
+            for it in iterators:
+                next(it, None)
+    finally:
+        for stream in opened:
+            stream.close()
     return (time.perf_counter() - t0) * 1e3
 
 

@@ -52,7 +52,4 @@ def test_killed_worker_rank_is_restarted_and_the_next_request_served(tmp_path, p
         assert restarted != worker
         assert _ready(f"http://{server.http_url}/v2/health/ready")
         assert _ready(f"http://{server.http_url}/v2/models/ropesp/ready")
-    assert (
-        "restarting the rank group (rank 1 died (signal 9))"
-        in (tmp_path / "triton.log").read_text()
-    )
+    assert "restarting the rank group (rank 1 died (signal 9))" in (tmp_path / "triton.log").read_text()

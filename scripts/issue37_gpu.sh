@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device call for the engine core and issue 37 (many streams on one GPU): install, then the named steps
+# in order, each under its own limit and all under DEADLINE seconds; results in $RES, packed into
+# $OUT/results.tgz after each step (the device tool returns at most 8 files).
+#
+# Usage (from the repository root, wheels in .whl/): DEADLINE=540 bash scripts/issue37_gpu.sh STEP...
+#   gputests   the engine's GPU tests (per-slot CUDA graphs) and the fast decoder's
+#   loadfp8    scripts/load_bench.py through the demo's WebSocket: Wan-1.3B 480p, compile + FP8 GEMMs + FP8
+#              attention, window 9/3, 1..4 clients
+#   loadbf16   the same with bf16 compile, 1..3 clients
+#   admit      FP8 with admission at 16 FPS: 5 clients, how many are admitted
+set -uo pipefail
+OUT=${OUT:-out}
+RES=${RES:-$(mktemp -d)}
+DEADLINE=${DEADLINE:-540}
+CHUNKS=${CHUNKS:-12}
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES/gpu.csv"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$RES/versions.txt"
+git_commit=${GIT_COMMIT:-unknown}
+echo "commit $git_commit" >>"$RES/versions.txt"
+pack() { tar czf "$OUT/results.tgz" -C "$RES" . ; }
+trap pack EXIT
+WAN="--preset wan2.1-1.3b --height 480 --width 832 --local-attn-frames 9 --sink-frames 3 --backend compile"
+for s in "$@"; do
+  limit=$((DEADLINE - SECONDS))
+  [ "$limit" -le 10 ] && { echo "=== $s skipped (deadline)"; continue; }
+  echo "=== $s $(date +%T) (limit ${limit} s)"
+  case $s in
+    gputests) cmd="python3 -m pytest -q -m gpu tests/runtime/test_streams_gpu.py tests/decode/test_wan_fast.py -p no:cacheprovider" ;;
+    loadfp8) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 1,2,3,4 --chunks $CHUNKS --json $RES/load_fp8.json" ;;
+    loadbf16) cmd="python3 scripts/load_bench.py $WAN --clients 1,2,3 --chunks $CHUNKS --json $RES/load_bf16.json" ;;
+    admit) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --realtime-fps 16 --max-streams 5 --clients 5 --chunks 6 --json $RES/load_admit.json" ;;
+    *) echo "unknown step $s"; continue ;;
+  esac
+  timeout -k 5 "$limit" $cmd >"$RES/$s.log" 2>&1
+  echo "--- $s rc=$? after $SECONDS s"
+  grep -v -E "Warning|warn\(|torchao|_pytree|^\s*$" "$RES/$s.log" | tail -n 12 | cut -c1-240
+  pack
+done

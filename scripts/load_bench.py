@@ -1,0 +1,222 @@
+"""Many viewers on one engine, through the real front ends: N clients at once, each measuring the frames it
+is delivered and when its first frame came.
+
+    python scripts/load_bench.py --front demo --clients 1,2,3,4 --chunks 20 --json load.json \\
+        --preset wan2.1-1.3b --height 480 --width 832 --backend compile --precision fp8 --attention fp8
+
+For each N in --clients, N clients start a stream at once (seeds 0..N-1), take --chunks chunks and stop:
+    demo    the web demo's WebSocket (ropesp/webdemo: the page's own protocol), served in this process with
+            the page's real-time pacing off, so a stream runs as fast as the engine gives it chunks;
+    triton  Triton's gRPC (a repository written here, `tritonserver` started here), bounded streams.
+Per client: delivered FPS (frames after the first over the time from the first frame to the last) and time
+to first frame (request sent to first frame received). Per N: per-stream FPS min / median, first frame
+p50 / p95, their sum against one stream alone (N = 1, the same run) and the refusals (at capacity). The run
+settings are `ropesp demo`'s flags (the engine's window 9/3 unless given); the engine's admission is off
+unless --realtime-fps is given, so the streams share the device fairly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_client.py beside this file
+
+PROMPTS = (
+    "a red square moving right",
+    "two blue discs bouncing",
+    "three white squares entering from the top",
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (k - lo)
+
+
+def summarize(clients: list[dict]) -> dict:
+    """One N's figures from its clients' records."""
+    served = [c for c in clients if not c.get("refused")]
+    fps = [c["fps"] for c in served]
+    ttff = [c["ttff_ms"] for c in served]
+    return {
+        "clients": len(clients),
+        "refused": len(clients) - len(served),
+        "refusals": [c["refused"] for c in clients if c.get("refused")],
+        "fps_min": min(fps) if fps else None,
+        "fps_median": statistics.median(fps) if fps else None,
+        "fps_sum": sum(fps),
+        "first_frame_p50_ms": percentile(ttff, 0.5) if ttff else None,
+        "first_frame_p95_ms": percentile(ttff, 0.95) if ttff else None,
+        "per_client": clients,
+    }
+
+
+def delivered(times: list[float], start: float) -> dict:
+    """A client's figures from its frames' arrival times (perf_counter seconds) and its start."""
+    span = times[-1] - times[0]
+    return {
+        "frames": len(times),
+        "fps": (len(times) - 1) / span if span > 0 else 0.0,
+        "ttff_ms": (times[0] - start) * 1e3,
+    }
+
+
+# --- the demo's WebSocket ------------------------------------------------------------------------------
+async def _demo_client(url: str, seed: int, chunks: int, prompt: str) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.ws_connect(url + "ws", max_msg_size=0) as ws:
+        await ws.receive_json()  # hello
+        start = time.perf_counter()
+        await ws.send_json({"type": "start", "prompt": prompt, "seed": seed})
+        times, seen = [], 0
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                times.append(time.perf_counter())
+                continue
+            m = msg.json()
+            if m["type"] == "busy":
+                return {"seed": seed, "refused": m["message"]}
+            if m["type"] == "error":
+                raise RuntimeError(m["message"])
+            if m["type"] == "chunk":
+                seen += 1
+                if seen > chunks:  # the chunk before this one is the last counted: its frames are in
+                    await ws.send_json({"type": "stop"})
+                    break
+        return {"seed": seed, **delivered(times, start)}
+
+
+def run_demo(config, counts: list[int], chunks: int) -> dict:
+    import ropesp
+    from ropesp.webdemo.server import DemoConfig, DemoServer, warm_up
+
+    pipe = ropesp.Pipeline.from_config(config)
+    try:
+        warm_up(pipe, None, streams=pipe.max_streams, chunks=4)  # every slot's CUDA graphs captured
+        out = {}
+        with DemoServer(pipe, DemoConfig(port=0, realtime=False)) as server:
+            for n in counts:
+
+                async def clients(n=n):
+                    jobs = [_demo_client(server.url, s, chunks, PROMPTS[s % len(PROMPTS)]) for s in range(n)]
+                    return await asyncio.gather(*jobs)
+
+                out[n] = summarize(list(asyncio.run(clients())))
+                print(f"demo, {n} client(s): {_line(out[n])}", file=sys.stderr, flush=True)
+        return out
+    finally:
+        pipe.close()
+
+
+# --- Triton's gRPC --------------------------------------------------------------------------------------
+def run_triton(config, counts: list[int], chunks: int, workdir: Path) -> dict:
+    import numpy as np
+    import triton_client
+
+    from ropesp.runtime.pipeline import resolve
+    from ropesp.runtime.prompts import default_prompt_embeds
+    from ropesp.serving.repository import write_repository
+    from ropesp.serving.server import TritonServer
+
+    res = resolve(config)
+    write_repository(workdir / "repo", config, overwrite=True)
+    prompt = default_prompt_embeds(res.model)[0].numpy().astype(np.float32)
+    frames = 3 * chunks
+    out = {}
+    with TritonServer(workdir / "repo", log_path=workdir / "triton.log") as server:
+        list(triton_client.stream(server.grpc_url, triton_client.make_inputs(prompt, 0, 3)))  # warm
+        for n in counts:
+            records: list[dict] = [{} for _ in range(n)]
+
+            def one(seed: int, records=records) -> None:
+                start = time.perf_counter()
+                times = []
+                try:
+                    inputs = triton_client.make_inputs(prompt, seed, frames)
+                    for chunk in triton_client.stream(
+                        server.grpc_url, inputs, outputs=triton_client.VIEWER_OUTPUTS
+                    ):
+                        times += [time.perf_counter()] * len(chunk.frames)
+                except Exception as exc:
+                    records[seed] = {"seed": seed, "refused": str(exc)}
+                    return
+                records[seed] = {"seed": seed, **delivered(times, start)}
+
+            threads = [threading.Thread(target=one, args=(s,)) for s in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out[n] = summarize(records)
+            print(f"triton, {n} client(s): {_line(out[n])}", file=sys.stderr, flush=True)
+    return out
+
+
+def _line(row: dict) -> str:
+    if row["fps_median"] is None:
+        return f"all {row['refused']} refused"
+    return (
+        f"FPS per stream min {row['fps_min']:.1f} median {row['fps_median']:.1f}, sum {row['fps_sum']:.1f}; "
+        f"first frame p50 {row['first_frame_p50_ms']:.0f} ms p95 {row['first_frame_p95_ms']:.0f} ms; "
+        f"refused {row['refused']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ropesp.cli.demo import DEMO_DEFAULTS
+    from ropesp.cli.flags import add_flags, config_from_args
+    from ropesp.settings import SECTIONS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for section in SECTIONS.values():
+        add_flags(p, section, defaults={**DEMO_DEFAULTS, "realtime_fps": 0.0})
+    g = p.add_argument_group("load")
+    g.add_argument("--front", choices=("demo", "triton"), default="demo")
+    g.add_argument("--clients", default="1,2,3", help="comma-separated client counts, one run each")
+    g.add_argument("--chunks", type=int, default=10, help="chunks each client takes")
+    g.add_argument("--json", help="write the figures here")
+    args = p.parse_args(argv)
+    counts = [int(c) for c in args.clients.split(",")]
+    config = config_from_args(args)
+    if config.streams.max_streams is None:
+        config = config.replace(max_streams=max(counts))
+    t0 = time.perf_counter()
+    if args.front == "demo":
+        rows = run_demo(config, counts, args.chunks)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = run_triton(config, counts, args.chunks, Path(tmp))
+    base = rows[counts[0]]["fps_sum"] if counts[0] == 1 else None
+    for row in rows.values():
+        row["sum_vs_one_stream"] = row["fps_sum"] / base if base else None
+    out = {"front": args.front, "chunks": args.chunks, "config": config.to_dict(), "results": rows}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    try:
+        import torch
+
+        out["card"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        out["torch"] = torch.__version__
+    except ImportError:
+        pass
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    for n, row in rows.items():
+        ratio = f", sum {row['sum_vs_one_stream']:.2f}x one stream" if row["sum_vs_one_stream"] else ""
+        print(f"{args.front} N={n}: {_line(row)}{ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
