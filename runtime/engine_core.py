@@ -28,10 +28,12 @@ the measured chunk time says one more stream would bring the running ones below 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import itertools
 import queue
+import statistics
 import sys
 import threading
 import time
@@ -68,8 +70,8 @@ MAX_AHEAD = 2
 CAPACITY_HEADROOM = 0.9
 """Admission keeps this share of the real-time budget: chunk times vary, and a stream admitted at the
 edge would miss its deadlines."""
-STEP_EMA = 0.3
-"""Weight of the newest chunk in the engine's chunk-time average (what admission reads)."""
+STEP_SAMPLES = 16
+"""Steady chunk steps whose median admission reads."""
 
 
 class AtCapacity(RopespError):
@@ -304,8 +306,10 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self._decode_thread: threading.Thread | None = None
         self._decode_queue: queue.Queue = queue.Queue()
+        self._steps: collections.deque[float] = collections.deque(maxlen=STEP_SAMPLES)
         self.step_ms: float | None = None
-        """Average milliseconds of one chunk step (DiT, and decode when inline): what admission reads."""
+        """Median milliseconds of the recent steady chunk steps (DiT, and decode when inline; a stream's
+        first chunk and steps that compile or capture CUDA graphs left out): what admission reads."""
 
     # --- life -----------------------------------------------------------------------------------------
     def start(self) -> EngineCore | None:
@@ -634,6 +638,7 @@ class EngineCore:
                 return
             tick, tensors = work
             t0 = time.perf_counter()
+            captured = self._captures()
             try:
                 self.group.send(Command("tick", tick), tensors)
                 item = self.rank_engine.apply(tick, tensors)
@@ -657,8 +662,15 @@ class EngineCore:
                 self._decode_queue.put((record, item, last))
             else:
                 self._deliver(record, item, last)
-            ms = (time.perf_counter() - t0) * 1e3
-            self.step_ms = ms if self.step_ms is None else (1 - STEP_EMA) * self.step_ms + STEP_EMA * ms
+            if item.index > 0 and self._captures() == captured:  # a steady step: no compile, no capture
+                self._steps.append((time.perf_counter() - t0) * 1e3)
+                self.step_ms = statistics.median(self._steps)
+
+    def _captures(self) -> int:
+        """CUDA graphs captured so far (a step that captures one, or compiles, says nothing of the steady
+        chunk time admission reads)."""
+        graphs = getattr(self.rank_engine.executor, "graphs", None)
+        return len(graphs) if graphs is not None else 0
 
     def _deliver(self, record: _Stream, item: DitChunk, last: bool) -> None:
         """Decode (when the stream asks for frames) and hand the chunk to its consumer."""
@@ -686,7 +698,9 @@ class EngineCore:
 
     def _decode_loop(self) -> None:
         device = self._decoder_device()
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # a high-priority stream: a chunk's decode goes ahead of the next chunks' DiT kernels, so its
+        # frames are not held behind them (the first frame a new viewer waits for)
+        side = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
         if side is not None:
             torch.cuda.set_device(device)
         torch.set_grad_enabled(False)

@@ -9,6 +9,7 @@
 #              attention, window 9/3, 1..4 clients
 #   loadbf16   the same with bf16 compile, 1..3 clients
 #   admit      FP8 with admission at 16 FPS: 5 clients, how many are admitted
+#   stagger    FP8, 3 and 4 clients that join one per second: the first frame of a viewer joining the load
 set -uo pipefail
 OUT=${OUT:-out}
 RES=${RES:-$(mktemp -d)}
@@ -37,6 +38,7 @@ for s in "$@"; do
     loadfp8) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 1,2,3,4 --chunks $CHUNKS --json $RES/load_fp8.json" ;;
     loadbf16) cmd="python3 scripts/load_bench.py $WAN --clients 1,2,3 --chunks $CHUNKS --json $RES/load_bf16.json" ;;
     admit) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --realtime-fps 16 --max-streams 5 --clients 5 --chunks 6 --json $RES/load_admit.json" ;;
+    stagger) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 3,4 --stagger 1 --chunks $CHUNKS --json $RES/load_stagger.json" ;;
     *) echo "unknown step $s"; continue ;;
   esac
   timeout -k 5 "$limit" $cmd >"$RES/$s.log" 2>&1

@@ -71,14 +71,15 @@ def delivered(times: list[float], start: float) -> dict:
 
 
 # --- the demo's WebSocket ------------------------------------------------------------------------------
-async def _demo_client(url: str, seed: int, chunks: int, prompt: str) -> dict:
+async def _demo_client(url: str, seed: int, chunks: int, prompt: str, delay_s: float = 0.0) -> dict:
     import aiohttp
 
+    await asyncio.sleep(delay_s)
     async with aiohttp.ClientSession() as http, http.ws_connect(url + "ws", max_msg_size=0) as ws:
         await ws.receive_json()  # hello
         start = time.perf_counter()
         await ws.send_json({"type": "start", "prompt": prompt, "seed": seed})
-        times, seen = [], 0
+        times, seen, engine_ms = [], 0, None
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 times.append(time.perf_counter())
@@ -89,14 +90,16 @@ async def _demo_client(url: str, seed: int, chunks: int, prompt: str) -> dict:
             if m["type"] == "error":
                 raise RuntimeError(m["message"])
             if m["type"] == "chunk":
+                if not seen:  # the engine's account of the first chunk: from its open to its frames ready
+                    engine_ms = m["timings"].get("elapsed")
                 seen += 1
                 if seen > chunks:  # the chunk before this one is the last counted: its frames are in
                     await ws.send_json({"type": "stop"})
                     break
-        return {"seed": seed, **delivered(times, start)}
+        return {"seed": seed, **delivered(times, start), "first_chunk_engine_ms": engine_ms}
 
 
-def run_demo(config, counts: list[int], chunks: int) -> dict:
+def run_demo(config, counts: list[int], chunks: int, stagger_s: float = 0.0) -> dict:
     import ropesp
     from ropesp.webdemo.server import DemoConfig, DemoServer, warm_up
 
@@ -108,7 +111,10 @@ def run_demo(config, counts: list[int], chunks: int) -> dict:
             for n in counts:
 
                 async def clients(n=n):
-                    jobs = [_demo_client(server.url, s, chunks, PROMPTS[s % len(PROMPTS)]) for s in range(n)]
+                    jobs = [
+                        _demo_client(server.url, s, chunks, PROMPTS[s % len(PROMPTS)], s * stagger_s)
+                        for s in range(n)
+                    ]
                     return await asyncio.gather(*jobs)
 
                 out[n] = summarize(list(asyncio.run(clients())))
@@ -184,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--front", choices=("demo", "triton"), default="demo")
     g.add_argument("--clients", default="1,2,3", help="comma-separated client counts, one run each")
     g.add_argument("--chunks", type=int, default=10, help="chunks each client takes")
+    g.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="seconds between the clients' starts (demo): each joins the load the earlier ones make",
+    )
     g.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config.replace(max_streams=max(counts))
     t0 = time.perf_counter()
     if args.front == "demo":
-        rows = run_demo(config, counts, args.chunks)
+        rows = run_demo(config, counts, args.chunks, args.stagger)
     else:
         import tempfile
 
@@ -201,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[counts[0]]["fps_sum"] if counts[0] == 1 else None
     for row in rows.values():
         row["sum_vs_one_stream"] = row["fps_sum"] / base if base else None
-    out = {"front": args.front, "chunks": args.chunks, "config": config.to_dict(), "results": rows}
+    out = {"front": args.front, "chunks": args.chunks, "stagger_s": args.stagger, "config": config.to_dict()}
+    out["results"] = rows
     out["seconds"] = round(time.perf_counter() - t0, 1)
     try:
         import torch
