@@ -98,9 +98,12 @@ def compiled(fn, x: torch.Tensor):
     return _compiled(fn) if x.is_cuda else fn
 
 
-KEYS_PER_SPLIT: int | None = None
+KEYS_PER_SPLIT: int | None = 4680
 """Keys one FlashAttention-3 program accumulates P.v over before its split-KV path merges the pieces in
-fp32 (None: the whole window in one piece, the default).
+fp32 (None: the whole window in one piece). 4680 (a 480p chunk's tokens): with the values' offset out,
+the latents' per-chunk rel L2 from bf16 stays 0.039-0.047 over 21 latent frames at 480p and 720p (0.071
+at the last chunk without the pieces), at 0.968x the FPS of one piece (H100, compile, 57.0 vs 58.9 FPS;
+bench/RESULTS.md).
 
 FA3's e4m3 P.v runs on the tensor cores' FP8 MMA, whose accumulator keeps fewer bits than fp32
 (~13 mantissa bits, SageAttention2's measurement): a value offset shared by every key makes the
