@@ -20,17 +20,14 @@ quantizing a bf16 window per call cost 0.18-0.79 ms, more than the kernel saved 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from ropesp.errors import BackendUnavailableError, ConfigError
+from ropesp.plugins.e4m3 import E4M3, compiled, gpu_capability_reason, quantize_per_head
+from ropesp.settings import ATTENTION_MODES
 
-ATTENTION_MODES = ("sdpa", "fa3", "fp8", "int8")
-E4M3_MAX = 448.0
-"""Largest finite float8_e4m3fn value."""
 _PACKAGES = {
     "fa3": ("fa3_fwd_interface", "fa3-fwd"),
     "fp8": ("fa3_fwd_interface", "fa3-fwd"),
@@ -42,68 +39,12 @@ _HEAD_DIMS = {"int8": (64, 96, 128)}
 """Head dims a kernel takes, where it does not take every one (SageAttention 1.0.6 asserts these)."""
 
 
-def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [B, L, H, D] -> (x8 [B, L, H, D] float8_e4m3fn, descale [B, H] fp32) with x ~= x8 * descale.
-
-    One scale per (batch, head): the head's absolute maximum maps to 448 (e4m3's largest value), so
-    nothing saturates and the relative rounding error is e4m3's (2^-4) above its normal range."""
-    # the contiguous head_dim first, then the small [B, L, H] over L, so the pass over x stays coalesced;
-    # one reduction over dims (1, 3), which straddle H, ran at about a sixth of the H200's bandwidth (the
-    # quantization of q, k, v at 32760 keys took 0.79 ms); this form is not measured yet
-    amax = x.abs().amax(dim=-1).amax(dim=1).float().clamp_min(1e-12)  # [B, L, H] -> [B, H]
-    scale = E4M3_MAX / amax
-    x8 = (x.float() * scale[:, None, :, None]).to(torch.float8_e4m3fn)  # [B, L, H, D]
-    return x8, scale.reciprocal()
-
-
-def smooth_keys(k: torch.Tensor) -> torch.Tensor:
-    """k [B, Lk, H, D] less its mean over the keys (per batch, head and channel), in fp32.
-
-    q.(k_j - m) = q.k_j - q.m: the same shift for every key of a query row, so softmax (and attention)
-    is unchanged, while the keys' shared offset, which would take most of e4m3's range under one scale
-    per head, is gone. On the demo model (32 pairs, the kernel's roundings emulated in fp32 by
-    scripts/fp8_attention_emulation.py): e4m3 k alone costs 0.06 of the 0.920 score, all roundings
-    together score 0.816, and 0.898 with k smoothed (SageAttention smooths k the same way for INT8)."""
-    k = k.float()
-    return k - k.mean(dim=1, keepdim=True)
-
-
-@dataclass(frozen=True)
-class E4M3:
-    """Keys or values in e4m3 for the fp8 kernel: data [B, L, H, D] float8_e4m3fn, descale [B, H] fp32,
-    and for values their offset [B, H, D] fp32 (None: none): the value is data * descale + offset. Keys
-    are less an offset too, one that attention does not see (it moves a query's scores alike), so
-    theirs is not carried."""
-
-    data: torch.Tensor
-    descale: torch.Tensor
-    offset: torch.Tensor | None = None
-
-    def dequantized(self) -> torch.Tensor:
-        """[B, L, H, D] fp32."""
-        x = self.data.float() * self.descale[:, None, :, None]
-        return x if self.offset is None else x + self.offset[:, None]
-
-
-@functools.cache
-def _compiled(fn):
-    # one reduction and one cast kernel per tensor (eager takes several passes), specialized to each
-    # shape (a process meets a few: the chunk's tokens per rank, its all-to-all blocks): with dynamic
-    # shapes the cache writes' casts ran ~6x slower than their bytes allow on an H200, and q's amax 3x
-    return torch.compile(fn, dynamic=False, fullgraph=True)
-
-
-def compiled(fn, x: torch.Tensor):
-    """fn compiled (once per function) where x is on CUDA; fn itself elsewhere."""
-    return _compiled(fn) if x.is_cuda else fn
-
-
 KEYS_PER_SPLIT: int | None = 4680
 """Keys one FlashAttention-3 program accumulates P.v over before its split-KV path merges the pieces in
-fp32 (None: the whole window in one piece). 4680 (a 480p chunk's tokens): with the values' offset out,
-the latents' per-chunk rel L2 from bf16 stays 0.039-0.047 over 21 latent frames at 480p and 720p (0.071
-at the last chunk without the pieces), at 0.968x the FPS of one piece (H100, compile, 57.0 vs 58.9 FPS;
-bench/RESULTS.md).
+fp32 (None: the whole window in one piece). 4680 (a 480p chunk's tokens): the latents' per-chunk rel L2
+from bf16 stays 0.046-0.058 over 21 latent frames at 480p and 0.043-0.056 at 720p (one piece: 0.046 ->
+0.181 and 0.072 -> 0.283), at 0.968x the FPS of one piece (H100, compile, 57.0 vs 58.9 FPS), and the demo
+model keeps its score (0.896; bench/RESULTS.md).
 
 FA3's e4m3 P.v runs on the tensor cores' FP8 MMA, whose accumulator keeps fewer bits than fp32
 (~13 mantissa bits, SageAttention2's measurement): a value offset shared by every key makes the
@@ -176,8 +117,6 @@ def attention_unsupported_reason(
     """Why `mode` cannot run on device for a model of head_dim (None: not checked) (None when it can)."""
     if mode == "sdpa":
         return None
-    from ropesp.plugins.fp8 import gpu_capability_reason
-
     reason = gpu_capability_reason(device, _MIN_CAPABILITY[mode], "its kernels need")
     if reason is not None:
         return reason
@@ -198,7 +137,7 @@ def check_attention(
     """Raise ConfigError (unknown mode, hardware, head dim) or BackendUnavailableError (library) naming
     flag."""
     if mode not in ATTENTION_MODES:
-        raise ConfigError(f"{flag} {mode!r}; choose one of {ATTENTION_MODES}")
+        raise ConfigError(f"{flag} {mode}: choose one of {', '.join(ATTENTION_MODES)}")
     reason = attention_unsupported_reason(mode, device, head_dim)
     if reason is None:
         return
@@ -229,4 +168,4 @@ def select_attention(mode: str) -> Callable[[torch.Tensor, torch.Tensor, torch.T
         return fp8_attention
     if mode == "int8":
         return int8_attention
-    raise ConfigError(f"--attention {mode!r}; choose one of {ATTENTION_MODES}")
+    raise ConfigError(f"--attention {mode}: choose one of {', '.join(ATTENTION_MODES)}")

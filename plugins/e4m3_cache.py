@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ropesp.model.kv_cache import CacheSlots, KVCache
-from ropesp.plugins.attention_8bit import E4M3, E4M3_MAX, compiled
+from ropesp.plugins.e4m3 import E4M3, E4M3_MAX, compiled
 
 HEADROOM = 4.0
 """The first chunk's absolute maximum lands on 448 / HEADROOM: later chunks may reach four times it
@@ -81,8 +81,11 @@ class E4M3KVCache(KVCache):
     descales [B, H] (fp32)."""
 
     storage_dtype = torch.float8_e4m3fn
-    smooth_values = True
-    """Take the values' offset out before rounding (and fp8_attention adds it back)."""
+    smooth_values = False
+    """Take the values' offset out before rounding (and fp8_attention adds it back). Off: on Wan-1.3B it
+    flattens the latents' drift like the pieces of KEYS_PER_SPLIT do (0.039-0.045 per chunk with both,
+    0.046-0.058 with the pieces alone, 480p), but the demo model's score fell from 0.896 to 0.868 with it
+    (fp32 0.920, H100; bench/RESULTS.md)."""
 
     def __init__(self, *args, **kwargs) -> None:
         """KVCache's arguments; its dtype is the activations' (the keys and values handed to update)."""

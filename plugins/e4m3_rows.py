@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import wrap_triton
 
-from ropesp.plugins.attention_8bit import E4M3_MAX
+from ropesp.plugins.e4m3 import E4M3_MAX
 
 try:
     import triton

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from ropesp.errors import BackendUnavailableError, ConfigError
+from ropesp.plugins.e4m3 import gpu_capability_reason
+from ropesp.settings import PRECISIONS
 
 MIN_CAPABILITY = (8, 9)
 """First NVIDIA architecture with e4m3 tensor-core GEMMs (Ada); Hopper is (9, 0)."""
@@ -37,7 +39,7 @@ keys, model/wan.py). fp8-ffn leaves the attention projections in bf16 (alone, Wa
 FP8 GEMMs with the activation's quantization ran 0.83x bf16 on an H200, 2026-12-01), but end to end it
 ran 1.02x bf16 compile against fp8's 1.05x, with a smaller error (final latents' rel L2 vs bf16 0.028
 against 0.044; bench/RESULTS.md twelfth session)."""
-PRECISIONS = ("bf16", *FP8_LINEARS)
+assert PRECISIONS == ("bf16", *FP8_LINEARS), "settings.PRECISIONS names every FP8_LINEARS selection"
 
 
 def is_fp8_linear(module: nn.Module, fqn: str, precision: str = "fp8") -> bool:
@@ -48,21 +50,6 @@ def is_fp8_linear(module: nn.Module, fqn: str, precision: str = "fp8") -> bool:
 def fp8_linear_names(model: nn.Module, precision: str = "fp8") -> list[str]:
     """Names of the modules apply_fp8 quantizes for precision, in model order."""
     return [name for name, m in model.named_modules() if is_fp8_linear(m, name, precision)]
-
-
-def gpu_capability_reason(device: torch.device | str, need: tuple[int, int], what: str) -> str | None:
-    """Why device is not a CUDA GPU of compute capability >= need (None when it is); `what` names the
-    hardware that needs it in the message (e.g. "FP8 tensor cores need")."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and the device is {device.type}"
-    if not torch.cuda.is_available():
-        return f"it needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}, and this torch sees none"
-    cap = torch.cuda.get_device_capability(device)
-    if cap < need:
-        name = torch.cuda.get_device_name(device)
-        return f"{name} has compute capability {cap[0]}.{cap[1]}; {what} >= {need[0]}.{need[1]}"
-    return None
 
 
 def fp8_unsupported_reason(device: torch.device | str) -> str | None:

@@ -26,6 +26,7 @@ import torch
 
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit as a8
+from ropesp.plugins import e4m3
 from ropesp.plugins.e4m3_cache import calibrate, to_e4m3
 
 FIXES = {"base": (False, None), "v": (True, None), "split": (False, 4680), "v+split": (True, 4680)}
@@ -54,9 +55,9 @@ def cache_inputs(k, v, calib: int, smooth_values: bool):
     k_off, k_scale, v_off, v_scale = calibrate(k[:, :calib], v[:, :calib])
     if not smooth_values:
         v_off = None
-        v_scale = a8.E4M3_MAX / (4.0 * v[:, :calib].float().abs().amax(dim=(1, 3)))
-    keys = a8.E4M3(to_e4m3(k, k_off, k_scale), k_scale.reciprocal())
-    values = a8.E4M3(to_e4m3(v, v_off, v_scale), v_scale.reciprocal(), v_off)
+        v_scale = e4m3.E4M3_MAX / (4.0 * v[:, :calib].float().abs().amax(dim=(1, 3)))
+    keys = e4m3.E4M3(to_e4m3(k, k_off, k_scale), k_scale.reciprocal())
+    values = e4m3.E4M3(to_e4m3(v, v_off, v_scale), v_scale.reciprocal(), v_off)
     return keys, values
 
 
@@ -101,8 +102,8 @@ def main() -> None:
                     row[fix] = {"error": repr(exc)[-500:]}
                     print(f"{window:>6} {fix:>8}: failed {exc!r}"[:500], flush=True)
                     continue
-            q8, dq = a8.quantize_per_head(q)
-            rounded = attention(a8.E4M3(q8, dq).dequantized(), keys.dequantized(), values.dequantized())
+            q8, dq = e4m3.quantize_per_head(q)
+            rounded = attention(e4m3.E4M3(q8, dq).dequantized(), keys.dequantized(), values.dequantized())
             row[fix] = {"kernel": rel(got, rounded), "total": rel(got, exact), "ms": ms}
             print(
                 f"{window:>6} {fix:>8}: kernel {row[fix]['kernel']:.4f} total {row[fix]['total']:.4f} "

@@ -48,7 +48,7 @@ from ropesp.bench import per_chunk_errors, rel_l2
 from ropesp.config import preset as preset_config
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit, e4m3_cache
-from ropesp.plugins.attention_8bit import E4M3, quantize_per_head
+from ropesp.plugins.e4m3 import E4M3, quantize_per_head
 from ropesp.runtime.pipeline import build_session, resolve
 from ropesp.runtime.prompts import default_prompt_embeds
 from ropesp.settings import RunConfig

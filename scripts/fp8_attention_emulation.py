@@ -29,7 +29,7 @@ from ropesp.demo import default_checkpoint
 from ropesp.demo.evaluate import eval_pairs, evaluate, mean_score
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit
-from ropesp.plugins.attention_8bit import quantize_per_head, smooth_keys
+from ropesp.plugins.e4m3 import quantize_per_head, smooth_keys
 from ropesp.runtime.pipeline import build_session
 from ropesp.settings import RunConfig
 

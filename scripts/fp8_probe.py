@@ -270,6 +270,7 @@ def attention(lq: int, lks: list[int], heads: int = 12, dim: int = 128) -> list[
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from ropesp.plugins import attention_8bit as a8
+    from ropesp.plugins import e4m3
     from ropesp.plugins.e4m3_cache import calibrate, to_e4m3
 
     g = torch.Generator("cuda").manual_seed(0)
@@ -292,9 +293,9 @@ def attention(lq: int, lks: list[int], heads: int = 12, dim: int = 128) -> list[
             from fa3_fwd_interface import flash_attn_func
 
             cands["fa3_bf16"] = lambda: flash_attn_func(q, k, v)
-            q8, dq = a8.quantize_per_head(q)
-            k8, dk = a8.quantize_per_head(k)
-            v8, dv = a8.quantize_per_head(v)
+            q8, dq = e4m3.quantize_per_head(q)
+            k8, dk = e4m3.quantize_per_head(k)
+            v8, dv = e4m3.quantize_per_head(v)
             cands["fa3_fp8_kernel_only"] = lambda: flash_attn_func(
                 q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv
             )
@@ -302,9 +303,9 @@ def attention(lq: int, lks: list[int], heads: int = 12, dim: int = 128) -> list[
             # quantized into the e4m3 cache under the stream's scales, q quantized, the kernel over the
             # whole window (plugins/e4m3_cache.py)
             offset, k_scale, v_scale = calibrate(k, v)
-            keys = a8.E4M3(to_e4m3(k, offset, k_scale), k_scale.reciprocal())
-            values = a8.E4M3(to_e4m3(v, None, v_scale), v_scale.reciprocal())
-            write = a8.compiled(to_e4m3, k)
+            keys = e4m3.E4M3(to_e4m3(k, offset, k_scale), k_scale.reciprocal())
+            values = e4m3.E4M3(to_e4m3(v, None, v_scale), v_scale.reciprocal())
+            write = e4m3.compiled(to_e4m3, k)
             k_new, v_new = k[:, -lq:], v[:, -lq:]
 
             def cache_writes():
@@ -313,12 +314,12 @@ def attention(lq: int, lks: list[int], heads: int = 12, dim: int = 128) -> list[
             cands["fa3_fp8_e4m3_cache"] = lambda: (cache_writes(), a8.fp8_attention(q, keys, values))[1]
             cands["quant_per_call"] = lambda: (
                 cache_writes(),
-                a8.compiled(a8.quantize_per_head, q)(q),
+                e4m3.compiled(e4m3.quantize_per_head, q)(q),
             )
             cands["quant_cache_writes"] = cache_writes
-            cands["quant_q"] = lambda: a8.compiled(a8.quantize_per_head, q)(q)
+            cands["quant_q"] = lambda: e4m3.compiled(e4m3.quantize_per_head, q)(q)
             # for comparison: the same reduction compiled with dynamic shapes
-            dynamic_q = torch.compile(a8.quantize_per_head, dynamic=True, fullgraph=True)
+            dynamic_q = torch.compile(e4m3.quantize_per_head, dynamic=True, fullgraph=True)
             cands["quant_q_dynamic_shapes"] = lambda: dynamic_q(q)
         except Exception as exc:
             rows.append({"lk": lk, "fa3_error": f"{type(exc).__name__}: {exc}"[:1000]})

@@ -11,6 +11,7 @@ from ropesp.config import CacheConfig, VideoGeometry
 from ropesp.errors import ConfigError
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit as a8
+from ropesp.plugins import e4m3
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.pipeline import resolve
 from ropesp.runtime.runners import SPState
@@ -22,12 +23,12 @@ def test_quantize_per_head_round_trips_within_e4m3_rounding(scale):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 37, 3, 16, generator=g) * scale).bfloat16()
     x[1, :, 2] *= 40  # heads of very different ranges get their own scales
-    x8, descale = a8.quantize_per_head(x)
+    x8, descale = e4m3.quantize_per_head(x)
     assert x8.dtype == torch.float8_e4m3fn and x8.shape == x.shape
     assert descale.shape == (2, 3) and descale.dtype == torch.float32
     # the head's absolute maximum lands on e4m3's largest value: the whole range is used, nothing clips
     amax8 = x8.float().abs().amax(dim=(1, 3))
-    torch.testing.assert_close(amax8, torch.full_like(amax8, a8.E4M3_MAX))
+    torch.testing.assert_close(amax8, torch.full_like(amax8, e4m3.E4M3_MAX))
     back = x8.float() * descale[:, None, :, None]
     # e4m3 keeps 3 mantissa bits: relative step 2^-3, so rounding to nearest errs by <= 2^-4 of |x|
     # for normal values; values below the normal range (2^-6 * descale) err by <= half a subnormal step
@@ -36,7 +37,7 @@ def test_quantize_per_head_round_trips_within_e4m3_rounding(scale):
 
 
 def test_quantize_per_head_of_zeros_is_finite():
-    x8, descale = a8.quantize_per_head(torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16))
+    x8, descale = e4m3.quantize_per_head(torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16))
     assert torch.isfinite(descale).all() and (x8.float() == 0).all()
 
 
@@ -48,7 +49,7 @@ def _e4m3_attention(q, k, v):
         return x8.float() * descale[:, None, :, None]
 
     return attention(
-        back(*a8.quantize_per_head(q)), back(*a8.quantize_per_head(k)), back(*a8.quantize_per_head(v))
+        back(*e4m3.quantize_per_head(q)), back(*e4m3.quantize_per_head(k)), back(*e4m3.quantize_per_head(v))
     )
 
 
@@ -56,7 +57,7 @@ def test_smoothed_keys_leave_attention_unchanged():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 24, 3, 16, generator=g) for _ in range(3))
     k = k + 5 * torch.randn(2, 1, 3, 16, generator=g)  # an offset shared by every key of a head
-    torch.testing.assert_close(attention(q, a8.smooth_keys(k), v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention(q, e4m3.smooth_keys(k), v), attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_smoothed_keys_cut_the_e4m3_error_of_offset_keys():
@@ -69,7 +70,7 @@ def test_smoothed_keys_cut_the_e4m3_error_of_offset_keys():
     k = k + 8 * torch.randn(1, 1, 2, 32, generator=g)
     exact = attention(q, k, v)
     raw = (_e4m3_attention(q, k, v) - exact).norm()
-    smoothed = (_e4m3_attention(q, a8.smooth_keys(k), v) - exact).norm()
+    smoothed = (_e4m3_attention(q, e4m3.smooth_keys(k), v) - exact).norm()
     assert smoothed * 3 < raw
 
 
@@ -118,7 +119,7 @@ def test_attention_modes_refused_where_they_cannot_run():
         resolve(RunConfig.of(preset="tiny", attention="int8"))
     with pytest.raises(ConfigError, match=r"--attention fa3: it needs a CUDA GPU of compute capability"):
         resolve(RunConfig.of(preset="tiny", attention="fa3"))
-    with pytest.raises(ConfigError, match="--attention fp4; choose one of"):
+    with pytest.raises(ConfigError, match="--attention fp4: choose one of"):
         resolve(RunConfig.of(preset="tiny", attention="fp4"))
     with pytest.raises(ConfigError, match=r"the ring layout .* merges partial attentions"):
         resolve(RunConfig.of(preset="tiny", attention="fp8", world_size=2, ulysses_degree=1, ring_degree=2))
@@ -132,7 +133,7 @@ def test_every_mode_selects_its_own_kernel():
         "fp8": a8.fp8_attention,
         "int8": a8.int8_attention,
     }
-    with pytest.raises(ConfigError, match="--attention 'fp16'; choose one of"):
+    with pytest.raises(ConfigError, match="--attention fp16: choose one of"):
         a8.select_attention("fp16")
 
 
@@ -140,9 +141,9 @@ def test_quantize_per_head_amax_is_per_batch_and_head():
     x = torch.zeros(2, 5, 3, 4)
     x[1, 3, 2, 1] = -7.0  # the only non-zero of (batch 1, head 2)
     x[0, 0, 0, 0] = 2.0
-    _, descale = a8.quantize_per_head(x)
-    assert descale[1, 2] == pytest.approx(7.0 / a8.E4M3_MAX)
-    assert descale[0, 0] == pytest.approx(2.0 / a8.E4M3_MAX)
+    _, descale = e4m3.quantize_per_head(x)
+    assert descale[1, 2] == pytest.approx(7.0 / e4m3.E4M3_MAX)
+    assert descale[0, 0] == pytest.approx(2.0 / e4m3.E4M3_MAX)
     assert (descale[0, 1:] < 1e-12).all() and (descale[1, :2] < 1e-12).all()
 
 
@@ -184,10 +185,10 @@ def test_values_offset_comes_back_after_attention():
     torch.testing.assert_close(
         attention(q, k, v - m[:, None]) + m[:, None], attention(q, k, v), atol=1e-5, rtol=1e-5
     )
-    v8, descale = a8.quantize_per_head(v)  # the values' spread, around 0
-    values = a8.E4M3(v8, descale, m)
+    v8, descale = e4m3.quantize_per_head(v)  # the values' spread, around 0
+    values = e4m3.E4M3(v8, descale, m)
     torch.testing.assert_close(values.dequantized(), v8.float() * descale[:, None, :, None] + m[:, None])
-    keys = a8.E4M3(*a8.quantize_per_head(k))
+    keys = e4m3.E4M3(*e4m3.quantize_per_head(k))
     out = a8.fp8_attention(q, keys, values)
-    q_back = a8.E4M3(*a8.quantize_per_head(q)).dequantized()
+    q_back = e4m3.E4M3(*e4m3.quantize_per_head(q)).dequantized()
     torch.testing.assert_close(out, attention(q_back, keys.dequantized(), values.dequantized()))

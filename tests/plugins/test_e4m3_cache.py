@@ -12,6 +12,7 @@ import torch
 from ropesp.config import CacheConfig
 from ropesp.model.kv_cache import KVCache, attention
 from ropesp.plugins import attention_8bit as a8
+from ropesp.plugins import e4m3
 from ropesp.plugins.e4m3_cache import HEADROOM, E4M3KVCache
 from ropesp.runtime.pipeline import build_session, resolve
 from ropesp.settings import RunConfig
@@ -47,6 +48,26 @@ def _within_e4m3(back: torch.Tensor, exact: torch.Tensor, descale: torch.Tensor)
     return bool(((back - exact).abs() <= exact.abs() * 2**-4 + tiny + 1e-7).all())
 
 
+@pytest.fixture
+def values_offset_out(monkeypatch):
+    """The cache with the values' offset taken out (E4M3KVCache.smooth_values, off by default)."""
+    monkeypatch.setattr(E4M3KVCache, "smooth_values", True)
+
+
+@pytest.mark.parametrize("smooth", [True, False])
+def test_the_values_offset_is_taken_out_only_when_asked(monkeypatch, smooth):
+    monkeypatch.setattr(E4M3KVCache, "smooth_values", smooth)
+    k, v = _kv(3, 0)
+    _, values = _write(_cache(), 0, 0, k, v)
+    assert (values.offset is not None) == smooth
+    off = values.offset[:, None] if smooth else torch.zeros(())
+    assert _within_e4m3(values.dequantized() - off, v - off, values.descale)  # dequantized() adds it back
+
+
+def test_the_default_keeps_the_values_as_they_are():
+    assert E4M3KVCache.smooth_values is False
+
+
 def test_buffers_are_e4m3_and_half_a_bf16_cache():
     cache = _cache()
     assert cache.k.dtype == cache.v.dtype == torch.float8_e4m3fn
@@ -69,18 +90,18 @@ def test_the_runs_memory_check_counts_the_e4m3_cache(monkeypatch):
     assert seen == [2, 1]
 
 
-def test_the_first_chunk_sets_the_streams_offset_and_scales():
+def test_the_first_chunk_sets_the_streams_offset_and_scales(values_offset_out):
     cache = _cache()
     k, v = _kv(3, seed=0)
     keys, values = _write(cache, 0, 0, k, v)
     offset = k.mean(dim=1)  # [B, H, D]
     torch.testing.assert_close(cache.k_offset[0], offset)
     amax_k = (k - offset[:, None]).abs().amax(dim=(1, 3))
-    torch.testing.assert_close(cache.k_descale[0], amax_k * HEADROOM / a8.E4M3_MAX)
+    torch.testing.assert_close(cache.k_descale[0], amax_k * HEADROOM / e4m3.E4M3_MAX)
     v_offset = v.mean(dim=1)
     torch.testing.assert_close(cache.v_offset[0], v_offset)
     amax_v = (v - v_offset[:, None]).abs().amax(dim=(1, 3))
-    torch.testing.assert_close(cache.v_descale[0], amax_v * HEADROOM / a8.E4M3_MAX)
+    torch.testing.assert_close(cache.v_descale[0], amax_v * HEADROOM / e4m3.E4M3_MAX)
     assert keys.data.shape == values.data.shape == (1, 3 * FT, HEADS, DIM)
     assert keys.offset is None and torch.equal(values.offset, cache.v_offset[0])  # only v's comes back
     assert _within_e4m3(keys.dequantized(), k - offset[:, None], keys.descale)
@@ -89,7 +110,7 @@ def test_the_first_chunk_sets_the_streams_offset_and_scales():
     assert torch.equal(cache.k_descale[1], torch.ones(1, HEADS))
 
 
-def test_later_chunks_keep_the_scales_and_saturate_instead_of_nan():
+def test_later_chunks_keep_the_scales_and_saturate_instead_of_nan(values_offset_out):
     cache = _cache()
     k0, v0 = _kv(3, seed=0)
     _write(cache, 0, 0, k0, v0)
@@ -107,20 +128,20 @@ def test_later_chunks_keep_the_scales_and_saturate_instead_of_nan():
     assert keys.data.shape[1] == 6 * FT  # the window: both chunks
     back = values.dequantized()
     assert torch.isfinite(back).all()
-    saturated = a8.E4M3_MAX * values.descale[0, 1] + values.offset[0, 1, 2]
+    saturated = e4m3.E4M3_MAX * values.descale[0, 1] + values.offset[0, 1, 2]
     assert back[0, 3 * FT + 5, 1, 2] == pytest.approx(saturated.item())
     # the first chunk's slots were not rewritten by the second write
     assert _within_e4m3(keys.dequantized()[:, : 3 * FT], k0 - cache.k_offset[0][:, None], keys.descale)
 
 
-def test_every_write_from_slot_zero_recalibrates_and_reset_starts_over():
+def test_every_write_from_slot_zero_recalibrates_and_reset_starts_over(values_offset_out):
     cache = _cache()
     k, v = _kv(3, seed=0)
     _write(cache, 0, 0, k, v)
     cache.reset()  # a new stream, or the first chunk's next denoising pass at the same slots
     _write(cache, 0, 0, 3 * k, 3 * v)
     amax_v = (v - v.mean(dim=1, keepdim=True)).abs().amax(dim=(1, 3))
-    torch.testing.assert_close(cache.v_descale[0], 3 * amax_v * HEADROOM / a8.E4M3_MAX)
+    torch.testing.assert_close(cache.v_descale[0], 3 * amax_v * HEADROOM / e4m3.E4M3_MAX)
     torch.testing.assert_close(cache.k_offset[0], 3 * k.mean(dim=1))
     torch.testing.assert_close(cache.v_offset[0], 3 * v.mean(dim=1))
 
@@ -150,7 +171,7 @@ def test_the_rolling_window_moves_e4m3_keys_with_their_scales():
     assert _within_e4m3(values.dequantized()[:, 3 * FT :] - v_offset, chunks[2][1] - v_offset, values.descale)
 
 
-def test_fp8_attention_over_the_first_chunk_is_the_per_call_e4m3_rounding():
+def test_fp8_attention_over_the_first_chunk_is_the_per_call_e4m3_rounding(values_offset_out):
     """Over the first chunk's window the cache rounds exactly as quantizing smoothed keys per call
     would (HEADROOM is a power of two: the same mantissas), q rounded per call; the output is
     attention to e4m3's precision (measured rel L2 0.028-0.048 over seeds 0-4 with exact fp32
@@ -163,10 +184,10 @@ def test_fp8_attention_over_the_first_chunk_is_the_per_call_e4m3_rounding():
     assert out.dtype == q.dtype
 
     def rounded(x):
-        return a8.E4M3(*a8.quantize_per_head(x)).dequantized()
+        return e4m3.E4M3(*e4m3.quantize_per_head(x)).dequantized()
 
     v_mean = v.mean(dim=1, keepdim=True)
-    per_call = attention(rounded(q), rounded(a8.smooth_keys(k)), rounded(v - v_mean) + v_mean)
+    per_call = attention(rounded(q), rounded(e4m3.smooth_keys(k)), rounded(v - v_mean) + v_mean)
     torch.testing.assert_close(out, per_call, rtol=1e-5, atol=1e-6)
     exact = attention(q, k, v)
     assert (out - exact).norm() / exact.norm() < 0.08
@@ -211,7 +232,7 @@ def test_later_calls_quantize_q_by_its_own_amax():
     for factor in (1.0, 1e3):
         out = a8.fp8_attention(factor * q, keys, values)
         amax = (factor * q).abs().amax(dim=(1, 3))  # [B, H]
-        q_back = _e4m3_round(factor * q, a8.E4M3_MAX / amax)
+        q_back = _e4m3_round(factor * q, e4m3.E4M3_MAX / amax)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, attention(q_back, keys.dequantized(), values.dequantized()))
         assert torch.equal(q_back.abs().amax(dim=(1, 3)), amax)  # each head's largest |q| maps to 448 exactly
@@ -220,4 +241,4 @@ def test_later_calls_quantize_q_by_its_own_amax():
 def _e4m3_round(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q [B, L, H, D] rounded to e4m3 under scale [B, H], saturating, and back (fp32)."""
     s = scale[:, None, :, None]
-    return (q * s).clamp(-a8.E4M3_MAX, a8.E4M3_MAX).to(torch.float8_e4m3fn).float() / s
+    return (q * s).clamp(-e4m3.E4M3_MAX, e4m3.E4M3_MAX).to(torch.float8_e4m3fn).float() / s

@@ -137,20 +137,20 @@ def test_precision_fp8_refused_on_the_cpu():
             ConfigError, match=rf"--precision {precision}: it needs a CUDA GPU of compute capability >= 8\.9"
         ):
             resolve(RunConfig.of(preset="tiny", precision=precision))
-    with pytest.raises(ConfigError, match="--precision int4; choose one of"):
+    with pytest.raises(ConfigError, match="--precision int4: choose one of"):
         resolve(RunConfig.of(preset="tiny", precision="int4"))
 
 
 def test_pipeline_names_the_python_arguments():
     from ropesp import Pipeline
 
-    with pytest.raises(ConfigError, match=r"^precision='int4'; choose one of"):
+    with pytest.raises(ConfigError, match=r"^precision='int4': choose one of"):
         Pipeline(preset="tiny", device="cpu", precision="int4")
     with pytest.raises(
         ConfigError, match=r"^precision='fp8' quantizes|^precision='fp8': it needs a CUDA GPU"
     ):
         Pipeline(preset="tiny", device="cpu", precision="fp8")
-    with pytest.raises(ConfigError, match=r"^attention='flash9'; choose one of"):
+    with pytest.raises(ConfigError, match=r"^attention='flash9': choose one of"):
         Pipeline(preset="tiny", device="cpu", attention="flash9")
 
 
@@ -171,15 +171,16 @@ def test_fp8_reasons_name_the_old_gpu_and_the_missing_library(monkeypatch):
 def test_precision_fp8_refused_for_engines_and_other_dtypes(monkeypatch, tmp_path):
     monkeypatch.setattr(fp8, "check_fp8", lambda device, flag="--precision fp8": None)
     from ropesp.parallel import SPLayout
+    from ropesp.runtime.pipeline import check_precision
 
     config = RunConfig.of(preset="tiny", precision="fp8")
     with pytest.raises(ConfigError, match="--precision fp8 quantizes the PyTorch model at load"):
-        config.check_precision("aoti", "cuda", "bfloat16", SPLayout(1, 1))
+        check_precision(config, "aoti", "cuda", "bfloat16", SPLayout(1, 1))
     with pytest.raises(
         ConfigError, match="--precision fp8 runs on bfloat16 activations, not --dtype float16"
     ):
-        config.check_precision("compile", "cuda", "float16", SPLayout(1, 1))
-    config.check_precision("compile", "cuda", "bfloat16", SPLayout(1, 1))
+        check_precision(config, "compile", "cuda", "float16", SPLayout(1, 1))
+    check_precision(config, "compile", "cuda", "bfloat16", SPLayout(1, 1))
 
 
 def test_cli_refuses_fp8_on_the_cpu_without_traceback(tmp_path):
@@ -201,11 +202,11 @@ def test_bench_refuses_fp8_configs_on_the_cpu():
     from ropesp.bench import BenchConfig
 
     with pytest.raises(ConfigError, match="--precision fp8"):
-        BenchConfig(pipeline=RunConfig.of(preset="tiny"), configs=("compile", "compile-fp8"))
+        BenchConfig(run=RunConfig.of(preset="tiny"), configs=("compile", "compile-fp8"))
     with pytest.raises(ConfigError, match="--precision fp8"):
-        BenchConfig(pipeline=RunConfig.of(preset="tiny"), configs=("compile-fp8attn",))
+        BenchConfig(run=RunConfig.of(preset="tiny"), configs=("compile-fp8attn",))
     with pytest.raises(ConfigError, match="--attention fa3"):
-        BenchConfig(pipeline=RunConfig.of(preset="tiny"), configs=("compile-fa3",))
+        BenchConfig(run=RunConfig.of(preset="tiny"), configs=("compile-fa3",))
 
 
 def test_precision_and_attention_travel_to_a_served_model():
@@ -214,4 +215,4 @@ def test_precision_and_attention_travel_to_a_served_model():
 
     config = RunConfig.of(preset="tiny", precision="fp8", attention="fa3", backend="compile")
     back = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert (back.precision, back.attention) == ("fp8", "fa3") and back == config
+    assert (back.compute.precision, back.compute.attention) == ("fp8", "fa3") and back == config

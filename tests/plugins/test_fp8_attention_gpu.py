@@ -11,6 +11,7 @@ import torch
 
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit as a8
+from ropesp.plugins import e4m3
 from ropesp.plugins.e4m3_cache import calibrate, to_e4m3
 
 pytestmark = pytest.mark.gpu
@@ -27,8 +28,8 @@ def _inputs(lq: int, lk: int, offset: float):
     )
     q = torch.randn(1, lq, 4, 128, device="cuda", generator=g).bfloat16()
     k_off, k_scale, v_off, v_scale = calibrate(k[:, :lq], v[:, :lq])  # the first chunk's, as the cache
-    keys = a8.E4M3(to_e4m3(k, k_off, k_scale), k_scale.reciprocal())
-    values = a8.E4M3(to_e4m3(v, v_off, v_scale), v_scale.reciprocal(), v_off)
+    keys = e4m3.E4M3(to_e4m3(k, k_off, k_scale), k_scale.reciprocal())
+    values = e4m3.E4M3(to_e4m3(v, v_off, v_scale), v_scale.reciprocal(), v_off)
     return q, keys, values
 
 
@@ -44,7 +45,7 @@ def test_fp8_attention_in_pieces_with_the_values_offset(pieces):
     with mock.patch.object(a8, "KEYS_PER_SPLIT", pieces), torch.inference_mode():
         out = a8.fp8_attention(q, keys, values)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
-    q8, dq = a8.quantize_per_head(q)
-    ref = attention(a8.E4M3(q8, dq).dequantized(), keys.dequantized(), values.dequantized())
+    q8, dq = e4m3.quantize_per_head(q)
+    ref = attention(e4m3.E4M3(q8, dq).dequantized(), keys.dequantized(), values.dequantized())
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < 0.04, rel

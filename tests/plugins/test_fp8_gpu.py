@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ropesp.plugins import attention_8bit as a8
+from ropesp.plugins import e4m3
 from ropesp.plugins.fp8 import fp8_unsupported_reason
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +34,7 @@ def test_attention_kernel_matches_fp32_sdpa(mode, bound):
     v = torch.randn(1, 1500, 4, 128, device="cuda", generator=g).bfloat16()
     ref = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     if mode == "fp8":  # the kernel reads k and v from the e4m3 cache: one descale per (batch, head)
-        k, v = (a8.E4M3(*a8.quantize_per_head(t)) for t in (k, v))
+        k, v = (e4m3.E4M3(*e4m3.quantize_per_head(t)) for t in (k, v))
     with torch.inference_mode():
         out = a8.select_attention(mode)(q, k, v)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
