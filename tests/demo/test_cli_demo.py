@@ -38,4 +38,4 @@ def test_wrong_grid_for_the_position_embedding_is_refused(tmp_path):
     out = tmp_path / "v.mp4"
     proc = run_cli("generate", "--preset", "demo", "--latent-height", "16", "--output", str(out))
     assert proc.returncode == 2
-    assert "position embedding is for a 24 x 24 latent grid" in proc.stderr and not out.exists()
+    assert "position embedding is for a 192 x 192 video (24 x 24 latents)" in proc.stderr and not out.exists()

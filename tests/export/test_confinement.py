@@ -147,7 +147,7 @@ def test_serve_repo_copies_only_listed_files_as_real_files(engines, tmp_path):
     weights.symlink_to("rank0/w.bin")  # a symlink inside the directory is fine, and copied as a file
     model_dir = write_repository(tmp_path / "repo", RunConfig.of(engines=str(engines), latent_frames=3))
     served = read_model_config(model_dir / "1")
-    copied = Path(served.pipeline.engines)
+    copied = Path(served.config.source.engines)
     manifest = Manifest.load(copied)
     files = sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*") if p.is_file())
     assert files == sorted([*manifest.files, "manifest.json"])  # notes.txt and rank0/w.bin stay behind
