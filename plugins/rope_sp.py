@@ -1,4 +1,4 @@
-"""Causal-RoPE SP operator `ropesp::rope_sp`. x: [B, L, H, D]; start_frame: int32 [1]. Contract: DESIGN.md.
+"""Causal-RoPE SP operator `ropesp::rope_sp`. x: [B, L, H, D]; start_frame: int32 [1]. Contract: docs/ARCHITECTURE.md.
 
     rope_sp(x, start_frame, frames, rows, cols, first_token, theta) -> same shape and dtype as x
 

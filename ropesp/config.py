@@ -215,7 +215,7 @@ def preset_of(cfg: ModelConfig) -> str | None:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Self-attention KV cache geometry, in latent frames (MODEL_SPEC.md section 4)."""
+    """Self-attention KV cache geometry, in latent frames (docs/MODEL.md section 4)."""
 
     max_frames: int
     """Frames the cache holds without a rolling window (the whole video)."""

@@ -6,7 +6,7 @@ tokens attended, each block does
     attention   4·L·S·C   (Q·Kᵀ and P·V over the cache window)  +  4·L·T·C  (cross-attention)
 and the forward adds the patch embedding 2·L·(C_in·p)·C and the head 2·L·C·(C_out·p). Cross-attention
 K/V are computed once per prompt and not counted. Wan-1.3B, 832x480, 81 frames: 11.7 TFLOP of GEMMs per
-forward and 4.0 to 28 TFLOP of attention as the cache grows (ENVIRONMENT.md's floor).
+forward and 4.0 to 28 TFLOP of attention as the cache grows (docs/PLATFORM.md's floor).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def check_prompt_embeds(cfg: ModelConfig, prompt_embeds: torch.Tensor) -> torch.
 
 def attention_priority(device: torch.device):
     """SDPA backend order for a forward: cuDNN first on CUDA (measured fastest for these shapes on
-    Hopper, ENVIRONMENT.md: 0.28 ms vs 0.49 ms flash at 4680 x 4680), then flash, efficient, math;
+    Hopper, docs/PLATFORM.md: 0.28 ms vs 0.49 ms flash at 4680 x 4680), then flash, efficient, math;
     SDPA falls back along the list where a backend cannot take a shape. No-op off CUDA."""
     if device.type != "cuda":
         return contextlib.nullcontext()

@@ -16,7 +16,7 @@ What attention reads is a cache attention the runner holds (composition, not sub
 `SPState` is one rank's state between forwards (cache, collectives, the device start_frame): it chooses
 the cache kind and the runner once, and `begin` hands each forward its runner.
 
-Baselines kept for measurement (PAPER.md): `allgather_rope` gathers q and k to the full chunk and applies
+Baselines kept for measurement (docs/ARCHITECTURE.md, Causal-RoPE SP): `allgather_rope` gathers q and k to the full chunk and applies
 the reference float64 RoPE there; `sp_comm="unfused"` sends q, k and v in three all-to-alls. All modes
 produce the same outputs.
 """

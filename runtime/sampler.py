@@ -1,8 +1,8 @@
-"""Few-step flow-matching sampler of Self-Forcing (MODEL_SPEC.md section 5) and the noise contract.
+"""Few-step flow-matching sampler of Self-Forcing (docs/MODEL.md section 5) and the noise contract.
 
 Numerics follow the reference exactly: the schedule is built in float32, x0 = x_t - sigma*v is
 computed in float64 and cast back, re-noising is (1-sigma)*x0 + sigma*eps in float32.
-Noise is drawn chunk by chunk from one CPU generator (DESIGN.md, Reproducibility), so a seed fixes
+Noise is drawn chunk by chunk from one CPU generator (docs/ARCHITECTURE.md, Contracts), so a seed fixes
 the output regardless of backend, world size or stream length.
 """
 

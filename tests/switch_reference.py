@@ -1,6 +1,6 @@
 """Prompt changes mid-stream computed by definition, straight on an executor (no StreamSession).
 
-DESIGN.md's sampler, chunk by chunk from one seeded CPU generator; before chunk k of the schedule the
+docs/MODEL.md's sampler, chunk by chunk from one seeded CPU generator; before chunk k of the schedule the
 executor gets the new prompt's cross-attention K/V ("swap"), and for "recache" its cache is cleared and
 the clean-context pass (t = 0) re-runs over the x0 of the cached chunks in order: every earlier chunk
 with global attention; with a rolling window the chunks holding sink frames and those whose frames

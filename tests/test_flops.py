@@ -1,4 +1,4 @@
-"""Matrix FLOPs of a video (ropesp/flops.py): a hand-checked forward, the window, and ENVIRONMENT.md's floor."""
+"""Matrix FLOPs of a video (ropesp/flops.py): a hand-checked forward, the window, and docs/PLATFORM.md's floor."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Checkpoint reading and writing for CausalWanDiT (MODEL_SPEC.md sections 1.2-1.4).
+"""Checkpoint reading and writing for CausalWanDiT (docs/MODEL.md section 1).
 
 Layouts read, all normalised to the original Wan key names (`blocks.0.self_attn.q.weight`):
 - Self-Forcing torch pickles (`.pt`, `.pth`, `.bin`): `generator_ema`, else `generator`, else `model`,
@@ -11,7 +11,7 @@ Layouts read, all normalised to the original Wan key names (`blocks.0.self_attn.
 Tensors stay memory-mapped until `load_model` casts them one by one into a meta-built model.
 `resolve_model` / `load_source` say which model config, default sizes and weights a ModelSource means,
 for `ropesp build` and the runtime alike.
-A StateDict maps each key to a tensor of the shape MODEL_SPEC.md 1.2 gives it, e.g.
+A StateDict maps each key to a tensor of the shape docs/MODEL.md section 1 names, e.g.
 `blocks.0.self_attn.q.weight: [C, C]`, `patch_embedding.weight: [C, in_dim, 1, 2, 2]`.
 """
 

@@ -1,4 +1,4 @@
-"""Persistent self-attention KV cache and its slot arithmetic (MODEL_SPEC.md section 4).
+"""Persistent self-attention KV cache and its slot arithmetic (docs/MODEL.md section 4).
 
 The buffers are allocated once per session and written in place. The slot arithmetic is pure
 host-side integer math (no device sync): given the chunk's absolute token offset it says where the

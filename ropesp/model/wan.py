@@ -1,6 +1,6 @@
 """CausalWanDiT: the Wan2.1 DiT run chunk by chunk with a KV cache (Self-Forcing inference path).
 
-Attribute names equal the original checkpoint keys (MODEL_SPEC.md section 1), so a state dict loads
+Attribute names equal the original checkpoint keys (docs/MODEL.md section 1), so a state dict loads
 with `load_state_dict(strict=True, assign=True)`.
 
 The model itself is single-device and knows nothing of sequence parallelism, caches or engines: the
@@ -167,7 +167,7 @@ def modulation(rows: int, dim: int) -> nn.Parameter:
 
 
 class Block(nn.Module):
-    """Transformer block with per-frame 6-way adaLN (MODEL_SPEC.md section 3)."""
+    """Transformer block with per-frame 6-way adaLN (docs/MODEL.md section 3)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -9,7 +9,7 @@ The repository is relocatable: every artifact lives under `1/artifacts/` and rop
 relative to `1/`. It also records the Python environment that holds ropesp (executable, version,
 sys.path, site directories, libpython's directory): the python backend ignores PYTHONPATH, so
 model.py puts those paths on sys.path itself, and `TritonServer` runs the backend stub on that
-environment's libpython (ENVIRONMENT.md).
+environment's libpython (docs/PLATFORM.md).
 """
 
 from __future__ import annotations

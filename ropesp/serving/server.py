@@ -4,7 +4,7 @@
         client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
 
 The wheel carries `tritonserver`, the python backend and backend stubs per Python version
-(ENVIRONMENT.md). Setting up: a backend directory with a copy of backends/python plus the stub for the
+(docs/PLATFORM.md). Setting up: a backend directory with a copy of backends/python plus the stub for the
 repository's Python, LD_LIBRARY_PATH = that Python's libpython directory (so the stub runs the very
 environment that holds ropesp) + the wheel's nvidia_pytriton.libs. The server binds to 127.0.0.1 only,
 runs in its own process group (so every stub and worker rank can be reaped with it), and is stopped
