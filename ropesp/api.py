@@ -65,9 +65,9 @@ class Video:
     chunks: tuple[StreamChunk, ...]
     """The chunks it came in (their timings; their latents and frames are the ones above)."""
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the frames as an MP4 (16 FPS, H.264) at path; the file appears only when complete.
-        Refuses to replace an existing file unless overwrite=True."""
+    def save(self, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the frames as an MP4 (H.264, 16 FPS) at `output`; the file appears only when complete (a
+        failed write leaves nothing). Refuses to replace an existing file unless overwrite=True."""
         from ropesp.video import StreamOutputs, check_outputs
 
         with python_names():
@@ -75,7 +75,7 @@ class Video:
                 raise ConfigError(
                     'this Video has no frames (decoder="none"): save its latents with torch.save'
                 )
-            paths = check_outputs(str(path), overwrite=overwrite, names={"output": "path"})
+            paths = check_outputs(os.fspath(output), overwrite=overwrite)
             with StreamOutputs(paths) as out:
                 out.write(self.frames)
                 out.commit()

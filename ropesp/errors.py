@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from pathlib import PurePath
 
 _UNSET = object()
 
@@ -55,6 +56,8 @@ def arg(name: str, value: object = _UNSET) -> str:
     """A parameter as the current caller wrote it: `--local-attn-frames 4` on the command line (the
     default), `local_attn_frames=4` inside `python_names()` (the Python API). name: the Python name."""
     if _PYTHON_NAMES.get():
+        if isinstance(value, PurePath):  # a path as the caller wrote it, not its class
+            value = str(value)
         return name if value is _UNSET else f"{name}={value!r}"
     flag = "--" + name.replace("_", "-")
     return flag if value is _UNSET else f"{flag} {value}"

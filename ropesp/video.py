@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import os
 import re
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ from types import TracebackType
 
 import numpy as np
 
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, OutputError, arg
 
 VIDEO_FPS = 16
+FULL_DISK_BYTES = 1 << 20
+"""Free space under which a failed write is reported as a full disk."""
 VIDEO_SUFFIXES = (".mp4",)
 LATENT_SUFFIXES = (".pt", ".pth")
 FRAME_NAME = "frame_{:06d}.png"
@@ -136,8 +139,12 @@ class PngFrameWriter:
         for frame in frames:
             path = self.directory / FRAME_NAME.format(len(self.written))
             part = path.with_name(f".{path.name}.part")
-            part.write_bytes(encode_png(frame))
-            os.replace(part, path)
+            try:
+                part.write_bytes(encode_png(frame))
+                os.replace(part, path)
+            except BaseException:
+                part.unlink(missing_ok=True)  # half a PNG is never left behind
+                raise
             self.written.append(path)
 
     def remove(self) -> None:
@@ -159,36 +166,38 @@ class OutputPaths:
     """Replace an existing video/latents file (on success only) and delete old frame_*.png in frames_dir."""
 
 
-def _probe_writable(directory: Path, flag: str, given: str) -> None:
+def _probe_writable(directory: Path, name: str, given: str) -> None:
     """Create and delete a file in `directory`: the one check that holds for read-only mounts, /proc and
     permissions alike (os.access says yes to root everywhere)."""
     try:
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".ropesp-probe-")
     except OSError as exc:
-        raise ConfigError(f"{flag} {given}: cannot write in {directory}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{arg(name, given)}: cannot write in {directory}: {exc.strerror or exc}") from None
     os.close(fd)
     os.unlink(probe)
 
 
-def _check_file(given: str, flag: str, suffixes: tuple[str, ...], what: str, overwrite: bool) -> Path:
+def _check_file(given: str, name: str, suffixes: tuple[str, ...], what: str, overwrite: bool) -> Path:
+    """name: the parameter (output, latents_out), named as the caller writes it (errors.arg)."""
     path = Path(given)
     if path.suffix.lower() not in suffixes:
         raise ConfigError(
-            f"{flag} {given}: unsupported extension {path.suffix or '(none)'!r}; use {' or '.join(suffixes)} ({what})"
+            f"{arg(name, given)}: unsupported extension {path.suffix or '(none)'!r}; use "
+            f"{' or '.join(suffixes)} ({what})"
         )
     if path.is_dir():
         raise ConfigError(
-            f"{flag} {given} is a directory; give a file path such as {path / ('out' + suffixes[0])}"
+            f"{arg(name, given)} is a directory; give a file path such as {path / ('out' + suffixes[0])}"
         )
     parent = path.parent
     if not parent.exists():
-        raise ConfigError(f"{flag} {given}: directory {parent} does not exist (create it first)")
+        raise ConfigError(f"{arg(name, given)}: directory {parent} does not exist (create it first)")
     if not parent.is_dir():
-        raise ConfigError(f"{flag} {given}: {parent} is not a directory")
-    _probe_writable(parent, flag, given)
+        raise ConfigError(f"{arg(name, given)}: {parent} is not a directory")
+    _probe_writable(parent, name, given)
     if path.exists() and not overwrite:
         raise ConfigError(
-            f"{flag} {given} exists; pass --overwrite to replace it (replaced only when the run succeeds)"
+            f"{arg(name, given)} exists; pass {arg('overwrite')} to replace it (replaced only when the run succeeds)"
         )
     return path
 
@@ -196,33 +205,34 @@ def _check_file(given: str, flag: str, suffixes: tuple[str, ...], what: str, ove
 def check_outputs(
     video: str, latents: str | None = None, frames_dir: str | None = None, overwrite: bool = False
 ) -> OutputPaths:
-    """Validate generate's outputs before any work; ConfigError names the flag as the user wrote it."""
-    video_path = _check_file(video, "--output", VIDEO_SUFFIXES, "fragmented MP4", overwrite)
+    """Validate a run's outputs before any work; ConfigError names the parameter as the caller wrote it
+    (--output, --latents-out, --frames-dir; output=... inside errors.python_names)."""
+    video_path = _check_file(video, "output", VIDEO_SUFFIXES, "fragmented MP4", overwrite)
     latents_path = None
     if latents is not None:
-        latents_path = _check_file(latents, "--latents-out", LATENT_SUFFIXES, "torch.save", overwrite)
+        latents_path = _check_file(latents, "latents_out", LATENT_SUFFIXES, "torch.save", overwrite)
         if latents_path.resolve() == video_path.resolve():
-            raise ConfigError(f"--latents-out {latents} is the --output file")
+            raise ConfigError(f"{arg('latents_out', latents)} is the {arg('output')} file")
     frames_path = None
     if frames_dir is not None:
         frames_path = Path(frames_dir)
         if frames_path.exists():
             if not frames_path.is_dir():
-                raise ConfigError(f"--frames-dir {frames_dir} exists and is not a directory")
+                raise ConfigError(f"{arg('frames_dir', frames_dir)} exists and is not a directory")
             old = [p for p in frames_path.iterdir() if _FRAME_RE.fullmatch(p.name)]
             if old and not overwrite:
                 raise ConfigError(
-                    f"--frames-dir {frames_dir} already holds {len(old)} frame_*.png; pass --overwrite to "
-                    "delete them first, or choose an empty directory"
+                    f"{arg('frames_dir', frames_dir)} already holds {len(old)} frame_*.png; pass "
+                    f"{arg('overwrite')} to delete them first, or choose an empty directory"
                 )
-            _probe_writable(frames_path, "--frames-dir", frames_dir)
+            _probe_writable(frames_path, "frames_dir", frames_dir)
         else:
             parent = frames_path.parent
             if not parent.is_dir():
                 raise ConfigError(
-                    f"--frames-dir {frames_dir}: directory {parent} does not exist (create it first)"
+                    f"{arg('frames_dir', frames_dir)}: directory {parent} does not exist (create it first)"
                 )
-            _probe_writable(parent, "--frames-dir", frames_dir)
+            _probe_writable(parent, "frames_dir", frames_dir)
     return OutputPaths(video_path, latents_path, frames_path, overwrite)
 
 
@@ -281,28 +291,34 @@ class StreamOutputs:
         return 0 if self._mp4 is None else self._mp4.frames_written
 
     def write(self, frames: np.ndarray) -> None:
-        """One chunk's frames [N, H, W, 3] uint8: appended to the MP4 (and written as PNGs)."""
-        self._mp4.write(frames)
+        """One chunk's frames [N, H, W, 3] uint8: appended to the MP4 (and written as PNGs). OutputError
+        naming the output when the disk refuses (the run's outputs are then removed on exit)."""
+        with _writing(self.paths.video):
+            self._mp4.write(frames)
         if self._frames is not None:
-            self._frames.write(frames)
+            with _writing(self.paths.frames_dir):
+                self._frames.write(frames)
 
     def commit(self, latents=None) -> None:
         """Finish the MP4 and move it (and the latents, torch.save'd beside first) into place."""
-        self._mp4.close()
+        with _writing(self.paths.video):
+            self._mp4.close()
         if self.paths.latents is not None and latents is not None:
             import torch
 
             target = self.paths.latents
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".part")
-            os.close(fd)
-            _as_created(Path(tmp))
-            try:
-                torch.save(latents, tmp)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        os.replace(self.part_path, self.paths.video)
+            with _writing(target):
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".part")
+                os.close(fd)
+                _as_created(Path(tmp))
+                try:
+                    torch.save(latents, tmp)
+                    os.replace(tmp, target)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+        with _writing(self.paths.video):
+            os.replace(self.part_path, self.paths.video)
         self._committed = True
 
     def _discard(self) -> None:
@@ -320,6 +336,20 @@ class StreamOutputs:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if not self._committed:
             self._discard()
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """OutputError naming `path` for a write the disk refuses (a full disk, a vanished directory): torch's
+    and FFmpeg's own errors say neither which file nor, for torch.save, why."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except RuntimeError as exc:  # torch.save's zip writer ("unexpected pos ...") on a short write
+        free = shutil.disk_usage(path if path.is_dir() else path.parent).free
+        why = "no space left on device" if free < FULL_DISK_BYTES else str(exc).splitlines()[0][:200]
+        raise OutputError(f"cannot write {path}: {why}") from None
 
 
 def read_video_info(path: str | Path) -> tuple[int, int, int]:

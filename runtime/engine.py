@@ -28,7 +28,7 @@ import torch
 from ropesp.errors import EngineError, arg
 from ropesp.manifest import Manifest, SegmentSpec
 from ropesp.model.wan import CausalWanDiT
-from ropesp.model.weights_file import read_safetensors
+from ropesp.model.weights_file import read_header, read_safetensors
 from ropesp.parallel import TokenShard
 from ropesp.runtime.executor import ChunkExecutor
 from ropesp.settings import ParallelConfig
@@ -50,9 +50,21 @@ class OrtSegment:
         # 9.5-55 FPS with one thread, faster in every pair)
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        self.session = ort_session(str(path), session_options=options)
+        try:
+            self.session = ort_session(str(path), session_options=options)
+        except Exception as exc:  # ONNX Runtime's own errors name neither the file nor the segment
+            raise EngineError(
+                f"engine file {path} is not a valid ONNX graph: {str(exc).splitlines()[0][:200]}"
+            ) from None
         self.inputs = [t.name for t in spec.inputs]
         self.outputs = [t.name for t in spec.outputs]
+        graph_in = [i.name for i in self.session.get_inputs()]
+        graph_out = [o.name for o in self.session.get_outputs()]
+        if sorted(graph_in) != sorted(self.inputs) or not set(self.outputs) <= set(graph_out):
+            raise EngineError(
+                f"engine file {path} is not the manifest's {spec.stem} segment: its inputs {graph_in} and outputs "
+                f"{graph_out} differ from the manifest's {self.inputs} -> {self.outputs}; rebuild with `ropesp build`"
+            )
 
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         feeds = {n: t.detach().contiguous().numpy() for n, t in zip(self.inputs, tensors, strict=True)}
@@ -226,6 +238,10 @@ def load_weights(manifest: Manifest, device: torch.device) -> CausalWanDiT:
     with torch.device("meta"):
         model = CausalWanDiT(manifest.model_config())
     path = manifest.confined(manifest.weights)
+    try:
+        read_header(path)  # a file of the right digest may still be crafted: it must be safetensors
+    except (ValueError, OSError) as exc:
+        raise EngineError(f"engine file {path} is not a valid safetensors file: {exc}") from None
     if device.type == "cuda":
         state_dict = read_safetensors(path, device)  # parallel reads and copies (model/weights_file.py)
     else:

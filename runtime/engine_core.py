@@ -28,6 +28,7 @@ the measured chunk time says one more stream would bring the running ones below 
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import copy
@@ -351,6 +352,9 @@ class EngineCore:
                 target=self._decode_loop, name="ropesp-decode", daemon=True
             )
             self._decode_thread.start()
+        # a caller whose exception escapes never closes: the loop must stop (its collectives ended)
+        # before the interpreter tears down, which would otherwise abort the process mid-collective
+        atexit.register(self.close)
         return self
 
     @property
@@ -377,6 +381,7 @@ class EngineCore:
 
     def close(self) -> None:
         """End every stream and stop every rank; idempotent."""
+        atexit.unregister(self.close)
         with self._cv:
             self._closing = True
             self._cv.notify_all()
@@ -676,6 +681,11 @@ class EngineCore:
         """Decode (when the stream asks for frames) and hand the chunk to its consumer."""
         d0 = time.perf_counter()
         try:
+            if not torch.isfinite(item.latents).all():  # on the host already: no device sync
+                raise EngineError(
+                    f"chunk {item.index}'s latents hold NaN or Inf values: the model's output diverged (a "
+                    "checkpoint of another model, or weights in a dtype they overflow); the stream ends here"
+                )
             frames = record.decoder.decode(item.latents) if record.decoder is not None else None
         except BaseException as exc:
             with self._cv:

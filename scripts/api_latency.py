@@ -26,7 +26,7 @@ import time
 import torch
 
 import ropesp
-from ropesp.runtime.pipeline import build_session, lead_decoder
+from ropesp.runtime.pipeline import build_session, stream_decoder
 from ropesp.runtime.prompts import default_prompt_embeds
 
 
@@ -47,7 +47,7 @@ def measure(args) -> dict:
     )
     try:
         res = pipe.resolved
-        decoder = lead_decoder(res, None, torch.device(res.device))  # the Pipeline's own recipe
+        decoder = stream_decoder(res, torch.device(res.device))  # the Pipeline's own recipe
         session = build_session(pipe.config, decoder=decoder)
         prompt = default_prompt_embeds(res.model)
         other = prompt.flip(1)

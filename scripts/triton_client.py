@@ -1,9 +1,10 @@
 """Stream a video from a ropesp Triton model over gRPC: per-chunk arrival times, then an MP4.
 
-    python scripts/triton_client.py --url 127.0.0.1:8001 --prompt-embeds prompt.pt --seed 0 \\
-        --latent-frames 21 --output out.mp4
+    python scripts/triton_client.py --url 127.0.0.1:8001 --prompt "two blue discs bouncing" --output out.mp4
+    python scripts/triton_client.py --url 127.0.0.1:8001 --prompt-embeds prompt.pt --latent-frames 21
 
-Without --prompt-embeds the client sends ropesp's seeded default embedding. The model is decoupled:
+--prompt sends text, which the served model encodes (the demo model's own encoder, or umT5); without it or
+--prompt-embeds the client sends ropesp's seeded default embedding. The model is decoupled:
 one response per chunk (frames, latents, chunk_index, timing_ms, prompt_version), then an empty final
 response. `--prompt-at CHUNK PATH` steers the running stream: once chunk CHUNK-1 has arrived, a control
 request (same stream_id) sends the new prompt, which the server applies at the stream's next chunk
@@ -53,31 +54,36 @@ def _tensor(name, arr, dtype):
     return t
 
 
-def make_inputs(
-    prompt_embeds: np.ndarray, seed: int, latent_frames: int, height=None, width=None, stream_id=None
-):
-    """The model's inputs; dtypes as given (the server rejects wrong ones). stream_id: a name that
-    control requests (make_control) can steer this stream by."""
-    inputs = [
-        _tensor("prompt_embeds", prompt_embeds, _triton_dtype(prompt_embeds)),
-        _tensor("seed", np.array([seed], dtype=np.int64), "INT64"),
-        _tensor("latent_frames", np.array([latent_frames], dtype=np.int32), "INT32"),
-    ]
+def _text(name: str, value: str):
+    return _tensor(name, np.array([value.encode()], dtype=np.object_), "BYTES")
+
+
+def _prompt_input(prompt):
+    """A prompt as the model takes it: text (STRING `prompt`) or embeddings (FP32 `prompt_embeds`)."""
+    if isinstance(prompt, str):
+        return _text("prompt", prompt)
+    return _tensor("prompt_embeds", prompt, _triton_dtype(prompt))
+
+
+def make_inputs(prompt, seed: int, latent_frames: int | None, height=None, width=None, stream_id=None):
+    """The model's inputs; dtypes as given (the server rejects wrong ones). prompt: text or embeddings
+    [L, text_dim]; latent_frames None: the served engine's length (0: until cancelled); stream_id: a name
+    that control requests (make_control) can steer this stream by."""
+    inputs = [_prompt_input(prompt), _tensor("seed", np.array([seed], dtype=np.int64), "INT64")]
+    if latent_frames is not None:
+        inputs.append(_tensor("latent_frames", np.array([latent_frames], dtype=np.int32), "INT32"))
     for name, value in (("height", height), ("width", width)):
         if value is not None:
             inputs.append(_tensor(name, np.array([value], dtype=np.int32), "INT32"))
     if stream_id is not None:
-        inputs.append(_tensor("stream_id", np.array([stream_id.encode()], dtype=np.object_), "BYTES"))
+        inputs.append(_text("stream_id", stream_id))
     return inputs
 
 
-def make_control(prompt_embeds: np.ndarray, stream_id: str, mode: str = "swap"):
-    """A control request: the stream `stream_id` takes prompt_embeds from its next chunk boundary on."""
-    return [
-        _tensor("prompt_embeds", prompt_embeds, _triton_dtype(prompt_embeds)),
-        _tensor("stream_id", np.array([stream_id.encode()], dtype=np.object_), "BYTES"),
-        _tensor("control", np.array([mode.encode()], dtype=np.object_), "BYTES"),
-    ]
+def make_control(prompt, stream_id: str, mode: str = "swap"):
+    """A control request: the stream `stream_id` takes `prompt` (text or embeddings) from its next chunk
+    boundary on."""
+    return [_prompt_input(prompt), _text("stream_id", stream_id), _text("control", mode)]
 
 
 def _triton_dtype(arr: np.ndarray) -> str:
@@ -184,11 +190,14 @@ def stream(
         client.close()
 
 
-def _prompt(args, url: str, model: str) -> np.ndarray:
-    """The --prompt-embeds file, else the seeded default embedding for the served model's text_dim."""
+def _prompt(args, url: str, model: str):
+    """--prompt (text, encoded by the served model's text encoder), the --prompt-embeds file, else the
+    seeded default embedding for the served model's text_dim."""
     from ropesp.config import ModelConfig
     from ropesp.runtime.prompts import default_prompt_embeds, load_prompt_embeds
 
+    if args.prompt is not None:
+        return args.prompt
     if args.prompt_embeds:
         return load_prompt_embeds(args.prompt_embeds)[0].numpy().astype(np.float32)
     import tritonclient.grpc as grpcclient
@@ -203,9 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of tritonserver")
     p.add_argument("--model", default=MODEL)
-    p.add_argument("--prompt-embeds", help=".pt [L, text_dim] / [1, L, text_dim] or .safetensors")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument(
+        "--prompt",
+        help="text, encoded on the server by the model's text encoder (e.g. 'two blue discs bouncing')",
+    )
+    text.add_argument("--prompt-embeds", help=".pt [L, text_dim] / [1, L, text_dim] or .safetensors")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--latent-frames", type=int, required=True, help="a multiple of the chunk frames")
+    p.add_argument(
+        "--latent-frames",
+        type=int,
+        help="a multiple of the chunk frames (default: the served engine's length)",
+    )
     p.add_argument("--height", type=int, help="pixels (must be the size the repository serves)")
     p.add_argument("--width", type=int)
     p.add_argument("--output", default="triton.mp4", help="MP4 path")
@@ -214,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt-at",
         nargs=2,
         action="append",
-        metavar=("CHUNK", "PATH"),
-        help="steer the stream: send the embeddings PATH once chunk CHUNK-1 has arrived (repeatable)",
+        metavar=("CHUNK", "PROMPT"),
+        help="steer the stream: send PROMPT (text with --prompt, else an embeddings file) once chunk CHUNK-1 "
+        "has arrived (repeatable)",
     )
     p.add_argument("--prompt-mode", choices=["swap", "recache"], default="swap")
     args = p.parse_args(argv)
@@ -227,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     prompt = _prompt(args, args.url, args.model)
     steer = {
-        int(k) - 1: load_prompt_embeds(path, "--prompt-at")[0].numpy() for k, path in args.prompt_at or []
+        int(k) - 1: value if args.prompt is not None else load_prompt_embeds(value, "--prompt-at")[0].numpy()
+        for k, value in args.prompt_at or []
     }
     stream_id = uuid.uuid4().hex if steer else None
     inputs = make_inputs(prompt, args.seed, args.latent_frames, args.height, args.width, stream_id)

@@ -84,7 +84,7 @@ def test_set_prompt_while_iterating_equals_definition(pipe, prompt, reference_ex
 
 def test_cancel_from_another_thread_and_unbounded_stream(prompt):
     with ropesp.Pipeline(
-        preset="tiny", device="cpu", height=64, width=64, local_attn_frames=7, sink_frames=1
+        preset="tiny", device="cpu", height=64, width=64, local_attn_frames=7, sink_frames=1, max_streams=1
     ) as p:
         stream = p.stream(prompt, frames=None)
         seen = []
@@ -94,7 +94,7 @@ def test_cancel_from_another_thread_and_unbounded_stream(prompt):
                 threading.Thread(target=stream.cancel).start()
                 threading.Event().wait(0.2)
         assert seen == [0, 1, 2, 3, 4]  # the cancel came before the boundary after chunk 4
-        # one KV cache slot (max_streams=1): a second stream is refused while a suspended one holds it
+        # one KV cache slot: a second stream is refused while a suspended one holds it
         first = iter(p.stream(prompt, frames=None))
         next(first)
         with pytest.raises(

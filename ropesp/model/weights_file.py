@@ -44,11 +44,29 @@ threads x two pinned blocks stay at 256 MiB."""
 
 
 def read_header(path: Path) -> tuple[int, dict]:
-    """(offset of the data section in bytes, {name: {dtype, shape, data_offsets}}), metadata dropped."""
+    """(offset of the data section in bytes, {name: {dtype, shape, data_offsets}}), metadata dropped.
+    ValueError saying what is wrong for a file that is not safetensors (its header length beyond the file,
+    a header that is not a JSON table, tensors whose data lie beyond the file)."""
+    file_size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"it is {file_size} bytes, shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", head)
+        if size > file_size - 8:
+            raise ValueError(f"its header claims {size} bytes in a file of {file_size}")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a table of tensors")
     header.pop("__metadata__", None)
+    end = max((e.get("data_offsets", [0, 0])[1] for e in header.values() if isinstance(e, dict)), default=0)
+    if 8 + size + end > file_size or any(
+        not isinstance(e, dict) or "data_offsets" not in e for e in header.values()
+    ):
+        raise ValueError(f"its tensors' data run to byte {8 + size + end} of a file of {file_size}")
     return 8 + size, header
 
 
