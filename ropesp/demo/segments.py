@@ -23,6 +23,7 @@ switch (chunks from one slot on read another prompt's cross-attention, as `Strea
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -120,21 +121,28 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     t = n // layout.slots
     qs, ks, vs = (x.view(b, layout.slots, t, h, d) for x in (q, k, v))  # [B, slots, T, H, D]
     out = torch.empty_like(qs)
-    groups: dict[int, list[int]] = {}
-    for slot, seen in enumerate(layout.sees):
-        groups.setdefault(len(seen), []).append(slot)
-    for m, slots in groups.items():
-        idx = torch.tensor(slots, device=q.device)
-        seen = torch.tensor([layout.sees[s] for s in slots], device=q.device)  # [G, m]
-        g = len(slots)
-        qg = qs[:, idx].reshape(b * g, t, h, d)
+    for slots, seen in _groups(layout, q.device):
+        g, m = seen.shape
+        qg = qs[:, slots].reshape(b * g, t, h, d)
         kg = ks[:, seen].reshape(b * g, m * t, h, d)  # [B, G, m, T, H, D] -> [B*G, m*T, H, D]
         vg = vs[:, seen].reshape(b * g, m * t, h, d)
         o = F.scaled_dot_product_attention(
             qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)
         )  # [B*G, H, T, D]
-        out[:, idx] = o.transpose(1, 2).reshape(b, g, t, h, d)
+        out[:, slots] = o.transpose(1, 2).reshape(b, g, t, h, d)
     return out.view(b, n, h, d)
+
+
+@functools.cache
+def _groups(layout: Layout, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The slots grouped by how many slots they see: [(slots [G] int64, the slots each sees [G, m])]."""
+    groups: dict[int, list[int]] = {}
+    for slot, seen in enumerate(layout.sees):
+        groups.setdefault(len(seen), []).append(slot)
+    return [
+        (torch.tensor(slots, device=device), torch.tensor([layout.sees[s] for s in slots], device=device))
+        for slots in groups.values()
+    ]
 
 
 def segment_flow(
@@ -175,13 +183,7 @@ def segment_flow(
     if switch is not None:
         other, first = switch
         cross_b = model.cross_kv(other)
-        slot_of_token = frame_of_token // chunk  # [L]
-        clean_slot = torch.where(slot_of_token < layout.clean, slot_of_token, slot_of_token - layout.noisy)
-        reads_b = clean_slot >= first
-        parts = (torch.nonzero(~reads_b)[:, 0], torch.nonzero(reads_b)[:, 0])
-        order = torch.cat(parts)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
+        parts, inverse = _switch_parts(layout, first, chunk * ft, clean.device)
     for i, block in enumerate(model.blocks):
         q, k, v = block.pre_attention(tokens, e0, frame_of_token, rope)
         o = grouped_attention(q, k, v, layout)
@@ -196,3 +198,20 @@ def segment_flow(
     start = f_clean * ft
     out = model.head(tokens[:, start:], e[:, frame_of_token[start:]])
     return model.unpatchify(out.float(), noisy.shape[1], rows, cols)
+
+
+@functools.cache
+def _switch_parts(
+    layout: Layout, first: int, slot_tokens: int, device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """((tokens of the old prompt, tokens of the new one) [L_a], [L_b], the inverse of their
+    concatenation [L]) for a switch at clean slot `first`: that slot, the later ones and their noisy
+    copies read the new prompt."""
+    slots = torch.arange(layout.slots)
+    clean_slot = torch.where(slots < layout.clean, slots, slots - layout.noisy)  # noisy copy -> its chunk
+    reads_b = (clean_slot >= first).repeat_interleave(slot_tokens)  # [L]
+    parts = (torch.nonzero(~reads_b)[:, 0], torch.nonzero(reads_b)[:, 0])
+    order = torch.cat(parts)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return (parts[0].to(device), parts[1].to(device)), inverse.to(device)

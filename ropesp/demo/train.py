@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ropesp.config import SamplerConfig, preset
+from ropesp.decode.preview import latent_to_rgb
 from ropesp.demo.prompts import DemoTextEncoder, describe
 from ropesp.demo.segments import Layout, segment_flow, stream_layout
 from ropesp.demo.world import (
@@ -112,6 +113,10 @@ class TrainConfig:
     """Fraction of stream batches whose context chunks are the model's own 4-step samples (each chunk
     generated, without gradient, from the world's chunks before it), not the world's: it learns to go on
     from what it makes itself (Self-Forcing's point) while the world's next chunk stays the target."""
+    edge_weight: float = 1.0
+    """Loss weight of the latent pixels whose decoded target lies inside the preview decoder's clamp (the
+    objects' anti-aliased edges, where an error shows in the video and decides a square from a disc);
+    every other pixel weighs 1 (OVERDRIVE hides its errors up to a third of the range)."""
     seed: int = 0
     log_every: int = 50
 
@@ -229,7 +234,8 @@ class Trainer:
             )
         schedule = FlowSchedule(self.sampler)
         self.step_t = schedule.timesteps.to(device)  # [4] float32
-        self.step_sigma = torch.tensor(schedule.step_sigmas, device=device)
+        self.step_sigmas = schedule.step_sigmas
+        self.step_sigma = torch.tensor(self.step_sigmas, device=device)
         self.all_t = schedule.all_timesteps.to(device)
         self.all_sigma = schedule.sigmas.to(device)
         torch.manual_seed(cfg.seed)
@@ -263,6 +269,7 @@ class Trainer:
         self.prompts = torch.stack([encoder.encode(describe(s)) for s in self.specs]).to(device)
         self.scenes = to_device(canonical_scene(self.specs, self.height, self.width), device)
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1)
+        self.host_generator = torch.Generator().manual_seed(cfg.seed + 2)
         self.windows = [parse_window(w, self.chunk) for w in cfg.stream_windows.split(",")]
         self.horizon_chunks = cfg.horizon // self.chunk
         run = cfg.warm_chunks + cfg.segment_chunks
@@ -348,7 +355,12 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------
     def coin(self, p: float) -> bool:
-        return bool(torch.rand((), generator=self.generator, device=self.device) < p)
+        """A batch-level decision, drawn on the host (no device sync)."""
+        return float(torch.rand((), generator=self.host_generator)) < p
+
+    def pick(self, lo: int, hi: int) -> int:
+        """A batch-level integer in [lo, hi), drawn on the host."""
+        return int(torch.randint(lo, hi, (), generator=self.host_generator))
 
     def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(x_t, t [B, F], sampler-step index per chunk [B, n] (-1: random t), eps) for targets x0."""
@@ -383,7 +395,7 @@ class Trainer:
         start, or (far_prob) at a random chunk up to `horizon` with the sink and warm chunks before the
         supervised ones; with a prompt switch (switch_prob) and the model's own context (rollout_prob)."""
         cfg, g, b, dev = self.cfg, self.generator, self.cfg.batch, self.device
-        window, sink = self.windows[int(torch.randint(len(self.windows), (), generator=g, device=dev))]
+        window, sink = self.windows[self.pick(0, len(self.windows))]
         far = self.coin(cfg.far_prob)
         layout = self.stream_layout(window, sink, far)
         ids = torch.randint(len(self.specs), (b,), generator=g, device=dev)
@@ -396,7 +408,7 @@ class Trainer:
         switch = None
         if cfg.switch_prob and self.coin(cfg.switch_prob):
             lo = max(1, layout.clean - layout.noisy)  # the first supervised chunk, never chunk 0
-            slot = int(torch.randint(lo, layout.clean, (), generator=g, device=dev))
+            slot = self.pick(lo, layout.clean)
             other = torch.randint(len(self.specs), (b,), generator=g, device=dev)
             since = (chunks - chunks[:, slot : slot + 1]).clamp_min(0)  # the new world starts afresh
             fresh = latents_at(jittered(take(self.scenes, other), g), self.frame_times(since), OVERDRIVE)
@@ -425,7 +437,7 @@ class Trainer:
         sampling = self.layout(window, sink, far, 0, run)  # every run chunk noisy too
         x = torch.randn((b, run * self.chunk, *clean.shape[2:]), generator=self.generator, device=dev)
         x0 = x
-        sigmas = self.step_sigma.tolist()
+        sigmas = self.step_sigmas
         for i, t in enumerate(self.step_t):
             with self.autocast():
                 flow = segment_flow(
@@ -462,7 +474,11 @@ class Trainer:
                 batch.chunks,
                 batch.switch,
             )
-        err = (flow - (batch.eps - batch.x0)).pow(2).mean(dim=(2, 3, 4))  # [B, F]
+        err = (flow - (batch.eps - batch.x0)).pow(2).mean(dim=2)  # [B, F, h, w]
+        if self.cfg.edge_weight != 1.0:
+            edges = (latent_to_rgb(batch.x0).abs() < 1).any(dim=-1)  # [B, F, h, w]: not clamped
+            err = err * (1 + (self.cfg.edge_weight - 1) * edges)
+        err = err.mean(dim=(2, 3))  # [B, F]
         loss = err.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -569,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
         "warm_chunks",
         "switch_prob",
         "rollout_prob",
+        "edge_weight",
         "seed",
         "ema",
         "log_every",
