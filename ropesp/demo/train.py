@@ -91,6 +91,9 @@ class TrainConfig:
     demo page's window of 9 frames without a sink)."""
     random_t_prob: float = 0.15
     """Fraction of noisy chunks at a random timestep of the schedule instead of a sampler step."""
+    step_weights: str = ""
+    """Relative frequencies of the sampler's steps among the noisy chunks, e.g. "1,1,1,3": the last
+    step, whose x0 is the chunk the stream shows, three times as often (empty: uniform)."""
     stream_prob: float = 0.0
     """Fraction of batches cut from long streams under the runtime's rolling window (segments.py); the
     rest are `frames`-frame videos from the start (`window_prob` of them with the one-chunk window)."""
@@ -270,6 +273,14 @@ class Trainer:
         self.scenes = to_device(canonical_scene(self.specs, self.height, self.width), device)
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1)
         self.host_generator = torch.Generator().manual_seed(cfg.seed + 2)
+        self.step_weights = None
+        if cfg.step_weights:
+            weights = [float(w) for w in cfg.step_weights.split(",")]
+            if len(weights) != len(self.step_t) or min(weights) < 0 or not sum(weights):
+                raise ValueError(
+                    f"--step-weights {cfg.step_weights}: {len(self.step_t)} weights >= 0, one per sampler step"
+                )
+            self.step_weights = torch.tensor(weights, device=device)
         self.windows = [parse_window(w, self.chunk) for w in cfg.stream_windows.split(",")]
         self.horizon_chunks = cfg.horizon // self.chunk
         run = cfg.warm_chunks + cfg.segment_chunks
@@ -366,7 +377,12 @@ class Trainer:
         """(x_t, t [B, F], sampler-step index per chunk [B, n] (-1: random t), eps) for targets x0."""
         b, g = x0.shape[0], self.generator
         chunks = x0.shape[1] // self.chunk
-        idx = torch.randint(len(self.step_t), (b, chunks), generator=g, device=self.device)
+        if self.step_weights is None:
+            idx = torch.randint(len(self.step_t), (b, chunks), generator=g, device=self.device)
+        else:
+            idx = torch.multinomial(self.step_weights, b * chunks, replacement=True, generator=g).view(
+                b, chunks
+            )
         t, sigma = self.step_t[idx], self.step_sigma[idx]
         rnd = torch.rand(b, chunks, generator=g, device=self.device) < self.cfg.random_t_prob
         j = torch.randint(len(self.all_t), (b, chunks), generator=g, device=self.device)
@@ -577,6 +593,7 @@ def main(argv: list[str] | None = None) -> None:
         "window_prob",
         "window_chunks",
         "random_t_prob",
+        "step_weights",
         "stream_prob",
         "stream_windows",
         "horizon",
