@@ -19,3 +19,22 @@ def generate_pairs(mapping, pairs, out_path, overrides) -> None:
         latents = generate_latents(build_session(cfg, mapping), pairs)
     if mapping.rank == 0:
         torch.save(latents, out_path)
+
+
+def generate_streams_on_rank(mapping, jobs, out_path) -> None:
+    """The long-stream jobs (ropesp.demo.long_stream) on this rank with the page's window; rank 0 saves
+    the latents."""
+    from ropesp.demo.long_stream import PAGE_WINDOW, generate_streams
+
+    with process_group(mapping, "cpu"), torch.no_grad():
+        cfg = PipelineConfig(
+            checkpoint=str(default_checkpoint()),
+            device="cpu",
+            dtype="float32",
+            world_size=mapping.world_size,
+            local_attn_frames=PAGE_WINDOW.local_attn_frames,
+            sink_frames=PAGE_WINDOW.sink_frames,
+        )
+        latents = generate_streams(cfg, jobs, mapping)
+    if mapping.rank == 0:
+        torch.save(latents, out_path)
