@@ -19,6 +19,19 @@ demo's 9 teaches it what follows (objects that bounce back, streams that go on).
 chunks takes a random timestep of the shifted schedule instead of one of the four, so other `--steps` /
 `--shift` still work.
 
+Streams (`--stream-prob`, ropesp/demo/segments.py): the page streams without end under a rolling window
+(9 latent frames, 3 of them a sink), and the world goes on (objects reflect, leave, stay gone). Stream
+batches cut samples from the world's streams up to `--horizon` frames under the windows of
+`--stream-windows`: the sink chunk at RoPE position 0, warm chunks and supervised chunks at their stream
+positions, each chunk seeing what the runtime's cache would hold (LongLive's streaming long tuning with
+Rolling Forcing's sink; the one-pass forward is tested against the runtime's KV-cache forwards). A share of
+them switch the prompt at a chunk (the new prompt's world from there, as `set_prompt` swaps it), and a share
+(`--rollout-prob`) take the context from the model's own 4-step samples instead of the world's
+(Self-Forcing's training on its own outputs; the world's next chunk stays the target).
+
+    python -m ropesp.demo.train --out runs/stream --init ropesp/demo/weights --stream-prob 0.75 \
+        --stream-windows 9/3,9/3,6/0,12/3 --switch-prob 0.15 --rollout-prob 0.5 --edge-weight 3
+
 Why teacher forcing suffices here: every prompt nearly fixes its scene (world.py), so E[x0 | x_t] for the
 first chunk is sharp already at t = 1000, and later chunks are fixed by the cached context. The model can
 only compute that mean if its tokens know their absolute position: with RoPE alone (every Wan model) the
