@@ -73,6 +73,16 @@ def mean_score(results: list[PairResult]) -> float:
     return sum(r.score.score for r in results) / max(len(results), 1)
 
 
+def class_scores(results: list[PairResult]) -> dict[str, float]:
+    """Mean score per shape (square, disc) and per motion class of the prompts."""
+    groups: dict[str, list[float]] = {}
+    for r in results:
+        spec = parse(r.prompt)
+        for key in (spec.shape, spec.motion):
+            groups.setdefault(key, []).append(r.score.score)
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     from ropesp.demo import default_checkpoint
     from ropesp.errors import RopespError
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             f"seed {r.seed}  {r.prompt}"
         )
     print(f"mean score {mean_score(results):.3f} over {len(results)} pairs ({seconds:.1f} s)")
+    print("  ".join(f"{k} {v:.3f}" for k, v in class_scores(results).items()))
     if args.json:
         rows = [
             {"prompt": r.prompt, "seed": r.seed, **r.score.__dict__, "score": r.score.score} for r in results
@@ -123,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                 {
                     "config": cfg.to_dict(),
                     "mean": mean_score(results),
+                    "classes": class_scores(results),
                     "pairs": rows,
                 },
                 f,

@@ -19,6 +19,19 @@ demo's 9 teaches it what follows (objects that bounce back, streams that go on).
 chunks takes a random timestep of the shifted schedule instead of one of the four, so other `--steps` /
 `--shift` still work.
 
+Streams (`--stream-prob`, ropesp/demo/segments.py): the page streams without end under a rolling window
+(9 latent frames, 3 of them a sink), and the world goes on (objects reflect, leave, stay gone). Stream
+batches cut samples from the world's streams up to `--horizon` frames under the windows of
+`--stream-windows`: the sink chunk at RoPE position 0, warm chunks and supervised chunks at their stream
+positions, each chunk seeing what the runtime's cache would hold (LongLive's streaming long tuning with
+Rolling Forcing's sink; the one-pass forward is tested against the runtime's KV-cache forwards). A share of
+them switch the prompt at a chunk (the new prompt's world from there, as `set_prompt` swaps it), and a share
+(`--rollout-prob`) take the context from the model's own 4-step samples instead of the world's
+(Self-Forcing's training on its own outputs; the world's next chunk stays the target).
+
+    python -m ropesp.demo.train --out runs/stream --init ropesp/demo/weights --stream-prob 0.75 \
+        --stream-windows 9/3,9/3,6/0,12/3 --switch-prob 0.15 --rollout-prob 0.5 --edge-weight 3
+
 Why teacher forcing suffices here: every prompt nearly fixes its scene (world.py), so E[x0 | x_t] for the
 first chunk is sharp already at t = 1000, and later chunks are fixed by the cached context. The model can
 only compute that mean if its tokens know their absolute position: with RoPE alone (every Wan model) the
@@ -42,8 +55,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ropesp.config import preset
+from ropesp.decode.preview import latent_to_rgb
 from ropesp.demo.prompts import DemoTextEncoder, describe
-from ropesp.demo.world import OVERDRIVE, all_specs, canonical_scene, jittered, scene_latents, take, to_device
+from ropesp.demo.segments import Layout, segment_flow, stream_layout
+from ropesp.demo.world import (
+    OVERDRIVE,
+    all_specs,
+    canonical_scene,
+    jittered,
+    latents_at,
+    scene_latents,
+    take,
+    to_device,
+)
 from ropesp.model.rope import RopeTables, rotate_pairs
 from ropesp.model.wan import CausalWanDiT, init_weights, timestep_sinusoid
 from ropesp.runtime.sampler import FlowSchedule
@@ -81,8 +105,75 @@ class TrainConfig:
     demo page's window of 9 frames without a sink)."""
     random_t_prob: float = 0.15
     """Fraction of noisy chunks at a random timestep of the schedule instead of a sampler step."""
+    step_weights: str = ""
+    """Relative frequencies of the sampler's steps among the noisy chunks, e.g. "1,1,1,3": the last
+    step, whose x0 is the chunk the stream shows, three times as often (empty: uniform)."""
+    stream_prob: float = 0.0
+    """Fraction of batches cut from long streams under the runtime's rolling window (segments.py); the
+    rest are `frames`-frame videos from the start (`window_prob` of them with the one-chunk window)."""
+    stream_windows: str = "9/3,6/0,12/3"
+    """Rolling windows (latent frames / sink frames, as --local-attn-frames/--sink-frames) that stream
+    batches are drawn under, one per batch, uniformly; a window may be listed twice to weigh it more."""
+    horizon: int = 240
+    """Latent frames of the world's streams that stream batches are cut from."""
+    far_prob: float = 0.75
+    """Fraction of stream batches that start far into the stream (the sink, warm chunks, then the
+    supervised ones); the others run from the stream's start."""
+    segment_chunks: int = 3
+    """Supervised chunks of a stream sample."""
+    warm_chunks: int = 2
+    """Context-only chunks before them in a far sample."""
+    switch_prob: float = 0.0
+    """Fraction of stream batches whose prompt changes at a chunk (the runtime's swap: from there the
+    world of the new prompt, started afresh; the cache keeps the old chunks)."""
+    rollout_prob: float = 0.0
+    """Fraction of stream batches whose context chunks are the model's own 4-step samples (each chunk
+    generated, without gradient, from the world's chunks before it), not the world's: it learns to go on
+    from what it makes itself (Self-Forcing's point) while the world's next chunk stays the target."""
+    edge_weight: float = 1.0
+    """Loss weight of the latent pixels whose decoded target lies inside the preview decoder's clamp (the
+    objects' anti-aliased edges, where an error shows in the video and decides a square from a disc);
+    every other pixel weighs 1 (OVERDRIVE hides its errors up to a third of the range)."""
     seed: int = 0
     log_every: int = 50
+
+
+def parse_window(text: str, chunk: int) -> tuple[int, bool]:
+    """'9/3' (--local-attn-frames 9 --sink-frames 3) -> (earlier chunks a chunk sees, whether chunk 0 is
+    a sink), for chunks of `chunk` frames; ValueError naming --stream-windows for other windows."""
+    try:
+        window, _, sink = text.partition("/")
+        frames, sink_frames = int(window), int(sink or 0)
+    except ValueError:
+        raise ValueError(f"--stream-windows {text!r}: write WINDOW/SINK latent frames, e.g. 9/3") from None
+    if sink_frames not in (0, chunk) or (frames - sink_frames) % chunk or frames - sink_frames < 2 * chunk:
+        raise ValueError(
+            f"--stream-windows {text}: the sink must be 0 or one {chunk}-frame chunk, and the rest a whole "
+            f"number (>= 2) of chunks, e.g. 9/3, 6/0, 12/3"
+        )
+    return (frames - sink_frames) // chunk - 1, bool(sink_frames)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch (segments.py): clean and noisy slots, targets and the layout."""
+
+    clean: torch.Tensor
+    """[B, clean*chunk, C, h, w]: the context the cache would hold (the world's or the model's own)."""
+    noisy: torch.Tensor
+    """[B, noisy*chunk, C, h, w]: the supervised chunks at their timesteps."""
+    x0: torch.Tensor
+    """[B, noisy*chunk, C, h, w]: the world's supervised chunks."""
+    eps: torch.Tensor
+    t: torch.Tensor
+    """[B, noisy*chunk] timesteps."""
+    idx: torch.Tensor
+    """[B, noisy] sampler step of each supervised chunk (-1: a random timestep)."""
+    prompts: torch.Tensor
+    layout: Layout
+    chunks: torch.Tensor
+    """[B, clean] stream chunk of every clean slot."""
+    switch: tuple[torch.Tensor, int] | None = None
 
 
 def block_mask(
@@ -160,7 +251,8 @@ class Trainer:
             )
         schedule = FlowSchedule(self.sampler)
         self.step_t = schedule.timesteps.to(device)  # [4] float32
-        self.step_sigma = torch.tensor(schedule.step_sigmas, device=device)
+        self.step_sigmas = schedule.step_sigmas
+        self.step_sigma = torch.tensor(self.step_sigmas, device=device)
         self.all_t = schedule.all_timesteps.to(device)
         self.all_sigma = schedule.sigmas.to(device)
         torch.manual_seed(cfg.seed)
@@ -194,11 +286,42 @@ class Trainer:
         self.prompts = torch.stack([encoder.encode(describe(s)) for s in self.specs]).to(device)
         self.scenes = to_device(canonical_scene(self.specs, self.height, self.width), device)
         self.generator = torch.Generator(device).manual_seed(cfg.seed + 1)
-        self.tables = RopeTables(self.model_cfg.head_dim, self.frames, self.rows, self.cols, device=device)
-        ft = self.rows * self.cols
-        self.masks = {
-            ctx: block_mask(self.frames, ft, self.chunk, ctx, device) for ctx in (None, cfg.window_chunks)
-        }  # full cache, rolling window
+        self.host_generator = torch.Generator().manual_seed(cfg.seed + 2)
+        self.step_weights = None
+        if cfg.step_weights:
+            weights = [float(w) for w in cfg.step_weights.split(",")]
+            if len(weights) != len(self.step_t) or min(weights) < 0 or not sum(weights):
+                raise ValueError(
+                    f"--step-weights {cfg.step_weights}: {len(self.step_t)} weights >= 0, one per sampler step"
+                )
+            self.step_weights = torch.tensor(weights, device=device)
+        self.windows = [parse_window(w, self.chunk) for w in cfg.stream_windows.split(",")]
+        self.horizon_chunks = cfg.horizon // self.chunk
+        run = cfg.warm_chunks + cfg.segment_chunks
+        need = max(context for context, _ in self.windows) + 1 + run
+        if cfg.segment_chunks < 1 or cfg.warm_chunks < max(context for context, _ in self.windows):
+            raise ValueError(
+                f"--segment-chunks {cfg.segment_chunks} / --warm-chunks {cfg.warm_chunks}: at least 1 "
+                "supervised chunk, and as many warm chunks as the widest window's earlier chunks"
+            )
+        if self.horizon_chunks < need:
+            raise ValueError(f"--horizon {cfg.horizon}: at least {need * self.chunk} latent frames")
+        self.layouts: dict[tuple, Layout] = {}
+
+    def layout(self, window: int | None, sink: bool, far: bool, warm: int, supervised: int) -> Layout:
+        """The (cached) segments.stream_layout of a sample."""
+        key = (window, sink, far, warm, supervised)
+        if key not in self.layouts:
+            self.layouts[key] = stream_layout(window, sink, warm, supervised, far)
+        return self.layouts[key]
+
+    def stream_layout(self, window: int, sink: bool, far: bool) -> Layout:
+        """A stream batch's layout: far, the warm chunks and the supervised ones; from the start, as many
+        chunks, all supervised."""
+        cfg = self.cfg
+        if far:
+            return self.layout(window, sink, True, cfg.warm_chunks, cfg.segment_chunks)
+        return self.layout(window, sink, False, 0, cfg.warm_chunks + cfg.segment_chunks)
 
     # --- state ------------------------------------------------------------------------------
     def save(self, out: Path) -> None:
@@ -256,13 +379,24 @@ class Trainer:
                 }
 
     # --- one step ---------------------------------------------------------------------------
-    def batch(self) -> tuple[torch.Tensor, ...]:
-        """(clean x0, noisy x_t, t [B, F], sampler-step index per chunk [B, n] (-1: random t), prompts, eps)."""
-        b, g = self.cfg.batch, self.generator
-        ids = torch.randint(len(self.specs), (b,), generator=g, device=self.device)
-        x0 = scene_latents(jittered(take(self.scenes, ids), g), self.frames, OVERDRIVE)  # [B, F, 16, h, w]
-        chunks = self.frames // self.chunk
-        idx = torch.randint(len(self.step_t), (b, chunks), generator=g, device=self.device)
+    def coin(self, p: float) -> bool:
+        """A batch-level decision, drawn on the host (no device sync)."""
+        return float(torch.rand((), generator=self.host_generator)) < p
+
+    def pick(self, lo: int, hi: int) -> int:
+        """A batch-level integer in [lo, hi), drawn on the host."""
+        return int(torch.randint(lo, hi, (), generator=self.host_generator))
+
+    def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(x_t, t [B, F], sampler-step index per chunk [B, n] (-1: random t), eps) for targets x0."""
+        b, g = x0.shape[0], self.generator
+        chunks = x0.shape[1] // self.chunk
+        if self.step_weights is None:
+            idx = torch.randint(len(self.step_t), (b, chunks), generator=g, device=self.device)
+        else:
+            idx = torch.multinomial(self.step_weights, b * chunks, replacement=True, generator=g).view(
+                b, chunks
+            )
         t, sigma = self.step_t[idx], self.step_sigma[idx]
         rnd = torch.rand(b, chunks, generator=g, device=self.device) < self.cfg.random_t_prob
         j = torch.randint(len(self.all_t), (b, chunks), generator=g, device=self.device)
@@ -272,27 +406,109 @@ class Trainer:
         t_f = t.repeat_interleave(self.chunk, dim=1)  # [B, F]
         s_f = sigma.repeat_interleave(self.chunk, dim=1)[:, :, None, None, None]
         eps = torch.randn(x0.shape, generator=g, device=self.device)
-        noisy = (1 - s_f) * x0 + s_f * eps
-        return x0, noisy, t_f, idx, self.prompts[ids], eps
+        return (1 - s_f) * x0 + s_f * eps, t_f, idx, eps
 
-    def lr_at(self, elapsed: float) -> float:
-        cfg = self.cfg
-        if self.step < cfg.warmup:
-            return cfg.lr * (self.step + 1) / cfg.warmup
-        frac = min(1.0, elapsed / cfg.time_limit_s)
-        return cfg.lr * (cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+    def video_batch(self) -> Batch:
+        """`frames`-frame videos from the start, under global attention or (window_prob) the window of
+        `window_chunks` earlier chunks without a sink (the shipped model's recipe)."""
+        b, g = self.cfg.batch, self.generator
+        ids = torch.randint(len(self.specs), (b,), generator=g, device=self.device)
+        x0 = scene_latents(jittered(take(self.scenes, ids), g), self.frames, OVERDRIVE)  # [B, F, 16, h, w]
+        noisy, t_f, idx, eps = self.noised(x0)
+        window = self.cfg.window_chunks if self.coin(self.cfg.window_prob) else None
+        layout = self.layout(window, False, False, 0, self.frames // self.chunk)
+        chunks = layout.chunk_numbers(torch.zeros(b, dtype=torch.long, device=self.device))
+        return Batch(x0, noisy, x0, eps, t_f, idx, self.prompts[ids], layout, chunks)
 
-    def train_step(self, elapsed: float) -> tuple[float, torch.Tensor, torch.Tensor]:
-        x0, noisy, t_f, idx, prompts, eps = self.batch()
-        windowed = torch.rand((), generator=self.generator, device=self.device) < self.cfg.window_prob
-        ctx = self.cfg.window_chunks if windowed else None
+    def stream_batch(self) -> Batch:
+        """Samples of the world's long streams under one of `stream_windows` (segments.py): from the
+        start, or (far_prob) at a random chunk up to `horizon` with the sink and warm chunks before the
+        supervised ones; with a prompt switch (switch_prob) and the model's own context (rollout_prob)."""
+        cfg, g, b, dev = self.cfg, self.generator, self.cfg.batch, self.device
+        window, sink = self.windows[self.pick(0, len(self.windows))]
+        far = self.coin(cfg.far_prob)
+        layout = self.stream_layout(window, sink, far)
+        ids = torch.randint(len(self.specs), (b,), generator=g, device=dev)
+        first = torch.zeros(b, dtype=torch.long, device=dev)
+        if far:  # the window of the first run chunk stays clear of chunk 0
+            run = cfg.warm_chunks + cfg.segment_chunks
+            first = torch.randint(window + 1, self.horizon_chunks - run + 1, (b,), generator=g, device=dev)
+        chunks = layout.chunk_numbers(first)  # [B, clean]
+        clean = latents_at(jittered(take(self.scenes, ids), g), self.frame_times(chunks), OVERDRIVE)
+        switch = None
+        if cfg.switch_prob and self.coin(cfg.switch_prob):
+            lo = max(1, layout.clean - layout.noisy)  # the first supervised chunk, never chunk 0
+            slot = self.pick(lo, layout.clean)
+            other = torch.randint(len(self.specs), (b,), generator=g, device=dev)
+            since = (chunks - chunks[:, slot : slot + 1]).clamp_min(0)  # the new world starts afresh
+            fresh = latents_at(jittered(take(self.scenes, other), g), self.frame_times(since), OVERDRIVE)
+            after = (torch.arange(layout.clean, device=dev) >= slot).repeat_interleave(self.chunk)
+            clean = torch.where(after[None, :, None, None, None], fresh, clean)
+            switch = (self.prompts[other], slot)
+        x0 = clean[:, (layout.clean - layout.noisy) * self.chunk :]  # the world's supervised chunks
+        prompts = self.prompts[ids]
+        if cfg.rollout_prob and self.coin(cfg.rollout_prob):
+            clean = self.own_context(clean, prompts, window, sink, far, chunks, switch)
+        noisy, t_f, idx, eps = self.noised(x0)
+        return Batch(clean, noisy, x0, eps, t_f, idx, prompts, layout, chunks, switch)
+
+    def frame_times(self, chunks: torch.Tensor) -> torch.Tensor:
+        """Latent frames [B, n*chunk] of stream chunks [B, n]."""
+        offsets = torch.arange(self.chunk, device=chunks.device)
+        return (chunks[:, :, None] * self.chunk + offsets).flatten(1)
+
+    @torch.no_grad()
+    def own_context(self, clean, prompts, window, sink, far, chunks, switch) -> torch.Tensor:
+        """clean [B, clean*chunk, ...] with every run chunk whose window the sample holds whole (and that
+        is not chunk 0) replaced by the model's own 4-step sample of it, generated as the runtime does
+        (the sampler's steps and re-noising) against the world's chunks before it."""
+        b, dev = clean.shape[0], self.device
+        run = self.cfg.warm_chunks + self.cfg.segment_chunks
+        sampling = self.layout(window, sink, far, 0, run)  # every run chunk noisy too
+        x = torch.randn((b, run * self.chunk, *clean.shape[2:]), generator=self.generator, device=dev)
+        x0 = x
+        sigmas = self.step_sigmas
+        for i, t in enumerate(self.step_t):
+            with self.autocast():
+                flow = segment_flow(
+                    self.model, clean, x, t.expand(b, run * self.chunk), prompts, sampling, chunks, switch
+                )
+            x0 = FlowSchedule.to_x0(x, flow, sigmas[i])
+            if i + 1 < len(sigmas):
+                eps = torch.randn(x.shape, generator=self.generator, device=dev)
+                x = FlowSchedule.add_noise(x0, eps, sigmas[i + 1])
+        keep = (window if far else 1) * self.chunk  # run chunks before this see less than the stream did
+        out = clean.clone()
+        out[:, out.shape[1] - x0.shape[1] + keep :] = x0[:, keep:]
+        return out
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def train_step(self, elapsed: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step: (loss, per-chunk loss [B, n], sampler step of each chunk [B, n], whether
+        the batch came from streams)."""
+        stream = self.cfg.stream_prob > 0 and self.coin(self.cfg.stream_prob)
+        batch = self.stream_batch() if stream else self.video_batch()
         lr = self.lr_at(elapsed)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
-            flow = teacher_forcing_flow(self.model, x0, noisy, t_f, prompts, self.masks[ctx], self.tables)
-        err = (flow - (eps - x0)).pow(2).mean(dim=(2, 3, 4))  # [B, F]
+        with self.autocast():
+            flow = segment_flow(
+                self.model,
+                batch.clean,
+                batch.noisy,
+                batch.t,
+                batch.prompts,
+                batch.layout,
+                batch.chunks,
+                batch.switch,
+            )
+        err = (flow - (batch.eps - batch.x0)).pow(2).mean(dim=2)  # [B, F, h, w]
+        if self.cfg.edge_weight != 1.0:
+            edges = (latent_to_rgb(batch.x0).abs() < 1).any(dim=-1)  # [B, F, h, w]: not clamped
+            err = err * (1 + (self.cfg.edge_weight - 1) * edges)
+        err = err.mean(dim=(2, 3))  # [B, F]
         loss = err.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,7 +520,14 @@ class Trainer:
             for k, v in self.model.state_dict().items():
                 self.ema[k].lerp_(v.float(), 1 - decay)
         per_chunk = err.view(err.shape[0], -1, self.chunk).mean(dim=2)  # [B, n]
-        return loss, per_chunk.detach(), idx
+        return loss, per_chunk.detach(), batch.idx, stream
+
+    def lr_at(self, elapsed: float) -> float:
+        cfg = self.cfg
+        if self.step < cfg.warmup:
+            return cfg.lr * (self.step + 1) / cfg.warmup
+        frac = min(1.0, elapsed / cfg.time_limit_s)
+        return cfg.lr * (cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def run(self, out: Path) -> None:
         cfg = self.cfg
@@ -312,14 +535,18 @@ class Trainer:
         sums = torch.zeros(len(self.step_t) + 1, device=self.device)
         counts = torch.zeros_like(sums)
         total = torch.zeros((), device=self.device)
-        n = 0
+        streamed = torch.zeros((), device=self.device)
+        n = n_stream = 0
         while self.step < cfg.steps:
             elapsed = time.perf_counter() - t0
             if elapsed >= cfg.time_limit_s:
                 break
-            loss, per_chunk, idx = self.train_step(elapsed)
+            loss, per_chunk, idx, stream = self.train_step(elapsed)
             total += loss.detach()
             n += 1
+            if stream:
+                streamed += loss.detach()
+                n_stream += 1
             slot = torch.where(idx < 0, len(self.step_t), idx).flatten()
             sums.index_add_(0, slot, per_chunk.flatten())
             counts.index_add_(0, slot, torch.ones_like(per_chunk.flatten()))
@@ -332,12 +559,15 @@ class Trainer:
                     "loss_per_step_t": [round(x, 5) for x in per_t[:-1]],
                     "lr": self.lr_at(elapsed),
                 }
+                if n_stream:
+                    row["loss_stream"] = round(float(streamed) / n_stream, 5)
                 self.curve.append(row)
                 print(json.dumps(row), flush=True)
                 sums.zero_()
                 counts.zero_()
                 total.zero_()
-                n = 0
+                streamed.zero_()
+                n = n_stream = 0
         self.elapsed_before += time.perf_counter() - t0
         self.save(out)
 
@@ -369,6 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     for f in (
         "batch",
         "lr",
+        "lr_floor",
         "warmup",
         "steps",
         "time_limit_s",
@@ -376,8 +607,19 @@ def main(argv: list[str] | None = None) -> None:
         "window_prob",
         "window_chunks",
         "random_t_prob",
+        "step_weights",
+        "stream_prob",
+        "stream_windows",
+        "horizon",
+        "far_prob",
+        "segment_chunks",
+        "warm_chunks",
+        "switch_prob",
+        "rollout_prob",
+        "edge_weight",
         "seed",
         "ema",
+        "log_every",
     ):
         default = getattr(TrainConfig, f)
         p.add_argument(

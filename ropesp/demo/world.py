@@ -225,7 +225,14 @@ def trajectories(scene: Scene, frames: int, start_frame: int = 0) -> torch.Tenso
 
     Bouncing objects move on a triangle wave between the walls (centre in [size/2, extent - size/2])."""
     t = torch.arange(start_frame, start_frame + frames, dtype=torch.float32, device=scene.pos.device)
-    p = scene.pos[:, :, None, :] + scene.vel[:, :, None, :] * t[None, None, :, None]  # [B, K, F, 2]
+    return centres_at(scene, t.expand(scene.pos.shape[0], frames))
+
+
+def centres_at(scene: Scene, times: torch.Tensor) -> torch.Tensor:
+    """Centres [B, K, F, 2] at latent frames times [B, F] (each scene its own frames, e.g. a sink and a
+    window far into a stream)."""
+    t = times.to(torch.float32)
+    p = scene.pos[:, :, None, :] + scene.vel[:, :, None, :] * t[:, None, :, None]  # [B, K, F, 2]
     extent = torch.tensor([scene.width, scene.height], dtype=torch.float32, device=p.device)
     lo = scene.size[:, :, None, None] / 2
     span = (extent - 2 * lo).clamp_min(1e-6)  # [B, K, 1, 2]
@@ -237,7 +244,12 @@ def trajectories(scene: Scene, frames: int, start_frame: int = 0) -> torch.Tenso
 def render(scene: Scene, frames: int, start_frame: int = 0) -> torch.Tensor:
     """Keyframes [B, F, h, w, 3] uint8: the objects (area-coverage anti-aliased, later ones in front)
     over the background, one image per latent frame."""
-    centres = trajectories(scene, frames, start_frame)  # [B, K, F, 2]
+    return render_centres(scene, trajectories(scene, frames, start_frame))
+
+
+def render_centres(scene: Scene, centres: torch.Tensor) -> torch.Tensor:
+    """Keyframes [B, F, h, w, 3] uint8 of the scenes' objects at centres [B, K, F, 2] (`render`)."""
+    frames = centres.shape[2]
     device = centres.device
     xs = torch.arange(scene.width, dtype=torch.float32, device=device) + 0.5
     ys = torch.arange(scene.height, dtype=torch.float32, device=device) + 0.5
@@ -263,6 +275,12 @@ def scene_latents(scene: Scene, frames: int, overdrive: float = 1.0) -> torch.Te
     contrast about mid-grey scaled by overdrive (OVERDRIVE for training targets; the keyframes decode the
     same, since saturated channels only move further past the decoder's clamp)."""
     return rgb_to_latents(overdrive * uint8_to_rgb(render(scene, frames)))
+
+
+def latents_at(scene: Scene, times: torch.Tensor, overdrive: float = 1.0) -> torch.Tensor:
+    """Latents [B, F, 16, h, w] float32 of each scene at its own latent frames times [B, F] (as
+    `scene_latents`)."""
+    return rgb_to_latents(overdrive * uint8_to_rgb(render_centres(scene, centres_at(scene, times))))
 
 
 def render_video(scene: Scene, frames: int) -> torch.Tensor:

@@ -26,3 +26,21 @@ def on_ranks(world_size: int, fn, *args):
     from ropesp.runtime.ranks import run_on_ranks
 
     return run_on_ranks(world_size, "cpu", fn, *args)
+
+
+def generate_streams_on_rank(mapping, jobs) -> list | None:
+    """The long-stream jobs (ropesp.demo.long_stream) on this rank with the page's window; rank 0 returns
+    the latents."""
+    from ropesp.demo.long_stream import PAGE_WINDOW, generate_streams
+
+    with torch.no_grad():
+        cfg = RunConfig.of(
+            checkpoint=str(default_checkpoint()),
+            device="cpu",
+            dtype="float32",
+            world_size=mapping.world_size,
+            local_attn_frames=PAGE_WINDOW.local_attn_frames,
+            sink_frames=PAGE_WINDOW.sink_frames,
+        )
+        latents = generate_streams(cfg, jobs, mapping)
+    return latents if mapping.rank == 0 else None

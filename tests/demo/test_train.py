@@ -21,7 +21,6 @@ def _trainer(**recipe) -> Trainer:
 
 def test_steps_resume_and_export(tmp_path):
     first = _trainer(steps=2, frames=12, window_chunks=2, window_prob=1.0)
-    assert set(first.masks) == {None, 2}
     before = {k: v.clone() for k, v in first.ema.items()}
     first.run(tmp_path / "s")
     meta = json.loads((tmp_path / "s" / "train.json").read_text())
@@ -29,25 +28,57 @@ def test_steps_resume_and_export(tmp_path):
     assert meta["recipe"]["frames"] == 12 and all(r["loss"] > 0 for r in meta["curve"])
     assert any(not torch.equal(before[k], first.ema[k]) for k in before)  # the steps moved the weights
 
-    again = _trainer(steps=3, frames=12, window_chunks=2)
+    again = _trainer(steps=4, frames=12, window_chunks=2, stream_prob=1.0, switch_prob=0.5, rollout_prob=0.5)
     again.load(tmp_path / "s")
     assert again.step == 2
     again.run(tmp_path / "s")
-    assert json.loads((tmp_path / "s" / "train.json").read_text())["step"] == 3
+    meta = json.loads((tmp_path / "s" / "train.json").read_text())
+    assert meta["step"] == 4 and meta["recipe"]["stream_prob"] == 1.0
+    assert all("loss_stream" in r for r in meta["curve"][2:])
 
     out = export_weights(tmp_path / "s", tmp_path / "w")
     res = resolve(RunConfig.of(checkpoint=str(out), device="cpu"))
     assert res.model == again.model_cfg and not res.random_weights
 
 
-def test_window_reaches_back_window_chunks():
-    trainer = _trainer(frames=12, window_chunks=2)
-    ft = trainer.rows * trainer.cols
-    noisy_to_clean = trainer.masks[2][12 * ft :, : 12 * ft]  # noisy copy's queries on the clean copy
-    chunk_sees = [
-        sorted({int(k) // (3 * ft) for k in noisy_to_clean[c * 3 * ft].nonzero()}) for c in range(4)
+def test_video_batches_see_the_window_back_window_chunks():
+    trainer = _trainer(frames=12, window_chunks=2, window_prob=1.0)
+    layout = trainer.video_batch().layout
+    noisy_sees = [s for s in layout.sees[layout.clean :]]
+    own = [layout.clean + c for c in range(4)]
+    assert noisy_sees == [(own[0],), (0, own[1]), (0, 1, own[2]), (1, 2, own[3])]
+
+
+def test_stream_batches_hold_the_world_far_into_the_stream():
+    trainer = _trainer(stream_prob=1.0, far_prob=1.0, stream_windows="9/3", horizon=120)
+    batch = trainer.stream_batch()
+    first = batch.chunks[:, 1]
+    assert batch.chunks[:, 0].eq(0).all() and (first >= 2).all()  # the sink, then the run
+    assert (batch.chunks[:, -1] < 40).all() and torch.equal(
+        batch.chunks[:, 1:].diff(dim=1), torch.ones(2, 4, dtype=torch.long)
+    )
+    assert torch.equal(batch.x0, batch.clean[:, -9:])  # the world's own chunks are the targets
+    assert batch.noisy.shape == batch.x0.shape and batch.t.shape == (2, 9)
+
+
+def test_switch_batches_start_the_new_world_at_the_switch():
+    trainer = _trainer(stream_prob=1.0, far_prob=1.0, switch_prob=1.0, stream_windows="6/0")
+    batch = trainer.stream_batch()
+    other, slot = batch.switch
+    assert slot >= batch.layout.clean - batch.layout.noisy and other.shape == batch.prompts.shape
+    # from the switch on the clean chunks are the new world's first frames, whatever the stream chunk
+    assert not torch.equal(batch.clean[:, slot * 3 : slot * 3 + 3], batch.clean[:, slot * 3 - 3 : slot * 3])
+
+
+def test_own_context_replaces_only_chunks_with_a_whole_window():
+    trainer = _trainer(stream_prob=1.0, far_prob=1.0, rollout_prob=1.0, stream_windows="12/3")
+    world = _trainer(stream_prob=1.0, far_prob=1.0, rollout_prob=0.0, stream_windows="12/3").stream_batch()
+    batch = trainer.stream_batch()  # the same draws up to the rollout
+    assert torch.equal(batch.x0, world.x0)
+    same = [
+        torch.equal(batch.clean[:, 3 * s : 3 * s + 3], world.clean[:, 3 * s : 3 * s + 3]) for s in range(6)
     ]
-    assert chunk_sees == [[], [0], [0, 1], [1, 2]]
+    assert same == [True, True, True, False, False, False]  # the sink and two warm chunks stay the world's
 
 
 @pytest.mark.parametrize(
@@ -55,6 +86,8 @@ def test_window_reaches_back_window_chunks():
     [
         (["--frames", "10"], "--frames 10: a whole number of 3-frame chunks"),
         (["--frames", "9", "--window-chunks", "3"], "--window-chunks 3: 1 to 2 for 9 frames"),
+        (["--stream-windows", "9/2"], "--stream-windows 9/2: the sink must be 0 or one 3-frame chunk"),
+        (["--horizon", "12"], "--horizon 12: at least"),
     ],
 )
 def test_bad_recipes_name_the_flag(tmp_path, capsys, args, message):

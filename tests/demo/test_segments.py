@@ -1,0 +1,151 @@
+"""Training samples of long streams (ropesp/demo/segments.py) against the runtime they train for: the
+one-pass forward over a stream's chunks gives the flows of the runtime's KV-cache protocol under each
+rolling window, and the earlier teacher-forcing pass on short videos."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ropesp.demo.evaluate import eval_pairs
+from ropesp.demo.prompts import DemoTextEncoder, parse
+from ropesp.demo.segments import segment_flow, stream_layout
+from ropesp.demo.train import TrainConfig, Trainer, block_mask, parse_window, teacher_forcing_flow
+from ropesp.demo.world import latents_at, seeded_scene
+from ropesp.runtime.pipeline import build_session
+from ropesp.settings import RunConfig
+
+CHUNK = 3
+STEPS = (1000.0, 937.5, 833.3, 625.0)
+
+
+def _world(prompt: str, chunks: torch.Tensor) -> torch.Tensor:
+    """The world's latents [1, n*3, 16, 24, 24] at stream chunks [1, n]."""
+    times = (chunks[:, :, None] * CHUNK + torch.arange(CHUNK)).flatten(1)
+    return latents_at(seeded_scene(parse(prompt), 0), times)
+
+
+@pytest.mark.parametrize("window", ["9/3", "6/0", "12/3"])
+def test_segment_flow_is_the_runtime_stream(window):
+    """Every chunk of an 8-chunk stream: the runtime's denoising forward against its KV cache (filled by
+    the clean-context passes) and the one training pass agree."""
+    frames, sink = (int(x) for x in window.split("/"))
+    cfg = RunConfig.of(
+        preset="demo",
+        device="cpu",
+        dtype="float32",
+        latent_frames=24,
+        local_attn_frames=frames,
+        sink_frames=sink,
+    )
+    executor = build_session(cfg).executor
+    prompt = "two blue discs bouncing"
+    embeds = DemoTextEncoder().encode(prompt)[None]
+    executor.set_prompt(embeds)
+    executor.reset()
+    n = 8
+    chunks = torch.arange(n)[None]
+    clean = _world(prompt, chunks)
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(clean.shape, generator=g)
+    t = torch.tensor([STEPS[c % 4] for c in range(n)]).repeat_interleave(CHUNK)[None]
+    runtime = []
+    with torch.no_grad():
+        for c in range(n):
+            part = slice(c * CHUNK, (c + 1) * CHUNK)
+            runtime.append(executor.forward(noisy[:, part], t[0, part.start], c * CHUNK))
+            executor.forward(clean[:, part], torch.tensor(0.0), c * CHUNK)  # the clean-context pass
+        context, has_sink = parse_window(window, CHUNK)
+        layout = stream_layout(context, has_sink, 0, n, far=False)
+        trained = segment_flow(executor.model, clean, noisy, t, embeds, layout, chunks)
+    torch.testing.assert_close(trained, torch.cat(runtime, dim=1), atol=1e-4, rtol=1e-4)
+
+
+def test_far_samples_see_the_stream_chunks_the_runtime_does():
+    """A sample far into the stream (the sink, warm chunks, supervised chunks): its supervised chunks
+    see the same stream chunks as in a sample of the whole stream from its start."""
+    first = torch.tensor([9])
+    for context, sink in ((1, True), (1, False), (2, True)):
+        far = stream_layout(context, sink, 2, 3, far=True)
+        whole = stream_layout(context, sink, 0, 14, far=False)
+        far_chunks = far.chunk_numbers(first)[0].tolist()
+        whole_chunks = whole.chunk_numbers(torch.tensor([0]))[0].tolist()
+
+        def seen(layout, chunks, slot):
+            """(copy, stream chunk) of every slot the slot's queries see."""
+            own = chunks[slot - layout.noisy]
+            return sorted(
+                ("clean", chunks[s]) if s < layout.clean else ("noisy", own) for s in layout.sees[slot]
+            )
+
+        for k in range(far.noisy):
+            slot = far.clean + k
+            chunk = far_chunks[slot - far.noisy]
+            assert seen(far, far_chunks, slot) == seen(whole, whole_chunks, whole.clean + chunk), (
+                context,
+                sink,
+                k,
+            )
+
+
+def test_segment_flow_is_teacher_forcing_on_short_videos():
+    trainer = Trainer(TrainConfig(batch=2), torch.device("cpu"))
+    batch = trainer.video_batch()
+    ft = trainer.rows * trainer.cols
+    for window in (None, 1):
+        layout = stream_layout(window, False, 0, 3, far=False)
+        mask = block_mask(9, ft, CHUNK, window, "cpu")
+        with torch.no_grad():
+            want = teacher_forcing_flow(
+                trainer.model, batch.x0, batch.noisy, batch.t, batch.prompts, mask, _tables(trainer)
+            )
+            got = segment_flow(
+                trainer.model, batch.x0, batch.noisy, batch.t, batch.prompts, layout, batch.chunks
+            )
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _tables(trainer):
+    from ropesp.model.rope import RopeTables
+
+    return RopeTables(trainer.model_cfg.head_dim, 9, trainer.rows, trainer.cols)
+
+
+def test_positions_are_relative_but_the_sink_stays_at_the_start():
+    model = Trainer(TrainConfig(batch=1), torch.device("cpu")).model
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)  # the trainer starts from a zero head
+    embeds = DemoTextEncoder().encode(eval_pairs()[0][0])[None]
+    g = torch.Generator().manual_seed(1)
+    noisy = torch.randn(1, 9, 16, 24, 24, generator=g)
+    t = torch.full((1, 9), 833.3)
+
+    def flow(sink: bool, first: int) -> torch.Tensor:
+        layout = stream_layout(1, sink, 2, 3, far=True)
+        chunks = layout.chunk_numbers(torch.tensor([first]))
+        clean = torch.randn(1, layout.clean * CHUNK, 16, 24, 24, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            return segment_flow(model, clean, noisy, t, embeds, layout, chunks)
+
+    torch.testing.assert_close(flow(False, 5), flow(False, 30), atol=1e-5, rtol=1e-5)
+    assert (flow(True, 5) - flow(True, 30)).abs().max() > 1e-3
+
+
+def test_a_switch_changes_the_chunks_from_the_switch_on():
+    trainer = Trainer(TrainConfig(batch=1), torch.device("cpu"))
+    torch.nn.init.normal_(trainer.model.head.head.weight, std=0.02)
+    enc = DemoTextEncoder()
+    old, new = (enc.encode(p)[None] for p in ("a red square moving right", "two blue discs bouncing"))
+    layout = stream_layout(1, True, 2, 3, far=True)
+    chunks = layout.chunk_numbers(torch.tensor([6]))
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randn(1, layout.clean * CHUNK, 16, 24, 24, generator=g)
+    noisy = torch.randn(1, 9, 16, 24, 24, generator=g)
+    t = torch.full((1, 9), 937.5)
+    with torch.no_grad():
+        plain = segment_flow(trainer.model, clean, noisy, t, old, layout, chunks)
+        same = segment_flow(trainer.model, clean, noisy, t, old, layout, chunks, switch=(old, 4))
+        switched = segment_flow(trainer.model, clean, noisy, t, old, layout, chunks, switch=(new, 4))
+    assert torch.equal(plain, same)
+    first_after = (4 - (layout.clean - layout.noisy)) * CHUNK  # supervised chunk of clean slot 4
+    torch.testing.assert_close(switched[:, :first_after], plain[:, :first_after], atol=1e-6, rtol=0)
+    assert (switched[:, first_after:] - plain[:, first_after:]).abs().amin(dim=(2, 3, 4)).max() > 0
