@@ -6,8 +6,14 @@ stays cheap (no torch).
 
 __version__ = "0.1.0"
 
-_LAZY = {"Pipeline": "ropesp.api", "Stream": "ropesp.api", "StreamChunk": "ropesp.api", "Video": "ropesp.api"}
-__all__ = ["Pipeline", "Stream", "StreamChunk", "Video", "__version__"]
+_LAZY = {
+    "Pipeline": "ropesp.api",
+    "Stream": "ropesp.api",
+    "StreamChunk": "ropesp.api",
+    "Video": "ropesp.api",
+    "AtCapacity": "ropesp.runtime.engine_core",
+}
+__all__ = ["AtCapacity", "Pipeline", "Stream", "StreamChunk", "Video", "__version__"]
 
 
 def __getattr__(name: str):
