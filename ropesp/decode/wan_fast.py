@@ -37,7 +37,7 @@ from ropesp.decode import vae_kernels
 from ropesp.decode.base import frames_to_host
 from ropesp.decode.preview import to_uint8
 from ropesp.decode.vae_kernels import norm_silu_into, upsample_into
-from ropesp.decode.wan_vae import _wan_modules, set_conv_layout
+from ropesp.decode.wan_vae import _wan_modules, decoder_input, set_conv_layout
 
 CACHE_T = 2
 """Frames of input every causal convolution keeps (diffusers' CACHE_T, its kernels' time extent - 1)."""
@@ -359,14 +359,7 @@ class FastWanDecoder:
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """latents: [B, F, C, h, w] float32 (normalized) of one chunk -> video [B, 3, N, 8h, 8w] float32
         in [-1, 1], N = 4F (4F - 3 for the stream's first chunk)."""
-        if latents.dim() != 5 or latents.shape[2] != self.z_dim or latents.shape[1] < 1:
-            raise ValueError(
-                f"Wan VAE expects latents [B, F, {self.z_dim}, h, w], got {tuple(latents.shape)}"
-            )
-        param = next(self.vae.parameters())
-        z = latents.to(param.device, torch.float32).transpose(1, 2)  # [B, C, F, h, w]
-        z = z * self.latents_std.to(z.device) + self.latents_mean.to(z.device)  # de-normalize
-        x = self.vae.post_quant_conv(z.to(param.dtype))
+        x = decoder_input(self.vae, latents, self.latents_mean, self.latents_std)
         b, _, frames, h, w = x.shape
         state, engine = self.state, self.engine
         if state.size not in (None, (b, h, w)):

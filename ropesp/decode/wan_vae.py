@@ -276,6 +276,21 @@ def set_conv_layout(vae: torch.nn.Module, channels_last: bool) -> torch.nn.Modul
 
 
 # --- streaming decode ----------------------------------------------------------------------------
+def decoder_input(
+    vae: torch.nn.Module, latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """One chunk's latents [B, F, C, h, w] float32 (normalized, as the DiT produces them) -> the decoder's
+    input [B, C', F, h, w] in the VAE's dtype and device: de-normalized, through post_quant_conv.
+    ValueError for a shape the VAE cannot take."""
+    z_dim = vae.config.z_dim
+    if latents.dim() != 5 or latents.shape[2] != z_dim or latents.shape[1] < 1:
+        raise ValueError(f"Wan VAE expects latents [B, F, {z_dim}, h, w], got {tuple(latents.shape)}")
+    param = next(vae.parameters())
+    z = latents.to(param.device, torch.float32).transpose(1, 2)  # [B, C, F, h, w]
+    z = z * std.to(z.device) + mean.to(z.device)  # de-normalize
+    return vae.post_quant_conv(z.to(param.dtype))
+
+
 class WanVAEDecoder:
     """StreamDecoder on an AutoencoderKLWan: chunk by chunk, bit-identical to one `vae.decode` of all latents.
 
@@ -376,14 +391,7 @@ class WanVAEDecoder:
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """latents: [B, F, C, h, w] float32 (normalized, as the DiT produces them) of one chunk
         -> video [B, 3, N, 8h, 8w] float32 in [-1, 1], N = 4F (4F - 3 for the stream's first chunk)."""
-        if latents.dim() != 5 or latents.shape[2] != self.z_dim or latents.shape[1] < 1:
-            raise ValueError(
-                f"Wan VAE expects latents [B, F, {self.z_dim}, h, w], got {tuple(latents.shape)}"
-            )
-        param = next(self.vae.parameters())
-        z = latents.to(param.device, torch.float32).transpose(1, 2)  # [B, C, F, h, w]
-        z = z * self.latents_std.to(z.device) + self.latents_mean.to(z.device)  # de-normalize
-        x = self.vae.post_quant_conv(z.to(param.dtype))
+        x = decoder_input(self.vae, latents, self.latents_mean, self.latents_std)
         out = []
         limits = (
             torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT)

@@ -21,15 +21,6 @@ LATENT_FRAMES, ROWS, COLS = 9, 4, 6
 CHUNKS = ((0, 3), (3, 6), (6, 9))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As tests/decode/test_wan_vae.py: the tiny VAE's convolutions slow down with threads on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vae():
     return helpers_media.make_tiny_wan_vae(seed=0)

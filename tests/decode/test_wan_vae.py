@@ -26,16 +26,6 @@ from ropesp.errors import CheckpointError
 LATENT_FRAMES, ROWS, COLS = 9, 4, 6  # non-square, so a rows/cols mix-up changes the shape
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny VAE's convolutions are too small to gain from threads; on a busy 2-core machine, OpenMP
-    threads slow them down 10-20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vae():
     return helpers_media.make_tiny_wan_vae(seed=0)
