@@ -639,6 +639,11 @@ class RunConfig:
         return cls(**{part: SECTIONS[part].from_dict(raw.get(part, {})) for part in SECTIONS})
 
 
+SERVED_DEFAULTS: dict[str, Any] = {"local_attn_frames": 9, "sink_frames": 3, "realtime_fps": 16.0}
+"""What an engine serving viewers (`ropesp demo`, `serve-repo`) runs with unless told: a rolling window of
+three chunks, the first kept as the sink (streams run until the viewer stops them), and admission that
+keeps every stream at the video's 16 FPS."""
+
 BUILD_SECTIONS = {
     "source": ("checkpoint", "model_config", "preset"),
     "video": (

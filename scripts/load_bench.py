@@ -74,6 +74,8 @@ def delivered(times: list[float], start: float) -> dict:
 async def _demo_client(url: str, seed: int, chunks: int, prompt: str, delay_s: float = 0.0) -> dict:
     import aiohttp
 
+    from ropesp.webdemo.frames import parse_frame_message
+
     await asyncio.sleep(delay_s)
     async with aiohttp.ClientSession() as http, http.ws_connect(url + "ws", max_msg_size=0) as ws:
         await ws.receive_json()  # hello
@@ -82,7 +84,8 @@ async def _demo_client(url: str, seed: int, chunks: int, prompt: str, delay_s: f
         times, seen, engine_ms = [], 0, None
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
-                times.append(time.perf_counter())
+                if parse_frame_message(msg.data)[1] < chunks:  # frames of a later chunk are not counted
+                    times.append(time.perf_counter())
                 continue
             m = msg.json()
             if m["type"] == "busy":
@@ -93,7 +96,7 @@ async def _demo_client(url: str, seed: int, chunks: int, prompt: str, delay_s: f
                 if not seen:  # the engine's account of the first chunk: from its open to its frames ready
                     engine_ms = m["timings"].get("elapsed")
                 seen += 1
-                if seen > chunks:  # the chunk before this one is the last counted: its frames are in
+                if seen > chunks:  # the chunk after the last counted one: the counted ones are all in
                     await ws.send_json({"type": "stop"})
                     break
         return {"seed": seed, **delivered(times, start), "first_chunk_engine_ms": engine_ms}
@@ -179,13 +182,12 @@ def _line(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ropesp.cli.demo import DEMO_DEFAULTS
     from ropesp.cli.flags import add_flags, config_from_args
-    from ropesp.settings import SECTIONS
+    from ropesp.settings import SECTIONS, SERVED_DEFAULTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for section in SECTIONS.values():
-        add_flags(p, section, defaults={**DEMO_DEFAULTS, "realtime_fps": 0.0})
+        add_flags(p, section, defaults={**SERVED_DEFAULTS, "realtime_fps": 0.0})
     g = p.add_argument_group("load")
     g.add_argument("--front", choices=("demo", "triton"), default="demo")
     g.add_argument("--clients", default="1,2,3", help="comma-separated client counts, one run each")

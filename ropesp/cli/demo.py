@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 from ropesp.cli.flags import add_flags, config_from_args
-from ropesp.settings import SECTIONS
-
-DEMO_DEFAULTS = {"local_attn_frames": 9, "sink_frames": 3, "realtime_fps": 16.0}
-"""A page streams until it is stopped, through a rolling window of three chunks (the first one kept as
-the sink), and a new tab is admitted only while every stream keeps the video's 16 FPS."""
+from ropesp.settings import SECTIONS, SERVED_DEFAULTS
 
 
 def add_parser(sub) -> None:
@@ -18,7 +14,7 @@ def add_parser(sub) -> None:
         "steers it mid-stream; every tab its own stream, as many as the engine holds in real time.",
     )
     for section in SECTIONS.values():
-        add_flags(p, section, defaults=DEMO_DEFAULTS)
+        add_flags(p, section, defaults=SERVED_DEFAULTS)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     g.add_argument("--port", type=int, default=8188, help="TCP port, 0 for a free one (default: 8188)")

@@ -6,11 +6,7 @@ from __future__ import annotations
 import sys
 
 from ropesp.cli.flags import add_flags, config_from_args
-from ropesp.settings import SECTIONS
-
-SERVE_DEFAULTS = {"local_attn_frames": 9, "sink_frames": 3, "realtime_fps": 16.0}
-"""What a served engine runs with unless told: a rolling window (streams until the client stops them,
-as the demo's) and admission that keeps every stream at the video's 16 FPS."""
+from ropesp.settings import SECTIONS, SERVED_DEFAULTS
 
 
 def add_parser(sub) -> None:
@@ -21,7 +17,7 @@ def add_parser(sub) -> None:
         "response per chunk, several streams at once with per-stream control.",
     )
     for section in SECTIONS.values():
-        add_flags(p, section, defaults=SERVE_DEFAULTS)
+        add_flags(p, section, defaults=SERVED_DEFAULTS)
     g = p.add_argument_group("repository")
     g.add_argument(
         "--out",

@@ -1,0 +1,52 @@
+"""scripts/load_bench.py on the tiny model through the demo's real WebSocket: every client gets exactly the
+chunks it asked for, the figures are consistent with them, and a client beyond the engine's KV cache slots
+is counted as refused with the engine's reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("aiohttp")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--latent-height", "8", "--latent-width", "8", "--device", "cpu"]
+
+
+def _load_bench(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "load_bench.py"), "--front", "demo", *TINY, *args,
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_clients_share_the_engine_and_each_gets_its_chunks(tmp_path):
+    res = _load_bench(tmp_path, "--clients", "1,2", "--chunks", "3")
+    assert res["front"] == "demo" and res["config"]["streams"]["max_streams"] == 2
+    for n in ("1", "2"):
+        row = res["results"][n]
+        assert row["clients"] == int(n) and row["refused"] == 0
+        assert [c["frames"] for c in row["per_client"]] == [9 + 12 + 12] * int(n)
+        assert all(c["fps"] > 0 and 0 < c["ttff_ms"] < 60_000 for c in row["per_client"])
+        assert row["fps_min"] <= row["fps_median"] and row["fps_sum"] == pytest.approx(
+            sum(c["fps"] for c in row["per_client"])
+        )
+        assert row["first_frame_p50_ms"] <= row["first_frame_p95_ms"]
+    assert res["results"]["1"]["sum_vs_one_stream"] == 1.0
+
+
+def test_a_client_beyond_the_slots_is_refused_with_the_reason(tmp_path):
+    res = _load_bench(tmp_path, "--clients", "2", "--chunks", "8", "--max-streams", "1")
+    row = res["results"]["2"]
+    assert row["refused"] == 1 and len(row["per_client"]) == 2
+    assert "at capacity" in row["refusals"][0] and "max_streams=1" in row["refusals"][0]
+    served = [c for c in row["per_client"] if not c.get("refused")]
+    assert [c["frames"] for c in served] == [9 + 7 * 12]
