@@ -87,13 +87,8 @@ rendezvous only when it reads the world size, so a rank that never comes leaves 
 JOIN_POLL_S = 0.05
 
 
-def loopback_store(rank: int, world_size: int, port: int, timeout_s: float) -> dist.TCPStore:
-    """The rendezvous store of a single-host group, listening on 127.0.0.1:port only: torch's store
-    server would listen on every interface, so rank 0 hands it a socket already bound to loopback.
-    Rank 0's store does not wait for the others (`wait_for_ranks` does, abandonably)."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if rank != 0:
-        return dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+def loopback_listener(port: int = 0) -> socket.socket:
+    """A TCP socket listening on 127.0.0.1:port (0: a free port the kernel picks, held from now on)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -102,6 +97,20 @@ def loopback_store(rank: int, world_size: int, port: int, timeout_s: float) -> d
     except OSError:
         sock.close()
         raise
+    return sock
+
+
+def loopback_store(
+    rank: int, world_size: int, port: int, timeout_s: float, listener: socket.socket | None = None
+) -> dist.TCPStore:
+    """The rendezvous store of a single-host group, listening on 127.0.0.1:port only: torch's store
+    server would listen on every interface, so rank 0 hands it a socket already bound to loopback
+    (`listener`, which the store then owns, else one bound here). Rank 0's store does not wait for the
+    others (`wait_for_ranks` does, abandonably)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+    sock = listener if listener is not None else loopback_listener(port)
     return dist.TCPStore(
         "127.0.0.1", port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=sock.detach()
     )
@@ -130,13 +139,15 @@ def init_process_group(
     timeout_s: float = 300.0,
     *,
     port: int | None = None,
+    listener: socket.socket | None = None,
     abandon: threading.Event | None = None,
 ) -> None:
     """Join this rank's group: NCCL on GPU, gloo on CPU; a no-op at world size 1. The one init of both
     ways ranks come (runtime/ranks.py): ranks the leader spawned meet on a loopback store at
     127.0.0.1:port; torchrun's ranks at the rendezvous its env names (MASTER_ADDR/PORT), where an existing
-    group is kept. A group started on `port` must be new. abandon: set by a caller on another thread to
-    end a loopback rendezvous that waits for ranks that died."""
+    group is kept. A group started on `port` must be new. listener: rank 0's socket already listening on
+    `port` (loopback_listener: held since before the other ranks were told the port). abandon: set by a
+    caller on another thread to end a loopback rendezvous that waits for ranks that died."""
     if mapping.world_size == 1 or (port is None and dist.is_initialized()):
         return
     if device.type == "cuda":
@@ -148,7 +159,7 @@ def init_process_group(
         dist.distributed_c10d._world.group_count = 0
     store = None
     if port is not None:
-        store = loopback_store(mapping.rank, mapping.world_size, port, timeout_s)
+        store = loopback_store(mapping.rank, mapping.world_size, port, timeout_s, listener)
         try:
             wait_for_ranks(store, mapping.world_size, timeout_s, abandon)
             failed = None

@@ -50,6 +50,7 @@ from ropesp.runtime.dist import (
     device_for,
     init_process_group,
     is_collective_timeout,
+    loopback_listener,
     report_stall,
     share_host_cores,
 )
@@ -152,11 +153,18 @@ class RankGroup:
                     from ropesp.limits import check_local_ranks
 
                     check_local_ranks(self.world_size, self.device_name)
-                    port = free_port()
-                    self.workers = [self._spawn(rank, port) for rank in range(1, self.world_size)]
-                    # a rank that cannot run its own exit watch (stopped) goes with this process anyway
-                    atexit.register(_kill, list(self.workers))
-                    self._join(port)
+                    # the store's port is held from before the ranks learn it: a port probed free and
+                    # released could be handed to another group starting beside this one (two Triton
+                    # instances), whose ranks would then meet this group's store
+                    listener = loopback_listener()
+                    try:
+                        port = listener.getsockname()[1]
+                        self.workers = [self._spawn(rank, port) for rank in range(1, self.world_size)]
+                        # a rank that cannot run its own exit watch (stopped) goes with this process anyway
+                        atexit.register(_kill, list(self.workers))
+                        self._join(port, listener)
+                    finally:
+                        listener.close()  # a no-op once the store has taken it
                 else:
                     init_process_group(self.mapping, self.device, self.join_timeout_s)
                     self._open_control()
@@ -179,14 +187,22 @@ class RankGroup:
         # its own process group: a terminal's Ctrl-C goes to the leader, which stops the ranks it owns
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
 
-    def _join(self, port: int) -> None:
-        """Join the group on a thread while watching the spawned ranks, so one that dies fails fast."""
+    def _join(self, port: int, listener: socket.socket) -> None:
+        """Join the group on a thread while watching the spawned ranks, so one that dies fails fast;
+        listener: the store's socket, listening on port."""
         result: list = []
         abandon = threading.Event()
 
         def join() -> None:
             try:
-                init_process_group(self.mapping, self.device, self.join_timeout_s, port=port, abandon=abandon)
+                init_process_group(
+                    self.mapping,
+                    self.device,
+                    self.join_timeout_s,
+                    port=port,
+                    listener=listener,
+                    abandon=abandon,
+                )
                 self._open_control()
                 result.append(None)
             except Exception as exc:

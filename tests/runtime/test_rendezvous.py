@@ -52,3 +52,34 @@ def test_spawned_ranks_listen_on_loopback_only():
     assert leader, "rank 0 serves the rendezvous store: it must be listening somewhere"
     for addresses in [leader, *workers]:
         assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
+
+
+def test_rendezvous_port_is_held_before_the_ranks_learn_it(monkeypatch):
+    """Two groups started side by side (two Triton instances) never share a store: rank 0's port is
+    bound and listening before any rank is told it."""
+    import socket
+
+    from ropesp.runtime.ranks import RankGroup
+
+    seen = []
+    spawn = RankGroup._spawn
+
+    def spawn_checked(self, rank, port):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.bind(("127.0.0.1", port))
+            seen.append("free")
+        except OSError:
+            seen.append("held")
+        finally:
+            probe.close()
+        return spawn(self, rank, port)
+
+    monkeypatch.setattr(RankGroup, "_spawn", spawn_checked)
+    with RankGroup(2, "cpu") as group:
+        assert group.call(_rank) == 0
+    assert seen == ["held"]
+
+
+def _rank(mapping: Mapping) -> int:
+    return mapping.rank
