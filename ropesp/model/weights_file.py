@@ -63,10 +63,13 @@ def read_header(path: Path) -> tuple[int, dict]:
         raise ValueError("its header is not a table of tensors")
     header.pop("__metadata__", None)
     end = max((e.get("data_offsets", [0, 0])[1] for e in header.values() if isinstance(e, dict)), default=0)
-    if 8 + size + end > file_size or any(
-        not isinstance(e, dict) or "data_offsets" not in e for e in header.values()
-    ):
-        raise ValueError(f"its tensors' data run to byte {8 + size + end} of a file of {file_size}")
+    if any(not isinstance(e, dict) or "data_offsets" not in e for e in header.values()):
+        raise ValueError("its header lists an entry without data_offsets")
+    if 8 + size + end > file_size:
+        raise ValueError(
+            f"the file ends {8 + size + end - file_size} bytes before its header says (its tensors' data run "
+            f"to byte {8 + size + end} of a file of {file_size})"
+        )
     return 8 + size, header
 
 
