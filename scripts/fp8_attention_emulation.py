@@ -26,7 +26,7 @@ import torch
 
 import ropesp.runtime.runners as runners
 from ropesp.demo import default_checkpoint
-from ropesp.demo.evaluate import eval_pairs, evaluate, mean_score
+from ropesp.demo.evaluate import EVAL_PAIRS, eval_pairs, evaluate, mean_score
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit
 from ropesp.plugins.e4m3 import quantize_per_head, smooth_keys
@@ -62,7 +62,7 @@ def emulated_attention(variant: str):
     return attend
 
 
-def score(variant: str) -> float:
+def score(variant: str, pairs: int = EVAL_PAIRS) -> float:
     if variant == "e4m3-cache":
         # the fp8 mode's checks refuse the CPU (its kernel needs sm_90); its CPU reference runs here
         cfg = RunConfig.of(
@@ -73,12 +73,15 @@ def score(variant: str) -> float:
         cfg = RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
         patch = mock.patch.object(runners, "select_attention", lambda mode: emulated_attention(variant))
     with patch, torch.no_grad():
-        return mean_score(evaluate(build_session(cfg), eval_pairs()))
+        return mean_score(evaluate(build_session(cfg), eval_pairs(pairs)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
+    ap.add_argument(
+        "--pairs", type=int, default=EVAL_PAIRS, help=f"the first N evaluation pairs (default: {EVAL_PAIRS})"
+    )
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     results = {}
@@ -86,10 +89,10 @@ def main() -> None:
         if variant not in VARIANTS:
             raise SystemExit(f"--variants: {variant!r} is not one of {VARIANTS}")
         t0 = time.perf_counter()
-        results[variant] = score(variant)
+        results[variant] = score(variant, args.pairs)
         print(f"{variant:>16}: {results[variant]:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     with open(args.json, "w") as f:
-        json.dump({"torch": torch.__version__, "pairs": len(eval_pairs()), "scores": results}, f, indent=1)
+        json.dump({"torch": torch.__version__, "pairs": args.pairs, "scores": results}, f, indent=1)
 
 
 if __name__ == "__main__":
