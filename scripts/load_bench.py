@@ -7,7 +7,8 @@ is delivered and when its first frame came.
 For each N in --clients, N clients start a stream at once (seeds 0..N-1), take --chunks chunks and stop:
     demo    the web demo's WebSocket (ropesp/webdemo: the page's own protocol), served in this process with
             the page's real-time pacing off, so a stream runs as fast as the engine gives it chunks;
-    triton  Triton's gRPC (a repository written here, `tritonserver` started here), bounded streams.
+    triton  Triton's gRPC (a repository written here, `tritonserver` started here), bounded streams, each
+            a Triton sequence; --instances N serves N engines as model instances (each stream pinned to one).
 Per client: delivered FPS (frames after the first over the time from the first frame to the last) and time
 to first frame (request sent to first frame received). Per N: per-stream FPS min / median, first frame
 p50 / p95, their sum against one stream alone (N = 1, the same run) and the refusals (at capacity). The run
@@ -24,6 +25,7 @@ import statistics
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_client.py beside this file
@@ -128,7 +130,9 @@ def run_demo(config, counts: list[int], chunks: int, stagger_s: float = 0.0) -> 
 
 
 # --- Triton's gRPC --------------------------------------------------------------------------------------
-def run_triton(config, counts: list[int], chunks: int, workdir: Path) -> dict:
+def run_triton(config, counts: list[int], chunks: int, workdir: Path, instances: int = 1) -> dict:
+    """Each client one gRPC stream, run as a Triton sequence (its own ID): with several `instances`
+    Triton's sequence batcher gives each stream an instance, whose engine admits it or not."""
     import numpy as np
     import triton_client
 
@@ -138,12 +142,27 @@ def run_triton(config, counts: list[int], chunks: int, workdir: Path) -> dict:
     from ropesp.serving.server import TritonServer
 
     res = resolve(config)
-    write_repository(workdir / "repo", config, overwrite=True)
+    write_repository(workdir / "repo", config, instances=instances, overwrite=True)
     prompt = default_prompt_embeds(res.model)[0].numpy().astype(np.float32)
     frames = 3 * chunks
     out = {}
     with TritonServer(workdir / "repo", log_path=workdir / "triton.log") as server:
-        list(triton_client.stream(server.grpc_url, triton_client.make_inputs(prompt, 0, 3)))  # warm
+        # warm: one stream per instance at once (the sequence batcher spreads concurrent sequences)
+        warm = [
+            threading.Thread(
+                target=lambda i: list(
+                    triton_client.stream(
+                        server.grpc_url, triton_client.make_inputs(prompt, 0, 3), sequence_id=f"warm-{i}"
+                    )
+                ),
+                args=(i,),
+            )
+            for i in range(instances)
+        ]
+        for t in warm:
+            t.start()
+        for t in warm:
+            t.join()
         for n in counts:
             records: list[dict] = [{} for _ in range(n)]
 
@@ -153,7 +172,10 @@ def run_triton(config, counts: list[int], chunks: int, workdir: Path) -> dict:
                 try:
                     inputs = triton_client.make_inputs(prompt, seed, frames)
                     for chunk in triton_client.stream(
-                        server.grpc_url, inputs, outputs=triton_client.VIEWER_OUTPUTS
+                        server.grpc_url,
+                        inputs,
+                        outputs=triton_client.VIEWER_OUTPUTS,
+                        sequence_id=uuid.uuid4().hex,
                     ):
                         times += [time.perf_counter()] * len(chunk.frames)
                 except Exception as exc:
@@ -198,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="seconds between the clients' starts (demo): each joins the load the earlier ones make",
     )
+    g.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="(triton) engines served as model instances, each --max-streams slots (serve-repo --instances)",
+    )
     g.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
@@ -211,11 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            rows = run_triton(config, counts, args.chunks, Path(tmp))
+            rows = run_triton(config, counts, args.chunks, Path(tmp), args.instances)
     base = rows[counts[0]]["fps_sum"] if counts[0] == 1 else None
     for row in rows.values():
         row["sum_vs_one_stream"] = row["fps_sum"] / base if base else None
-    out = {"front": args.front, "chunks": args.chunks, "stagger_s": args.stagger, "config": config.to_dict()}
+    out = {"front": args.front, "chunks": args.chunks, "stagger_s": args.stagger, "instances": args.instances}
+    out["config"] = config.to_dict()
     out["results"] = rows
     out["seconds"] = round(time.perf_counter() - t0, 1)
     try:

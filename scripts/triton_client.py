@@ -9,11 +9,17 @@ one response per chunk (frames, latents, chunk_index, timing_ms, prompt_version)
 response. `--prompt-at CHUNK PATH` steers the running stream: once chunk CHUNK-1 has arrived, a control
 request (same stream_id) sends the new prompt, which the server applies at the stream's next chunk
 boundary (`--prompt-mode swap|recache`).
+
+Every stream runs as a Triton sequence whose ID is its stream_id (a fresh UUID): the stream request
+starts it, its control requests carry the same ID, and an "end" control with the END flag closes it once
+the stream is over. A repository of several instances (`ropesp serve-repo --instances N`) needs this:
+Triton's sequence batcher sends every request of one ID to the instance that holds the stream.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import queue
 import sys
 import time
@@ -82,8 +88,9 @@ def make_inputs(prompt, seed: int, latent_frames: int | None, height=None, width
 
 def make_control(prompt, stream_id: str, mode: str = "swap"):
     """A control request: the stream `stream_id` takes `prompt` (text or embeddings) from its next chunk
-    boundary on."""
-    return [_prompt_input(prompt), _text("stream_id", stream_id), _text("control", mode)]
+    boundary on (mode swap | recache); prompt None for "cancel" and "end"."""
+    inputs = [_text("stream_id", stream_id), _text("control", mode)]
+    return inputs if prompt is None else [_prompt_input(prompt), *inputs]
 
 
 def _triton_dtype(arr: np.ndarray) -> str:
@@ -103,10 +110,18 @@ class Controller:
         self.client = grpcclient.InferenceServerClient(url)
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
 
-    def send(self, inputs, timeout_s: float = 60.0) -> int:
+    def send(self, inputs, timeout_s: float = 60.0, sequence_id: str | None = None, end: bool = False) -> int:
         """Send a control request; returns the last chunk its stream had finished when it arrived (-1:
-        none yet). Raises InferenceServerException for an error reply (e.g. an unknown stream_id)."""
-        self.client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex)
+        none yet). sequence_id: the stream's (its stream_id), so Triton routes the request to the instance
+        that holds the stream; end: the sequence's last request (END flag). Raises
+        InferenceServerException for an error reply (e.g. an unknown stream_id)."""
+        self.client.async_stream_infer(
+            self.model,
+            inputs,
+            request_id=uuid.uuid4().hex,
+            sequence_id=sequence_id or 0,
+            sequence_end=end,
+        )
         result, error = self.responses.get(timeout=timeout_s)
         if error is not None:
             raise error
@@ -123,10 +138,27 @@ class Controller:
         self.close()
 
 
-def control(url: str, inputs, model: str = MODEL, timeout_s: float = 60.0) -> int:
+def control(
+    url: str,
+    inputs,
+    model: str = MODEL,
+    timeout_s: float = 60.0,
+    sequence_id: str | None = None,
+    end: bool = False,
+) -> int:
     """One control request on its own connection (Controller.send)."""
     with Controller(url, model) as controller:
-        return controller.send(inputs, timeout_s)
+        return controller.send(inputs, timeout_s, sequence_id, end)
+
+
+def end_sequence(url: str, sequence_id: str, model: str = MODEL, timeout_s: float = 60.0) -> None:
+    """Close a stream's sequence: an "end" control with the END flag (Triton frees the sequence's slot;
+    the stream itself is left alone). Best effort: where Triton never started the sequence (a request it
+    refused) the reply is an error, and a sequence left open is freed after the model's idle time anyway."""
+    from tritonclient.utils import InferenceServerException
+
+    with contextlib.suppress(InferenceServerException):
+        control(url, make_control(None, sequence_id, "end"), model, timeout_s, sequence_id, end=True)
 
 
 def stream(
@@ -135,12 +167,15 @@ def stream(
     model: str = MODEL,
     timeout_s: float = TIMEOUT_S,
     outputs: Sequence[str] | None = None,
+    sequence_id: str | None = None,
 ) -> Iterator[StreamedChunk]:
     """Send one request on its own gRPC stream and yield its chunks in arrival order.
 
     outputs: the outputs to receive (default all; chunk_index is always added); the server skips the
     decoder without "frames", and every output left out is bytes not sent (a 480p chunk's frames are
-    ~11 MB, its latents ~1.2 MB).
+    ~11 MB, its latents ~1.2 MB). sequence_id: run the stream as that Triton sequence (the stream's
+    stream_id: its control requests carry it too), started by this request and closed (end_sequence)
+    once the stream is over, however it ends.
 
     Raises tritonclient's InferenceServerException for an error reply. Leaving the loop early closes
     the stream with cancel_requests=True, so the server stops the request at its next chunk.
@@ -162,6 +197,8 @@ def stream(
             inputs,
             outputs=requested,
             request_id=uuid.uuid4().hex,
+            sequence_id=sequence_id or 0,
+            sequence_start=sequence_id is not None,
             enable_empty_final_response=True,
         )
         while True:
@@ -188,6 +225,8 @@ def stream(
     finally:
         client.stop_stream(cancel_requests=not finished)
         client.close()
+        if sequence_id is not None:  # after the stop: a stream left early is cancelled first
+            end_sequence(url, sequence_id, model)
 
 
 def _prompt(args, url: str, model: str):
@@ -249,13 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         int(k) - 1: value if args.prompt is not None else load_prompt_embeds(value, "--prompt-at")[0].numpy()
         for k, value in args.prompt_at or []
     }
-    stream_id = uuid.uuid4().hex if steer else None
+    stream_id = uuid.uuid4().hex  # also the stream's sequence ID
     inputs = make_inputs(prompt, args.seed, args.latent_frames, args.height, args.width, stream_id)
     frames, writer = 0, None
     controller = Controller(args.url, args.model) if steer else None
     try:
         outputs = (*VIEWER_OUTPUTS, "prompt_version")
-        for chunk in stream(args.url, inputs, args.model, args.timeout, outputs):
+        for chunk in stream(args.url, inputs, args.model, args.timeout, outputs, sequence_id=stream_id):
             writer = writer or Mp4Writer(args.output)  # opened once the first chunk is in
             writer.write(chunk.frames)
             frames += len(chunk.frames)
@@ -266,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             if chunk.index in steer:
-                controller.send(make_control(steer.pop(chunk.index), stream_id, args.prompt_mode))
+                change = make_control(steer.pop(chunk.index), stream_id, args.prompt_mode)
+                controller.send(change, sequence_id=stream_id)
     except InferenceServerException as exc:
         print(f"triton_client: error: {exc.message()}", file=sys.stderr)
         return 2

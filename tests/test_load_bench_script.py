@@ -20,7 +20,7 @@ TINY = ["--preset", "tiny", "--latent-height", "8", "--latent-width", "8", "--de
 def _load_bench(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "load.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "load_bench.py"), "--front", "demo", *TINY, *args,
+        [sys.executable, str(ROOT / "scripts" / "load_bench.py"), *TINY, *args,
          "--json", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
@@ -50,3 +50,33 @@ def test_a_client_beyond_the_slots_is_refused_with_the_reason(tmp_path):
     assert "at capacity" in row["refusals"][0] and "max_streams=1" in row["refusals"][0]
     served = [c for c in row["per_client"] if not c.get("refused")]
     assert [c["frames"] for c in served] == [9 + 7 * 12]
+
+
+def test_triton_front_spreads_streams_over_two_instances(tmp_path):
+    """The Triton front on a real tritonserver: two engines of one slot each as model instances, two
+    clients at once: both served (one per instance), each its whole stream."""
+    pytest.importorskip("tritonclient.grpc")
+    from ropesp.errors import BackendUnavailableError
+    from ropesp.serving.server import find_triton
+
+    try:
+        find_triton()
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    res = _load_bench(
+        tmp_path,
+        "--front",
+        "triton",
+        "--instances",
+        "2",
+        "--max-streams",
+        "1",
+        "--clients",
+        "2",
+        "--chunks",
+        "3",
+    )
+    assert res["front"] == "triton" and res["instances"] == 2
+    row = res["results"]["2"]
+    assert row["refused"] == 0, row
+    assert [c["frames"] for c in row["per_client"]] == [9 + 12 + 12] * 2

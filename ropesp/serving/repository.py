@@ -1,6 +1,7 @@
 """Write (and read back) a Triton model repository that serves a ropesp pipeline with streaming.
 
-    REPO/ropesp/config.pbtxt            python backend, decoupled, KIND_MODEL instances (one engine each)
+    REPO/ropesp/config.pbtxt            python backend, decoupled, KIND_MODEL instances (one engine each;
+                                        with several, a sequence batcher pins each stream to one)
     REPO/ropesp/1/model.py              from model.py.tmpl: imports ropesp.serving.triton_model
     REPO/ropesp/1/ropesp_config.json    the run settings (ropesp.settings), the Python environment
     REPO/ropesp/1/artifacts/            engines, checkpoint, model config, VAE, text encoder (copied or linked)
@@ -27,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from ropesp.errors import ConfigError
+from ropesp.serving.instances import instance_gpus, visible_gpus
 
 MODEL_NAME = "ropesp"
 CONFIG_FILE = "ropesp_config.json"
@@ -97,16 +99,27 @@ class ServedModel:
     """Engines the model serves as Triton instances."""
 
 
+SEQUENCE_SLOTS = 64
+"""Streams Triton tracks per instance at once (running, or ended but not yet closed by their client);
+beyond them a new stream waits in Triton's backlog. Far above an engine's --max-streams, so that the
+engine's own admission answers a stream it cannot serve ("at capacity"), as with one instance."""
+SEQUENCE_IDLE_S = 3600
+"""Seconds a stream's sequence may go without a request (its start, then its control requests) before
+Triton forgets which instance holds it: the stream runs on, but can no longer be steered. A client that
+vanished without closing its sequence frees its slot after this long."""
+
+
 def config_pbtxt(name: str, text_dim: int, world_size: int, instances: int = 1) -> str:
     """The model configuration: a decoupled python model of `instances` KIND_MODEL instances, each an
-    engine that owns its ranks."""
+    engine that owns its ranks. With several, Triton's sequence batcher pins each stream to one instance
+    (sequence_batching below)."""
 
     def tensor(tname: str, dtype: str, dims: str, optional: bool = False) -> str:
         opt = " optional: true" if optional else ""
         return f'  {{ name: "{tname}" data_type: TYPE_{dtype} dims: [ {dims} ]{opt} }}'
 
     # a stream request: prompt_embeds or prompt, seed, latent_frames (+ height/width, + stream_id to steer
-    # it); a control request: stream_id, control ("swap" | "recache" | "cancel") and the new prompt
+    # it); a control request: stream_id, control ("swap" | "recache" | "cancel" | "end") and the new prompt
     inputs = [
         tensor("prompt_embeds", "FP32", f"-1, {text_dim}", optional=True),
         tensor("prompt", "STRING", "1", optional=True),
@@ -124,18 +137,33 @@ def config_pbtxt(name: str, text_dim: int, world_size: int, instances: int = 1) 
         tensor("timing_ms", "FP32", "1"),
         tensor("prompt_version", "INT32", "1"),
     ]
-    return "\n".join(
-        [
-            f'name: "{name}"',
-            'backend: "python"',
-            "max_batch_size: 0",
-            "model_transaction_policy { decoupled: true }",
-            "input [\n" + ",\n".join(inputs) + "\n]",
-            "output [\n" + ",\n".join(outputs) + "\n]",
-            f"instance_group [ {{ kind: KIND_MODEL count: {instances} }} ]",
-            f'parameters {{ key: "world_size" value: {{ string_value: "{world_size}" }} }}',
-            "",
-        ]
+    lines = [
+        f'name: "{name}"',
+        'backend: "python"',
+        "max_batch_size: 0",
+        "model_transaction_policy { decoupled: true }",
+        "input [\n" + ",\n".join(inputs) + "\n]",
+        "output [\n" + ",\n".join(outputs) + "\n]",
+        f"instance_group [ {{ kind: KIND_MODEL count: {instances} }} ]",
+    ]
+    if instances > 1:
+        lines.append(sequence_batching())
+    lines += [f'parameters {{ key: "world_size" value: {{ string_value: "{world_size}" }} }}', ""]
+    return "\n".join(lines)
+
+
+def sequence_batching() -> str:
+    """The sequence batcher of a model of several instances: a stream request starts a sequence (its
+    stream_id as the correlation ID, START flag), Triton gives it a slot of one instance, and sends every
+    later request of that ID (the stream's control requests) to the same instance until one carries the
+    END flag (the client's "end" control). `oldest`: many sequences per instance (`direct` gives one per
+    instance at max_batch_size 0, the rest wait); the model is decoupled, so a control request is
+    delivered while its stream is still streaming. Only with several instances: the batcher refuses a
+    request without a correlation ID."""
+    idle_us = SEQUENCE_IDLE_S * 1_000_000
+    return (
+        f"sequence_batching {{ max_sequence_idle_microseconds: {idle_us} "
+        f"oldest {{ max_candidate_sequences: {SEQUENCE_SLOTS} }} }}"
     )
 
 
@@ -223,11 +251,8 @@ def write_repository(
     check_model_name(model_name)
     if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
         raise ConfigError(f"--instances {instances} must be an integer >= 1")
-    if res.device == "cuda" and instances * world > _visible_gpus():
-        raise ConfigError(
-            f"--instances {instances} x --world-size {world} needs {instances * world} GPUs (one engine's ranks "
-            f"each on GPUs of their own); this host has {_visible_gpus()}"
-        )
+    if res.device == "cuda":
+        instance_gpus(visible_gpus(), 0, instances, world)  # refuses too few GPUs, as each instance would
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out} is a file; choose a directory for the repository")
     model_dir = Path(out) / model_name
@@ -245,12 +270,6 @@ def write_repository(
     except BaseException:
         shutil.rmtree(model_dir, ignore_errors=True)  # nothing half-written
         raise
-
-
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 def _write_model(model_dir: Path, config, res, instances: int, link: bool) -> Path:
@@ -281,9 +300,9 @@ def _write_model(model_dir: Path, config, res, instances: int, link: bool) -> Pa
     return model_dir
 
 
-def read_model_config(version_dir: str | Path, instance: int = 0) -> ServedModel:
-    """Load <model>/1/ropesp_config.json, resolving artifact paths against the version directory;
-    instance: the Triton instance whose engine this is (its ranks take GPUs of their own)."""
+def read_model_config(version_dir: str | Path) -> ServedModel:
+    """Load <model>/1/ropesp_config.json, resolving artifact paths against the version directory (every
+    instance reads the same settings: its GPUs come from instances.pin_instance_gpus)."""
     from ropesp.settings import RunConfig
 
     version_dir = Path(version_dir)
@@ -301,10 +320,7 @@ def read_model_config(version_dir: str | Path, instance: int = 0) -> ServedModel
             if rel:
                 raw[part][name] = str(_confined(version_dir, rel, name, linked))
     config = RunConfig.from_dict(raw)
-    instances = int(spec.get("instances", 1))
-    if instances > 1:
-        config = config.replace(first_device=instance * (config.parallel.world_size or 1))
-    return ServedModel(config, PythonEnv.from_dict(spec["python"]), instances)
+    return ServedModel(config, PythonEnv.from_dict(spec["python"]), int(spec.get("instances", 1)))
 
 
 def _confined(version_dir: Path, rel, name: str, linked: bool) -> Path:

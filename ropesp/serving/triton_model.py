@@ -12,11 +12,20 @@ Requests:
               chunk_index, timing_ms, prompt_version; only the outputs the request names), then an
               empty final response. Streams run concurrently, interleaved chunk by chunk by the engine;
               beyond its capacity a request gets an "at capacity" error at once.
-    control   control STRING "swap" | "recache" | "cancel", stream_id, and for a prompt change the new
-              prompt_embeds or prompt: answered at once (chunk_index: the last chunk that stream had
-              finished, -1 before its first); the change comes into effect at the stream's next chunk
-              boundary on every rank.
+    control   control STRING "swap" | "recache" | "cancel" | "end", stream_id, and for a prompt change
+              the new prompt_embeds or prompt: answered at once (chunk_index: the last chunk that stream
+              had finished, -1 before its first or once it has ended); the change comes into effect at the
+              stream's next chunk boundary on every rank. "end" leaves the stream alone: it is the
+              request that closes the stream's sequence (below), valid whether the stream runs or not.
 A bad request gets an error response that names the input; the model keeps serving.
+
+Sequences: a request may carry a Triton sequence (correlation) ID, a string or an unsigned integer; a
+stream's ID is its stream_id (a stream request without the stream_id input takes its sequence ID as
+stream_id). A repository of several instances (`serve-repo --instances N`, instances.py) has Triton's
+sequence batcher, which sends every request of one sequence ID to the instance that holds it, and refuses
+a request without one: the stream request starts the sequence (START flag), its control requests carry
+the same ID without flags, and the client's last request, an "end" control, carries the END flag, which
+frees Triton's slot for it (repository.py sequence_batching).
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ IMPORTED = time.perf_counter()
 
 OUTPUTS = ("frames", "latents", "chunk_index", "timing_ms", "prompt_version")
 """Every response's outputs, in config.pbtxt's order; a request may name a subset."""
-CONTROLS = ("swap", "recache", "cancel")
+CONTROLS = ("swap", "recache", "cancel", "end")
 
 
 def _backend():
@@ -70,6 +79,7 @@ class TritonPythonModel:
         from ropesp.runtime.engine_core import EngineCore
         from ropesp.runtime.pipeline import resolve
         from ropesp.runtime.prompts import PromptEncoder
+        from ropesp.serving.instances import pin_instance_gpus
         from ropesp.serving.repository import read_model_config
 
         if not pb.using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
@@ -80,7 +90,11 @@ class TritonPythonModel:
                 "nvidia-pytriton 0.7 needs numpy < 2 (pip install 'numpy<2')"
             )
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        served = read_model_config(version_dir, instance=_instance_index(args))
+        served = read_model_config(version_dir)
+        self.name = args.get("model_instance_name", "")
+        self.instances = served.instances
+        # this instance's GPUs, set before anything initialises CUDA here (resolve looks for GPUs)
+        gpus = pin_instance_gpus(served.config, _instance_index(args), served.instances)
         res = resolve(served.config)
         python = served.python.executable
         if not os.path.exists(python):  # relocated: the interpreter that runs this stub
@@ -103,9 +117,10 @@ class TritonPythonModel:
             f"ropesp: ready in {ready - start:.2f} s from the model module's start (imports {IMPORTED - start:.2f} s, "
             f"until initialize {started - IMPORTED:.2f} s, engine and decoder {ready - started:.2f} s)"
         )
+        where = f" (CUDA_VISIBLE_DEVICES={','.join(gpus)})" if gpus is not None else ""
         pb.Logger.log_info(
-            f"ropesp: serving a {res.model.num_layers}-layer model, world size {res.world_size}, {res.backend} on "
-            f"{res.device}, {res.max_streams} streams at once"
+            f"ropesp: {self.name}: serving a {res.model.num_layers}-layer model, world size {res.world_size}, "
+            f"{res.backend} on {res.device}{where}, {res.max_streams} streams at once"
         )
 
     # --- requests -----------------------------------------------------------------------------------
@@ -180,12 +195,40 @@ class TritonPythonModel:
             raise ConfigError(f"input prompt_embeds must be FP32 [L, text_dim], got {embeds.dtype}")
         return self.core.check_prompt(torch.from_numpy(np.array(embeds)), "prompt_embeds")
 
+    def _stream_id(self, request) -> str | None:
+        """The stream a request names: its stream_id input, else its sequence ID. With several instances
+        Triton routes by the sequence ID, so a stream_id that differs from it is refused."""
+        given = self._string(request, "stream_id")
+        sequence = _sequence_id(request)
+        if given is None:
+            return sequence
+        if self.instances > 1 and sequence is not None and given != sequence:
+            raise ConfigError(
+                f"input stream_id {given!r} differs from the request's sequence ID {sequence!r}: with "
+                f"{self.instances} instances Triton routes a stream's requests by the sequence ID; give the "
+                "stream_id as the sequence ID"
+            )
+        return given
+
+    def _routing_hint(self) -> str:
+        if self.instances == 1:
+            return ""
+        return (
+            f" on this instance ({self.name} of {self.instances}; a control request reaches its stream's "
+            "instance only with the stream's sequence ID, within the sequence's idle time)"
+        )
+
     def _start(self, request, frames: bool) -> _Running:
         seed = self._integer(request, "seed")
         latent_frames = self._integer(request, "latent_frames")
         if latent_frames is None:
             latent_frames = self.core.res.latent_frames
-        stream_id = self._string(request, "stream_id")
+        if _flags(request) & _backend().TRITONSERVER_REQUEST_FLAG_SEQUENCE_END:
+            raise ConfigError(
+                "a stream request must not end its sequence (END flag): its control requests could no longer "
+                'reach it; end the sequence with an "end" control once the stream is done'
+            )
+        stream_id = self._stream_id(request)
         req = self.core.request(
             self._prompt(request),
             0 if seed is None else seed,
@@ -200,6 +243,8 @@ class TritonPythonModel:
             running = _Running(self.core.open(req), stream_id)
             if stream_id is not None:
                 self.running[stream_id] = running
+        if stream_id is not None:  # which instance holds which stream (an operator's question)
+            _backend().Logger.log_info(f"ropesp: {self.name}: stream {stream_id!r} started")
         return running
 
     def _control(self, request, sender, control: str) -> None:
@@ -207,20 +252,36 @@ class TritonPythonModel:
         pb = _backend()
         if control not in CONTROLS:
             raise ConfigError(f"input control {control!r}: choose one of {', '.join(CONTROLS)}")
-        stream_id = self._string(request, "stream_id")
+        if _flags(request) & pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START:
+            # a new sequence could be given a slot of another instance than the one holding the stream
+            raise ConfigError(
+                "a control request must not start a sequence (START flag): only its stream's request does"
+            )
+        stream_id = self._stream_id(request)
         if stream_id is None:
-            raise ConfigError("a control request needs the stream_id of the stream it steers")
-        prompt = None if control == "cancel" else self._prompt(request)
+            raise ConfigError(
+                "a control request needs the stream_id (or sequence ID) of the stream it steers"
+            )
         with self.lock:
             running = self.running.get(stream_id)
+        if control == "end":  # closes the sequence (its END flag), whether the stream still runs or not
+            self._answer(sender, running.last_chunk if running is not None else -1)
+            return
+        prompt = None if control == "cancel" else self._prompt(request)
         if running is None:
-            raise ConfigError(f"no stream with stream_id {stream_id!r} is running")
+            raise ConfigError(f"no stream with stream_id {stream_id!r} is running{self._routing_hint()}")
         if control == "cancel":
             running.stream.cancel()
         elif not running.stream.set_prompt(prompt, control):
             raise ConfigError(f"stream {stream_id!r} has ended")
+        self._answer(sender, running.last_chunk)
+
+    @staticmethod
+    def _answer(sender, last_chunk: int) -> None:
+        """A control request's one response: chunk_index INT32 [1], the stream's last finished chunk."""
+        pb = _backend()
         response = pb.InferenceResponse(
-            output_tensors=[pb.Tensor("chunk_index", np.array([running.last_chunk], dtype=np.int32))]
+            output_tensors=[pb.Tensor("chunk_index", np.array([last_chunk], dtype=np.int32))]
         )
         sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -284,6 +345,17 @@ class TritonPythonModel:
             with contextlib.suppress(RuntimeError):
                 thread.join(30)
         _backend().Logger.log_info("ropesp: unloaded (ranks stopped)")
+
+
+def _sequence_id(request) -> str | None:
+    """The request's Triton sequence (correlation) ID as text; None without one (0 or "")."""
+    value = request.correlation_id()
+    return str(value) if value not in (0, "", None) else None
+
+
+def _flags(request) -> int:
+    """The request's sequence flags (START 1, END 2)."""
+    return int(request.flags())
 
 
 def _instance_index(args) -> int:

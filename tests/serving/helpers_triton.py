@@ -64,6 +64,51 @@ class Reference:
         return self.results[seed]
 
 
+def second_prompt(text_dim: int) -> torch.Tensor:
+    """The prompt [1, 13, text_dim] the steering tests change to (seeded)."""
+    return torch.randn(1, 13, text_dim, generator=torch.Generator().manual_seed(8)) * 0.1
+
+
+STEER_FRAMES = 30
+"""10 chunks (the served cache): a prompt change sent after chunk 1 lands well before the end."""
+
+
+def steered_reference(session, prompt, seed, switch=None, frames: int = STEER_FRAMES) -> torch.Tensor:
+    """In-process latents [F, C, h, w] of the served config; switch: (chunk, prompt, mode) from that
+    chunk on."""
+    session.reset(prompt, seed)
+    if switch is not None:
+        chunk, new, mode = switch
+        session.set_prompt(new, mode, at_chunk=chunk)
+    session.latent_frames, session.chunk_sizes = frames, session.sampler.chunk_sizes(frames)
+    return session.generate()[0]
+
+
+def steered_run(client, url, prompt, seed, stream_id, new, mode, after_chunk, started=None, sequence=False):
+    """Stream STEER_FRAMES latent frames; once chunk `after_chunk` has arrived, send the control request.
+    sequence: run it as the Triton sequence `stream_id` (stream and control). Returns (chunks, the
+    control's reported last chunk)."""
+    inputs = client.make_inputs(prompt[0].numpy(), seed, STEER_FRAMES, stream_id=stream_id)
+    sequence_id = stream_id if sequence else None
+    chunks, reported = [], None
+    with client.Controller(url) as controller:  # connected before the stream starts
+        for chunk in client.stream(url, inputs, timeout_s=120, sequence_id=sequence_id):
+            chunks.append(chunk)
+            if started is not None:
+                started.set()
+            if chunk.index == after_chunk:
+                change = client.make_control(new[0].numpy(), stream_id, mode)
+                reported = controller.send(change, sequence_id=sequence_id)
+    return chunks, reported
+
+
+def first_switched(chunks) -> int:
+    """The first chunk under the changed prompt (prompt_version 0 before it, 1 from it on)."""
+    versions = [c.prompt_version for c in chunks]
+    assert versions == sorted(versions) and set(versions) <= {0, 1}, versions
+    return versions.index(1)
+
+
 def _stat(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:

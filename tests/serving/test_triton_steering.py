@@ -8,13 +8,20 @@ import threading
 import numpy as np
 import pytest
 import torch
-from helpers_triton import CONFIG, load_client, running_server
+from helpers_triton import (
+    CONFIG,
+    first_switched,
+    load_client,
+    running_server,
+    second_prompt,
+    steered_reference,
+    steered_run,
+)
 
 from ropesp.runtime.pipeline import build_session
 from ropesp.serving.repository import write_repository
 
 pytestmark = pytest.mark.slow
-FRAMES = 30  # 10 chunks (the served cache): a change sent after chunk 1 lands well before the end
 
 
 @pytest.fixture(scope="module")
@@ -37,51 +44,24 @@ def session():
 
 @pytest.fixture(scope="module")
 def other(tiny_cfg):
-    return torch.randn(1, 13, tiny_cfg.text_dim, generator=torch.Generator().manual_seed(8)) * 0.1
-
-
-def reference(session, prompt, seed, switch=None) -> torch.Tensor:
-    """In-process latents [F, C, h, w]; switch: (chunk, prompt, mode) from that chunk on."""
-    session.reset(prompt, seed)
-    if switch is not None:
-        chunk, new, mode = switch
-        session.set_prompt(new, mode, at_chunk=chunk)
-    session.latent_frames, session.chunk_sizes = FRAMES, session.sampler.chunk_sizes(FRAMES)
-    return session.generate()[0]
-
-
-def steered_run(client, server, prompt, seed, stream_id, new, mode, after_chunk, started=None):
-    """Stream FRAMES latent frames; once chunk `after_chunk` has arrived, send the control request.
-    Returns (chunks, the control's reported last chunk)."""
-    inputs = client.make_inputs(prompt[0].numpy(), seed, FRAMES, stream_id=stream_id)
-    chunks, reported = [], None
-    with client.Controller(server.grpc_url) as controller:  # connected before the stream starts
-        for chunk in client.stream(server.grpc_url, inputs, timeout_s=120):
-            chunks.append(chunk)
-            if started is not None:
-                started.set()
-            if chunk.index == after_chunk:
-                reported = controller.send(client.make_control(new[0].numpy(), stream_id, mode))
-    return chunks, reported
-
-
-def first_switched(chunks) -> int:
-    versions = [c.prompt_version for c in chunks]
-    assert versions == sorted(versions) and set(versions) <= {0, 1}, versions
-    return versions.index(1)
+    return second_prompt(tiny_cfg.text_dim)
 
 
 def test_control_request_switches_the_running_stream_at_the_next_chunk(
     server, client, prompt, other, session
 ):
-    chunks, reported = steered_run(client, server, prompt, 3, "solo", other, "recache", after_chunk=1)
+    chunks, reported = steered_run(
+        client, server.grpc_url, prompt, 3, "solo", other, "recache", after_chunk=1
+    )
     assert [c.index for c in chunks] == list(range(10))
     j = first_switched(chunks)
     # the control arrived while chunk reported + 1 was being computed: it applies before that chunk's
     # successor at the latest (the latency is at most one chunk after the one in flight)
     assert reported >= 1 and j - (reported + 1) in (0, 1), (reported, j)
     got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
-    torch.testing.assert_close(got, reference(session, prompt, 3, (j, other, "recache")), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        got, steered_reference(session, prompt, 3, (j, other, "recache")), rtol=0, atol=1e-5
+    )
 
 
 def test_concurrent_streams_are_unaffected_by_each_others_switches(server, client, prompt, other, session):
@@ -90,7 +70,9 @@ def test_concurrent_streams_are_unaffected_by_each_others_switches(server, clien
 
     def run(name, seed, mode, after, event=None):
         try:
-            results[name] = steered_run(client, server, prompt, seed, name, other, mode, after, event)
+            results[name] = steered_run(
+                client, server.grpc_url, prompt, seed, name, other, mode, after, event
+            )
         except BaseException as exc:
             errors.append(exc)
 
@@ -107,7 +89,7 @@ def test_concurrent_streams_are_unaffected_by_each_others_switches(server, clien
         j = first_switched(chunks)
         assert j - (reported + 1) in (0, 1), (name, reported, j)
         got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
-        want = reference(session, prompt, seed, (j, other, mode))
+        want = steered_reference(session, prompt, seed, (j, other, mode))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
     assert first_switched(results["b"][0]) >= 2  # a's change did not reach b's first chunks
 
