@@ -261,11 +261,7 @@ def report_stall(rank: int) -> str | None:
     names the stalled ranks; another rank reports only when rank 0 itself does not answer)."""
     group = _WATCH.get("group")
     limit = _WATCH.get("timeout_s")
-    what = (
-        f"a collective waited longer than --collective-timeout {limit:g} s"
-        if limit
-        else "a collective timed out"
-    )
+    what = f"a collective waited longer than {_timeout_setting(limit)}" if limit else "a collective timed out"
     if group is None:
         return f"{what} for the other ranks"
     try:
@@ -282,6 +278,13 @@ def report_stall(rank: int) -> str | None:
         ranks = [r for r in found.group(1).replace(" ", "").split(",") if r]
         who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
         return f"{what}: {who} stalled (stopped or hung)"
+
+
+def _timeout_setting(seconds: float) -> str:
+    """The collective timeout as the caller set it: `--collective-timeout 5 s` on the command line,
+    `collective_timeout=5 s` from Python (errors.python_names)."""
+    name = arg("collective_timeout")
+    return f"{name}{'=' if not name.startswith('--') else ' '}{seconds:g} s"
 
 
 def _stopped(rank: int) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import contextvars
 import copy
 import itertools
 import queue
@@ -345,11 +346,16 @@ class EngineCore:
                 raise RankFailure(f"the engine could not start: {reason}") from exc
             raise
         self._failure = None
-        self._thread = threading.Thread(target=self._loop, name="ropesp-engine", daemon=True)
+        # the threads run in the starter's context: what they report names settings as its caller does
+        # (collective_timeout=5 from Python, --collective-timeout 5 from the command line)
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.copy().run, args=(self._loop,), name="ropesp-engine", daemon=True
+        )
         self._thread.start()
         if self.overlapped:
             self._decode_thread = threading.Thread(
-                target=self._decode_loop, name="ropesp-decode", daemon=True
+                target=context.copy().run, args=(self._decode_loop,), name="ropesp-decode", daemon=True
             )
             self._decode_thread.start()
         # a caller whose exception escapes never closes: the loop must stop (its collectives ended)
@@ -541,8 +547,10 @@ class EngineCore:
             )
 
     def _stream_decoder(self, slot: int):
-        """The decoder of a slot's stream, reset: rank 0's decoder for slot 0, a fork of it (the same
-        weights, its own carried state) for the others, made once."""
+        """The decoder of a slot's streams: rank 0's decoder for slot 0, a fork of it (the same weights,
+        its own carried state) for the others, made once. It is reset where the stream's first chunk is
+        decoded (`_deliver`), not here: a cancelled stream's chunk still in flight on that slot is
+        decoded first, in the same thread, and must not leave its state to the new stream."""
         if self.decoder is None:
             return None
         if slot not in self._slot_decoders:
@@ -550,9 +558,7 @@ class EngineCore:
             # compiled code) and gets its own state
             fork = getattr(self.decoder, "fork", None) or (lambda: copy.copy(self.decoder))
             self._slot_decoders[slot] = fork() if slot else self.decoder
-        decoder = self._slot_decoders[slot]
-        decoder.reset()
-        return decoder
+        return self._slot_decoders[slot]
 
     # --- what front-end threads ask -------------------------------------------------------------------
     def _demand(self, record: _Stream) -> None:
@@ -686,7 +692,13 @@ class EngineCore:
                     f"chunk {item.index}'s latents hold NaN or Inf values: the model's output diverged (a "
                     "checkpoint of another model, or weights in a dtype they overflow); the stream ends here"
                 )
-            frames = record.decoder.decode(item.latents) if record.decoder is not None else None
+            if record.finished:  # cancelled while this chunk was stepped: nobody takes its frames
+                return
+            frames = None
+            if record.decoder is not None:
+                if item.index == 0:
+                    record.decoder.reset()
+                frames = record.decoder.decode(item.latents)
         except BaseException as exc:
             with self._cv:
                 self._end(record, exc)

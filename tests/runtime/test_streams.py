@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ropesp
+from ropesp.decode import PreviewDecoder
 from ropesp.runtime.engine_core import AtCapacity, EngineCore
 from ropesp.runtime.pipeline import resolve
 from ropesp.runtime.scheduler import Scheduled, pick
@@ -119,6 +120,40 @@ def test_streams_are_admitted_by_slots_and_by_real_time_capacity():
             core.open(core.request(prompt, 1, latent_frames=None))
         next(running)  # the admitted stream goes on unharmed
         running.cancel()
+
+
+class _HeldPreview(PreviewDecoder):
+    """A preview decoder whose second decode waits until the test lets it go (a chunk in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.entered, self.go = 0, threading.Event(), threading.Event()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            self.entered.set()
+            assert self.go.wait(60)
+        return super().decode(latents)
+
+
+def test_a_slot_reused_while_a_cancelled_chunk_decodes_starts_its_decoder_afresh():
+    """A stream cancelled while its chunk decodes, its slot taken at once by a new stream: the new
+    stream's first chunk is a first chunk (4F - 3 frames), not a continuation of the old one's."""
+    decoder = _HeldPreview()
+    with EngineCore(resolve(WINDOW.replace(max_streams=1)), decoder=decoder).start() as core:
+        old = core.open(core.request(PROMPTS[0], 0, latent_frames=None))
+        assert next(old).frames.shape[1] == 9
+        taker = threading.Thread(target=lambda: list(old), daemon=True)  # asks for chunk 1
+        taker.start()
+        assert decoder.entered.wait(60)  # chunk 1 is being decoded on the engine's thread
+        old.cancel()
+        new = core.open(core.request(PROMPTS[1], 1, latent_frames=None))  # the freed slot, its decoder
+        decoder.go.set()
+        assert next(new).frames.shape[1] == 9
+        assert next(new).frames.shape[1] == 12
+        new.cancel()
+        taker.join(60)
 
 
 def test_pipeline_streams_from_several_threads():
