@@ -9,6 +9,12 @@ repository's Python, LD_LIBRARY_PATH = that Python's libpython directory (so the
 environment that holds ropesp) + the wheel's nvidia_pytriton.libs. The server binds to 127.0.0.1 only,
 runs in its own process group (so every stub and worker rank can be reaped with it), and is stopped
 with SIGTERM (graceful: models unload, worker ranks exit), then SIGKILL.
+
+Triton may live apart from ropesp's environment: the stub crashes on numpy 2 (its streamed responses
+arrive empty, or the stub dies), which the wheel's own metadata pins as numpy < 2, while the rest of a
+modern environment wants numpy 2. `pip install --target DIR --no-deps nvidia-pytriton 'numpy<2'` and
+ROPESP_TRITON_HOME=DIR serve from that directory, and its numpy goes first on the model's sys.path (the
+repository's model.py reads ROPESP_STUB_PATH, which the server sets).
 """
 
 from __future__ import annotations
@@ -43,18 +49,42 @@ OWNER_FILE = "owner.pid"
 """In a server's work directory: '<launching pid> <server pid>', so a later start can tell it is stale."""
 
 
+TRITON_HOME = "ROPESP_TRITON_HOME"
+"""Environment variable: a directory holding nvidia-pytriton (and the stub's numpy < 2) apart from the
+environment that holds ropesp; unset: the installed wheel."""
+STUB_PATH = "ROPESP_STUB_PATH"
+"""Environment variable the server sets for the stubs: directories put first on the model's sys.path."""
+
+
 class ServerError(RopespError):
     """tritonserver failed to start, died, or did not become ready; the message has its log tail."""
 
 
+def triton_home() -> Path | None:
+    """The directory ROPESP_TRITON_HOME names (absolute), None where it is unset."""
+    home = os.environ.get(TRITON_HOME)
+    return Path(home).resolve() if home else None
+
+
 def find_triton() -> tuple[Path, Path]:
-    """(pytriton/tritonserver directory, nvidia_pytriton.libs) of the installed wheel."""
-    spec = importlib.util.find_spec("pytriton")  # located, not imported
-    if spec is None or not spec.submodule_search_locations:
-        raise BackendUnavailableError(
-            "Triton Inference Server is not installed: pip install 'ropesp[serve]' (nvidia-pytriton)"
-        )
-    package = Path(next(iter(spec.submodule_search_locations)))
+    """(pytriton/tritonserver directory, nvidia_pytriton.libs) of the wheel in ROPESP_TRITON_HOME, else
+    of the installed one."""
+    home = triton_home()
+    if home is not None:
+        package = home / "pytriton"
+        if not package.is_dir():
+            raise BackendUnavailableError(
+                f"{TRITON_HOME}={os.environ[TRITON_HOME]} holds no Triton: pip install --target "
+                f"{os.environ[TRITON_HOME]} --no-deps nvidia-pytriton 'numpy<2'"
+            )
+    else:
+        spec = importlib.util.find_spec("pytriton")  # located, not imported
+        if spec is None or not spec.submodule_search_locations:
+            raise BackendUnavailableError(
+                "Triton Inference Server is not installed: pip install 'ropesp[serve]' (nvidia-pytriton), or "
+                f"into a directory of its own named by {TRITON_HOME}"
+            )
+        package = Path(next(iter(spec.submodule_search_locations)))
     root, libs = package / "tritonserver", package.parent / "nvidia_pytriton.libs"
     if not (root / "bin" / "tritonserver").is_file():
         raise BackendUnavailableError(f"{root} has no bin/tritonserver: reinstall nvidia-pytriton")
@@ -160,7 +190,11 @@ class TritonServer:
         _, libs = find_triton()
         paths = [self.python.libdir] if self.python.libdir and os.path.isdir(self.python.libdir) else []
         paths += [str(libs), *filter(None, [os.environ.get("LD_LIBRARY_PATH")])]
-        return dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(paths))
+        env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(paths))
+        home = triton_home()
+        if home is not None and (home / "numpy").is_dir():  # the stub's numpy < 2 before the environment's
+            env[STUB_PATH] = str(home)
+        return env
 
     def start(self) -> TritonServer:
         """Start tritonserver and wait until it is ready; stops it again if that fails."""

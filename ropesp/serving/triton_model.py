@@ -87,7 +87,8 @@ class TritonPythonModel:
         if int(np.__version__.split(".")[0]) >= 2:  # the backend stub's responses would arrive empty
             raise pb.TritonModelException(
                 f"numpy {np.__version__} in {sys.executable}'s environment: the python backend stub of "
-                "nvidia-pytriton 0.7 needs numpy < 2 (pip install 'numpy<2')"
+                "nvidia-pytriton 0.7 needs numpy < 2 (pip install 'numpy<2', or install Triton apart: pip "
+                "install --target DIR --no-deps nvidia-pytriton 'numpy<2' and serve with ROPESP_TRITON_HOME=DIR)"
             )
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         served = read_model_config(version_dir)
@@ -120,7 +121,8 @@ class TritonPythonModel:
         where = f" (CUDA_VISIBLE_DEVICES={','.join(gpus)})" if gpus is not None else ""
         pb.Logger.log_info(
             f"ropesp: {self.name}: serving a {res.model.num_layers}-layer model, world size {res.world_size}, "
-            f"{res.backend} on {res.device}{where}, {res.max_streams} streams at once"
+            f"{res.backend} on {res.device}{where}, {res.max_streams} streams at once (numpy {np.__version__} from "
+            f"{os.path.dirname(os.path.dirname(np.__file__))})"
         )
 
     # --- requests -----------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,34 @@ def server(tmp_path_factory):
     with running_server(tmp / "repo", tmp / "tritonserver.log") as (server, procs):
         assert any("triton_python_backend_stub" in cmd for cmd in procs.values())
         yield server
+
+
+def test_the_stub_runs_numpy_1_from_the_triton_home_beside_numpy_2(server, tmp_path_factory):
+    """Under ROPESP_TRITON_HOME (the test command's .triton) the model runs the home's numpy < 2, which
+    the backend stub needs, while this environment keeps numpy 2."""
+    from ropesp.serving.server import triton_home
+
+    home = triton_home()
+    if home is None or not (home / "numpy").is_dir():
+        pytest.skip("Triton is installed in this environment (ROPESP_TRITON_HOME unset)")
+    assert int(np.__version__.split(".")[0]) >= 2
+    log = (server.log_path).read_text()
+    served = re.search(r"streams at once \(numpy (\S+) from (.+)\)", log)
+    assert served is not None, log[-2000:]
+    assert served[1].startswith("1.") and Path(served[2]) == home
+
+
+def test_a_triton_home_without_triton_is_named(tmp_path, monkeypatch):
+    from ropesp.errors import BackendUnavailableError
+    from ropesp.serving.server import find_triton
+
+    monkeypatch.setenv("ROPESP_TRITON_HOME", str(tmp_path))
+    with pytest.raises(BackendUnavailableError) as err:
+        find_triton()
+    assert str(err.value) == (
+        f"ROPESP_TRITON_HOME={tmp_path} holds no Triton: pip install --target {tmp_path} --no-deps "
+        "nvidia-pytriton 'numpy<2'"
+    )
 
 
 @pytest.fixture(scope="module")
