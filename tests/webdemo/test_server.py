@@ -135,6 +135,40 @@ def test_cross_origin_pages_are_refused(server):
     assert asyncio.run(rebound()) == 403
 
 
+def test_a_page_that_starts_again_hands_its_slot_over_at_once():
+    """A page that starts a new stream while its own still runs is never told busy, even with its one
+    slot taken: its old stream ends first (`stopped`), then the new one starts."""
+    pipe = ropesp.Pipeline(local_attn_frames=9, sink_frames=3, max_streams=1)
+    server = DemoServer(pipe, DemoConfig(port=0, realtime=False)).start()
+
+    async def script(ws):
+        await ws.send_json({"type": "start", "seed": 1})
+        first = await ws.receive_json()
+        assert first["type"] == "started"
+        await ws.send_json({"type": "start", "seed": 2})
+        seen, second = [], None
+        while True:  # until the new stream's first chunk (or a refusal)
+            msg = await ws.receive()
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            m = msg.json()
+            seen.append(m["type"])
+            if m["type"] == "started" and m["seed"] == 2:
+                second = m["stream"]
+            if m["type"] in ("busy", "error") or (m["type"] == "chunk" and m["stream"] == second):
+                break
+        await ws.send_json({"type": "stop"})
+        return first["stream"], seen
+
+    try:
+        _, seen = run(server, script)
+    finally:
+        server.close()
+        pipe.close()
+    assert seen[-1] == "chunk" and "busy" not in seen and "error" not in seen, seen
+    assert seen.index("stopped") < seen.index("started"), seen  # the old stream ended first
+
+
 def test_a_page_that_goes_away_frees_the_server(server):
     async def script(ws):
         await ws.send_json({"type": "start"})
