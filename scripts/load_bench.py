@@ -205,6 +205,7 @@ def _line(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ropesp.cli.flags import add_flags, config_from_args
+    from ropesp.errors import RopespError
     from ropesp.settings import SECTIONS, SERVED_DEFAULTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -228,8 +229,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     g.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
-    counts = [int(c) for c in args.clients.split(",")]
-    config = config_from_args(args)
+    try:
+        counts = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        p.error(f"--clients {args.clients}: give comma-separated client counts, e.g. 1,2,3")
+    if min(counts) < 1 or args.chunks < 1 or args.instances < 1:
+        p.error("--clients, --chunks and --instances must be >= 1")
+    try:
+        return _run(args, counts, config_from_args(args))
+    except RopespError as exc:
+        print(f"load_bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args, counts: list[int], config) -> int:
     if config.streams.max_streams is None:
         config = config.replace(max_streams=max(counts))
     t0 = time.perf_counter()

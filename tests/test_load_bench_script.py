@@ -5,6 +5,7 @@ is counted as refused with the engine's reason."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,17 @@ def test_triton_front_spreads_streams_over_two_instances(tmp_path):
     row = res["results"]["2"]
     assert row["refused"] == 0, row
     assert [c["frames"] for c in row["per_client"]] == [9 + 12 + 12] * 2
+
+
+def test_errors_are_one_line(tmp_path):
+    """A Triton home without Triton and bad --clients: one line each, exit 2, no traceback."""
+    script = [sys.executable, str(ROOT / "scripts" / "load_bench.py"), *TINY]
+    env = dict(os.environ, ROPESP_TRITON_HOME=str(tmp_path))
+    runs = [
+        (["--front", "triton", "--clients", "1"], env, f"ROPESP_TRITON_HOME={tmp_path} holds no Triton"),
+        (["--clients", "1,x"], None, "--clients 1,x: give comma-separated client counts"),
+    ]
+    for args, environ, message in runs:
+        proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=120, env=environ)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
