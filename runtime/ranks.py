@@ -15,7 +15,7 @@ leader's commands. The protocol is one loop on every follower:
     command   broadcast_object_list([Command], src=0)       control group (waits while the leader idles)
     tensors   broadcast(t, src=0) per tensor the command names, in order   default group
     then the follower runs the command: BUILD (its rank engine), TICK (stream operations and one
-    chunk step, runtime/engine_core.py), CALL (a function on every rank, e.g. a benchmark), SHUTDOWN.
+    chunk step, runtime/rank_engine.py), CALL (a function on every rank, e.g. a benchmark), SHUTDOWN.
 
 Every rank applies the same commands in the same order, so every rank makes the same collective
 calls. A rank that dies or stalls is named: `failure()` reads the spawned ranks' exit status, and a
@@ -79,7 +79,7 @@ class Command:
     kind: str
     """build | tick | call | shutdown."""
     payload: Any = None
-    """build: the RunConfig as a dict; tick: engine_core.Tick; call: (module, function name, args)."""
+    """build: the RunConfig as a dict; tick: rank_engine.Tick; call: (module, function name, args)."""
     tensors: list[tuple[int, ...]] = field(default_factory=list)
     """Shapes of the float32 tensors broadcast after the command, in order (prompts)."""
 

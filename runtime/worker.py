@@ -1,7 +1,7 @@
 """A rank that the leader spawned (runtime/ranks.py `RankGroup.start`): `python -m ropesp.runtime.worker`.
 
 It joins the leader's group on the loopback store, then follows the leader's commands until SHUTDOWN
-(runtime/engine_core.py `follow`). It exits on its own as soon as the leader's process is gone.
+(runtime/rank_engine.py `follow`). It exits on its own as soon as the leader's process is gone.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from ropesp.runtime.dist import Mapping, is_collective_timeout, report_stall
-    from ropesp.runtime.engine_core import follow
+    from ropesp.runtime.rank_engine import follow
     from ropesp.runtime.ranks import RankGroup
 
     group = None
