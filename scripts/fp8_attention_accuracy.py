@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from unittest import mock
 
 import torch
+from cuda_timing import median_ms
 
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit as a8
@@ -30,20 +30,6 @@ from ropesp.plugins import e4m3
 from ropesp.plugins.e4m3_cache import calibrate, to_e4m3
 
 FIXES = {"base": (False, None), "v": (True, None), "split": (False, 4680), "v+split": (True, 4680)}
-
-
-def timed(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -89,7 +75,7 @@ def main() -> None:
     for window in (int(w) for w in args.windows.split(",")):
         k, v = k_all[:, :window], v_all[:, :window]
         exact = attention(q.float(), k.float(), v.float())
-        sdpa_ms = timed(lambda k=k, v=v: attention(q, k, v))
+        sdpa_ms = median_ms(lambda k=k, v=v: attention(q, k, v))
         row = {"window": window, "sdpa_bf16_ms": sdpa_ms, "sdpa_bf16_total": rel(attention(q, k, v), exact)}
         for fix in args.fixes.split(","):
             smooth, keys_per_split = FIXES[fix]
@@ -97,7 +83,7 @@ def main() -> None:
             with mock.patch.object(a8, "KEYS_PER_SPLIT", keys_per_split):
                 try:
                     got = a8.fp8_attention(q, keys, values)
-                    ms = timed(lambda k=keys, v=values: a8.fp8_attention(q, k, v))
+                    ms = median_ms(lambda k=keys, v=values: a8.fp8_attention(q, k, v))
                 except Exception as exc:  # a kernel configuration the build lacks
                     row[fix] = {"error": repr(exc)[-500:]}
                     print(f"{window:>6} {fix:>8}: failed {exc!r}"[:500], flush=True)

@@ -8,23 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
-
-
-def timed(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
+from cuda_timing import median_ms
 
 
 def main() -> None:
@@ -33,10 +19,10 @@ def main() -> None:
     args = ap.parse_args()
     src = torch.randn(2**30, device="cuda", dtype=torch.bfloat16)  # 2 GiB, far beyond L2
     dst = torch.empty_like(src)
-    copy_ms = timed(lambda: dst.copy_(src))
+    copy_ms = median_ms(lambda: dst.copy_(src))
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    gemm_ms = timed(lambda: a @ b)
+    gemm_ms = median_ms(lambda: a @ b)
     out = {
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,

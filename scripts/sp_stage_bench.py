@@ -13,31 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
+from cuda_timing import median_ms
 
 from ropesp.model.rope import rope_apply_ref
 from ropesp.parallel import TokenShard
 from ropesp.runtime.runners import UlyssesRunner
 from ropesp.runtime.sp import Collectives
-
-
-def timed(fn, iters: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -99,10 +83,10 @@ def main() -> None:
             "torch": torch.__version__,
             "tokens_per_rank": shard.length,
             "rope_max_abs_diff_vs_reference_bf16": diff,
-            "rope_allgather_ms": timed(baseline_rope, args.iters),
-            "rope_local_ms": timed(local_rope, args.iters),
-            "comm_fused_ms": timed(comm_fused, args.iters),
-            "comm_unfused_ms": timed(comm_unfused, args.iters),
+            "rope_allgather_ms": median_ms(baseline_rope, args.iters, warmup=10, before=dist.barrier),
+            "rope_local_ms": median_ms(local_rope, args.iters, warmup=10, before=dist.barrier),
+            "comm_fused_ms": median_ms(comm_fused, args.iters, warmup=10, before=dist.barrier),
+            "comm_unfused_ms": median_ms(comm_unfused, args.iters, warmup=10, before=dist.barrier),
         }
         res["rope_speedup"] = res["rope_allgather_ms"] / res["rope_local_ms"]
         res["comm_speedup"] = res["comm_unfused_ms"] / res["comm_fused_ms"]
