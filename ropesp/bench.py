@@ -126,7 +126,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         bad = [c for c in self.configs if c not in CONFIGS]
         if bad:
-            raise ConfigError(f"--configs {bad}: choose from {CONFIGS}")
+            raise ConfigError(f"--configs {','.join(bad)}: choose from {', '.join(CONFIGS)}")
         engine_configs = [c for c in self.configs if c in ENGINE_CONFIGS]
         if engine_configs and not self.run.source.engines:
             raise ConfigError(f"--configs {','.join(engine_configs)} needs --engines DIR from `ropesp build`")

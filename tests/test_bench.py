@@ -182,3 +182,9 @@ def test_bench_alone_is_refused_under_a_launcher(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["bench", "--alone", "--world-size", "2", "--no-decode"]) == 2
     assert "without torchrun" in capsys.readouterr().err
+
+
+def test_bench_unknown_configs_are_named_as_typed(capsys):
+    assert main(["bench", "--configs", "compile,nope,other"]) == 2
+    err = capsys.readouterr().err
+    assert "--configs nope,other: choose from reference, paper-sp, optimized" in err and "[" not in err
