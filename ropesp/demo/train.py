@@ -42,8 +42,12 @@ the prompt's colour (bench/2026-12-01-demo/README.md); the demo preset adds a po
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import itertools
 import json
 import math
+import textwrap
 import time
 import types
 from dataclasses import asdict, dataclass
@@ -86,9 +90,11 @@ class TrainConfig:
     lr: float = 5e-4
     """Peak AdamW learning rate (cosine to lr_floor * lr over the time limit, after warmup)."""
     lr_floor: float = 0.05
+    """The cosine schedule's last learning rate, as a share of lr."""
     warmup: int = 300
     """Linear warm-up steps."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     ema: float = 0.999
     """EMA decay of the weights that are shipped."""
     steps: int = 1_000_000
@@ -135,7 +141,9 @@ class TrainConfig:
     objects' anti-aliased edges, where an error shows in the video and decides a square from a disc);
     every other pixel weighs 1 (OVERDRIVE hides its errors up to a third of the range)."""
     seed: int = 0
+    """Seed of the world's videos, the noise and the initial weights."""
     log_every: int = 50
+    """Steps between two log lines."""
 
 
 def parse_window(text: str, chunk: int) -> tuple[int, bool]:
@@ -590,12 +598,32 @@ def export_weights(state: Path, out: Path, dtype: torch.dtype = torch.float16) -
     return out
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its docstring, one line} of a dataclass whose fields are documented by the string below
+    them (read from its source: the recipe's help is written once, on the field)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ropesp.demo.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", help="directory for the training state (resumable)")
     p.add_argument("--resume", help="training state directory of an earlier run")
     p.add_argument("--init", metavar="DIR", help="start from the weights of a checkpoint directory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda or cpu (default: cuda if any)",
+    )
+    docs = field_docs(TrainConfig)
     for f in (
         "batch",
         "lr",
@@ -623,7 +651,11 @@ def main(argv: list[str] | None = None) -> None:
     ):
         default = getattr(TrainConfig, f)
         p.add_argument(
-            "--" + f.replace("_", "-").removesuffix("-s"), dest=f, type=type(default), default=default
+            "--" + f.replace("_", "-").removesuffix("-s"),
+            dest=f,
+            type=type(default),
+            default=default,
+            help=f"{docs[f]} (default: {default!r})",
         )
     p.add_argument("--export", metavar="DIR", help="only write the EMA weights of --resume to DIR (fp16)")
     args = p.parse_args(argv)

@@ -4,11 +4,12 @@ checkpoint the normal loader runs; longer videos and wider windows; bad recipes 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
 
-from ropesp.demo.train import TrainConfig, Trainer, export_weights, main
+from ropesp.demo.train import TrainConfig, Trainer, export_weights, field_docs, main
 from ropesp.runtime.pipeline import resolve
 from ropesp.settings import RunConfig
 
@@ -96,3 +97,16 @@ def test_bad_recipes_name_the_flag(tmp_path, capsys, args, message):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_every_recipe_field_has_its_help_line(capsys):
+    docs = field_docs(TrainConfig)
+    assert [f.name for f in fields(TrainConfig) if f.name not in docs] == ["preset"]  # not a flag
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--stream-prob STREAM_PROB Fraction of batches cut from long streams" in out
+    assert (
+        "--time-limit TIME_LIMIT_S Stop and save after this much training time (seconds). (default: 270.0)"
+        in out
+    )
