@@ -4,6 +4,7 @@ and 4 ranks; unbounded streams stay flat in memory."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -117,6 +118,7 @@ def live_tensors():
         warnings.simplefilter("ignore")
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
+torch.set_num_threads(1)  # one thread, one malloc arena (the env below): RSS moves only with what is kept
 cfg = RunConfig.of(
     preset="tiny", latent_height=16, latent_width=16, local_attn_frames=7, sink_frames=1, device="cpu"
 )
@@ -145,7 +147,10 @@ def test_unbounded_stream_memory_is_flat():
     """30 chunks of an unbounded rolling stream hold no more than 3 do: the same live tensors, and RSS
     within 8 MB (each chunk's frames alone are 0.6 MB: a leak of them would show as 16 MB). In a fresh
     process: the suite's own heap would blur RSS and make the walk over every object slow."""
-    proc = subprocess.run([sys.executable, "-c", FLAT_STREAM], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, MALLOC_ARENA_MAX="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", FLAT_STREAM], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     marks = json.loads(proc.stdout)
     assert marks["30"][0] == marks["3"][0]
