@@ -265,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--height", type=int, help="pixels (must be the size the repository serves)")
     p.add_argument("--width", type=int)
-    p.add_argument("--output", default="triton.mp4", help="MP4 path")
+    p.add_argument(
+        "--output", default="triton.mp4", help="MP4 path (written only when the stream is complete)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds to wait for each chunk")
     p.add_argument(
         "--prompt-at",
@@ -277,45 +280,74 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--prompt-mode", choices=["swap", "recache"], default="swap")
     args = p.parse_args(argv)
+    for k, _ in args.prompt_at or []:
+        if not k.isdigit() or int(k) < 1:
+            p.error(f"--prompt-at {k}: CHUNK is the chunk index the new prompt starts at, an integer >= 1")
 
     from tritonclient.utils import InferenceServerException
 
+    from ropesp.errors import RopespError
     from ropesp.runtime.prompts import load_prompt_embeds
-    from ropesp.video import Mp4Writer
+    from ropesp.video import StreamOutputs, check_outputs
 
-    prompt = _prompt(args, args.url, args.model)
-    steer = {
-        int(k) - 1: value if args.prompt is not None else load_prompt_embeds(value, "--prompt-at")[0].numpy()
-        for k, value in args.prompt_at or []
-    }
+    try:
+        paths = check_outputs(args.output, overwrite=args.overwrite)  # before any request
+        prompt = _prompt(args, args.url, args.model)
+        steer = {
+            int(k) - 1: value
+            if args.prompt is not None
+            else load_prompt_embeds(value, "--prompt-at")[0].numpy()
+            for k, value in args.prompt_at or []
+        }
+    except RopespError as exc:
+        print(f"triton_client: error: {exc}", file=sys.stderr)
+        return 2
     stream_id = uuid.uuid4().hex  # also the stream's sequence ID
     inputs = make_inputs(prompt, args.seed, args.latent_frames, args.height, args.width, stream_id)
-    frames, writer = 0, None
+    refused: dict[int, str] = {}
+    """{chunk after which a change was sent: the server's answer} for changes the stream did not take."""
+    last = -1
     controller = Controller(args.url, args.model) if steer else None
     try:
-        outputs = (*VIEWER_OUTPUTS, "prompt_version")
-        for chunk in stream(args.url, inputs, args.model, args.timeout, outputs, sequence_id=stream_id):
-            writer = writer or Mp4Writer(args.output)  # opened once the first chunk is in
-            writer.write(chunk.frames)
-            frames += len(chunk.frames)
-            print(
-                f"chunk {chunk.index}: arrived at {chunk.arrival_ms:8.1f} ms "
-                f"(server {chunk.server_ms:8.1f} ms), {len(chunk.frames)} frames "
-                f"{chunk.frames.shape[1]}x{chunk.frames.shape[2]}, prompt {chunk.prompt_version}",
-                file=sys.stderr,
-            )
-            if chunk.index in steer:
-                change = make_control(steer.pop(chunk.index), stream_id, args.prompt_mode)
-                controller.send(change, sequence_id=stream_id)
+        with StreamOutputs(paths) as out:  # the MP4 appears at --output only once the stream is complete
+            outputs = (*VIEWER_OUTPUTS, "prompt_version")
+            for chunk in stream(args.url, inputs, args.model, args.timeout, outputs, sequence_id=stream_id):
+                out.write(chunk.frames)
+                last = chunk.index
+                print(
+                    f"chunk {chunk.index}: arrived at {chunk.arrival_ms:8.1f} ms "
+                    f"(server {chunk.server_ms:8.1f} ms), {len(chunk.frames)} frames "
+                    f"{chunk.frames.shape[1]}x{chunk.frames.shape[2]}, prompt {chunk.prompt_version}",
+                    file=sys.stderr,
+                )
+                if chunk.index in steer:
+                    change = make_control(steer.pop(chunk.index), stream_id, args.prompt_mode)
+                    try:
+                        controller.send(change, sequence_id=stream_id)
+                    except InferenceServerException as exc:  # judged once the stream is over
+                        refused[chunk.index] = exc.message()
+            for after, message in refused.items():
+                if after < last:  # the stream ran on: the server refused the change itself
+                    raise InferenceServerException(message)
+            if refused or steer:
+                k = min([*refused, *steer]) + 1
+                print(
+                    f"triton_client: error: --prompt-at {k}: the stream ended after chunk {last} ({last + 1} "
+                    "chunks) before the change could apply; ask for a longer stream with --latent-frames",
+                    file=sys.stderr,
+                )
+                return 2
+            out.commit()
     except InferenceServerException as exc:
         print(f"triton_client: error: {exc.message()}", file=sys.stderr)
         return 2
+    except RopespError as exc:  # e.g. the disk refused the MP4
+        print(f"triton_client: error: {exc}", file=sys.stderr)
+        return 2
     finally:
-        if writer is not None:
-            writer.close()
         if controller is not None:
             controller.close()
-    print(f"wrote {args.output} ({frames} frames)", file=sys.stderr)
+    print(f"wrote {args.output} ({out.frames_written} frames)", file=sys.stderr)
     return 0
 
 

@@ -190,3 +190,22 @@ def test_triton_client_script_writes_the_mp4(server, client, prompt, tmp_path):
     assert read_video_info(out) == (21, 64, 64)
     assert client.main([*argv[:2], "--latent-frames", "5", "--output", str(tmp_path / "bad.mp4")]) == 2
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_client_script_refusals_leave_no_file(server, client, prompt, tmp_path, capsys):
+    """A change asked for past the stream's end, a CHUNK that is not one, an --output that exists: one
+    line naming the flag, exit 2, and no MP4 (nor .part) left where the stream was going."""
+    torch.save(prompt, tmp_path / "p.pt")
+    base = ["--url", server.grpc_url, "--prompt-embeds", str(tmp_path / "p.pt"), "--latent-frames", "6"]
+    late = tmp_path / "late.mp4"
+    assert client.main([*base, "--prompt-at", "2", str(tmp_path / "p.pt"), "--output", str(late)]) == 2
+    err = capsys.readouterr().err
+    assert "triton_client: error: --prompt-at 2: the stream ended after chunk 1 (2 chunks)" in err
+    assert list(tmp_path.glob("late.mp4*")) == []
+    with pytest.raises(SystemExit) as exit_:
+        client.main([*base, "--prompt-at", "0", str(tmp_path / "p.pt")])
+    assert exit_.value.code == 2 and "--prompt-at 0: CHUNK is the chunk index" in capsys.readouterr().err
+    kept = tmp_path / "kept.mp4"
+    kept.write_bytes(b"mine")
+    assert client.main([*base, "--output", str(kept)]) == 2
+    assert "--output" in capsys.readouterr().err and kept.read_bytes() == b"mine"
