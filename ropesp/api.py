@@ -281,6 +281,11 @@ class Pipeline:
         """A stream of `frames` video frames (4k+1; default: the pipeline's length; None: until
         cancelled, which needs local_attn_frames). recache=True makes "recache" the default mode of this
         stream's set_prompt. Iterate it for StreamChunks; the work starts with the iteration."""
+        return self._stream(prompt, seed, frames, recache, latents, live=True)
+
+    def _stream(self, prompt, seed, frames, recache: bool, latents: bool, live: bool) -> Stream:
+        """stream(); live: set_prompt may come while it runs (the DiT then stays a few chunks ahead of
+        the consumer, not the whole video: StreamRequest.live)."""
         core = self._require_core()
         with python_names():
             seed = check_seed(seed)
@@ -292,7 +297,7 @@ class Pipeline:
                 )
             latent_frames = None if frames is None else latent_frames_for(int(frames))
             request = core.request(
-                self.encode(prompt), seed, latent_frames, decode=self.resolved.decoder != "none"
+                self.encode(prompt), seed, latent_frames, decode=self.resolved.decoder != "none", live=live
             )
         mode = "recache" if recache else self.prompt_mode
         return Stream(self, request, latents, mode)
@@ -302,7 +307,7 @@ class Pipeline:
         if frames is None:
             with python_names():
                 raise ConfigError(f"{arg('frames', None)}: generate() makes a bounded video; use stream()")
-        chunks = tuple(self.stream(prompt, seed, frames, latents=True))
+        chunks = tuple(self._stream(prompt, seed, frames, False, latents=True, live=False))
         latents = torch.cat([c.latents for c in chunks], dim=1)
         video = None if chunks[0].frames is None else np.concatenate([c.frames for c in chunks])
         return Video(video, latents, chunks)

@@ -19,8 +19,9 @@ pass) per tick. Rank 0 decodes the chunk, inline or on a decode thread (overlapp
 chunk; the default on CUDA), and hands it to the stream's queue.
 
 A stream is stepped only as far as its consumer asks, plus `ahead` chunks (0 when decode is inline,
-so a prompt change after chunk k applies to chunk k+1; 2 for an unbounded overlapped stream; the
-whole video for a bounded one): a slow consumer holds bounded memory and never stalls the others.
+so a prompt change after chunk k applies to chunk k+1; 2 for an overlapped stream that is unbounded or
+live, i.e. may be steered while it runs; the whole video for a bounded one nobody steers, e.g.
+`generate`'s): a slow consumer holds bounded memory and never stalls the others.
 
 Admission: `open` refuses a stream when every KV cache slot is taken, or, with `realtime_fps`, when
 the measured chunk time says one more stream would bring the running ones below real time.
@@ -94,6 +95,9 @@ class StreamRequest:
     """How the scheduled changes treat the self-attention cache."""
     decode: bool = True
     """Decode this stream's chunks on rank 0 (False: latents only)."""
+    live: bool = False
+    """Prompt changes may come while it runs (Pipeline.stream, a steerable Triton stream): its DiT stays
+    at most MAX_AHEAD chunks ahead of its consumer even when bounded, so a change lands within them."""
 
 
 # --- rank 0 -------------------------------------------------------------------------------------------
@@ -364,10 +368,12 @@ class EngineCore:
         height: int | None = None,
         width: int | None = None,
         decode: bool = True,
+        live: bool = False,
     ) -> StreamRequest:
         """Validate a stream -> StreamRequest (ConfigError naming the parameter otherwise).
         latent_frames None: until cancelled (needs the rolling window); height/width (pixels) are
-        optional: the engine serves the size it was built for."""
+        optional: the engine serves the size it was built for; live: prompt changes may come while it
+        runs (StreamRequest.live)."""
         seed = check_seed(seed)
         res = self.res
         if latent_frames is None:
@@ -400,6 +406,7 @@ class EngineCore:
             tuple(checked),
             check_prompt_mode(change_mode),
             decode,
+            live,
         )
 
     def open(self, request: StreamRequest) -> EngineStream:
@@ -416,7 +423,8 @@ class EngineCore:
             self._admit(len(running))
             slot = min(set(range(self.res.max_streams)) - {r.slot for r in running})
             decoder = self._stream_decoder(slot) if request.decode else None
-            ahead = (MAX_AHEAD if request.latent_frames is None else 1 << 30) if self.overlapped else 0
+            bounded_alone = request.latent_frames is not None and not request.live
+            ahead = (1 << 30 if bounded_alone else MAX_AHEAD) if self.overlapped else 0
             chunks = (
                 None if request.latent_frames is None else len(self.res.chunk_sizes(request.latent_frames))
             )

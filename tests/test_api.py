@@ -183,3 +183,28 @@ def test_unbounded_recache_stream_on_two_ranks_equals_one_rank(prompt):
         assert [(c.index, c.prompt_version) for c in chunks] == [(i, int(i >= 3)) for i in range(7)]
         runs[world] = torch.cat([c.latents for c in chunks], 1)
     torch.testing.assert_close(runs[2], runs[1], rtol=0, atol=1e-5)
+
+
+def test_a_live_bounded_stream_takes_a_change_within_a_few_chunks_when_decode_overlaps():
+    """With decode overlapped (the GPU default, forced here on the CPU) a bounded stream's DiT may run
+    ahead of its consumer; a Pipeline stream can be steered, so it runs at most MAX_AHEAD chunks ahead and
+    a change sent after chunk 1, however late, lands by chunk 1 + MAX_AHEAD + 1. generate(), which nobody
+    steers, still runs the whole video ahead."""
+    import time
+
+    from ropesp.runtime.engine_core import MAX_AHEAD
+
+    pipe = ropesp.Pipeline(local_attn_frames=9, sink_frames=3, overlap_decode=True, max_streams=1)
+    try:
+        stream = pipe.stream("two blue discs bouncing", seed=2, frames=117)  # 10 chunks
+        chunks = iter(stream)
+        taken = [next(chunks), next(chunks)]
+        time.sleep(2.0)  # long enough for the DiT to finish all 10 chunks if it were not held back
+        assert stream.set_prompt("a red square moving right")
+        taken += list(chunks)
+        versions = [c.prompt_version for c in taken]
+        assert len(versions) == 10 and versions[-1] == 1, versions
+        assert versions.index(1) <= 1 + MAX_AHEAD + 1, versions
+        assert pipe.generate("two blue discs bouncing", seed=2, frames=117).latents.shape[1] == 30
+    finally:
+        pipe.close()

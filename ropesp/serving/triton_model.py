@@ -238,6 +238,7 @@ class TritonPythonModel:
             height=self._integer(request, "height"),
             width=self._integer(request, "width"),
             decode=frames and self.core.decoder is not None,
+            live=stream_id is not None,  # steerable: its DiT stays a few chunks ahead, not the whole video
         )
         with self.lock:
             if stream_id is not None and stream_id in self.running:
