@@ -84,11 +84,23 @@ def steered_reference(session, prompt, seed, switch=None, frames: int = STEER_FR
     return session.generate()[0]
 
 
-def steered_run(client, url, prompt, seed, stream_id, new, mode, after_chunk, started=None, sequence=False):
-    """Stream STEER_FRAMES latent frames; once chunk `after_chunk` has arrived, send the control request.
+def steered_run(
+    client,
+    url,
+    prompt,
+    seed,
+    stream_id,
+    new,
+    mode,
+    after_chunk,
+    started=None,
+    sequence=False,
+    frames=STEER_FRAMES,
+):
+    """Stream `frames` latent frames; once chunk `after_chunk` has arrived, send the control request.
     sequence: run it as the Triton sequence `stream_id` (stream and control). Returns (chunks, the
     control's reported last chunk)."""
-    inputs = client.make_inputs(prompt[0].numpy(), seed, STEER_FRAMES, stream_id=stream_id)
+    inputs = client.make_inputs(prompt[0].numpy(), seed, frames, stream_id=stream_id)
     sequence_id = stream_id if sequence else None
     chunks, reported = [], None
     with client.Controller(url) as controller:  # connected before the stream starts

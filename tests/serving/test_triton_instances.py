@@ -29,6 +29,10 @@ from ropesp.serving.instances import instance_gpus, pin_instance_gpus, visible_g
 from ropesp.serving.repository import CONFIG_FILE, config_pbtxt, write_repository
 from ropesp.settings import RunConfig
 
+SERVED = CONFIG.replace(max_streams=1, local_attn_frames=9, sink_frames=3)
+"""Two engines of one KV cache slot each, under the demo page's window (streams of any length)."""
+LONG = 150
+"""Latent frames (50 chunks) of the two steered streams: both still run when the third one asks."""
 STARTED = re.compile(r"ropesp: (\S+): stream '([^']+)' started")
 """The model's log line naming the instance that took a stream."""
 
@@ -86,7 +90,7 @@ def test_sequence_batching_only_with_several_instances(tmp_path):
 def served(tmp_path_factory):
     """Two engines of one KV cache slot each (a third stream finds both at capacity)."""
     tmp = tmp_path_factory.mktemp("triton-instances")
-    write_repository(tmp / "repo", CONFIG.replace(max_streams=1), instances=2)
+    write_repository(tmp / "repo", SERVED, instances=2)
     log = tmp / "tritonserver.log"
     with running_server(tmp / "repo", log) as (server, procs):
         stubs = [p for p, cmd in procs.items() if "triton_python_backend_stub" in cmd]
@@ -120,7 +124,7 @@ def test_each_stream_is_steered_on_the_instance_that_holds_it(served, client, pr
     def run(name, seed, mode):
         try:
             results[name] = steered_run(
-                client, server.grpc_url, prompt, seed, name, other, mode, 1, started[name], sequence=True
+                client, server.grpc_url, prompt, seed, name, other, mode, 1, started[name], True, LONG
             )
         except BaseException as exc:
             errors.append(exc)
@@ -141,14 +145,14 @@ def test_each_stream_is_steered_on_the_instance_that_holds_it(served, client, pr
 
     where = instances_of(log)
     assert sorted(where[s] for s in "ab") == ["ropesp_0_0", "ropesp_0_1"], where
-    session = build_session(CONFIG)
+    session = build_session(SERVED)
     for name, seed, mode in (("a", 11, "recache"), ("b", 12, "swap")):
         chunks, reported = results[name]
-        assert [c.index for c in chunks] == list(range(10))
+        assert [c.index for c in chunks] == list(range(LONG // 3))
         j = first_switched(chunks)  # the control request reached its stream: routed to its instance
         assert j - (reported + 1) in (0, 1), (name, reported, j)
         got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
-        want = steered_reference(session, prompt, seed, (j, other, mode))
+        want = steered_reference(session, prompt, seed, (j, other, mode), LONG)
         # the stream as it runs alone in this process, bit for bit: the other instance shares nothing
         assert torch.equal(got, want), (name, (got - want).abs().max())
 
