@@ -307,7 +307,7 @@ class Pipeline:
         if frames is None:
             with python_names():
                 raise ConfigError(f"{arg('frames', None)}: generate() makes a bounded video; use stream()")
-        chunks = tuple(self._stream(prompt, seed, frames, False, latents=True, live=False))
+        chunks = tuple(self._stream(prompt, seed, frames, recache=False, latents=True, live=False))
         latents = torch.cat([c.latents for c in chunks], dim=1)
         video = None if chunks[0].frames is None else np.concatenate([c.frames for c in chunks])
         return Video(video, latents, chunks)

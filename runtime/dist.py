@@ -283,8 +283,7 @@ def report_stall(rank: int) -> str | None:
 def _timeout_setting(seconds: float) -> str:
     """The collective timeout as the caller set it: `--collective-timeout 5 s` on the command line,
     `collective_timeout=5 s` from Python (errors.python_names)."""
-    name = arg("collective_timeout")
-    return f"{name}{'=' if not name.startswith('--') else ' '}{seconds:g} s"
+    return f"{arg('collective_timeout', int(seconds) if seconds == int(seconds) else seconds)} s"
 
 
 def _stopped(rank: int) -> bool:

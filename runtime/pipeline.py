@@ -155,8 +155,7 @@ def resolve_rank(
 
         manifest = Manifest.load(source.engines)
     # with engines, device and dtype default to what they were built for
-    device = compute.device or (manifest.device if manifest else None)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device(compute.device, manifest, torch.cuda.is_available())
     dtype = dtype_name(compute.dtype or (manifest.dtype if manifest else None), device, given=compute.dtype)
     backend = compute.backend or (manifest.backend_for_runtime() if manifest else "eager")
     if backend not in MODEL_BACKENDS and manifest is None:
@@ -314,6 +313,13 @@ def _rank_mapping(requested: int | None, manifest, mapping: Mapping | None) -> M
     if requested is None and manifest is not None and "WORLD_SIZE" not in os.environ:
         requested = manifest.world_size
     return Mapping.from_env(requested)
+
+
+def run_device(given: str | None, manifest, gpus_visible: bool) -> str:
+    """The device a run uses: the one given, else its engines' (manifest), else cuda where a GPU is
+    visible. gpus_visible is the caller's: resolve asks CUDA, a Triton instance counts GPUs without
+    initialising CUDA (serving/instances.py) before it narrows CUDA_VISIBLE_DEVICES."""
+    return given or (manifest.device if manifest is not None else None) or ("cuda" if gpus_visible else "cpu")
 
 
 def stream_decoder(res: ResolvedPipeline, device: torch.device, *, decode: bool = True):

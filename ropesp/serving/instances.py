@@ -65,25 +65,18 @@ def _described(visible: Sequence[str]) -> str:
     return f"this host has {len(visible)} visible{where}"
 
 
-def served_device(config, gpus_visible: bool) -> str:
-    """The device an engine of the run settings `config` (ropesp.settings.RunConfig) will run on, found
-    without touching CUDA: --device, else its engines', else cuda where a GPU is visible (as resolve)."""
-    device = config.compute.device
-    if device is None and config.source.engines:
-        from ropesp.manifest import Manifest
-
-        device = Manifest.load(config.source.engines).device
-    return device or ("cuda" if gpus_visible else "cpu")
-
-
 def pin_instance_gpus(config, instance: int, instances: int) -> list[str] | None:
     """Narrow CUDA_VISIBLE_DEVICES to instance `instance`'s GPUs when the repository serves several
     engines on CUDA; returns them (None: one instance, or an engine on the CPU, which keeps the
     environment). Call before anything initialises CUDA in this process."""
     if instances == 1:
         return None
+    from ropesp.manifest import Manifest
+    from ropesp.runtime.pipeline import run_device
+
     visible = visible_gpus()
-    if served_device(config, bool(visible)) != "cuda":
+    manifest = Manifest.load(config.source.engines) if config.source.engines else None
+    if run_device(config.compute.device, manifest, bool(visible)) != "cuda":
         return None
     gpus = instance_gpus(visible, instance, instances, config.parallel.world_size or 1)
     os.environ[VISIBLE] = ",".join(gpus)
