@@ -280,12 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--prompt-mode", choices=["swap", "recache"], default="swap")
     args = p.parse_args(argv)
-    for k, _ in args.prompt_at or []:
-        if not k.isdigit() or int(k) < 1:
-            p.error(f"--prompt-at {k}: CHUNK is the chunk index the new prompt starts at, an integer >= 1")
 
     from tritonclient.utils import InferenceServerException
 
+    from ropesp.cli.generate import prompt_changes
     from ropesp.errors import RopespError
     from ropesp.runtime.prompts import load_prompt_embeds
     from ropesp.video import StreamOutputs, check_outputs
@@ -293,11 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = check_outputs(args.output, overwrite=args.overwrite)  # before any request
         prompt = _prompt(args, args.url, args.model)
-        steer = {
-            int(k) - 1: value
-            if args.prompt is not None
-            else load_prompt_embeds(value, "--prompt-at")[0].numpy()
-            for k, value in args.prompt_at or []
+        steer = {  # chunks checked as generate's: integers >= 1, each once
+            k - 1: value if args.prompt is not None else load_prompt_embeds(value, "--prompt-at")[0].numpy()
+            for k, value in prompt_changes(args.prompt_at)
         }
     except RopespError as exc:
         print(f"triton_client: error: {exc}", file=sys.stderr)

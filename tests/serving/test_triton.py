@@ -202,9 +202,11 @@ def test_client_script_refusals_leave_no_file(server, client, prompt, tmp_path, 
     err = capsys.readouterr().err
     assert "triton_client: error: --prompt-at 2: the stream ended after chunk 1 (2 chunks)" in err
     assert list(tmp_path.glob("late.mp4*")) == []
-    with pytest.raises(SystemExit) as exit_:
-        client.main([*base, "--prompt-at", "0", str(tmp_path / "p.pt")])
-    assert exit_.value.code == 2 and "--prompt-at 0: CHUNK is the chunk index" in capsys.readouterr().err
+    assert client.main([*base, "--prompt-at", "0", str(tmp_path / "p.pt")]) == 2
+    assert "--prompt-at 0: CHUNK must be >= 1" in capsys.readouterr().err
+    twice = [*base, "--prompt-at", "1", str(tmp_path / "p.pt"), "--prompt-at", "1", str(tmp_path / "p.pt")]
+    assert client.main(twice) == 2
+    assert "--prompt-at chunks [1, 1]: each chunk may change the prompt once" in capsys.readouterr().err
     kept = tmp_path / "kept.mp4"
     kept.write_bytes(b"mine")
     assert client.main([*base, "--output", str(kept)]) == 2
