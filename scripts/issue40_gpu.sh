@@ -10,6 +10,10 @@
 #   vaecompile480       today's --vae-compile decoder and the fast one in one process
 #   fp8acc480 / fp8acc720  FA3 e4m3 attention's error and time over growing windows
 #   drift480 / drift720    per-chunk latents of Wan-1.3B (random weights) per FP8 attention fix
+#   e2e480fast / e2e480compile  `ropesp bench --vae random`, DiT only and DiT + decoder, bf16 compile and
+#              FP8 + FP8 attention, with the fast decoder (--vae-fast) / today's compiled one (--vae-compile,
+#              FP8 + FP8 attention only: the baseline of the same call)
+#   e2e720fast / e2e720compile  the same at 1280x720, FP8 + FP8 attention
 set -uo pipefail
 OUT=${OUT:-out}
 RES=${RES:-$(mktemp -d)}
@@ -43,6 +47,8 @@ step() {  # step NAME LIMIT CMD...: at most LIMIT seconds and never past DEADLIN
 VAE=(scripts/vae_bench.py --latent-frames 21 --repeat 2)
 DRIFT=(scripts/fp8_attention_drift.py --preset wan2.1-1.3b --latent-frames 21 --device cuda --dtype bfloat16
   --backend "${DRIFT_BACKEND:-eager}" --variants "$DRIFT_VARIANTS")
+E2E=(bench --preset wan2.1-1.3b --frames 81 --vae random --repeat "${E2E_REPEAT:-2}" --dtype bfloat16 --device cuda
+  --commit "${GIT_COMMIT:-unknown}")
 for s in "$@"; do
   case $s in
     ceilings) step ceilings 40 $PY scripts/gpu_ceilings.py --json "$RES/ceilings.json" ;;
@@ -60,6 +66,14 @@ for s in "$@"; do
       --windows 10800,43200,75600 --json "$RES/fp8acc720.json" ;;
     drift480) step drift480 150 $PY "${DRIFT[@]}" --latent-height 60 --latent-width 104 --json "$RES/drift480.json" ;;
     drift720) step drift720 200 $PY "${DRIFT[@]}" --latent-height 90 --latent-width 160 --json "$RES/drift720.json" ;;
+    e2e480fast) step e2e480fast 220 $PY -m ropesp.cli "${E2E[@]}" --height 480 --width 832 \
+      --configs compile,compile-fp8attn --vae-fast --json "$RES/e2e480fast.json" ;;
+    e2e480compile) step e2e480compile 200 $PY -m ropesp.cli "${E2E[@]}" --height 480 --width 832 \
+      --configs compile-fp8attn --vae-compile --json "$RES/e2e480compile.json" ;;
+    e2e720fast) step e2e720fast 200 $PY -m ropesp.cli "${E2E[@]}" --height 720 --width 1280 \
+      --configs compile-fp8attn --vae-fast --json "$RES/e2e720fast.json" ;;
+    e2e720compile) step e2e720compile 240 $PY -m ropesp.cli "${E2E[@]}" --height 720 --width 1280 \
+      --configs compile-fp8attn --vae-compile --json "$RES/e2e720compile.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done
