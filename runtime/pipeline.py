@@ -382,10 +382,12 @@ def make_state(
     comm=None,
     parallel: ParallelConfig | None = None,
     slots: int | None = None,
+    batch: int = 1,
 ):
     """The SP state (cache slots, collectives, RoPE tables) of this rank; parallel replaces the settings'
     SP modes (sp_rope, sp_comm); comm: this rank's collectives (runtime/sp.py; default: over the default
-    group); slots: KV cache slots (default: res.max_streams)."""
+    group); slots: KV cache slots (default: res.max_streams); batch: streams every forward carries at once,
+    each slot's cache [layers, batch, S, H, D] (scripts/batch_bench.py; the runtime's streams are batch 1)."""
     from ropesp.runtime.runners import SPState
 
     config = res.config
@@ -405,6 +407,7 @@ def make_state(
         chunk_frames=res.chunk_sizes(),
         attention=config.compute.attention,
         slots=slots or res.max_streams,
+        batch=batch,
     )
 
 
