@@ -10,6 +10,10 @@
 #   loadbf16   the same with bf16 compile, 1..3 clients
 #   admit      FP8 with admission at 16 FPS: 5 clients, how many are admitted
 #   stagger    FP8, 3 and 4 clients that join one per second: the first frame of a viewer joining the load
+#   batchfp8 / batchbf16  scripts/batch_bench.py: B = 1..4 (bf16: 1..3) streams' chunks as one batched forward
+#              against one stream at a time, FP8 + FP8 attention / bf16, compile + CUDA graphs, window 9/3
+#   slotmem    scripts/slot_memory.py: a KV cache slot's measured device memory (1 and 3 slots) against the
+#              stated size, bf16 and FP8 attention's e4m3 cache
 set -uo pipefail
 OUT=${OUT:-out}
 RES=${RES:-$(mktemp -d)}
@@ -39,9 +43,12 @@ for s in "$@"; do
     loadbf16) cmd="python3 scripts/load_bench.py $WAN --clients 1,2,3 --chunks $CHUNKS --json $RES/load_bf16.json" ;;
     admit) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --realtime-fps 16 --max-streams 5 --clients 5 --chunks 6 --json $RES/load_admit.json" ;;
     stagger) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 3,4 --stagger 1 --chunks $CHUNKS --json $RES/load_stagger.json" ;;
+    batchfp8) cmd="python3 scripts/batch_bench.py $WAN --precision fp8 --attention fp8 --batches 1,2,3,4 --chunks 6 --json $RES/batch_fp8.json" ;;
+    batchbf16) cmd="python3 scripts/batch_bench.py $WAN --batches 1,2,3 --chunks 6 --json $RES/batch_bf16.json" ;;
+    slotmem) cmd="python3 scripts/slot_memory.py --slots 1,3 --json $RES/slotmem_bf16.json && python3 scripts/slot_memory.py --precision fp8 --attention fp8 --slots 1,3 --json $RES/slotmem_fp8.json" ;;
     *) echo "unknown step $s"; continue ;;
   esac
-  timeout -k 5 "$limit" $cmd >"$RES/$s.log" 2>&1
+  timeout -k 5 "$limit" bash -c "$cmd" >"$RES/$s.log" 2>&1
   echo "--- $s rc=$? after $SECONDS s"
   grep -v -E "Warning|warn\(|torchao|_pytree|^\s*$" "$RES/$s.log" | tail -n 12 | cut -c1-240
   pack
