@@ -15,21 +15,10 @@
 #   slotmem    scripts/slot_memory.py: a KV cache slot's measured device memory (1 and 3 slots) against the
 #              stated size, bf16 and FP8 attention's e4m3 cache
 set -uo pipefail
-OUT=${OUT:-out}
-RES=${RES:-$(mktemp -d)}
 DEADLINE=${DEADLINE:-540}
 CHUNKS=${CHUNKS:-12}
-mkdir -p "$OUT" "$RES"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES/gpu.csv"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$RES/versions.txt"
-git_commit=${GIT_COMMIT:-unknown}
-echo "commit $git_commit" >>"$RES/versions.txt"
+# shellcheck source=scripts/gpu_setup.sh
+. scripts/gpu_setup.sh
 pack() { tar czf "$OUT/results.tgz" -C "$RES" . ; }
 trap pack EXIT
 WAN="--preset wan2.1-1.3b --height 480 --width 832 --local-attn-frames 9 --sink-frames 3 --backend compile"
@@ -38,14 +27,14 @@ for s in "$@"; do
   [ "$limit" -le 10 ] && { echo "=== $s skipped (deadline)"; continue; }
   echo "=== $s $(date +%T) (limit ${limit} s)"
   case $s in
-    gputests) cmd="python3 -m pytest -q -m gpu tests/runtime/test_streams_gpu.py tests/decode/test_wan_fast.py -p no:cacheprovider" ;;
-    loadfp8) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 1,2,3,4 --chunks $CHUNKS --json $RES/load_fp8.json" ;;
-    loadbf16) cmd="python3 scripts/load_bench.py $WAN --clients 1,2,3 --chunks $CHUNKS --json $RES/load_bf16.json" ;;
-    admit) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --realtime-fps 16 --max-streams 5 --clients 5 --chunks 6 --json $RES/load_admit.json" ;;
-    stagger) cmd="python3 scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 3,4 --stagger 1 --chunks $CHUNKS --json $RES/load_stagger.json" ;;
-    batchfp8) cmd="python3 scripts/batch_bench.py $WAN --precision fp8 --attention fp8 --batches 1,2,3,4 --chunks 6 --json $RES/batch_fp8.json" ;;
-    batchbf16) cmd="python3 scripts/batch_bench.py $WAN --batches 1,2,3 --chunks 6 --json $RES/batch_bf16.json" ;;
-    slotmem) cmd="python3 scripts/slot_memory.py --slots 1,3 --json $RES/slotmem_bf16.json && python3 scripts/slot_memory.py --precision fp8 --attention fp8 --slots 1,3 --json $RES/slotmem_fp8.json" ;;
+    gputests) cmd="$PY -m pytest -q -m gpu tests/runtime/test_streams_gpu.py tests/decode/test_wan_fast.py -p no:cacheprovider" ;;
+    loadfp8) cmd="$PY scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 1,2,3,4 --chunks $CHUNKS --json $RES/load_fp8.json" ;;
+    loadbf16) cmd="$PY scripts/load_bench.py $WAN --clients 1,2,3 --chunks $CHUNKS --json $RES/load_bf16.json" ;;
+    admit) cmd="$PY scripts/load_bench.py $WAN --precision fp8 --attention fp8 --realtime-fps 16 --max-streams 5 --clients 5 --chunks 6 --json $RES/load_admit.json" ;;
+    stagger) cmd="$PY scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 3,4 --stagger 1 --chunks $CHUNKS --json $RES/load_stagger.json" ;;
+    batchfp8) cmd="$PY scripts/batch_bench.py $WAN --precision fp8 --attention fp8 --batches 1,2,3,4 --chunks 6 --json $RES/batch_fp8.json" ;;
+    batchbf16) cmd="$PY scripts/batch_bench.py $WAN --batches 1,2,3 --chunks 6 --json $RES/batch_bf16.json" ;;
+    slotmem) cmd="$PY scripts/slot_memory.py --slots 1,3 --json $RES/slotmem_bf16.json && $PY scripts/slot_memory.py --precision fp8 --attention fp8 --slots 1,3 --json $RES/slotmem_fp8.json" ;;
     *) echo "unknown step $s"; continue ;;
   esac
   timeout -k 5 "$limit" bash -c "$cmd" >"$RES/$s.log" 2>&1

@@ -10,20 +10,11 @@
 #   each recipe: a name and the extra `python -m ropesp.demo.train` flags of that run, e.g.
 #   'a --init ropesp/demo/weights --lr 8e-5 --stream-prob 0.5'
 set -uo pipefail
-OUT=${OUT:-out}
-RES=${RES:-$(mktemp -d)}
 TRAIN_S=${TRAIN_S:-330}
 LONG=${LONG:-1}
-mkdir -p "$OUT" "$RES"
-export PYTHONUNBUFFERED=1
-if [ -z "${SKIP_INSTALL:-}" ]; then
-  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES/gpu.csv"
-fi
-PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$RES/versions.txt"
-echo "commit ${GIT_COMMIT:-unknown}" >>"$RES/versions.txt"
+# shellcheck source=scripts/gpu_setup.sh
+. scripts/gpu_setup.sh
 pack() {
   local name
   for name in "${names[@]}"; do

@@ -15,22 +15,10 @@
 #              FP8 + FP8 attention only: the baseline of the same call)
 #   e2e720fast / e2e720compile  the same at 1280x720, FP8 + FP8 attention
 set -uo pipefail
-OUT=${OUT:-out}
-RES=${RES:-$(mktemp -d)}
 DEADLINE=${DEADLINE:-540}
 DRIFT_VARIANTS=${DRIFT_VARIANTS:-sdpa,gemm,fp8:base,fp8:v,fp8:split,fp8:v+split}
-mkdir -p "$OUT" "$RES"
-export PYTHONUNBUFFERED=1
-if [ -z "${SKIP_INSTALL:-}" ]; then  # SKIP_INSTALL=1: a dry run where the tree is installed already
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site
-  fi
-  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$RES/gpu.csv"
-fi
-PY=${PY:-python3}
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$RES/versions.txt"
+# shellcheck source=scripts/gpu_setup.sh
+. scripts/gpu_setup.sh
 pack() { tar czf "$OUT/results.tgz" -C "$RES" . ; }
 trap pack EXIT
 step() {  # step NAME LIMIT CMD...: at most LIMIT seconds and never past DEADLINE
