@@ -118,6 +118,33 @@ def test_fp8_attention_emulation_exact_variant_is_the_eager_score(tmp_path):
     assert res["pairs"] == 8 and res["scores"]["none"] == pytest.approx(eager, abs=1e-9)
 
 
+def test_fp8_attention_emulation_rotation_leaves_exact_attention_and_cuts_the_q_rounding():
+    """/rot: the random-sign Hadamard matrix is orthogonal, so with no rounding attention is unchanged (fp32
+    rounding); q with a few large channels (as a head's q often has) loses less to e4m3 rotated first."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import fp8_attention_emulation as emu
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    r = emu.random_rotation(32)
+    torch.testing.assert_close(r @ r.T, torch.eye(32), atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 64, 2, 32, generator=g) for _ in range(3))
+    q[..., :2] *= 30.0  # outlier channels
+    exact = emu.attention(q, k, v)
+    # scores reach ~1e2 with these channels: fp32's 2^-24 of them moves the softmax by ~1e-5 (measured 1.03e-5)
+    torch.testing.assert_close(emu.emulated_attention("none/rot")(q, k, v), exact, atol=1e-4, rtol=1e-4)
+
+    def err(variant: str) -> float:
+        return float((emu.emulated_attention(variant)(q, k, v) - exact).norm() / exact.norm())
+
+    assert err("q/rot") < err("q")
+    with pytest.raises(SystemExit, match="--variants: 'q/spin'"):
+        emu.check_variant("q/spin")
+
+
 def test_plot_cold_start_from_the_measured_runs(tmp_path):
     """The README's cold-start picture comes from the committed measurements."""
     runs = Path(__file__).resolve().parents[1] / "bench" / "2026-12-02-run10"
