@@ -118,9 +118,10 @@ def test_fp8_attention_emulation_exact_variant_is_the_eager_score(tmp_path):
     assert res["pairs"] == 8 and res["scores"]["none"] == pytest.approx(eager, abs=1e-9)
 
 
-def test_fp8_attention_emulation_rotation_leaves_exact_attention_and_cuts_the_q_rounding():
-    """/rot: the random-sign Hadamard matrix is orthogonal, so with no rounding attention is unchanged (fp32
-    rounding); q with a few large channels (as a head's q often has) loses less to e4m3 rotated first."""
+def test_fp8_attention_emulation_rotation_leaves_exact_attention_unchanged():
+    """/rot: the random-sign Hadamard matrix is orthogonal, so with no rounding attention is unchanged (to
+    fp32 rounding). Whether it lowers e4m3's error depends on the activations (the demo model's: yes;
+    Gaussian q with two large channels: no; bench/RESULTS.md), so that is measured, not asserted."""
     import torch
 
     sys.path.insert(0, str(SCRIPTS))
@@ -132,17 +133,15 @@ def test_fp8_attention_emulation_rotation_leaves_exact_attention_and_cuts_the_q_
     torch.testing.assert_close(r @ r.T, torch.eye(32), atol=1e-6, rtol=0)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 64, 2, 32, generator=g) for _ in range(3))
-    q[..., :2] *= 30.0  # outlier channels
-    exact = emu.attention(q, k, v)
+    q[..., :2] *= 30.0
     # scores reach ~1e2 with these channels: fp32's 2^-24 of them moves the softmax by ~1e-5 (measured 1.03e-5)
-    torch.testing.assert_close(emu.emulated_attention("none/rot")(q, k, v), exact, atol=1e-4, rtol=1e-4)
-
-    def err(variant: str) -> float:
-        return float((emu.emulated_attention(variant)(q, k, v) - exact).norm() / exact.norm())
-
-    assert err("q/rot") < err("q")
+    torch.testing.assert_close(
+        emu.emulated_attention("none/rot")(q, k, v), emu.attention(q, k, v), atol=1e-4, rtol=1e-4
+    )
     with pytest.raises(SystemExit, match="--variants: 'q/spin'"):
         emu.check_variant("q/spin")
+    with pytest.raises(SystemExit, match="power of two"):
+        emu.random_rotation(24)
 
 
 def test_plot_cold_start_from_the_measured_runs(tmp_path):
