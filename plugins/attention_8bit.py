@@ -54,8 +54,9 @@ against exact attention over the same e4m3 inputs): 0.071 / 0.138 / 0.238 / 0.34
 18720 / 32760 keys. Pieces of 4680 keys hold it at 0.071; taking the values' offset out
 (E4M3KVCache.smooth_values) brings it to 0.0017-0.0018 at every length (bf16 SDPA: 0.0017) at no
 measurable cost. End to end (Wan-1.3B, 480p, H100, latents per chunk against bf16) the offset out took
-the last chunk from 0.181 to 0.071 rel L2, still growing from 0.039; pieces on top of it are not
-measured end to end yet (bench/notes-40.md), so they stay off."""
+the last chunk from 0.181 to 0.071 rel L2, still growing from 0.039, and with the pieces on top of it
+stayed at 0.039-0.047; but the offset out costs the demo model 0.03 of its score (E4M3KVCache.smooth_values),
+so the pieces alone are on (bench/RESULTS.md, fifteenth session)."""
 
 
 def num_splits(keys: int) -> int:
