@@ -17,9 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cuda_timing.py beside this file
+from cuda_timing import median_ms
 
 from ropesp.model.rope import RopeTables, rope_apply, rope_apply_ref
 from ropesp.plugins.rope_sp import rope_sp
@@ -30,22 +35,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def time_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds per call of fn() after warm-up."""
+    """Median milliseconds per call of fn() after warm-up (CUDA events on a GPU: cuda_timing.median_ms)."""
+    if device.type == "cuda":
+        return median_ms(fn, reps=iters, warmup=warmup)
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
 
 
