@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from ropesp.errors import BackendUnavailableError, ConfigError
-from ropesp.plugins.e4m3 import E4M3, compiled, gpu_capability_reason, quantize_per_head
+from ropesp.plugins.e4m3 import E4M3, compiled, gpu_capability_reason, quantize_per_head, rotated
 from ropesp.settings import ATTENTION_MODES
 
 _PACKAGES = {
@@ -70,13 +70,16 @@ def fp8_attention(q: torch.Tensor, k: E4M3, v: E4M3) -> torch.Tensor:
     where set); elsewhere its input roundings with exact fp32 attention (the CPU tests' and
     scripts/fp8_attention_emulation.py's reference). q is quantized per (batch, head) by its amax, per
     call. The values' offset comes back after the kernel: softmax's weights sum to 1, so attention to
-    v - m plus m is attention to v."""
+    v - m plus m is attention to v. Keys stored rotated (k.rotation) take q rotated alike."""
+    dtype = q.dtype
+    if k.rotation is not None:
+        q = compiled(rotated, q)(q, k.rotation)
     q8, dq = compiled(quantize_per_head, q)(q)
     if not q.is_cuda:
         from ropesp.model.kv_cache import attention
 
-        q_back = E4M3(q8, dq).dequantized()
-        return attention(q_back, k.dequantized(), v.dequantized()).to(q.dtype)
+        q_back = E4M3(q8, dq, rotation=k.rotation).dequantized()
+        return attention(q_back, k.dequantized(), v.dequantized()).to(dtype)
     from fa3_fwd_interface import flash_attn_func
 
     out = flash_attn_func(

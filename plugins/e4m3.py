@@ -45,18 +45,51 @@ def smooth_keys(k: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class E4M3:
     """Keys or values in e4m3 for the fp8 kernel: data [B, L, H, D] float8_e4m3fn, descale [B, H] fp32,
-    and for values their offset [B, H, D] fp32 (None: none): the value is data * descale + offset. Keys
-    are less an offset too, one that attention does not see (it moves a query's scores alike), so
-    theirs is not carried."""
+    for values their offset [B, H, D] fp32 (None: none), for keys the rotation [D, D] they were stored
+    under (None: none; incoherent_rotation): the value is data * descale @ rotation^T + offset. Keys are
+    less an offset too, one that attention does not see (it moves a query's scores alike), so theirs is
+    not carried."""
 
     data: torch.Tensor
     descale: torch.Tensor
     offset: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None
 
     def dequantized(self) -> torch.Tensor:
-        """[B, L, H, D] fp32."""
+        """[B, L, H, D] fp32, rotated back."""
         x = self.data.float() * self.descale[:, None, :, None]
+        if self.rotation is not None:
+            x = x @ self.rotation.T
         return x if self.offset is None else x + self.offset[:, None]
+
+
+ROTATION_SEED = 0
+"""Seed of incoherent_rotation's signs: one matrix for every stream, layer and head."""
+
+
+def incoherent_rotation(head_dim: int, device: torch.device | str) -> torch.Tensor | None:
+    """R [head_dim, head_dim] fp32 on device, orthogonal: diag(random signs) times the Sylvester Hadamard
+    matrix / sqrt(head_dim) (FlashAttention-3's "incoherent processing"); None where head_dim is not a
+    power of two. q and k rotated alike give the same scores, (qR).(kR) = q.k, with each head's large
+    channels spread over all of them before e4m3 rounds them."""
+    if head_dim & (head_dim - 1):
+        return None
+    return _rotation(head_dim, str(torch.device(device))).clone()
+
+
+@functools.cache
+def _rotation(head_dim: int, device: str) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < head_dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    g = torch.Generator().manual_seed(ROTATION_SEED)
+    signs = torch.randint(0, 2, (head_dim,), generator=g) * 2.0 - 1.0
+    return (signs[:, None] * h / head_dim**0.5).to(device)
+
+
+def rotated(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ rotation [D, D], in fp32."""
+    return x.float() @ rotation
 
 
 @functools.cache

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ropesp.model.kv_cache import CacheSlots, KVCache
-from ropesp.plugins.e4m3 import E4M3, E4M3_MAX, compiled
+from ropesp.plugins.e4m3 import E4M3, E4M3_MAX, compiled, incoherent_rotation, rotated
 
 HEADROOM = 4.0
 """The first chunk's absolute maximum lands on 448 / HEADROOM: later chunks may reach four times it
@@ -87,11 +87,21 @@ class E4M3KVCache(KVCache):
     0.046-0.058 with the pieces alone, 480p), but the demo model's score fell from 0.896 to 0.868 with it
     (fp32 0.920, H100; bench/RESULTS.md)."""
 
+    rotate_keys = False
+    """Store the keys rotated by plugins/e4m3.py incoherent_rotation (and fp8_attention rotates q alike):
+    the scores are unchanged, e4m3 rounds the rotated channels. Off: on the demo model (fp32 CPU emulation
+    of FlashAttention-3's roundings, scripts/fp8_attention_emulation.py /rot) it takes 19-41 % off the
+    latents' error against exact attention, but it is neutral on Gaussian inputs and hurts queries with a
+    few large channels, and it is neither timed nor scored through the kernel on a GPU yet
+    (bench/RESULTS.md, seventeenth session)."""
+
     def __init__(self, *args, **kwargs) -> None:
         """KVCache's arguments; its dtype is the activations' (the keys and values handed to update)."""
         super().__init__(*args, **kwargs)
         layers, batch, _, heads, head_dim = self.k.shape
         device = self.k.device
+        self.rotation = incoherent_rotation(head_dim, device) if self.rotate_keys else None
+        """[D, D] fp32 the keys are stored under (None: as they are)."""
         self.k_offset, self.v_offset = (
             torch.zeros((layers, batch, heads, head_dim), dtype=torch.float32, device=device)
             for _ in range(2)
@@ -104,6 +114,8 @@ class E4M3KVCache(KVCache):
         """Quantize k, v [B, N, H, D] (or [B, N1, N2, H, D] blocks, as KVCache.update) into the chunk's
         slots; a write from slot 0 first sets the stream's offsets and scales (in place: CUDA graphs
         read these buffers). Returns the window's keys and values, E4M3 [B, S_win, H, D]."""
+        if self.rotation is not None:
+            k = compiled(rotated, k)(k, self.rotation)
         if slots.write_start == 0:  # the window holds this write only: nothing quantized earlier
             k_offset, k_scale, v_offset, v_scale = compiled(calibrate, k)(k, v)
             self.k_offset[layer].copy_(k_offset)
@@ -125,7 +137,10 @@ class E4M3KVCache(KVCache):
             self.written_slots(buf, layer, slots, new).copy_(quantize(new, offset, scale))
         keys, values = self.window(layer, slots)
         v_offset = self.v_offset[layer] if self.smooth_values else None
-        return E4M3(keys, self.k_descale[layer]), E4M3(values, self.v_descale[layer], v_offset)
+        return (
+            E4M3(keys, self.k_descale[layer], rotation=self.rotation),
+            E4M3(values, self.v_descale[layer], v_offset),
+        )
 
 
 def _unsmoothed_scale(v: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ Variants (each replaces the runtime's attention; `sdpa` is the reference):
   attn:FIX    the same with bf16 GEMMs
 FIX: base (today's: values not smoothed, the whole window in one kernel program), v (the values'
 offset taken out, plugins/e4m3_cache.py smooth_values), split (pieces of KEYS_PER_SPLIT keys,
-plugins/attention_8bit.py), v+split (both). The committed default is v.
+plugins/attention_8bit.py), v+split (both), split+rot (the pieces, and the keys stored rotated with q
+rotated alike: plugins/e4m3_cache.py rotate_keys). The committed default is split.
 """
 
 from __future__ import annotations
@@ -101,21 +102,23 @@ def cache_attend(p_rounded: bool) -> Callable:
     return attend
 
 
-FIXES = {  # FIX -> (E4M3KVCache.smooth_values, KEYS_PER_SPLIT)
-    "base": (False, None),
-    "v": (True, None),
-    "split": (False, 4680),
-    "v+split": (True, 4680),
+FIXES = {  # FIX -> (E4M3KVCache.smooth_values, KEYS_PER_SPLIT, E4M3KVCache.rotate_keys)
+    "base": (False, None, False),
+    "v": (True, None, False),
+    "split": (False, 4680, False),
+    "v+split": (True, 4680, False),
+    "split+rot": (False, 4680, True),
 }
 
 
 def fix_patches(fix: str) -> list:
     if fix not in FIXES:
         raise SystemExit(f"unknown fix {fix!r}; choose from {sorted(FIXES)}")
-    smooth, keys = FIXES[fix]
+    smooth, keys, rotate = FIXES[fix]
     return [
         mock.patch.object(e4m3_cache.E4M3KVCache, "smooth_values", smooth),
         mock.patch.object(attention_8bit, "KEYS_PER_SPLIT", keys),
+        mock.patch.object(e4m3_cache.E4M3KVCache, "rotate_keys", rotate),
     ]
 
 

@@ -10,9 +10,11 @@ before P.v) rounded to e4m3; `/smooth-k` subtracts the keys' mean first (plugins
 smooth_keys); `/rot` rotates q and k by one fixed random orthogonal matrix before rounding (a Hadamard
 matrix with random signs, the FlashAttention-3 paper's "incoherent processing"): (qR).(kR) = q.k, while
 the rotation spreads a head's large channels over all of them, so fewer products carry the rounding
-error; both options may be combined (`qk/smooth-k+rot`). `e4m3-cache` is the runtime's own `--attention fp8` path on the CPU: the e4m3 KV cache
-(plugins/e4m3_cache.py: keys and values rounded once, when written, under the stream's fixed offset and
-scales) and plugins/attention_8bit.py fp8_attention's CPU reference (q rounded per call, exact softmax).
+error; both options may be combined (`qk/smooth-k+rot`). `e4m3-cache` is the runtime's own `--attention
+fp8` path on the CPU: the e4m3 KV cache (plugins/e4m3_cache.py: keys and values rounded once, when
+written, under the stream's fixed offset and scales) and plugins/attention_8bit.py fp8_attention's CPU
+reference (q rounded per call, exact softmax); `e4m3-cache/rot` the same with the cache's keys stored
+rotated (E4M3KVCache.rotate_keys) and q rotated alike.
 The demo model then streams the 32 evaluation pairs in fp32 eager on the CPU and is scored
 as `python -m ropesp.demo.evaluate` scores it. With --latents, each variant's latents are also compared
 with exact attention's over the same pairs: mean and max relative L2 per video (the score moves in steps
@@ -23,6 +25,7 @@ scores it there); this tells which rounding to fix.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from unittest import mock
@@ -36,12 +39,14 @@ from ropesp.demo.evaluate import EVAL_PAIRS, eval_pairs, evaluate, generate_late
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit
 from ropesp.plugins.e4m3 import quantize_per_head, smooth_keys
+from ropesp.plugins.e4m3_cache import E4M3KVCache
 from ropesp.runtime.pipeline import build_session
 from ropesp.settings import RunConfig
 
 ROUNDINGS = ("none", "qkv+p", "qkv", "qk", "p", "q", "k", "v")
 OPTIONS = ("smooth-k", "rot")
-VARIANTS = (*ROUNDINGS, "qkv+p/smooth-k", "qkv+p/smooth-k+rot", "e4m3-cache")
+CACHE_VARIANTS = ("e4m3-cache", "e4m3-cache/rot")
+VARIANTS = (*ROUNDINGS, "qkv+p/smooth-k", "qkv+p/smooth-k+rot", *CACHE_VARIANTS)
 ROTATION_SEED = 0
 """Seed of the rotation's random signs."""
 
@@ -52,14 +57,14 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_variant(variant: str) -> None:
-    """Raise SystemExit naming --variants unless variant is ROUNDINGS[/OPTION[+OPTION]] or e4m3-cache."""
+    """Raise SystemExit naming --variants unless variant is ROUNDINGS[/OPTION[+OPTION]] or a CACHE_VARIANTS."""
     parts, _, options = variant.partition("/")
-    if variant == "e4m3-cache" or (
+    if variant in CACHE_VARIANTS or (
         parts in ROUNDINGS and all(o in OPTIONS for o in options.split("+") if options)
     ):
         return
     raise SystemExit(
-        f"--variants: {variant!r} is not e4m3-cache or a rounding of {ROUNDINGS} with options {OPTIONS} "
+        f"--variants: {variant!r} is not one of {CACHE_VARIANTS} or a rounding of {ROUNDINGS} with options {OPTIONS} "
         "after a '/' (joined by '+'), e.g. qkv+p/smooth-k+rot"
     )
 
@@ -103,12 +108,16 @@ def emulated_attention(variant: str):
 
 def variant_session(variant: str):
     """The demo model's session (fp32, CPU) with the variant's attention, and the patch that installs it."""
-    if variant == "e4m3-cache":
+    if variant in CACHE_VARIANTS:
         # the fp8 mode's checks refuse the CPU (its kernel needs sm_90); its CPU reference runs here
         cfg = RunConfig.of(
             checkpoint=str(default_checkpoint()), device="cpu", dtype="float32", attention="fp8"
         )
-        patch = mock.patch.object(attention_8bit, "attention_unsupported_reason", lambda *a, **k: None)
+        patch = contextlib.ExitStack()
+        patch.enter_context(
+            mock.patch.object(attention_8bit, "attention_unsupported_reason", lambda *a, **k: None)
+        )
+        patch.enter_context(mock.patch.object(E4M3KVCache, "rotate_keys", variant.endswith("/rot")))
     else:
         cfg = RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu", dtype="float32")
         patch = mock.patch.object(runners, "select_attention", lambda mode: emulated_attention(variant))
