@@ -1,5 +1,5 @@
 """e4m3 basics that the FP8 plugins share: the format's range, a tensor in e4m3 with its scales, per-head
-quantization, the keys' smoothing, compiling a quantization once per shape, and the GPU check.
+quantization, the keys' smoothing and rotation, compiling a quantization once per shape, and the GPU check.
 
     plugins/fp8.py, fp8_layers.py, e4m3_rows.py   FP8 GEMMs (--precision fp8)
     plugins/attention_8bit.py, e4m3_cache.py      8-bit attention over an e4m3 KV cache (--attention fp8)
