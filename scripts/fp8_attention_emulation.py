@@ -38,7 +38,7 @@ from ropesp.demo import default_checkpoint
 from ropesp.demo.evaluate import EVAL_PAIRS, eval_pairs, evaluate, generate_latents, mean_score
 from ropesp.model.kv_cache import attention
 from ropesp.plugins import attention_8bit
-from ropesp.plugins.e4m3 import quantize_per_head, smooth_keys
+from ropesp.plugins.e4m3 import incoherent_rotation, quantize_per_head, smooth_keys
 from ropesp.plugins.e4m3_cache import E4M3KVCache
 from ropesp.runtime.pipeline import build_session
 from ropesp.settings import RunConfig
@@ -47,8 +47,6 @@ ROUNDINGS = ("none", "qkv+p", "qkv", "qk", "p", "q", "k", "v")
 OPTIONS = ("smooth-k", "rot")
 CACHE_VARIANTS = ("e4m3-cache", "e4m3-cache/rot")
 VARIANTS = (*ROUNDINGS, "qkv+p/smooth-k", "qkv+p/smooth-k+rot", *CACHE_VARIANTS)
-ROTATION_SEED = 0
-"""Seed of the rotation's random signs."""
 
 
 def _rounded(x: torch.Tensor) -> torch.Tensor:
@@ -69,16 +67,12 @@ def check_variant(variant: str) -> None:
     )
 
 
-def random_rotation(dim: int, seed: int = ROTATION_SEED) -> torch.Tensor:
-    """[dim, dim] orthogonal: diag(random signs) times the Sylvester Hadamard matrix / sqrt(dim); dim a power
-    of two."""
-    if dim & (dim - 1):
+def random_rotation(dim: int) -> torch.Tensor:
+    """[dim, dim] orthogonal, the runtime's (plugins/e4m3.py incoherent_rotation); dim a power of two."""
+    rotation = incoherent_rotation(dim, "cpu")
+    if rotation is None:
         raise SystemExit(f"/rot needs a head dim that is a power of two, not {dim}")
-    h = torch.ones(1, 1)
-    while h.shape[0] < dim:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    signs = torch.randint(0, 2, (dim,), generator=torch.Generator().manual_seed(seed)) * 2.0 - 1.0
-    return signs[:, None] * h / dim**0.5
+    return rotation
 
 
 def emulated_attention(variant: str):
