@@ -70,6 +70,11 @@ class ResolvedPipeline:
     """The Wan VAE's path for the vae decoder (--vae, else --model-dir's)."""
 
     @property
+    def cache_itemsize(self) -> int:
+        """Bytes per element of the self-attention KV cache the attention mode reads."""
+        return cache_itemsize(self.config.compute.attention, self.dtype)
+
+    @property
     def collective_timeout_s(self) -> float:
         """Seconds a streaming collective waits for the other ranks."""
         given = self.config.parallel.collective_timeout
@@ -210,10 +215,7 @@ def resolve_rank(
     layout = SPLayout.choose(
         cfg.num_heads, world, config.parallel.ulysses_degree, config.parallel.ring_degree
     )
-    from ropesp.plugins.attention_8bit import kv_cache_class
-
-    # the cache the attention mode reads (e4m3 for --attention fp8: plugins/e4m3_cache.py)
-    itemsize = (kv_cache_class(compute.attention).storage_dtype or DTYPES[dtype]).itemsize
+    itemsize = cache_itemsize(compute.attention, DTYPES[dtype])
     slots = config.streams.max_streams or auto_streams(
         cfg, geometry.frame_tokens, cache, itemsize, world, device
     )
@@ -240,6 +242,14 @@ def resolve_rank(
         vae,
     )
     return resolved, mapping
+
+
+def cache_itemsize(attention: str, dtype: torch.dtype) -> int:
+    """Bytes per element of the KV cache that attention mode `attention` reads: its storage dtype (e4m3
+    for fp8: plugins/e4m3_cache.py), else the activations' dtype."""
+    from ropesp.plugins.attention_8bit import kv_cache_class
+
+    return (kv_cache_class(attention).storage_dtype or dtype).itemsize
 
 
 def auto_streams(

@@ -175,7 +175,6 @@ def bench(args, batches: list[int], config) -> dict:
 
     from ropesp import limits
     from ropesp.errors import ConfigError, arg
-    from ropesp.plugins.attention_8bit import kv_cache_class
     from ropesp.runtime.dist import device_for
     from ropesp.runtime.executor import EagerExecutor, compile_regions
     from ropesp.runtime.pipeline import make_state, resolve_rank, resolved_model
@@ -194,7 +193,7 @@ def bench(args, batches: list[int], config) -> dict:
     res, mapping = resolve_rank(config)
     if mapping.world_size != 1:
         raise ConfigError(f"batch_bench runs one rank, not a group of {mapping.world_size} (WORLD_SIZE)")
-    itemsize = (kv_cache_class(config.compute.attention).storage_dtype or res.dtype).itemsize
+    itemsize = res.cache_itemsize
     g = res.geometry
     try:
         limits.check_cache_fits(res.model, g.frame_tokens, res.cache, itemsize, 1, res.device, max(batches))

@@ -55,9 +55,10 @@ def stated_slot_bytes(pipe) -> tuple[int, int]:
     from ropesp import limits
 
     res = pipe.resolved
-    itemsize = 1 if res.config.compute.attention == "fp8" else torch.finfo(res.dtype).bits // 8
-    kv = limits.kv_cache_bytes(res.model, res.geometry.frame_tokens, res.cache, itemsize, res.world_size)
-    cross = 2 * res.model.num_layers * res.model.text_len * res.model.dim * (torch.finfo(res.dtype).bits // 8)
+    kv = limits.kv_cache_bytes(
+        res.model, res.geometry.frame_tokens, res.cache, res.cache_itemsize, res.world_size
+    )
+    cross = 2 * res.model.num_layers * res.model.text_len * res.model.dim * res.dtype.itemsize
     return kv, cross
 
 
