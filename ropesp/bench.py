@@ -22,7 +22,8 @@ world size P, on wrong data (max|d| is meaningless there): the scaling P ranks w
 communication were free. Beside a real P-rank run on the same GPU kind, the difference is what the
 collectives (and waiting for the slowest rank) cost.
 Every configuration's latents are compared with the first configuration's (same seed, same weights):
-`latents_vs` in the JSON, max|d| in the table. Metrics: time to the first chunk's latents and to its first decoded frame, per-chunk latency,
+`latents_vs` in the JSON, max|d| in the table. Metrics: time to the first chunk's latents and to its first decoded frame (with
+--early-first-frame, handed over before the rest of the chunk is decoded), per-chunk latency,
 FPS for the whole video (DiT only, and with decode: rank 0 decodes, as in `generate` and serving,
 serially and overlapped with the DiT), peak device memory per rank, share of time in
 collectives, achieved matrix TFLOP/s per GPU (ropesp/flops.py: the video's GEMM + attention FLOPs over its
@@ -105,9 +106,9 @@ class BenchConfig:
     """Time decode with the Wan VAE: a checkpoint path, or "random" (full size, random weights);
     None = the preview decoder."""
     vae_compile: bool = False
+    """Run the Wan VAE decoder through torch.compile (WanVAEDecoder(compile=True))."""
     vae_fast: bool = False
     """The Wan VAE as FastWanDecoder (ropesp/decode/wan_fast.py)."""
-    """Run the Wan VAE decoder through torch.compile (WanVAEDecoder(compile=True))."""
     decode_device: str | None = None
     """Where rank 0's decoder runs ('cuda:N', e.g. a GPU of its own beside the DiT ranks'); None = rank
     0's device. Only rank 0 decodes, as in `generate` and serving; the other ranks keep in lock-step."""
@@ -161,8 +162,11 @@ def _median(xs: list[float]) -> float:
     return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
 
 
-def _run_video(session: StreamSession, prompt, device, keep: list | None = None) -> tuple[list[float], float]:
-    """Per-chunk ready times (ms from start) and the total time (ms) of one video. The prompt's
+def _run_video(
+    session: StreamSession, prompt, device, keep: list | None = None
+) -> tuple[list[float], float, float]:
+    """Per-chunk ready times (ms from start; with early_first_frame the first chunk's two pieces each), the
+    total time and the time the whole first chunk was ready (ms) of one video. The prompt's
     cross-attention K/V (once per prompt, not DiT chunk work) are finished before the clock starts,
     and with them the first chunk's noise, which `reset` draws on the host while the device
     computes them. With several ranks the clock starts after a barrier: each rank's host work between
@@ -180,7 +184,8 @@ def _run_video(session: StreamSession, prompt, device, keep: list | None = None)
     if keep is not None:
         keep.append(torch.cat([c.latents.float() for c in chunks], dim=1))
     times = [chunk.elapsed_ms for chunk in chunks]
-    return times, times[-1]
+    first_chunk = max(c.elapsed_ms for c in chunks if c.index == 0)
+    return times, times[-1], first_chunk
 
 
 def measure(
@@ -196,7 +201,7 @@ def measure(
     `device`; a rank with decodes=False runs the same videos without one, in lock-step). comm: the
     observer of the session's collectives (None: one rank, none)."""
     t0 = time.perf_counter()
-    first_times, _ = _run_video(session, prompt, device)  # first video = cold forward + warm-up
+    first_times, _, _ = _run_video(session, prompt, device)  # first video = cold forward + warm-up
     cold_first_chunk_ms = first_times[0]
     for _ in range(bench.warmup - 1):
         _run_video(session, prompt, device)
@@ -249,6 +254,8 @@ def measure(
             frames / (_median([r[1] for r in overlapped]) / 1e3) if overlapped else None
         ),
         "first_frame_overlapped_ms": _median([r[0][0] for r in overlapped]) if overlapped else None,
+        "first_chunk_frames_overlapped_ms": _median([r[2] for r in overlapped]) if overlapped else None,
+        "early_first_frame": session.early_first_frame,
         "decoder": None if not bench.decode else "wan-vae" if bench.vae else "preview",
         "decode_device": str(decoder_device) if bench.decode and decodes else None,
         "comm_share": _median(comm_ms) / total_ms if total_ms else 0.0,
@@ -326,7 +333,12 @@ def run_rank(
         else:
             executor = build_executor(variant, vmap, comm, slots=1)
         session = StreamSession(
-            executor, res.config.sampler, res.geometry, res.latent_frames, overlap_decode=False
+            executor,
+            res.config.sampler,
+            res.geometry,
+            res.latent_frames,
+            overlap_decode=False,
+            early_first_frame=res.config.decode.early_first_frame,
         )
         build_s = time.perf_counter() - t0
         row = measure(
@@ -451,6 +463,13 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
     }
     base = results.get("paper-sp") or results.get("reference")
     print(format_table(results, base))
+    for name, r in results.items():
+        if r["early_first_frame"] and r["first_frame_overlapped_ms"] is not None:
+            print(
+                f"{name}: first frame handed over apart (--early-first-frame), overlapped: "
+                f"{r['first_frame_overlapped_ms']:.1f} ms; the first chunk's frames all "
+                f"{r['first_chunk_frames_overlapped_ms']:.1f} ms"
+            )
     if bench.alone:
         print(
             f"--alone: rank 0 of {res.world_size} ran by itself, its collectives moving no data (compute only; max|d| meaningless)"

@@ -516,6 +516,12 @@ class DecodeConfig(Section):
     overlap_decode: bool | None = setting(
         None, "decode chunk c while the DiT computes chunk c+1 (default: on CUDA)"
     )
+    early_first_frame: bool = setting(
+        False,
+        "hand a stream's first video frame over as soon as it is decoded, before the rest of its first chunk "
+        "(that chunk then comes in two pieces with the same index: latent frame 0, then the others; the frames "
+        "are the same)",
+    )
 
     def _check(self) -> None:
         if self.decoder in ("preview", "none") and self.vae:
@@ -639,10 +645,16 @@ class RunConfig:
         return cls(**{part: SECTIONS[part].from_dict(raw.get(part, {})) for part in SECTIONS})
 
 
-SERVED_DEFAULTS: dict[str, Any] = {"local_attn_frames": 9, "sink_frames": 3, "realtime_fps": 16.0}
+SERVED_DEFAULTS: dict[str, Any] = {
+    "local_attn_frames": 9,
+    "sink_frames": 3,
+    "realtime_fps": 16.0,
+    "early_first_frame": True,
+}
 """What an engine serving viewers (`ropesp demo`, `serve-repo`) runs with unless told: a rolling window of
-three chunks, the first kept as the sink (streams run until the viewer stops them), and admission that
-keeps every stream at the video's 16 FPS."""
+three chunks, the first kept as the sink (streams run until the viewer stops them), admission that
+keeps every stream at the video's 16 FPS, and a new viewer's first frame handed over before the rest of
+its first chunk is decoded."""
 
 BUILD_SECTIONS = {
     "source": ("checkpoint", "model_config", "preset"),

@@ -63,6 +63,7 @@ from ropesp.runtime.session import (
     DitChunk,
     check_prompt_mode,
     check_unbounded,
+    decode_pieces,
     finished_chunk,
 )
 from ropesp.settings import RunConfig, check_seed
@@ -604,39 +605,43 @@ class EngineCore:
         return len(graphs) if graphs is not None else 0
 
     def _deliver(self, record: _Stream, item: DitChunk, last: bool) -> None:
-        """Decode (when the stream asks for frames) and hand the chunk to its consumer."""
-        d0 = time.perf_counter()
-        try:
-            if not torch.isfinite(item.latents).all():  # on the host already: no device sync
-                raise EngineError(
-                    f"chunk {item.index}'s latents hold NaN or Inf values: the model's output diverged (a "
-                    "checkpoint of another model, or weights in a dtype they overflow); the stream ends here"
-                )
-            if record.finished:  # cancelled while this chunk was stepped: nobody takes its frames
-                return
-            frames = None
-            if record.decoder is not None:
-                if item.index == 0:
+        """Decode (when the stream asks for frames) and hand the chunk to its consumer, in the pieces
+        `decode_pieces` makes of it."""
+        early = self.res.config.decode.early_first_frame and record.decoder is not None
+        pieces = decode_pieces(item, early)
+        for n, piece in enumerate(pieces):
+            d0 = time.perf_counter()
+            try:
+                if n == 0:
+                    if not torch.isfinite(item.latents).all():  # on the host already: no device sync
+                        raise EngineError(
+                            f"chunk {item.index}'s latents hold NaN or Inf values: the model's output diverged "
+                            "(a checkpoint of another model, or weights in a dtype they overflow); the stream "
+                            "ends here"
+                        )
+                if record.finished:  # cancelled while this chunk was stepped: nobody takes its frames
+                    return
+                if n == 0 and record.decoder is not None and item.index == 0:
                     record.decoder.reset()
-                frames = record.decoder.decode(item.latents)
-        except BaseException as exc:
-            with self._cv:
-                self._end(record, exc)
-                if record.id not in self._tick.closes and not last:
-                    self._tick.closes.append(record.id)
-                self._cv.notify_all()
-            return
-        now = time.perf_counter()
-        decode_ms = (now - d0) * 1e3 if record.decoder is not None else 0.0
-        chunk = finished_chunk(item, frames, (now - record.opened) * 1e3, decode_ms)
-        with self._cv:
-            if record.finished:
+                frames = record.decoder.decode(piece.latents) if record.decoder is not None else None
+            except BaseException as exc:
+                with self._cv:
+                    self._end(record, exc)
+                    if record.id not in self._tick.closes and not last:
+                        self._tick.closes.append(record.id)
+                    self._cv.notify_all()
                 return
-            record.out.put(chunk)
-            if last:
-                self._end(record, None)
-                self._streams.pop(record.id, None)
-            self._cv.notify_all()
+            now = time.perf_counter()
+            decode_ms = (now - d0) * 1e3 if record.decoder is not None else 0.0
+            chunk = finished_chunk(piece, frames, (now - record.opened) * 1e3, decode_ms)
+            with self._cv:
+                if record.finished:
+                    return
+                record.out.put(chunk)
+                if last and n + 1 == len(pieces):
+                    self._end(record, None)
+                    self._streams.pop(record.id, None)
+                self._cv.notify_all()
 
     def _decode_loop(self) -> None:
         device = self._decoder_device()

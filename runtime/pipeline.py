@@ -516,4 +516,5 @@ def build_session(
         None if unbounded else res.latent_frames,
         decoder,
         overlap_decode=overlap_decode,
+        early_first_frame=res.config.decode.early_first_frame,
     )

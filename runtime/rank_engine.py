@@ -60,13 +60,14 @@ class RankEngine:
         for stream in tick.closes:  # first: a slot freed here may serve a stream opened below
             self._drop(stream)
         for op in tick.opens:
-            session = StreamSession(
-                self.executor, res.config.sampler, res.geometry, op.latent_frames, slot=op.slot
-            )
-            session.reset(pending.pop(0), op.seed)
-            for k in op.change_chunks:
-                session.set_prompt(pending.pop(0), op.change_mode, at_chunk=k)
-            self.sessions[op.stream] = (session, session.dit_chunks())
+            with torch.profiler.record_function(f"ropesp.open{op.stream}"):
+                session = StreamSession(
+                    self.executor, res.config.sampler, res.geometry, op.latent_frames, slot=op.slot
+                )
+                session.reset(pending.pop(0), op.seed)
+                for k in op.change_chunks:
+                    session.set_prompt(pending.pop(0), op.change_mode, at_chunk=k)
+                self.sessions[op.stream] = (session, session.dit_chunks())
         for stream, mode in tick.prompts:
             prompt = pending.pop(0)
             if stream in self.sessions:

@@ -115,6 +115,21 @@ def finished_chunk(item: DitChunk, frames: torch.Tensor | None, elapsed_ms: floa
     )
 
 
+def decode_pieces(item: DitChunk, early_first_frame: bool) -> list[DitChunk]:
+    """The pieces a finished chunk is decoded and handed over in: the chunk itself; with early_first_frame a
+    stream's first chunk of more than one latent frame comes as latent frame 0 (its one video frame, the
+    first a viewer sees, decoded in a fraction of the chunk's time) and then the rest. Both pieces keep the
+    chunk's index; the second starts one latent frame later and carries no DiT or switch time of its own.
+    The causal decoders carry their state frame by frame, so the frames are the chunk's own."""
+    if not early_first_frame or item.index != 0 or item.latents.shape[1] < 2:
+        return [item]
+    rest = {**item.info, "dit_ms": 0.0, "switch": None, "switch_ms": 0.0}
+    return [
+        DitChunk(item.index, item.start_frame, item.latents[:, :1], item.info),
+        DitChunk(item.index, item.start_frame + 1, item.latents[:, 1:], rest),
+    ]
+
+
 def check_prompt_mode(mode: str, name: str = "mode") -> str:
     if mode not in PROMPT_MODES:
         raise ConfigError(f"{arg(name, mode)}: choose one of {', '.join(PROMPT_MODES)}")
@@ -151,8 +166,10 @@ class StreamSession:
         skip_final_refresh: bool = True,
         overlap_decode: bool | None = None,
         slot: int = 0,
+        early_first_frame: bool = False,
     ) -> None:
-        """slot: the executor's stream slot (KV cache and prompt K/V) this session's stream uses."""
+        """slot: the executor's stream slot (KV cache and prompt K/V) this session's stream uses;
+        early_first_frame: yield the first chunk's first video frame apart (`decode_pieces`)."""
         self.executor = executor
         self.slot = slot
         self.sampler = sampler
@@ -170,6 +187,7 @@ class StreamSession:
         self.skip_final_refresh = skip_final_refresh
         self.overlap_decode = overlap_decode
         """None: overlap when a decoder is set and a single-rank executor runs on CUDA; True/False: force."""
+        self.early_first_frame = early_first_frame
         self.seed = 0
         self._ready = False
         self.producer: threading.Thread | None = None
@@ -404,18 +422,20 @@ class StreamSession:
         with torch.profiler.record_function(f"ropesp.decode.chunk{index}"):
             return self.decoder.decode(latents)
 
-    def _chunk(self, t0: float, item: DitChunk) -> Chunk:
-        """Decode one chunk of the DiT loop into a Chunk (elapsed since the stream's start t0)."""
-        d0 = time.perf_counter()
-        frames = self._decode(item.index, item.latents)
-        now = time.perf_counter()
-        decode_ms = (now - d0) * 1e3 if self.decoder is not None else 0.0
-        return finished_chunk(item, frames, (now - t0) * 1e3, decode_ms)
+    def _chunks(self, t0: float, item: DitChunk) -> Iterator[Chunk]:
+        """Decode one chunk of the DiT loop into its Chunks (elapsed since the stream's start t0), piece
+        by piece (`decode_pieces`)."""
+        for piece in decode_pieces(item, self.early_first_frame and self.decoder is not None):
+            d0 = time.perf_counter()
+            frames = self._decode(piece.index, piece.latents)
+            now = time.perf_counter()
+            decode_ms = (now - d0) * 1e3 if self.decoder is not None else 0.0
+            yield finished_chunk(piece, frames, (now - t0) * 1e3, decode_ms)
 
     def _iter_serial(self) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         for item in self._dit_chunks():
-            yield self._chunk(t0, item)
+            yield from self._chunks(t0, item)
 
     # --- overlapped: DiT producer thread + decoding consumer ------------------------------------
     def _stream(self, name: str, device: torch.device) -> torch.cuda.Stream | None:
@@ -481,12 +501,19 @@ class StreamSession:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                if decode_stream is not None:
-                    with torch.cuda.stream(decode_stream):
-                        chunk = self._chunk(t0, item)
-                else:
-                    chunk = self._chunk(t0, item)
-                yield chunk
+                pieces = self._chunks(t0, item)
+                while True:
+                    # the decode stream is entered per piece: a `with` around a yield would leave it
+                    # current in the consumer's code between pieces
+                    with (
+                        torch.cuda.stream(decode_stream)
+                        if decode_stream is not None
+                        else contextlib.nullcontext()
+                    ):
+                        chunk = next(pieces, None)
+                    if chunk is None:
+                        break
+                    yield chunk
         finally:
             self._stop_producer()
 

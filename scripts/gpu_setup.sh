@@ -8,9 +8,10 @@ mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1
 if [ -z "${SKIP_INSTALL:-}" ]; then
   if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   fi
+  # what an earlier call on this warm machine installed stays there: a call that carries other files uses it
+  [ -d /tmp/site ] && export PYTHONPATH=/tmp/site
   python3 -m pip install -q --no-build-isolation --no-deps -e . >"$RES/install.log" 2>&1 || { cat "$RES/install.log"; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$RES/gpu.csv"
 fi

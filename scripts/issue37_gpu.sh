@@ -12,6 +12,11 @@
 #   stagger    FP8, 3 and 4 clients that join one per second: the first frame of a viewer joining the load
 #   batchfp8 / batchbf16  scripts/batch_bench.py: B = 1..4 (bf16: 1..3) streams' chunks as one batched forward
 #              against one stream at a time, FP8 + FP8 attention / bf16, compile + CUDA graphs, window 9/3
+#   burst / burstwhole  FP8, 1 and 3 clients at once, a new viewer's first frame handed over apart (the served
+#              default, burst; its round of 1 profiled into trace_fp8_n1.json.gz) / the whole first chunk
+#              at once (--no-early-first-frame, burstwhole): the baseline of the same call
+#   triton / tritonfp8  scripts/load_bench.py through Triton's gRPC: bf16 1..2 clients / FP8 1..3 (needs
+#              .whl_serve/site.tar.xz carried, unpacked into .site/; FP8 also torchao and fa3 in /tmp/site)
 #   slotmem    scripts/slot_memory.py: a KV cache slot's measured device memory (1 and 3 slots) against the
 #              stated size, bf16 and FP8 attention's e4m3 cache
 set -uo pipefail
@@ -34,6 +39,14 @@ for s in "$@"; do
     stagger) cmd="$PY scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 3,4 --stagger 1 --chunks $CHUNKS --json $RES/load_stagger.json" ;;
     batchfp8) cmd="$PY scripts/batch_bench.py $WAN --precision fp8 --attention fp8 --batches 1,2,3,4 --chunks 6 --json $RES/batch_fp8.json" ;;
     batchbf16) cmd="$PY scripts/batch_bench.py $WAN --batches 1,2,3 --chunks 6 --json $RES/batch_bf16.json" ;;
+    burst) cmd="$PY scripts/load_bench.py $WAN --precision fp8 --attention fp8 --clients 1,3 --chunks $CHUNKS --trace $RES/trace_fp8_n1.json.gz --json $RES/load_burst.json" ;;
+    burstwhole) cmd="$PY scripts/load_bench.py $WAN --precision fp8 --attention fp8 --no-early-first-frame --clients 1,3 --chunks $CHUNKS --json $RES/load_burst_whole.json" ;;
+    triton|tritonfp8)
+      if [ -f .whl_serve/site.tar.xz ] && [ ! -d .site/pytriton ]; then mkdir -p .site && tar xJf .whl_serve/site.tar.xz -C .site; fi
+      # the server's numpy < 2 first for this step only (the image's other packages need its numpy 2)
+      serve="PYTHONPATH=$PWD/.site:${PYTHONPATH:-} ROPESP_TRITON_HOME=$PWD/.site $PY scripts/load_bench.py --front triton $WAN"
+      if [ "$s" = triton ]; then cmd="$serve --clients 1,2 --chunks $CHUNKS --json $RES/load_triton_bf16.json"
+      else cmd="$serve --precision fp8 --attention fp8 --clients 1,3 --chunks $CHUNKS --json $RES/load_triton_fp8.json"; fi ;;
     slotmem) cmd="$PY scripts/slot_memory.py --slots 1,3 --json $RES/slotmem_bf16.json && $PY scripts/slot_memory.py --precision fp8 --attention fp8 --slots 1,3 --json $RES/slotmem_fp8.json" ;;
     *) echo "unknown step $s"; continue ;;
   esac

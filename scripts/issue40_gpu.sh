@@ -14,6 +14,10 @@
 #              FP8 + FP8 attention, with the fast decoder (--vae-fast) / today's compiled one (--vae-compile,
 #              FP8 + FP8 attention only: the baseline of the same call)
 #   e2e720fast / e2e720compile  the same at 1280x720, FP8 + FP8 attention
+#   e2e480early  480p FP8 + FP8 attention, --vae-fast, the first frame handed over apart (--early-first-frame):
+#              the first frame and the whole first chunk's frames of the same run
+#   rot480     480p FP8 + FP8 attention DiT only with the e4m3 cache's keys rotated (E4M3KVCache.rotate_keys)
+#   demorot    the demo model's score: fp32, FP8 attention, FP8 attention with the keys rotated
 set -uo pipefail
 DEADLINE=${DEADLINE:-540}
 DRIFT_VARIANTS=${DRIFT_VARIANTS:-sdpa,gemm,fp8:base,fp8:v,fp8:split,fp8:v+split}
@@ -37,6 +41,11 @@ DRIFT=(scripts/fp8_attention_drift.py --preset wan2.1-1.3b --latent-frames 21 --
   --backend "${DRIFT_BACKEND:-eager}" --variants "$DRIFT_VARIANTS")
 E2E=(bench --preset wan2.1-1.3b --frames 81 --vae random --repeat "${E2E_REPEAT:-2}" --dtype bfloat16 --device cuda
   --commit "${GIT_COMMIT:-unknown}")
+ROTATED="import sys
+from ropesp.plugins.e4m3_cache import E4M3KVCache
+E4M3KVCache.rotate_keys = True
+from ropesp.cli import main
+sys.exit(main(sys.argv[1:]))"
 for s in "$@"; do
   case $s in
     ceilings) step ceilings 40 $PY scripts/gpu_ceilings.py --json "$RES/ceilings.json" ;;
@@ -62,6 +71,13 @@ for s in "$@"; do
       --configs compile-fp8attn --vae-fast --json "$RES/e2e720fast.json" ;;
     e2e720compile) step e2e720compile 240 $PY -m ropesp.cli "${E2E[@]}" --height 720 --width 1280 \
       --configs compile-fp8attn --vae-compile --json "$RES/e2e720compile.json" ;;
+    e2e480early) step e2e480early 220 $PY -m ropesp.cli "${E2E[@]}" --height 480 --width 832 \
+      --configs compile-fp8attn --vae-fast --early-first-frame --json "$RES/e2e480early.json" ;;
+    rot480) step rot480 150 $PY -c "$ROTATED" bench --preset wan2.1-1.3b --frames 81 --height 480 --width 832 \
+      --configs compile-fp8attn --no-decode --repeat "${E2E_REPEAT:-2}" --commit "${GIT_COMMIT:-unknown}" \
+      --json "$RES/rot480.json" ;;
+    demorot) step demorot 200 $PY -m pytest tests/demo/test_gpu.py -m gpu -q -s -p no:cacheprovider -rs \
+      -k "fp8-attention] or rotated" ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gzip
 import json
+import shutil
 import statistics
 import sys
 import threading
@@ -83,7 +86,7 @@ async def _demo_client(url: str, seed: int, chunks: int, prompt: str, delay_s: f
         await ws.receive_json()  # hello
         start = time.perf_counter()
         await ws.send_json({"type": "start", "prompt": prompt, "seed": seed})
-        times, seen, engine_ms = [], 0, None
+        times, engine, seen = [], None, False
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 if parse_frame_message(msg.data)[1] < chunks:  # frames of a later chunk are not counted
@@ -95,16 +98,59 @@ async def _demo_client(url: str, seed: int, chunks: int, prompt: str, delay_s: f
             if m["type"] == "error":
                 raise RuntimeError(m["message"])
             if m["type"] == "chunk":
-                if not seen:  # the engine's account of the first chunk: from its open to its frames ready
-                    engine_ms = m["timings"].get("elapsed")
-                seen += 1
-                if seen > chunks:  # the chunk after the last counted one: the counted ones are all in
+                if not seen:  # the engine's account of the first frames: from its open to their being ready
+                    engine, seen = m["timings"], True
+                if m["index"] >= chunks:  # a chunk after the counted ones: those are all in
                     await ws.send_json({"type": "stop"})
                     break
-        return {"seed": seed, **delivered(times, start), "first_chunk_engine_ms": engine_ms}
+        return {
+            "seed": seed,
+            **delivered(times, start),
+            "first_chunk_engine_ms": engine.get("elapsed") if engine else None,
+            "first_chunk_dit_ms": engine.get("dit") if engine else None,
+            "first_chunk_decode_ms": engine.get("decode") if engine else None,
+        }
 
 
-def run_demo(config, counts: list[int], chunks: int, stagger_s: float = 0.0) -> dict:
+def traced(path: str | None):
+    """A torch profiler over one round (CPU ops of every thread, and CUDA kernels on a GPU) that writes its
+    Chrome trace, gzipped, to path; nothing without a path."""
+    if not path:
+        return contextlib.nullcontext()
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+    # every thread (the engine's, the decoder's, the streams' workers), and Python's GC pauses, where this
+    # torch's profiler has the options
+    wanted = {"profile_all_threads": True, "record_python_gc_info": True}
+    while True:
+        try:
+            experimental = torch._C._profiler._ExperimentalConfig(**wanted)
+            break
+        except TypeError:
+            if not wanted:
+                raise
+            wanted.popitem()
+
+    @contextlib.contextmanager
+    def run():
+        with torch.profiler.profile(activities=activities, experimental_config=experimental) as prof:
+            yield
+        raw = Path(path).with_suffix("")  # export_chrome_trace writes plain JSON
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+
+    return run()
+
+
+def run_demo(
+    config, counts: list[int], chunks: int, stagger_s: float = 0.0, trace: str | None = None
+) -> dict:
     import ropesp
     from ropesp.webdemo.server import DemoConfig, DemoServer, warm_up
 
@@ -122,7 +168,8 @@ def run_demo(config, counts: list[int], chunks: int, stagger_s: float = 0.0) -> 
                     ]
                     return await asyncio.gather(*jobs)
 
-                out[n] = summarize(list(asyncio.run(clients())))
+                with traced(trace if n == counts[0] else None):
+                    out[n] = summarize(list(asyncio.run(clients())))
                 print(f"demo, {n} client(s): {_line(out[n])}", file=sys.stderr, flush=True)
         return out
     finally:
@@ -228,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         help="(triton) engines served as model instances, each --max-streams slots (serve-repo --instances)",
     )
     g.add_argument("--json", help="write the figures here")
+    g.add_argument(
+        "--trace",
+        metavar="PATH",
+        help="(demo) profile the first round (torch profiler: every thread's ops, CUDA kernels) into a "
+        "gzipped Chrome trace at PATH (.json.gz)",
+    )
     args = p.parse_args(argv)
     try:
         counts = [int(c) for c in args.clients.split(",")]
@@ -235,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--clients {args.clients}: give comma-separated client counts, e.g. 1,2,3")
     if min(counts) < 1 or args.chunks < 1 or args.instances < 1:
         p.error("--clients, --chunks and --instances must be >= 1")
+    if args.trace and args.front != "demo":
+        p.error("--trace profiles the demo's engine in this process; Triton's runs in the server's")
     try:
         return _run(args, counts, config_from_args(args))
     except RopespError as exc:
@@ -247,7 +302,7 @@ def _run(args, counts: list[int], config) -> int:
         config = config.replace(max_streams=max(counts))
     t0 = time.perf_counter()
     if args.front == "demo":
-        rows = run_demo(config, counts, args.chunks, args.stagger)
+        rows = run_demo(config, counts, args.chunks, args.stagger, args.trace)
     else:
         import tempfile
 

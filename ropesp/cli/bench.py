@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     add_flags(
         p,
         DecodeConfig,
-        only=("vae", "vae_compile", "vae_fast", "decode_device"),
+        only=("vae", "vae_compile", "vae_fast", "decode_device", "early_first_frame"),
         help={"vae": "time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)"},
     )
     g = p.add_argument_group("bench")

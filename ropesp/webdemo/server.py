@@ -147,7 +147,7 @@ class _Run:
                 return
             iterator = iter(stream)
             # prompts[v]: the prompt of version v (chunk.prompt_version counts the changes applied)
-            index, frame, prompts = 0, 0, [self.prompt]
+            frame, prompts = 0, [self.prompt]
             while not self.stopping.is_set():
                 with self._lock:
                     new, self._pending_prompt = self._pending_prompt, None
@@ -170,13 +170,13 @@ class _Run:
                 prompt = prompts[min(version, len(prompts) - 1)]
                 jpegs = [encode_jpeg(f, self.config.jpeg_quality) for f in chunk.frames]
                 out = _ChunkOut(
-                    index, frame, jpegs, gen_ms, dict(getattr(chunk, "timings", {}) or {}), prompt
+                    chunk.index, frame, jpegs, gen_ms, dict(getattr(chunk, "timings", {}) or {}), prompt
                 )
                 while not self.slots.acquire(timeout=0.05):
                     if self.stopping.is_set():
                         return
                 self._hand_over(out)
-                index, frame = index + 1, frame + len(jpegs)
+                frame += len(jpegs)
         except BaseException as exc:  # the page is told; the server goes on
             self._hand_over(exc)
         finally:

@@ -252,3 +252,40 @@ def test_wan_vae_on_its_own_gpu_equals_decoding_beside_the_dit(prompt):
         session = build_session(config, decoder=decoder, overlap_decode=True)
         runs.append(_run(session, prompt))
     _assert_same(*runs)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_early_first_frame_hands_frame_zero_over_apart_with_the_same_frames(prompt, overlap):
+    """early_first_frame: the first chunk comes as latent frame 0 (one video frame) and then the rest, both
+    with index 0; every later chunk is whole, and the frames and latents are the stream's own."""
+    torch.set_num_threads(1)
+    config = RunConfig.of(preset="tiny", latent_frames=6, latent_height=8, latent_width=8, device="cpu")
+    session = build_session(config, decoder=PreviewDecoder())
+    session.overlap_decode = overlap
+    whole = _run(session, prompt)
+    session.early_first_frame = True
+    pieces = _run(session, prompt)
+    assert [(c.index, c.start_frame, c.frames.shape[1]) for c in pieces] == [(0, 0, 1), (0, 1, 8), (1, 3, 12)]
+    assert torch.equal(torch.cat([c.latents for c in pieces], 1), torch.cat([c.latents for c in whole], 1))
+    assert torch.equal(torch.cat([c.frames for c in pieces], 1), torch.cat([c.frames for c in whole], 1))
+    assert pieces[0].elapsed_ms <= pieces[1].elapsed_ms
+    assert pieces[1].dit_ms == 0.0 and pieces[0].dit_ms > 0.0  # the chunk's DiT time is counted once
+
+
+def test_early_first_frame_wan_vae_decodes_frame_zero_alone_to_the_same_frames(prompt):
+    """The Wan VAE carries its causal state frame by frame: latent frame 0 alone, then frames 1-2, give
+    the bytes of the three decoded at once."""
+    pytest.importorskip("diffusers")
+    import helpers_media
+
+    from ropesp.decode.wan_vae import WanVAEDecoder
+
+    torch.set_num_threads(1)
+    config = RunConfig.of(preset="tiny", latent_frames=6, latent_height=4, latent_width=6, device="cpu")
+    session = build_session(config, decoder=WanVAEDecoder(helpers_media.make_tiny_wan_vae()))
+    session.overlap_decode = False
+    whole = _run(session, prompt)
+    session.early_first_frame = True
+    pieces = _run(session, prompt)
+    assert [c.frames.shape[1] for c in pieces] == [1, 8, 12]
+    assert torch.equal(torch.cat([c.frames for c in pieces], 1), torch.cat([c.frames for c in whole], 1))

@@ -187,3 +187,21 @@ def test_the_scheduler_serves_first_frames_first_then_deadlines_then_turns():
     assert pick([late, early], realtime_fps=16.0) == 2  # then the earliest deadline (2.31 s < 2.81 s)
     assert pick([late, early], realtime_fps=0.0) == 2  # no real time: fewest chunks, round robin
     assert pick([], realtime_fps=16.0) is None
+
+
+@pytest.mark.parametrize("latent_frames", [3, 9])
+def test_the_engine_hands_the_first_frame_over_apart(latent_frames):
+    """early_first_frame through the engine core: the first chunk in two pieces (1 frame, then 8), the same
+    frames and latents as without; a one-chunk stream still ends after its second piece."""
+    got = {}
+    for early in (False, True):
+        config = WINDOW.replace(early_first_frame=early)
+        with EngineCore(resolve(config), decoder=PreviewDecoder()).start() as core:
+            got[early] = list(core.open(core.request(PROMPTS[0], 5, latent_frames=latent_frames)))
+    whole, pieces = got[False], got[True]
+    assert [c.frames.shape[1] for c in whole] == [9] + [12] * (latent_frames // 3 - 1)
+    assert [(c.index, c.frames.shape[1]) for c in pieces] == [(0, 1), (0, 8)] + [
+        (i, 12) for i in range(1, latent_frames // 3)
+    ]
+    assert torch.equal(torch.cat([c.frames for c in pieces], 1), torch.cat([c.frames for c in whole], 1))
+    assert torch.equal(torch.cat([c.latents for c in pieces], 1), torch.cat([c.latents for c in whole], 1))
