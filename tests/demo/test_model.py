@@ -66,10 +66,14 @@ def test_untrained_model_scores_near_zero():
 
 @shipped
 def test_rolling_window_keeps_the_score(eager):
-    session = _session(local_attn_frames=6)  # each chunk sees the previous chunk only
+    """The window is not the same computation (each chunk sees the previous chunk only), so it is held to
+    not losing the score: on these 8 pairs it scores 0.986 against eager's 0.965 (one pair's frames
+    fewer missed; 1/72 of the mean per frame), on all 32 0.967 against 0.965 (bench/RESULTS.md,
+    eighteenth session)."""
+    session = _session(local_attn_frames=6)
     with torch.no_grad():
         results = evaluate(session, PAIRS)
-    assert abs(mean_score(results) - eager[1]) <= PATH_TOLERANCE
+    assert mean_score(results) >= eager[1] - PATH_TOLERANCE
 
 
 @shipped
