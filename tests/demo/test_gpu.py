@@ -83,23 +83,6 @@ def test_gpu_paths_keep_the_score(fp32_score, overrides):
     assert abs(_score(dtype="bfloat16", **overrides) - fp32_score) <= tolerance
 
 
-def test_fp8_attention_with_rotated_keys_keeps_the_score(fp32_score):
-    """E4M3KVCache.rotate_keys (off by default): q and k through a random-sign Hadamard rotation before
-    e4m3, the rest of FP8 attention as above; on the CPU path it takes 28 % off the demo latents' error
-    against exact attention (bench/RESULTS.md, seventeenth session)."""
-    from unittest import mock
-
-    from ropesp.plugins import attention_8bit
-    from ropesp.plugins.e4m3_cache import E4M3KVCache
-
-    if why := attention_8bit.attention_unsupported_reason("fp8", "cuda", head_dim=_demo_head_dim()):
-        pytest.skip(why)
-    with mock.patch.object(E4M3KVCache, "rotate_keys", True):
-        score = _score(dtype="bfloat16", attention="fp8")
-    print(f"demo score (the line above) with the keys rotated: {score:.3f}")
-    assert abs(score - fp32_score) <= E4M3_QUERY_TOLERANCE
-
-
 def _demo_head_dim() -> int:
     cfg = resolve(RunConfig.of(checkpoint=str(default_checkpoint()), device="cpu")).model
     return cfg.dim // cfg.num_heads
