@@ -13,7 +13,9 @@ Per client: delivered FPS (frames after the first over the time from the first f
 to first frame (request sent to first frame received). Per N: per-stream FPS min / median, first frame
 p50 / p95, their sum against one stream alone (N = 1, the same run) and the refusals (at capacity). The run
 settings are `ropesp demo`'s flags (the engine's window 9/3 unless given); the engine's admission is off
-unless --realtime-fps is given, so the streams share the device fairly.
+unless --realtime-fps is given, so the streams share the device fairly. Each round starts on an idle engine,
+IDLE_S after the one before. The demo's first chunk comes as its first frame and then the rest
+(`early_first_frame`, on for served engines; --no-early-first-frame hands it over whole).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_client.py beside this file
+
+IDLE_S = 1.0
+"""Seconds between rounds (and after the warm-up): longer than any chunk the engine may still be on."""
 
 PROMPTS = (
     "a red square moving right",
@@ -160,6 +165,10 @@ def run_demo(
         out = {}
         with DemoServer(pipe, DemoConfig(port=0, realtime=False)) as server:
             for n in counts:
+                # every round starts on an idle engine: a stream cancelled at the end of the warm-up or of
+                # the round before still finishes the chunk it is on, and a round's first viewers would
+                # wait for it (seen in a profile, bench/RESULTS.md eighteenth session)
+                time.sleep(IDLE_S)
 
                 async def clients(n=n):
                     jobs = [
@@ -211,6 +220,7 @@ def run_triton(config, counts: list[int], chunks: int, workdir: Path, instances:
         for t in warm:
             t.join()
         for n in counts:
+            time.sleep(IDLE_S)  # on an idle engine, as run_demo
             records: list[dict] = [{} for _ in range(n)]
 
             def one(seed: int, records=records) -> None:
