@@ -37,7 +37,8 @@ _DEFAULT = object()
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """One finished chunk of a stream."""
+    """One finished chunk of a stream (with early_first_frame=True the first chunk comes as two, both index
+    0: its first video frame, then the rest)."""
 
     index: int
     """Chunk number, from 0."""

@@ -51,7 +51,7 @@ MAX_AHEAD_UNBOUNDED = 2
 
 @dataclass
 class Chunk:
-    """One finished chunk of the stream."""
+    """One finished chunk of the stream, or a piece of one (`decode_pieces`)."""
 
     index: int
     """Chunk number, from 0."""
