@@ -4,6 +4,7 @@ is counted as refused with the engine's reason."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -42,6 +43,20 @@ def test_clients_share_the_engine_and_each_gets_its_chunks(tmp_path):
         )
         assert row["first_frame_p50_ms"] <= row["first_frame_p95_ms"]
     assert res["results"]["1"]["sum_vs_one_stream"] == 1.0
+
+
+def test_trace_profiles_the_engine_thread_and_two_pieces_count_as_one_chunk(tmp_path):
+    """--trace: the first round's gzipped Chrome trace holds the engine thread's ranges (the stream's open
+    and its chunks), not only the thread that started the profiler; the served default hands the first
+    chunk over in two pieces, which the clients count as one chunk."""
+    trace = tmp_path / "trace.json.gz"
+    res = _load_bench(tmp_path, "--clients", "1", "--chunks", "2", "--trace", str(trace))
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert "ropesp.dit.chunk0" in names and any(str(n).startswith("ropesp.open") for n in names)
+    (client,) = res["results"]["1"]["per_client"]
+    assert client["frames"] == 9 + 12
+    assert client["first_chunk_dit_ms"] > 0 and client["first_chunk_decode_ms"] >= 0
 
 
 def test_a_client_beyond_the_slots_is_refused_with_the_reason(tmp_path):
@@ -90,6 +105,7 @@ def test_errors_are_one_line(tmp_path):
     runs = [
         (["--front", "triton", "--clients", "1"], env, f"ROPESP_TRITON_HOME={tmp_path} holds no Triton"),
         (["--clients", "1,x"], None, "--clients 1,x: give comma-separated client counts"),
+        (["--front", "triton", "--trace", "t.json.gz"], None, "--trace profiles the demo's engine"),
     ]
     for args, environ, message in runs:
         proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=120, env=environ)
