@@ -612,13 +612,11 @@ class EngineCore:
         for n, piece in enumerate(pieces):
             d0 = time.perf_counter()
             try:
-                if n == 0:
-                    if not torch.isfinite(item.latents).all():  # on the host already: no device sync
-                        raise EngineError(
-                            f"chunk {item.index}'s latents hold NaN or Inf values: the model's output diverged "
-                            "(a checkpoint of another model, or weights in a dtype they overflow); the stream "
-                            "ends here"
-                        )
+                if n == 0 and not torch.isfinite(item.latents).all():  # on the host already: no sync
+                    raise EngineError(
+                        f"chunk {item.index}'s latents hold NaN or Inf values: the model's output diverged (a "
+                        "checkpoint of another model, or weights in a dtype they overflow); the stream ends here"
+                    )
                 if record.finished:  # cancelled while this chunk was stepped: nobody takes its frames
                     return
                 if n == 0 and record.decoder is not None and item.index == 0:

@@ -91,7 +91,7 @@ async def _demo_client(url: str, seed: int, chunks: int, prompt: str, delay_s: f
         await ws.receive_json()  # hello
         start = time.perf_counter()
         await ws.send_json({"type": "start", "prompt": prompt, "seed": seed})
-        times, engine, seen = [], None, False
+        times, engine = [], None
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 if parse_frame_message(msg.data)[1] < chunks:  # frames of a later chunk are not counted
@@ -103,8 +103,10 @@ async def _demo_client(url: str, seed: int, chunks: int, prompt: str, delay_s: f
             if m["type"] == "error":
                 raise RuntimeError(m["message"])
             if m["type"] == "chunk":
-                if not seen:  # the engine's account of the first frames: from its open to their being ready
-                    engine, seen = m["timings"], True
+                if (
+                    engine is None
+                ):  # the engine's account of the first frames: from its open to their being ready
+                    engine = m["timings"]
                 if m["index"] >= chunks:  # a chunk after the counted ones: those are all in
                     await ws.send_json({"type": "stop"})
                     break
