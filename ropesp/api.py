@@ -169,6 +169,13 @@ def _setting_parameters() -> list[inspect.Parameter]:
     return params
 
 
+def check_frames(frames) -> int:
+    """A request's frames (not None) as an int; ConfigError naming frames otherwise."""
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)):
+        raise ConfigError(f"{arg('frames', frames)} must be an integer (4*k + 1 video frames) or None")
+    return int(frames)
+
+
 class Pipeline:
     """A warm streaming pipeline: one model source, its KV cache slots, decoder and ranks, for many
     requests. Its keywords are the run settings of ropesp.settings (the flags of `ropesp generate`, by
@@ -292,16 +299,23 @@ class Pipeline:
             seed = check_seed(seed)
             if frames is _DEFAULT:
                 frames = self.frames
-            if frames is not None and (isinstance(frames, bool) or not isinstance(frames, (int, np.integer))):
-                raise ConfigError(
-                    f"{arg('frames', frames)} must be an integer (4*k + 1 video frames) or None"
-                )
-            latent_frames = None if frames is None else latent_frames_for(int(frames))
+            latent_frames = None if frames is None else latent_frames_for(check_frames(frames))
             request = core.request(
                 self.encode(prompt), seed, latent_frames, decode=self.resolved.decoder != "none", live=live
             )
         mode = "recache" if recache else self.prompt_mode
         return Stream(self, request, latents, mode)
+
+    def warm_up(self, prompt: str | torch.Tensor, frames: int | None = _DEFAULT) -> float:  # type: ignore[assignment]
+        """Run throwaway streams of `prompt` so that the first requests start warm; returns its ms. On a GPU
+        one stream per KV cache slot at once, a few chunks each (every slot's CUDA graphs captured), else
+        one stream's first chunk. frames: as in stream() (None: an unbounded stream's window)."""
+        core = self._require_core()
+        with python_names():
+            if frames is _DEFAULT:
+                frames = self.frames
+            latent_frames = None if frames is None else latent_frames_for(check_frames(frames))
+            return core.warm_up(self.encode(prompt), latent_frames)
 
     def generate(self, prompt: str | torch.Tensor, seed: int = 0, frames: int = _DEFAULT) -> Video:  # type: ignore[assignment]
         """The whole video at once (frames: 4k+1 video frames; default: the pipeline's length)."""

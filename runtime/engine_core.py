@@ -129,6 +129,10 @@ class _Stream:
     prompts: list[tuple[torch.Tensor, str]] = field(default_factory=list)
 
 
+WARM_CHUNKS = 4
+"""Chunks per slot of a GPU warm-up: a rolling window's cache plans (and so the CUDA graphs) repeat from
+the fourth chunk on."""
+
 _END = object()
 
 
@@ -445,6 +449,38 @@ class EngineCore:
             self._open_tensors += [request.prompt, *(e for _, e in request.changes)]
             self._cv.notify_all()
         return EngineStream(self, record)
+
+    def warm_up(
+        self,
+        prompt: torch.Tensor,
+        latent_frames: int | None,
+        streams: int | None = None,
+        chunks: int | None = None,
+    ) -> float:
+        """Run throwaway streams so that the first viewers start warm; returns its ms.
+
+        Default: on a GPU one stream per KV cache slot at once, WARM_CHUNKS chunks each (every slot's CUDA
+        graphs captured; a new viewer on a cold slot would wait for its captures), elsewhere one stream's
+        first chunk. prompt: checked embeddings [1, L, text_dim]; latent_frames as in `request` (None:
+        unbounded, the rolling window's plans). The streams are closed before it returns."""
+        t0 = time.perf_counter()
+        if streams is None:
+            streams = self.res.max_streams if self.res.device == "cuda" else 1
+        if chunks is None:
+            chunks = WARM_CHUNKS if streams > 1 else 1
+        decode = self.decoder is not None
+        opened = [
+            self.open(self.request(prompt, seed, latent_frames, decode=decode, live=True))
+            for seed in range(streams)
+        ]
+        try:
+            for _ in range(chunks):  # round robin: every stream holds its slot throughout
+                for stream in opened:
+                    next(stream, None)
+        finally:
+            for stream in opened:
+                stream.close()
+        return (time.perf_counter() - t0) * 1e3
 
     def _admit(self, running: int) -> None:
         """Raise AtCapacity when another stream cannot be served now."""

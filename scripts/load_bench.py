@@ -163,7 +163,7 @@ def run_demo(
 
     pipe = ropesp.Pipeline.from_config(config)
     try:
-        warm_up(pipe, None, streams=pipe.max_streams, chunks=4)  # every slot's CUDA graphs captured
+        warm_up(pipe, None)  # on a GPU every slot's CUDA graphs captured
         out = {}
         with DemoServer(pipe, DemoConfig(port=0, realtime=False)) as server:
             for n in counts:

@@ -33,10 +33,9 @@ def run(config: RunConfig, *, host: str, port: int, jpeg_quality: int) -> None:
         if prompts.reason:
             print(f"ropesp demo: {prompts.note} ({prompts.reason})", file=sys.stderr)
         # on a GPU every slot's CUDA graphs are captured now, not while a page waits for its first frame
-        slots = pipe.max_streams if pipe.resolved.device == "cuda" else 1
-        ms = warm_up(pipe, demo.frames, demo.default_prompt, streams=slots, chunks=4 if slots > 1 else 1)
+        ms = warm_up(pipe, demo.frames, demo.default_prompt)
         print(
-            f"ropesp demo: warmed up ({ms:.0f} ms for one chunk), {pipe.max_streams} streams at once",
+            f"ropesp demo: warmed up in {ms:.0f} ms, {pipe.max_streams} streams at once",
             file=sys.stderr,
         )
         server = DemoServer(pipe, demo, pipe.description())

@@ -590,24 +590,10 @@ def check_listen(host: str, port: int) -> None:
             raise ConfigError(f"--host {host} --port {port}: cannot listen: {exc.strerror or exc}") from None
 
 
-def warm_up(
-    pipe, frames: int | None, prompt: str = DEFAULT_PROMPT, streams: int = 1, chunks: int = 1
-) -> float:
-    """Run `chunks` chunks of `streams` throwaway streams at once, so the first pages start warm (each KV
-    cache slot's CUDA graphs captured: a rolling window's cache plans repeat from the fourth chunk on) and
-    a pipeline that cannot stream `frames` says so now; returns its ms."""
-    t0 = time.perf_counter()
-    text = PagePrompts(pipe, prompt)(prompt)
-    opened = [pipe.stream(text, seed=i, frames=frames) for i in range(streams)]
-    iterators = [iter(s) for s in opened]
-    try:
-        for _ in range(chunks):  # round robin from this thread: every stream holds its slot throughout
-            for it in iterators:
-                next(it, None)
-    finally:
-        for stream in opened:
-            stream.close()
-    return (time.perf_counter() - t0) * 1e3
+def warm_up(pipe, frames: int | None, prompt: str = DEFAULT_PROMPT) -> float:
+    """Warm the pipeline (`Pipeline.warm_up`: on a GPU every KV cache slot's CUDA graphs captured) so the
+    first pages start warm and a pipeline that cannot stream `frames` says so now; returns its ms."""
+    return pipe.warm_up(PagePrompts(pipe, prompt)(prompt), frames)
 
 
 def print_url(server: DemoServer) -> None:

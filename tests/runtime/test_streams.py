@@ -122,6 +122,34 @@ def test_streams_are_admitted_by_slots_and_by_real_time_capacity():
         running.cancel()
 
 
+def test_a_warm_up_runs_every_slot_then_leaves_the_engine_as_new():
+    """EngineCore.warm_up (what the demo and the Triton model run before serving): throwaway streams on
+    every slot, each for a few chunks through the rolling window, then closed; every slot is free again
+    and a stream after it gives the latents of a cold engine's."""
+    config = WINDOW.replace(max_streams=2)
+    with EngineCore(resolve(config)).start() as cold:
+        want = _latents_of(cold.open(cold.request(PROMPTS[1], 5, latent_frames=12)))
+    with EngineCore(resolve(config)).start() as core:
+        served = []
+        real_open = core.open
+        core.open = lambda request: served.append(request) or real_open(request)
+        ms = core.warm_up(PROMPTS[0], None, streams=2, chunks=4)
+        assert ms > 0 and len(served) == 2 and core.running() == 0
+        assert [r.seed for r in served] == [0, 1] and all(r.latent_frames is None for r in served)
+        # off a GPU the default warms one stream's first chunk
+        core.warm_up(PROMPTS[0], 6)
+        assert len(served) == 3 and served[-1].latent_frames == 6
+        core.open = real_open
+        both = [core.open(core.request(PROMPTS[1], 5, latent_frames=12)) for _ in range(2)]
+        got = [_latents_of(s) for s in both]
+    for latents in got:
+        torch.testing.assert_close(latents, want, rtol=0, atol=0)
+
+
+def _latents_of(stream) -> torch.Tensor:
+    return torch.cat([chunk.latents for chunk in stream], dim=1)
+
+
 class _HeldPreview(PreviewDecoder):
     """A preview decoder whose second decode waits until the test lets it go (a chunk in flight)."""
 

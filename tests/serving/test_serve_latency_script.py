@@ -44,7 +44,7 @@ def test_serve_latency_script_reports_both_paths(tmp_path):
     assert set(steps) == {"environment", "numpy", "torch"}
     assert sum(steps.values()) == pytest.approx(phases["imports"], abs=0.03)
     assert "written" in phases.pop("bytecode")
-    assert set(phases) == {"imports", "until initialize", "engine and decoder"}
+    assert set(phases) == {"imports", "until initialize", "engine and decoder", "warm up"}
     assert 0 < total <= res["triton_load_to_ready_s"]
     assert sum(phases.values()) <= total + 0.05 and phases["engine and decoder"] > 0
     assert "ropesp.request" in (trace / "in_process_request.txt").read_text()
