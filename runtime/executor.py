@@ -22,7 +22,7 @@ import torch
 from ropesp.config import CacheConfig, ModelConfig
 from ropesp.errors import ConfigError
 from ropesp.model.wan import CausalWanDiT
-from ropesp.runtime.graphs import ChunkGraphs, PromptGraph
+from ropesp.runtime.graphs import ChunkGraphs
 from ropesp.runtime.runners import ROPE_FORMS, SPState
 from ropesp.runtime.sp import Collectives
 
@@ -129,21 +129,15 @@ def warm_device_libraries(device: torch.device, dtype: torch.dtype, heads: int, 
         torch.cuda.synchronize(device)
 
 
-def refresh_cross_kv(buffers: list | None, kv: list, borrowed: bool = False) -> tuple[list, bool]:
+def refresh_cross_kv(buffers: list | None, kv: list) -> tuple[list, bool]:
     """A new prompt's cross-attention K/V [B, text_len, H, D] per layer, copied into the previous
     prompt's buffers when the shapes match (CUDA graphs and bound engine addresses keep reading them);
-    returns (buffers, True if they are new tensors). borrowed: kv will be overwritten (a CUDA graph's
-    outputs), so new buffers are copies of it."""
+    returns (buffers, True if they are new tensors)."""
     if buffers is not None and [k.shape for k, _ in buffers] == [k.shape for k, _ in kv]:
         for (k_buf, v_buf), (k, v) in zip(buffers, kv):
             k_buf.copy_(k)
             v_buf.copy_(v)
         return buffers, False
-    if borrowed:
-        return [
-            (k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format))
-            for k, v in kv
-        ], True
     return [(k.contiguous(), v.contiguous()) for k, v in kv], True
 
 
@@ -166,10 +160,6 @@ class ChunkExecutor:
         # graphs cannot be captured on the legacy default stream
         self.stream = torch.cuda.Stream(self.device) if cuda and (side_stream or self.cuda_graphs) else None
         self.graphs = ChunkGraphs(self.stream)
-        # the text path as one graph: eagerly its hundreds of small kernels are host-bound
-        self._prompt_graph = (
-            PromptGraph(model.cross_kv, model.cfg.text_len, self.stream) if self.cuda_graphs else None
-        )
 
     @property
     def cache(self):
@@ -230,11 +220,7 @@ class ChunkExecutor:
         pe = check_prompt_embeds(self.cfg, prompt_embeds).to(self.device)
         slot = self.state.slot
         with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
-            if self._prompt_graph is not None:
-                kv, borrowed = self._prompt_graph(pe), True
-            else:
-                kv, borrowed = self.model.cross_kv(pe), False
-            self._cross_kv[slot], moved = refresh_cross_kv(self._cross_kv[slot], kv, borrowed)
+            self._cross_kv[slot], moved = refresh_cross_kv(self._cross_kv[slot], self.model.cross_kv(pe))
         if moved:  # the slot's graphs read the old buffers
             self.graphs.clear(lambda key: key[0] == slot)
 

@@ -1,5 +1,4 @@
-"""CUDA graphs of whole chunk forwards and of the prompt's text path, shared by the eager/compile and the
-engine executors.
+"""CUDA graphs of whole chunk forwards, shared by the eager/compile and the engine executors.
 
 A chunk forward is host-sync free (tests/runtime/test_no_host_sync.py), and everything that varies
 between calls of the same shape lives in device buffers: the latents and timestep sinusoid (copied
@@ -60,37 +59,3 @@ class ChunkGraphs:
             buf.copy_(t)
         graph.replay()
         return out.clone()
-
-
-class PromptGraph:
-    """A prompt's text path (`CausalWanDiT.cross_kv`: every layer's cross-attention K/V) captured as one
-    CUDA graph and replayed for every later prompt. Eagerly it is hundreds of small kernels (426 on
-    Wan-1.3B with FP8 GEMMs: ~30 ms of host time for 1.5 ms of GPU work on an H100, bench/RESULTS.md
-    eighteenth session), which a new stream's first chunk waits for. The prompt goes in zero-padded to
-    `length` tokens, as `CausalWanDiT.embed_text` pads it, so one graph serves every prompt length with
-    the same values."""
-
-    def __init__(
-        self,
-        fn: Callable[[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]],
-        length: int,
-        stream: torch.cuda.Stream | None,
-    ) -> None:
-        self.fn, self.length, self.stream = fn, length, stream
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: torch.Tensor | None = None
-        self.out: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __call__(self, pe: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """pe [B, L <= length, text_dim] on the device -> fn's K/V, [B, length, H, D] per layer: the
-        graph's own outputs, overwritten by the next call (the caller copies them)."""
-        padded = torch.nn.functional.pad(pe, (0, 0, 0, self.length - pe.shape[1]))
-        if self.static is None or self.static.shape != padded.shape or self.static.dtype != padded.dtype:
-            self.static = padded.clone()
-            self.fn(self.static)  # warm-up outside capture (lazy inits, cuBLAS plans)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
-                self.out = self.fn(self.static)
-        self.static.copy_(padded)
-        self.graph.replay()
-        return self.out

@@ -17,8 +17,6 @@
 #              at once (--no-early-first-frame, burstwhole): the baseline of the same call
 #   triton / tritonfp8  scripts/load_bench.py through Triton's gRPC: bf16 1..2 clients / FP8 1..3 (needs
 #              .whl_serve/site.tar.xz carried, unpacked into .site/; FP8 also torchao and fa3 in /tmp/site)
-#   promptgraph  the prompt graph's GPU test and scripts/prompt_kv_bench.py: a new prompt's K/V eager against
-#              its CUDA graph, Wan-1.3B 480p, FP8 + FP8 attention and bf16, compile
 #   slotmem    scripts/slot_memory.py: a KV cache slot's measured device memory (1 and 3 slots) against the
 #              stated size, bf16 and FP8 attention's e4m3 cache
 set -uo pipefail
@@ -49,7 +47,6 @@ for s in "$@"; do
       serve="PYTHONPATH=$PWD/.site:${PYTHONPATH:-} ROPESP_TRITON_HOME=$PWD/.site $PY scripts/load_bench.py --front triton $WAN"
       if [ "$s" = triton ]; then cmd="$serve --clients 1,2 --chunks $CHUNKS --json $RES/load_triton_bf16.json"
       else cmd="$serve --precision fp8 --attention fp8 --clients 1,3 --chunks $CHUNKS --json $RES/load_triton_fp8.json"; fi ;;
-    promptgraph) cmd="$PY -m pytest -q -m gpu tests/runtime/test_streams_gpu.py -p no:cacheprovider; $PY scripts/prompt_kv_bench.py $WAN --precision fp8 --attention fp8 --json $RES/prompt_kv_fp8.json; $PY scripts/prompt_kv_bench.py $WAN --json $RES/prompt_kv_bf16.json" ;;
     slotmem) cmd="$PY scripts/slot_memory.py --slots 1,3 --json $RES/slotmem_bf16.json && $PY scripts/slot_memory.py --precision fp8 --attention fp8 --slots 1,3 --json $RES/slotmem_fp8.json" ;;
     *) echo "unknown step $s"; continue ;;
   esac
