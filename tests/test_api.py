@@ -118,6 +118,8 @@ def test_errors_name_python_arguments(pipe, prompt):
             "prompt is text, but this model has no text encoder: pass text_encoder (umT5) or model_dir",
         ),
         (lambda: pipe.stream(torch.zeros(5, 7)), "expected [L, 4096]"),
+        (lambda: pipe.warm_up(prompt, frames="a"), "frames='a' must be an integer (4*k + 1 video frames)"),
+        (lambda: pipe.warm_up(prompt, frames=None), "set local_attn_frames (sink frames included)"),
         (lambda: pipe.stream(prompt).set_prompt(prompt, mode="fade"), "mode='fade': choose one of"),
         (
             lambda: ropesp.Pipeline(preset="tiny", device="cpu", world_size=0),
