@@ -297,11 +297,12 @@ class Pipeline:
         core = self._require_core()
         with python_names():
             seed = check_seed(seed)
-            if frames is _DEFAULT:
-                frames = self.frames
-            latent_frames = None if frames is None else latent_frames_for(check_frames(frames))
             request = core.request(
-                self.encode(prompt), seed, latent_frames, decode=self.resolved.decoder != "none", live=live
+                self.encode(prompt),
+                seed,
+                self._latent_frames(frames),
+                decode=self.resolved.decoder != "none",
+                live=live,
             )
         mode = "recache" if recache else self.prompt_mode
         return Stream(self, request, latents, mode)
@@ -312,10 +313,13 @@ class Pipeline:
         one stream's first chunk. frames: as in stream() (None: an unbounded stream's window)."""
         core = self._require_core()
         with python_names():
-            if frames is _DEFAULT:
-                frames = self.frames
-            latent_frames = None if frames is None else latent_frames_for(check_frames(frames))
-            return core.warm_up(self.encode(prompt), latent_frames)
+            return core.warm_up(self.encode(prompt), self._latent_frames(frames))
+
+    def _latent_frames(self, frames) -> int | None:
+        """A request's video frames (_DEFAULT: the pipeline's length; None: unbounded) -> latent frames."""
+        if frames is _DEFAULT:
+            frames = self.frames
+        return None if frames is None else latent_frames_for(check_frames(frames))
 
     def generate(self, prompt: str | torch.Tensor, seed: int = 0, frames: int = _DEFAULT) -> Video:  # type: ignore[assignment]
         """The whole video at once (frames: 4k+1 video frames; default: the pipeline's length)."""
