@@ -140,6 +140,10 @@ class TrainConfig:
     """Loss weight of the latent pixels whose decoded target lies inside the preview decoder's clamp (the
     objects' anti-aliased edges, where an error shows in the video and decides a square from a disc);
     every other pixel weighs 1 (OVERDRIVE hides its errors up to a third of the range)."""
+    stream_weight: float = 1.0
+    """Loss weight of a stream batch against a short-video batch's 1: a stream batch's loss starts several
+    times a short video's (objects far into a stream, entering, after a switch), and below 1 its gradient
+    no longer swamps the shapes the short videos teach."""
     seed: int = 0
     """Seed of the world's videos, the noise and the initial weights."""
     log_every: int = 50
@@ -303,6 +307,8 @@ class Trainer:
                     f"--step-weights {cfg.step_weights}: {len(self.step_t)} weights >= 0, one per sampler step"
                 )
             self.step_weights = torch.tensor(weights, device=device)
+        if not cfg.stream_weight > 0:
+            raise ValueError(f"--stream-weight {cfg.stream_weight}: a loss weight above 0")
         self.windows = [parse_window(w, self.chunk) for w in cfg.stream_windows.split(",")]
         self.horizon_chunks = cfg.horizon // self.chunk
         run = cfg.warm_chunks + cfg.segment_chunks
@@ -518,9 +524,10 @@ class Trainer:
             err = err * (1 + (self.cfg.edge_weight - 1) * edges)
         err = err.mean(dim=(2, 3))  # [B, F]
         loss = err.mean()
+        weighted = loss * self.cfg.stream_weight if stream else loss
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        weighted.backward()
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)  # before clipping
         self.opt.step()
         self.step += 1
         decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
@@ -544,6 +551,7 @@ class Trainer:
         counts = torch.zeros_like(sums)
         total = torch.zeros((), device=self.device)
         streamed = torch.zeros((), device=self.device)
+        norms = torch.zeros(2, device=self.device)  # summed gradient norms: video batches, stream batches
         n = n_stream = 0
         while self.step < cfg.steps:
             elapsed = time.perf_counter() - t0
@@ -551,6 +559,7 @@ class Trainer:
                 break
             loss, per_chunk, idx, stream = self.train_step(elapsed)
             total += loss.detach()
+            norms[int(stream)] += self.grad_norm.detach()
             n += 1
             if stream:
                 streamed += loss.detach()
@@ -567,14 +576,18 @@ class Trainer:
                     "loss_per_step_t": [round(x, 5) for x in per_t[:-1]],
                     "lr": self.lr_at(elapsed),
                 }
+                if n > n_stream:
+                    row["grad_norm"] = round(float(norms[0]) / (n - n_stream), 4)
                 if n_stream:
                     row["loss_stream"] = round(float(streamed) / n_stream, 5)
+                    row["grad_norm_stream"] = round(float(norms[1]) / n_stream, 4)
                 self.curve.append(row)
                 print(json.dumps(row), flush=True)
                 sums.zero_()
                 counts.zero_()
                 total.zero_()
                 streamed.zero_()
+                norms.zero_()
                 n = n_stream = 0
         self.elapsed_before += time.perf_counter() - t0
         self.save(out)
@@ -645,6 +658,7 @@ def main(argv: list[str] | None = None) -> None:
         "switch_prob",
         "rollout_prob",
         "edge_weight",
+        "stream_weight",
         "seed",
         "ema",
         "log_every",

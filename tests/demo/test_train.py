@@ -35,7 +35,8 @@ def test_steps_resume_and_export(tmp_path):
     again.run(tmp_path / "s")
     meta = json.loads((tmp_path / "s" / "train.json").read_text())
     assert meta["step"] == 4 and meta["recipe"]["stream_prob"] == 1.0
-    assert all("loss_stream" in r for r in meta["curve"][2:])
+    assert all("loss_stream" in r and r["grad_norm_stream"] > 0 for r in meta["curve"][2:])
+    assert all(r["grad_norm"] > 0 and "grad_norm_stream" not in r for r in meta["curve"][:2])
 
     out = export_weights(tmp_path / "s", tmp_path / "w")
     res = resolve(RunConfig.of(checkpoint=str(out), device="cpu"))
@@ -82,6 +83,22 @@ def test_own_context_replaces_only_chunks_with_a_whole_window():
     assert same == [True, True, True, False, False, False]  # the sink and two warm chunks stay the world's
 
 
+def test_stream_weight_scales_a_stream_batchs_gradient_not_its_reported_loss(monkeypatch):
+    # the gradient before clipping: a stream batch's norm is often above the clip (why the weight exists)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: None)
+    grads, losses = [], []
+    for weight in (1.0, 0.25):
+        torch.manual_seed(0)
+        trainer = _trainer(stream_prob=1.0, stream_weight=weight, ema=0.0)
+        trainer.opt.step = lambda: None  # keep the weights: only the gradient is compared
+        loss, _, _, stream = trainer.train_step(0.0)
+        assert stream
+        losses.append(float(loss.detach()))
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+    assert losses[0] == losses[1]
+    torch.testing.assert_close(grads[1], grads[0] * 0.25, rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -89,6 +106,7 @@ def test_own_context_replaces_only_chunks_with_a_whole_window():
         (["--frames", "9", "--window-chunks", "3"], "--window-chunks 3: 1 to 2 for 9 frames"),
         (["--stream-windows", "9/2"], "--stream-windows 9/2: the sink must be 0 or one 3-frame chunk"),
         (["--horizon", "12"], "--horizon 12: at least"),
+        (["--stream-weight", "0"], "--stream-weight 0.0: a loss weight above 0"),
     ],
 )
 def test_bad_recipes_name_the_flag(tmp_path, capsys, args, message):
