@@ -96,8 +96,9 @@ class Stream:
 
     def set_prompt(self, prompt: str | torch.Tensor, mode: str | None = None) -> bool:
         """Change the prompt from the next chunk the DiT starts. Thread-safe. prompt: text or embeddings
-        [L, text_dim] / [1, L, text_dim]; mode: "swap" (cross-attention K/V only) or "recache" (also
-        recompute the window's self-attention cache under the new prompt); default: the Pipeline's
+        [L, text_dim] / [1, L, text_dim]; mode: "swap" (cross-attention K/V only), "recache" (also
+        recompute the window's self-attention cache under the new prompt) or "cut" (a new scene: the cache
+        cleared, the stream going on as a fresh one of the new prompt); default: the Pipeline's
         prompt_mode. Returns whether the change was queued: False once the stream has ended (its last
         chunk made, or cancelled), when no chunk is left to take it."""
         with python_names():

@@ -48,7 +48,7 @@ ATTENTION_MODES = ("sdpa", "fa3", "fp8", "int8")
 SP_ROPE_MODES = ("local", "allgather")
 SP_COMM_MODES = ("fused", "unfused")
 DECODERS = ("preview", "vae", "none")
-PROMPT_MODES = ("swap", "recache")
+PROMPT_MODES = ("swap", "recache", "cut")
 """How a prompt change mid-stream treats the self-attention cache (runtime/session.py)."""
 SEED_RANGE = (0, 2**63 - 1)
 """Seeds of streams: non-negative 64-bit signed integers (torch.Generator.manual_seed's range, and
@@ -547,7 +547,8 @@ class PromptConfig(Section):
     prompt_mode: str = setting(
         "swap",
         "how a prompt change applies: swap = the cross-attention K/V only; recache = also recompute the "
-        "window's self-attention cache under the new prompt (one forward per cached chunk)",
+        "window's self-attention cache under the new prompt (one forward per cached chunk); cut = a new "
+        "scene: the cache cleared, the stream going on as a fresh one of the new prompt",
         choices=PROMPT_MODES,
     )
 

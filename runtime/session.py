@@ -14,6 +14,9 @@ forward, in one of two modes:
              with global attention; with a rolling window the chunks holding the sink frames and those
              the next chunk's window reaches (a skipped span keeps only the sink before it:
              SlotPlanner.plan). Cost: one forward per replayed chunk.
+    cut      a new scene: the cache is cleared and the stream goes on as a new one under the new prompt
+             (positions from frame 0, chunk 0 its new sink), as a fresh stream's first chunks would be;
+             chunk indices keep counting. Cost: nothing.
 The noise stream does not change, so a seed and the chunk indices of the switches fix the latents on
 every backend and world size; each Chunk says which switch came into effect before it.
 
@@ -68,7 +71,7 @@ class Chunk:
     decode_ms: float = 0.0
     """Milliseconds of this chunk's decode (0 without a decoder)."""
     switch: str | None = None
-    """The prompt change that came into effect right before this chunk ("swap" | "recache"), if any."""
+    """The prompt change that came into effect right before this chunk ("swap" | "recache" | "cut"), if any."""
     switch_ms: float = 0.0
     """Host milliseconds of that change (the new prompt's K/V, and a re-cache's replayed forwards)."""
     prompt_version: int = 0
@@ -217,7 +220,7 @@ class StreamSession:
     ) -> None:
         """Change the prompt of the running (or next) stream before chunk `at_chunk` (None: the next chunk
         the DiT starts). Thread-safe: may be called while another thread iterates. prompt_embeds:
-        [L, text_dim] / [1, L, text_dim]; mode: "swap" | "recache" (module docstring)."""
+        [L, text_dim] / [1, L, text_dim]; mode: "swap" | "recache" | "cut" (module docstring)."""
         check_prompt_mode(mode)
         prompt = check_prompt_embeds(self.executor.cfg, prompt_embeds).float()
         with self._switch_lock:
@@ -230,7 +233,8 @@ class StreamSession:
             if not due:
                 return None
             self._switches = [s for s in self._switches if all(s is not d for d in due)]
-        mode = "recache" if any(s.mode == "recache" for s in due) else "swap"
+        modes = {s.mode for s in due}
+        mode = next(m for m in ("cut", "recache", "swap") if m in modes)  # the one that reaches furthest
         return PromptSwitch(due[-1].prompt_embeds, mode, index)
 
     @property
@@ -330,6 +334,8 @@ class StreamSession:
             n = self.chunk_size(index)
             t0 = time.perf_counter()
             info = self._switch_before(index, start, n, forward)
+            if info["switch"] == "cut":
+                start = 0
             with torch.profiler.record_function(f"ropesp.dit.chunk{index}"):
                 x = x0 = x_next
                 for i in range(len(steps)):
@@ -385,7 +391,10 @@ class StreamSession:
         with torch.profiler.record_function(f"ropesp.switch{index}.{switch.mode}"):
             self.executor.use_slot(self.slot)
             self.executor.set_prompt(switch.prompt_embeds)
-            if switch.mode == "recache" and self._cached:
+            if switch.mode == "cut":
+                self.executor.reset()
+                self._cached.clear()
+            elif switch.mode == "recache" and self._cached:
                 replay = self._replay_set(start + frames)
                 self.executor.reset()
                 for c in replay:

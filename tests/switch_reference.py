@@ -4,7 +4,8 @@ docs/MODEL.md's sampler, chunk by chunk from one seeded CPU generator; before ch
 executor gets the new prompt's cross-attention K/V ("swap"), and for "recache" its cache is cleared and
 the clean-context pass (t = 0) re-runs over the x0 of the cached chunks in order: every earlier chunk
 with global attention; with a rolling window the chunks holding sink frames and those whose frames
-reach into the next chunk's window (its newest local_attn_frames - sink_frames frames).
+reach into the next chunk's window (its newest local_attn_frames - sink_frames frames). For "cut" the
+cache is cleared and the stream goes on as a new one: positions from frame 0, nothing replayed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def generate_with_switches(
     for k, n in enumerate(chunks):
         if k > 0 and k in prompts:
             executor.set_prompt(prompts[k])
+            if mode == "cut":
+                executor.reset()
+                done, start = [], 0
             if mode == "recache":
                 if cache.rolling:
                     cutoff = start + n - (cache.local_attn_frames - cache.sink_frames)

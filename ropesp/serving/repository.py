@@ -119,7 +119,7 @@ def config_pbtxt(name: str, text_dim: int, world_size: int, instances: int = 1) 
         return f'  {{ name: "{tname}" data_type: TYPE_{dtype} dims: [ {dims} ]{opt} }}'
 
     # a stream request: prompt_embeds or prompt, seed, latent_frames (+ height/width, + stream_id to steer
-    # it); a control request: stream_id, control ("swap" | "recache" | "cancel" | "end") and the new prompt
+    # it); a control request: stream_id, control ("swap" | "recache" | "cut" | "cancel" | "end") and the new prompt
     inputs = [
         tensor("prompt_embeds", "FP32", f"-1, {text_dim}", optional=True),
         tensor("prompt", "STRING", "1", optional=True),

@@ -12,7 +12,7 @@ Requests:
               chunk_index, timing_ms, prompt_version; only the outputs the request names), then an
               empty final response. Streams run concurrently, interleaved chunk by chunk by the engine;
               beyond its capacity a request gets an "at capacity" error at once.
-    control   control STRING "swap" | "recache" | "cancel" | "end", stream_id, and for a prompt change
+    control   control STRING "swap" | "recache" | "cut" | "cancel" | "end", stream_id, and for a prompt change
               the new prompt_embeds or prompt: answered at once (chunk_index: the last chunk that stream
               had finished, -1 before its first or once it has ended); the change comes into effect at the
               stream's next chunk boundary on every rank. "end" leaves the stream alone: it is the
@@ -47,12 +47,13 @@ import torch  # noqa: E402
 
 _IMPORTS.append(("torch", time.perf_counter()))
 from ropesp.errors import ConfigError, RopespError, python_names  # noqa: E402
+from ropesp.settings import PROMPT_MODES  # noqa: E402
 
 IMPORTED = time.perf_counter()
 
 OUTPUTS = ("frames", "latents", "chunk_index", "timing_ms", "prompt_version")
 """Every response's outputs, in config.pbtxt's order; a request may name a subset."""
-CONTROLS = ("swap", "recache", "cancel", "end")
+CONTROLS = (*PROMPT_MODES, "cancel", "end")
 
 
 def _backend():

@@ -74,6 +74,8 @@ SWITCH_CASES = {
     "recache": (dict(latent_frames=9), {0: 0, 2: 1}, "recache"),
     # window 7 with 1 sink frame: before chunk 3 the replay is chunks 0 (sink) and 2, skipping chunk 1
     "recache-rolling": (dict(latent_frames=12, local_attn_frames=7, sink_frames=1), {0: 0, 3: 1}, "recache"),
+    # a new scene before chunk 2: chunk 2 is the new stream's chunk 0 (frames 0-2, its sink), chunk 3 its 1
+    "cut-rolling": (dict(latent_frames=12, local_attn_frames=7, sink_frames=1), {0: 0, 2: 1}, "cut"),
 }
 
 

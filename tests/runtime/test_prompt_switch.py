@@ -1,4 +1,4 @@
-"""Prompt changes at chunk boundaries (swap / recache) equal the stream computed by definition, on 1, 2
+"""Prompt changes at chunk boundaries (swap / recache / cut) equal the stream computed by definition, on 1, 2
 and 4 ranks; unbounded streams stay flat in memory."""
 
 from __future__ import annotations
@@ -60,6 +60,29 @@ def test_switches_change_the_video(prompts, references):
     swap_at_2 = session.generate()
     # the re-cached window changes it (random tiny weights: small, but 100x the 1e-6 of the parity checks)
     assert (recache[:, 6:] - swap_at_2[:, 6:]).abs().max() > 1e-4
+
+
+def test_a_cut_goes_on_as_a_fresh_stream_of_the_new_prompt(prompts, references):
+    """After a cut the chunks are the new prompt's stream from its start: the same forwards as a fresh
+    stream given the noise the cut stream draws there (its generator goes on), positions from 0."""
+    overrides, _, _ = sp_worker.SWITCH_CASES["cut-rolling"]
+    session = build_session(sp_worker.base_config(**overrides))
+    session.reset(prompts[0], seed=3)
+    plain = session.generate()
+    cut = references["cut-rolling"]
+    torch.testing.assert_close(cut[:, :6], plain[:, :6], rtol=0, atol=1e-6)
+    assert (cut[:, 6:] - plain[:, 6:]).abs().max() > 1e-2
+    seen = []
+    forward = session.executor.forward
+    session.executor.forward = lambda x, t, start: seen.append(start) or forward(x, t, start)
+    session.reset(prompts[0], seed=3)
+    session.set_prompt(prompts[1], "cut", at_chunk=2)
+    chunks = list(session)
+    assert [c.switch for c in chunks] == [None, None, "cut", None]
+    steps = len(session.schedule.timesteps)
+    # per chunk: its denoising forwards, then its clean-context pass (none after the last)
+    assert seen == [0] * (steps + 1) + [3] * (steps + 1) + [0] * (steps + 1) + [3] * steps
+    torch.testing.assert_close(torch.cat([c.latents for c in chunks], 1), cut, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
