@@ -29,6 +29,7 @@ StreamSession); everything else reads latents.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import time
@@ -172,7 +173,18 @@ class FrameCount:
     """Fraction of junk pixels."""
 
     def holds(self, expected: int) -> bool:
-        return self.objects == expected and self.shapes_ok and not self.others and self.junk < JUNK_FRACTION
+        return self.miss(expected) is None
+
+    def miss(self, expected: int) -> str | None:
+        """Why the frame does not hold `expected` objects (the first check that fails), None if it does:
+        "fewer" / "more" objects of the colour, "shape", "other colour", "junk"."""
+        if self.objects != expected:
+            return "fewer" if self.objects < expected else "more"
+        if not self.shapes_ok:
+            return "shape"
+        if self.others:
+            return "other colour"
+        return "junk" if self.junk >= JUNK_FRACTION else None
 
 
 def frame_counts(latents: torch.Tensor, colour: str, shape: str) -> list[FrameCount]:
@@ -204,12 +216,18 @@ def frame_counts(latents: torch.Tensor, colour: str, shape: str) -> list[FrameCo
     return out
 
 
-def held_frames(latents: torch.Tensor, spec: SceneSpec, seed: int) -> list[bool | None]:
-    """Per latent frame: whether the video holds the world's objects of (spec, seed); None: not scored."""
+def frame_misses(latents: torch.Tensor, spec: SceneSpec, seed: int) -> list[str | None]:
+    """Per latent frame: "" where the video holds the world's objects of (spec, seed), else why not
+    (FrameCount.miss); None where the frame is not scored."""
     counts = frame_counts(latents, spec.colour, spec.shape)
     _, _, _, h, w = latents.shape
     expected = expected_counts(spec, seed, len(counts), h, w)
-    return [None if e is None else c.holds(e) for c, e in zip(counts, expected, strict=True)]
+    return [None if e is None else c.miss(e) or "" for c, e in zip(counts, expected, strict=True)]
+
+
+def held_frames(latents: torch.Tensor, spec: SceneSpec, seed: int) -> list[bool | None]:
+    """Per latent frame: whether the video holds the world's objects of (spec, seed); None: not scored."""
+    return [None if m is None else not m for m in frame_misses(latents, spec, seed)]
 
 
 def fraction(held: list[bool | None]) -> float:
@@ -296,6 +314,8 @@ class StreamResult:
     """Fraction of the scored frames that hold the world's objects."""
     held: list
     """Per latent frame: 1 held, 0 not, None not scored."""
+    misses: dict
+    """Frames that do not hold, by the first check they fail (FrameCount.miss)."""
 
 
 @dataclass(frozen=True)
@@ -313,10 +333,17 @@ def score_streams(latents: list[torch.Tensor], pairs: list[tuple[str, int]]) -> 
     out = []
     for x, (prompt, seed) in zip(latents, pairs, strict=True):
         spec = parse(prompt)
-        held = held_frames(x, spec, seed)
+        misses = frame_misses(x, spec, seed)
+        held = [None if m is None else not m for m in misses]
+        why = collections.Counter(m for m in misses if m)
         out.append(
             StreamResult(
-                prompt, seed, spec.motion, fraction(held), [None if h is None else int(h) for h in held]
+                prompt,
+                seed,
+                spec.motion,
+                fraction(held),
+                [None if h is None else int(h) for h in held],
+                dict(why),
             )
         )
     return out
@@ -341,6 +368,14 @@ def class_means(results: list[StreamResult]) -> dict[str, float]:
             out[motion] = sum(scores) / len(scores)
     out["all"] = sum(r.score for r in results) / max(len(results), 1)
     return out
+
+
+def class_misses(results: list[StreamResult]) -> dict[str, dict[str, int]]:
+    """motion class -> its streams' missed frames by reason (StreamResult.misses), summed."""
+    out: dict[str, collections.Counter] = {}
+    for r in results:
+        out.setdefault(r.motion, collections.Counter()).update(r.misses)
+    return {motion: dict(c.most_common()) for motion, c in out.items()}
 
 
 def evaluate_window(
@@ -369,6 +404,7 @@ def evaluate_window(
         "window": str(window),
         "frames": frames,
         "means": means,
+        "misses": class_misses(streams),
         "generate_seconds": round(seconds, 1),
         "streams": [asdict(r) for r in streams],
         "switches": [asdict(r) for r in switched],
@@ -412,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
             f"window {r['window']}, {r['frames']} latent frames: {means} ({r['generate_seconds']} s)",
             flush=True,
         )
+        for motion, why in r["misses"].items():
+            print(f"  {motion} misses: " + ", ".join(f"{k} {v}" for k, v in why.items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

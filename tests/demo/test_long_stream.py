@@ -18,6 +18,7 @@ from ropesp.demo.long_stream import (
     StreamJob,
     expected_counts,
     fraction,
+    frame_misses,
     generate_streams,
     held_frames,
     long_prompts,
@@ -63,6 +64,20 @@ def test_a_lost_object_spoils_its_frames():
     part[:, 60:] = scene_latents(lost, FRAMES)[:, 60:]  # the second square vanishes half-way
     assert fraction(held_frames(whole, spec, 2001)) == 1.0
     assert fraction(held_frames(part, spec, 2001)) == pytest.approx(0.5)
+
+
+def test_each_frame_that_misses_says_why():
+    spec = parse("two blue squares moving right")
+    scene = seeded_scene(spec, 2001)
+    lost = dataclasses.replace(scene, active=scene.active.clone())
+    lost.active[0, 1] = False
+    latents = scene_latents(scene, 12)
+    latents[:, 6:] = scene_latents(lost, 12)[:, 6:]
+    misses = frame_misses(latents, spec, 2001)
+    assert misses == [""] * 6 + ["fewer"] * 6
+    assert frame_misses(scene_latents(scene, 6), parse("two blue discs moving right"), 2001) == ["shape"] * 6
+    (result,) = score_streams([latents], [("two blue squares moving right", 2001)])
+    assert result.misses == {"fewer": 6} and result.score == 0.5
 
 
 def test_a_wrong_colour_or_shape_is_not_held():
