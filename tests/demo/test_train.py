@@ -128,3 +128,23 @@ def test_every_recipe_field_has_its_help_line(capsys):
         "--time-limit TIME_LIMIT_S Stop and save after this much training time (seconds). (default: 270.0)"
         in out
     )
+
+
+def test_forgetting_probe_script(tmp_path):
+    """scripts/forgetting_probe.py: a recipe's step from the shipped weights, held-out losses before and
+    after; a --recipe key that is no TrainConfig field is named."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "forgetting_probe.py"
+    out = tmp_path / "probe.json"
+    run = [sys.executable, str(script), "--steps", "1", "--batch", "1", "--threads", "2"]
+    subprocess.run([*run, "--recipe", "stream_prob=1.0,stream_weight=0.5", "--json", str(out)], check=True)
+    res = json.loads(out.read_text())
+    assert res["recipe"]["stream_weight"] == 0.5 and res["recipe"]["stream_prob"] == 1.0 and res["steps"] == 1
+    assert all(x > 0 for x in res["video_loss"] + res["stream_loss"])
+    assert res["video_loss"][0] != res["video_loss"][1]  # the steps moved the weights
+    bad = subprocess.run([*run, "--recipe", "stream_wieght=0.5"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--recipe 'stream_wieght=0.5': no TrainConfig field" in bad.stderr
+    assert "Traceback" not in bad.stderr
