@@ -22,6 +22,7 @@ import torch
 from ropesp.demo import default_checkpoint
 from ropesp.demo.segments import segment_flow
 from ropesp.demo.train import TrainConfig, Trainer
+from ropesp.demo.world import MOTIONS, take
 
 BASE = dict(
     warmup=10,
@@ -51,13 +52,36 @@ def parse_recipe(text: str) -> dict:
     return out
 
 
-def flow_loss(model: torch.nn.Module, batches: list) -> float:
-    total = 0.0
+def restrict_stream_prompts(trainer: Trainer, motions: list[str]) -> None:
+    """Make `trainer`'s stream batches draw only prompts of `motions` (its short videos keep them all)."""
+    keep = torch.tensor([i for i, s in enumerate(trainer.specs) if s.motion in motions])
+    subset = [trainer.specs[i] for i in keep], trainer.prompts[keep], take(trainer.scenes, keep)
+    everything = trainer.specs, trainer.prompts, trainer.scenes
+    draw = trainer.stream_batch
+
+    def stream_batch():
+        trainer.specs, trainer.prompts, trainer.scenes = subset
+        try:
+            return draw()
+        finally:
+            trainer.specs, trainer.prompts, trainer.scenes = everything
+
+    trainer.stream_batch = stream_batch
+
+
+def flow_loss(model: torch.nn.Module, batches: list) -> list[float]:
+    """Flow-matching loss of each batch, per supervised chunk (in order)."""
+    out = []
     with torch.no_grad():
         for b in batches:
             flow = segment_flow(model, b.clean, b.noisy, b.t, b.prompts, b.layout, b.chunks, b.switch)
-            total += float((flow - (b.eps - b.x0)).pow(2).mean())
-    return total / len(batches)
+            err = (flow - (b.eps - b.x0)).pow(2).mean(dim=(0, 2, 3, 4))  # [F]
+            out.append([round(float(x), 6) for x in err.view(-1, 3).mean(dim=1)])
+    return out
+
+
+def mean(rows: list[list[float]]) -> float:
+    return round(sum(sum(r) / len(r) for r in rows) / len(rows), 6)
 
 
 def main() -> None:
@@ -65,6 +89,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--recipe", default="", help="TrainConfig fields over the probe's BASE, 'k=v,k=v'")
+    p.add_argument(
+        "--stream-motions",
+        default=",".join(MOTIONS),
+        help="motion classes whose prompts the stream batches draw (default: all)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the result here")
     args = p.parse_args()
@@ -75,6 +104,9 @@ def main() -> None:
     streams = [held.stream_batch() for _ in range(4)]
     trainer = Trainer(TrainConfig(**recipe), torch.device("cpu"))
     trainer.init_from(Path(default_checkpoint()))
+    motions = args.stream_motions.split(",")
+    if set(motions) != set(MOTIONS):
+        restrict_stream_prompts(trainer, motions)
     before = flow_loss(trainer.model, videos), flow_loss(trainer.model, streams)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -82,9 +114,13 @@ def main() -> None:
     after = flow_loss(trainer.model, videos), flow_loss(trainer.model, streams)
     result = {
         "recipe": {k: recipe[k] for k in sorted(recipe)},
+        "stream_motions": motions,
         "steps": args.steps,
-        "video_loss": [round(before[0], 6), round(after[0], 6)],
-        "stream_loss": [round(before[1], 6), round(after[1], 6)],
+        "video_loss": [mean(before[0]), mean(after[0])],
+        "stream_loss": [mean(before[1]), mean(after[1])],
+        "video_loss_per_chunk": [
+            [round(sum(c) / len(c), 6) for c in zip(*rows, strict=True)] for rows in (before[0], after[0])
+        ],
         "train_seconds": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
     }

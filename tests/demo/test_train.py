@@ -145,6 +145,8 @@ def test_forgetting_probe_script(tmp_path):
     assert res["recipe"]["stream_weight"] == 0.5 and res["recipe"]["stream_prob"] == 1.0 and res["steps"] == 1
     assert all(x > 0 for x in res["video_loss"] + res["stream_loss"])
     assert res["video_loss"][0] != res["video_loss"][1]  # the steps moved the weights
+    for per_chunk, loss in zip(res["video_loss_per_chunk"], res["video_loss"], strict=True):
+        assert len(per_chunk) == 3 and abs(sum(per_chunk) / 3 - loss) < 1e-5  # 9 frames: 3 chunks
     bad = subprocess.run([*run, "--recipe", "stream_wieght=0.5"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--recipe 'stream_wieght=0.5': no TrainConfig field" in bad.stderr
     assert "Traceback" not in bad.stderr
