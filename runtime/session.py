@@ -227,14 +227,15 @@ class StreamSession:
             self._switches.append(PromptSwitch(prompt, mode, at_chunk))
 
     def _take_switch(self, index: int) -> PromptSwitch | None:
-        """The switches due before chunk `index`, merged: the last prompt, re-cache if any asked for it."""
+        """The switches due before chunk `index`, merged: the last prompt, in the mode that reaches furthest
+        (cut, else recache, else swap)."""
         with self._switch_lock:
             due = [s for s in self._switches if s.at_chunk is None or s.at_chunk <= index]
             if not due:
                 return None
             self._switches = [s for s in self._switches if all(s is not d for d in due)]
         modes = {s.mode for s in due}
-        mode = next(m for m in ("cut", "recache", "swap") if m in modes)  # the one that reaches furthest
+        mode = next(m for m in ("cut", "recache", "swap") if m in modes)
         return PromptSwitch(due[-1].prompt_embeds, mode, index)
 
     @property
