@@ -153,6 +153,7 @@ def test_flags_are_generated_from_the_settings():
     assert config.video == VideoConfig()  # flags not given keep the declared defaults
     demo = parser.parse_args(["demo"])
     assert config_from_args(demo).video.local_attn_frames == 9  # the demo's own default, declared there
+    assert config_from_args(demo).prompt.prompt_mode == "cut" and config.prompt.prompt_mode == "swap"
     own = argparse.ArgumentParser()
     add_flags(own, SamplerConfig, only=("shift",))
     assert [a.dest for a in own._actions if a.option_strings][1:] == ["shift"]
