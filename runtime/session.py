@@ -5,7 +5,7 @@ reallocating caches. Iterating yields `Chunk`s in order; `latent_frames=None` st
 iterator is closed (a rolling window keeps the cache bounded).
 
 Prompt changes (`set_prompt`, thread-safe) take effect at a chunk boundary, before the chunk's first
-forward, in one of two modes:
+forward, in one of three modes:
     swap     the cross-attention K/V of the new prompt from that chunk on; the self-attention cache
              keeps what the earlier chunks computed under the old prompt.
     recache  also recompute the self-attention cache under the new prompt (LongLive's KV re-cache):

@@ -141,9 +141,9 @@ class TrainConfig:
     objects' anti-aliased edges, where an error shows in the video and decides a square from a disc);
     every other pixel weighs 1 (OVERDRIVE hides its errors up to a third of the range)."""
     stream_weight: float = 1.0
-    """Loss weight of a stream batch against a short-video batch's 1: a stream batch's loss starts several
-    times a short video's (objects far into a stream, entering, after a switch), and below 1 its gradient
-    no longer swamps the shapes the short videos teach."""
+    """Loss weight of a stream batch against a short-video batch's 1 (a stream batch's gradient starts
+    10x a short video's; weighting it down slows what the streams teach, and in the CPU probe of
+    bench/RESULTS.md did not spare the short videos)."""
     seed: int = 0
     """Seed of the world's videos, the noise and the initial weights."""
     log_every: int = 50
