@@ -227,7 +227,12 @@ def frame_misses(latents: torch.Tensor, spec: SceneSpec, seed: int) -> list[str 
 
 def held_frames(latents: torch.Tensor, spec: SceneSpec, seed: int) -> list[bool | None]:
     """Per latent frame: whether the video holds the world's objects of (spec, seed); None: not scored."""
-    return [None if m is None else not m for m in frame_misses(latents, spec, seed)]
+    return held_of(frame_misses(latents, spec, seed))
+
+
+def held_of(misses: list[str | None]) -> list[bool | None]:
+    """frame_misses -> held_frames."""
+    return [None if m is None else not m for m in misses]
 
 
 def fraction(held: list[bool | None]) -> float:
@@ -334,7 +339,7 @@ def score_streams(latents: list[torch.Tensor], pairs: list[tuple[str, int]]) -> 
     for x, (prompt, seed) in zip(latents, pairs, strict=True):
         spec = parse(prompt)
         misses = frame_misses(x, spec, seed)
-        held = [None if m is None else not m for m in misses]
+        held = held_of(misses)
         why = collections.Counter(m for m in misses if m)
         out.append(
             StreamResult(
