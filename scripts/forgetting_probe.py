@@ -48,7 +48,10 @@ def parse_recipe(text: str) -> dict:
         key, _, value = item.partition("=")
         if key not in types:
             raise SystemExit(f"--recipe {item!r}: no TrainConfig field {key!r}")
-        out[key] = types[key](value)
+        try:
+            out[key] = types[key](value)
+        except ValueError:
+            raise SystemExit(f"--recipe {item!r}: {key} takes a {types[key].__name__}") from None
     return out
 
 
@@ -69,14 +72,14 @@ def restrict_stream_prompts(trainer: Trainer, motions: list[str]) -> None:
     trainer.stream_batch = stream_batch
 
 
-def flow_loss(model: torch.nn.Module, batches: list) -> list[float]:
-    """Flow-matching loss of each batch, per supervised chunk (in order)."""
+def flow_loss(model: torch.nn.Module, batches: list, chunk: int) -> list[float]:
+    """Flow-matching loss of each batch, per supervised chunk of `chunk` latent frames (in order)."""
     out = []
     with torch.no_grad():
         for b in batches:
             flow = segment_flow(model, b.clean, b.noisy, b.t, b.prompts, b.layout, b.chunks, b.switch)
             err = (flow - (b.eps - b.x0)).pow(2).mean(dim=(0, 2, 3, 4))  # [F]
-            out.append([round(float(x), 6) for x in err.view(-1, 3).mean(dim=1)])
+            out.append([round(float(x), 6) for x in err.view(-1, chunk).mean(dim=1)])
     return out
 
 
@@ -99,19 +102,24 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     recipe = {**BASE, "batch": args.batch, **parse_recipe(args.recipe)}
-    held = Trainer(TrainConfig(**{**recipe, "seed": 123}), torch.device("cpu"))
+    motions = args.stream_motions.split(",")
+    if not set(motions) <= set(MOTIONS):
+        raise SystemExit(f"--stream-motions {args.stream_motions}: choose from {','.join(MOTIONS)}")
+    try:
+        held = Trainer(TrainConfig(**{**recipe, "seed": 123}), torch.device("cpu"))
+    except ValueError as exc:  # a recipe the trainer refuses, named by its flag
+        raise SystemExit(f"--recipe: {exc}") from None
     videos = [held.video_batch() for _ in range(4)]
     streams = [held.stream_batch() for _ in range(4)]
     trainer = Trainer(TrainConfig(**recipe), torch.device("cpu"))
     trainer.init_from(Path(default_checkpoint()))
-    motions = args.stream_motions.split(",")
     if set(motions) != set(MOTIONS):
         restrict_stream_prompts(trainer, motions)
-    before = flow_loss(trainer.model, videos), flow_loss(trainer.model, streams)
+    before = flow_loss(trainer.model, videos, trainer.chunk), flow_loss(trainer.model, streams, trainer.chunk)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step(0.0)
-    after = flow_loss(trainer.model, videos), flow_loss(trainer.model, streams)
+    after = flow_loss(trainer.model, videos, trainer.chunk), flow_loss(trainer.model, streams, trainer.chunk)
     result = {
         "recipe": {k: recipe[k] for k in sorted(recipe)},
         "stream_motions": motions,

@@ -150,3 +150,10 @@ def test_forgetting_probe_script(tmp_path):
     bad = subprocess.run([*run, "--recipe", "stream_wieght=0.5"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--recipe 'stream_wieght=0.5': no TrainConfig field" in bad.stderr
     assert "Traceback" not in bad.stderr
+    for args, message in (
+        (["--recipe", "lr=fast"], "--recipe 'lr=fast': lr takes a float"),
+        (["--recipe", "stream_weight=0"], "--recipe: --stream-weight 0.0: a loss weight above 0"),
+        (["--stream-motions", "moving,flying"], "--stream-motions moving,flying: choose from"),
+    ):
+        bad = subprocess.run([*run, *args], capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, args
