@@ -5,8 +5,9 @@
 # Every result lands in $RES and is packed after each stage, one archive per recipe ($OUT/NAME.tgz: its
 # logs, scores and exported weights, not its optimizer state) and $OUT/results.tgz (the rest): the device
 # tool returns at most 8 files of at most 16 MiB. A later call starts from exported weights with --init, or
-# (STATE=1: the training state comes back too, as $OUT/NAME_model.tgz and $OUT/NAME_adam.tgz) resumes with
-# '--resume DIR' in the recipe; RES=/tmp/r39 keeps it on a warm machine for the next call.
+# (STATE=1, or STATE=NAME,NAME for those recipes only: the training state comes back too, as
+# $OUT/NAME_model.tgz and $OUT/NAME_adam.tgz) resumes with '--resume DIR' in the recipe; RES=/tmp/r39 keeps
+# it on a warm machine for the next call.
 #
 # Usage (from the repository root): TRAIN_S=330 bash scripts/issue39_gpu.sh 'NAME ARGS...' 'NAME ARGS...'
 #   each recipe: a name and the extra `python -m ropesp.demo.train` flags of that run, e.g.
@@ -26,6 +27,7 @@ pack() {
   if [ -n "${STATE:-}" ]; then
     for name in "${names[@]}"; do
       [ -f "$RES/$name/state/train.json" ] || continue
+      [ "$STATE" = 1 ] || [[ ",$STATE," == *",$name,"* ]] || continue
       tar czf "$OUT/${name}_model.tgz" -C "$RES/$name" state/train.json state/state_model.safetensors state/state_ema.safetensors
       tar czf "$OUT/${name}_adam.tgz" -C "$RES/$name" state/state_adam_m.safetensors state/state_adam_v.safetensors
     done

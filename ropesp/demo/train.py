@@ -88,7 +88,7 @@ class TrainConfig:
     batch: int = 48
     """Videos per step."""
     lr: float = 5e-4
-    """Peak AdamW learning rate (cosine to lr_floor * lr over the time limit, after warmup)."""
+    """Peak AdamW learning rate (cosine to lr_floor * lr over --time-limit or --schedule, after warmup)."""
     lr_floor: float = 0.05
     """The cosine schedule's last learning rate, as a share of lr."""
     warmup: int = 300
@@ -101,6 +101,9 @@ class TrainConfig:
     """Stop after this many steps (the time limit usually comes first)."""
     time_limit_s: float = 270.0
     """Stop and save after this much training time (seconds)."""
+    schedule_s: float = 0.0
+    """Training seconds the cosine learning-rate schedule spans, counted over resumed runs too, for one
+    schedule across runs of a few minutes each (0: every run decays over its own --time-limit)."""
     frames: int = 9
     """Latent frames per training video (the demo preset's 9: 33 video frames, 3 chunks). Longer videos
     (e.g. 21) teach what comes after: moving objects bouncing back, streams that go on."""
@@ -307,6 +310,10 @@ class Trainer:
                     f"--step-weights {cfg.step_weights}: {len(self.step_t)} weights >= 0, one per sampler step"
                 )
             self.step_weights = torch.tensor(weights, device=device)
+        if cfg.schedule_s < 0:
+            raise ValueError(
+                f"--schedule {cfg.schedule_s}: training seconds >= 0 (0: each run's --time-limit)"
+            )
         if not cfg.stream_weight > 0:
             raise ValueError(f"--stream-weight {cfg.stream_weight}: a loss weight above 0")
         self.windows = [parse_window(w, self.chunk) for w in cfg.stream_windows.split(",")]
@@ -380,6 +387,9 @@ class Trainer:
         self.step, self.curve = meta["step"], meta["curve"]
         self.elapsed_before = meta["train_seconds"]
         self.init_info = meta.get("init")
+        # a resumed run draws other videos and noise than the run it continues
+        self.generator.manual_seed(self.cfg.seed + 1 + 7919 * self.step)
+        self.host_generator.manual_seed(self.cfg.seed + 2 + 7919 * self.step)
         for group in self.opt.param_groups:
             for p in group["params"]:
                 name = next(n for n, q in self.model.named_parameters() if q is p)
@@ -541,7 +551,10 @@ class Trainer:
         cfg = self.cfg
         if self.step < cfg.warmup:
             return cfg.lr * (self.step + 1) / cfg.warmup
-        frac = min(1.0, elapsed / cfg.time_limit_s)
+        if cfg.schedule_s > 0:
+            frac = min(1.0, (self.elapsed_before + elapsed) / cfg.schedule_s)
+        else:
+            frac = min(1.0, elapsed / cfg.time_limit_s)
         return cfg.lr * (cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def run(self, out: Path) -> None:
@@ -644,6 +657,7 @@ def main(argv: list[str] | None = None) -> None:
         "warmup",
         "steps",
         "time_limit_s",
+        "schedule_s",
         "frames",
         "window_prob",
         "window_chunks",
