@@ -8,6 +8,7 @@
 #   tests     the fast decoder's and the fp8 attention's GPU tests
 #   vae480 / vae720     fast, fast-eager and eager channels-last decoders, fp32 reference, profiles, convs
 #   vaecompile480       today's --vae-compile decoder and the fast one in one process
+#   fp8conv   e4m3 convolutions through cuDNN's graph API at the decoder's shapes (carry .whl_conv)
 #   fp8acc480 / fp8acc720  FA3 e4m3 attention's error and time over growing windows
 #   drift480 / drift720    per-chunk latents of Wan-1.3B (random weights) per FP8 attention fix
 #   e2e480fast / e2e480compile  `ropesp bench --vae random`, DiT only and DiT + decoder, bf16 compile and
@@ -58,6 +59,7 @@ for s in "$@"; do
     vaecompile480) TAIL=60 step vaecompile480 300 $PY "${VAE[@]}" --latent-height 60 --latent-width 104 \
       --variants "${VAE_VARIANTS:-channels-last,fast,compile-channels-last}" --fp32-reference --profile --conv-bench \
       --json "$RES/vaecompile480.json" ;;
+    fp8conv) step fp8conv 240 $PY scripts/fp8_conv_probe.py --json "$RES/fp8conv.json" ;;
     fp8acc480) step fp8acc480 60 $PY scripts/fp8_attention_accuracy.py --json "$RES/fp8acc480.json" ;;
     fp8acc720) step fp8acc720 90 $PY scripts/fp8_attention_accuracy.py --queries 10800 \
       --windows 10800,43200,75600 --json "$RES/fp8acc720.json" ;;
