@@ -30,6 +30,11 @@ SHAPES = [
     ("3x3x3 96<-96 full", (1, 96, 6, 482, 834), 96, (3, 3, 3)),
     ("up 3x3 192<-384 h/2", (4, 384, 242, 418), 192, (3, 3)),
     ("up 3x3 96<-192 full", (4, 192, 482, 834), 96, (3, 3)),
+    ("3x3x3 96<-192 full", (1, 192, 6, 482, 834), 96, (3, 3, 3)),
+    ("conv_out 3x3x3 3<-96", (1, 96, 6, 482, 834), 3, (3, 3, 3)),
+    ("3x3x3 384<-384 h/8", (1, 384, 3, 62, 106), 384, (3, 3, 3)),
+    ("time 3x1x1 768<-384 h/4", (1, 384, 4, 120, 208), 768, (3, 1, 1)),
+    ("up 3x3 192<-384 h/4", (2, 384, 122, 210), 192, (3, 3)),
 ]
 
 
@@ -159,6 +164,7 @@ def probe(cudnn, handle, name, shape, out_ch, kernel) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True, help="where the rows go")
+    ap.add_argument("--from", dest="first", type=int, default=0, help="skip the first N shapes")
     args = ap.parse_args()
     import cudnn
 
@@ -174,7 +180,7 @@ def main() -> None:
         "cudnn_backend": cudnn.backend_version(),
     }
     print(json.dumps(head), flush=True)
-    for shape in SHAPES:
+    for shape in SHAPES[args.first :]:
         row = probe(cudnn, handle, *shape)
         rows.append(row)
         print(json.dumps(row), flush=True)

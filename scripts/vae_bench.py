@@ -12,7 +12,8 @@ session does:
 - compile: `WanVAEDecoder(compile=True)` (Inductor around the convolutions), default layout;
 - compile-channels-last: both (`--vae-compile`);
 - fast: `FastWanDecoder` (ropesp/decode/wan_fast.py: in-place causal caches, fused passes, channels-last,
-  CUDA graphs per latent frame); fast-eager: the same without CUDA graphs.
+  CUDA graphs per latent frame); fast-eager: the same without CUDA graphs; fast-cudnn: fast with its
+  convolutions through cuDNN's graph API, the fastest plan per shape (ropesp/decode/cudnn_conv.py).
 Per chunk: milliseconds between CUDA events around `decode_video` (host clocks on the CPU), median of
 --repeat videos after one warm-up video (two for the compiled variants: one graph per cache state).
 Every variant's frames are compared with the first variant's (max |d| on [-1, 1] pixels) and, with
@@ -43,6 +44,7 @@ VARIANTS = (
     "compile-channels-last",
     "fast",
     "fast-eager",
+    "fast-cudnn",
 )
 KINDS = (  # kernel name fragments -> kind, first match wins
     (("_norm_silu", "_upsample_kernel"), "fast passes (Triton)"),
@@ -151,7 +153,8 @@ def conv_bench(decoder: FastWanDecoder, latents: torch.Tensor, device) -> list[d
 
 def make(name: str, vae):
     if name.startswith("fast"):  # channels-last and (for "fast") CUDA graphs where on CUDA
-        return FastWanDecoder(vae, cuda_graphs=None if name == "fast" else False)
+        graphs = None if name != "fast-eager" else False
+        return FastWanDecoder(vae, cuda_graphs=graphs, cudnn_graphs=name == "fast-cudnn")
     return WanVAEDecoder(
         vae, channels_last=name.endswith("channels-last"), compile=name.startswith("compile")
     )
@@ -233,6 +236,13 @@ def main() -> None:
             results[name]["profile"] = profile_video(decoder, latents, args.chunk, device)
         if args.conv_bench and name.startswith("fast") and device.type == "cuda":
             results[name]["convs"] = conv_bench(decoder, latents, device)
+        graph_convs = getattr(getattr(decoder, "engine", None), "run_conv", None)
+        if hasattr(graph_convs, "plans"):  # cuDNN graphs: each signature's plan time, and what fell back
+            results[name]["cudnn_plans"] = [
+                {"signature": str(key[:3]), "bias": key[4], "ms": plan.ms if plan else None}
+                for key, plan in graph_convs.plans.items()
+            ]
+            results[name]["cudnn_refused"] = {str(k[:3]): why[:300] for k, why in graph_convs.refused.items()}
         first_ms = results[first]["video_ms"]
         print(
             f"{name:>22}: video {total:8.1f} ms ({video.shape[2]} frames, {first_ms / total:5.2f}x vs {first}), "

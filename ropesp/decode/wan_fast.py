@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ropesp.decode import vae_kernels
 from ropesp.decode.base import frames_to_host
+from ropesp.decode.cudnn_conv import GraphConvs, torch_conv
 from ropesp.decode.preview import to_uint8
 from ropesp.decode.vae_kernels import norm_silu_into, upsample_into
 from ropesp.decode.wan_vae import _wan_modules, decoder_input, set_conv_layout
@@ -66,8 +66,18 @@ class CausalConvBuffer:
     (zeros at a stream's start), p its spatial padding (1 for 3x3x3 kernels, 0 for the (3, 1, 1) time
     convolutions); the border stays zero."""
 
-    def __init__(self, conv: torch.nn.Conv3d, batch: int, frames: int, height: int, width: int, cl: bool):
+    def __init__(
+        self,
+        conv: torch.nn.Conv3d,
+        batch: int,
+        frames: int,
+        height: int,
+        width: int,
+        cl: bool,
+        run_conv=torch_conv,
+    ):
         self.conv = conv
+        self.run_conv = run_conv
         self.pad = conv.kernel_size[1] // 2
         assert conv.kernel_size[0] == CACHE_T + 1 and conv.stride == (1, 1, 1), conv
         p = self.pad
@@ -83,7 +93,9 @@ class CausalConvBuffer:
     def run(self, frames: int, bias: bool = True) -> torch.Tensor:
         """The convolution over cache + interior -> [B, C_out, frames, H, W] (without its bias where
         bias is False: the consumer adds it); then the last two input frames become the cache."""
-        out = F.conv3d(self.buf[:, :, : CACHE_T + frames], self.conv.weight, self.conv.bias if bias else None)
+        out = self.run_conv(
+            self.buf[:, :, : CACHE_T + frames], self.conv.weight, self.conv.bias if bias else None
+        )
         if frames >= CACHE_T:
             self.buf[:, :, :CACHE_T].copy_(self.buf[:, :, frames : frames + CACHE_T])
         else:  # overlapping ranges: frame by frame, front to back
@@ -142,7 +154,9 @@ class Workspace:
 class DecodeEngine:
     """What forks share: the VAE, its workspaces (buffers, caches in use, CUDA graphs) and the lock."""
 
-    def __init__(self, vae: torch.nn.Module, channels_last: bool, cuda_graphs: bool) -> None:
+    def __init__(
+        self, vae: torch.nn.Module, channels_last: bool, cuda_graphs: bool, cudnn_graphs: bool = False
+    ) -> None:
         wan = _wan_modules()
         self.vae, self.decoder = vae, vae.decoder
         if any(isinstance(b, wan.WanResidualUpBlock) for b in self.decoder.up_blocks):
@@ -154,6 +168,9 @@ class DecodeEngine:
         self.fuse_bias = vae_kernels.triton is not None and next(vae.parameters()).is_cuda
         """Leave the residual blocks' convolution biases to the fused passes (where those run as kernels;
         on the CPU the convolution adds its bias itself, as diffusers', bit for bit)."""
+        device = next(vae.parameters()).device
+        self.run_conv = GraphConvs(device) if cudnn_graphs and device.type == "cuda" else torch_conv
+        """Every convolution but the 1x1x1 shortcuts: PyTorch's, or cuDNN graphs (cudnn_conv.py)."""
         self.workspaces: dict[tuple[int, int, int], Workspace] = {}
         self.lock = threading.Lock()
 
@@ -172,7 +189,7 @@ class DecodeEngine:
         t = 1
 
         def add(conv):
-            convs[id(conv)] = CausalConvBuffer(conv, batch, t, h, w, cl)
+            convs[id(conv)] = CausalConvBuffer(conv, batch, t, h, w, cl, self.run_conv)
 
         add(d.conv_in)
         for resnet in d.mid_block.resnets:
@@ -250,7 +267,7 @@ class DecodeEngine:
         frames = t * split
         padded = ws.upsample[id(up)][: b * frames]
         upsample_into(x, res, split, padded[:, :, 1:-1, 1:-1], bias=bias)
-        out = F.conv2d(padded, conv2d.weight, conv2d.bias)  # [B * frames, C, 2h, 2w]
+        out = self.run_conv(padded, conv2d.weight, conv2d.bias)  # [B * frames, C, 2h, 2w]
         out = out.view(b, frames, *out.shape[1:]).permute(0, 2, 1, 3, 4)  # [B, C, frames, 2h, 2w]
         return (out, None, None), frames
 
@@ -294,9 +311,12 @@ class FastWanDecoder:
         channels_last: bool | None = None,
         cuda_graphs: bool | None = None,
         engine: DecodeEngine | None = None,
+        cudnn_graphs: bool = False,
     ) -> None:
         """vae: an AutoencoderKLWan (eval, no grad); or engine: an existing decoder's (fork).
-        channels_last, cuda_graphs: None = on CUDA."""
+        channels_last, cuda_graphs: None = on CUDA. cudnn_graphs: the convolutions through cuDNN's graph
+        API with the fastest plan per shape (ropesp/decode/cudnn_conv.py; CUDA, half precision, the
+        `nvidia-cudnn-frontend` package)."""
         if engine is None:
             if vae is None:
                 raise ValueError("FastWanDecoder needs a vae or an engine")
@@ -305,6 +325,7 @@ class FastWanDecoder:
                 vae,
                 on_cuda if channels_last is None else channels_last,
                 on_cuda if cuda_graphs is None else cuda_graphs,
+                cudnn_graphs,
             )
         self.engine = engine
         self.vae = engine.vae

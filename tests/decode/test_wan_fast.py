@@ -12,6 +12,7 @@ pytest.importorskip("diffusers")
 
 import helpers_media
 
+from ropesp.decode import cudnn_conv
 from ropesp.decode.factory import WarmUp, make_decoder
 from ropesp.decode.preview import PreviewDecoder
 from ropesp.decode.wan_fast import FastWanDecoder
@@ -120,20 +121,33 @@ def test_make_decoder_fast(vae, tmp_path, latents):
     assert torch.equal(decoder.decode(latents[:, :3]), reference.decode(latents[:, :3]))
 
 
-def _gpu_decoders(vae):
+def _gpu_decoders(vae, cudnn_graphs: bool = False):
     exact = WanVAEDecoder(copy.deepcopy(vae).to("cuda"), channels_last=False)
     eager = WanVAEDecoder(copy.deepcopy(vae).to("cuda", torch.bfloat16), channels_last=False)
-    fast = FastWanDecoder(copy.deepcopy(vae).to("cuda", torch.bfloat16))
+    fast = FastWanDecoder(copy.deepcopy(vae).to("cuda", torch.bfloat16), cudnn_graphs=cudnn_graphs)
     return exact, eager, fast
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16, Triton, CUDA graphs)")
-def test_fast_decoder_on_cuda_within_bf16_of_eager(vae, latents):
-    """bf16 with the Triton passes, channels-last and CUDA graphs, against one fp32 decode: as close as
-    the eager bf16 decoder (bounds as tests/decode/test_wan_vae.py's compiled test: the tiny random VAE's
-    bf16 rounding alone reaches ~0.2), over two streams (the second replays the graphs)."""
-    exact, eager, fast = _gpu_decoders(vae)
+@pytest.mark.parametrize(
+    "cudnn_graphs",
+    [
+        False,
+        pytest.param(
+            True, marks=pytest.mark.skipif(not cudnn_conv.available(), reason="needs nvidia-cudnn-frontend")
+        ),
+    ],
+    ids=["torch-convs", "cudnn-graphs"],
+)
+def test_fast_decoder_on_cuda_within_bf16_of_eager(vae, latents, cudnn_graphs):
+    """bf16 with the Triton passes, channels-last and CUDA graphs (and the convolutions as cuDNN graphs),
+    against one fp32 decode: as close as the eager bf16 decoder (bounds as tests/decode/test_wan_vae.py's
+    compiled test: the tiny random VAE's bf16 rounding alone reaches ~0.2), over two streams (the second
+    replays the graphs)."""
+    exact, eager, fast = _gpu_decoders(vae, cudnn_graphs)
+    if cudnn_graphs:
+        assert isinstance(fast.engine.run_conv, cudnn_conv.GraphConvs)
     chunks = [latents[:, a:b] for a, b in CHUNKS]
     with torch.backends.cudnn.flags(allow_tf32=False):
         expected = torch.cat([exact.decode_video(c) for c in chunks], dim=2)
@@ -148,6 +162,9 @@ def test_fast_decoder_on_cuda_within_bf16_of_eager(vae, latents):
         assert err.mean() <= 1.5 * eager_err.mean() + 1e-3, summary
         assert err.max() <= 2 * eager_err.max() + 1e-2, summary
     assert set(fast.engine.workspaces[(1, ROWS, COLS)].graphs) == {True, False}
+    if cudnn_graphs:  # every convolution of the tiny VAE ran as a cuDNN graph
+        plans = fast.engine.run_conv.plans
+        assert plans and all(plans.values()), fast.engine.run_conv.refused
 
 
 @pytest.mark.gpu
@@ -174,3 +191,49 @@ def test_biases_left_to_the_fused_passes_give_the_same_frames(vae, latents):
     fast.engine.fuse_bias = True
     for got, want in zip(_stream(fast, latents), expected):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(cudnn_conv.available(), reason="nvidia-cudnn-frontend is installed here")
+def test_cudnn_graphs_without_the_package_name_it():
+    with pytest.raises(ModuleNotFoundError, match=r"nvidia-cudnn-frontend.*ropesp\[cudnn\]"):
+        cudnn_conv.GraphConvs(torch.device("cpu"))
+
+
+def test_cudnn_graphs_stay_off_the_cpu(vae, latents):
+    """On the CPU the decoder keeps PyTorch's convolutions (cuDNN graphs are CUDA-only): the same frames."""
+    fast = FastWanDecoder(vae, cudnn_graphs=True)
+    assert fast.engine.run_conv is cudnn_conv.torch_conv
+    for got, want in zip(_stream(fast, latents), _stream(FastWanDecoder(vae), latents)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not cudnn_conv.available(), reason="needs nvidia-cudnn-frontend")
+@pytest.mark.parametrize("spatial", [2, 3])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_cudnn_graph_convolution_equals_torch_in_bf16_and_replays_in_a_cuda_graph(spatial, bias):
+    """A view of a larger zero-bordered channels-last buffer (as the decoder's causal buffers are read):
+    within bf16 rounding of PyTorch's convolution against fp32 (rel L2 <= 1.5x PyTorch's bf16 error +
+    1e-3), and the same result replayed from a CUDA graph on new input values."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (2, 64, 5, 18, 22) if spatial == 3 else (3, 64, 18, 22)
+    fmt = torch.channels_last_3d if spatial == 3 else torch.channels_last
+    buf = torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16).contiguous(memory_format=fmt)
+    x = buf[:, :, :4] if spatial == 3 else buf
+    w = (torch.randn((32, 64, *[3] * spatial), device="cuda", generator=g) / 24).to(torch.bfloat16)
+    w = w.contiguous(memory_format=fmt)
+    b = torch.randn(32, device="cuda", generator=g).to(torch.bfloat16) if bias else None
+    convs = cudnn_conv.GraphConvs(torch.device("cuda"))
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        exact = cudnn_conv.torch_conv(x.float(), w.float(), None if b is None else b.float())
+    ours, theirs = convs(x, w, b), cudnn_conv.torch_conv(x, w, b)
+    assert all(convs.plans.values()), convs.refused
+    rel = (ours.float() - exact).norm() / exact.norm()
+    assert rel <= 1.5 * (theirs.float() - exact).norm() / exact.norm() + 1e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = convs(x, w, b)
+    buf.normal_(generator=g)
+    graph.replay()
+    torch.testing.assert_close(replayed, convs(x, w, b), atol=0, rtol=0)

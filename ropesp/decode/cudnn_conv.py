@@ -1,0 +1,157 @@
+"""Convolutions through cuDNN's graph API (the optional `nvidia-cudnn-frontend`, module `cudnn`) for the
+fast Wan VAE decoder: the bias added in the convolution's epilogue, and of every plan cuDNN builds for a
+shape the fastest, timed once. PyTorch's own cuDNN call (cudnn.benchmark) chooses among fewer kernels and
+adds the bias in a pass of its own: at the decoder's 480p shapes on an H100 the graph's plan took 0.60 of
+PyTorch's time for the full-size 96-channel convolutions and 0.57-0.86 for the others
+(scripts/fp8_conv_probe.py, bench/RESULTS.md twenty-first session).
+
+Only half-precision convolutions (bf16, fp16) on CUDA go through a graph; fp32, the CPU, and any shape
+cuDNN's graph refuses stay PyTorch's convolution (the same function).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MAX_PLANS = 24
+"""Plans timed per shape (in cuDNN's heuristic order): the build of each costs up to a second."""
+
+
+def available() -> bool:
+    """Whether cuDNN's graph API (nvidia-cudnn-frontend) is installed."""
+    return importlib.util.find_spec("cudnn") is not None
+
+
+def torch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch's convolution: x [N, C, (T,) H, W], unpadded, stride 1."""
+    return (F.conv3d if x.dim() == 5 else F.conv2d)(x, weight, bias)
+
+
+def channels_last_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized [N, C, *spatial] tensor stored channels last."""
+    fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+@dataclass
+class _Plan:
+    graph: object
+    tensors: tuple
+    """The graph's (x, weight, bias or None, out) tensor handles: the variant pack's keys."""
+    index: int
+    workspace: torch.Tensor
+    ms: float
+
+
+class GraphConvs:
+    """conv(x, weight, bias) for the fast decoder's fixed shapes: one cuDNN graph per signature (shapes,
+    strides, dtype, with or without bias), shared by every convolution of that signature; signatures
+    cuDNN cannot run fall back to PyTorch's convolution. Build and time outside CUDA graph capture (the
+    decoder's warm-up frame does); replays only execute the chosen plans."""
+
+    def __init__(self, device: torch.device) -> None:
+        if not available():
+            raise ModuleNotFoundError(
+                "cuDNN graph convolutions need the nvidia-cudnn-frontend package: pip install 'ropesp[cudnn]'"
+            )
+        import cudnn
+
+        self.cudnn = cudnn
+        with torch.cuda.device(device):
+            self.handle = cudnn.create_handle()
+        self.plans: dict[tuple, _Plan | None] = {}
+        self.refused: dict[tuple, str] = {}
+        """signature -> why cuDNN's graph could not run it (those use PyTorch's convolution)."""
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [N, C, (T,) H, W] (already padded; stride 1, no dilation) -> [N, K, (T',) H', W'] channels last."""
+        if x.dtype not in (torch.bfloat16, torch.float16) or not x.is_cuda:
+            return torch_conv(x, weight, bias)
+        key = (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), bias is not None, x.dtype)
+        if key not in self.plans:
+            self.plans[key] = self._build(key, x, weight, bias)
+        plan = self.plans[key]
+        if plan is None:
+            return torch_conv(x, weight, bias)
+        out = channels_last_empty(_out_shape(x, weight), x)
+        self._execute(plan, x, weight, bias, out, plan.index)
+        return out
+
+    def _execute(self, plan: _Plan, x, weight, bias, out, index: int) -> None:
+        tx, tw, tb, ty = plan.tensors
+        pack = {tx: x, tw: weight, ty: out}
+        if tb is not None:
+            pack[tb] = bias.view(1, -1, *[1] * (x.dim() - 2))
+        self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(x.device).cuda_stream)
+        plan.graph.execute_plan_at_index(pack, plan.workspace, index, handle=self.handle)
+
+    def _build(self, key: tuple, x, weight, bias) -> _Plan | None:
+        cudnn = self.cudnn
+        kind = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[x.dtype]
+        out = channels_last_empty(_out_shape(x, weight), x)
+        try:
+            g = cudnn.pygraph(
+                io_data_type=kind,
+                intermediate_data_type=cudnn.data_type.FLOAT,
+                compute_data_type=cudnn.data_type.FLOAT,
+                handle=self.handle,
+            )
+            tx = g.tensor(name="x", dim=list(x.shape), stride=list(x.stride()), data_type=kind)
+            tw = g.tensor(name="w", dim=list(weight.shape), stride=list(weight.stride()), data_type=kind)
+            spatial = x.dim() - 2
+            y = g.conv_fprop(
+                image=tx, weight=tw, padding=[0] * spatial, stride=[1] * spatial, dilation=[1] * spatial
+            )
+            tb = None
+            if bias is not None:
+                b = bias.view(1, -1, *[1] * spatial)
+                tb = g.tensor(name="b", dim=list(b.shape), stride=list(b.stride()), data_type=kind)
+                y = g.bias(name="bias", input=y, bias=tb)
+            y.set_output(True).set_data_type(kind).set_dim(list(out.shape)).set_stride(list(out.stride()))
+            g.validate()
+            g.build_operation_graph()
+            g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+            g.check_support()
+            g.build_plans(cudnn.build_plan_policy.ALL)
+            count = min(g.get_execution_plan_count(), MAX_PLANS)
+        except Exception as exc:  # cuDNN's graph refuses this signature: PyTorch's convolution runs it
+            self.refused[key] = f"{type(exc).__name__}: {exc}"
+            return None
+        best: _Plan | None = None
+        for i in range(count):
+            try:
+                workspace = torch.empty(
+                    max(g.get_workspace_size_plan_at_index(i), 1), dtype=torch.uint8, device=x.device
+                )
+                plan = _Plan(g, (tx, tw, tb, y), i, workspace, 0.0)
+                plan.ms = _time_ms(lambda plan=plan: self._execute(plan, x, weight, bias, out, plan.index))
+            except Exception:  # a plan that builds but does not run at this shape
+                continue
+            if best is None or plan.ms < best.ms:
+                best = plan
+        if best is None:
+            self.refused[key] = "no plan ran"
+        return best
+
+
+def _out_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    return (x.shape[0], weight.shape[0], *(n - k + 1 for n, k in zip(x.shape[2:], weight.shape[2:])))
+
+
+def _time_ms(fn: Callable[[], None], reps: int = 3) -> float:
+    """Best of `reps` timed calls after one untimed (milliseconds, CUDA events)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, begin.elapsed_time(end))
+    return best
