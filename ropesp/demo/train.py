@@ -147,6 +147,10 @@ class TrainConfig:
     """Loss weight of a stream batch against a short-video batch's 1 (a stream batch's gradient starts
     10x a short video's; weighting it down slows what the streams teach, and in the CPU probe of
     bench/RESULTS.md did not spare the short videos)."""
+    anchor: float = 0.0
+    """Pull toward the --init weights after every step (decoupled, as AdamW's weight decay but toward
+    the start: each weight moves lr * anchor of its distance back; 0: off): fine-tuning that keeps what
+    the start knew (L2-SP). Needs --init."""
     seed: int = 0
     """Seed of the world's videos, the noise and the initial weights."""
     log_every: int = 50
@@ -314,6 +318,10 @@ class Trainer:
             raise ValueError(
                 f"--schedule {cfg.schedule_s}: training seconds >= 0 (0: each run's --time-limit)"
             )
+        if cfg.anchor < 0:
+            raise ValueError(f"--anchor {cfg.anchor}: a pull >= 0 (0: off)")
+        self.anchor: list[torch.Tensor] | None = None
+        """The --init weights, in parameter order, that --anchor pulls toward."""
         if not cfg.stream_weight > 0:
             raise ValueError(f"--stream-weight {cfg.stream_weight}: a loss weight above 0")
         self.windows = [parse_window(w, self.chunk) for w in cfg.stream_windows.split(",")]
@@ -357,6 +365,11 @@ class Trainer:
             v[names[p]] = st["exp_avg_sq"].float().cpu().contiguous()
         save_file(m, out / "state_adam_m.safetensors")
         save_file(v, out / "state_adam_v.safetensors")
+        if self.anchor is not None:
+            anchor = {
+                n: a.cpu().contiguous() for (n, _), a in zip(self.model.named_parameters(), self.anchor)
+            }
+            save_file(anchor, out / "state_anchor.safetensors")
         meta = {
             "recipe": asdict(self.cfg),
             "init": self.init_info,
@@ -377,6 +390,8 @@ class Trainer:
         self.model.load_state_dict(sd)
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.init_info = {"checkpoint": checkpoint.name, **info}
+        if self.cfg.anchor > 0:
+            self.anchor = [p.detach().clone() for p in self.model.parameters()]
 
     def load(self, src: Path) -> None:
         self.model.load_state_dict(load_file(src / "state_model.safetensors", device=str(self.device)))
@@ -387,6 +402,9 @@ class Trainer:
         self.step, self.curve = meta["step"], meta["curve"]
         self.elapsed_before = meta["train_seconds"]
         self.init_info = meta.get("init")
+        if (src / "state_anchor.safetensors").exists():
+            anchor = load_file(src / "state_anchor.safetensors", device=str(self.device))
+            self.anchor = [anchor[n] for n, _ in self.model.named_parameters()]
         # a resumed run draws other videos and noise than the run it continues
         self.generator.manual_seed(self.cfg.seed + 1 + 7919 * self.step)
         self.host_generator.manual_seed(self.cfg.seed + 2 + 7919 * self.step)
@@ -539,6 +557,11 @@ class Trainer:
         weighted.backward()
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)  # before clipping
         self.opt.step()
+        if self.anchor is not None:
+            with torch.no_grad():
+                pull = min(1.0, lr * self.cfg.anchor)
+                for param, start in zip(self.model.parameters(), self.anchor):
+                    param.lerp_(start, pull)
         self.step += 1
         decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
@@ -673,6 +696,7 @@ def main(argv: list[str] | None = None) -> None:
         "rollout_prob",
         "edge_weight",
         "stream_weight",
+        "anchor",
         "seed",
         "ema",
         "log_every",
@@ -705,6 +729,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(exc))
     if args.resume and args.init:
         p.error("--init and --resume exclude each other")
+    if cfg.anchor and not (args.init or args.resume):
+        p.error("--anchor pulls toward the --init weights: give --init DIR")
     if args.init:
         trainer.init_from(Path(args.init))
         print(f"started from {args.init} ({trainer.init_info})", flush=True)

@@ -43,6 +43,39 @@ def test_steps_resume_and_export(tmp_path):
     assert res.model == again.model_cfg and not res.random_weights
 
 
+def test_anchor_pulls_the_weights_back_to_the_init_and_resumes_with_them(tmp_path):
+    """--anchor: after each optimizer step every weight moves lr * anchor of its way back to the --init
+    weights; lr * anchor >= 1 keeps them there exactly; a resumed run pulls toward the same weights."""
+    start = _trainer(steps=1)
+    start.run(tmp_path / "s")
+    export_weights(tmp_path / "s", tmp_path / "w")  # fp16: the weights an --init reads
+    for anchor, stays in ((1e6, True), (0.0, False)):
+        tuned = _trainer(steps=1, anchor=anchor, lr=1e-3)
+        tuned.init_from(tmp_path / "w")
+        init = {k: v.clone() for k, v in tuned.model.state_dict().items()}
+        tuned.train_step(0.0)
+        moved = [k for k, v in tuned.model.state_dict().items() if not torch.equal(v, init[k])]
+        assert (moved == []) is stays, moved
+    pulled = _trainer(steps=2, anchor=100.0, lr=1e-3)
+    pulled.init_from(tmp_path / "w")
+    pulled.run(tmp_path / "a")
+    again = _trainer(steps=3, anchor=100.0, lr=1e-3)
+    again.load(tmp_path / "a")
+    assert again.anchor is not None
+    for a, b in zip(again.anchor, pulled.anchor):
+        assert torch.equal(a, b)
+
+
+def test_schedule_spans_resumed_runs():
+    """--schedule: the cosine runs over the training seconds of every run, resumed ones too."""
+    trainer, own = _trainer(schedule_s=100.0, lr=1.0, lr_floor=0.0), _trainer(lr=1.0, lr_floor=0.0)
+    trainer.step = own.step = 5  # past the warm-up
+    assert trainer.lr_at(50.0) == pytest.approx(0.5)
+    trainer.elapsed_before = 50.0  # a resumed run, 50 s trained before
+    assert trainer.lr_at(0.0) == pytest.approx(0.5) and trainer.lr_at(50.0) == pytest.approx(0.0)
+    assert own.lr_at(300.0) == pytest.approx(0.5)  # without --schedule: its own --time-limit of 600 s
+
+
 def test_video_batches_see_the_window_back_window_chunks():
     trainer = _trainer(frames=12, window_chunks=2, window_prob=1.0)
     layout = trainer.video_batch().layout
@@ -107,6 +140,9 @@ def test_stream_weight_scales_a_stream_batchs_gradient_not_its_reported_loss(mon
         (["--stream-windows", "9/2"], "--stream-windows 9/2: the sink must be 0 or one 3-frame chunk"),
         (["--horizon", "12"], "--horizon 12: at least"),
         (["--stream-weight", "0"], "--stream-weight 0.0: a loss weight above 0"),
+        (["--anchor", "-1"], "--anchor -1.0: a pull >= 0"),
+        (["--anchor", "100"], "--anchor pulls toward the --init weights: give --init DIR"),
+        (["--schedule", "-5"], "--schedule -5.0: training seconds >= 0"),
     ],
 )
 def test_bad_recipes_name_the_flag(tmp_path, capsys, args, message):
