@@ -1,6 +1,6 @@
 """Convolutions through cuDNN's graph API (the optional `nvidia-cudnn-frontend`, module `cudnn`) for the
 fast Wan VAE decoder: the bias added in the convolution's epilogue, and of every plan cuDNN builds for a
-shape the fastest, timed once. PyTorch's own cuDNN call (cudnn.benchmark) chooses among fewer kernels and
+shape the fastest, timed once (against PyTorch's convolution, which stays where it is faster). PyTorch's own cuDNN call (cudnn.benchmark) chooses among fewer kernels and
 adds the bias in a pass of its own: at the decoder's 480p shapes on an H100 the graph's plan took 0.60 of
 PyTorch's time for the full-size 96-channel convolutions and 0.57-0.86 for the others
 (scripts/fp8_conv_probe.py, bench/RESULTS.md twenty-first session).
@@ -54,7 +54,9 @@ class GraphConvs:
     cuDNN cannot run fall back to PyTorch's convolution. Build and time outside CUDA graph capture (the
     decoder's warm-up frame does); replays only execute the chosen plans."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, keep_faster: bool = True) -> None:
+        """keep_faster: where PyTorch's convolution times faster than the graph's best plan, keep it
+        (False: every signature cuDNN's graph can run goes through it)."""
         if not available():
             raise ModuleNotFoundError(
                 "cuDNN graph convolutions need the nvidia-cudnn-frontend package: pip install 'ropesp[cudnn]'"
@@ -64,9 +66,10 @@ class GraphConvs:
         self.cudnn = cudnn
         with torch.cuda.device(device):
             self.handle = cudnn.create_handle()
+        self.keep_faster = keep_faster
         self.plans: dict[tuple, _Plan | None] = {}
         self.refused: dict[tuple, str] = {}
-        """signature -> why cuDNN's graph could not run it (those use PyTorch's convolution)."""
+        """signature -> why it stays PyTorch's convolution (cuDNN's graph refused it, or was slower)."""
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [N, C, (T,) H, W] (already padded; stride 1, no dilation) -> [N, K, (T',) H', W'] channels last."""
@@ -136,6 +139,11 @@ class GraphConvs:
                 best = plan
         if best is None:
             self.refused[key] = "no plan ran"
+            return None
+        torch_ms = _time_ms(lambda: torch_conv(x, weight, bias)) if self.keep_faster else float("inf")
+        if torch_ms <= best.ms:  # e.g. the 3-channel output convolution: PyTorch's kernel stays
+            self.refused[key] = f"PyTorch's convolution is faster ({torch_ms:.3f} against {best.ms:.3f} ms)"
+            return None
         return best
 
 
