@@ -109,6 +109,8 @@ class BenchConfig:
     """Run the Wan VAE decoder through torch.compile (WanVAEDecoder(compile=True))."""
     vae_fast: bool = False
     """The Wan VAE as FastWanDecoder (ropesp/decode/wan_fast.py)."""
+    vae_cudnn: bool = False
+    """FastWanDecoder's convolutions as cuDNN graphs (ropesp/decode/cudnn_conv.py)."""
     decode_device: str | None = None
     """Where rank 0's decoder runs ('cuda:N', e.g. a GPU of its own beside the DiT ranks'); None = rank
     0's device. Only rank 0 decodes, as in `generate` and serving; the other ranks keep in lock-step."""
@@ -219,7 +221,12 @@ def measure(
         warm = WarmUp(g.latent_height, g.latent_width, session.chunk_sizes[0])
         session.decoder = (
             make_decoder(
-                bench.vae, decoder_device, compile=bench.vae_compile, warm_up=warm, fast=bench.vae_fast
+                bench.vae,
+                decoder_device,
+                compile=bench.vae_compile,
+                warm_up=warm,
+                fast=bench.vae_fast,
+                cudnn=bench.vae_cudnn,
             )
             if decodes
             else None

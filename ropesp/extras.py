@@ -12,6 +12,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "vae": ("diffusers",),
     "bench": ("matplotlib",),
     "demo": ("aiohttp", "PIL"),
+    "cudnn": ("cudnn",),
 }
 """Extra name -> the modules it provides (import names; located, not imported)."""
 

@@ -508,6 +508,12 @@ class DecodeConfig(Section):
         "frames within bf16 rounding of the default's (1.23x --vae-compile on an H100, 11 s of warm-up instead "
         "of 79 s)",
     )
+    vae_cudnn: bool = setting(
+        False,
+        "with --vae-fast: its convolutions through cuDNN's graph API, the bias in the epilogue and of cuDNN's "
+        "plans the fastest, timed at load (CUDA; the [cudnn] extra; 1.06-1.77x PyTorch's per convolution on "
+        "an H100, not yet measured end to end)",
+    )
     decode_device: str | None = setting(
         None,
         "run the Wan VAE on this device (cuda:N), e.g. a GPU of its own beside the DiT's",
@@ -526,8 +532,12 @@ class DecodeConfig(Section):
     def _check(self) -> None:
         if self.decoder in ("preview", "none") and self.vae:
             raise ConfigError(f"{arg('vae')} is for {arg('decoder', 'vae')}")
+        if self.vae_cudnn and not self.vae_fast:
+            raise ConfigError(
+                f"{arg('vae_cudnn')} acts on {arg('vae_fast')}'s decoder: pass {arg('vae_fast')} too"
+            )
         if self.decoder != "vae" and not self.vae:
-            for name in ("vae_compile", "vae_fast", "decode_device"):
+            for name in ("vae_compile", "vae_fast", "vae_cudnn", "decode_device"):
                 if getattr(self, name):
                     raise ConfigError(
                         f"{arg(name)} acts on the Wan VAE decoder: give {arg('vae')} or {arg('model_dir')}"

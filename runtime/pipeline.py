@@ -280,7 +280,7 @@ def _decoder(config: RunConfig, model_dir) -> tuple[str, str | None]:
         raise ConfigError(
             f"{arg('vae', settings.vae)} does not exist (a diffusers vae/ directory or Wan2.1_VAE.pth)"
         )
-    given = [n for n in ("vae_compile", "vae_fast", "decode_device") if getattr(settings, n)]
+    given = [n for n in ("vae_compile", "vae_fast", "vae_cudnn", "decode_device") if getattr(settings, n)]
     if decoder != "vae" and given:
         name = given[0]
         raise ConfigError(f"{arg(name)} acts on the Wan VAE decoder: use {arg('decoder', 'vae')}")
@@ -292,6 +292,8 @@ def _decoder(config: RunConfig, model_dir) -> tuple[str, str | None]:
         from ropesp.extras import require
 
         require("vae", f"{arg('decoder', 'vae')} (the Wan VAE)")
+        if settings.vae_cudnn:
+            require("cudnn", arg("vae_cudnn"))
     return decoder, (vae if decoder == "vae" else None)
 
 
@@ -346,7 +348,15 @@ def stream_decoder(res: ResolvedPipeline, device: torch.device, *, decode: bool 
     g = res.geometry
     warm = WarmUp(g.latent_height, g.latent_width, res.config.sampler.chunk_frames)
     try:
-        return make_decoder(res.vae, where, res.dtype, settings.vae_compile, warm, fast=settings.vae_fast)
+        return make_decoder(
+            res.vae,
+            where,
+            res.dtype,
+            settings.vae_compile,
+            warm,
+            fast=settings.vae_fast,
+            cudnn=settings.vae_cudnn,
+        )
     except CheckpointError as exc:
         source = arg("vae", res.vae) if settings.vae else arg("model_dir", res.config.source.model_dir)
         raise CheckpointError(f"{source}: {exc}") from None

@@ -1,5 +1,6 @@
 """`ropesp bench` on the CPU: structure of the JSON and the plot, never speed."""
 
+import importlib.util
 import json
 
 import pytest
@@ -102,6 +103,26 @@ def test_bench_decode_device_is_checked_before_any_rank_starts(device, message, 
 def test_bench_decode_device_needs_a_vae(capsys):
     assert main(["bench", "--configs", "optimized", "--decode-device", "cpu"]) == 2
     assert "--decode-device acts on the Wan VAE decoder: give --vae or --model-dir" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cudnn") is not None, reason="nvidia-cudnn-frontend is installed"
+)
+def test_bench_vae_cudnn_names_its_extra(capsys):
+    args = [
+        "bench",
+        "--configs",
+        "optimized",
+        "--vae",
+        "random",
+        "--vae-fast",
+        "--vae-cudnn",
+        "--preset",
+        "tiny",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--vae-cudnn needs the [cudnn] extra (missing: cudnn)" in err and "Traceback" not in err
 
 
 def test_bench_vae_compile_needs_a_vae(capsys):

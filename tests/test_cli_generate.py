@@ -124,6 +124,7 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
         (["--world-size", "8", "--ulysses-degree", "8"], "valid Ulysses degrees for world size 8: [1, 2, 4]"),
         (["--backend", "aoti"], "needs --engines"),
         (["--vae-compile"], "--vae-compile acts on the Wan VAE decoder: give --vae or --model-dir"),
+        (["--vae-cudnn"], "--vae-cudnn acts on --vae-fast's decoder: pass --vae-fast too"),
         (
             ["--decode-device", "cuda:1"],
             "--decode-device acts on the Wan VAE decoder: give --vae or --model-dir",

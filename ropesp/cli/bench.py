@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     add_flags(
         p,
         DecodeConfig,
-        only=("vae", "vae_compile", "vae_fast", "decode_device", "early_first_frame"),
+        only=("vae", "vae_compile", "vae_fast", "vae_cudnn", "decode_device", "early_first_frame"),
         help={"vae": "time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)"},
     )
     g = p.add_argument_group("bench")
@@ -71,7 +71,7 @@ def run(args) -> None:
         raise ConfigError("--frames 0 (a stream until stopped) is for `ropesp generate`: give a length here")
     bench = BenchConfig(
         run=config.replace(
-            vae=None, vae_compile=False, vae_fast=False, decode_device=None
+            vae=None, vae_compile=False, vae_fast=False, vae_cudnn=False, decode_device=None
         ),  # bench's own decoder
         configs=tuple(c for c in args.configs.split(",") if c),
         warmup=args.warmup,
@@ -79,6 +79,7 @@ def run(args) -> None:
         vae=config.decode.vae,
         vae_compile=config.decode.vae_compile,
         vae_fast=config.decode.vae_fast,
+        vae_cudnn=config.decode.vae_cudnn,
         decode_device=config.decode.decode_device,
         decode=not args.no_decode,
         commit=args.commit,
@@ -91,4 +92,6 @@ def run(args) -> None:
         require("bench", "--plot")
     res, mapping = resolve_rank(bench.run, default_model=False)  # the rank environment, read once
     require_backend(res.backend)
+    if bench.vae_cudnn:
+        require("cudnn", "--vae-cudnn")
     run_bench(bench, default_prompt_embeds(res.model), (res, mapping))

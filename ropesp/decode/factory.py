@@ -39,6 +39,7 @@ def make_decoder(
     compile: bool = False,
     warm_up: WarmUp | None = None,
     fast: bool = False,
+    cudnn: bool = False,
 ) -> StreamDecoder:
     """The preview decoder (vae None) or the streaming Wan VAE (a checkpoint path, or RANDOM_VAE).
 
@@ -46,7 +47,8 @@ def make_decoder(
     the Wan VAE; with warm_up its graphs are built here (~2 min on an H200, bench/RESULTS.md), so no video
     or request pays for them. fast: the Wan VAE as `FastWanDecoder` (ropesp/decode/wan_fast.py: in-place
     caches, fused passes, CUDA graphs; the same frames), compile then ignored; with warm_up on CUDA its
-    graphs are captured here. Raises CheckpointError for an unreadable VAE.
+    graphs are captured here. cudnn: the fast decoder's convolutions as cuDNN graphs (cudnn_conv.py).
+    Raises CheckpointError for an unreadable VAE.
     """
     device = torch.device(device)
     if vae is None:
@@ -58,9 +60,9 @@ def make_decoder(
         from ropesp.decode.wan_fast import FastWanDecoder
 
         if vae == RANDOM_VAE:
-            fast_decoder = FastWanDecoder.random(dtype, device)
+            fast_decoder = FastWanDecoder.random(dtype, device, cudnn_graphs=cudnn)
         else:
-            fast_decoder = FastWanDecoder(load_wan_vae(vae, dtype, device))
+            fast_decoder = FastWanDecoder(load_wan_vae(vae, dtype, device), cudnn_graphs=cudnn)
         if warm_up is not None and device.type == "cuda":
             fast_decoder.warm_up(warm_up.latent_height, warm_up.latent_width, warm_up.chunk_frames)
         return fast_decoder

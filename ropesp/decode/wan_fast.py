@@ -338,12 +338,15 @@ class FastWanDecoder:
         self.state = StreamState()
 
     @classmethod
-    def random(cls, dtype=torch.float32, device="cpu", seed: int = 0) -> FastWanDecoder:
+    def random(
+        cls, dtype=torch.float32, device="cpu", seed: int = 0, cudnn_graphs: bool = False
+    ) -> FastWanDecoder:
         """The full-size Wan2.1 VAE on seeded random weights (as WanVAEDecoder.random)."""
         from diffusers import AutoencoderKLWan
 
         torch.manual_seed(seed)
-        return cls(AutoencoderKLWan().to(device=device, dtype=dtype).eval().requires_grad_(False))
+        vae = AutoencoderKLWan().to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cls(vae, cudnn_graphs=cudnn_graphs)
 
     @property
     def device(self) -> torch.device:
