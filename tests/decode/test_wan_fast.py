@@ -162,8 +162,11 @@ def test_fast_decoder_on_cuda_within_bf16_of_eager(vae, latents, cudnn_graphs):
         assert err.mean() <= 1.5 * eager_err.mean() + 1e-3, summary
         assert err.max() <= 2 * eager_err.max() + 1e-2, summary
     assert set(fast.engine.workspaces[(1, ROWS, COLS)].graphs) == {True, False}
-    if cudnn_graphs:  # every convolution of the tiny VAE ran as a cuDNN graph
-        assert fast.engine.run_conv.plans and all(fast.engine.run_conv.plans.values())
+    if cudnn_graphs:  # cuDNN graphs ran (a 4-channel signature cuDNN refuses stays PyTorch's, named)
+        convs = fast.engine.run_conv
+        assert any(convs.plans.values()) and set(convs.refused) == {
+            k for k, v in convs.plans.items() if v is None
+        }
 
 
 @pytest.mark.gpu
