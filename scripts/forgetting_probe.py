@@ -7,6 +7,11 @@ optimizer steps at batch `--batch`, then the flow-matching loss (ropesp.demo.tra
 on 4 fixed held-out short-video batches and 4 fixed stream batches, drawn from another seed than training.
 Runs of different recipes draw the same training batches up to where the recipes differ (one seed), so
 two runs side by side compare recipes, e.g. with and without stream batches.
+
+--adapter RANK: the shipped weights frozen, a low-rank adapter (LoRA, rank RANK, zero at the start) on every
+linear layer of the blocks trained on stream batches only, as an adapter used only past a stream's first
+chunks would be; the short videos are scored without it (their loss cannot move: checked), the streams
+with it.
 """
 
 from __future__ import annotations
@@ -72,6 +77,37 @@ def restrict_stream_prompts(trainer: Trainer, motions: list[str]) -> None:
     trainer.stream_batch = stream_batch
 
 
+class LowRankAdapter(torch.nn.Module):
+    """base(x) + up(down(x)) while `on` (up starts at zero: the base model's output)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.base, self.on = base, True
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features) / base.in_features**0.5)
+        self.up = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + (x @ self.down.t().to(x.dtype)) @ self.up.t().to(x.dtype) if self.on else y
+
+
+def add_adapters(trainer: Trainer, rank: int) -> list[LowRankAdapter]:
+    """Freeze trainer's model, put an adapter on every linear layer of its blocks, and train only those."""
+    trainer.model.requires_grad_(False)
+    adapters = []
+    for block in trainer.model.blocks:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    adapter = LowRankAdapter(child, rank)
+                    parent._modules[name] = adapter
+                    adapters.append(adapter)
+    params = [p for a in adapters for p in (a.down, a.up)]
+    trainer.opt = torch.optim.AdamW(params, lr=trainer.cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    trainer.ema = {k: v.detach().clone().float() for k, v in trainer.model.state_dict().items()}
+    return adapters
+
+
 def flow_loss(model: torch.nn.Module, batches: list, chunk: int) -> list[float]:
     """Flow-matching loss of each batch, per supervised chunk of `chunk` latent frames (in order)."""
     out = []
@@ -97,11 +133,16 @@ def main() -> None:
         default=",".join(MOTIONS),
         help="motion classes whose prompts the stream batches draw (default: all)",
     )
+    p.add_argument("--adapter", type=int, default=0, metavar="RANK", help="train a rank-RANK adapter only")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the result here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     recipe = {**BASE, "batch": args.batch, **parse_recipe(args.recipe)}
+    if args.adapter < 0:
+        raise SystemExit(f"--adapter {args.adapter}: a rank >= 1 (0: no adapter)")
+    if args.adapter:
+        recipe["stream_prob"] = 1.0  # the adapter learns from stream batches only
     motions = args.stream_motions.split(",")
     if not set(motions) <= set(MOTIONS):
         raise SystemExit(f"--stream-motions {args.stream_motions}: choose from {','.join(MOTIONS)}")
@@ -116,13 +157,22 @@ def main() -> None:
     if set(motions) != set(MOTIONS):
         restrict_stream_prompts(trainer, motions)
     before = flow_loss(trainer.model, videos, trainer.chunk), flow_loss(trainer.model, streams, trainer.chunk)
+    adapters = add_adapters(trainer, args.adapter) if args.adapter else []
     t0 = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step(0.0)
-    after = flow_loss(trainer.model, videos, trainer.chunk), flow_loss(trainer.model, streams, trainer.chunk)
+    for a in adapters:
+        a.on = False
+    after_videos = flow_loss(trainer.model, videos, trainer.chunk)
+    for a in adapters:
+        a.on = True
+    after = after_videos, flow_loss(trainer.model, streams, trainer.chunk)
+    if adapters:
+        assert after_videos == before[0], "the frozen model's short videos moved"
     result = {
         "recipe": {k: recipe[k] for k in sorted(recipe)},
         "stream_motions": motions,
+        "adapter_rank": args.adapter,
         "steps": args.steps,
         "video_loss": [mean(before[0]), mean(after[0])],
         "stream_loss": [mean(before[1]), mean(after[1])],

@@ -239,7 +239,12 @@ def main() -> None:
         graph_convs = getattr(getattr(decoder, "engine", None), "run_conv", None)
         if hasattr(graph_convs, "plans"):  # cuDNN graphs: each signature's plan time, and what fell back
             results[name]["cudnn_plans"] = [
-                {"signature": str(key[:3]), "bias": key[4], "ms": plan.ms if plan else None}
+                {
+                    "signature": str(key[:3]),
+                    "bias": key[4],
+                    "ms": plan and plan.ms,
+                    "plan": plan and plan.index,
+                }
                 for key, plan in graph_convs.plans.items()
             ]
             results[name]["cudnn_refused"] = {str(k[:3]): why[:300] for k, why in graph_convs.refused.items()}

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MAX_PLANS = 24
-"""Plans timed per shape (in cuDNN's heuristic order): the build of each costs up to a second."""
+MAX_PLANS = 16
+"""Plans built and timed per shape, in cuDNN's heuristic order (a build may compile a kernel)."""
 
 
 def available() -> bool:
@@ -120,13 +120,12 @@ class GraphConvs:
             g.build_operation_graph()
             g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
             g.check_support()
-            g.build_plans(cudnn.build_plan_policy.ALL)
-            count = min(g.get_execution_plan_count(), MAX_PLANS)
+            indices = _build_plans(g, cudnn)
         except Exception as exc:  # cuDNN's graph refuses this signature: PyTorch's convolution runs it
             self.refused[key] = f"{type(exc).__name__}: {exc}"
             return None
         best: _Plan | None = None
-        for i in range(count):
+        for i in indices:
             try:
                 workspace = torch.empty(
                     max(g.get_workspace_size_plan_at_index(i), 1), dtype=torch.uint8, device=x.device
@@ -145,6 +144,25 @@ class GraphConvs:
             self.refused[key] = f"PyTorch's convolution is faster ({torch_ms:.3f} against {best.ms:.3f} ms)"
             return None
         return best
+
+
+def _build_plans(g, cudnn) -> list[int]:
+    """Build the first MAX_PLANS plans cuDNN can build, in its heuristic order (each build may compile a
+    kernel: building them all costs seconds per shape); their indices."""
+    count = g.get_execution_plan_count()
+    if not hasattr(g, "build_plan_at_index"):
+        g.build_plans(cudnn.build_plan_policy.ALL)
+        return list(range(min(count, MAX_PLANS)))
+    built = []
+    for i in range(count):
+        try:
+            g.build_plan_at_index(i)
+        except Exception:  # a plan this GPU or shape cannot have
+            continue
+        built.append(i)
+        if len(built) == MAX_PLANS:
+            break
+    return built
 
 
 def _out_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:

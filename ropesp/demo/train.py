@@ -149,8 +149,8 @@ class TrainConfig:
     bench/RESULTS.md did not spare the short videos)."""
     anchor: float = 0.0
     """Pull toward the --init weights after every step (decoupled, as AdamW's weight decay but toward
-    the start: each weight moves lr * anchor of its distance back; 0: off): fine-tuning that keeps what
-    the start knew (L2-SP). Needs --init."""
+    the start: each weight moves lr * anchor of its distance back; 0: off; L2-SP). Needs --init. In the
+    CPU probe of bench/RESULTS.md it traded stream learning for the short videos as a lower lr does."""
     seed: int = 0
     """Seed of the world's videos, the noise and the initial weights."""
     log_every: int = 50

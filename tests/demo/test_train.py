@@ -183,6 +183,12 @@ def test_forgetting_probe_script(tmp_path):
     assert res["video_loss"][0] != res["video_loss"][1]  # the steps moved the weights
     for per_chunk, loss in zip(res["video_loss_per_chunk"], res["video_loss"], strict=True):
         assert len(per_chunk) == 3 and abs(sum(per_chunk) / 3 - loss) < 1e-5  # 9 frames: 3 chunks
+    subprocess.run([*run, "--adapter", "4", "--json", str(out)], check=True)
+    res = json.loads(
+        out.read_text()
+    )  # only the adapter learns, on stream batches; short videos are scored without it
+    assert res["adapter_rank"] == 4 and res["recipe"]["stream_prob"] == 1.0
+    assert res["video_loss"][0] == res["video_loss"][1] and res["stream_loss"][0] != res["stream_loss"][1]
     bad = subprocess.run([*run, "--recipe", "stream_wieght=0.5"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--recipe 'stream_wieght=0.5': no TrainConfig field" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -190,6 +196,7 @@ def test_forgetting_probe_script(tmp_path):
         (["--recipe", "lr=fast"], "--recipe 'lr=fast': lr takes a float"),
         (["--recipe", "stream_weight=0"], "--recipe: --stream-weight 0.0: a loss weight above 0"),
         (["--stream-motions", "moving,flying"], "--stream-motions moving,flying: choose from"),
+        (["--adapter", "-2"], "--adapter -2: a rank >= 1"),
     ):
         bad = subprocess.run([*run, *args], capture_output=True, text=True)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, args
