@@ -82,16 +82,16 @@ class GraphConvs:
         if plan is None:
             return torch_conv(x, weight, bias)
         out = channels_last_empty(_out_shape(x, weight), x)
-        self._execute(plan, x, weight, bias, out, plan.index)
+        self._execute(plan, x, weight, bias, out)
         return out
 
-    def _execute(self, plan: _Plan, x, weight, bias, out, index: int) -> None:
+    def _execute(self, plan: _Plan, x, weight, bias, out) -> None:
         tx, tw, tb, ty = plan.tensors
         pack = {tx: x, tw: weight, ty: out}
         if tb is not None:
             pack[tb] = bias.view(1, -1, *[1] * (x.dim() - 2))
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(x.device).cuda_stream)
-        plan.graph.execute_plan_at_index(pack, plan.workspace, index, handle=self.handle)
+        plan.graph.execute_plan_at_index(pack, plan.workspace, plan.index, handle=self.handle)
 
     def _build(self, key: tuple, x, weight, bias) -> _Plan | None:
         cudnn = self.cudnn
@@ -131,7 +131,7 @@ class GraphConvs:
                     max(g.get_workspace_size_plan_at_index(i), 1), dtype=torch.uint8, device=x.device
                 )
                 plan = _Plan(g, (tx, tw, tb, y), i, workspace, 0.0)
-                plan.ms = _time_ms(lambda plan=plan: self._execute(plan, x, weight, bias, out, plan.index))
+                plan.ms = _time_ms(lambda plan=plan: self._execute(plan, x, weight, bias, out))
             except Exception:  # a plan that builds but does not run at this shape
                 continue
             if best is None or plan.ms < best.ms:
