@@ -1,9 +1,10 @@
 """Convolutions through cuDNN's graph API (the optional `nvidia-cudnn-frontend`, module `cudnn`) for the
-fast Wan VAE decoder: the bias added in the convolution's epilogue, and of every plan cuDNN builds for a
-shape the fastest, timed once (against PyTorch's convolution, which stays where it is faster). PyTorch's own cuDNN call (cudnn.benchmark) chooses among fewer kernels and
-adds the bias in a pass of its own: at the decoder's 480p shapes on an H100 the graph's plan took 0.60 of
-PyTorch's time for the full-size 96-channel convolutions and 0.57-0.86 for the others
-(scripts/fp8_conv_probe.py, bench/RESULTS.md twenty-first session).
+fast Wan VAE decoder: the bias added in the convolution's epilogue, and of the plans cuDNN builds for a
+shape the fastest, timed once (against PyTorch's convolution, which stays where it is faster). PyTorch's
+own cuDNN call (cudnn.benchmark) chooses among fewer kernels and adds the bias in a pass of its own: at
+the decoder's 480p shapes on an H100 the graph's best plan took 0.60 of PyTorch's time for the full-size
+96-channel convolutions and 0.56-0.94 for the others but conv_out (scripts/fp8_conv_probe.py,
+bench/RESULTS.md twenty-first session).
 
 Only half-precision convolutions (bf16, fp16) on CUDA go through a graph; fp32, the CPU, and any shape
 cuDNN's graph refuses stay PyTorch's convolution (the same function).

@@ -402,7 +402,7 @@ class Trainer:
         self.step, self.curve = meta["step"], meta["curve"]
         self.elapsed_before = meta["train_seconds"]
         self.init_info = meta.get("init")
-        if (src / "state_anchor.safetensors").exists():
+        if self.cfg.anchor > 0 and (src / "state_anchor.safetensors").exists():
             anchor = load_file(src / "state_anchor.safetensors", device=str(self.device))
             self.anchor = [anchor[n] for n, _ in self.model.named_parameters()]
         # a resumed run draws other videos and noise than the run it continues
@@ -736,6 +736,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"started from {args.init} ({trainer.init_info})", flush=True)
     if args.resume:
         trainer.load(Path(args.resume))
+        if cfg.anchor and trainer.anchor is None:
+            p.error(
+                f"--anchor: {args.resume} holds no --init weights to pull toward (its run had no --anchor)"
+            )
         print(f"resumed at step {trainer.step}", flush=True)
     trainer.run(Path(args.out))
     print(f"saved step {trainer.step} to {args.out} ({trainer.elapsed_before:.0f} s of training)", flush=True)

@@ -64,6 +64,29 @@ def test_anchor_pulls_the_weights_back_to_the_init_and_resumes_with_them(tmp_pat
     assert again.anchor is not None
     for a, b in zip(again.anchor, pulled.anchor):
         assert torch.equal(a, b)
+    unpulled = _trainer(steps=3)  # resumed without --anchor: nothing pulls
+    unpulled.load(tmp_path / "a")
+    assert unpulled.anchor is None
+
+
+def test_anchor_on_a_resumed_run_without_anchor_weights_is_named(tmp_path, capsys):
+    _trainer(steps=1).run(tmp_path / "s")
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "--out",
+                str(tmp_path / "s"),
+                "--resume",
+                str(tmp_path / "s"),
+                "--device",
+                "cpu",
+                "--anchor",
+                "10",
+            ]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--anchor: " in err and "holds no --init weights to pull toward" in err and "Traceback" not in err
 
 
 def test_schedule_spans_resumed_runs():
