@@ -31,11 +31,11 @@ from ropesp.settings import PRECISIONS
 MIN_CAPABILITY = (8, 9)
 """First NVIDIA architecture with e4m3 tensor-core GEMMs (Ada); Hopper is (9, 0)."""
 FP8_LINEARS = {
-    "fp8": re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])"),
-    "fp8-ffn": re.compile(r"blocks\.\d+\.ffn\.[02]"),
+    "fp8": re.compile(r"(stream_)?blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])"),
+    "fp8-ffn": re.compile(r"(stream_)?blocks\.\d+\.ffn\.[02]"),
 }
 """Per FP8 precision, the fully qualified names of the block Linears that run in FP8 (Wan checkpoint
-keys, model/wan.py). fp8-ffn leaves the attention projections in bf16 (alone, Wan-1.3B's 1536 x 1536
+keys, model/wan.py; and of the stream adapter's merged blocks). fp8-ffn leaves the attention projections in bf16 (alone, Wan-1.3B's 1536 x 1536
 FP8 GEMMs with the activation's quantization ran 0.83x bf16 on an H200, 2026-12-01), but end to end it
 ran 1.02x bf16 compile against fp8's 1.05x, with a smaller error (final latents' rel L2 vs bf16 0.028
 against 0.044; bench/RESULTS.md twelfth session)."""

@@ -53,6 +53,14 @@ class ModelConfig:
     """(rows, cols) of a learned absolute position embedding added to every frame's tokens; None (every
     Wan model) = RoPE only. RoPE gives attention relative offsets only, so a model whose first chunk
     starts from pure noise cannot place anything at a fixed position without it (the demo model)."""
+    stream_rank: int = 0
+    """Rank of the stream adapter (0: none, every Wan model): low-rank deltas of the blocks' linears
+    (STREAM_LINEARS) that a stream uses from latent frame `stream_from_frame` on, so a model trained on
+    short videos keeps its first frames bit for bit and learns what long streams need apart (the demo
+    model; ropesp.demo.train --adapter)."""
+    stream_from_frame: int = 9
+    """First latent frame of a stream whose chunks run with the stream adapter (a chunk uses it when its
+    first frame is at or past this one)."""
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -67,6 +75,11 @@ class ModelConfig:
             )
         if self.pos_grid is not None and (len(self.pos_grid) != 2 or min(self.pos_grid) < 1):
             raise ConfigError(f"pos_grid={self.pos_grid} must be None or two positive ints (rows, cols)")
+        if self.stream_rank < 0 or self.stream_from_frame < 1:
+            raise ConfigError(
+                f"stream_rank={self.stream_rank}, stream_from_frame={self.stream_from_frame}: a rank >= 0 "
+                "(0: no stream adapter) and a first frame >= 1"
+            )
         for name in ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers", "in_dim", "out_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -89,7 +102,13 @@ class ModelConfig:
             del d["pos_grid"]  # Wan configs stay as Wan writes them
         else:
             d["pos_grid"] = list(self.pos_grid)
+        if not self.stream_rank:
+            del d["stream_rank"], d["stream_from_frame"]
         return d
+
+    def without_stream_adapter(self) -> ModelConfig:
+        """This architecture without its stream adapter (what presets and text encoders are matched on)."""
+        return dataclasses.replace(self, stream_rank=0, stream_from_frame=ModelConfig.stream_from_frame)
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
@@ -210,7 +229,8 @@ def preset(name: str) -> tuple[ModelConfig, PresetDefaults]:
 
 def preset_of(cfg: ModelConfig) -> str | None:
     """The name of the preset whose model config is cfg, if one is."""
-    return next((name for name, (make, _) in PRESETS.items() if make() == cfg), None)
+    base = cfg.without_stream_adapter()
+    return next((name for name, (make, _) in PRESETS.items() if make() == base), None)
 
 
 @dataclass(frozen=True)

@@ -157,14 +157,18 @@ class EngineExecutor(ChunkExecutor):
             )
             for f in manifest.frame_shapes
         }
-        params = dict(model.named_parameters())
-        self.weights = {}  # (segment name, frames, layer) -> [weight tensors in input order]
-        for spec in manifest.segments:
-            for layer in range(self.cfg.num_layers) if spec.per_layer else [None]:
-                scope = spec.weight_scope.format(layer=layer)
-                self.weights[spec.name, spec.frames, layer] = [
-                    params[scope + t.name] for t in spec.inputs if t.kind == "weight"
-                ]
+        params = dict(model.named_parameters(remove_duplicate=False))  # stream blocks share tensors
+        self.weights = {}  # (stream blocks?) -> {(segment name, frames, layer) -> [weights in input order]}
+        for stream in (False, True) if model.stream_blocks is not None else (False,):
+            weights = self.weights[stream] = {}
+            for spec in manifest.segments:
+                for layer in range(self.cfg.num_layers) if spec.per_layer else [None]:
+                    scope = spec.weight_scope.format(layer=layer)
+                    if stream and scope.startswith("blocks."):
+                        scope = "stream_" + scope
+                    weights[spec.name, spec.frames, layer] = [
+                        params[scope + t.name] for t in spec.inputs if t.kind == "weight"
+                    ]
 
     def _check_frames(self, frames: int) -> None:
         if frames not in self.segments:
@@ -173,9 +177,11 @@ class EngineExecutor(ChunkExecutor):
     def _inputs(self, x: torch.Tensor, t_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.to(self.device, self.dtype), t_sin.to(self.dtype)  # [B, F, C, H, W], [B, F, freq_dim]
 
-    def _chunk(self, runner, frames: int, latents: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
+    def _chunk(
+        self, runner, frames: int, latents: torch.Tensor, t_sin: torch.Tensor, stream: bool
+    ) -> torch.Tensor:
         """One chunk: the segments with the runner's shard / attention / gather between them."""
-        seg, w, fot = self.segments[frames], self.weights, self.frame_of_token[frames]
+        seg, w, fot = self.segments[frames], self.weights[stream], self.frame_of_token[frames]
         g = self.manifest.geometry
         tokens, e, e0 = seg["embed"](latents, t_sin, *w["embed", frames, None])  # [B,L,C] [B,F,C] [B,F,6,C]
         x = runner.shard(tokens)  # [B, L_local, C]
@@ -258,6 +264,7 @@ def load_weights(manifest: Manifest, device: torch.device) -> CausalWanDiT:
             f"engine directory {manifest.root}: {manifest.weights} does not fit the manifest's model "
             f"({why}); rebuild with `ropesp build`"
         ) from None
+    model.merge_stream_adapter()
     return model.eval().requires_grad_(False)
 
 

@@ -235,14 +235,16 @@ class ChunkExecutor:
         self._check_frames(frames)
         runner = self.state.begin(start_frame, frames, self.rope)
         x, t_sin = self._inputs(x, self.state.sinusoid(t, b, frames))
+        stream = self.model.uses_stream_blocks(start_frame)
 
         def chunk(x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
-            return self._chunk(runner, frames, x, t_sin)
+            return self._chunk(runner, frames, x, t_sin, stream)
 
         with torch.inference_mode(), self._on_stream(), attention_priority(self.device):
-            # one CUDA graph per cache slot plan; None (graphs off, or no static plan) runs uncaptured
+            # one CUDA graph per cache slot plan and weight set; None (graphs off, or no static plan)
+            # runs uncaptured
             plan = runner.graph_key if self.cuda_graphs else None
-            key = None if plan is None else (self.state.slot, frames, *plan)
+            key = None if plan is None else (self.state.slot, frames, stream, *plan)
             flow = chunk(x, t_sin) if key is None else self.graphs.run(key, chunk, x, t_sin)
         self.state.commit(runner)
         return self._hand_over(flow)
@@ -254,7 +256,8 @@ class ChunkExecutor:
         """The chunk's inputs on the device: latents [B, F, C, H, W], sinusoid [B, F, freq_dim]."""
         return x.to(self.device), t_sin
 
-    def _chunk(self, runner, frames: int, x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
+    def _chunk(self, runner, frames: int, x: torch.Tensor, t_sin: torch.Tensor, stream: bool) -> torch.Tensor:
+        """One chunk's flow [B, F, C, H, W] float32; stream: with the model's stream blocks."""
         raise NotImplementedError
 
 
@@ -278,14 +281,14 @@ class EagerExecutor(ChunkExecutor):
         if compile:
             compile_regions(model)
 
-    def _chunk(self, runner, frames: int, x: torch.Tensor, t_sin: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t_sin, self.cross_kv, runner)
+    def _chunk(self, runner, frames: int, x: torch.Tensor, t_sin: torch.Tensor, stream: bool) -> torch.Tensor:
+        return self.model(x, t_sin, self.cross_kv, runner, stream)
 
 
 def compile_regions(model: CausalWanDiT) -> None:
     """Regional torch.compile of the model in place: one compiled region per block method (shared by
-    all layers: Dynamo traces the parameters as inputs) and one for the head."""
-    for block in model.blocks:
+    all layers and both weight sets: Dynamo traces the parameters as inputs) and one for the head."""
+    for block in [*model.blocks, *(model.stream_blocks or ())]:
         for name in ("pre_attention", "post_attention"):
             setattr(block, name, torch.compile(getattr(block, name), fullgraph=True, dynamic=False))
     model.head.compile(fullgraph=True, dynamic=False)

@@ -53,8 +53,9 @@ def has_default_weights() -> bool:
 
 
 def is_demo_model(cfg: ModelConfig) -> bool:
-    """True for the demo preset's architecture (text_dim 64 x 16 tokens: the DemoTextEncoder's output)."""
-    return cfg == demo()
+    """True for the demo preset's architecture, with or without a stream adapter (text_dim 64 x 16
+    tokens: the DemoTextEncoder's output)."""
+    return cfg.without_stream_adapter() == demo()
 
 
 def own_text_encoder(cfg: ModelConfig) -> DemoTextEncoder | None:

@@ -290,6 +290,7 @@ def load_model(
         for key in list(sd):  # one tensor at a time: never two full copies in RAM
             cast[key] = sd.pop(key).to(device=device, dtype=dtype)
         model.load_state_dict(cast, strict=True, assign=True)
+        model.merge_stream_adapter()
     return model.eval().requires_grad_(False), cfg
 
 

@@ -128,7 +128,7 @@ class FeedForward(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, _, down = self
-        if not x.is_cuda:
+        if not x.is_cuda or type(up) is not Linear:  # a subclass (a training adapter) computes its own
             return super().forward(x)
         h = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
         return down(h.unflatten(0, x.shape[:-1]))
@@ -225,6 +225,67 @@ class Block(nn.Module):
         return x + self.ffn(h) * mod[:, frame_of_token, 5]
 
 
+STREAM_LINEARS = (
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.o",
+    "ffn.0",
+    "ffn.2",
+)
+"""The block linears a stream adapter changes: every one a chunk's tokens pass through. The text path's
+cross_attn.k/v stay the base model's, so one prompt's cross-attention K/V serve every chunk."""
+
+
+class LowRankDelta(nn.Module):
+    """A weight delta up @ down of rank r: down [r, in], up [out, r] (keys `down`, `up`)."""
+
+    def __init__(self, rank: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, in_features))
+        self.up = nn.Parameter(torch.empty(out_features, rank))
+        if not self.down.is_meta:  # as Linear: a shape-only model draws nothing
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """down ~ N(0, 1/in), up = 0: the delta starts at zero (the base model's output)."""
+        with torch.no_grad():
+            self.down.normal_().div_(self.down.shape[1] ** 0.5)
+            self.up.zero_()
+
+    def delta(self) -> torch.Tensor:
+        """[out, in] float32."""
+        return self.up.float() @ self.down.float()
+
+
+class StreamAdapter(nn.ModuleList):
+    """Per block, a LowRankDelta per STREAM_LINEARS linear (keys `stream_adapter.{layer}.{linear with
+    '_' for '.'}.down`, e.g. `stream_adapter.0.self_attn_q.up`)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        shapes = {
+            "self_attn.q": (cfg.dim, cfg.dim), "self_attn.k": (cfg.dim, cfg.dim),
+            "self_attn.v": (cfg.dim, cfg.dim), "self_attn.o": (cfg.dim, cfg.dim),
+            "cross_attn.q": (cfg.dim, cfg.dim), "cross_attn.o": (cfg.dim, cfg.dim),
+            "ffn.0": (cfg.dim, cfg.ffn_dim), "ffn.2": (cfg.ffn_dim, cfg.dim),
+        }  # fmt: skip
+        super().__init__(
+            nn.ModuleDict(
+                {
+                    name.replace(".", "_"): LowRankDelta(cfg.stream_rank, *shapes[name])
+                    for name in STREAM_LINEARS
+                }
+            )
+            for _ in range(cfg.num_layers)
+        )
+
+    def deltas(self, layer: int) -> dict[str, LowRankDelta]:
+        """{STREAM_LINEARS name: its delta} of one block."""
+        return {name: self[layer][name.replace(".", "_")] for name in STREAM_LINEARS}
+
+
 class Head(nn.Module):
     """Modulated output head: LayerNorm, per-frame shift/scale from the time embedding, Linear."""
 
@@ -285,6 +346,38 @@ class CausalWanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.stream_adapter = StreamAdapter(cfg) if cfg.stream_rank else None
+        self.stream_blocks: nn.ModuleList | None = None
+        """The blocks with the stream adapter merged in (merge_stream_adapter), for chunks from
+        cfg.stream_from_frame on; None until merged, or without an adapter."""
+
+    # --- the stream adapter ------------------------------------------------------------------
+    def uses_stream_blocks(self, start_frame: int) -> bool:
+        """Whether a chunk whose first latent frame is start_frame runs with the stream blocks."""
+        return self.stream_blocks is not None and start_frame >= self.cfg.stream_from_frame
+
+    def merge_stream_adapter(self) -> None:
+        """Build `stream_blocks` once the weights are loaded (before any FP8 quantization or compile):
+        blocks whose STREAM_LINEARS weights are W + up @ down (summed in fp32, rounded once to W's dtype)
+        and whose every other parameter IS the base block's (shared, no copy). They are a submodule
+        (moved, quantized and listed with the model) but not part of the state dict, which keeps the
+        adapter's factors: a checkpoint stays base weights + rank-r deltas. No-op without an adapter."""
+        if self.stream_adapter is None or self.stream_blocks is not None:
+            return
+        blocks = nn.ModuleList()
+        for layer, base in enumerate(self.blocks):
+            with torch.device("meta"):
+                block = Block(self.cfg)
+            deltas = self.stream_adapter.deltas(layer)
+            for name, param in base.named_parameters():
+                module_name, _, leaf = name.rpartition(".")
+                if leaf == "weight" and module_name in deltas:
+                    merged = (param.float() + deltas[module_name].delta()).to(param.dtype)
+                    param = nn.Parameter(merged.detach(), requires_grad=False)
+                block.get_submodule(module_name).register_parameter(leaf, param)
+            blocks.append(block.train(base.training))
+        self.stream_blocks = blocks
+        self.register_state_dict_post_hook(_drop_stream_blocks)
 
     # --- embeddings -------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -339,19 +432,21 @@ class CausalWanDiT(nn.Module):
         t_sinusoid: torch.Tensor,
         cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
         runner: ChunkRunner,
+        stream: bool = False,
     ) -> torch.Tensor:
         """One forward of a chunk.
 
         x: [B, F, C, H, W] latents of the chunk; t_sinusoid: [B, F, freq_dim] float64
         (`timestep_sinusoid` of each frame's timestep); cross_kv: from `cross_kv`;
-        runner: execution mode (cache, SP). Returns the flow prediction [B, F, C_out, H, W] fp32.
+        runner: execution mode (cache, SP); stream: run the stream blocks (`uses_stream_blocks` of the
+        chunk's first frame). Returns the flow prediction [B, F, C_out, H, W] fp32.
         """
         _, frames, _, height, width = x.shape
         rows, cols = height // self.cfg.patch_size[1], width // self.cfg.patch_size[2]
         tokens = runner.shard(self.patchify(x))  # [B, L_local, C]
         frame_of_token = self.frame_index(runner.first_token, tokens.shape[1], frames, rows * cols, x.device)
         e, e0 = self.embed_time(t_sinusoid)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.stream_blocks if stream else self.blocks):
             q, k, v = block.pre_attention(tokens, e0, frame_of_token, runner.rope)
             o = runner.attention(i, q, k, v)
             tokens = block.post_attention(tokens, o, e0, frame_of_token, *cross_kv[i])
@@ -364,6 +459,12 @@ class CausalWanDiT(nn.Module):
         """Frame of each of this rank's tokens [L_local] int64; SP padding maps to the last frame."""
         g = torch.arange(first_token, first_token + length, device=device)
         return torch.clamp(g // frame_tokens, max=frames - 1)
+
+
+def _drop_stream_blocks(module: CausalWanDiT, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the merged stream blocks are derived from blocks + stream_adapter."""
+    for key in [k for k in state_dict if k.startswith(prefix + "stream_blocks.")]:
+        del state_dict[key]
 
 
 RANDOM_WEIGHTS_SEED = 0
@@ -381,6 +482,7 @@ def random_model(
         model = CausalWanDiT(cfg).to(dtype=dtype)
     model.to_empty(device=device)
     init_weights(model, seed)
+    model.merge_stream_adapter()
     return model.eval().requires_grad_(False)
 
 
