@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ropesp.demo.adapter import StreamGates
 from ropesp.model.rope import cos_sin_at
 from ropesp.model.wan import CausalWanDiT, timestep_sinusoid
 
@@ -154,13 +155,16 @@ def segment_flow(
     layout: Layout,
     chunks: torch.Tensor,
     switch: tuple[torch.Tensor, int] | None = None,
+    gates: StreamGates | None = None,
 ) -> torch.Tensor:
     """Flow prediction [B, noisy*3, C, h, w] for the noisy slots, all of them in one pass.
 
     clean: [B, clean*3, C, h, w]; noisy: [B, noisy*3, C, h, w]; t_noisy: [B, noisy*3] timesteps;
     prompt_embeds: [B, Lt, text_dim]; chunks: [B, clean] stream chunk of every clean slot
     (`Layout.chunk_numbers`); switch: (prompt_embeds of another prompt, first clean slot that reads it):
-    that slot, the later ones and their noisy copies take the other prompt's cross-attention."""
+    that slot, the later ones and their noisy copies take the other prompt's cross-attention; gates: the
+    model's stream adapter in its training form (ropesp.demo.adapter), on for the slots at or past its
+    first stream frame, as the runtime runs those chunks with the stream blocks."""
     b, f_clean, _, height, width = clean.shape
     cfg = model.cfg
     rows, cols = height // cfg.patch_size[1], width // cfg.patch_size[2]
@@ -184,17 +188,23 @@ def segment_flow(
         other, first = switch
         cross_b = model.cross_kv(other)
         parts, inverse = _switch_parts(layout, first, chunk * ft, clean.device)
+    on = None if gates is None else gates.on_tokens(slot_chunks, chunk, chunk * ft)  # [B, L]
     for i, block in enumerate(model.blocks):
+        if gates is not None:
+            gates.set(on)
         q, k, v = block.pre_attention(tokens, e0, frame_of_token, rope)
         o = grouped_attention(q, k, v, layout)
         if parts is None:
             tokens = block.post_attention(tokens, o, e0, frame_of_token, *cross[i])
         else:
-            outs = [
-                block.post_attention(tokens[:, p], o[:, p], e0, frame_of_token[p], *kv)
-                for p, kv in zip(parts, (cross[i], cross_b[i]), strict=True)
-            ]
+            outs = []
+            for p, kv in zip(parts, (cross[i], cross_b[i]), strict=True):
+                if gates is not None:
+                    gates.set(on[:, p])
+                outs.append(block.post_attention(tokens[:, p], o[:, p], e0, frame_of_token[p], *kv))
             tokens = torch.cat(outs, dim=1)[:, inverse]
+    if gates is not None:
+        gates.set(None)
     start = f_clean * ft
     out = model.head(tokens[:, start:], e[:, frame_of_token[start:]])
     return model.unpatchify(out.float(), noisy.shape[1], rows, cols)

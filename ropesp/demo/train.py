@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import inspect
 import itertools
 import json
@@ -58,8 +59,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ropesp.config import preset
+from ropesp.config import ModelConfig, preset
 from ropesp.decode.preview import latent_to_rgb
+from ropesp.demo.adapter import StreamGates
 from ropesp.demo.prompts import DemoTextEncoder, describe
 from ropesp.demo.segments import Layout, segment_flow, stream_layout
 from ropesp.demo.world import (
@@ -73,7 +75,7 @@ from ropesp.demo.world import (
     to_device,
 )
 from ropesp.model.rope import RopeTables, rotate_pairs
-from ropesp.model.wan import CausalWanDiT, init_weights, timestep_sinusoid
+from ropesp.model.wan import CausalWanDiT, LowRankDelta, init_weights, timestep_sinusoid
 from ropesp.runtime.sampler import FlowSchedule
 from ropesp.settings import SamplerConfig
 
@@ -151,10 +153,24 @@ class TrainConfig:
     """Pull toward the --init weights after every step (decoupled, as AdamW's weight decay but toward
     the start: each weight moves lr * anchor of its distance back; 0: off; L2-SP). Needs --init. In the
     CPU probe of bench/RESULTS.md it traded stream learning for the short videos as a lower lr does."""
+    adapter_rank: int = 0
+    """Train only a stream adapter of this rank on the frozen --init weights (ropesp.demo.adapter): low-rank
+    deltas of the block linears that the runtime uses from stream frame --adapter-from on, so the frames
+    before stay the init model's bit for bit (0: train every weight). Stream batches only (--stream-prob 1)."""
+    adapter_from: int = 9
+    """First stream latent frame whose chunks take the adapter (9: the length the shipped model learned)."""
     seed: int = 0
     """Seed of the world's videos, the noise and the initial weights."""
     log_every: int = 50
     """Steps between two log lines."""
+
+
+def model_config(recipe: TrainConfig) -> ModelConfig:
+    """The architecture a recipe trains: its preset's, with the stream adapter it asks for."""
+    cfg = preset(recipe.preset)[0]
+    if not recipe.adapter_rank:
+        return cfg
+    return dataclasses.replace(cfg, stream_rank=recipe.adapter_rank, stream_from_frame=recipe.adapter_from)
 
 
 def parse_window(text: str, chunk: int) -> tuple[int, bool]:
@@ -255,7 +271,18 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self.model_cfg, defaults = preset(cfg.preset)
+        if cfg.adapter_rank < 0 or cfg.adapter_from < 1:
+            raise ValueError(
+                f"--adapter-rank {cfg.adapter_rank} / --adapter-from {cfg.adapter_from}: a rank >= 0 "
+                "(0: no adapter) and a first frame >= 1"
+            )
+        if cfg.adapter_rank and cfg.stream_prob != 1:
+            raise ValueError(
+                f"--adapter-rank {cfg.adapter_rank} learns from stream batches only (short videos never "
+                f"reach --adapter-from): pass --stream-prob 1, not {cfg.stream_prob}"
+            )
+        self.model_cfg = model_config(cfg)
+        defaults = preset(cfg.preset)[1]
         self.frames = cfg.frames
         self.height, self.width = defaults.latent_height, defaults.latent_width
         self.rows = self.height // self.model_cfg.patch_size[1]
@@ -284,10 +311,21 @@ class Trainer:
             # the inference FFN fuses Linear + GELU into one cuBLASLt epilogue op that has no backward;
             # training runs the same two modules unfused (same function)
             block.ffn.forward = types.MethodType(torch.nn.Sequential.forward, block.ffn)
+        self.gates: StreamGates | None = None
+        """The stream adapter's training form (--adapter-rank): only its deltas train."""
+        if cfg.adapter_rank:
+            self.model.requires_grad_(False)
+            for delta in self.model.stream_adapter.modules():
+                if isinstance(delta, LowRankDelta):
+                    delta.reset_parameters()  # zero: the init model's output
+                    delta.requires_grad_(True)
+            self.gates = StreamGates.install(self.model)
         self.model.to(device)
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
             plain = p.dim() < 2 or "norm" in name or "modulation" in name or name.endswith(".pos")
             (no_decay if plain else decay).append(p)
         self.opt = torch.optim.AdamW(
@@ -387,7 +425,22 @@ class Trainer:
         with safe_open(checkpoint / WEIGHTS_NAME, "pt", device=str(self.device)) as f:
             sd = {k: f.get_tensor(k).float() for k in f.keys()}
             info = f.metadata() or {}
-        self.model.load_state_dict(sd)
+        fresh = {k for k in self.model.state_dict() if k.startswith("stream_adapter.")}
+        if any(k.startswith("stream_adapter.") for k in sd) and not fresh:
+            raise ValueError(
+                f"--init {checkpoint} holds a stream adapter: train it on with --adapter-rank (and "
+                "--stream-prob 1), or start from its base model"
+            )
+        try:
+            missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        except RuntimeError as exc:  # shape mismatches, e.g. an adapter of another rank
+            lines = str(exc).strip().splitlines()
+            raise ValueError(f"--init {checkpoint}: {lines[-1].strip()}") from None
+        if unexpected or set(missing) - fresh:
+            raise ValueError(
+                f"--init {checkpoint} does not fit the {self.cfg.preset} model: missing "
+                f"{sorted(set(missing) - fresh)[:4]}, unexpected {sorted(unexpected)[:4]}"
+            )
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.init_info = {"checkpoint": checkpoint.name, **info}
         if self.cfg.anchor > 0:
@@ -513,7 +566,15 @@ class Trainer:
         for i, t in enumerate(self.step_t):
             with self.autocast():
                 flow = segment_flow(
-                    self.model, clean, x, t.expand(b, run * self.chunk), prompts, sampling, chunks, switch
+                    self.model,
+                    clean,
+                    x,
+                    t.expand(b, run * self.chunk),
+                    prompts,
+                    sampling,
+                    chunks,
+                    switch,
+                    self.gates,
                 )
             x0 = FlowSchedule.to_x0(x, flow, sigmas[i])
             if i + 1 < len(sigmas):
@@ -545,6 +606,7 @@ class Trainer:
                 batch.layout,
                 batch.chunks,
                 batch.switch,
+                self.gates,
             )
         err = (flow - (batch.eps - batch.x0)).pow(2).mean(dim=2)  # [B, F, h, w]
         if self.cfg.edge_weight != 1.0:
@@ -636,7 +698,7 @@ def export_weights(state: Path, out: Path, dtype: torch.dtype = torch.float16) -
     """The EMA weights of a training state -> a checkpoint directory (weights in `dtype` + Wan
     config.json) that ropesp.model.checkpoint loads; fp16 halves the file (5.5 MB for the demo)."""
     meta = json.loads((state / "train.json").read_text())
-    cfg = preset(meta["recipe"]["preset"])[0]
+    cfg = model_config(TrainConfig(**meta["recipe"]))
     ema = load_file(state / "state_ema.safetensors")
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.to(dtype).contiguous() for k, v in sorted(ema.items())}
@@ -697,6 +759,8 @@ def main(argv: list[str] | None = None) -> None:
         "edge_weight",
         "stream_weight",
         "anchor",
+        "adapter_rank",
+        "adapter_from",
         "seed",
         "ema",
         "log_every",
@@ -731,8 +795,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--init and --resume exclude each other")
     if cfg.anchor and not (args.init or args.resume):
         p.error("--anchor pulls toward the --init weights: give --init DIR")
+    if cfg.adapter_rank and not (args.init or args.resume):
+        p.error("--adapter-rank trains an adapter on frozen weights: give them with --init DIR")
     if args.init:
-        trainer.init_from(Path(args.init))
+        try:
+            trainer.init_from(Path(args.init))
+        except ValueError as exc:
+            p.error(str(exc))
         print(f"started from {args.init} ({trainer.init_info})", flush=True)
     if args.resume:
         trainer.load(Path(args.resume))

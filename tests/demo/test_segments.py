@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ropesp.config import demo
 from ropesp.demo.evaluate import eval_pairs
 from ropesp.demo.prompts import DemoTextEncoder, parse
 from ropesp.demo.segments import segment_flow, stream_layout
@@ -149,3 +150,73 @@ def test_a_switch_changes_the_chunks_from_the_switch_on():
     first_after = (4 - (layout.clean - layout.noisy)) * CHUNK  # supervised chunk of clean slot 4
     torch.testing.assert_close(switched[:, :first_after], plain[:, :first_after], atol=1e-6, rtol=0)
     assert (switched[:, first_after:] - plain[:, first_after:]).abs().amin(dim=(2, 3, 4)).max() > 0
+
+
+def _adapter_checkpoint(directory, rank: int = 4, scale: float = 0.3):
+    """The shipped demo weights plus a stream adapter of random (non-zero) deltas, written as a checkpoint
+    directory (safetensors + config.json); returns (directory, its ModelConfig)."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ropesp.demo import WEIGHTS_FILE, default_checkpoint
+    from ropesp.model.wan import CausalWanDiT
+
+    cfg = dataclasses.replace(demo(), stream_rank=rank, stream_from_frame=9)
+    sd = load_file(default_checkpoint() / WEIGHTS_FILE)
+    g = torch.Generator().manual_seed(1)
+    with torch.device("meta"):
+        shapes = CausalWanDiT(cfg).state_dict()
+    for key, t in shapes.items():
+        if key.startswith("stream_adapter."):
+            sd[key] = (scale * torch.randn(t.shape, generator=g) / t.shape[1] ** 0.5).to(torch.float16)
+    directory.mkdir()
+    save_file(sd, directory / WEIGHTS_FILE)
+    (directory / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return directory, cfg
+
+
+def test_the_stream_adapter_trained_is_the_stream_adapter_run(tmp_path):
+    """Training's gated low-rank deltas (off before stream frame 9, on from it) and the runtime's merged
+    stream blocks (chosen per chunk by its first frame) give the same flows over a 9/3 stream; the
+    chunks before frame 9 are the base model's exactly."""
+    from ropesp.demo import default_checkpoint
+    from ropesp.demo.adapter import StreamGates
+    from ropesp.model.checkpoint import load_state_dict
+    from ropesp.model.wan import CausalWanDiT
+
+    path, cfg = _adapter_checkpoint(tmp_path / "adapter")
+    run = dict(preset="demo", device="cpu", dtype="float32", latent_frames=24, local_attn_frames=9)
+    prompt = "a red square moving right"
+    embeds = DemoTextEncoder().encode(prompt)[None]
+    n = 6
+    chunks = torch.arange(n)[None]
+    clean = _world(prompt, chunks)
+    noisy = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([STEPS[c % 4] for c in range(n)]).repeat_interleave(CHUNK)[None]
+    flows = {}
+    for name, checkpoint in (("base", default_checkpoint()), ("adapter", path)):
+        executor = build_session(RunConfig.of(checkpoint=str(checkpoint), sink_frames=3, **run)).executor
+        executor.set_prompt(embeds)
+        executor.reset()
+        flows[name] = []
+        with torch.no_grad():
+            for c in range(n):
+                part = slice(c * CHUNK, (c + 1) * CHUNK)
+                flows[name].append(executor.forward(noisy[:, part], t[0, part.start], c * CHUNK))
+                executor.forward(clean[:, part], torch.tensor(0.0), c * CHUNK)
+    assert executor.model.stream_blocks is not None
+    for c in range(3):
+        assert torch.equal(flows["adapter"][c], flows["base"][c]), c
+    for c in range(3, n):
+        assert (flows["adapter"][c] - flows["base"][c]).abs().max() > 1e-3, c
+
+    sd, _ = load_state_dict(path)
+    model = CausalWanDiT(cfg)
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    gates = StreamGates.install(model.eval())
+    layout = stream_layout(1, True, 0, n, far=False)
+    with torch.no_grad():
+        trained = segment_flow(model, clean, noisy, t, embeds, layout, chunks, gates=gates)
+    torch.testing.assert_close(trained, torch.cat(flows["adapter"], dim=1), atol=1e-4, rtol=1e-4)
