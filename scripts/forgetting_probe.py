@@ -8,10 +8,9 @@ on 4 fixed held-out short-video batches and 4 fixed stream batches, drawn from a
 Runs of different recipes draw the same training batches up to where the recipes differ (one seed), so
 two runs side by side compare recipes, e.g. with and without stream batches.
 
---adapter RANK: the shipped weights frozen, a low-rank adapter (LoRA, rank RANK, zero at the start) on every
-linear layer of the blocks trained on stream batches only, as an adapter used only past a stream's first
-chunks would be; the short videos are scored without it (their loss cannot move: checked), the streams
-with it.
+--adapter RANK: the shipped model's base weights frozen and a fresh stream adapter of rank RANK trained on
+stream batches only (ropesp.demo.train --adapter-rank: low-rank deltas of the block linears, on from stream
+frame 9); the short videos never reach it (their loss cannot move: checked).
 """
 
 from __future__ import annotations
@@ -77,43 +76,13 @@ def restrict_stream_prompts(trainer: Trainer, motions: list[str]) -> None:
     trainer.stream_batch = stream_batch
 
 
-class LowRankAdapter(torch.nn.Module):
-    """base(x) + up(down(x)) while `on` (up starts at zero: the base model's output)."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int) -> None:
-        super().__init__()
-        self.base, self.on = base, True
-        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features) / base.in_features**0.5)
-        self.up = torch.nn.Parameter(torch.zeros(base.out_features, rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        return y + (x @ self.down.t().to(x.dtype)) @ self.up.t().to(x.dtype) if self.on else y
-
-
-def add_adapters(trainer: Trainer, rank: int) -> list[LowRankAdapter]:
-    """Freeze trainer's model, put an adapter on every linear layer of its blocks, and train only those."""
-    trainer.model.requires_grad_(False)
-    adapters = []
-    for block in trainer.model.blocks:
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    adapter = LowRankAdapter(child, rank)
-                    parent._modules[name] = adapter
-                    adapters.append(adapter)
-    params = [p for a in adapters for p in (a.down, a.up)]
-    trainer.opt = torch.optim.AdamW(params, lr=trainer.cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    trainer.ema = {k: v.detach().clone().float() for k, v in trainer.model.state_dict().items()}
-    return adapters
-
-
-def flow_loss(model: torch.nn.Module, batches: list, chunk: int) -> list[float]:
-    """Flow-matching loss of each batch, per supervised chunk of `chunk` latent frames (in order)."""
+def flow_loss(model: torch.nn.Module, batches: list, chunk: int, gates=None) -> list[float]:
+    """Flow-matching loss of each batch, per supervised chunk of `chunk` latent frames (in order); gates:
+    the model's stream adapter (ropesp.demo.adapter), on where the stream position says."""
     out = []
     with torch.no_grad():
         for b in batches:
-            flow = segment_flow(model, b.clean, b.noisy, b.t, b.prompts, b.layout, b.chunks, b.switch)
+            flow = segment_flow(model, b.clean, b.noisy, b.t, b.prompts, b.layout, b.chunks, b.switch, gates)
             err = (flow - (b.eps - b.x0)).pow(2).mean(dim=(0, 2, 3, 4))  # [F]
             out.append([round(float(x), 6) for x in err.view(-1, chunk).mean(dim=1)])
     return out
@@ -141,8 +110,8 @@ def main() -> None:
     recipe = {**BASE, "batch": args.batch, **parse_recipe(args.recipe)}
     if args.adapter < 0:
         raise SystemExit(f"--adapter {args.adapter}: a rank >= 1 (0: no adapter)")
-    if args.adapter:
-        recipe["stream_prob"] = 1.0  # the adapter learns from stream batches only
+    if args.adapter:  # the adapter learns from stream batches only
+        recipe.update(adapter_rank=args.adapter, stream_prob=1.0)
     motions = args.stream_motions.split(",")
     if not set(motions) <= set(MOTIONS):
         raise SystemExit(f"--stream-motions {args.stream_motions}: choose from {','.join(MOTIONS)}")
@@ -153,21 +122,20 @@ def main() -> None:
     videos = [held.video_batch() for _ in range(4)]
     streams = [held.stream_batch() for _ in range(4)]
     trainer = Trainer(TrainConfig(**recipe), torch.device("cpu"))
-    trainer.init_from(Path(default_checkpoint()))
+    trainer.init_from(Path(default_checkpoint()), base_only=True)  # the shipped model under its adapter
     if set(motions) != set(MOTIONS):
         restrict_stream_prompts(trainer, motions)
-    before = flow_loss(trainer.model, videos, trainer.chunk), flow_loss(trainer.model, streams, trainer.chunk)
-    adapters = add_adapters(trainer, args.adapter) if args.adapter else []
+    gates = trainer.gates
+    before = (
+        flow_loss(trainer.model, videos, trainer.chunk),
+        flow_loss(trainer.model, streams, trainer.chunk, gates),
+    )
     t0 = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step(0.0)
-    for a in adapters:
-        a.on = False
-    after_videos = flow_loss(trainer.model, videos, trainer.chunk)
-    for a in adapters:
-        a.on = True
-    after = after_videos, flow_loss(trainer.model, streams, trainer.chunk)
-    if adapters and after_videos != before[0]:
+    after_videos = flow_loss(trainer.model, videos, trainer.chunk, gates)
+    after = after_videos, flow_loss(trainer.model, streams, trainer.chunk, gates)
+    if gates is not None and after_videos != before[0]:
         raise SystemExit("--adapter: the frozen model's short-video losses moved")
     result = {
         "recipe": {k: recipe[k] for k in sorted(recipe)},

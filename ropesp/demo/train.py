@@ -419,17 +419,19 @@ class Trainer:
         }
         (out / "train.json").write_text(json.dumps(meta, indent=1))
 
-    def init_from(self, checkpoint: Path) -> None:
+    def init_from(self, checkpoint: Path, base_only: bool = False) -> None:
         """Start model and EMA from a checkpoint's weights (fresh optimizer and schedule): continues an
-        exported run whose optimizer state is gone."""
+        exported run whose optimizer state is gone. base_only: leave the checkpoint's stream adapter out
+        (a fresh adapter, or a fine-tune of the model under it)."""
         with safe_open(checkpoint / WEIGHTS_NAME, "pt", device=str(self.device)) as f:
-            sd = {k: f.get_tensor(k).float() for k in f.keys()}
+            keys = [k for k in f.keys() if not (base_only and k.startswith("stream_adapter."))]
+            sd = {k: f.get_tensor(k).float() for k in keys}
             info = f.metadata() or {}
         fresh = {k for k in self.model.state_dict() if k.startswith("stream_adapter.")}
         if any(k.startswith("stream_adapter.") for k in sd) and not fresh:
             raise ValueError(
                 f"--init {checkpoint} holds a stream adapter: train it on with --adapter-rank (and "
-                "--stream-prob 1), or start from its base model"
+                "--stream-prob 1), or fine-tune the model under it with --init-base-only"
             )
         try:
             missing, unexpected = self.model.load_state_dict(sd, strict=False)
@@ -730,6 +732,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", help="training state directory of an earlier run")
     p.add_argument("--init", metavar="DIR", help="start from the weights of a checkpoint directory")
     p.add_argument(
+        "--init-base-only",
+        action="store_true",
+        help="take --init's weights without its stream adapter (a fresh --adapter-rank, or a full fine-tune)",
+    )
+    p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda or cpu (default: cuda if any)",
@@ -799,7 +806,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--adapter-rank trains an adapter on frozen weights: give them with --init DIR")
     if args.init:
         try:
-            trainer.init_from(Path(args.init))
+            trainer.init_from(Path(args.init), base_only=args.init_base_only)
         except ValueError as exc:
             p.error(str(exc))
         print(f"started from {args.init} ({trainer.init_info})", flush=True)

@@ -9,7 +9,9 @@ from dataclasses import fields
 import pytest
 import torch
 
+from ropesp.demo import default_checkpoint
 from ropesp.demo.train import TrainConfig, Trainer, export_weights, field_docs, main
+from ropesp.model.wan import LowRankDelta
 from ropesp.runtime.pipeline import resolve
 from ropesp.settings import RunConfig
 
@@ -89,6 +91,23 @@ def test_anchor_on_a_resumed_run_without_anchor_weights_is_named(tmp_path, capsy
     assert "--anchor: " in err and "holds no --init weights to pull toward" in err and "Traceback" not in err
 
 
+def test_an_adapter_run_trains_only_its_deltas_and_ships_them(tmp_path):
+    """--adapter-rank: from the shipped model's base weights (its own adapter left out), a step moves
+    the deltas alone; the export carries base + deltas, which the runtime loads as stream blocks."""
+    trainer = _trainer(steps=2, adapter_rank=2, stream_prob=1.0, lr=1e-2, far_prob=0.0)
+    trainer.init_from(default_checkpoint(), base_only=True)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert all(not v.any() for k, v in start.items() if k.endswith(".up"))  # zero deltas: the base model
+    trainer.run(tmp_path / "s")
+    moved = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, start[k])}
+    assert moved and all(k.startswith("stream_adapter.") for k in moved)
+    trained = {p for p in trainer.model.parameters() if p.requires_grad}
+    deltas = [m for m in trainer.model.modules() if isinstance(m, LowRankDelta)]
+    assert trained == {p for d in deltas for p in (d.down, d.up)}
+    res = resolve(RunConfig.of(checkpoint=str(export_weights(tmp_path / "s", tmp_path / "w")), device="cpu"))
+    assert (res.model.stream_rank, res.model.stream_from_frame) == (2, 9)
+
+
 def test_schedule_spans_resumed_runs():
     """--schedule: the cosine runs over the training seconds of every run, resumed ones too."""
     trainer, own = _trainer(schedule_s=100.0, lr=1.0, lr_floor=0.0), _trainer(lr=1.0, lr_floor=0.0)
@@ -166,6 +185,14 @@ def test_stream_weight_scales_a_stream_batchs_gradient_not_its_reported_loss(mon
         (["--anchor", "-1"], "--anchor -1.0: a pull >= 0"),
         (["--anchor", "100"], "--anchor pulls toward the --init weights: give --init DIR"),
         (["--schedule", "-5"], "--schedule -5.0: training seconds >= 0"),
+        (["--adapter-rank", "4"], "--adapter-rank 4 learns from stream batches only"),
+        (["--adapter-rank", "-1"], "--adapter-rank -1 / --adapter-from 9: a rank >= 0"),
+        (["--adapter-rank", "4", "--stream-prob", "1"], "give them with --init DIR"),
+        (["--init", str(default_checkpoint())], "holds a stream adapter: train it on with --adapter-rank"),
+        (
+            ["--init", str(default_checkpoint()), "--adapter-rank", "5", "--stream-prob", "1"],
+            f"--init {default_checkpoint()}: size mismatch for stream_adapter.",
+        ),
     ],
 )
 def test_bad_recipes_name_the_flag(tmp_path, capsys, args, message):
