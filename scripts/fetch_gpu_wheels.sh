@@ -4,6 +4,8 @@
 #   .whl/                    av (video writing: `generate`, the cold-start steps) and diffusers (Wan VAE),
 #                            installed by scripts/gpu_run.sh for every step (40 MiB)
 #   .whl_fp8/                torchao, fa3-fwd, sageattention, einops (the FP8 steps, `demotests`; 30 MiB)
+#   .whl_vae/                .whl/'s diffusers without its pipelines and importlib_metadata (2 MiB, scripts/make_whl_vae.py):
+#                            the decoder steps' carry beside .whl_conv and .whl_fp8
 #   .whl_conv/               nvidia-cudnn-frontend (cuDNN's graph API: FP8 convolutions, fp8_conv_probe.py; 12 MiB)
 #   .whl_serve/site.tar.xz   numpy<2 (the Triton backend stub's), tritonclient, python-rapidjson and
 #                            nvidia-pytriton (tritonserver + python backend) installed for CPython 3.12 and
@@ -23,6 +25,7 @@ fetch() {  # fetch DIR SPEC...
 fetch .whl av==19.0.2 diffusers==0.42.1 importlib_metadata==10.2.0
 fetch .whl_fp8 torchao==0.18.0 fa3-fwd==0.0.3 sageattention==1.0.6 einops==0.8.2
 fetch .whl_conv nvidia-cudnn-frontend==1.32.0
+python3 scripts/make_whl_vae.py
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fetch "$tmp/wheels" numpy==1.26.4 tritonclient==2.73.0 python-rapidjson nvidia-pytriton==0.7.0

@@ -19,6 +19,14 @@
 #              the first frame and the whole first chunk's frames of the same run
 #   rot480     480p FP8 + FP8 attention DiT only with the e4m3 cache's keys rotated (E4M3KVCache.rotate_keys)
 #   demorot    the demo model's score: fp32, FP8 attention, FP8 attention with the keys rotated
+#   cudnntests the fast decoder's GPU tests, its cuDNN-graph convolutions included (carry .whl_conv, and
+#              diffusers: .whl_vae = .whl's diffusers and importlib_metadata wheels)
+#   vaecudnn480 / vaecudnn720  fast vs fast-cudnn decoder (cuDNN graph convolutions), profiles, the plans
+#              chosen; 480p against an fp32 reference too
+#   e2e480cudnn / e2e720cudnn  `ropesp bench --vae random --vae-fast --vae-cudnn` (480p: bf16 compile and
+#              FP8 + FP8 attention; 720p: FP8 + FP8 attention), then the same with --vae-fast alone (the
+#              baseline of the same call; run only where the cuDNN run gave numbers). Both are skipped
+#              where this call's vaecudnn480 ran and its fast-cudnn variant failed (carry .whl_fp8 too)
 set -uo pipefail
 DEADLINE=${DEADLINE:-540}
 DRIFT_VARIANTS=${DRIFT_VARIANTS:-sdpa,gemm,fp8:base,fp8:v,fp8:split,fp8:v+split}
@@ -42,6 +50,25 @@ DRIFT=(scripts/fp8_attention_drift.py --preset wan2.1-1.3b --latent-frames 21 --
   --backend "${DRIFT_BACKEND:-eager}" --variants "$DRIFT_VARIANTS")
 E2E=(bench --preset wan2.1-1.3b --frames 81 --vae random --repeat "${E2E_REPEAT:-2}" --dtype bfloat16 --device cuda
   --commit "${GIT_COMMIT:-unknown}")
+cudnn_ok() {  # false where this call's vaecudnn480 ran and its fast-cudnn variant gave no video time
+  [ ! -f "$RES/vaecudnn480.log" ] && return 0
+  [ -f "$RES/vaecudnn480.json" ] && $PY -c "import json,sys
+sys.exit('video_ms' not in json.load(open(sys.argv[1]))['results'].get('fast-cudnn', {}))" "$RES/vaecudnn480.json"
+}
+has_fps() {  # the bench JSON $1 holds a row with an end-to-end FPS
+  [ -f "$1" ] && $PY -c "import json,sys; r=json.load(open(sys.argv[1]))['results']
+sys.exit(not any((v or {}).get('fps_with_decode') for v in r.values()))" "$1"
+}
+e2e_cudnn() {  # e2e_cudnn NAME LIMIT BENCH-ARGS...: --vae-fast --vae-cudnn, then --vae-fast alone
+  local name=$1 limit=$2; shift 2
+  if ! cudnn_ok; then echo "=== $name skipped: fast-cudnn failed in vaecudnn480"; return; fi
+  step "$name" "$limit" $PY -m ropesp.cli "${E2E[@]}" "$@" --vae-fast --vae-cudnn --json "$RES/$name.json"
+  if has_fps "$RES/$name.json"; then
+    step "${name}_base" "$limit" $PY -m ropesp.cli "${E2E[@]}" "$@" --vae-fast --json "$RES/${name}_base.json"
+  else
+    echo "=== ${name}_base skipped: no numbers from $name"
+  fi
+}
 ROTATED="import sys
 from ropesp.plugins.e4m3_cache import E4M3KVCache
 E4M3KVCache.rotate_keys = True
@@ -80,6 +107,14 @@ for s in "$@"; do
       --json "$RES/rot480.json" ;;
     demorot) step demorot 200 $PY -m pytest tests/demo/test_gpu.py -m gpu -q -s -p no:cacheprovider -rs \
       -k "fp8-attention] or rotated" ;;
+    cudnntests) ROPESP_CUDNN_BUILD_S=${TEST_BUILD_S:-1} TAIL=40 step cudnntests 180 $PY -m pytest \
+      tests/decode/test_wan_fast.py -m gpu -q -p no:cacheprovider -rs ;;
+    vaecudnn480) TAIL=60 step vaecudnn480 240 $PY "${VAE[@]}" --latent-height 60 --latent-width 104 \
+      --variants fast,fast-cudnn --fp32-reference --profile --json "$RES/vaecudnn480.json" ;;
+    vaecudnn720) TAIL=60 step vaecudnn720 240 $PY "${VAE[@]}" --latent-height 90 --latent-width 160 \
+      --variants fast,fast-cudnn --profile --json "$RES/vaecudnn720.json" ;;
+    e2e480cudnn) e2e_cudnn e2e480cudnn 240 --height 480 --width 832 --configs compile,compile-fp8attn ;;
+    e2e720cudnn) e2e_cudnn e2e720cudnn 240 --height 720 --width 1280 --configs compile-fp8attn ;;
     *) echo "unknown step $s" ;;
   esac
 done

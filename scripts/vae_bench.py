@@ -237,17 +237,21 @@ def main() -> None:
         if args.conv_bench and name.startswith("fast") and device.type == "cuda":
             results[name]["convs"] = conv_bench(decoder, latents, device)
         graph_convs = getattr(getattr(decoder, "engine", None), "run_conv", None)
-        if hasattr(graph_convs, "plans"):  # cuDNN graphs: each signature's plan time, and what fell back
-            results[name]["cudnn_plans"] = [
-                {
-                    "signature": str(key[:3]),
-                    "bias": key[4],
-                    "ms": plan and plan.ms,
-                    "plan": plan and plan.index,
-                }
-                for key, plan in graph_convs.plans.items()
-            ]
-            results[name]["cudnn_refused"] = {str(k[:3]): why[:300] for k, why in graph_convs.refused.items()}
+        if hasattr(graph_convs, "summary"):  # cuDNN graphs: each signature's plan, or why PyTorch's stays
+            rows = results[name]["cudnn_plans"] = graph_convs.summary()
+            for row in rows:
+                chosen = (
+                    f"plan {row['index']} {row['ms']:.3f} ms"
+                    if row["graph"]
+                    else f"PyTorch's ({row.get('refused', '?')[:90]})"
+                )
+                print(
+                    f"  cuDNN {row['input']} <- w {row['weight'][:2]}{' +b' if row['bias'] else ''}: {chosen}, "
+                    f"torch {row.get('torch_ms', float('nan')):.3f} ms, built {row.get('built')} of "
+                    f"{row.get('plans')} in {row.get('build_s', 0):.1f} s",
+                    flush=True,
+                )
+            results[name]["cudnn_build_s"] = sum(r.get("select_s", r.get("build_s", 0)) for r in rows)
         first_ms = results[first]["video_ms"]
         print(
             f"{name:>22}: video {total:8.1f} ms ({video.shape[2]} frames, {first_ms / total:5.2f}x vs {first}), "

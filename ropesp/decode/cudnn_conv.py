@@ -13,14 +13,18 @@ cuDNN's graph refuses stay PyTorch's convolution (the same function).
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 MAX_PLANS = 16
 """Plans built and timed per shape, in cuDNN's heuristic order (a build may compile a kernel)."""
+BUILD_S = 3.0
+"""Seconds of plan building per shape, after which no further plan is built (the first always is): a
+build can compile a kernel (~1 s), and the decoder has ~20 shapes."""
 
 
 def available() -> bool:
@@ -39,6 +43,22 @@ def channels_last_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Ten
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
+def descriptor_stride(t: torch.Tensor) -> tuple[int, ...]:
+    """t's strides as cuDNN is told them: a leading dimension of size 1 (one video, one frame) gets the
+    packed stride whatever the view's is (a view of the first frames of a longer buffer keeps the
+    buffer's; its value never addresses memory), as PyTorch's own cuDNN descriptors do."""
+    stride = list(t.stride())
+    if t.dim() > 1 and t.shape[0] == 1:
+        stride[0] = max(s * n for s, n in zip(stride[1:], t.shape[1:]))
+    return tuple(stride)
+
+
+def as_described(t: torch.Tensor) -> torch.Tensor:
+    """t as a view with descriptor_stride (the same memory)."""
+    stride = descriptor_stride(t)
+    return t if stride == t.stride() else t.as_strided(t.shape, stride, t.storage_offset())
+
+
 @dataclass
 class _Plan:
     graph: object
@@ -47,6 +67,23 @@ class _Plan:
     index: int
     workspace: torch.Tensor
     ms: float
+
+
+@dataclass
+class _Built:
+    """One signature's outcome, shared by every GraphConvs on its device (with the same keep_faster)."""
+
+    plan: _Plan | None
+    refused: str | None
+    stats: dict = field(default_factory=dict)
+    """build_s, plans (count cuDNN offered), built, ran, ms (best plan), name, torch_ms."""
+
+
+_SHARED: dict = {}
+"""(device index) -> cuDNN handle, and (device index, keep_faster, signature) -> _Built: the plans built
+in this process, reused by every decoder (e.g. one per benchmark configuration). Plans share their
+workspace: decoders on one device must not run the same signature at once (a decoder's lock, one
+decoder at a time per process today)."""
 
 
 class GraphConvs:
@@ -65,20 +102,33 @@ class GraphConvs:
         import cudnn
 
         self.cudnn = cudnn
-        with torch.cuda.device(device):
-            self.handle = cudnn.create_handle()
+        self.device = torch.device(device)
+        self.index = torch.cuda.current_device() if self.device.index is None else self.device.index
+        if self.index not in _SHARED:
+            with torch.cuda.device(self.index):
+                _SHARED[self.index] = cudnn.create_handle()
+        self.handle = _SHARED[self.index]
         self.keep_faster = keep_faster
         self.plans: dict[tuple, _Plan | None] = {}
         self.refused: dict[tuple, str] = {}
         """signature -> why it stays PyTorch's convolution (cuDNN's graph refused it, or was slower)."""
+        self.stats: dict[tuple, dict] = {}
+        """signature -> what choosing its plan found and cost (_Built.stats)."""
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [N, C, (T,) H, W] (already padded; stride 1, no dilation) -> [N, K, (T',) H', W'] channels last."""
         if x.dtype not in (torch.bfloat16, torch.float16) or not x.is_cuda:
             return torch_conv(x, weight, bias)
+        x = as_described(x)
         key = (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), bias is not None, x.dtype)
         if key not in self.plans:
-            self.plans[key] = self._build(key, x, weight, bias)
+            shared = (self.index, self.keep_faster, key)
+            if shared not in _SHARED:
+                _SHARED[shared] = self._build(key, x, weight, bias)
+            built = _SHARED[shared]
+            self.plans[key], self.stats[key] = built.plan, built.stats
+            if built.refused is not None:
+                self.refused[key] = built.refused
         plan = self.plans[key]
         if plan is None:
             return torch_conv(x, weight, bias)
@@ -94,10 +144,12 @@ class GraphConvs:
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(x.device).cuda_stream)
         plan.graph.execute_plan_at_index(pack, plan.workspace, plan.index, handle=self.handle)
 
-    def _build(self, key: tuple, x, weight, bias) -> _Plan | None:
+    def _build(self, key: tuple, x, weight, bias) -> _Built:
         cudnn = self.cudnn
         kind = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[x.dtype]
         out = channels_last_empty(_out_shape(x, weight), x)
+        t0 = time.perf_counter()
+        stats: dict = {}
         try:
             g = cudnn.pygraph(
                 io_data_type=kind,
@@ -106,7 +158,9 @@ class GraphConvs:
                 handle=self.handle,
             )
             tx = g.tensor(name="x", dim=list(x.shape), stride=list(x.stride()), data_type=kind)
-            tw = g.tensor(name="w", dim=list(weight.shape), stride=list(weight.stride()), data_type=kind)
+            tw = g.tensor(
+                name="w", dim=list(weight.shape), stride=list(descriptor_stride(weight)), data_type=kind
+            )
             spatial = x.dim() - 2
             y = g.conv_fprop(
                 image=tx, weight=tw, padding=[0] * spatial, stride=[1] * spatial, dilation=[1] * spatial
@@ -121,11 +175,19 @@ class GraphConvs:
             g.build_operation_graph()
             g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
             g.check_support()
-            indices = _build_plans(g, cudnn)
+            stats["plans"] = g.get_execution_plan_count()
+            indices, failed = _build_plans(g, cudnn)
         except Exception as exc:  # cuDNN's graph refuses this signature: PyTorch's convolution runs it
-            self.refused[key] = f"{type(exc).__name__}: {exc}"
-            return None
+            stats["build_s"] = time.perf_counter() - t0
+            return _Built(None, f"{type(exc).__name__}: {exc}"[:1000], stats)
+        stats.update(built=len(indices), build_s=time.perf_counter() - t0)
+        if failed:
+            stats.update(build_failed=len(failed), build_errors=failed[:2])
+        if not indices:
+            return _Built(None, "no plan built" + (f" ({failed[0]})" if failed else ""), stats)
         best: _Plan | None = None
+        errors = []
+        times = {}
         for i in indices:
             try:
                 workspace = torch.empty(
@@ -133,37 +195,65 @@ class GraphConvs:
                 )
                 plan = _Plan(g, (tx, tw, tb, y), i, workspace, 0.0)
                 plan.ms = _time_ms(lambda plan=plan: self._execute(plan, x, weight, bias, out))
-            except Exception:  # a plan that builds but does not run at this shape
+            except Exception as exc:  # a plan that builds but does not run at this shape
+                errors.append(f"plan {i}: {type(exc).__name__}: {exc}"[:300])
                 continue
+            times[i] = round(plan.ms, 4)
             if best is None or plan.ms < best.ms:
                 best = plan
+        stats.update(ran=len(times), plan_ms=times, select_s=time.perf_counter() - t0)
+        if errors:
+            stats["errors"] = errors[:3]
         if best is None:
-            self.refused[key] = "no plan ran"
-            return None
-        torch_ms = _time_ms(lambda: torch_conv(x, weight, bias)) if self.keep_faster else float("inf")
-        if torch_ms <= best.ms:  # e.g. the 3-channel output convolution: PyTorch's kernel stays
-            self.refused[key] = f"PyTorch's convolution is faster ({torch_ms:.3f} against {best.ms:.3f} ms)"
-            return None
-        return best
+            return _Built(None, "no plan ran" + (f" ({errors[0]})" if errors else ""), stats)
+        stats.update(index=best.index, ms=best.ms)
+        try:
+            stats["name"] = g.get_plan_name_at_index(best.index)
+        except Exception:  # the name is for the record only
+            pass
+        torch_ms = _time_ms(lambda: torch_conv(x, weight, bias))
+        stats["torch_ms"] = torch_ms
+        if self.keep_faster and torch_ms <= best.ms:  # e.g. the 3-channel output convolution
+            why = f"PyTorch's convolution is faster ({torch_ms:.3f} against {best.ms:.3f} ms)"
+            return _Built(None, why, stats)
+        return _Built(best, None, stats)
+
+    def summary(self) -> list[dict]:
+        """One row per signature this GraphConvs met: shapes, bias, chosen plan (None: PyTorch's
+        convolution, with why) and what choosing cost."""
+        rows = []
+        for key, plan in self.plans.items():
+            x_shape, _, w_shape, _, bias, _ = key
+            row = {"input": list(x_shape), "weight": list(w_shape), "bias": bias, "graph": plan is not None}
+            row.update({k: v for k, v in self.stats.get(key, {}).items()})
+            if key in self.refused:
+                row["refused"] = self.refused[key][:300]
+            rows.append(row)
+        return rows
 
 
-def _build_plans(g, cudnn) -> list[int]:
-    """Build the first MAX_PLANS plans cuDNN can build, in its heuristic order (each build may compile a
-    kernel: building them all costs seconds per shape); their indices."""
+def _build_plans(g, cudnn) -> tuple[list[int], list[str]]:
+    """Build the first MAX_PLANS plans cuDNN can build, in its heuristic order, for at most BUILD_S
+    seconds after the first (each build may compile a kernel: building them all costs tens of seconds
+    per shape; 4 x BUILD_S while none has built); their indices, and the first failures."""
     count = g.get_execution_plan_count()
     if not hasattr(g, "build_plan_at_index"):
         g.build_plans(cudnn.build_plan_policy.ALL)
-        return list(range(min(count, MAX_PLANS)))
-    built = []
+        return list(range(min(count, MAX_PLANS))), []
+    built, failed = [], []
+    t0 = time.perf_counter()
     for i in range(count):
+        if time.perf_counter() - t0 > (BUILD_S if built else 4 * BUILD_S):
+            break
         try:
             g.build_plan_at_index(i)
-        except Exception:  # a plan this GPU or shape cannot have
+        except Exception as exc:  # a plan this GPU or shape cannot have
+            failed.append(f"plan {i}: {type(exc).__name__}: {exc}"[:300])
             continue
         built.append(i)
         if len(built) == MAX_PLANS:
             break
-    return built
+    return built, failed
 
 
 def _out_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:

@@ -239,3 +239,19 @@ def test_cudnn_graph_convolution_equals_torch_in_bf16_and_replays_in_a_cuda_grap
     buf.normal_(generator=g)
     graph.replay()
     torch.testing.assert_close(replayed, convs(x, w, b), atol=0, rtol=0)
+
+
+def test_cudnn_descriptor_stride_packs_a_leading_dimension_of_one():
+    """The decoder's causal buffers are read as views of their first frames: with one video the batch
+    stride is the buffer's, which no element's address uses; cuDNN is told the packed one (as PyTorch's
+    own descriptors do), and the view handed over has it too, on the same memory."""
+    buf = torch.zeros(1, 6, 8, 3, 5).contiguous(memory_format=torch.channels_last_3d)
+    x = buf[:, :, :3]
+    assert x.stride()[0] == 8 * 3 * 5 * 6 and cudnn_conv.descriptor_stride(x) == (3 * 3 * 5 * 6, 1, 90, 30, 6)
+    view = cudnn_conv.as_described(x)
+    assert view.stride() == cudnn_conv.descriptor_stride(x) and view.data_ptr() == x.data_ptr()
+    assert torch.equal(view, x)
+    two = torch.zeros(2, 6, 8, 3, 5).contiguous(memory_format=torch.channels_last_3d)[:, :, :3]
+    assert cudnn_conv.as_described(two) is two  # a real batch keeps its strides
+    packed = torch.zeros(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert cudnn_conv.as_described(packed) is packed
