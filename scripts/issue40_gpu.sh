@@ -107,7 +107,7 @@ for s in "$@"; do
       --json "$RES/rot480.json" ;;
     demorot) step demorot 200 $PY -m pytest tests/demo/test_gpu.py -m gpu -q -s -p no:cacheprovider -rs \
       -k "fp8-attention] or rotated" ;;
-    cudnntests) ROPESP_CUDNN_BUILD_S=${TEST_BUILD_S:-1} TAIL=40 step cudnntests 180 $PY -m pytest \
+    cudnntests) TAIL=40 step cudnntests 180 $PY -m pytest \
       tests/decode/test_wan_fast.py -m gpu -q -p no:cacheprovider -rs ;;
     vaecudnn480) TAIL=60 step vaecudnn480 240 $PY "${VAE[@]}" --latent-height 60 --latent-width 104 \
       --variants fast,fast-cudnn --fp32-reference --profile --json "$RES/vaecudnn480.json" ;;

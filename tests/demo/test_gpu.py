@@ -1,6 +1,6 @@
 """The shipped demo model on the GPU paths: bf16 eager, regional torch.compile, AOTInductor engines built
-for CUDA, FP8 GEMMs and 8-bit attention, each scored on all 32 evaluation pairs against fp32 eager on the
-same GPU (issue 21: every backend within 0.02 of eager; 0.03 where attention takes q in e4m3). Skipped without a CUDA GPU; the FP8 paths also
+for CUDA, FP8 GEMMs and 8-bit attention, each scored on all 32 evaluation pairs (and the main ones on
+long streams) against fp32 eager on the same GPU (issue 21: every backend within 0.02 of eager; 0.03 where attention takes q in e4m3). Skipped without a CUDA GPU; the FP8 paths also
 where the GPU or torchao lacks them (the reason the runtime itself gives)."""
 
 from __future__ import annotations
@@ -90,3 +90,51 @@ def _demo_head_dim() -> int:
 
 def test_cuda_engines_keep_the_score(fp32_score, engines):
     assert abs(_score(engines=str(engines)) - fp32_score) <= PATH_TOLERANCE
+
+
+LONG_STREAM = 60
+"""Latent frames of the GPU long-stream tests' streams: 20 chunks, 17 of them past the stream adapter's
+first frame, the page's window rolling over all but the first three."""
+
+
+def _long_score(**overrides) -> float:
+    from ropesp.demo.long_stream import PAGE_WINDOW, StreamJob, generate_streams, long_prompts, score_streams
+
+    jobs = [StreamJob(p, s, LONG_STREAM) for pairs in long_prompts(2).values() for p, s in pairs]
+    source = {"checkpoint": str(default_checkpoint())}
+    window = {"local_attn_frames": PAGE_WINDOW.local_attn_frames, "sink_frames": PAGE_WINDOW.sink_frames}
+    with torch.no_grad():
+        latents = generate_streams(RunConfig.of(device="cuda", **source, **window, **overrides), jobs)
+    results = score_streams(latents, [(j.prompt, j.seed) for j in jobs])
+    score = sum(r.score for r in results) / len(results)
+    print(f"demo long-stream score {overrides}: {score:.3f}")
+    return score
+
+
+@pytest.fixture(scope="module")
+def fp32_long_score() -> float:
+    return _long_score(dtype="float32", cuda_graphs=False)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"backend": "compile"}, id="bf16-compile"),
+        pytest.param({"precision": "fp8"}, id="fp8-gemm"),
+        pytest.param({"precision": "fp8", "attention": "fp8"}, id="fp8-gemm-attention"),
+    ],
+)
+def test_gpu_paths_keep_the_long_stream_score(fp32_long_score, overrides):
+    """Over 60-frame streams under the page's window, where every chunk from frame 9 on runs the stream
+    adapter's blocks (merged, compiled, quantized with the rest), each path's score within the tolerance of fp32
+    eager's long-stream score on the same GPU."""
+    from ropesp.plugins import attention_8bit, fp8
+
+    if overrides.get("precision") == "fp8" and (why := fp8.fp8_unsupported_reason("cuda")):
+        pytest.skip(why)
+    if (mode := overrides.get("attention")) and (
+        why := attention_8bit.attention_unsupported_reason(mode, "cuda", head_dim=_demo_head_dim())
+    ):
+        pytest.skip(why)
+    tolerance = E4M3_QUERY_TOLERANCE if overrides.get("attention") == "fp8" else PATH_TOLERANCE
+    assert abs(_long_score(dtype="bfloat16", **overrides) - fp32_long_score) <= tolerance
