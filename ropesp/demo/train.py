@@ -696,6 +696,14 @@ class Trainer:
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
+def missing_state(state: Path, export: bool = False) -> list[str]:
+    """The files of a training state (Trainer.save) that `state` lacks: all of them to resume, the EMA
+    weights and train.json to export."""
+    names = ("state_ema",) if export else STATE_FILES
+    wanted = [f"{n}.safetensors" for n in names] + ["train.json"]
+    return [name for name in wanted if not (state / name).is_file()]
+
+
 def export_weights(state: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     """The EMA weights of a training state -> a checkpoint directory (weights in `dtype` + Wan
     config.json) that ropesp.model.checkpoint loads; fp16 halves the file (5.5 MB for the demo)."""
@@ -782,6 +790,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     p.add_argument("--export", metavar="DIR", help="only write the EMA weights of --resume to DIR (fp16)")
     args = p.parse_args(argv)
+    if args.resume and (missing := missing_state(Path(args.resume), export=bool(args.export))):
+        p.error(f"--resume {args.resume}: not a training state of this trainer (no {', '.join(missing)})")
+    if args.init and not (Path(args.init) / WEIGHTS_NAME).is_file():
+        p.error(f"--init {args.init}: no {WEIGHTS_NAME} there (a checkpoint directory, as --export writes)")
     if args.export:
         if not args.resume:
             p.error("--export needs --resume STATE_DIR")
@@ -811,7 +823,11 @@ def main(argv: list[str] | None = None) -> None:
             p.error(str(exc))
         print(f"started from {args.init} ({trainer.init_info})", flush=True)
     if args.resume:
-        trainer.load(Path(args.resume))
+        try:
+            trainer.load(Path(args.resume))
+        except (RuntimeError, KeyError) as exc:  # another architecture, adapter rank or optimizer set
+            why = str(exc).strip().splitlines()[-1].strip()
+            p.error(f"--resume {args.resume}: its state does not fit this recipe's model ({why})")
         if cfg.anchor and trainer.anchor is None:
             p.error(
                 f"--anchor: {args.resume} holds no --init weights to pull toward (its run had no --anchor)"

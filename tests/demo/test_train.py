@@ -108,6 +108,18 @@ def test_an_adapter_run_trains_only_its_deltas_and_ships_them(tmp_path):
     assert (res.model.stream_rank, res.model.stream_from_frame) == (2, 9)
 
 
+def test_a_state_of_another_model_is_refused_by_resume(tmp_path, capsys):
+    """--resume of a state whose weights do not fit the recipe's model (another adapter rank, or none):
+    one line naming the flag, nothing written."""
+    _trainer(steps=1, adapter_rank=2, stream_prob=1.0).run(tmp_path / "s")
+    for recipe in (["--adapter-rank", "3", "--stream-prob", "1"], []):
+        with pytest.raises(SystemExit) as exc:
+            main(["--out", str(tmp_path / "o"), "--resume", str(tmp_path / "s"), "--device", "cpu", *recipe])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"--resume {tmp_path / 's'}: its state does not fit" in err, err
+        assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
 def test_schedule_spans_resumed_runs():
     """--schedule: the cosine runs over the training seconds of every run, resumed ones too."""
     trainer, own = _trainer(schedule_s=100.0, lr=1.0, lr_floor=0.0), _trainer(lr=1.0, lr_floor=0.0)
@@ -192,6 +204,15 @@ def test_stream_weight_scales_a_stream_batchs_gradient_not_its_reported_loss(mon
         (
             ["--init", str(default_checkpoint()), "--adapter-rank", "5", "--stream-prob", "1"],
             f"--init {default_checkpoint()}: size mismatch for stream_adapter.",
+        ),
+        (
+            ["--init", "/no/such/ropesp-dir"],
+            "--init /no/such/ropesp-dir: no diffusion_pytorch_model.safetensors",
+        ),
+        (["--resume", "/no/such/ropesp-dir"], "--resume /no/such/ropesp-dir: not a training state"),
+        (
+            ["--resume", "/no/such/ropesp-dir", "--export", "/no/such/out"],
+            "(no state_ema.safetensors, train.json)",
         ),
     ],
 )
