@@ -63,6 +63,7 @@ from ropesp.demo.world import (
     trajectories,
     visible_extent,
 )
+from ropesp.errors import RopespError
 from ropesp.settings import PROMPT_MODES, RunConfig
 
 LONG_FRAMES = 120
@@ -96,6 +97,10 @@ class Window:
 
     def __str__(self) -> str:
         return f"{self.local_attn_frames}/{self.sink_frames}"
+
+    def settings(self) -> dict[str, int]:
+        """The run settings of this window (local_attn_frames, sink_frames)."""
+        return {"local_attn_frames": self.local_attn_frames, "sink_frames": self.sink_frames}
 
 
 PAGE_WINDOW = Window(9, 3)
@@ -391,7 +396,7 @@ def evaluate_window(
     switches: int = 8,
 ) -> dict:
     """Generate and score the fixed long streams (and switch streams) under one window; a JSON-ready dict."""
-    cfg = config.replace(local_attn_frames=window.local_attn_frames, sink_frames=window.sink_frames)
+    cfg = config.replace(**window.settings())
     pairs = [p for ps in long_prompts(per_class).values() for p in ps]
     sw = switch_prompts(switches)
     jobs = [StreamJob(p, s, frames) for p, s in pairs]
@@ -432,12 +437,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype")
     p.add_argument("--json", help="write the per-stream results here")
     args = p.parse_args(argv)
+    for flag, value, least in (("--frames", args.frames, 1), ("--per-class", args.per_class, 0),
+                               ("--switches", args.switches, 0)):  # fmt: skip
+        if value < least:
+            p.error(f"{flag} {value}: at least {least}")
+    try:
+        windows = [Window.parse(text) for text in args.windows.split(",")]
+    except ValueError:
+        p.error(f"--windows {args.windows}: write WINDOW/SINK latent frames, comma-separated, e.g. 9/3,6/0")
     config = RunConfig.of(
         checkpoint=args.checkpoint or str(default_checkpoint()),
         device=args.device,
         dtype=args.dtype,
         prompt_mode=args.prompt_mode,
     )
+    from ropesp.runtime.pipeline import resolve
+
+    # every window and length checked before the first stream runs
+    checks = [("", config)] + [
+        (
+            f"--windows {window} / --frames {frames}: ",
+            config.replace(latent_frames=frames, **window.settings()),
+        )
+        for window in windows
+        for frames in (args.frames, SWITCH_FRAMES)
+    ]
+    for context, run in checks:
+        try:
+            resolve(run)
+        except RopespError as exc:
+            p.error(context + str(exc))
     torch.set_grad_enabled(False)
     report = {
         "checkpoint": config.source.checkpoint,
@@ -445,8 +474,8 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_mode": args.prompt_mode,
         "windows": [],
     }
-    for text in args.windows.split(","):
-        r = evaluate_window(config, Window.parse(text), args.per_class, args.frames, args.switches)
+    for window in windows:
+        r = evaluate_window(config, window, args.per_class, args.frames, args.switches)
         report["windows"].append(r)
         means = "  ".join(f"{k} {v:.3f}" for k, v in r["means"].items())
         print(

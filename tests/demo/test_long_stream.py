@@ -172,3 +172,25 @@ def test_engines_keep_the_long_stream_latents_and_score(eager_streams, tmp_path)
         torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
     got = sum(r.score for r in score_streams(latents, [(j.prompt, j.seed) for j in jobs]))
     assert abs(got - sum(r.score for r in eager_streams[1][1::2])) / len(jobs) <= PATH_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--windows", "9/x"], "--windows 9/x: write WINDOW/SINK latent frames"),
+        (["--windows", "9/3,2/0"], "--windows 2/0 / --frames 120: --local-attn-frames 2 must be >="),
+        (["--frames", "10"], "--windows 9/3 / --frames 10: a video of 37 frames (10 latent) does not tile"),
+        (["--frames", "0"], "--frames 0: at least 1"),
+        (["--per-class", "-1"], "--per-class -1: at least 0"),
+        (["--checkpoint", "/no/such/ropesp-dir"], "checkpoint /no/such/ropesp-dir does not exist"),
+    ],
+)
+def test_bad_arguments_are_named_before_any_stream_runs(tmp_path, capsys, args, message):
+    from ropesp.demo.long_stream import main
+
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--json", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not out.exists()
