@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sink-frames", type=int, default=0)
     p.add_argument("--json", help="write the per-pair scores here")
     args = p.parse_args(argv)
+    if args.pairs < 1:
+        p.error(f"--pairs {args.pairs}: at least 1 (the fixed pairs, {EVAL_PAIRS} by default)")
     cfg = RunConfig.of(
         checkpoint=None if args.preset else (args.checkpoint or str(default_checkpoint())),
         preset=args.preset,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ropesp.demo.evaluate import eval_pairs
@@ -49,3 +50,13 @@ def test_flicker_between_chunks_is_penalised():
         flicker[:, 3:6] *= change
         s = score_latents(flicker, spec)
         assert s.steadiness <= 0.75 and s.score <= 0.75, (change, s)
+
+
+@pytest.mark.parametrize("pairs", ["0", "-3"])
+def test_evaluate_refuses_no_pairs_by_flag(capsys, pairs):
+    from ropesp.demo.evaluate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--pairs", pairs])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"--pairs {pairs}: at least 1" in err
