@@ -1,6 +1,6 @@
 """A strip of frames from 30 s streams of two demo checkpoints beside the world's own video (PNG).
 
-    python scripts/demo_long_strip.py --old OLD_DIR --new NEW_DIR --out docs/demo_long_stream.png
+    python scripts/demo_long_strip.py --old OLD_DIR --new NEW_DIR --out docs/long_stream_strip.png
 
 Each prompt streams 120 latent frames (477 video frames, ~30 s at the page's 16 FPS) under the demo page's
 window (--local-attn-frames 9 --sink-frames 3) through the runtime (ropesp.demo.long_stream.generate_streams);
@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--new", required=True, help="checkpoint directory of the new weights")
     p.add_argument("--old-label", default="old weights")
     p.add_argument("--new-label", default="new weights")
-    p.add_argument("--out", default="docs/demo_long_stream.png")
+    p.add_argument("--out", default="docs/long_stream_strip.png")
     args = p.parse_args()
     torch.set_grad_enabled(False)
     jobs = [StreamJob(prompt, seed, LONG_FRAMES) for prompt, seed in PROMPTS]
