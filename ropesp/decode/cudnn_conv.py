@@ -79,11 +79,12 @@ class _Built:
     """build_s, plans (count cuDNN offered), built, ran, ms (best plan), name, torch_ms."""
 
 
-_SHARED: dict = {}
-"""(device index) -> cuDNN handle, and (device index, keep_faster, signature) -> _Built: the plans built
-in this process, reused by every decoder (e.g. one per benchmark configuration). Plans share their
-workspace: decoders on one device must not run the same signature at once (a decoder's lock, one
-decoder at a time per process today)."""
+_HANDLES: dict[int, object] = {}
+"""Device index -> the process's cuDNN handle on it."""
+_BUILT: dict[tuple, _Built] = {}
+"""(device index, keep_faster, signature) -> _Built: the plans built in this process, reused by every
+decoder (e.g. one per benchmark configuration). Plans share their workspace: decoders on one device must
+not run the same signature at once (the engine core decodes on one thread)."""
 
 
 class GraphConvs:
@@ -104,10 +105,10 @@ class GraphConvs:
         self.cudnn = cudnn
         self.device = torch.device(device)
         self.index = torch.cuda.current_device() if self.device.index is None else self.device.index
-        if self.index not in _SHARED:
+        if self.index not in _HANDLES:
             with torch.cuda.device(self.index):
-                _SHARED[self.index] = cudnn.create_handle()
-        self.handle = _SHARED[self.index]
+                _HANDLES[self.index] = cudnn.create_handle()
+        self.handle = _HANDLES[self.index]
         self.keep_faster = keep_faster
         self.plans: dict[tuple, _Plan | None] = {}
         self.refused: dict[tuple, str] = {}
@@ -123,9 +124,9 @@ class GraphConvs:
         key = (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), bias is not None, x.dtype)
         if key not in self.plans:
             shared = (self.index, self.keep_faster, key)
-            if shared not in _SHARED:
-                _SHARED[shared] = self._build(key, x, weight, bias)
-            built = _SHARED[shared]
+            if shared not in _BUILT:
+                _BUILT[shared] = self._build(key, x, weight, bias)
+            built = _BUILT[shared]
             self.plans[key], self.stats[key] = built.plan, built.stats
             if built.refused is not None:
                 self.refused[key] = built.refused
