@@ -26,7 +26,8 @@
 #   e2e480cudnn / e2e720cudnn  `ropesp bench --vae random --vae-fast --vae-cudnn` (480p: bf16 compile and
 #              FP8 + FP8 attention; 720p: FP8 + FP8 attention), then the same with --vae-fast alone (the
 #              baseline of the same call; run only where the cuDNN run gave numbers). Both are skipped
-#              where this call's vaecudnn480 ran and its fast-cudnn variant failed (carry .whl_fp8 too)
+#              where this call's vaecudnn480 ran and its fast-cudnn variant failed (carry .whl_fp8 too, or
+#              E2E480_CONFIGS=compile for the bf16 rows alone)
 set -uo pipefail
 DEADLINE=${DEADLINE:-540}
 DRIFT_VARIANTS=${DRIFT_VARIANTS:-sdpa,gemm,fp8:base,fp8:v,fp8:split,fp8:v+split}
@@ -113,7 +114,7 @@ for s in "$@"; do
       --variants fast,fast-cudnn --fp32-reference --profile --json "$RES/vaecudnn480.json" ;;
     vaecudnn720) TAIL=60 step vaecudnn720 240 $PY "${VAE[@]}" --latent-height 90 --latent-width 160 \
       --variants fast,fast-cudnn --profile --json "$RES/vaecudnn720.json" ;;
-    e2e480cudnn) e2e_cudnn e2e480cudnn 240 --height 480 --width 832 --configs compile,compile-fp8attn ;;
+    e2e480cudnn) e2e_cudnn e2e480cudnn 240 --height 480 --width 832 --configs "${E2E480_CONFIGS:-compile,compile-fp8attn}" ;;
     e2e720cudnn) e2e_cudnn e2e720cudnn 240 --height 720 --width 1280 --configs compile-fp8attn ;;
     *) echo "unknown step $s" ;;
   esac

@@ -65,6 +65,7 @@ from ropesp.demo.adapter import StreamGates
 from ropesp.demo.prompts import DemoTextEncoder, describe
 from ropesp.demo.segments import Layout, segment_flow, stream_layout
 from ropesp.demo.world import (
+    MOTIONS,
     OVERDRIVE,
     all_specs,
     canonical_scene,
@@ -119,6 +120,10 @@ class TrainConfig:
     step_weights: str = ""
     """Relative frequencies of the sampler's steps among the noisy chunks, e.g. "1,1,1,3": the last
     step, whose x0 is the chunk the stream shows, three times as often (empty: uniform)."""
+    motion_weights: str = ""
+    """Relative frequencies of the prompts' motions (MOTIONS order: moving, bouncing, entering, leaving)
+    in the stream batches, e.g. "1,1,1,1": each class as often (empty: every prompt of the grammar as often,
+    so bouncing, which has no direction, is 1 prompt in 13)."""
     stream_prob: float = 0.0
     """Fraction of batches cut from long streams under the runtime's rolling window (segments.py); the
     rest are `frames`-frame videos from the start (`window_prob` of them with the one-chunk window)."""
@@ -187,6 +192,24 @@ def parse_window(text: str, chunk: int) -> tuple[int, bool]:
             f"number (>= 2) of chunks, e.g. 9/3, 6/0, 12/3"
         )
     return (frames - sink_frames) // chunk - 1, bool(sink_frames)
+
+
+def motion_spec_weights(specs: list, text: str) -> torch.Tensor:
+    """[len(specs)] float32 sampling weights giving each motion of MOTIONS the share `text` asks for
+    ("1,4,1,1"; empty: uniform over the specs); ValueError naming --motion-weights otherwise."""
+    if not text:
+        return torch.ones(len(specs))
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != len(MOTIONS) or min(weights) < 0 or not sum(weights):
+        raise ValueError(
+            f"--motion-weights {text}: {len(MOTIONS)} weights >= 0, one per motion ({', '.join(MOTIONS)})"
+        )
+    per_motion = {m: sum(s.motion == m for s in specs) for m in MOTIONS}
+    share = dict(zip(MOTIONS, weights))
+    return torch.tensor([share[s.motion] / per_motion[s.motion] for s in specs])
 
 
 @dataclass(frozen=True)
@@ -352,6 +375,7 @@ class Trainer:
                     f"--step-weights {cfg.step_weights}: {len(self.step_t)} weights >= 0, one per sampler step"
                 )
             self.step_weights = torch.tensor(weights, device=device)
+        self.stream_spec_p = motion_spec_weights(self.specs, cfg.motion_weights).to(device)
         if cfg.schedule_s < 0:
             raise ValueError(
                 f"--schedule {cfg.schedule_s}: training seconds >= 0 (0: each run's --time-limit)"
@@ -525,7 +549,7 @@ class Trainer:
         window, sink = self.windows[self.pick(0, len(self.windows))]
         far = self.coin(cfg.far_prob)
         layout = self.stream_layout(window, sink, far)
-        ids = torch.randint(len(self.specs), (b,), generator=g, device=dev)
+        ids = self.stream_prompts(b)
         first = torch.zeros(b, dtype=torch.long, device=dev)
         if far:  # the window of the first run chunk stays clear of chunk 0
             run = cfg.warm_chunks + cfg.segment_chunks
@@ -536,7 +560,7 @@ class Trainer:
         if cfg.switch_prob and self.coin(cfg.switch_prob):
             lo = max(1, layout.clean - layout.noisy)  # the first supervised chunk, never chunk 0
             slot = self.pick(lo, layout.clean)
-            other = torch.randint(len(self.specs), (b,), generator=g, device=dev)
+            other = self.stream_prompts(b)
             since = (chunks - chunks[:, slot : slot + 1]).clamp_min(0)  # the new world starts afresh
             fresh = latents_at(jittered(take(self.scenes, other), g), self.frame_times(since), OVERDRIVE)
             after = (torch.arange(layout.clean, device=dev) >= slot).repeat_interleave(self.chunk)
@@ -548,6 +572,10 @@ class Trainer:
             clean = self.own_context(clean, prompts, window, sink, far, chunks, switch)
         noisy, t_f, idx, eps = self.noised(x0)
         return Batch(clean, noisy, x0, eps, t_f, idx, prompts, layout, chunks, switch)
+
+    def stream_prompts(self, b: int) -> torch.Tensor:
+        """[b] indices into `specs` drawn by `motion_weights`."""
+        return torch.multinomial(self.stream_spec_p, b, replacement=True, generator=self.generator)
 
     def frame_times(self, chunks: torch.Tensor) -> torch.Tensor:
         """Latent frames [B, n*chunk] of stream chunks [B, n]."""
@@ -763,6 +791,7 @@ def main(argv: list[str] | None = None) -> None:
         "window_chunks",
         "random_t_prob",
         "step_weights",
+        "motion_weights",
         "stream_prob",
         "stream_windows",
         "horizon",

@@ -4,13 +4,15 @@ checkpoint the normal loader runs; longer videos and wider windows; bad recipes 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import fields
 
 import pytest
 import torch
 
 from ropesp.demo import default_checkpoint
-from ropesp.demo.train import TrainConfig, Trainer, export_weights, field_docs, main
+from ropesp.demo.train import TrainConfig, Trainer, export_weights, field_docs, main, motion_spec_weights
+from ropesp.demo.world import MOTIONS, all_specs
 from ropesp.model.wan import LowRankDelta
 from ropesp.runtime.pipeline import resolve
 from ropesp.settings import RunConfig
@@ -197,6 +199,9 @@ def test_stream_weight_scales_a_stream_batchs_gradient_not_its_reported_loss(mon
         (["--anchor", "-1"], "--anchor -1.0: a pull >= 0"),
         (["--anchor", "100"], "--anchor pulls toward the --init weights: give --init DIR"),
         (["--schedule", "-5"], "--schedule -5.0: training seconds >= 0"),
+        (["--motion-weights", "1,2,1"], "--motion-weights 1,2,1: 4 weights >= 0, one per motion (moving,"),
+        (["--motion-weights", "1,x,1,1"], "--motion-weights 1,x,1,1: 4 weights >= 0"),
+        (["--motion-weights", "0,0,0,0"], "--motion-weights 0,0,0,0: 4 weights >= 0"),
         (["--adapter-rank", "4"], "--adapter-rank 4 learns from stream batches only"),
         (["--adapter-rank", "-1"], "--adapter-rank -1 / --adapter-from 9: a rank >= 0"),
         (["--adapter-rank", "4", "--stream-prob", "1"], "give them with --init DIR"),
@@ -222,6 +227,18 @@ def test_bad_recipes_name_the_flag(tmp_path, capsys, args, message):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_motion_weights_set_each_class_share_of_the_stream_prompts():
+    specs = all_specs()
+    uniform = motion_spec_weights(specs, "")
+    assert torch.equal(uniform, torch.ones(len(specs)))  # the shipped runs' draw: bouncing 1 prompt in 13
+    weights = motion_spec_weights(specs, "1,2,1,0")
+    draws = torch.multinomial(weights, 40_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    drawn = Counter(specs[int(i)].motion for i in draws)
+    for motion, share in zip(MOTIONS, (0.25, 0.5, 0.25, 0.0)):
+        assert abs(drawn[motion] / 40_000 - share) < 0.01, motion
+    assert {specs[int(i)].count for i in draws} == {1, 2, 3}  # within a class every prompt stays in play
 
 
 def test_every_recipe_field_has_its_help_line(capsys):
