@@ -20,11 +20,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-MAX_PLANS = 16
-"""Plans built and timed per shape, in cuDNN's heuristic order (a build may compile a kernel)."""
+MAX_PLANS = 64
+"""Plans built and timed per shape, in cuDNN's heuristic order: every plan cuDNN offers at the decoder's
+shapes (28-35). Building costs little (16 plans in ~5 ms per shape on an H100 with cuDNN 9.19), and
+the first 16 missed what the probe found: at the full-size 96-channel convolution the best of them took
+2.12 ms in the decoder, no faster than PyTorch's 2.11, where the best of all plans took 1.53 against
+PyTorch's 2.56 in scripts/fp8_conv_probe.py (bench/RESULTS.md twenty-first and twenty-third sessions)."""
 BUILD_S = 3.0
 """Seconds of plan building per shape, after which no further plan is built (the first always is): a
-build can compile a kernel (~1 s), and the decoder has ~20 shapes."""
+build may compile a kernel (~0.8 s a plan in an earlier probe), and the decoder has ~20 shapes."""
 
 
 def available() -> bool:
@@ -235,8 +239,8 @@ class GraphConvs:
 
 def _build_plans(g, cudnn) -> tuple[list[int], list[str]]:
     """Build the first MAX_PLANS plans cuDNN can build, in its heuristic order, for at most BUILD_S
-    seconds after the first (each build may compile a kernel: building them all costs tens of seconds
-    per shape; 4 x BUILD_S while none has built); their indices, and the first failures."""
+    seconds after the first (a build may compile a kernel; 4 x BUILD_S while none has built); their
+    indices, and the first failures."""
     count = g.get_execution_plan_count()
     if not hasattr(g, "build_plan_at_index"):
         g.build_plans(cudnn.build_plan_policy.ALL)
