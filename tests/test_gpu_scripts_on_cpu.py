@@ -174,3 +174,59 @@ def test_cold_timeline_splits_a_fresh_process_into_its_phases(tmp_path):
     assert res["session_build_parts_ms"]["make_state (KV cache, RoPE tables)"] > 0
     assert res["first_chunk"]["cpu_ops"] and json.loads(trace.read_text())["traceEvents"]
     assert len(res["later_chunks_ms"]) == 1  # 6 latent frames: two chunks
+
+
+def _script_module(name: str):
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def test_fp8_gemm_emulation_rounds_as_e4m3_rows():
+    """Rows scaled by amax / 448 into e4m3's range: normal values keep 3 mantissa bits (relative error <=
+    2^-4), the smallest ones e4m3's subnormal step (2^-9 of the scale); each row's amax is exact."""
+    import torch
+
+    emu = _script_module("fp8_gemm_emulation")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.logspace(-3, 3, 64)[:, None]
+    r = emu.round_rows(x)
+    scale = x.abs().amax(-1, keepdim=True) / 448
+    bound = torch.maximum(x.abs() * 2.0**-4, scale * 2.0**-9)
+    assert bool(((r - x).abs() <= bound * (1 + 1e-6)).all())
+    torch.testing.assert_close(r.abs().amax(-1), x.abs().amax(-1), rtol=1e-6, atol=0)
+    assert (r != x).float().mean() > 0.5  # it rounds
+
+
+def test_fp8_gemm_emulation_quantizes_what_apply_fp8_selects(tmp_path):
+    """The emulation rounds the weights of exactly apply_fp8's selection (the stream adapter's merged blocks
+    too) and the inputs of those layers; the script writes both runs' per-class scores."""
+    import torch
+
+    from ropesp.demo import default_checkpoint
+    from ropesp.model.checkpoint import load_model
+    from ropesp.plugins.fp8 import fp8_linear_names
+
+    emu = _script_module("fp8_gemm_emulation")
+    model, _ = load_model(default_checkpoint(), dtype=torch.float32)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    names = emu.emulate_fp8(model)
+    assert names == fp8_linear_names(model) and any(n.startswith("stream_blocks.") for n in names)
+    modules = dict(model.named_modules())
+    selected = {id(modules[n].weight) for n in names}
+    for name, p in model.named_parameters():  # a tensor the two block sets share is listed once
+        assert torch.equal(p, before[name]) == (id(p) not in selected), name
+    x = torch.randn(5, modules[names[0]].in_features)
+    y = modules[names[0]](x)
+    torch.testing.assert_close(
+        y, torch.nn.functional.linear(emu.round_rows(x), modules[names[0]].weight, modules[names[0]].bias)
+    )
+
+    out = tmp_path / "emu.json"
+    _run("fp8_gemm_emulation.py", "--per-class", "1", "--frames", "12", "--json", str(out))
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"fp32", "fp8-gemm-emulated"}
+    for run in runs.values():
+        assert len(run["streams"]) == 4 and 0.0 <= run["means"]["all"] <= 1.0
