@@ -71,10 +71,14 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=120, help="latent frames per stream")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
-    if args.per_class < 1 or args.frames < 9:
-        ap.error("--per-class >= 1 and --frames >= 9")
+    if args.per_class < 1:
+        ap.error(f"--per-class {args.per_class}: at least 1 stream per motion class")
+    if args.frames < 9:
+        ap.error(f"--frames {args.frames}: at least 9 latent frames (the adapter starts at frame 9)")
     if not (Path(args.checkpoint) / "config.json").is_file():
         ap.error(f"--checkpoint {args.checkpoint}: not a checkpoint directory")
+    if not Path(args.json).parent.is_dir():
+        ap.error(f"--json {args.json}: no such directory")  # before minutes of streams, not after
     jobs = [StreamJob(p, s, args.frames) for pairs in long_prompts(args.per_class).values() for p, s in pairs]
     report = {"checkpoint": args.checkpoint, "frames": args.frames, "window": str(PAGE_WINDOW), "runs": {}}
     for name, emulated in (("fp32", False), ("fp8-gemm-emulated", True)):
