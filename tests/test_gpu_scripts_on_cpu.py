@@ -230,3 +230,34 @@ def test_fp8_gemm_emulation_quantizes_what_apply_fp8_selects(tmp_path):
     assert set(runs) == {"fp32", "fp8-gemm-emulated"}
     for run in runs.values():
         assert len(run["streams"]) == 4 and 0.0 <= run["means"]["all"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--per-class", "0"], "--per-class 0: at least 1 stream"),
+        (["--frames", "3"], "--frames 3: at least 9 latent frames"),
+        (["--checkpoint", "/no/such/ropesp-dir"], "--checkpoint /no/such/ropesp-dir: not a checkpoint"),
+    ],
+)
+def test_fp8_gemm_emulation_refuses_bad_flags(tmp_path, args, message):
+    out = tmp_path / "emu.json"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "fp8_gemm_emulation.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
+
+
+def test_fp8_gemm_emulation_refuses_a_json_path_without_its_directory(tmp_path):
+    out = tmp_path / "missing" / "emu.json"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "fp8_gemm_emulation.py"), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and f"--json {out}: no such directory" in run.stderr
