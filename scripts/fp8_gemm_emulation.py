@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from ropesp.demo import default_checkpoint
-from ropesp.demo.long_stream import PAGE_WINDOW, StreamJob, generate_streams, long_prompts, score_streams
+from ropesp.demo.long_stream import (
+    PAGE_WINDOW,
+    StreamJob,
+    class_means,
+    generate_streams,
+    long_prompts,
+    score_streams,
+)
 from ropesp.plugins import fp8
 from ropesp.runtime import pipeline
 from ropesp.settings import RunConfig
@@ -51,9 +58,10 @@ def emulate_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[s
 
 
 def stream_scores(checkpoint: str, jobs: list[StreamJob], emulated: bool) -> list:
-    window = {"local_attn_frames": PAGE_WINDOW.local_attn_frames, "sink_frames": PAGE_WINDOW.sink_frames}
     extra = {"precision": "fp8"} if emulated else {}
-    cfg = RunConfig.of(checkpoint=checkpoint, device="cpu", dtype="float32", **window, **extra)
+    cfg = RunConfig.of(
+        checkpoint=checkpoint, device="cpu", dtype="float32", **PAGE_WINDOW.settings(), **extra
+    )
     with (
         # the GPU-only checks of --precision fp8 (sm_89+, bf16 activations) refuse this fp32 CPU run
         mock.patch.object(pipeline, "check_precision", lambda *a, **k: None),
@@ -84,11 +92,7 @@ def main() -> None:
     for name, emulated in (("fp32", False), ("fp8-gemm-emulated", True)):
         t0 = time.perf_counter()
         results = stream_scores(args.checkpoint, jobs, emulated)
-        by_class: dict[str, list[float]] = {}
-        for r in results:
-            by_class.setdefault(r.motion, []).append(r.score)
-        means = {m: sum(v) / len(v) for m, v in by_class.items()}
-        means["all"] = sum(r.score for r in results) / len(results)
+        means = class_means(results)
         report["runs"][name] = {
             "means": means,
             "streams": [{"prompt": r.prompt, "seed": r.seed, "score": r.score} for r in results],

@@ -108,9 +108,10 @@ def _long_score(**overrides) -> float:
 
     jobs = _long_jobs()
     source = {"checkpoint": str(default_checkpoint())}
-    window = {"local_attn_frames": PAGE_WINDOW.local_attn_frames, "sink_frames": PAGE_WINDOW.sink_frames}
     with torch.no_grad():
-        latents = generate_streams(RunConfig.of(device="cuda", **source, **window, **overrides), jobs)
+        latents = generate_streams(
+            RunConfig.of(device="cuda", **source, **PAGE_WINDOW.settings(), **overrides), jobs
+        )
     results = score_streams(latents, [(j.prompt, j.seed) for j in jobs])
     score = sum(r.score for r in results) / len(results)
     print(f"demo long-stream score {overrides}: {score:.3f}")
