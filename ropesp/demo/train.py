@@ -194,19 +194,26 @@ def parse_window(text: str, chunk: int) -> tuple[int, bool]:
     return (frames - sink_frames) // chunk - 1, bool(sink_frames)
 
 
+def relative_weights(text: str, count: int, flag: str, each: str) -> list[float]:
+    """'1,1,1,3' -> [1.0, 1.0, 1.0, 3.0]: `count` weights >= 0, not all 0; ValueError naming `flag` (and
+    what one weight is for, `each`) otherwise."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != count or min(weights) < 0 or not sum(weights):
+        raise ValueError(f"{flag} {text}: {count} weights >= 0, {each}")
+    return weights
+
+
 def motion_spec_weights(specs: list, text: str) -> torch.Tensor:
     """[len(specs)] float32 sampling weights giving each motion of MOTIONS the share `text` asks for
     ("1,4,1,1"; empty: uniform over the specs); ValueError naming --motion-weights otherwise."""
     if not text:
         return torch.ones(len(specs))
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        weights = []
-    if len(weights) != len(MOTIONS) or min(weights) < 0 or not sum(weights):
-        raise ValueError(
-            f"--motion-weights {text}: {len(MOTIONS)} weights >= 0, one per motion ({', '.join(MOTIONS)})"
-        )
+    weights = relative_weights(
+        text, len(MOTIONS), "--motion-weights", f"one per motion ({', '.join(MOTIONS)})"
+    )
     per_motion = {m: sum(s.motion == m for s in specs) for m in MOTIONS}
     share = dict(zip(MOTIONS, weights))
     return torch.tensor([share[s.motion] / per_motion[s.motion] for s in specs])
@@ -369,11 +376,9 @@ class Trainer:
         self.host_generator = torch.Generator().manual_seed(cfg.seed + 2)
         self.step_weights = None
         if cfg.step_weights:
-            weights = [float(w) for w in cfg.step_weights.split(",")]
-            if len(weights) != len(self.step_t) or min(weights) < 0 or not sum(weights):
-                raise ValueError(
-                    f"--step-weights {cfg.step_weights}: {len(self.step_t)} weights >= 0, one per sampler step"
-                )
+            weights = relative_weights(
+                cfg.step_weights, len(self.step_t), "--step-weights", "one per sampler step"
+            )
             self.step_weights = torch.tensor(weights, device=device)
         self.stream_spec_p = motion_spec_weights(self.specs, cfg.motion_weights).to(device)
         if cfg.schedule_s < 0:

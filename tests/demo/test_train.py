@@ -199,6 +199,8 @@ def test_stream_weight_scales_a_stream_batchs_gradient_not_its_reported_loss(mon
         (["--anchor", "-1"], "--anchor -1.0: a pull >= 0"),
         (["--anchor", "100"], "--anchor pulls toward the --init weights: give --init DIR"),
         (["--schedule", "-5"], "--schedule -5.0: training seconds >= 0"),
+        (["--step-weights", "1,1,3"], "--step-weights 1,1,3: 4 weights >= 0, one per sampler step"),
+        (["--step-weights", "1,x,1,1"], "--step-weights 1,x,1,1: 4 weights >= 0, one per sampler step"),
         (["--motion-weights", "1,2,1"], "--motion-weights 1,2,1: 4 weights >= 0, one per motion (moving,"),
         (["--motion-weights", "1,x,1,1"], "--motion-weights 1,x,1,1: 4 weights >= 0"),
         (["--motion-weights", "0,0,0,0"], "--motion-weights 0,0,0,0: 4 weights >= 0"),
