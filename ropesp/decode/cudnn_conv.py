@@ -230,7 +230,7 @@ class GraphConvs:
         for key, plan in self.plans.items():
             x_shape, _, w_shape, _, bias, _ = key
             row = {"input": list(x_shape), "weight": list(w_shape), "bias": bias, "graph": plan is not None}
-            row.update({k: v for k, v in self.stats.get(key, {}).items()})
+            row.update(self.stats.get(key, {}))
             if key in self.refused:
                 row["refused"] = self.refused[key][:300]
             rows.append(row)
