@@ -1,7 +1,8 @@
 """Make .whl_vae/ for a device call (issue #40): .whl/'s importlib_metadata wheel, and its diffusers wheel
 without diffusers/pipelines/ and diffusers/modular_pipelines/ (their __init__.py and pipeline_utils.py
-kept; RECORD rewritten): 2.1 MB instead of 6.4 MB, so that .whl_vae + .whl_conv + .whl_fp8 and the tree
-fit the device tool's 64 MiB. The decoders import only diffusers' models (AutoencoderKLWan); CPU check
+kept; RECORD rewritten): 2.1 MB instead of 6.4 MB, so that the tree, .whl_vae and .whl_conv or .whl_fp8
+fit the device tool's 64 MiB (counted on disk; all three wheel folders and the tree were 64.1 MiB on
+2026-12-07: a warm machine keeps what an earlier call installed, so calls carry them in turn). The decoders import only diffusers' models (AutoencoderKLWan); CPU check
 with the stripped package first on PYTHONPATH: `python -m pytest tests/decode` passes (2026-12-07).
 
     python scripts/make_whl_vae.py      # from the repository root; .whl/ must hold the wheels (fetch_gpu_wheels.sh runs it)
