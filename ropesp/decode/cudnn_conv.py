@@ -26,6 +26,13 @@ shapes (28-35). Building costs little (16 plans in ~5 ms per shape on an H100 wi
 the first 16 missed what the probe found: at the full-size 96-channel convolution the best of them took
 2.12 ms in the decoder, no faster than PyTorch's 2.11, where the best of all plans took 1.53 against
 PyTorch's 2.56 in scripts/fp8_conv_probe.py (bench/RESULTS.md twenty-first and twenty-third sessions)."""
+SLOW_PLAN = 4.0
+SLOW_PLAN_MARGIN_MS = 2.0
+"""A plan whose first call takes more than SLOW_PLAN x the best time so far (PyTorch's included) +
+SLOW_PLAN_MARGIN_MS is dropped after that call: at every decoder shape cuDNN offers one or two plans
+20-1000x slower than the best (5.6 s a call at 720p), and timing them four times made choosing take 43 s
+of a 480p decoder's warm-up and 106 s at 720p (H100, bench/RESULTS.md twenty-fourth session). The
+margin covers a good plan's first-call setup."""
 BUILD_S = 3.0
 """Seconds of plan building per shape, after which no further plan is built (the first always is): a
 build may compile a kernel (~0.8 s a plan in an earlier probe), and the decoder has ~20 shapes."""
@@ -190,34 +197,43 @@ class GraphConvs:
             stats.update(build_failed=len(failed), build_errors=failed[:2])
         if not indices:
             return _Built(None, "no plan built" + (f" ({failed[0]})" if failed else ""), stats)
+        torch_ms = _time_ms(lambda: torch_conv(x, weight, bias))
+        stats["torch_ms"] = torch_ms
         best: _Plan | None = None
         errors = []
-        times = {}
+        times, dropped = {}, {}
         for i in indices:
             try:
                 workspace = torch.empty(
                     max(g.get_workspace_size_plan_at_index(i), 1), dtype=torch.uint8, device=x.device
                 )
                 plan = _Plan(g, (tx, tw, tb, y), i, workspace, 0.0)
-                plan.ms = _time_ms(lambda plan=plan: self._execute(plan, x, weight, bias, out))
+                limit = SLOW_PLAN * min(torch_ms, best.ms if best else torch_ms) + SLOW_PLAN_MARGIN_MS
+                plan.ms = _time_ms(
+                    lambda plan=plan: self._execute(plan, x, weight, bias, out), give_up_ms=limit
+                )
             except Exception as exc:  # a plan that builds but does not run at this shape
                 errors.append(f"plan {i}: {type(exc).__name__}: {exc}"[:300])
+                continue
+            if plan.ms > limit:
+                dropped[i] = round(plan.ms, 4)
                 continue
             times[i] = round(plan.ms, 4)
             if best is None or plan.ms < best.ms:
                 best = plan
         stats.update(ran=len(times), plan_ms=times, select_s=time.perf_counter() - t0)
+        if dropped:
+            stats["dropped_ms"] = dropped
         if errors:
             stats["errors"] = errors[:3]
         if best is None:
-            return _Built(None, "no plan ran" + (f" ({errors[0]})" if errors else ""), stats)
+            why = f"every plan over {SLOW_PLAN:g}x PyTorch's time" if dropped else "no plan ran"
+            return _Built(None, why + (f" ({errors[0]})" if errors else ""), stats)
         stats.update(index=best.index, ms=best.ms)
         try:
             stats["name"] = g.get_plan_name_at_index(best.index)
         except Exception:  # the name is for the record only
             pass
-        torch_ms = _time_ms(lambda: torch_conv(x, weight, bias))
-        stats["torch_ms"] = torch_ms
         if self.keep_faster and torch_ms <= best.ms:  # e.g. the 3-channel output convolution
             why = f"PyTorch's convolution is faster ({torch_ms:.3f} against {best.ms:.3f} ms)"
             return _Built(None, why, stats)
@@ -265,15 +281,19 @@ def _out_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
     return (x.shape[0], weight.shape[0], *(n - k + 1 for n, k in zip(x.shape[2:], weight.shape[2:])))
 
 
-def _time_ms(fn: Callable[[], None], reps: int = 3) -> float:
-    """Best of `reps` timed calls after one untimed (milliseconds, CUDA events)."""
+def _time_ms(fn: Callable[[], None], reps: int = 3, give_up_ms: float = float("inf")) -> float:
+    """Best of `reps` timed calls after a first one (milliseconds, CUDA events); the first call's time
+    alone where it exceeds give_up_ms (a plan not worth its repetitions: some take seconds a call)."""
+    first = _event_ms(fn)
+    if first > give_up_ms:
+        return first
+    return min(_event_ms(fn) for _ in range(reps))
+
+
+def _event_ms(fn: Callable[[], None]) -> float:
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
     fn()
-    best = float("inf")
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, begin.elapsed_time(end))
-    return best
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)

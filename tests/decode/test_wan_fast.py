@@ -255,3 +255,21 @@ def test_cudnn_descriptor_stride_packs_a_leading_dimension_of_one():
     assert cudnn_conv.as_described(two) is two  # a real batch keeps its strides
     packed = torch.zeros(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
     assert cudnn_conv.as_described(packed) is packed
+
+
+def test_cudnn_plan_timing_gives_up_on_a_slow_first_call(monkeypatch):
+    """A plan whose first call is over the limit is not timed again (some of cuDNN's plans take seconds a
+    call at the decoder's shapes); one under it gets its repetitions, and the best of them counts."""
+    calls = []
+
+    def fake_event_ms(fn):
+        fn()
+        return times.pop(0)
+
+    monkeypatch.setattr(cudnn_conv, "_event_ms", fake_event_ms)
+    times = [900.0, 1.0, 1.0, 1.0]
+    assert cudnn_conv._time_ms(lambda: calls.append(1), give_up_ms=10.0) == 900.0
+    assert len(calls) == 1 and times == [1.0, 1.0, 1.0]
+    times = [9.0, 3.0, 2.0, 2.5]
+    assert cudnn_conv._time_ms(lambda: calls.append(1), give_up_ms=10.0) == 2.0
+    assert len(calls) == 5 and not times
