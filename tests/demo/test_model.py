@@ -47,14 +47,20 @@ def test_shipped_weights_are_the_demo_model():
     assert (default_checkpoint() / "diffusion_pytorch_model.safetensors").stat().st_size <= 10_000_000
 
 
-@shipped
-def test_shipped_model_makes_what_the_prompt_says(eager):
+@pytest.fixture(scope="module")
+def eager_all(eager):
+    """Mean score of the shipped model on all 32 pairs, eager on one rank (PAIRS' from `eager`)."""
     rest = [pair for i, pair in enumerate(eval_pairs()) if i % 4]  # the 24 pairs PAIRS leaves out
     with torch.no_grad():
         results = score_pairs(generate_latents(_session(), rest), rest)
     results += score_pairs(eager[0], PAIRS)
     assert len(results) == 32
-    assert mean_score(results) >= TARGET
+    return mean_score(results)
+
+
+@shipped
+def test_shipped_model_makes_what_the_prompt_says(eager_all):
+    assert eager_all >= TARGET
 
 
 def test_untrained_model_scores_near_zero():
@@ -65,15 +71,16 @@ def test_untrained_model_scores_near_zero():
 
 
 @shipped
-def test_rolling_window_keeps_the_score(eager):
+def test_rolling_window_keeps_the_score(eager_all):
     """The window is not the same computation (each chunk sees the previous chunk only), so it is held to
-    not losing the score: on these 8 pairs it scores 0.986 against eager's 0.965 (one pair's frames
-    fewer missed; 1/72 of the mean per frame), on all 32 0.967 against 0.965 (bench/RESULTS.md,
-    eighteenth session)."""
+    not losing the score, on all 32 pairs: on 8 a single frame of a pair with 6 scored frames moves the
+    mean by 1/48 = 0.021, over the tolerance (the shipped weights: 0.924 against 0.944 on PAIRS, 0.974
+    against 0.974 on all 32, one frame lost in one pair and one gained in another; bench/RESULTS.md,
+    twenty-fourth session)."""
     session = _session(local_attn_frames=6)
     with torch.no_grad():
-        results = evaluate(session, PAIRS)
-    assert mean_score(results) >= eager[1] - PATH_TOLERANCE
+        results = evaluate(session, eval_pairs())
+    assert mean_score(results) >= eager_all - PATH_TOLERANCE
 
 
 @shipped

@@ -152,9 +152,10 @@ def test_a_switch_changes_the_chunks_from_the_switch_on():
     assert (switched[:, first_after:] - plain[:, first_after:]).abs().amin(dim=(2, 3, 4)).max() > 0
 
 
-def _adapter_checkpoint(directory, rank: int = 4, scale: float = 0.3):
-    """The shipped demo weights plus a stream adapter of random (non-zero) deltas, written as a checkpoint
-    directory (safetensors + config.json); returns (directory, its ModelConfig)."""
+def _adapter_checkpoint(directory, rank: int | None = 4, scale: float = 0.3):
+    """The shipped demo model's base weights (its own stream adapter left out) plus a stream adapter of
+    random (non-zero) deltas, or none where rank is None, written as a checkpoint directory (safetensors
+    + config.json); returns (directory, its ModelConfig)."""
     import dataclasses
     import json
 
@@ -163,8 +164,9 @@ def _adapter_checkpoint(directory, rank: int = 4, scale: float = 0.3):
     from ropesp.demo import WEIGHTS_FILE, default_checkpoint
     from ropesp.model.wan import CausalWanDiT
 
-    cfg = dataclasses.replace(demo(), stream_rank=rank, stream_from_frame=9)
+    cfg = demo() if rank is None else dataclasses.replace(demo(), stream_rank=rank, stream_from_frame=9)
     sd = load_file(default_checkpoint() / WEIGHTS_FILE)
+    sd = {k: v for k, v in sd.items() if not k.startswith("stream_adapter.")}
     g = torch.Generator().manual_seed(1)
     with torch.device("meta"):
         shapes = CausalWanDiT(cfg).state_dict()
@@ -181,7 +183,6 @@ def test_the_stream_adapter_trained_is_the_stream_adapter_run(tmp_path):
     """Training's gated low-rank deltas (off before stream frame 9, on from it) and the runtime's merged
     stream blocks (chosen per chunk by its first frame) give the same flows over a 9/3 stream; the
     chunks before frame 9 are the base model's exactly."""
-    from ropesp.demo import default_checkpoint
     from ropesp.demo.adapter import StreamGates
     from ropesp.model.checkpoint import load_state_dict
     from ropesp.model.wan import CausalWanDiT
@@ -196,7 +197,8 @@ def test_the_stream_adapter_trained_is_the_stream_adapter_run(tmp_path):
     noisy = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([STEPS[c % 4] for c in range(n)]).repeat_interleave(CHUNK)[None]
     flows = {}
-    for name, checkpoint in (("base", default_checkpoint()), ("adapter", path)):
+    base, _ = _adapter_checkpoint(tmp_path / "base", rank=None)
+    for name, checkpoint in (("base", base), ("adapter", path)):
         executor = build_session(RunConfig.of(checkpoint=str(checkpoint), sink_frames=3, **run)).executor
         executor.set_prompt(embeds)
         executor.reset()
