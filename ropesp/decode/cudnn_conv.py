@@ -1,10 +1,10 @@
 """Convolutions through cuDNN's graph API (the optional `nvidia-cudnn-frontend`, module `cudnn`) for the
 fast Wan VAE decoder: the bias added in the convolution's epilogue, and of the plans cuDNN builds for a
 shape the fastest, timed once (against PyTorch's convolution, which stays where it is faster). PyTorch's
-own cuDNN call (cudnn.benchmark) chooses among fewer kernels and adds the bias in a pass of its own: at
-the decoder's 480p shapes on an H100 the graph's best plan took 0.60 of PyTorch's time for the full-size
-96-channel convolutions and 0.56-0.94 for the others but conv_out (scripts/fp8_conv_probe.py,
-bench/RESULTS.md twenty-first session).
+own cuDNN call (cudnn.benchmark) chooses among fewer kernels and adds the bias in a pass of its own: in
+the 480p decoder on an H100 the graph's best plan took 0.66 of PyTorch's time for the full-size
+96-channel convolutions and 0.51-1.0 for the others; PyTorch's stayed for conv_out (bench/RESULTS.md
+twenty-fourth session).
 
 Only half-precision convolutions (bf16, fp16) on CUDA go through a graph; fp32, the CPU, and any shape
 cuDNN's graph refuses stay PyTorch's convolution (the same function).
@@ -23,9 +23,10 @@ import torch.nn.functional as F
 MAX_PLANS = 64
 """Plans built and timed per shape, in cuDNN's heuristic order: every plan cuDNN offers at the decoder's
 shapes (28-35). Building costs little (16 plans in ~5 ms per shape on an H100 with cuDNN 9.19), and
-the first 16 missed what the probe found: at the full-size 96-channel convolution the best of them took
-2.12 ms in the decoder, no faster than PyTorch's 2.11, where the best of all plans took 1.53 against
-PyTorch's 2.56 in scripts/fp8_conv_probe.py (bench/RESULTS.md twenty-first and twenty-third sessions)."""
+the first 16 missed the best: at the full-size 96-channel convolution the best of them took 2.12 ms in
+the decoder, no faster than PyTorch's 2.11; of all of them plan 20 took 1.38 (the whole 480p decoder 1.14x
+PyTorch's convolutions with every plan, 1.045x with 16; bench/RESULTS.md twenty-third and twenty-fourth
+sessions)."""
 SLOW_PLAN = 4.0
 SLOW_PLAN_MARGIN_MS = 2.0
 """A plan whose first call takes more than SLOW_PLAN x the best time so far (PyTorch's included) +
