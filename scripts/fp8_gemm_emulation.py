@@ -82,7 +82,7 @@ def main() -> None:
     if args.per_class < 1:
         ap.error(f"--per-class {args.per_class}: at least 1 stream per motion class")
     if args.frames < 9:
-        ap.error(f"--frames {args.frames}: at least 9 latent frames (the adapter starts at frame 9)")
+        ap.error(f"--frames {args.frames}: at least 9 latent frames (the short videos' length)")
     if not (Path(args.checkpoint) / "config.json").is_file():
         ap.error(f"--checkpoint {args.checkpoint}: not a checkpoint directory")
     if not Path(args.json).parent.is_dir():

@@ -180,9 +180,9 @@ def _adapter_checkpoint(directory, rank: int | None = 4, scale: float = 0.3):
 
 
 def test_the_stream_adapter_trained_is_the_stream_adapter_run(tmp_path):
-    """Training's gated low-rank deltas (off before stream frame 9, on from it) and the runtime's merged
-    stream blocks (chosen per chunk by its first frame) give the same flows over a 9/3 stream; the
-    chunks before frame 9 are the base model's exactly."""
+    """Training's gated low-rank deltas (off before stream frame 9, on from it; an adapter of this test's
+    own) and the runtime's merged stream blocks (chosen per chunk by its first frame) give the same flows
+    over a 9/3 stream; the chunks before frame 9 are the base model's exactly."""
     from ropesp.demo.adapter import StreamGates
     from ropesp.model.checkpoint import load_state_dict
     from ropesp.model.wan import CausalWanDiT
