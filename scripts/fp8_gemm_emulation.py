@@ -29,7 +29,7 @@ from ropesp.demo.long_stream import (
     StreamJob,
     class_means,
     generate_streams,
-    long_prompts,
+    long_jobs,
     score_streams,
 )
 from ropesp.plugins import fp8
@@ -87,7 +87,7 @@ def main() -> None:
         ap.error(f"--checkpoint {args.checkpoint}: not a checkpoint directory")
     if not Path(args.json).parent.is_dir():
         ap.error(f"--json {args.json}: no such directory")  # before minutes of streams, not after
-    jobs = [StreamJob(p, s, args.frames) for pairs in long_prompts(args.per_class).values() for p, s in pairs]
+    jobs = long_jobs(args.per_class, args.frames)
     report = {"checkpoint": args.checkpoint, "frames": args.frames, "window": str(PAGE_WINDOW), "runs": {}}
     for name, emulated in (("fp32", False), ("fp8-gemm-emulated", True)):
         t0 = time.perf_counter()

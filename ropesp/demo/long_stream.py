@@ -273,6 +273,11 @@ def long_prompts(per_class: int = PER_CLASS) -> dict[str, list[tuple[str, int]]]
     return out
 
 
+def long_jobs(per_class: int = PER_CLASS, frames: int = LONG_FRAMES) -> list[StreamJob]:
+    """The fixed long streams (long_prompts), every class in MOTIONS order, `frames` latent frames each."""
+    return [StreamJob(p, s, frames) for pairs in long_prompts(per_class).values() for p, s in pairs]
+
+
 def switch_prompts(n: int = 8) -> list[tuple[str, str, int]]:
     """The fixed prompt switches (old prompt, new prompt, seed): every old motion class, towards moving
     and bouncing scenes of another colour, counts and shapes cycled."""
@@ -397,9 +402,9 @@ def evaluate_window(
 ) -> dict:
     """Generate and score the fixed long streams (and switch streams) under one window; a JSON-ready dict."""
     cfg = config.replace(**window.settings())
-    pairs = [p for ps in long_prompts(per_class).values() for p in ps]
+    jobs = long_jobs(per_class, frames)
+    pairs = [(j.prompt, j.seed) for j in jobs]
     sw = switch_prompts(switches)
-    jobs = [StreamJob(p, s, frames) for p, s in pairs]
     jobs += [StreamJob(old, seed, SWITCH_FRAMES, new) for old, new, seed in sw]
     t0 = time.perf_counter()
     latents = generate_streams(cfg, jobs)

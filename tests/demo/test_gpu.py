@@ -92,21 +92,15 @@ def test_cuda_engines_keep_the_score(fp32_score, engines):
     assert abs(_score(engines=str(engines)) - fp32_score) <= PATH_TOLERANCE
 
 
-def _long_jobs():
-    """The long-stream score's own streams (ropesp.demo.long_stream: 6 prompts per motion class, 120
-    latent frames under the page's window, 37 of 40 chunks past the stream adapter's first frame). A
-    sample of 8 streams of 60 frames was too small for a 0.02 tolerance: single streams move by up to
-    0.18 under FP8 GEMMs, their mean over 24 full streams by 0.010 (scripts/fp8_gemm_emulation.py), and on
-    an H100 the 8-stream mean moved by 0.039 (bench/RESULTS.md twenty-third session)."""
-    from ropesp.demo.long_stream import LONG_FRAMES, StreamJob, long_prompts
-
-    return [StreamJob(p, s, LONG_FRAMES) for pairs in long_prompts().values() for p, s in pairs]
-
-
 def _long_score(**overrides) -> float:
-    from ropesp.demo.long_stream import PAGE_WINDOW, generate_streams, score_streams
+    """The mean score of the long-stream score's own streams (long_jobs: 6 prompts per motion class, 120
+    latent frames under the page's window). A sample of 8 streams of 60 frames was too small for a 0.02
+    tolerance: single streams move by up to 0.18 under FP8 GEMMs, their mean over 24 full streams by
+    0.010 (scripts/fp8_gemm_emulation.py), and on an H100 the 8-stream mean moved by 0.039
+    (bench/RESULTS.md twenty-third session)."""
+    from ropesp.demo.long_stream import PAGE_WINDOW, generate_streams, long_jobs, score_streams
 
-    jobs = _long_jobs()
+    jobs = long_jobs()
     source = {"checkpoint": str(default_checkpoint())}
     with torch.no_grad():
         latents = generate_streams(
@@ -132,7 +126,7 @@ def fp32_long_score() -> float:
     ],
 )
 def test_gpu_paths_keep_the_long_stream_score(fp32_long_score, overrides):
-    """Over the long-stream score's streams (_long_jobs), where every chunk from the model's
+    """Over the long-stream score's streams (_long_score), where every chunk from the model's
     stream_from_frame on runs the stream adapter's blocks (merged, compiled, quantized with the rest), each
     path's score within the tolerance of fp32 eager's long-stream score on the same GPU (the adapter from
     frame 9: fp32 0.932, compile 0.930, FP8 GEMMs 0.909, FP8 GEMMs + attention 0.911 on an H100,

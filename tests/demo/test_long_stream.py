@@ -21,6 +21,7 @@ from ropesp.demo.long_stream import (
     frame_misses,
     generate_streams,
     held_frames,
+    long_jobs,
     long_prompts,
     score_streams,
     switch_held,
@@ -109,7 +110,7 @@ shipped = pytest.mark.skipif(not has_default_weights(), reason="the demo weights
 
 
 def _jobs() -> list[StreamJob]:
-    return [StreamJob(p, s, SHORT_STREAM) for pairs in long_prompts(1).values() for p, s in pairs]
+    return long_jobs(1, SHORT_STREAM)
 
 
 def _config(**overrides) -> RunConfig:
