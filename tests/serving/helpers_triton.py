@@ -96,11 +96,15 @@ def steered_run(
     started=None,
     sequence=False,
     frames=STEER_FRAMES,
+    until=None,
 ):
     """Stream `frames` latent frames; once chunk `after_chunk` has arrived, send the control request.
-    sequence: run it as the Triton sequence `stream_id` (stream and control). Returns (chunks, the
+    sequence: run it as the Triton sequence `stream_id` (stream and control). until: a threading.Event;
+    the stream is unbounded instead (frames 0, the served config needs a rolling window) and the client
+    leaves it once the event is set and two chunks past the control have arrived, so that it runs, and
+    its control finds it, however far the server gets ahead of a slow client. Returns (chunks, the
     control's reported last chunk)."""
-    inputs = client.make_inputs(prompt[0].numpy(), seed, frames, stream_id=stream_id)
+    inputs = client.make_inputs(prompt[0].numpy(), seed, 0 if until else frames, stream_id=stream_id)
     sequence_id = stream_id if sequence else None
     chunks, reported = [], None
     with client.Controller(url) as controller:  # connected before the stream starts
@@ -111,6 +115,8 @@ def steered_run(
             if chunk.index == after_chunk:
                 change = client.make_control(new[0].numpy(), stream_id, mode)
                 reported = controller.send(change, sequence_id=sequence_id)
+            if until is not None and until.is_set() and reported is not None and chunk.index >= reported + 3:
+                break  # leaving the stream cancels it on the server
     return chunks, reported
 
 

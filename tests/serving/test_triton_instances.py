@@ -31,8 +31,6 @@ from ropesp.settings import RunConfig
 
 SERVED = CONFIG.replace(max_streams=1, local_attn_frames=9, sink_frames=3)
 """Two engines of one KV cache slot each, under the demo page's window (streams of any length)."""
-LONG = 150
-"""Latent frames (50 chunks) of the two steered streams: both still run when the third one asks."""
 STARTED = re.compile(r"ropesp: (\S+): stream '([^']+)' started")
 """The model's log line naming the instance that took a stream."""
 
@@ -120,27 +118,41 @@ def test_each_stream_is_steered_on_the_instance_that_holds_it(served, client, pr
     server, log = served
     results, errors = {}, []
     started = {"a": threading.Event(), "b": threading.Event()}
+    checked = threading.Event()  # a and b run, unbounded, until the third stream has been refused
 
     def run(name, seed, mode):
         try:
             results[name] = steered_run(
-                client, server.grpc_url, prompt, seed, name, other, mode, 1, started[name], True, LONG
+                client,
+                server.grpc_url,
+                prompt,
+                seed,
+                name,
+                other,
+                mode,
+                1,
+                started[name],
+                True,
+                until=checked,
             )
         except BaseException as exc:  # tritonclient's exception keeps its text out of repr()
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
 
-    a = threading.Thread(target=run, args=("a", 11, "recache"))
-    b = threading.Thread(target=run, args=("b", 12, "swap"))
-    a.start()
-    assert started["a"].wait(120)  # b starts while a runs: Triton gives it the other instance
-    b.start()
-    assert started["b"].wait(120)
-    # a third stream goes to one of the two instances, each at capacity: its engine refuses it
-    inputs = client.make_inputs(prompt[0].numpy(), 13, 6, stream_id="c")
-    with pytest.raises(InferenceServerException, match=r"at capacity: 1 stream running.*max_streams=1"):
-        list(client.stream(server.grpc_url, inputs, timeout_s=120, sequence_id="c"))
-    for t in (a, b):
-        t.join(240)
+    a = threading.Thread(target=run, args=("a", 11, "recache"), daemon=True)
+    b = threading.Thread(target=run, args=("b", 12, "swap"), daemon=True)
+    try:
+        a.start()
+        assert started["a"].wait(120)  # b starts while a runs: Triton gives it the other instance
+        b.start()
+        assert started["b"].wait(120)
+        # a third stream goes to one of the two instances, each at capacity: its engine refuses it
+        inputs = client.make_inputs(prompt[0].numpy(), 13, 6, stream_id="c")
+        with pytest.raises(InferenceServerException, match=r"at capacity: 1 stream running.*max_streams=1"):
+            list(client.stream(server.grpc_url, inputs, timeout_s=120, sequence_id="c"))
+    finally:
+        checked.set()
+        for t in (a, b):
+            t.join(240)
     assert not errors, (errors, log.read_text()[-4000:])
 
     where = instances_of(log)
@@ -148,11 +160,11 @@ def test_each_stream_is_steered_on_the_instance_that_holds_it(served, client, pr
     session = build_session(SERVED)
     for name, seed, mode in (("a", 11, "recache"), ("b", 12, "swap")):
         chunks, reported = results[name]
-        assert [c.index for c in chunks] == list(range(LONG // 3))
+        assert [c.index for c in chunks] == list(range(len(chunks)))
         j = first_switched(chunks)  # the control request reached its stream: routed to its instance
         assert j - (reported + 1) in (0, 1), (name, reported, j)
         got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
-        want = steered_reference(session, prompt, seed, (j, other, mode), LONG)
+        want = steered_reference(session, prompt, seed, (j, other, mode), 3 * len(chunks))
         # the stream as it runs alone in this process, bit for bit: the other instance shares nothing
         assert torch.equal(got, want), (name, (got - want).abs().max())
 
