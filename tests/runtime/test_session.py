@@ -2,34 +2,20 @@ import itertools
 
 import pytest
 import torch
+from zero_flow import ZeroFlowExecutor
 
-from ropesp.config import ModelConfig, VideoGeometry
+from ropesp.config import VideoGeometry
 from ropesp.runtime.pipeline import build_session
 from ropesp.runtime.sampler import FlowSchedule
 from ropesp.runtime.session import StreamSession
 from ropesp.settings import RunConfig, SamplerConfig
 
 
-class RecordingExecutor:
-    """Flow = 0, so x0 = x_t: the recorded inputs expose the noise draw order exactly."""
-
-    cfg = ModelConfig(dim=24, ffn_dim=8, num_heads=2, num_layers=1)
-    device = torch.device("cpu")
-    cuda_graphs = False
-    world_size = 1
-    comm = None
-    cache_cfg = None  # no KV cache: nothing to re-cache
-    has_prompt = True
-    slots = 1
-
-    def use_slot(self, slot):
-        assert slot == 0
+class RecordingExecutor(ZeroFlowExecutor):
+    """Records its inputs: they expose the noise draw order exactly."""
 
     def __init__(self):
         self.calls = []
-
-    def set_prompt(self, p):
-        pass
 
     def reset(self):
         self.calls.clear()

@@ -7,36 +7,22 @@ import time
 
 import pytest
 import torch
+from zero_flow import ZeroFlowExecutor
 
-from ropesp.config import ModelConfig, VideoGeometry
+from ropesp.config import VideoGeometry
 from ropesp.decode import PreviewDecoder
 from ropesp.runtime.pipeline import build_session
 from ropesp.runtime.session import StreamSession
 from ropesp.settings import RunConfig, SamplerConfig
 
 
-class SlowExecutor:
-    """Flow = 0; each forward sleeps, counts itself and may raise on a chosen call."""
-
-    cfg = ModelConfig(dim=24, ffn_dim=8, num_heads=2, num_layers=1)
-    device = torch.device("cpu")
-    cuda_graphs = False
-    world_size = 1
-    comm = None
-    cache_cfg = None  # no KV cache: nothing to re-cache
-    has_prompt = True
-    slots = 1
-
-    def use_slot(self, slot):
-        assert slot == 0
+class SlowExecutor(ZeroFlowExecutor):
+    """Each forward sleeps, counts itself and may raise on a chosen call."""
 
     def __init__(self, delay_s: float = 0.0, fail_at: int | None = None):
         self.delay_s, self.fail_at = delay_s, fail_at
         self.calls = 0
         self.threads: set[str] = set()
-
-    def set_prompt(self, p):
-        pass
 
     def reset(self):
         self.calls = 0
