@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ropesp.demo.prompts import DemoTextEncoder, describe, parse
+from ropesp.demo.prompts import DemoTextEncoder, PromptError, describe, parse
 from ropesp.demo.score import (
     EDGE,
     JUNK,
@@ -399,10 +399,12 @@ def evaluate_window(
     per_class: int = PER_CLASS,
     frames: int = LONG_FRAMES,
     switches: int = 8,
+    pairs: list[tuple[str, int]] | None = None,
 ) -> dict:
-    """Generate and score the fixed long streams (and switch streams) under one window; a JSON-ready dict."""
+    """Generate and score the fixed long streams (and switch streams) under one window; a JSON-ready dict.
+    pairs: (prompt, seed) streams to score instead of the fixed ones (long_prompts)."""
     cfg = config.replace(**window.settings())
-    jobs = long_jobs(per_class, frames)
+    jobs = long_jobs(per_class, frames) if pairs is None else [StreamJob(p, s, frames) for p, s in pairs]
     pairs = [(j.prompt, j.seed) for j in jobs]
     sw = switch_prompts(switches)
     jobs += [StreamJob(old, seed, SWITCH_FRAMES, new) for old, new, seed in sw]
@@ -438,6 +440,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--prompt-mode", default="swap", choices=PROMPT_MODES, help="how the switch streams change prompt"
     )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="score this prompt of the demo grammar (repeatable) instead of the fixed streams, e.g. "
+        "'two white squares bouncing'; each with every --seeds seed, each stream's line printed",
+    )
+    p.add_argument("--seeds", default="2000", help="seeds of the --prompt streams, comma-separated")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype")
     p.add_argument("--json", help="write the per-stream results here")
@@ -450,6 +459,18 @@ def main(argv: list[str] | None = None) -> None:
         windows = [Window.parse(text) for text in args.windows.split(",")]
     except ValueError:
         p.error(f"--windows {args.windows}: write WINDOW/SINK latent frames, comma-separated, e.g. 9/3,6/0")
+    pairs = None
+    if args.prompt:
+        try:
+            seeds = [int(text) for text in args.seeds.split(",")]
+        except ValueError:
+            p.error(f"--seeds {args.seeds}: whole numbers, comma-separated, e.g. 2104,7")
+        for prompt in args.prompt:
+            try:
+                parse(prompt)
+            except PromptError as exc:
+                p.error(f"--prompt: {exc}")
+        pairs = [(prompt, seed) for prompt in args.prompt for seed in seeds]
     config = RunConfig.of(
         checkpoint=args.checkpoint or str(default_checkpoint()),
         device=args.device,
@@ -480,14 +501,19 @@ def main(argv: list[str] | None = None) -> None:
         "windows": [],
     }
     for window in windows:
-        r = evaluate_window(config, window, args.per_class, args.frames, args.switches)
+        r = evaluate_window(config, window, args.per_class, args.frames, args.switches, pairs)
         report["windows"].append(r)
+        for stream in r["streams"] if pairs else ():
+            held = "".join("-" if h is None else ".1"[h] for h in stream["held"])
+            print(f"{stream['prompt']} (seed {stream['seed']}): {stream['score']:.3f} {held}", flush=True)
         means = "  ".join(f"{k} {v:.3f}" for k, v in r["means"].items())
         print(
             f"window {r['window']}, {r['frames']} latent frames: {means} ({r['generate_seconds']} s)",
             flush=True,
         )
         for motion, why in r["misses"].items():
+            if not why:
+                continue
             print(f"  {motion} misses: " + ", ".join(f"{k} {v}" for k, v in why.items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
