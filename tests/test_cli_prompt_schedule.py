@@ -53,7 +53,14 @@ def test_prompt_at_bad_input(embeds, tmp_path, capsys):
     (p0, _), (p1, _), _ = embeds
     base = ["generate", *GRID, "--latent-frames", "6", "--output", str(tmp_path / "v.mp4")]
     cases = [
-        (["--prompt-embeds", p0, "--prompt-at", "2", p1], "--prompt-at 2: the video has 2 chunks (0..1)"),
+        (
+            ["--prompt-embeds", p0, "--prompt-at", "2", p1],
+            "--prompt-at 2: the video has 2 chunks; a change comes at chunk 1",
+        ),
+        (
+            ["--latent-frames", "3", "--prompt-embeds", p0, "--prompt-at", "1", p1],
+            "--prompt-at 1: the video has 1 chunk; no later chunk to change the prompt at",
+        ),
         (["--prompt-embeds", p0, "--prompt-at", "0", p1], "--prompt-at 0: CHUNK must be >= 1"),
         (["--prompt-embeds", p0, "--prompt-at", "x", p1], "CHUNK must be an integer"),
         (["--prompt-at", "1", p1], "--prompt-at needs --prompt TEXT or --prompt-embeds PATH"),

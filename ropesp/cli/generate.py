@@ -204,7 +204,11 @@ def run(args) -> None:
     changes = prompt_changes(args.prompt_at)
     chunks = None if res.unbounded else len(res.chunk_sizes())
     if chunks is not None and changes and changes[-1][0] >= chunks:
-        raise ConfigError(f"--prompt-at {changes[-1][0]}: the video has {chunks} chunks (0..{chunks - 1})")
+        where = {1: "no later chunk to change the prompt at", 2: "a change comes at chunk 1"}
+        raise ConfigError(
+            f"--prompt-at {changes[-1][0]}: the video has {chunks} chunk{'s' * (chunks != 1)}; "
+            + where.get(chunks, f"a change comes at chunks 1..{chunks - 1}")
+        )
     # before any work (prompt encoding, model loading): a bad path must not cost a whole video
     paths = check_outputs(
         args.output or default_output(seed), args.latents_out, args.frames_dir, args.overwrite
