@@ -83,6 +83,7 @@ def class_scores(results: list[PairResult]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
+@torch.no_grad()  # scoped, not set_grad_enabled: main may run in a process that trains afterwards
 def main(argv: list[str] | None = None) -> None:
     from ropesp.demo import default_checkpoint
     from ropesp.errors import RopespError
@@ -111,7 +112,6 @@ def main(argv: list[str] | None = None) -> None:
         local_attn_frames=args.local_attn_frames,
         sink_frames=args.sink_frames,
     )
-    torch.set_grad_enabled(False)
     try:
         session = build_session(cfg)
     except RopespError as exc:

@@ -428,6 +428,7 @@ def evaluate_window(
     }
 
 
+@torch.no_grad()  # scoped, not set_grad_enabled: main may run in a process that trains afterwards
 def main(argv: list[str] | None = None) -> None:
     from ropesp.demo import default_checkpoint
 
@@ -493,7 +494,6 @@ def main(argv: list[str] | None = None) -> None:
             resolve(run)
         except RopespError as exc:
             p.error(context + str(exc))
-    torch.set_grad_enabled(False)
     report = {
         "checkpoint": config.source.checkpoint,
         "device": args.device,

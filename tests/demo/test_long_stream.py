@@ -213,6 +213,7 @@ def test_chosen_prompts_are_scored_stream_by_stream(tmp_path, capsys):
     out = tmp_path / "report.json"
     argv = ["--windows", "9/3", "--frames", "6", "--switches", "0", "--seeds", "5,6", "--json", str(out)]
     main([*argv, "--prompt", "a red disc moving left", "--prompt", "two blue squares bouncing"])
+    assert torch.is_grad_enabled()  # the caller's autograd left as it was (tests train after this one)
     report = json.loads(out.read_text())["windows"][0]
     got = [(s["prompt"], s["seed"]) for s in report["streams"]]
     assert got == [
