@@ -23,11 +23,18 @@ from ropesp.serving.repository import write_repository
 
 pytestmark = pytest.mark.slow
 
+STEERED = CONFIG.replace(local_attn_frames=9, sink_frames=3)
+"""The served config under a rolling window: the steered streams run unbounded, so that a control
+request always finds its stream running, however far the server gets ahead of a loaded client."""
+LEAVE = threading.Event()
+"""steered_run's `until`, set: the client leaves its stream two chunks past the control."""
+LEAVE.set()
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton-steer")
-    write_repository(tmp / "repo", CONFIG)
+    write_repository(tmp / "repo", STEERED)
     with running_server(tmp / "repo", tmp / "tritonserver.log") as (server, _):
         yield server
 
@@ -39,7 +46,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def session():
-    return build_session(CONFIG)
+    return build_session(STEERED)
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +58,16 @@ def test_control_request_switches_the_running_stream_at_the_next_chunk(
     server, client, prompt, other, session
 ):
     chunks, reported = steered_run(
-        client, server.grpc_url, prompt, 3, "solo", other, "recache", after_chunk=1
+        client, server.grpc_url, prompt, 3, "solo", other, "recache", after_chunk=1, until=LEAVE
     )
-    assert [c.index for c in chunks] == list(range(10))
+    assert [c.index for c in chunks] == list(range(len(chunks)))
     j = first_switched(chunks)
     # the control arrived while chunk reported + 1 was being computed: it applies before that chunk's
     # successor at the latest (the latency is at most one chunk after the one in flight)
     assert reported >= 1 and j - (reported + 1) in (0, 1), (reported, j)
     got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
     torch.testing.assert_close(
-        got, steered_reference(session, prompt, 3, (j, other, "recache")), rtol=0, atol=1e-5
+        got, steered_reference(session, prompt, 3, (j, other, "recache"), 3 * len(chunks)), rtol=0, atol=1e-5
     )
 
 
@@ -71,7 +78,7 @@ def test_concurrent_streams_are_unaffected_by_each_others_switches(server, clien
     def run(name, seed, mode, after, event=None):
         try:
             results[name] = steered_run(
-                client, server.grpc_url, prompt, seed, name, other, mode, after, event
+                client, server.grpc_url, prompt, seed, name, other, mode, after, event, until=LEAVE
             )
         except BaseException as exc:
             errors.append(exc)
@@ -79,7 +86,7 @@ def test_concurrent_streams_are_unaffected_by_each_others_switches(server, clien
     a = threading.Thread(target=run, args=("a", 11, "recache", 1, started))
     b = threading.Thread(target=run, args=("b", 12, "swap", 1))
     a.start()
-    started.wait(120)  # b is queued behind a running a
+    started.wait(120)  # b starts while a runs
     b.start()
     for t in (a, b):
         t.join(240)
@@ -89,7 +96,7 @@ def test_concurrent_streams_are_unaffected_by_each_others_switches(server, clien
         j = first_switched(chunks)
         assert j - (reported + 1) in (0, 1), (name, reported, j)
         got = torch.from_numpy(np.concatenate([c.latents for c in chunks]))
-        want = steered_reference(session, prompt, seed, (j, other, mode))
+        want = steered_reference(session, prompt, seed, (j, other, mode), 3 * len(chunks))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
     assert first_switched(results["b"][0]) >= 2  # a's change did not reach b's first chunks
 
