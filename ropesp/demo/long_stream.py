@@ -1,6 +1,7 @@
 """Long-stream score of the demo model: does a stream keep the world's objects over 120 latent frames?
 
     python -m ropesp.demo.long_stream [--checkpoint DIR] [--windows 9/3,6/0,12/3] [--json out.json]
+    python -m ropesp.demo.long_stream --windows 9/3 --switches 0 --prompt "two white squares bouncing" --seeds 2104,7
 
 The 32-pair score (ropesp.demo.score) is defined for the 9-latent-frame videos the canonical scenes are made
 for. A stream on the demo page runs without end under a rolling window (9 latent frames, 3 of them a sink),
