@@ -80,8 +80,8 @@ def test_concurrent_streams_are_unaffected_by_each_others_switches(server, clien
             results[name] = steered_run(
                 client, server.grpc_url, prompt, seed, name, other, mode, after, event, until=LEAVE
             )
-        except BaseException as exc:
-            errors.append(exc)
+        except BaseException as exc:  # tritonclient's exception keeps its text out of repr()
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
 
     a = threading.Thread(target=run, args=("a", 11, "recache", 1, started))
     b = threading.Thread(target=run, args=("b", 12, "swap", 1))
