@@ -64,8 +64,8 @@ from ropesp.demo.world import (
     trajectories,
     visible_extent,
 )
-from ropesp.errors import RopespError
-from ropesp.settings import PROMPT_MODES, RunConfig
+from ropesp.errors import ConfigError, RopespError
+from ropesp.settings import PROMPT_MODES, RunConfig, check_seed
 
 LONG_FRAMES = 120
 """Latent frames of a scored stream: 477 video frames, ~30 s at the demo page's 16 FPS."""
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         help="score this prompt of the demo grammar (repeatable) instead of the fixed streams, e.g. "
         "'two white squares bouncing'; each with every --seeds seed, each stream's line printed",
     )
-    p.add_argument("--seeds", default="2000", help="seeds of the --prompt streams, comma-separated")
+    p.add_argument("--seeds", help="seeds of the --prompt streams, comma-separated (default: 2000)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype")
     p.add_argument("--json", help="write the per-stream results here")
@@ -462,11 +462,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         p.error(f"--windows {args.windows}: write WINDOW/SINK latent frames, comma-separated, e.g. 9/3,6/0")
     pairs = None
+    if args.seeds is not None and not args.prompt:
+        p.error(f"--seeds {args.seeds}: seeds of --prompt streams (the fixed streams have their own)")
     if args.prompt:
         try:
-            seeds = [int(text) for text in args.seeds.split(",")]
-        except ValueError:
-            p.error(f"--seeds {args.seeds}: whole numbers, comma-separated, e.g. 2104,7")
+            seeds = [check_seed(text) for text in (args.seeds or "2000").split(",")]
+        except ConfigError:
+            p.error(f"--seeds {args.seeds}: whole numbers in 0..2^63-1, comma-separated, e.g. 2104,7")
         for prompt in args.prompt:
             try:
                 parse(prompt)

@@ -191,8 +191,10 @@ def test_engines_keep_the_long_stream_latents_and_score(eager_streams, tmp_path)
         ),
         (
             ["--prompt", "a red disc moving left", "--seeds", "1,x"],
-            "--seeds 1,x: whole numbers, comma-separated",
+            "--seeds 1,x: whole numbers in 0..2^63-1",
         ),
+        (["--prompt", "a red disc moving left", "--seeds", "-3"], "--seeds -3: whole numbers in 0..2^63-1"),
+        (["--seeds", "1,2"], "--seeds 1,2: seeds of --prompt streams"),
     ],
 )
 def test_bad_arguments_are_named_before_any_stream_runs(tmp_path, capsys, args, message):

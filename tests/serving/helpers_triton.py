@@ -104,7 +104,9 @@ def steered_run(
     leaves it once the event is set and two chunks past the control have arrived, so that it runs, and
     its control finds it, however far the server gets ahead of a slow client. Returns (chunks, the
     control's reported last chunk)."""
-    inputs = client.make_inputs(prompt[0].numpy(), seed, 0 if until else frames, stream_id=stream_id)
+    inputs = client.make_inputs(
+        prompt[0].numpy(), seed, 0 if until is not None else frames, stream_id=stream_id
+    )
     sequence_id = stream_id if sequence else None
     chunks, reported = [], None
     with client.Controller(url) as controller:  # connected before the stream starts
