@@ -52,6 +52,23 @@ def fp8_linear_names(model: nn.Module, precision: str = "fp8") -> list[str]:
     return [name for name, m in model.named_modules() if is_fp8_linear(m, name, precision)]
 
 
+def stream_linears(model: nn.Module, names: list[str]) -> dict[str, tuple[str, nn.Module | None]]:
+    """{stream block Linear among names: (the base block Linear's name, the stream adapter's LowRankDelta
+    of it, or None where the adapter leaves it alone)} of a model with merged stream blocks
+    (CausalWanDiT.merge_stream_adapter); empty without. Under FP8 these are not quantized again: each
+    is its base block's E4M3Linear (the same module), or shares its e4m3 weight and adds the delta
+    (fp8_layers.E4M3AdaptedLinear)."""
+    adapter = getattr(model, "stream_adapter", None)
+    if getattr(model, "stream_blocks", None) is None or adapter is None:
+        return {}
+    out = {}
+    for fqn in names:
+        if fqn.startswith("stream_blocks."):
+            layer, linear = fqn.removeprefix("stream_blocks.").split(".", 1)
+            out[fqn] = (f"blocks.{layer}.{linear}", adapter.deltas(int(layer)).get(linear))
+    return out
+
+
 def fp8_unsupported_reason(device: torch.device | str) -> str | None:
     """Why FP8 GEMMs cannot run on device (None when they can): no CUDA, too old a GPU, or no torchao."""
     reason = gpu_capability_reason(device, MIN_CAPABILITY, "FP8 tensor cores (Ada, Hopper or newer) need")
@@ -92,28 +109,40 @@ def apply_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[str
     default `default_config()`, which needs a GPU of compute capability >= 8.9: call `check_fp8` first
     for a clear message); each selected Linear then becomes an E4M3Linear on those e4m3 weights, each
     FFN an FP8FeedForward, and each norm whose every reader is an E4M3Linear quantizes its output
-    itself (plugins/fp8_layers.py). The model must already be on its device and in its dtype."""
+    itself (plugins/fp8_layers.py). The stream blocks' Linears (stream_linears) are not quantized
+    again: each is its base block's, or shares its e4m3 weight and adds the adapter's delta. The model must already
+    be on its device and in its dtype."""
     from torchao.quantization import quantize_
 
     from ropesp.model.wan import Block, LayerNorm
     from ropesp.plugins import fp8_layers as layers
 
     names = fp8_linear_names(model, precision)
+    shared = stream_linears(model, names)
     quantize_(
         model,
         config if config is not None else default_config(),
-        filter_fn=lambda m, fqn: is_fp8_linear(m, fqn, precision),
+        filter_fn=lambda m, fqn: is_fp8_linear(m, fqn, precision) and fqn not in shared,
     )
     selected = set(names)
-    for name, block in model.named_modules():
-        if not isinstance(block, Block):
-            continue
+
+    def e4m3(fqn: str, linear: nn.Module) -> layers.E4M3Linear:
+        if fqn not in shared:
+            return layers.E4M3Linear.from_quantized(linear)
+        base_name, delta = shared[fqn]
+        base = model.get_submodule(base_name)  # converted already: the base blocks come first below
+        return base if delta is None else layers.E4M3AdaptedLinear.of(base, delta)
+
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, Block)]
+    for name, block in sorted(blocks, key=lambda item: item[0].startswith("stream_blocks.")):
         for attn_name in ("self_attn", "cross_attn"):
             attn = getattr(block, attn_name)
             for proj in "qkvo":
-                if f"{name}.{attn_name}.{proj}" in selected:
-                    setattr(attn, proj, layers.E4M3Linear.from_quantized(getattr(attn, proj)))
+                if (fqn := f"{name}.{attn_name}.{proj}") in selected:
+                    setattr(attn, proj, e4m3(fqn, getattr(attn, proj)))
         if {f"{name}.ffn.0", f"{name}.ffn.2"} <= selected:
+            for i in (0, 2):
+                block.ffn[i] = e4m3(f"{name}.ffn.{i}", block.ffn[i])
             layers.FP8FeedForward.from_quantized(block.ffn)
             layers.swap_class(block.norm2, layers.E4M3ModulatedLayerNorm)
         if {f"{name}.self_attn.{p}" for p in "qkv"} <= selected:

@@ -4,6 +4,8 @@ quantizations of plugins/e4m3_rows.py.
     E4M3Rows                  (data [..., K] e4m3, scale [..., 1] fp32): a quantized activation
     E4M3Linear                Linear with an e4m3 weight (a scale per output channel); takes an
                               E4M3Rows, or a tensor it quantizes per row (quant_e4m3)
+    E4M3AdaptedLinear         a stream block's: the base block's E4M3Linear (shared) + the stream
+                              adapter's low-rank delta in the activations' dtype
     E4M3ModulatedLayerNorm    norm1 / norm2 whose output is E4M3Rows (modulated_norm_quant_e4m3)
     E4M3LayerNorm             norm3 (affine) whose output is E4M3Rows (norm_quant_e4m3)
     FP8FeedForward            up E4M3Linear -> gelu_quant_e4m3 -> down E4M3Linear
@@ -20,6 +22,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ropesp.model.wan import FeedForward, LayerNorm, ModulatedLayerNorm
@@ -69,11 +72,11 @@ class E4M3Linear(nn.Module):
 
     def forward(self, x: E4M3Rows | torch.Tensor) -> torch.Tensor:
         """x: E4M3Rows (data [..., K], scale [..., 1]) or a [..., K] tensor -> [..., N] out_dtype."""
-        if isinstance(x, E4M3Rows):
-            lead, x8, x_scale = x.data.shape[:-1], x.data.flatten(0, -2), x.scale.flatten(0, -2)
-        else:
-            lead = x.shape[:-1]
-            x8, x_scale = quant_e4m3(x.flatten(0, -2))
+        lead, x8, x_scale = _flat_rows(x)
+        return self._gemm(x8, x_scale).unflatten(0, lead)
+
+    def _gemm(self, x8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """x8 [M, K] e4m3, x_scale [M, 1] fp32 -> [M, N] out_dtype."""
         if x8.is_cuda:
             out = torch._scaled_mm(
                 x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias,
@@ -83,7 +86,47 @@ class E4M3Linear(nn.Module):
             w = self.weight.float() * self.weight_scale.t()  # [N, K]
             out = (x8.float() * x_scale) @ w.t()
             out = (out if self.bias is None else out + self.bias.float()).to(self.out_dtype)
-        return out.unflatten(0, lead)
+        return out
+
+
+class E4M3AdaptedLinear(E4M3Linear):
+    """A stream block's Linear (ropesp.model.wan: the stream adapter's blocks) under FP8: the base
+    block's E4M3Linear, its e4m3 weight, scale and bias shared (the same tensors), plus the adapter's
+    rank-r delta in out_dtype on the same rounded input:
+    out = x' @ (W8 * scale)^T + bias + (x' @ down^T) @ up^T, where x' = x8 * x_scale.
+
+    Rounding the merged weight W + up @ down to e4m3 instead gives the stream blocks a rounding of
+    their own, independent of the base blocks' whose keys and values share the cache with theirs: the
+    demo model's score moved by 0.042 with it against 0.002 this way (fp32 CPU emulation, 32 pairs;
+    0.050 on an H100), at the same error of the latents (bench/RESULTS.md twenty-sixth session)."""
+
+    @classmethod
+    def of(cls, base: E4M3Linear, delta: nn.Module) -> E4M3AdaptedLinear:
+        """base: the base block's E4M3Linear; delta: its LowRankDelta (down [r, K], up [N, r])."""
+        if type(base) is not E4M3Linear:
+            raise TypeError(f"E4M3AdaptedLinear: the base is a {type(base).__name__}, not an E4M3Linear")
+        linear = cls(base.weight, base.weight_scale, None, base.out_dtype)
+        # the base's tensors themselves (the constructor's reshape would make new views of them)
+        linear.weight, linear.weight_scale, linear.bias = base.weight, base.weight_scale, base.bias
+        linear.register_buffer("down", delta.down.detach().to(base.out_dtype).contiguous())
+        linear.register_buffer("up", delta.up.detach().to(base.out_dtype).contiguous())
+        return linear
+
+    def forward(self, x: E4M3Rows | torch.Tensor) -> torch.Tensor:
+        """x: E4M3Rows (data [..., K], scale [..., 1]) or a [..., K] tensor -> [..., N] out_dtype."""
+        lead, x8, x_scale = _flat_rows(x)
+        rounded = (x8.float() * x_scale).to(self.out_dtype)  # [M, K]: what the e4m3 GEMM multiplies
+        delta = F.linear(F.linear(rounded, self.down), self.up)  # [M, N]
+        return (self._gemm(x8, x_scale) + delta).unflatten(0, lead)
+
+
+def _flat_rows(x: E4M3Rows | torch.Tensor) -> tuple[torch.Size, torch.Tensor, torch.Tensor]:
+    """x: E4M3Rows or a [..., K] tensor (quantized here, a scale per row) -> (x's leading shape, x8 [M, K]
+    e4m3, x_scale [M, 1] fp32)."""
+    if isinstance(x, E4M3Rows):
+        return x.data.shape[:-1], x.data.flatten(0, -2), x.scale.flatten(0, -2)
+    x8, x_scale = quant_e4m3(x.flatten(0, -2))
+    return x.shape[:-1], x8, x_scale
 
 
 def _rows(out: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> E4M3Rows:
@@ -119,9 +162,11 @@ class FP8FeedForward(FeedForward):
 
     @classmethod
     def from_quantized(cls, ffn: FeedForward) -> FP8FeedForward:
-        """Turn ffn, whose Linears torchao quantized to float8, into an FP8FeedForward in place."""
-        ffn[0] = E4M3Linear.from_quantized(ffn[0])
-        ffn[2] = E4M3Linear.from_quantized(ffn[2])
+        """Turn ffn, whose Linears torchao quantized to float8 (or are E4M3Linears already), into an
+        FP8FeedForward in place."""
+        for i in (0, 2):
+            if not isinstance(ffn[i], E4M3Linear):
+                ffn[i] = E4M3Linear.from_quantized(ffn[i])
         ffn.__class__ = cls
         return ffn
 

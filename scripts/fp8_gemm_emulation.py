@@ -2,9 +2,10 @@
 
     python scripts/fp8_gemm_emulation.py --checkpoint DIR [--per-class 6] [--frames 120] --json out.json
 
-`--precision fp8` (plugins/fp8.py) runs every block Linear that FP8_LINEARS selects (the stream adapter's
-merged blocks too) as an e4m3 GEMM: the weight rounded once to e4m3 with one scale per output channel,
-the input rounded per row (one scale per token), accumulation in fp32. This replaces apply_fp8 with
+`--precision fp8` (plugins/fp8.py) runs every block Linear that FP8_LINEARS selects as an e4m3 GEMM: the
+weight rounded once to e4m3 with one scale per output channel, the input rounded per row (one scale per
+token), accumulation in fp32; the stream adapter's blocks share their base blocks' rounded weights and add
+the adapter's delta (fp8.stream_linears). This replaces apply_fp8 with
 exactly those two roundings on fp32 tensors (weights in place at load, inputs by a forward pre-hook),
 everything else fp32 eager, so the only difference from the fp32 run beside it is e4m3's rounding. The
 GPU path also rounds its bf16 output and activations; tests/demo/test_gpu.py scores that path itself.
@@ -48,11 +49,23 @@ def round_rows(x: torch.Tensor) -> torch.Tensor:
 def emulate_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[str]:
     """apply_fp8's selection with its roundings emulated: weights rounded here, inputs per call."""
     names = fp8.fp8_linear_names(model, precision)
+    shared = fp8.stream_linears(model, names)
     modules = dict(model.named_modules())
     with torch.no_grad():
+        # a stream block's weight is its base block's, rounded once, plus the adapter's exact delta:
+        # taken before the base weights (which the shared Linears' parameters are) are rounded in place
+        stream = {
+            name: round_rows(modules[base].weight.float())
+            + (modules[name].weight.float() - modules[base].weight.float())
+            for name, (base, delta) in shared.items()
+            if delta is not None
+        }
         for name in names:
             linear = modules[name]
-            linear.weight.copy_(round_rows(linear.weight))
+            if name in stream:
+                linear.weight.copy_(stream[name])
+            elif name not in shared:
+                linear.weight.copy_(round_rows(linear.weight))
             linear.register_forward_pre_hook(lambda _m, args: (round_rows(args[0]), *args[1:]))
     return names
 

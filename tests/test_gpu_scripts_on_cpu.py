@@ -201,8 +201,9 @@ def test_fp8_gemm_emulation_rounds_as_e4m3_rows():
 
 
 def test_fp8_gemm_emulation_quantizes_what_apply_fp8_selects(tmp_path):
-    """The emulation rounds the weights of exactly apply_fp8's selection (the stream adapter's merged blocks
-    too) and the inputs of those layers; the script writes both runs' per-class scores."""
+    """The emulation rounds the weights of exactly apply_fp8's selection (a stream block's as its base
+    block's rounded weight plus the adapter's exact delta) and the inputs of those layers; the script
+    writes both runs' per-class scores."""
     import torch
 
     from ropesp.demo import default_checkpoint
@@ -218,6 +219,10 @@ def test_fp8_gemm_emulation_quantizes_what_apply_fp8_selects(tmp_path):
     selected = {id(modules[n].weight) for n in names}
     for name, p in model.named_parameters():  # a tensor the two block sets share is listed once
         assert torch.equal(p, before[name]) == (id(p) not in selected), name
+    stream = "stream_blocks.0.self_attn.q"
+    base, merged = before["blocks.0.self_attn.q.weight"], modules[stream].weight
+    delta = model.stream_adapter.deltas(0)["self_attn.q"].delta()
+    torch.testing.assert_close(merged, emu.round_rows(base) + delta)
     x = torch.randn(5, modules[names[0]].in_features)
     y = modules[names[0]](x)
     torch.testing.assert_close(

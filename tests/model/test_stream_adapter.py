@@ -105,3 +105,33 @@ def test_a_chunk_takes_the_stream_blocks_from_the_first_frame_on(checkpoint, tmp
         want = want_merged[i] if start >= FROM_FRAME else want_base[i]
         assert torch.equal(got[i], want), start
         assert not torch.allclose(want_merged[i], want_base[i], atol=1e-3), start
+
+
+def test_fp8_stream_blocks_share_the_base_blocks_e4m3_weights(checkpoint):
+    """Under FP8 GEMMs a stream block runs its base block's e4m3 weights (the same tensors: one rounding,
+    which the base blocks' keys and values in the cache share) plus the adapter's delta on the same
+    rounded input; what the adapter leaves alone is the base block's layer itself."""
+    from ropesp.plugins.e4m3_rows import quant_ref
+    from ropesp.plugins.fp8_layers import E4M3AdaptedLinear, E4M3Linear
+
+    tq = pytest.importorskip("torchao.quantization")
+    model, cfg = load_model(checkpoint, dtype=torch.bfloat16)
+    names = fp8.apply_fp8(model, tq.Float8WeightOnlyConfig())
+    # every block Linear of the stream blocks is selected, and none of them was quantized again
+    assert set(fp8.stream_linears(model, names)) == {n for n in names if n.startswith("stream_blocks.")}
+    assert len(fp8.stream_linears(model, names)) == len(names) // 2
+    x = torch.randn(5, cfg.dim, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x8, x_scale = quant_ref(x.float())
+    rounded = x8.float() * x_scale
+    for layer, (base, stream) in enumerate(zip(model.blocks, model.stream_blocks, strict=True)):
+        deltas = model.stream_adapter.deltas(layer)
+        for name in [n.split(".", 2)[2] for n in names if n.startswith(f"blocks.{layer}.")]:
+            b, s = base.get_submodule(name), stream.get_submodule(name)
+            assert type(b) is E4M3Linear, name
+            if name not in deltas:
+                assert s is b, name
+                continue
+            assert type(s) is E4M3AdaptedLinear and s.weight is b.weight and s.bias is b.bias, name
+            if s.weight.shape[1] == cfg.dim:
+                want = b(x).float() + rounded @ deltas[name].delta().t()
+                torch.testing.assert_close(s(x).float(), want, rtol=2**-7, atol=2e-2)  # bf16 output

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ropesp.model.wan import FeedForward, LayerNorm, ModulatedLayerNorm
+from ropesp.model.wan import FeedForward, LayerNorm, LowRankDelta, ModulatedLayerNorm
 from ropesp.plugins.e4m3_rows import E4M3_MAX, quant_ref
 from ropesp.plugins.fp8_layers import (
+    E4M3AdaptedLinear,
     E4M3LayerNorm,
     E4M3Linear,
     E4M3ModulatedLayerNorm,
@@ -44,6 +45,32 @@ def test_e4m3_linear_is_the_dequantized_product():
     rows = E4M3Rows(x8.view(2, 3, 40), x_scale.view(2, 3, 1))
     torch.testing.assert_close(lin(rows), expected)
     assert E4M3Linear(w8, w_scale, bias)(x).dtype == torch.bfloat16
+
+
+def test_adapted_linear_is_the_base_product_plus_the_delta_on_the_same_rounded_input():
+    w8, w_scale, bias = _quantized_linear(40, 12)
+    base = E4M3Linear(w8, w_scale, bias, torch.float32)
+    delta = LowRankDelta(4, 40, 12)
+    torch.nn.init.normal_(delta.up, std=0.1)
+    adapted = E4M3AdaptedLinear.of(base, delta)
+    # the base's e4m3 weight, scale and bias themselves, not copies
+    assert adapted.weight is base.weight and adapted.weight_scale is base.weight_scale
+    assert adapted.bias is base.bias
+    x = torch.randn(2, 3, 40)
+    x8, x_scale = quant_ref(x.flatten(0, 1))
+    rounded = x8.float() * x_scale
+    expected = base(x) + (rounded @ delta.delta().t()).unflatten(0, (2, 3))
+    torch.testing.assert_close(adapted(x), expected)
+    torch.testing.assert_close(adapted(E4M3Rows(x8.view(2, 3, 40), x_scale.view(2, 3, 1))), expected)
+    assert not torch.allclose(adapted(x), base(x), atol=1e-3)
+    # in bf16 the factors are kept in bf16, the output too
+    bf16 = E4M3AdaptedLinear.of(E4M3Linear(w8, w_scale, bias), delta)
+    assert bf16.up.dtype == bf16.down.dtype == bf16(x).dtype == torch.bfloat16
+
+
+def test_adapted_linear_refuses_a_base_that_is_not_e4m3():
+    with pytest.raises(TypeError, match="the base is a Linear, not an E4M3Linear"):
+        E4M3AdaptedLinear.of(torch.nn.Linear(40, 12), LowRankDelta(4, 40, 12))
 
 
 def test_e4m3_linear_refuses_a_float_weight():
