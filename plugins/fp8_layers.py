@@ -96,9 +96,10 @@ class E4M3AdaptedLinear(E4M3Linear):
     out = x' @ (W8 * scale)^T + bias + (x' @ down^T) @ up^T, where x' = x8 * x_scale.
 
     Rounding the merged weight W + up @ down to e4m3 instead gives the stream blocks a rounding of
-    their own, independent of the base blocks' whose keys and values share the cache with theirs: the
-    demo model's score moved by 0.042 with it against 0.002 this way (fp32 CPU emulation, 32 pairs;
-    0.050 on an H100), at the same error of the latents (bench/RESULTS.md twenty-sixth session)."""
+    their own, independent of the base blocks' whose keys and values share the cache with theirs, and a
+    second e4m3 copy of every weight. The demo model's score under FP8 GEMMs against fp32, this way /
+    merged: 0.024 / 0.028 below on 32 pairs, 0.010 / 0.014 on 96 (apply_fp8 on the CPU with e4m3
+    weights; bench/RESULTS.md twenty-sixth session)."""
 
     @classmethod
     def of(cls, base: E4M3Linear, delta: nn.Module) -> E4M3AdaptedLinear:
