@@ -9,7 +9,6 @@ sampler, 3-frame chunks, KV cache filled by the clean-context pass) and scored b
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 
@@ -86,6 +85,7 @@ def class_scores(results: list[PairResult]) -> dict[str, float]:
 @torch.no_grad()  # scoped, not set_grad_enabled: main may run in a process that trains afterwards
 def main(argv: list[str] | None = None) -> None:
     from ropesp.demo import default_checkpoint
+    from ropesp.demo.report_file import report_path_problem, write_report
     from ropesp.errors import RopespError
     from ropesp.runtime.pipeline import build_session
     from ropesp.settings import RunConfig
@@ -103,16 +103,18 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.pairs < 1:
         p.error(f"--pairs {args.pairs}: at least 1 (the fixed pairs, {EVAL_PAIRS} by default)")
-    cfg = RunConfig.of(
-        checkpoint=None if args.preset else (args.checkpoint or str(default_checkpoint())),
-        preset=args.preset,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
-        local_attn_frames=args.local_attn_frames,
-        sink_frames=args.sink_frames,
-    )
+    if args.json and (problem := report_path_problem(args.json)):
+        p.error(problem)
     try:
+        cfg = RunConfig.of(
+            checkpoint=None if args.preset else (args.checkpoint or str(default_checkpoint())),
+            preset=args.preset,
+            device=args.device,
+            dtype=args.dtype,
+            backend=args.backend,
+            local_attn_frames=args.local_attn_frames,
+            sink_frames=args.sink_frames,
+        )
         session = build_session(cfg)
     except RopespError as exc:
         p.error(str(exc))
@@ -131,17 +133,13 @@ def main(argv: list[str] | None = None) -> None:
         rows = [
             {"prompt": r.prompt, "seed": r.seed, **r.score.__dict__, "score": r.score.score} for r in results
         ]
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "config": cfg.to_dict(),
-                    "mean": mean_score(results),
-                    "classes": class_scores(results),
-                    "pairs": rows,
-                },
-                f,
-                indent=1,
-            )
+        report = {
+            "config": cfg.to_dict(),
+            "mean": mean_score(results),
+            "classes": class_scores(results),
+            "pairs": rows,
+        }
+        write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ropesp.demo.prompts import DemoTextEncoder, PromptError, describe, parse
+from ropesp.demo.report_file import report_path_problem, write_report
 from ropesp.demo.score import (
     EDGE,
     JUNK,
@@ -475,12 +475,17 @@ def main(argv: list[str] | None = None) -> None:
             except PromptError as exc:
                 p.error(f"--prompt: {exc}")
         pairs = [(prompt, seed) for prompt in args.prompt for seed in seeds]
-    config = RunConfig.of(
-        checkpoint=args.checkpoint or str(default_checkpoint()),
-        device=args.device,
-        dtype=args.dtype,
-        prompt_mode=args.prompt_mode,
-    )
+    if args.json and (problem := report_path_problem(args.json)):
+        p.error(problem)
+    try:
+        config = RunConfig.of(
+            checkpoint=args.checkpoint or str(default_checkpoint()),
+            device=args.device,
+            dtype=args.dtype,
+            prompt_mode=args.prompt_mode,
+        )
+    except RopespError as exc:
+        p.error(str(exc))
     from ropesp.runtime.pipeline import resolve
 
     # every window and length checked before the first stream runs
@@ -519,8 +524,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"  {motion} misses: " + ", ".join(f"{k} {v}" for k, v in why.items()), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -837,7 +837,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--out is required for training")
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     cfg = TrainConfig(**fields)
-    device = torch.device(args.device)
+    from ropesp.errors import ConfigError
+    from ropesp.runtime.dist import parse_device
+
+    try:
+        device = parse_device(args.device, "--device")
+    except ConfigError as exc:
+        p.error(str(exc))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     try:

@@ -195,6 +195,7 @@ def test_engines_keep_the_long_stream_latents_and_score(eager_streams, tmp_path)
         ),
         (["--prompt", "a red disc moving left", "--seeds", "-3"], "--seeds -3: whole numbers in 0..2^63-1"),
         (["--seeds", "1,2"], "--seeds 1,2: seeds of --prompt streams"),
+        (["--dtype", "float7"], "--dtype float7: choose one of"),
     ],
 )
 def test_bad_arguments_are_named_before_any_stream_runs(tmp_path, capsys, args, message):
@@ -206,6 +207,22 @@ def test_bad_arguments_are_named_before_any_stream_runs(tmp_path, capsys, args, 
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_a_report_path_that_cannot_be_written_is_named_before_any_stream_runs(tmp_path, capsys):
+    from ropesp.demo.long_stream import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for path, message in (
+        (tmp_path, f"--json {tmp_path}: is a directory"),
+        (blocker / "report.json", f"--json {blocker / 'report.json'}: cannot make its directory"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["--frames", "6", "--json", str(path)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_chosen_prompts_are_scored_stream_by_stream(tmp_path, capsys):

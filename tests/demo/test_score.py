@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -50,6 +52,41 @@ def test_flicker_between_chunks_is_penalised():
         flicker[:, 3:6] *= change
         s = score_latents(flicker, spec)
         assert s.steadiness <= 0.75 and s.score <= 0.75, (change, s)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--local-attn-frames", "-3"], "--local-attn-frames -3 must be -1 (global) or >= 1"),
+        (["--dtype", "float7"], "--dtype float7: choose one of"),
+        (
+            ["--json", "{tmp}/a-file/scores.json"],
+            "--json {tmp}/a-file/scores.json: cannot make its directory",
+        ),
+        (["--json", "{tmp}"], "--json {tmp}: is a directory"),
+    ],
+)
+def test_evaluate_names_a_bad_flag_before_any_pair_runs(tmp_path, capsys, args, message):
+    from ropesp.demo.evaluate import main
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message.format(tmp=tmp_path) in err and "Traceback" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_a_report_is_written_whole_or_not_at_all(tmp_path):
+    from ropesp.demo.report_file import write_report
+
+    path = tmp_path / "scores.json"
+    write_report(str(path), {"mean": 0.5})
+    assert json.loads(path.read_text()) == {"mean": 0.5}
+    with pytest.raises(TypeError):
+        write_report(str(path), {"mean": object()})  # fails half way through the JSON
+    assert json.loads(path.read_text()) == {"mean": 0.5}  # the report before, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]
 
 
 @pytest.mark.parametrize("pairs", ["0", "-3"])

@@ -231,6 +231,21 @@ def test_bad_recipes_name_the_flag(tmp_path, capsys, args, message):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("tpu", "--device 'tpu' is not a device: use cpu, cuda or cuda:N"),
+        ("cuda:99", "--device cuda:99: this machine has"),
+    ],
+)
+def test_a_device_that_is_not_here_is_named(tmp_path, capsys, device, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "s"), "--device", device])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_motion_weights_set_each_class_share_of_the_stream_prompts():
     specs = all_specs()
     uniform = motion_spec_weights(specs, "")
