@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
 import platform
 import subprocess
 import sys
@@ -50,6 +49,7 @@ import torch.distributed as dist
 from ropesp.decode import video_frames_for
 from ropesp.decode.factory import WarmUp, check_wan_vae_options, make_decoder
 from ropesp.errors import ConfigError
+from ropesp.report_file import write_report
 from ropesp.runtime.dist import Mapping, device_for, parse_device
 from ropesp.runtime.pipeline import (
     ResolvedPipeline,
@@ -482,8 +482,7 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
             f"--alone: rank 0 of {res.world_size} ran by itself, its collectives moving no data (compute only; max|d| meaningless)"
         )
     if bench.json_out:
-        Path(bench.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(bench.json_out).write_text(json.dumps(out, indent=2))
+        write_report(bench.json_out, out, indent=2)
     if bench.plot_out:
         plot(out, bench.plot_out)
     return out

@@ -100,6 +100,20 @@ def test_bench_decode_device_is_checked_before_any_rank_starts(device, message, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_bench_output_paths_are_checked_before_the_run(flag, capsys, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for path, why in (
+        (tmp_path, "is a directory"),
+        (tmp_path / "a-file" / "out", "cannot make its directory"),
+    ):
+        assert main(["bench", "--preset", "tiny", "--configs", "reference", flag, str(path)]) == 2
+        captured = capsys.readouterr()
+        assert f"{flag} {path}: {why}" in captured.err and "Traceback" not in captured.err
+        assert "reference" not in captured.out  # no row: nothing was timed
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
 def test_bench_decode_device_needs_a_vae(capsys):
     assert main(["bench", "--configs", "optimized", "--decode-device", "cpu"]) == 2
     assert "--decode-device acts on the Wan VAE decoder: give --vae or --model-dir" in capsys.readouterr().err

@@ -85,8 +85,8 @@ def class_scores(results: list[PairResult]) -> dict[str, float]:
 @torch.no_grad()  # scoped, not set_grad_enabled: main may run in a process that trains afterwards
 def main(argv: list[str] | None = None) -> None:
     from ropesp.demo import default_checkpoint
-    from ropesp.demo.report_file import report_path_problem, write_report
     from ropesp.errors import RopespError
+    from ropesp.report_file import report_path_problem, write_report
     from ropesp.runtime.pipeline import build_session
     from ropesp.settings import RunConfig
 

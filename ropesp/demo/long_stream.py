@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ropesp.demo.prompts import DemoTextEncoder, PromptError, describe, parse
-from ropesp.demo.report_file import report_path_problem, write_report
 from ropesp.demo.score import (
     EDGE,
     JUNK,
@@ -65,6 +64,7 @@ from ropesp.demo.world import (
     visible_extent,
 )
 from ropesp.errors import ConfigError, RopespError
+from ropesp.report_file import report_path_problem, write_report
 from ropesp.settings import PROMPT_MODES, RunConfig, check_seed
 
 LONG_FRAMES = 120

@@ -78,7 +78,7 @@ def test_evaluate_names_a_bad_flag_before_any_pair_runs(tmp_path, capsys, args, 
 
 
 def test_a_report_is_written_whole_or_not_at_all(tmp_path):
-    from ropesp.demo.report_file import write_report
+    from ropesp.report_file import write_report
 
     path = tmp_path / "scores.json"
     write_report(str(path), {"mean": 0.5})
