@@ -110,8 +110,8 @@ def apply_fp8(model: nn.Module, config=None, precision: str = "fp8") -> list[str
     for a clear message); each selected Linear then becomes an E4M3Linear on those e4m3 weights, each
     FFN an FP8FeedForward, and each norm whose every reader is an E4M3Linear quantizes its output
     itself (plugins/fp8_layers.py). The stream blocks' Linears (stream_linears) are not quantized
-    again: each is its base block's, or shares its e4m3 weight and adds the adapter's delta. The model must already
-    be on its device and in its dtype."""
+    again: each is its base block's, or shares its e4m3 weight and adds the adapter's delta. The model
+    must already be on its device and in its dtype."""
     from torchao.quantization import quantize_
 
     from ropesp.model.wan import Block, LayerNorm
