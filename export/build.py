@@ -28,6 +28,7 @@ from ropesp.errors import ConfigError, EngineError, arg
 from ropesp.export.segments import SEGMENTS, make_segments
 from ropesp.limits import check_rank_count
 from ropesp.model.checkpoint import load_source, resolve_model
+from ropesp.output_paths import output_dir_problem
 from ropesp.parallel import SPLayout, TokenShard
 from ropesp.settings import (
     BUILD_BACKENDS,
@@ -137,11 +138,13 @@ def _prepare_out(out: Path, overwrite: bool) -> bool:
     """Make out ready for a build: create it, accept it empty, or (overwrite) remove the previous ropesp
     build in it. Returns whether out was created. Refuses (ConfigError) anything else; never deletes a
     file no build wrote: only what a valid manifest lists, the manifest itself and the build log."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a new or empty directory")
+    if problem := output_dir_problem(out):
+        raise ConfigError(problem)
     if not out.exists():
         out.mkdir(parents=True)
         return True
-    if not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; choose a new or empty directory")
     if not any(out.iterdir()):
         return False
     try:

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from ropesp.decode import video_frames_for
 from ropesp.decode.factory import WarmUp, check_wan_vae_options, make_decoder
 from ropesp.errors import ConfigError
-from ropesp.report_file import write_report
+from ropesp.output_paths import write_report
 from ropesp.runtime.dist import Mapping, device_for, parse_device
 from ropesp.runtime.pipeline import (
     ResolvedPipeline,

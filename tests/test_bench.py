@@ -105,7 +105,7 @@ def test_bench_output_paths_are_checked_before_the_run(flag, capsys, tmp_path):
     (tmp_path / "a-file").write_text("")
     for path, why in (
         (tmp_path, "is a directory"),
-        (tmp_path / "a-file" / "out", "cannot make its directory"),
+        (tmp_path / "a-file" / "out", f"{tmp_path / 'a-file'} is a file, not a directory"),
     ):
         assert main(["bench", "--preset", "tiny", "--configs", "reference", flag, str(path)]) == 2
         captured = capsys.readouterr()

@@ -63,13 +63,13 @@ def run(args) -> None:
     from ropesp.bench import run as run_bench
     from ropesp.errors import ConfigError
     from ropesp.extras import require, require_backend
-    from ropesp.report_file import report_path_problem
+    from ropesp.output_paths import output_file_problem
     from ropesp.runtime.pipeline import resolve_rank
     from ropesp.runtime.prompts import default_prompt_embeds
 
     config = config_from_args(args)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and (problem := report_path_problem(path, flag)):
+        if path and (problem := output_file_problem(path, flag)):
             raise ConfigError(problem)  # before minutes of benchmark, not after
     if config.video.unbounded:
         raise ConfigError("--frames 0 (a stream until stopped) is for `ropesp generate`: give a length here")

@@ -86,7 +86,7 @@ def class_scores(results: list[PairResult]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     from ropesp.demo import default_checkpoint
     from ropesp.errors import RopespError
-    from ropesp.report_file import report_path_problem, write_report
+    from ropesp.output_paths import output_file_problem, write_report
     from ropesp.runtime.pipeline import build_session
     from ropesp.settings import RunConfig
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.pairs < 1:
         p.error(f"--pairs {args.pairs}: at least 1 (the fixed pairs, {EVAL_PAIRS} by default)")
-    if args.json and (problem := report_path_problem(args.json)):
+    if args.json and (problem := output_file_problem(args.json)):
         p.error(problem)
     try:
         cfg = RunConfig.of(

@@ -64,7 +64,7 @@ from ropesp.demo.world import (
     visible_extent,
 )
 from ropesp.errors import ConfigError, RopespError
-from ropesp.report_file import report_path_problem, write_report
+from ropesp.output_paths import output_file_problem, write_report
 from ropesp.settings import PROMPT_MODES, RunConfig, check_seed
 
 LONG_FRAMES = 120
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
             except PromptError as exc:
                 p.error(f"--prompt: {exc}")
         pairs = [(prompt, seed) for prompt in args.prompt for seed in seeds]
-    if args.json and (problem := report_path_problem(args.json)):
+    if args.json and (problem := output_file_problem(args.json)):
         p.error(problem)
     try:
         config = RunConfig.of(

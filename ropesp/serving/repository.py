@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from ropesp.errors import ConfigError
+from ropesp.output_paths import output_dir_problem
 from ropesp.serving.instances import instance_gpus, visible_gpus
 
 MODEL_NAME = "ropesp"
@@ -255,6 +256,8 @@ def write_repository(
         instance_gpus(visible_gpus(), 0, instances, world)  # refuses too few GPUs, as each instance would
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out} is a file; choose a directory for the repository")
+    if problem := output_dir_problem(out):
+        raise ConfigError(problem)
     model_dir = Path(out) / model_name
     if model_dir.exists() or model_dir.is_symlink():
         if not overwrite:

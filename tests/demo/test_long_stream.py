@@ -216,7 +216,7 @@ def test_a_report_path_that_cannot_be_written_is_named_before_any_stream_runs(tm
     blocker.write_text("")
     for path, message in (
         (tmp_path, f"--json {tmp_path}: is a directory"),
-        (blocker / "report.json", f"--json {blocker / 'report.json'}: cannot make its directory"),
+        (blocker / "report.json", f"--json {blocker / 'report.json'}: {blocker} is a file, not a directory"),
     ):
         with pytest.raises(SystemExit) as exc:
             main(["--frames", "6", "--json", str(path)])

@@ -61,7 +61,7 @@ def test_flicker_between_chunks_is_penalised():
         (["--dtype", "float7"], "--dtype float7: choose one of"),
         (
             ["--json", "{tmp}/a-file/scores.json"],
-            "--json {tmp}/a-file/scores.json: cannot make its directory",
+            "--json {tmp}/a-file/scores.json: {tmp}/a-file is a file, not a directory",
         ),
         (["--json", "{tmp}"], "--json {tmp}: is a directory"),
     ],
@@ -78,7 +78,7 @@ def test_evaluate_names_a_bad_flag_before_any_pair_runs(tmp_path, capsys, args, 
 
 
 def test_a_report_is_written_whole_or_not_at_all(tmp_path):
-    from ropesp.report_file import write_report
+    from ropesp.output_paths import write_report
 
     path = tmp_path / "scores.json"
     write_report(str(path), {"mean": 0.5})

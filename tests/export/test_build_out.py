@@ -83,3 +83,13 @@ def test_out_is_a_file(tmp_path, capsys):
     assert main([*BUILD, "--out", str(out)]) == 2
     assert f"--out {out} is a file" in capsys.readouterr().err
     assert out.read_text() == "x"
+
+
+def test_out_under_a_file_is_named(tmp_path, capsys):
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    out = blocker / "engines"
+    assert main([*BUILD, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: {blocker} is a file, not a directory" in err and "Traceback" not in err
+    assert blocker.read_text() == "x"

@@ -99,6 +99,9 @@ def test_repository_link_symlinks_artifacts(tmp_path):
 
 
 def test_repository_refusals(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"a-file/repo: .*a-file is a file, not a directory"):
+        write_repository(tmp_path / "a-file" / "repo", CONFIG)
     write_repository(tmp_path / "r", CONFIG)
     with pytest.raises(ConfigError, match="exists; remove it or pass --force"):
         write_repository(tmp_path / "r", CONFIG)

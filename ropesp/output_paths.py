@@ -1,0 +1,52 @@
+"""Where commands write: a path checked before the work (an engine build, minutes of benchmark or
+scoring), not when the result is ready, and a JSON report written whole or not at all.
+
+    output_file_problem(path, "--json")  -> why a file cannot be written there, or None
+    output_dir_problem(path, "--out")    -> why a directory cannot be made or filled there, or None
+    write_report(path, report)           -> the report as JSON, through a file moved into place
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def output_dir_problem(path: str | Path, flag: str = "--out") -> str | None:
+    """Why a directory cannot be made (or filled) at path, naming flag as given (None when it can)."""
+    why = _unwritable(Path(path))
+    return None if why is None else f"{flag} {path}: {why}"
+
+
+def output_file_problem(path: str | Path, flag: str = "--json") -> str | None:
+    """Why a file cannot be written at path, naming flag as given (None when it can); its directory may
+    be new (write_report makes it)."""
+    target = Path(path)
+    if target.is_dir():
+        return f"{flag} {path}: is a directory; name the file to write"
+    why = _unwritable(target.parent)
+    return None if why is None else f"{flag} {path}: {why}"
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why directory cannot be made or written, making nothing: the nearest existing of it and its
+    parents must be a writable directory."""
+    existing = next(p for p in (directory, *directory.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def write_report(path: str, report: dict, indent: int = 1) -> None:
+    """report as JSON at path, through a file beside it: a reader never finds half a report."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    try:
+        part.write_text(json.dumps(report, indent=indent))
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
