@@ -172,3 +172,35 @@ def test_fp8_ffn_compiled_and_captured_is_close_to_bf16():
         rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         assert torch.isfinite(got).all() and rel < 0.08, rel
         print(f"rel L2 vs bf16: {rel:.4f}")
+
+
+def test_adapted_linear_on_the_gpu_is_the_base_gemm_plus_the_delta():
+    """E4M3AdaptedLinear through `_scaled_mm` (the stream blocks under FP8 GEMMs), eager and compiled:
+    the base block's E4M3Linear output plus the adapter's delta on the same rounded input, to bf16's
+    rounding of the sum; within FP8's error of the merged bf16 Linear (demo-model sizes)."""
+    from torchao.quantization import quantize_
+
+    from ropesp.model.wan import LowRankDelta
+    from ropesp.plugins.e4m3_rows import quant_e4m3
+    from ropesp.plugins.fp8 import default_config
+    from ropesp.plugins.fp8_layers import E4M3AdaptedLinear, E4M3Linear
+
+    _skip_unless(fp8_unsupported_reason("cuda"))
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 512).cuda().bfloat16().requires_grad_(False)
+    delta = LowRankDelta(64, 256, 512).cuda()
+    torch.nn.init.normal_(delta.up, std=0.05)
+    merged = linear.weight.float() + delta.delta()  # [512, 256]
+    quantize_(linear, default_config())
+    base = E4M3Linear.from_quantized(linear)
+    adapted = E4M3AdaptedLinear.of(base, delta)
+    x = torch.randn(3, 1200, 256, device="cuda").bfloat16()
+    with torch.inference_mode():
+        x8, x_scale = quant_e4m3(x.flatten(0, 1))
+        rounded = (x8.float() * x_scale).bfloat16()
+        want = base(x).float() + (rounded.float() @ delta.delta().t()).unflatten(0, (3, 1200))
+        for got in (adapted(x), torch.compile(adapted, fullgraph=True, dynamic=False)(x)):
+            torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=0.03)
+        ref = F.linear(x.float(), merged, linear.bias.float())
+        rel = ((adapted(x).float() - ref).norm() / ref.norm()).item()
+    assert rel < 0.08, rel
