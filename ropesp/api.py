@@ -185,8 +185,9 @@ class Pipeline:
     length, which also sizes the KV cache, max_frames, local_attn_frames/sink_frames: a rolling window for
     unbounded streams), the sampler (steps, shift, chunk_frames, ...), parallel (world_size: ranks
     spawned and owned here, ...), compute (backend, dtype, device, precision, attention, cuda_graphs),
-    decode (decoder "preview" | "vae" | "none", vae, vae_compile, decode_device, overlap_decode), prompt
-    (prompt_mode: set_prompt's default) and streams (max_streams: streams at once, realtime_fps).
+    decode (decoder "preview" | "vae" | "taehv" | "none", vae, taehv, vae_compile, decode_device,
+    overlap_decode), prompt (prompt_mode: set_prompt's default) and streams (max_streams: streams at once,
+    realtime_fps).
     text_encoder: an object with encode(str) -> [1, L, text_dim] embeddings, or a umT5 directory; default:
     the model's own encoder (the demo model's), else model_dir's umT5.
     """

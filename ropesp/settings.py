@@ -47,7 +47,10 @@ PRECISIONS = ("bf16", "fp8", "fp8-ffn")
 ATTENTION_MODES = ("sdpa", "fa3", "fp8", "int8")
 SP_ROPE_MODES = ("local", "allgather")
 SP_COMM_MODES = ("fused", "unfused")
-DECODERS = ("preview", "vae", "none")
+DECODERS = ("preview", "vae", "taehv", "none")
+RANDOM_WEIGHTS = "random"
+"""The value of --vae or --taehv that names seeded random weights instead of a file (timing without a
+checkpoint)."""
 PROMPT_MODES = ("swap", "recache", "cut")
 """How a prompt change mid-stream treats the self-attention cache (runtime/session.py)."""
 SEED_RANGE = (0, 2**63 - 1)
@@ -492,12 +495,19 @@ class DecodeConfig(Section):
     title: ClassVar[str] = "decode"
     decoder: str | None = setting(
         None,
-        "vae: the streaming Wan VAE; preview: a fast linear map; none: latents only (default: vae when "
-        "--vae or --model-dir gives one, else preview)",
+        "vae: the streaming Wan VAE; taehv: TAEHV's tiny Wan decoder (--taehv); preview: a fast linear map; "
+        "none: latents only (default: taehv with --taehv, else vae when --vae or --model-dir gives one, else "
+        "preview)",
         choices=DECODERS,
     )
     vae: str | None = setting(
         None, "Wan VAE: a diffusers vae/ directory or Wan2.1_VAE.pth (default: --model-dir's)", metavar="PATH"
+    )
+    taehv: str | None = setting(
+        None,
+        "TAEHV's tiny streaming Wan decoder (several times cheaper than the Wan VAE; its frames approximate the "
+        "VAE's): the TAEHV project's taew2_1.pth or .safetensors, or 'random' (seeded weights, for timing)",
+        metavar="PATH",
     )
     vae_compile: bool = setting(
         False, "torch.compile the Wan VAE decoder once per process (its graphs built at load)"
@@ -530,8 +540,24 @@ class DecodeConfig(Section):
     )
 
     def _check(self) -> None:
-        if self.decoder in ("preview", "none") and self.vae:
-            raise ConfigError(f"{arg('vae')} is for {arg('decoder', 'vae')}")
+        for name in ("vae", "taehv"):
+            if self.decoder in ("preview", "none") and getattr(self, name):
+                raise ConfigError(f"{arg(name)} is for {arg('decoder', name)}")
+        if self.vae and self.taehv and self.decoder is None:
+            raise ConfigError(
+                f"{arg('vae')} and {arg('taehv')} each name a decoder: pick one with {arg('decoder', 'vae')} "
+                f"or {arg('decoder', 'taehv')}"
+            )
+        if self.decoder == "taehv" and not self.taehv:
+            raise ConfigError(
+                f"{arg('decoder', 'taehv')} needs {arg('taehv')}: a taew2_1 .pth or .safetensors file, or random"
+            )
+        if self.tiny:
+            for name in ("vae_compile", "vae_fast", "vae_cudnn", "decode_device"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"{arg(name)} acts on the Wan VAE decoder, not on {arg('taehv')}'s tiny one"
+                    )
         if self.vae_cudnn and not self.vae_fast:
             raise ConfigError(
                 f"{arg('vae_cudnn')} acts on {arg('vae_fast')}'s decoder: pass {arg('vae_fast')} too"
@@ -542,6 +568,11 @@ class DecodeConfig(Section):
                     raise ConfigError(
                         f"{arg(name)} acts on the Wan VAE decoder: give {arg('vae')} or {arg('model_dir')}"
                     )
+
+    @property
+    def tiny(self) -> bool:
+        """Whether the decoder is TAEHV's tiny one: --decoder taehv, or --taehv without --decoder."""
+        return self.decoder == "taehv" or (self.decoder is None and bool(self.taehv))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ropesp.errors import CheckpointError, ConfigError, arg
 from ropesp.parallel import SPLayout
 from ropesp.runtime.dist import Mapping
 from ropesp.runtime.session import StreamSession
-from ropesp.settings import MODEL_BACKENDS, ModelSource, ParallelConfig, RunConfig
+from ropesp.settings import MODEL_BACKENDS, RANDOM_WEIGHTS, ModelSource, ParallelConfig, RunConfig
 
 DEFAULT_PRESET = "tiny"
 """The model of a run that names none where the embedded demo weights are absent (a bare source tree)."""
@@ -65,9 +65,11 @@ class ResolvedPipeline:
     max_streams: int = 1
     """KV cache slots of the engine: the streams it serves at once."""
     decoder: str = "preview"
-    """preview | vae | none (the settings' default filled in)."""
+    """preview | vae | taehv | none (the settings' default filled in)."""
     vae: str | None = None
     """The Wan VAE's path for the vae decoder (--vae, else --model-dir's)."""
+    taehv: str | None = None
+    """The tiny decoder's weights for the taehv decoder (--taehv: a taew2_1 file, or random)."""
 
     @property
     def cache_itemsize(self) -> int:
@@ -221,7 +223,7 @@ def resolve_rank(
     )
     limits.check_cache_fits(cfg, geometry.frame_tokens, cache, itemsize, world, device, slots)
     check_precision(config, backend, device, dtype, layout, cfg.dim // cfg.num_heads)
-    decoder, vae = _decoder(config, model_dir)
+    decoder, vae = _decoder(config, model_dir, cfg.out_dim)
     resolved = ResolvedPipeline(
         dataclasses.replace(config, source=source),
         cfg,
@@ -240,6 +242,7 @@ def resolve_rank(
         slots,
         decoder,
         vae,
+        config.decode.taehv if decoder == "taehv" else None,
     )
     return resolved, mapping
 
@@ -266,11 +269,14 @@ def auto_streams(
     return max(1, min(MAX_STREAMS_AUTO, int(free * FREE_MEMORY_SHARE // max(per_slot, 1))))
 
 
-def _decoder(config: RunConfig, model_dir) -> tuple[str, str | None]:
-    """(decoder, the Wan VAE's path): vae where --vae or --model-dir gives one, unless told otherwise."""
+def _decoder(config: RunConfig, model_dir, latent_channels: int) -> tuple[str, str | None]:
+    """(decoder, the Wan VAE's path): taehv where --taehv names the tiny decoder, else vae where --vae or
+    --model-dir gives one, unless told otherwise. latent_channels: the model's (out_dim)."""
     settings = config.decode
     vae = settings.vae or (str(model_dir.vae) if model_dir is not None else None)
-    decoder = settings.decoder or ("vae" if vae else "preview")
+    decoder = settings.decoder or ("taehv" if settings.taehv else "vae" if vae else "preview")
+    if decoder == "taehv":
+        check_taehv(settings.taehv, latent_channels)
     if decoder == "vae" and vae is None:
         raise ConfigError(
             f"{arg('decoder', 'vae')} needs a Wan VAE: pass {arg('vae')} (a diffusers vae/ directory or "
@@ -295,6 +301,24 @@ def _decoder(config: RunConfig, model_dir) -> tuple[str, str | None]:
         if settings.vae_cudnn:
             require("cudnn", arg("vae_cudnn"))
     return decoder, (vae if decoder == "vae" else None)
+
+
+def check_taehv(taehv: str, latent_channels: int) -> None:
+    """The tiny decoder's weights exist and it can take the model's latents (TAEHV's taew2_1: Wan 2.1's 16
+    channels), before any rank starts."""
+    from ropesp.decode.taehv import LATENT_CHANNELS
+
+    if taehv != RANDOM_WEIGHTS and not os.path.isfile(taehv):
+        what = "is a directory" if os.path.isdir(taehv) else "does not exist"
+        raise ConfigError(
+            f"{arg('taehv', taehv)} {what}: give the TAEHV project's taew2_1.pth or taew2_1.safetensors "
+            f"file, or {arg('taehv', RANDOM_WEIGHTS)}"
+        )
+    if latent_channels != LATENT_CHANNELS:
+        raise ConfigError(
+            f"{arg('taehv', taehv)}: the tiny decoder (taew2_1) takes Wan 2.1's {LATENT_CHANNELS} latent "
+            f"channels; this model makes {latent_channels} (use {arg('decoder', 'preview')} or none)"
+        )
 
 
 def unbounded_needs_window() -> str:
@@ -335,9 +359,10 @@ def run_device(given: str | None, manifest, gpus_visible: bool) -> str:
 
 
 def stream_decoder(res: ResolvedPipeline, device: torch.device, *, decode: bool = True):
-    """Rank 0's stream decoder for this pipeline: the preview on `device`, or the Wan VAE there or on
-    --decode-device (a compiled one warmed up for the pipeline's latent size here, before any chunk);
-    None for decoder none (or decode=False). CheckpointError for an unreadable VAE, naming its source."""
+    """Rank 0's stream decoder for this pipeline: the preview or TAEHV's tiny decoder on `device`, or the
+    Wan VAE there or on --decode-device (a compiled one warmed up for the pipeline's latent size here,
+    before any chunk); None for decoder none (or decode=False). CheckpointError for an unreadable VAE or
+    tiny decoder, naming its source."""
     if not decode or res.decoder == "none":
         return None
     from ropesp.decode.factory import WarmUp, make_decoder
@@ -356,9 +381,13 @@ def stream_decoder(res: ResolvedPipeline, device: torch.device, *, decode: bool 
             warm,
             fast=settings.vae_fast,
             cudnn=settings.vae_cudnn,
+            taehv=res.taehv,
         )
     except CheckpointError as exc:
-        source = arg("vae", res.vae) if settings.vae else arg("model_dir", res.config.source.model_dir)
+        if res.taehv is not None:
+            source = arg("taehv", res.taehv)
+        else:
+            source = arg("vae", res.vae) if settings.vae else arg("model_dir", res.config.source.model_dir)
         raise CheckpointError(f"{source}: {exc}") from None
 
 

@@ -199,7 +199,7 @@ def run(args) -> None:
         return
     if res.decoder == "none":
         raise ConfigError(
-            "--decoder none makes no frames: generate writes a video (use --decoder preview or vae)"
+            "--decoder none makes no frames: generate writes a video (use --decoder preview, vae or taehv)"
         )
     changes = prompt_changes(args.prompt_at)
     chunks = None if res.unbounded else len(res.chunk_sizes())

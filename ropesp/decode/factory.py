@@ -9,9 +9,10 @@ import torch
 from ropesp.decode.base import StreamDecoder
 from ropesp.decode.preview import PreviewDecoder
 from ropesp.errors import ConfigError
+from ropesp.settings import RANDOM_WEIGHTS
 
-RANDOM_VAE = "random"
-"""`vae` value for the full-size Wan VAE on seeded random weights (timing without a checkpoint)."""
+RANDOM_VAE = RANDOM_WEIGHTS
+"""`vae` (or `taehv`) value for the decoder on seeded random weights (timing without a checkpoint)."""
 
 
 def check_wan_vae_options(wan_vae: bool, compile: bool, decode_device: str | None, how: str) -> None:
@@ -40,22 +41,32 @@ def make_decoder(
     warm_up: WarmUp | None = None,
     fast: bool = False,
     cudnn: bool = False,
+    taehv: str | None = None,
 ) -> StreamDecoder:
-    """The preview decoder (vae None) or the streaming Wan VAE (a checkpoint path, or RANDOM_VAE).
+    """The preview decoder (vae and taehv None), the streaming Wan VAE (vae: a checkpoint path, or
+    RANDOM_VAE) or TAEHV's tiny Wan decoder (taehv: a taew2_1 .pth / .safetensors, or RANDOM_VAE; vae
+    then None, and compile, fast and cudnn, which act on the Wan VAE, False).
 
-    dtype: the Wan VAE's weights (default bfloat16 on CUDA, float32 elsewhere). compile: torch.compile
+    dtype: the Wan VAE's or the tiny decoder's weights (default bfloat16 on CUDA, float32 elsewhere). compile: torch.compile
     the Wan VAE; with warm_up its graphs are built here (~2 min on an H200, bench/RESULTS.md), so no video
     or request pays for them. fast: the Wan VAE as `FastWanDecoder` (ropesp/decode/wan_fast.py: in-place
     caches, fused passes, CUDA graphs; the same frames), compile then ignored; with warm_up on CUDA its
     graphs are captured here. cudnn: the fast decoder's convolutions as cuDNN graphs (cudnn_conv.py).
-    Raises CheckpointError for an unreadable VAE.
+    Raises CheckpointError for an unreadable VAE or tiny decoder.
     """
     device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if taehv is not None:
+        assert vae is None and not (compile or fast or cudnn), "the Wan VAE's options with the tiny decoder"
+        from ropesp.decode.taehv import TinyWanDecoder
+
+        if taehv == RANDOM_VAE:
+            return TinyWanDecoder.random(dtype, device)
+        return TinyWanDecoder.from_path(taehv, dtype, device)
     if vae is None:
         return PreviewDecoder(device=device)
     from ropesp.decode.wan_vae import WanVAEDecoder, load_wan_vae
 
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if fast:
         from ropesp.decode.wan_fast import FastWanDecoder
 

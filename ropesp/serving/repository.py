@@ -38,10 +38,11 @@ FORMAT = 2
 """Version of the ropesp_config.json layout."""
 ARTIFACT_FIELDS = {
     "source": ("checkpoint", "model_config", "engines", "model_dir"),
-    "decode": ("vae",),
+    "decode": ("vae", "taehv"),
     "prompt": ("text_encoder",),
 }
-"""The settings that name files, by section: placed under artifacts/ and stored relative."""
+"""The settings that name files, by section: placed under artifacts/ and stored relative (RANDOM_WEIGHTS,
+seeded weights, names no file and is kept as it is)."""
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 """A plain Triton model name: one directory name inside the repository."""
 MODEL_FILES = {"config.pbtxt", "1", "1/model.py", f"1/{CONFIG_FILE}", f"1/{ARTIFACTS}", "1/__pycache__"}
@@ -277,6 +278,8 @@ def write_repository(
 
 def _write_model(model_dir: Path, config, res, instances: int, link: bool) -> Path:
     """write_repository's writing part (everything validated); returns model_dir."""
+    from ropesp.settings import RANDOM_WEIGHTS
+
     model_name = model_dir.name
     version = model_dir / "1"
     artifacts = version / ARTIFACTS
@@ -285,7 +288,7 @@ def _write_model(model_dir: Path, config, res, instances: int, link: bool) -> Pa
     for part, names in ARTIFACT_FIELDS.items():
         for name in names:
             value = getattr(getattr(config, part), name)
-            if value:
+            if value and value != RANDOM_WEIGHTS:
                 placed[name] = _place(value, artifacts, name, link)
     spec = {
         "format": FORMAT,
@@ -306,7 +309,7 @@ def _write_model(model_dir: Path, config, res, instances: int, link: bool) -> Pa
 def read_model_config(version_dir: str | Path) -> ServedModel:
     """Load <model>/1/ropesp_config.json, resolving artifact paths against the version directory (every
     instance reads the same settings: its GPUs come from instances.pin_instance_gpus)."""
-    from ropesp.settings import RunConfig
+    from ropesp.settings import RANDOM_WEIGHTS, RunConfig
 
     version_dir = Path(version_dir)
     spec = json.loads((version_dir / CONFIG_FILE).read_text())
@@ -320,7 +323,7 @@ def read_model_config(version_dir: str | Path) -> ServedModel:
     for part, names in ARTIFACT_FIELDS.items():  # confined before anything reads them
         for name in names:
             rel = raw.get(part, {}).get(name)
-            if rel:
+            if rel and rel != RANDOM_WEIGHTS:
                 raw[part][name] = str(_confined(version_dir, rel, name, linked))
     config = RunConfig.from_dict(raw)
     return ServedModel(config, PythonEnv.from_dict(spec["python"]), int(spec.get("instances", 1)))

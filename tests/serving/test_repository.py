@@ -8,6 +8,7 @@ import sys
 from importlib import resources
 
 import pytest
+import torch
 from helpers_triton import CONFIG, require_triton
 
 from ropesp.cli import main
@@ -70,6 +71,23 @@ def test_repository_records_the_wan_vae_options(tmp_path):
         assert decode.vae.startswith(str(model_dir / "1" / "artifacts" / "vae"))
     decoder = stream_decoder(resolve(served.config), device="meta")  # decode_device wins
     assert next(decoder.vae.parameters()).device.type == "cpu" and not decoder.compiled
+
+
+def test_repository_records_the_tiny_decoder(tmp_path):
+    """--taehv travels like --vae: a file copied under artifacts/ and found there by the served engine's
+    decoder; 'random' names no file and stays as it is."""
+    from ropesp.decode.taehv import TinyWanDecoder, random_taehv
+    from ropesp.runtime.pipeline import stream_decoder
+
+    weights = tmp_path / "taew2_1.pth"
+    torch.save(random_taehv(seed=0).state_dict(), weights)
+    model_dir = write_repository(tmp_path / "file", CONFIG.replace(taehv=str(weights)))
+    served = read_model_config(model_dir / "1").config
+    assert served.decode.taehv == str(model_dir / "1" / "artifacts" / "taehv" / "taew2_1.pth")
+    assert isinstance(stream_decoder(resolve(served), torch.device("cpu")), TinyWanDecoder)
+    model_dir = write_repository(tmp_path / "random", CONFIG.replace(taehv="random"))
+    assert read_model_config(model_dir / "1").config.decode.taehv == "random"
+    assert not (model_dir / "1" / "artifacts").exists()
 
 
 def test_repository_checkpoint_is_copied_and_relocatable(tmp_path):
