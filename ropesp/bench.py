@@ -54,6 +54,7 @@ from ropesp.runtime.dist import Mapping, device_for, parse_device
 from ropesp.runtime.pipeline import (
     ResolvedPipeline,
     build_executor,
+    check_taehv,
     make_state,
     resolve,
     resolved_model,
@@ -111,6 +112,9 @@ class BenchConfig:
     """The Wan VAE as FastWanDecoder (ropesp/decode/wan_fast.py)."""
     vae_cudnn: bool = False
     """FastWanDecoder's convolutions as cuDNN graphs (ropesp/decode/cudnn_conv.py)."""
+    taehv: str | None = None
+    """Time decode with TAEHV's tiny Wan decoder (ropesp/decode/taehv.py) instead: a taew2_1 checkpoint,
+    or "random" (seeded weights)."""
     decode_device: str | None = None
     """Where rank 0's decoder runs ('cuda:N', e.g. a GPU of its own beside the DiT ranks'); None = rank
     0's device. Only rank 0 decodes, as in `generate` and serving; the other ranks keep in lock-step."""
@@ -133,11 +137,17 @@ class BenchConfig:
         engine_configs = [c for c in self.configs if c in ENGINE_CONFIGS]
         if engine_configs and not self.run.source.engines:
             raise ConfigError(f"--configs {','.join(engine_configs)} needs --engines DIR from `ropesp build`")
+        if self.vae and self.taehv:
+            raise ConfigError("--vae and --taehv: a bench run times one decoder; give one of them")
+        if self.taehv and (self.vae_fast or self.vae_cudnn):
+            flag = "--vae-fast" if self.vae_fast else "--vae-cudnn"
+            raise ConfigError(f"{flag} acts on the Wan VAE decoder, not on --taehv's tiny one")
         check_wan_vae_options(self.vae is not None, self.vae_compile, self.decode_device, "pass --vae too")
         if self.decode_device:
             parse_device(self.decode_device, "--decode-device")  # fail before any rank starts
-        if self.vae and not self.decode:
-            raise ConfigError("--vae times decode; it cannot be combined with --no-decode")
+        for flag, value in (("--vae", self.vae), ("--taehv", self.taehv)):
+            if value and not self.decode:
+                raise ConfigError(f"{flag} times decode; it cannot be combined with --no-decode")
         if self.alone and self.run.parallel.world_size in (None, 1):
             raise ConfigError("--alone times rank 0 of a P-rank group by itself: pass --world-size P >= 2")
         if self.alone and self.run.parallel.ring_degree not in (None, 1):
@@ -152,6 +162,30 @@ class BenchConfig:
                 resolve(self.run.replace(backend="compile", engines=None, **overrides), default_model=False)
         if self.repeat < 1 or self.warmup < 0:
             raise ConfigError(f"--repeat {self.repeat} must be >= 1 and --warmup {self.warmup} >= 0")
+
+
+def decoder_name(bench: BenchConfig) -> str | None:
+    """The decoder a run times, as its JSON names it: taehv, wan-vae (any of its forms) or preview; None
+    without decode."""
+    if not bench.decode:
+        return None
+    return "taehv" if bench.taehv else "wan-vae" if bench.vae else "preview"
+
+
+def decoder_caption(bench: BenchConfig) -> str:
+    """The table's line on the decoder of its +dec columns, with the flags that chose it."""
+    if not bench.decode:
+        return "decoder: none (--no-decode)"
+    chosen = [f"--taehv {bench.taehv}"] if bench.taehv else [f"--vae {bench.vae}"] if bench.vae else []
+    options = (
+        ("--vae-fast", bench.vae_fast),
+        ("--vae-cudnn", bench.vae_cudnn),
+        ("--vae-compile", bench.vae_compile),
+    )
+    chosen += [flag for flag, on in options if on]
+    return f"decoder of the +dec columns: {decoder_name(bench)}" + (
+        f" ({' '.join(chosen)})" if chosen else ""
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -227,6 +261,7 @@ def measure(
                 warm_up=warm,
                 fast=bench.vae_fast,
                 cudnn=bench.vae_cudnn,
+                taehv=bench.taehv,
             )
             if decodes
             else None
@@ -263,7 +298,7 @@ def measure(
         "first_frame_overlapped_ms": _median([r[0][0] for r in overlapped]) if overlapped else None,
         "first_chunk_frames_overlapped_ms": _median([r[2] for r in overlapped]) if overlapped else None,
         "early_first_frame": session.early_first_frame,
-        "decoder": None if not bench.decode else "wan-vae" if bench.vae else "preview",
+        "decoder": decoder_name(bench),
         "decode_device": str(decoder_device) if bench.decode and decodes else None,
         "comm_share": _median(comm_ms) / total_ms if total_ms else 0.0,
         "cold_first_chunk_ms": cold_first_chunk_ms,
@@ -470,6 +505,7 @@ def report(res: ResolvedPipeline, bench: BenchConfig, results: dict) -> dict:
     }
     base = results.get("paper-sp") or results.get("reference")
     print(format_table(results, base))
+    print(decoder_caption(bench))
     for name, r in results.items():
         if r["early_first_frame"] and r["first_frame_overlapped_ms"] is not None:
             print(
@@ -556,6 +592,8 @@ def run(
     from ropesp.runtime.ranks import RankGroup, under_launcher
 
     res, mapping = resolved or resolve_rank(bench.run, default_model=False)
+    if bench.taehv:
+        check_taehv(bench.taehv, res.model.out_dim)  # before any rank starts
     if res.world_size == 1 and "paper-sp" in bench.configs:
         # one rank: the paper's SP baseline degenerates to the reference configuration
         bench = dataclasses.replace(bench, configs=tuple(c for c in bench.configs if c != "paper-sp"))

@@ -15,6 +15,9 @@
 #              FP8 + FP8 attention, with the fast decoder (--vae-fast) / today's compiled one (--vae-compile,
 #              FP8 + FP8 attention only: the baseline of the same call)
 #   e2e720fast / e2e720compile  the same at 1280x720, FP8 + FP8 attention
+#   e2e480taehv / e2e720taehv  the same as e2e480fast / e2e720fast with TAEHV's tiny decoder (`--taehv random`,
+#              ropesp/decode/taehv.py) instead of --vae-fast: 480p bf16 compile and FP8 + FP8 attention,
+#              720p FP8 + FP8 attention
 #   e2e480early  480p FP8 + FP8 attention, --vae-fast, the first frame handed over apart (--early-first-frame):
 #              the first frame and the whole first chunk's frames of the same run
 #   rot480     480p FP8 + FP8 attention DiT only with the e4m3 cache's keys rotated (E4M3KVCache.rotate_keys)
@@ -49,8 +52,9 @@ step() {  # step NAME LIMIT CMD...: at most LIMIT seconds and never past DEADLIN
 VAE=(scripts/vae_bench.py --latent-frames 21 --repeat 2)
 DRIFT=(scripts/fp8_attention_drift.py --preset wan2.1-1.3b --latent-frames 21 --device cuda --dtype bfloat16
   --backend "${DRIFT_BACKEND:-eager}" --variants "$DRIFT_VARIANTS")
-E2E=(bench --preset wan2.1-1.3b --frames 81 --vae random --repeat "${E2E_REPEAT:-2}" --dtype bfloat16 --device cuda
+E2E_DIT=(bench --preset wan2.1-1.3b --frames 81 --repeat "${E2E_REPEAT:-2}" --dtype bfloat16 --device cuda
   --commit "${GIT_COMMIT:-unknown}")
+E2E=("${E2E_DIT[@]}" --vae random)
 cudnn_ok() {  # false where this call's vaecudnn480 ran and its fast-cudnn variant gave no video time
   [ ! -f "$RES/vaecudnn480.log" ] && return 0
   [ -f "$RES/vaecudnn480.json" ] && $PY -c "import json,sys
@@ -101,6 +105,10 @@ for s in "$@"; do
       --configs compile-fp8attn --vae-fast --json "$RES/e2e720fast.json" ;;
     e2e720compile) step e2e720compile 240 $PY -m ropesp.cli "${E2E[@]}" --height 720 --width 1280 \
       --configs compile-fp8attn --vae-compile --json "$RES/e2e720compile.json" ;;
+    e2e480taehv) step e2e480taehv 220 $PY -m ropesp.cli "${E2E_DIT[@]}" --height 480 --width 832 \
+      --configs compile,compile-fp8attn --taehv random --json "$RES/e2e480taehv.json" ;;
+    e2e720taehv) step e2e720taehv 200 $PY -m ropesp.cli "${E2E_DIT[@]}" --height 720 --width 1280 \
+      --configs compile-fp8attn --taehv random --json "$RES/e2e720taehv.json" ;;
     e2e480early) step e2e480early 220 $PY -m ropesp.cli "${E2E[@]}" --height 480 --width 832 \
       --configs compile-fp8attn --vae-fast --early-first-frame --json "$RES/e2e480early.json" ;;
     rot480) step rot480 150 $PY -c "$ROTATED" bench --preset wan2.1-1.3b --frames 81 --height 480 --width 832 \

@@ -183,6 +183,27 @@ def test_bench_times_the_wan_vae(tmp_path, extra):
     assert row["decode_device"] == "cpu" and row["fps_with_decode_overlapped"] > 0
 
 
+def test_bench_times_the_tiny_decoder(tmp_path, capsys):
+    """--taehv: the JSON's rows and the table's caption name the decoder timed; its contradictions are
+    refused before any rank starts."""
+    js = tmp_path / "b.json"
+    args = ["bench", "--latent-frames", "3", "--latent-height", "4", "--latent-width", "4"]
+    code = main([*args, "--configs", "optimized", "--repeat", "1", "--taehv", "random", "--json", str(js)])
+    assert code == 0
+    row = json.loads(js.read_text())["results"]["optimized"]
+    assert row["decoder"] == "taehv" and row["fps_with_decode"] > 0 and row["first_frame_ms"] > 0
+    assert "decoder of the +dec columns: taehv (--taehv random)" in capsys.readouterr().out
+    for extra, message in (
+        (["--vae", "random"], "--vae and --taehv: a bench run times one decoder; give one of them"),
+        (["--vae-fast"], "--vae-fast acts on the Wan VAE decoder, not on --taehv's tiny one"),
+        (["--no-decode"], "--taehv times decode; it cannot be combined with --no-decode"),
+    ):
+        assert main([*args, "--taehv", "random", *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"ropesp: error: {message}"
+    assert main([*args, "--taehv", str(tmp_path / "nope.pth")]) == 2
+    assert f"--taehv {tmp_path / 'nope.pth'} does not exist" in capsys.readouterr().err
+
+
 def test_bench_alone_times_rank0_by_itself(tmp_path, capsys):
     js = tmp_path / "b.json"
     args = ["bench", "--latent-frames", "6", "--latent-height", "8", "--latent-width", "8", "--no-decode"]

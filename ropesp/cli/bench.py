@@ -30,8 +30,11 @@ def add_parser(sub) -> None:
     add_flags(
         p,
         DecodeConfig,
-        only=("vae", "vae_compile", "vae_fast", "vae_cudnn", "decode_device", "early_first_frame"),
-        help={"vae": "time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)"},
+        only=("vae", "vae_compile", "vae_fast", "vae_cudnn", "taehv", "decode_device", "early_first_frame"),
+        help={
+            "vae": "time decode with the Wan VAE: a checkpoint, or 'random' (full size, random weights)",
+            "taehv": "time decode with the tiny decoder (TAEHV's taew2_1): a checkpoint, or 'random'",
+        },
     )
     g = p.add_argument_group("bench")
     g.add_argument(
@@ -67,6 +70,8 @@ def run(args) -> None:
     from ropesp.runtime.pipeline import resolve_rank
     from ropesp.runtime.prompts import default_prompt_embeds
 
+    if vars(args).get("vae") and vars(args).get("taehv"):  # generate's --decoder picks; bench has none
+        raise ConfigError("--vae and --taehv: a bench run times one decoder; give one of them")
     config = config_from_args(args)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path and (problem := output_file_problem(path, flag)):
@@ -75,7 +80,7 @@ def run(args) -> None:
         raise ConfigError("--frames 0 (a stream until stopped) is for `ropesp generate`: give a length here")
     bench = BenchConfig(
         run=config.replace(
-            vae=None, vae_compile=False, vae_fast=False, vae_cudnn=False, decode_device=None
+            vae=None, vae_compile=False, vae_fast=False, vae_cudnn=False, taehv=None, decode_device=None
         ),  # bench's own decoder
         configs=tuple(c for c in args.configs.split(",") if c),
         warmup=args.warmup,
@@ -84,6 +89,7 @@ def run(args) -> None:
         vae_compile=config.decode.vae_compile,
         vae_fast=config.decode.vae_fast,
         vae_cudnn=config.decode.vae_cudnn,
+        taehv=config.decode.taehv,
         decode_device=config.decode.decode_device,
         decode=not args.no_decode,
         commit=args.commit,
