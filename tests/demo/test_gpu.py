@@ -1,5 +1,5 @@
 """The shipped demo model on the GPU paths: bf16 eager, regional torch.compile, AOTInductor engines built
-for CUDA, FP8 GEMMs and 8-bit attention, each scored on all 32 evaluation pairs (and the main ones on
+for CUDA, FP8 GEMMs and 8-bit attention, each scored on 96 evaluation pairs (GPU_PAIRS) (and the main ones on
 long streams) against fp32 eager on the same GPU (issue 21: every backend within 0.02 of eager; 0.03 where attention takes q in e4m3). Skipped without a CUDA GPU; the FP8 paths also
 where the GPU or torchao lacks them (the reason the runtime itself gives)."""
 
@@ -19,7 +19,14 @@ pytestmark = [
     pytest.mark.skipif(not has_default_weights(), reason="the demo weights are not in this tree"),
 ]
 
-PAIRS = eval_pairs()
+GPU_PAIRS = 96
+"""The short paths are scored on the first 96 pairs of the evaluation's cycle, not its 32: four FP8-sized
+roundings of the same model gave 32-pair scores from 0.932 to 0.972 (bench/RESULTS.md twenty-sixth session),
+so a 32-pair mean moves by about the tolerance by the draw of its rounding alone; over 96 pairs apply_fp8's
+cost on the CPU was 0.010 against 0.024 over 32 (the same weights, same session). On an H100 the shipped
+weights' FP8 GEMMs scored 0.957 over 32 pairs where FP8 GEMMs with FP8 attention scored 0.967
+(twenty-seventh session)."""
+PAIRS = eval_pairs(GPU_PAIRS)
 PATH_TOLERANCE = 0.02
 """Every path's mean score within this of fp32 eager on the same GPU (issue 21)."""
 E4M3_QUERY_TOLERANCE = 0.03
