@@ -180,6 +180,8 @@ def resolve_rank(
     else:
         from ropesp.model.checkpoint import resolve_model
 
+        if source.checkpoint and not os.path.exists(source.checkpoint):  # named as the caller wrote it
+            raise CheckpointError(f"{arg('checkpoint', source.checkpoint)} does not exist")
         try:
             cfg, defaults = resolve_model(source, DEFAULT_PRESET)
         except CheckpointError as exc:

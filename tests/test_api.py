@@ -10,7 +10,7 @@ import torch
 from switch_reference import generate_with_switches
 
 import ropesp
-from ropesp.errors import ConfigError
+from ropesp.errors import CheckpointError, ConfigError
 from ropesp.runtime.engine_core import AtCapacity
 from ropesp.runtime.pipeline import build_session
 from ropesp.settings import RunConfig
@@ -138,6 +138,8 @@ def test_errors_name_python_arguments(pipe, prompt):
             call()
         assert message in str(err.value), (message, str(err.value))
         assert "--" not in str(err.value), str(err.value)
+    with pytest.raises(CheckpointError, match=r"^checkpoint='/no/such/ckpt' does not exist$"):
+        ropesp.Pipeline(device="cpu", checkpoint="/no/such/ckpt")
 
 
 def test_session_rough_edges(prompt):

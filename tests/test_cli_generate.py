@@ -112,7 +112,7 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
             "does not tile into chunks of --chunk-frames 3: valid lengths are 9, 21, 33",
         ),
         (["--frames", "10"], "--frames 10 must be 4*k + 1"),
-        (["--checkpoint", "/nonexistent/ckpt.pt"], "does not exist"),
+        (["--checkpoint", "/nonexistent/ckpt.pt"], "--checkpoint /nonexistent/ckpt.pt does not exist"),
         (
             ["--latent-frames", "12", "--max-frames", "9"],
             "a video of 45 frames (12 latent) exceeds the KV cache of 9 latent frames: raise --max-frames to 12",
