@@ -23,6 +23,9 @@ TRANSFORMER_WEIGHTS = (
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 ORIGINAL_VAE_FILE = "Wan2.1_VAE.pth"
 
+FOUND_SHOWN = 12
+"""Entries of a wrong --model-dir named in its error."""
+
 
 @dataclass(frozen=True)
 class ModelDir:
@@ -111,14 +114,17 @@ def resolve_model_dir(model_dir: str | Path, checkpoint: str | Path | None = Non
         problems["transformer"] = transformer_problem
     missing = [p for p in problems.values() if p]
     if missing:
-        found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+        found = str(names[:FOUND_SHOWN])  # a wrong directory (a home, /tmp) may hold hundreds
+        if len(names) > FOUND_SHOWN:
+            found = f"{found[:-1]}, ... (+{len(names) - FOUND_SHOWN} more)]"
         hint = (
             ""
             if ckpt is not None or not transformer_problem
             else f" (or pass {arg('checkpoint')} for the DiT)"
         )
         raise CheckpointError(
-            f"{arg('model_dir', root)} is not a complete diffusers Wan2.1 directory: found {found or 'nothing'}; "
+            f"{arg('model_dir', root)} is not a complete diffusers Wan2.1 directory: found {found if names else 'nothing'}; "
             f"missing {'; '.join(missing)}{hint}"
         )
     assert vae is not None

@@ -72,6 +72,16 @@ def test_model_dir_missing_parts_listed(model_root, tmp_path):
     assert "--checkpoint" in msg
 
 
+def test_a_crowded_wrong_model_dir_is_listed_in_part(tmp_path):
+    for i in range(40):
+        (tmp_path / f"file{i:02d}.txt").write_text("x")
+    with pytest.raises(CheckpointError) as err:
+        resolve_model_dir(tmp_path)
+    msg = str(err.value)
+    assert "found ['file00.txt', 'file01.txt'," in msg and "'file11.txt', ... (+28 more)]" in msg
+    assert "file12.txt" not in msg and "missing vae/" in msg
+
+
 def test_model_dir_partial_parts(model_root, tmp_path):
     root = _copy_without(
         model_root, tmp_path, "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json"
