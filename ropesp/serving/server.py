@@ -35,7 +35,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from ropesp.errors import BackendUnavailableError, ConfigError, RopespError
+from ropesp.errors import BackendUnavailableError, ConfigError, RopespError, arg
 from ropesp.serving.repository import PythonEnv, recorded_python
 
 READY_TIMEOUT_S = 180.0
@@ -199,10 +199,10 @@ class TritonServer:
     def start(self) -> TritonServer:
         """Start tritonserver and wait until it is ready; stops it again if that fails."""
         if not self.repo.is_dir():
-            raise ServerError(f"model repository {self.repo} does not exist")
+            raise ServerError(f"{arg('repo', self.repo)}: the model repository does not exist")
         if not any(self.repo.glob("*/config.pbtxt")):
             raise ServerError(
-                f"model repository {self.repo} holds no model (no <model>/config.pbtxt); write one with "
+                f"{arg('repo', self.repo)}: the model repository holds no model (no <model>/config.pbtxt); write one with "
                 f"`ropesp serve-repo --out {self.repo}`"
             )
         remove_stale_workdirs()

@@ -149,7 +149,7 @@ def test_server_missing_repository_is_named(tmp_path):
     require_triton()
     from ropesp.serving.server import ServerError, TritonServer
 
-    with pytest.raises(ServerError, match="does not exist"):
+    with pytest.raises(ServerError, match=r"^--repo \S+/nope: the model repository does not exist$"):
         TritonServer(tmp_path / "nope").start()
 
 

@@ -40,7 +40,7 @@ def test_repository_without_models_refused(tmp_path, capsys, monkeypatch):
     (repo / "notes").mkdir(parents=True)
     assert main(["serve", "--repo", str(repo)]) == 2
     err = capsys.readouterr().err
-    assert f"model repository {repo} holds no model (no <model>/config.pbtxt)" in err
+    assert f"--repo {repo}: the model repository holds no model (no <model>/config.pbtxt)" in err
     assert "ready" not in err and not list(tmp_path.glob(f"{WORKDIR_PREFIX}*"))
 
 
