@@ -94,3 +94,28 @@ def test_serve_killed_with_sigkill_leaves_nothing_for_the_next_start(tmp_path, m
         assert server.is_ready()
         assert list(tmp.glob(f"{WORKDIR_PREFIX}*")) == [server._workdir]  # the stale one is gone
     assert not list(tmp.glob(f"{WORKDIR_PREFIX}*"))
+
+
+def test_stop_returns_where_an_interrupt_leaked_popens_lock(tmp_path):
+    """A Ctrl-C landing inside Popen.poll() between its lock's acquire and its try leaves the lock held,
+    and every later Popen.wait() blocks for ever: `ropesp serve` once hung 90 s on its Ctrl-C in the full
+    suite. stop() must still end the server within its grace period (here a sleeper that SIGTERM ends)."""
+    import threading
+
+    server = TritonServer(tmp_path / "repo", stop_timeout_s=5)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    server.proc = proc
+    proc._waitpid_lock.acquire()  # what the interrupt leaves behind
+    try:
+        stopper = threading.Thread(target=server.stop, daemon=True)
+        t0 = time.monotonic()
+        stopper.start()
+        stopper.join(timeout=30)
+        assert not stopper.is_alive(), "stop() hung on Popen's leaked lock"
+        assert time.monotonic() - t0 < 5, "SIGTERM ends the sleeper at once: no wait for the grace period"
+    finally:
+        proc._waitpid_lock.release()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGTERM
