@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ropesp.errors import RopespError
+from ropesp.processes import stop_process
 from ropesp.runtime.dist import (
     Mapping,
     abort_process_group,
@@ -350,12 +351,9 @@ class RankGroup:
         finally:
             if graceful:
                 destroy_process_group()  # while the other ranks leave it too
+            # never Popen.wait() here: a Ctrl-C may have leaked its lock (ropesp.processes)
             for proc in self.workers:
-                try:
-                    proc.wait(STOP_TIMEOUT_S if graceful else 0.1)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc, STOP_TIMEOUT_S if graceful else 0.1)
             self.workers = []
             if not graceful:
                 abort_process_group()
@@ -389,9 +387,7 @@ def _script(path: str):
 
 def _kill(processes: list[subprocess.Popen]) -> None:
     for proc in processes:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 0.0)
 
 
 def _exiting(pid: int) -> bool:

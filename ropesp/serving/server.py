@@ -36,6 +36,7 @@ from collections import deque
 from pathlib import Path
 
 from ropesp.errors import BackendUnavailableError, ConfigError, RopespError, arg
+from ropesp.processes import exited, stop_process, wait_exit
 from ropesp.serving.repository import PythonEnv, recorded_python
 
 READY_TIMEOUT_S = 180.0
@@ -240,7 +241,7 @@ class TritonServer:
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         while not self.is_ready():
-            if _exited(self.proc):
+            if exited(self.proc):
                 self.proc.poll()  # reaps it: its status for the message
                 raise ServerError(
                     f"tritonserver exited with status {self.proc.returncode} before it was ready; "
@@ -262,9 +263,7 @@ class TritonServer:
     def wait(self) -> None:
         """Block while the server runs (inside `with`, SIGINT and SIGTERM raise KeyboardInterrupt, and the
         exit stops the server); raises ServerError if it dies on its own."""
-        while not _exited(self.proc):
-            time.sleep(0.2)
-        self.proc.poll()
+        wait_exit(self.proc, None)
         raise ServerError(
             f"tritonserver exited with status {self.proc.returncode}; log tail:\n{self.log_tail()}"
         )
@@ -274,12 +273,9 @@ class TritonServer:
         server's process group, so no stub or worker rank outlives it. Idempotent."""
         proc, self.proc = self.proc, None
         try:
-            if proc is not None and not _exited(proc):
+            if proc is not None and not exited(proc):  # never Popen.wait(): see ropesp.processes
                 proc.send_signal(signal.SIGTERM)
-                if not _wait_exit(proc, self.stop_timeout_s):
-                    proc.kill()
-                    _wait_exit(proc, None)
-                proc.poll()  # reaps it where Popen's lock is free; a leaked lock leaves a zombie, not a hang
+                stop_process(proc, self.stop_timeout_s)
         finally:
             if proc is not None:
                 with contextlib.suppress(ProcessLookupError):  # nothing left in the group: clean
@@ -346,29 +342,6 @@ def remove_stale_workdirs(tmp: str | Path | None = None) -> list[Path]:
             shutil.rmtree(workdir, ignore_errors=True)
             removed.append(workdir)
     return removed
-
-
-def _exited(proc: subprocess.Popen) -> bool:
-    """Whether proc has exited, without Popen's internal lock: the interrupt that stops `ropesp serve`
-    may land inside Popen.poll() between its lock's acquire and its try, which leaks the lock, and every
-    later Popen.wait() then blocks for ever (a Ctrl-C that hung the server's stop). waitid(WNOWAIT) leaves
-    the child to be reaped by Popen."""
-    if proc.returncode is not None:
-        return True
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:  # reaped already (by Popen in another call)
-        return True
-
-
-def _wait_exit(proc: subprocess.Popen, timeout_s: float | None) -> bool:
-    """Wait up to timeout_s seconds (None: no limit) for proc to exit, by _exited; whether it did."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while not _exited(proc):
-        if deadline is not None and time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _interrupt(signum, frame) -> None:
