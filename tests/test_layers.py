@@ -34,6 +34,7 @@ CORE = {
     "ropesp.manifest",
     "ropesp.extras",
     "ropesp.flops",
+    "ropesp.processes",
 }
 FRONT_ENDS = ("ropesp.cli", "ropesp.api", "ropesp.serving", "ropesp.webdemo", "ropesp.bench", "ropesp.video")
 FRONT_ENDS += ("ropesp.run_status", "ropesp.start_gc", "ropesp.demo.train", "ropesp.demo.evaluate")
