@@ -51,6 +51,8 @@ DECODERS = ("preview", "vae", "taehv", "none")
 RANDOM_WEIGHTS = "random"
 """The value of --vae or --taehv that names seeded random weights instead of a file (timing without a
 checkpoint)."""
+WAN_VAE_OPTIONS = ("vae_compile", "vae_fast", "vae_cudnn", "decode_device")
+"""The decode settings that act on the Wan VAE decoder only."""
 PROMPT_MODES = ("swap", "recache", "cut")
 """How a prompt change mid-stream treats the self-attention cache (runtime/session.py)."""
 SEED_RANGE = (0, 2**63 - 1)
@@ -554,7 +556,7 @@ class DecodeConfig(Section):
                 f"{arg('decoder', 'taehv')} needs {arg('taehv')}: a taew2_1 .pth or .safetensors file, or random"
             )
         if self.tiny:
-            for name in ("vae_compile", "vae_fast", "vae_cudnn", "decode_device"):
+            for name in WAN_VAE_OPTIONS:
                 if getattr(self, name):
                     raise ConfigError(
                         f"{arg(name)} acts on the Wan VAE decoder, not on {arg('taehv')}'s tiny one"
@@ -564,7 +566,7 @@ class DecodeConfig(Section):
                 f"{arg('vae_cudnn')} acts on {arg('vae_fast')}'s decoder: pass {arg('vae_fast')} too"
             )
         if self.decoder != "vae" and not self.vae:
-            for name in ("vae_compile", "vae_fast", "vae_cudnn", "decode_device"):
+            for name in WAN_VAE_OPTIONS:
                 if getattr(self, name):
                     raise ConfigError(
                         f"{arg(name)} acts on the Wan VAE decoder: give {arg('vae')} or {arg('model_dir')}"

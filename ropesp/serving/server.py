@@ -203,8 +203,8 @@ class TritonServer:
             raise ServerError(f"{arg('repo', self.repo)}: the model repository does not exist")
         if not any(self.repo.glob("*/config.pbtxt")):
             raise ServerError(
-                f"{arg('repo', self.repo)}: the model repository holds no model (no <model>/config.pbtxt); write one with "
-                f"`ropesp serve-repo --out {self.repo}`"
+                f"{arg('repo', self.repo)}: the model repository holds no model (no <model>/config.pbtxt); "
+                f"write one with `ropesp serve-repo --out {self.repo}`"
             )
         remove_stale_workdirs()
         self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
