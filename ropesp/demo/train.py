@@ -77,6 +77,7 @@ from ropesp.demo.world import (
 )
 from ropesp.model.rope import RopeTables, rotate_pairs
 from ropesp.model.wan import CausalWanDiT, LowRankDelta, init_weights, timestep_sinusoid
+from ropesp.output_paths import output_dir_problem
 from ropesp.runtime.sampler import FlowSchedule
 from ropesp.settings import SamplerConfig
 
@@ -301,6 +302,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
+        if why := recipe_problem(cfg):
+            raise ValueError(why)
         if cfg.adapter_rank < 0 or cfg.adapter_from < 1:
             raise ValueError(
                 f"--adapter-rank {cfg.adapter_rank} / --adapter-from {cfg.adapter_from}: a rank >= 0 "
@@ -729,6 +732,45 @@ class Trainer:
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
+RECIPE_RANGES: dict[str, tuple[float, float, bool]] = {
+    "batch": (1, math.inf, False),
+    "lr": (0, math.inf, True),
+    "lr_floor": (0, 1, False),
+    "warmup": (0, math.inf, False),
+    "ema": (0, 1, False),
+    "steps": (1, math.inf, False),
+    "time_limit_s": (0, math.inf, True),
+    "window_prob": (0, 1, False),
+    "random_t_prob": (0, 1, False),
+    "stream_prob": (0, 1, False),
+    "far_prob": (0, 1, False),
+    "switch_prob": (0, 1, False),
+    "rollout_prob": (0, 1, False),
+    "edge_weight": (0, math.inf, True),
+    "seed": (0, math.inf, False),
+    "log_every": (1, math.inf, False),
+}
+"""(low, high, whether low itself is out) of the recipe's plain numbers; the others are checked where
+they are read (Trainer)."""
+
+
+def recipe_flag(field: str) -> str:
+    """The command-line flag of a TrainConfig field (time_limit_s -> --time-limit)."""
+    return "--" + field.replace("_", "-").removesuffix("-s")
+
+
+def recipe_problem(cfg: TrainConfig) -> str | None:
+    """The first number of cfg outside RECIPE_RANGES, as one line naming its flag (None: all in range)."""
+    for field, (low, high, open_low) in RECIPE_RANGES.items():
+        value = getattr(cfg, field)
+        if not (low < value if open_low else low <= value) or value > high or math.isnan(value):
+            bound = f"> {low}" if open_low else f">= {low}"
+            if high != math.inf:
+                bound = f"in [{low}, {high}]" if not open_low else f"in ({low}, {high}]"
+            return f"{recipe_flag(field)} {value}: must be {bound}"
+    return None
+
+
 def missing_state(state: Path, export: bool = False) -> list[str]:
     """The files of a training state (Trainer.save) that `state` lacks: all of them to resume, the EMA
     weights and train.json to export."""
@@ -816,7 +858,7 @@ def main(argv: list[str] | None = None) -> None:
     ):
         default = getattr(TrainConfig, f)
         p.add_argument(
-            "--" + f.replace("_", "-").removesuffix("-s"),
+            recipe_flag(f),
             dest=f,
             type=type(default),
             default=default,
@@ -831,10 +873,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.export:
         if not args.resume:
             p.error("--export needs --resume STATE_DIR")
+        if why := output_dir_problem(args.export, "--export"):
+            p.error(why)
         print(f"wrote {export_weights(Path(args.resume), Path(args.export))}")
         return
     if not args.out:
         p.error("--out is required for training")
+    if why := output_dir_problem(args.out, "--out"):
+        p.error(why)
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     cfg = TrainConfig(**fields)
     from ropesp.errors import ConfigError

@@ -120,6 +120,14 @@ def test_a_state_of_another_model_is_refused_by_resume(tmp_path, capsys):
         err = capsys.readouterr().err
         assert exc.value.code == 2 and f"--resume {tmp_path / 's'}: its state does not fit" in err, err
         assert "Traceback" not in err and not (tmp_path / "o").exists()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["--resume", str(tmp_path / "s"), "--export", str(tmp_path / "a-file" / "w")])
+    err = capsys.readouterr().err
+    assert (
+        exc.value.code == 2
+        and f"--export {tmp_path / 'a-file' / 'w'}: {tmp_path / 'a-file'} is a file" in err
+    )
 
 
 def test_schedule_spans_resumed_runs():
@@ -217,6 +225,14 @@ def test_stream_weight_scales_a_stream_batchs_gradient_not_its_reported_loss(mon
             "--init /no/such/ropesp-dir: no diffusion_pytorch_model.safetensors",
         ),
         (["--resume", "/no/such/ropesp-dir"], "--resume /no/such/ropesp-dir: not a training state"),
+        (["--batch", "0"], "--batch 0: must be >= 1"),
+        (["--lr", "-1"], "--lr -1.0: must be > 0"),
+        (["--lr", "nan"], "--lr nan: must be > 0"),
+        (["--far-prob", "1.5"], "--far-prob 1.5: must be in [0, 1]"),
+        (["--ema", "2"], "--ema 2.0: must be in [0, 1]"),
+        (["--time-limit", "0"], "--time-limit 0.0: must be > 0"),
+        (["--log-every", "0"], "--log-every 0: must be >= 1"),
+        (["--edge-weight", "0"], "--edge-weight 0.0: must be > 0"),
         (
             ["--resume", "/no/such/ropesp-dir", "--export", "/no/such/out"],
             "(no state_ema.safetensors, train.json)",
@@ -229,6 +245,16 @@ def test_bad_recipes_name_the_flag(tmp_path, capsys, args, message):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_an_out_path_under_a_file_is_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(blocker / "s"), "--device", "cpu"])
+    assert exc.value.code == 2
+    assert f"--out {blocker / 's'}: {blocker} is a file, not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
 
 
 @pytest.mark.parametrize(
