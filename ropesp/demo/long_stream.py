@@ -457,6 +457,8 @@ def main(argv: list[str] | None = None) -> None:
                                ("--switches", args.switches, 0)):  # fmt: skip
         if value < least:
             p.error(f"{flag} {value}: at least {least}")
+    if not (args.per_class or args.switches or args.prompt):
+        p.error("--per-class 0 and --switches 0 leave nothing to score: give one of them, or --prompt")
     try:
         windows = [Window.parse(text) for text in args.windows.split(",")]
     except ValueError:

@@ -184,6 +184,7 @@ def test_engines_keep_the_long_stream_latents_and_score(eager_streams, tmp_path)
         (["--frames", "10"], "--windows 9/3 / --frames 10: a video of 37 frames (10 latent) does not tile"),
         (["--frames", "0"], "--frames 0: at least 1"),
         (["--per-class", "-1"], "--per-class -1: at least 0"),
+        (["--per-class", "0", "--switches", "0"], "--per-class 0 and --switches 0 leave nothing to score"),
         (["--checkpoint", "/no/such/ropesp-dir"], "--checkpoint /no/such/ropesp-dir does not exist"),
         (
             ["--prompt", "two pink squares bouncing"],
