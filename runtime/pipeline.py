@@ -14,6 +14,7 @@ import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -131,6 +132,15 @@ def with_default_model(config: RunConfig) -> RunConfig:
     return config
 
 
+def _named(message: str, name: str, given: str) -> str:
+    """A loader's message about the path `given` ("checkpoint PATH: ...") as naming the parameter the
+    caller gave it by (`--checkpoint PATH: ...`)."""
+    for spelled in (f"{name} {given}", f"{name} {Path(given)}"):
+        if message.startswith(spelled):
+            return arg(name, given) + message[len(spelled) :]
+    return f"{arg(name, given)}: {message}"
+
+
 def resolve(
     config: RunConfig, mapping: Mapping | None = None, *, default_model: bool = True
 ) -> ResolvedPipeline:
@@ -185,7 +195,9 @@ def resolve_rank(
         try:
             cfg, defaults = resolve_model(source, DEFAULT_PRESET)
         except CheckpointError as exc:
-            if model_dir is None or config.source.checkpoint:
+            if config.source.checkpoint:
+                raise CheckpointError(_named(str(exc), "checkpoint", config.source.checkpoint)) from None
+            if model_dir is None:
                 raise
             raise CheckpointError(f"{arg('model_dir', model_dir.root)} (transformer/): {exc}") from None
     lh, lw = video.latent_size

@@ -140,6 +140,8 @@ def test_errors_name_python_arguments(pipe, prompt):
         assert "--" not in str(err.value), str(err.value)
     with pytest.raises(CheckpointError, match=r"^checkpoint='/no/such/ckpt' does not exist$"):
         ropesp.Pipeline(device="cpu", checkpoint="/no/such/ckpt")
+    with pytest.raises(CheckpointError, match=r"^checkpoint='[^']*test_api.py': unknown suffix"):
+        ropesp.Pipeline(device="cpu", checkpoint=__file__)
 
 
 def test_session_rough_edges(prompt):

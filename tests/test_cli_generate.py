@@ -113,6 +113,7 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
         ),
         (["--frames", "10"], "--frames 10 must be 4*k + 1"),
         (["--checkpoint", "/nonexistent/ckpt.pt"], "--checkpoint /nonexistent/ckpt.pt does not exist"),
+        (["--checkpoint", __file__], f"--checkpoint {__file__}: unknown suffix; expected .pt"),
         (
             ["--latent-frames", "12", "--max-frames", "9"],
             "a video of 45 frames (12 latent) exceeds the KV cache of 9 latent frames: raise --max-frames to 12",
