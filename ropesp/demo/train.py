@@ -454,7 +454,8 @@ class Trainer:
     def init_from(self, checkpoint: Path, base_only: bool = False) -> None:
         """Start model and EMA from a checkpoint's weights (fresh optimizer and schedule): continues an
         exported run whose optimizer state is gone. base_only: leave the checkpoint's stream adapter out
-        (a fresh adapter, or a fine-tune of the model under it)."""
+        (a fresh adapter, or a fine-tune of the model under it). An adapter of a lower rank than the
+        recipe's grows into it (`grown`: the same function, more capacity to train)."""
         with safe_open(checkpoint / WEIGHTS_NAME, "pt", device=str(self.device)) as f:
             keys = [k for k in f.keys() if not (base_only and k.startswith("stream_adapter."))]
             sd = {k: f.get_tensor(k).float() for k in keys}
@@ -465,6 +466,10 @@ class Trainer:
                 f"--init {checkpoint} holds a stream adapter: train it on with --adapter-rank (and "
                 "--stream-prob 1), or fine-tune the model under it with --init-base-only"
             )
+        own = self.model.state_dict()
+        for key, value in sd.items():
+            if key.startswith("stream_adapter.") and key in own and grows(value, own[key]):
+                sd[key] = grown(value, own[key])
         try:
             missing, unexpected = self.model.load_state_dict(sd, strict=False)
         except RuntimeError as exc:  # shape mismatches, e.g. an adapter of another rank
@@ -769,6 +774,28 @@ def recipe_problem(cfg: TrainConfig) -> str | None:
                 bound = f"in [{low}, {high}]" if not open_low else f"in ({low}, {high}]"
             return f"{recipe_flag(field)} {value}: must be {bound}"
     return None
+
+
+def grows(saved: torch.Tensor, own: torch.Tensor) -> bool:
+    """Whether a saved LowRankDelta factor (down [r0, in] or up [out, r0]) fits a model's factor of a
+    higher rank r > r0 (own: down [r, in] or up [out, r])."""
+    if saved.dim() != 2 or saved.shape == own.shape:
+        return False
+    rank_dim = 0 if saved.shape[1] == own.shape[1] else 1
+    other = 1 - rank_dim
+    return saved.shape[other] == own.shape[other] and saved.shape[rank_dim] < own.shape[rank_dim]
+
+
+def grown(saved: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """A saved factor of rank r0 inside the model's factor of rank r: down keeps the model's fresh rows
+    past r0, up its zero columns (LowRankDelta.reset_parameters), so up @ down is the saved delta."""
+    out = own.detach().clone().float()
+    if saved.shape[1] == own.shape[1]:  # down [r0, in]
+        out[: saved.shape[0]] = saved
+    else:  # up [out, r0]
+        out.zero_()
+        out[:, : saved.shape[1]] = saved
+    return out
 
 
 def missing_state(state: Path, export: bool = False) -> list[str]:

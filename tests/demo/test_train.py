@@ -110,6 +110,28 @@ def test_an_adapter_run_trains_only_its_deltas_and_ships_them(tmp_path):
     assert (res.model.stream_rank, res.model.stream_from_frame) == (2, 9)
 
 
+def test_an_adapter_grows_into_a_higher_rank_as_the_same_function():
+    """--init of a rank-64 adapter into a rank-96 recipe: every delta up @ down as before (the new rows of
+    down drawn, the new columns of up zero), so training goes on from the same model with more rank."""
+    small, big = (_trainer(adapter_rank=r, stream_prob=1.0, adapter_from=3) for r in (64, 96))
+    for trainer in (small, big):
+        trainer.init_from(default_checkpoint())
+    pairs = list(
+        zip(
+            (m for m in small.model.modules() if isinstance(m, LowRankDelta)),
+            (m for m in big.model.modules() if isinstance(m, LowRankDelta)),
+            strict=True,
+        )
+    )
+    assert pairs and all(b.down.shape[0] == 96 and s.down.shape[0] == 64 for s, b in pairs)
+    for s, b in pairs:
+        torch.testing.assert_close(b.delta(), s.delta(), rtol=1e-5, atol=1e-6)
+        assert b.up[:, 64:].abs().max() == 0 and b.down[64:].abs().max() > 0
+    base = [k for k in small.model.state_dict() if not k.startswith("stream_adapter.")]
+    assert all(torch.equal(small.model.state_dict()[k], big.model.state_dict()[k]) for k in base)
+    assert big.ema["stream_adapter.0.ffn_0.down"].shape[0] == 96
+
+
 def test_a_state_of_another_model_is_refused_by_resume(tmp_path, capsys):
     """--resume of a state whose weights do not fit the recipe's model (another adapter rank, or none):
     one line naming the flag, nothing written."""
