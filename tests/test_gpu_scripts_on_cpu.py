@@ -266,3 +266,31 @@ def test_fp8_gemm_emulation_refuses_a_json_path_without_its_directory(tmp_path):
         timeout=120,
     )
     assert run.returncode == 2 and f"--json {out}: no such directory" in run.stderr
+
+
+def test_one_chunk_probe_counts_the_frames_of_one_chunk_from_the_worlds_context(tmp_path):
+    """scripts/demo_one_chunk_probe.py on the shipped weights: each sample's 3 supervised chunks (9
+    frames) generated from the world's context, scored where the world's frame holds; a scene the shipped
+    model holds over long streams (three squares bouncing along one axis: 0.97 over 120 frames) holds here;
+    a bad flag is one line."""
+    from ropesp.demo import default_checkpoint
+
+    probe = _script_module("demo_one_chunk_probe")
+    r = probe.probe(default_checkpoint(), "three white squares bouncing", batch=2, batches=1, seed=0)
+    assert 0 < r["scored"] <= 2 * 9 and sum(r["misses"].values()) == r["scored"]
+    assert r["held"] == r["misses"].get("held", 0) and r["held"] / r["scored"] >= 0.9, r
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "demo_one_chunk_probe.py"),
+            "--prompt",
+            "x",
+            "--json",
+            str(tmp_path / "o.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--prompt: prompt 'x'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "o.json").exists()
