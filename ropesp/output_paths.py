@@ -4,12 +4,14 @@ scoring), not when the result is ready, and a JSON report written whole or not a
     output_file_problem(path, "--json")  -> why a file cannot be written there, or None
     output_dir_problem(path, "--out")    -> why a directory cannot be made or filled there, or None
     write_report(path, report)           -> the report as JSON, through a file moved into place
+    write_together(dir, {name: writer})  -> several files that replace the old ones all or none
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -50,3 +52,20 @@ def write_report(path: str, report: dict, indent: int = 1) -> None:
         os.replace(part, target)
     finally:
         part.unlink(missing_ok=True)
+
+
+def write_together(directory: str | Path, writers: dict[str, Callable[[Path], object]]) -> None:
+    """Files written as one: each writer writes its file as NAME.part in directory, then all are renamed
+    in the dict's order (put last the file a reader checks first, e.g. an index), so a failure or an
+    interrupt while writing leaves the directory's earlier files as they were and no .part behind."""
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    parts = {name: target / f"{name}.part" for name in writers}
+    try:
+        for name, write in writers.items():
+            write(parts[name])
+        for name, part in parts.items():
+            os.replace(part, target / name)
+    finally:
+        for part in parts.values():
+            part.unlink(missing_ok=True)

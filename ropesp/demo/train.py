@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import itertools
 import json
@@ -77,7 +78,7 @@ from ropesp.demo.world import (
 )
 from ropesp.model.rope import RopeTables, rotate_pairs
 from ropesp.model.wan import CausalWanDiT, LowRankDelta, init_weights, timestep_sinusoid
-from ropesp.output_paths import output_dir_problem
+from ropesp.output_paths import output_dir_problem, write_together
 from ropesp.runtime.sampler import FlowSchedule
 from ropesp.settings import SamplerConfig
 
@@ -424,22 +425,20 @@ class Trainer:
 
     # --- state ------------------------------------------------------------------------------
     def save(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
+        """The training state in out (STATE_FILES, state_anchor with --anchor, train.json), replacing
+        an earlier one whole: a failure or an interrupt while saving leaves that one as it was."""
         sd = {k: v.detach().float().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        save_file(sd, out / "state_model.safetensors")
-        save_file({k: v.cpu().contiguous() for k, v in self.ema.items()}, out / "state_ema.safetensors")
+        ema = {k: v.cpu().contiguous() for k, v in self.ema.items()}
         names = {p: n for n, p in self.model.named_parameters()}
         m, v = {}, {}
         for p, st in self.opt.state.items():
             m[names[p]] = st["exp_avg"].float().cpu().contiguous()
             v[names[p]] = st["exp_avg_sq"].float().cpu().contiguous()
-        save_file(m, out / "state_adam_m.safetensors")
-        save_file(v, out / "state_adam_v.safetensors")
+        tensors = {"state_model": sd, "state_ema": ema, "state_adam_m": m, "state_adam_v": v}
         if self.anchor is not None:
-            anchor = {
+            tensors["state_anchor"] = {
                 n: a.cpu().contiguous() for (n, _), a in zip(self.model.named_parameters(), self.anchor)
             }
-            save_file(anchor, out / "state_anchor.safetensors")
         meta = {
             "recipe": asdict(self.cfg),
             "init": self.init_info,
@@ -449,7 +448,9 @@ class Trainer:
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__,
         }
-        (out / "train.json").write_text(json.dumps(meta, indent=1))
+        writers = {f"{k}.safetensors": functools.partial(save_file, t) for k, t in tensors.items()}
+        writers["train.json"] = lambda path: path.write_text(json.dumps(meta, indent=1))
+        write_together(out, writers)
 
     def init_from(self, checkpoint: Path, base_only: bool = False) -> None:
         """Start model and EMA from a checkpoint's weights (fresh optimizer and schedule): continues an
@@ -694,42 +695,45 @@ class Trainer:
         streamed = torch.zeros((), device=self.device)
         norms = torch.zeros(2, device=self.device)  # summed gradient norms: video batches, stream batches
         n = n_stream = 0
-        while self.step < cfg.steps:
-            elapsed = time.perf_counter() - t0
-            if elapsed >= cfg.time_limit_s:
-                break
-            loss, per_chunk, idx, stream = self.train_step(elapsed)
-            total += loss.detach()
-            norms[int(stream)] += self.grad_norm.detach()
-            n += 1
-            if stream:
-                streamed += loss.detach()
-                n_stream += 1
-            slot = torch.where(idx < 0, len(self.step_t), idx).flatten()
-            sums.index_add_(0, slot, per_chunk.flatten())
-            counts.index_add_(0, slot, torch.ones_like(per_chunk.flatten()))
-            if self.step % cfg.log_every == 0:
-                per_t = (sums / counts.clamp_min(1)).tolist()
-                row = {
-                    "step": self.step,
-                    "seconds": round(self.elapsed_before + time.perf_counter() - t0, 1),
-                    "loss": round(float(total) / n, 5),
-                    "loss_per_step_t": [round(x, 5) for x in per_t[:-1]],
-                    "lr": self.lr_at(elapsed),
-                }
-                if n > n_stream:
-                    row["grad_norm"] = round(float(norms[0]) / (n - n_stream), 4)
-                if n_stream:
-                    row["loss_stream"] = round(float(streamed) / n_stream, 5)
-                    row["grad_norm_stream"] = round(float(norms[1]) / n_stream, 4)
-                self.curve.append(row)
-                print(json.dumps(row), flush=True)
-                sums.zero_()
-                counts.zero_()
-                total.zero_()
-                streamed.zero_()
-                norms.zero_()
-                n = n_stream = 0
+        try:
+            while self.step < cfg.steps:
+                elapsed = time.perf_counter() - t0
+                if elapsed >= cfg.time_limit_s:
+                    break
+                loss, per_chunk, idx, stream = self.train_step(elapsed)
+                total += loss.detach()
+                norms[int(stream)] += self.grad_norm.detach()
+                n += 1
+                if stream:
+                    streamed += loss.detach()
+                    n_stream += 1
+                slot = torch.where(idx < 0, len(self.step_t), idx).flatten()
+                sums.index_add_(0, slot, per_chunk.flatten())
+                counts.index_add_(0, slot, torch.ones_like(per_chunk.flatten()))
+                if self.step % cfg.log_every == 0:
+                    per_t = (sums / counts.clamp_min(1)).tolist()
+                    row = {
+                        "step": self.step,
+                        "seconds": round(self.elapsed_before + time.perf_counter() - t0, 1),
+                        "loss": round(float(total) / n, 5),
+                        "loss_per_step_t": [round(x, 5) for x in per_t[:-1]],
+                        "lr": self.lr_at(elapsed),
+                    }
+                    if n > n_stream:
+                        row["grad_norm"] = round(float(norms[0]) / (n - n_stream), 4)
+                    if n_stream:
+                        row["loss_stream"] = round(float(streamed) / n_stream, 5)
+                        row["grad_norm_stream"] = round(float(norms[1]) / n_stream, 4)
+                    self.curve.append(row)
+                    print(json.dumps(row), flush=True)
+                    sums.zero_()
+                    counts.zero_()
+                    total.zero_()
+                    streamed.zero_()
+                    norms.zero_()
+                    n = n_stream = 0
+        except KeyboardInterrupt:  # Ctrl-C ends the run as its time limit would: saved, resumable
+            print(f"interrupted: saving step {self.step}", flush=True)
         self.elapsed_before += time.perf_counter() - t0
         self.save(out)
 
@@ -812,12 +816,16 @@ def export_weights(state: Path, out: Path, dtype: torch.dtype = torch.float16) -
     meta = json.loads((state / "train.json").read_text())
     cfg = model_config(TrainConfig(**meta["recipe"]))
     ema = load_file(state / "state_ema.safetensors")
-    out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.to(dtype).contiguous() for k, v in sorted(ema.items())}
     info = {"format": "pt", "step": str(meta["step"]), "train_seconds": f"{meta['train_seconds']:.0f}"}
-    save_file(sd, out / WEIGHTS_NAME, metadata=info)
     config = {"_class_name": "WanModel", "model_type": "t2v", **cfg.to_dict()}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_together(
+        out,
+        {
+            WEIGHTS_NAME: lambda path: save_file(sd, path, metadata=info),
+            "config.json": lambda path: path.write_text(json.dumps(config, indent=2) + "\n"),
+        },
+    )
     return out
 
 
@@ -902,7 +910,10 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--export needs --resume STATE_DIR")
         if why := output_dir_problem(args.export, "--export"):
             p.error(why)
-        print(f"wrote {export_weights(Path(args.resume), Path(args.export))}")
+        try:
+            print(f"wrote {export_weights(Path(args.resume), Path(args.export))}")
+        except OSError as exc:
+            p.exit(1, f"{p.prog}: error: --export {args.export}: the weights could not be written ({exc})\n")
         return
     if not args.out:
         p.error("--out is required for training")
@@ -946,7 +957,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"--anchor: {args.resume} holds no --init weights to pull toward (its run had no --anchor)"
             )
         print(f"resumed at step {trainer.step}", flush=True)
-    trainer.run(Path(args.out))
+    try:
+        trainer.run(Path(args.out))
+    except OSError as exc:
+        p.exit(1, f"{p.prog}: error: --out {args.out}: the training state could not be saved ({exc}); "
+               "the state there before is unchanged\n")  # fmt: skip
+    except KeyboardInterrupt:
+        p.exit(130, f"{p.prog}: interrupted while saving; --out {args.out} keeps the state before\n")
     print(f"saved step {trainer.step} to {args.out} ({trainer.elapsed_before:.0f} s of training)", flush=True)
 
 

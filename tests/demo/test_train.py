@@ -353,3 +353,41 @@ def test_forgetting_probe_script(tmp_path):
     ):
         bad = subprocess.run([*run, *args], capture_output=True, text=True)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, args
+
+
+def test_ctrl_c_saves_the_run_and_a_failed_save_keeps_the_state_before(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during training ends the run as its time limit would (saved, resumable); a save that fails
+    midway (a full disk) leaves the earlier state whole, and the CLI says so in one line, exit 1."""
+    import ropesp.demo.train as train
+
+    trainer = _trainer(steps=5)
+    step = trainer.train_step
+    calls = []
+
+    def interrupted(elapsed):
+        calls.append(elapsed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step(elapsed)
+
+    trainer.train_step = interrupted
+    trainer.run(tmp_path / "s")
+    assert "interrupted: saving step 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s" / "train.json").read_text())["step"] == 1
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+
+    real_save = train.save_file
+
+    def disk_full(tensors, path, *args, **kwargs):
+        if "adam" in str(path):
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_file", disk_full)
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "s"), "--resume", str(tmp_path / "s"), "--device", "cpu", "--batch", "2",
+              "--steps", "2", "--warmup", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert f"--out {tmp_path / 's'}: the training state could not be saved" in err and "No space left" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
