@@ -22,7 +22,7 @@ import torch
 
 from ropesp.demo import default_checkpoint
 from ropesp.demo.long_stream import frame_counts
-from ropesp.demo.prompts import PromptError, describe, parse
+from ropesp.demo.prompts import describe, parse, prompts_problem
 from ropesp.demo.train import TrainConfig, Trainer
 from ropesp.output_paths import output_file_problem
 
@@ -89,11 +89,8 @@ def main() -> None:
     for flag, value in (("--batch", args.batch), ("--batches", args.batches)):
         if value < 1:
             p.error(f"{flag} {value}: at least 1")
-    for prompt in args.prompt:
-        try:
-            parse(prompt)
-        except PromptError as exc:
-            p.error(f"--prompt: {exc}")
+    if why := prompts_problem(args.prompt):
+        p.error(why)
     if args.json and (why := output_file_problem(args.json)):
         p.error(why)
     try:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ropesp.demo.prompts import DemoTextEncoder, PromptError, describe, parse
+from ropesp.demo.prompts import DemoTextEncoder, describe, parse, prompts_problem
 from ropesp.demo.score import (
     EDGE,
     JUNK,
@@ -471,11 +471,8 @@ def main(argv: list[str] | None = None) -> None:
             seeds = [check_seed(text) for text in (args.seeds or "2000").split(",")]
         except ConfigError:
             p.error(f"--seeds {args.seeds}: whole numbers in 0..2^63-1, comma-separated, e.g. 2104,7")
-        for prompt in args.prompt:
-            try:
-                parse(prompt)
-            except PromptError as exc:
-                p.error(f"--prompt: {exc}")
+        if why := prompts_problem(args.prompt):
+            p.error(why)
         pairs = [(prompt, seed) for prompt in args.prompt for seed in seeds]
     if args.json and (problem := output_file_problem(args.json)):
         p.error(problem)

@@ -18,7 +18,7 @@ import re
 import torch
 
 from ropesp.demo.world import COLOURS, DIRECTIONS, SHAPES, SIDES, SceneSpec
-from ropesp.errors import ConfigError
+from ropesp.errors import ConfigError, arg
 
 COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 PLURALS = {f"{shape}s": shape for shape in SHAPES}
@@ -98,6 +98,16 @@ def parse(prompt: str) -> SceneSpec:
             side_direction = {"left": "right", "right": "left", "up": "down", "down": "up"}[side_direction]
         direction = side_direction
     return SceneSpec(count, colour, shape, motion, direction)
+
+
+def prompts_problem(prompts: list[str]) -> str | None:
+    """The first of prompts outside the demo grammar, as one line naming --prompt (None: all parse)."""
+    for prompt in prompts:
+        try:
+            parse(prompt)
+        except PromptError as exc:
+            return f"{arg('prompt')}: {exc}"
+    return None
 
 
 def describe(spec: SceneSpec) -> str:
