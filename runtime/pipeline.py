@@ -136,8 +136,9 @@ def _named(message: str, name: str, given: str) -> str:
     """A loader's message about the path `given` ("checkpoint PATH: ...") as naming the parameter the
     caller gave it by (`--checkpoint PATH: ...`)."""
     for spelled in (f"{name} {given}", f"{name} {Path(given)}"):
-        if message.startswith(spelled):
-            return arg(name, given) + message[len(spelled) :]
+        rest = message[len(spelled) :]
+        if message.startswith(spelled) and rest[:1] in ("", ":", " "):  # that path, not a longer one
+            return arg(name, given) + rest
     return f"{arg(name, given)}: {message}"
 
 

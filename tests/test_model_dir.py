@@ -108,3 +108,27 @@ def test_model_dir_bad_paths(tmp_path):
         resolve_model_dir(tmp_path)
     with pytest.raises(CheckpointError, match=r"--checkpoint .*missing\.pt does not exist"):
         resolve_model_dir(tmp_path, tmp_path / "missing.pt")
+
+
+def test_a_loaders_message_names_the_checkpoint_as_the_caller_gave_it():
+    """resolve's rewording of the checkpoint loader's messages: the path given becomes the flag (or the
+    Python argument); a message about another path (the file found in a directory, a longer name that
+    begins with the same letters) keeps it, after the flag."""
+    from ropesp.errors import python_names
+    from ropesp.runtime.pipeline import _named
+
+    assert (
+        _named("checkpoint /x/w: unknown suffix", "checkpoint", "/x/w") == "--checkpoint /x/w: unknown suffix"
+    )
+    assert (
+        _named("checkpoint /x/w does not exist", "checkpoint", "/x/w/") == "--checkpoint /x/w/ does not exist"
+    )
+    assert (
+        _named("checkpoint /x/weights.pt has no state dict", "checkpoint", "/x/w")
+        == "--checkpoint /x/w: checkpoint /x/weights.pt has no state dict"
+    )
+    with python_names():
+        assert (
+            _named("checkpoint /x/w: unknown suffix", "checkpoint", "/x/w")
+            == "checkpoint='/x/w': unknown suffix"
+        )
