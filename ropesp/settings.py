@@ -398,6 +398,8 @@ class SamplerConfig(Section):
             raise ConfigError(f"{arg('steps', ','.join(map(str, steps)))}: steps must be strictly descending")
         if self.shift <= 0:
             raise ConfigError(f"{arg('shift', self.shift)} must be > 0")
+        if self.context_noise > 1000:  # a timestep of the 1000-step training schedule, as --steps are
+            raise ConfigError(f"{arg('context_noise', self.context_noise)} must be a timestep in 0..1000")
 
     def chunk_sizes(self, latent_frames: int) -> list[int]:
         """Frames per chunk for a video of latent_frames; refuses lengths that do not tile, naming the

@@ -104,6 +104,7 @@ def test_prompt_embeds_files(tmp_path, tiny_cfg):
     [
         (["--steps", "1000,1200"], "--steps 1000,1200: every step must be in 1..1000"),
         (["--steps", "750,1000"], "--steps 750,1000: steps must be strictly descending"),
+        (["--context-noise", "1500"], "--context-noise 1500.0 must be a timestep in 0..1000"),
         (["--steps", "a,b"], "comma-separated integers"),
         (["--latent-height", "15"], "--latent-height 15 must be a positive multiple of the patch size 2"),
         (["--height", "120", "--width", "128"], "--height 120 must be a positive multiple of 16"),
