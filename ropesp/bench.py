@@ -47,14 +47,16 @@ import torch
 import torch.distributed as dist
 
 from ropesp.decode import video_frames_for
-from ropesp.decode.factory import WarmUp, check_wan_vae_options, make_decoder
-from ropesp.errors import ConfigError
+from ropesp.decode.factory import RANDOM_VAE, WarmUp, check_wan_vae_options, make_decoder
+from ropesp.errors import CheckpointError, ConfigError
 from ropesp.output_paths import write_report
 from ropesp.runtime.dist import Mapping, device_for, parse_device
 from ropesp.runtime.pipeline import (
     ResolvedPipeline,
     build_executor,
     check_taehv,
+    check_vae,
+    decoder_error,
     make_state,
     resolve,
     resolved_model,
@@ -253,19 +255,22 @@ def measure(
         decoder_device = decoder_device or device
         g = session.geometry  # a compiled decoder compiles here, off the clocks
         warm = WarmUp(g.latent_height, g.latent_width, session.chunk_sizes[0])
-        session.decoder = (
-            make_decoder(
-                bench.vae,
-                decoder_device,
-                compile=bench.vae_compile,
-                warm_up=warm,
-                fast=bench.vae_fast,
-                cudnn=bench.vae_cudnn,
-                taehv=bench.taehv,
+        try:
+            session.decoder = (
+                make_decoder(
+                    bench.vae,
+                    decoder_device,
+                    compile=bench.vae_compile,
+                    warm_up=warm,
+                    fast=bench.vae_fast,
+                    cudnn=bench.vae_cudnn,
+                    taehv=bench.taehv,
+                )
+                if decodes
+                else None
             )
-            if decodes
-            else None
-        )
+        except CheckpointError as exc:
+            raise decoder_error(exc, vae=bench.vae, taehv=bench.taehv) from None
         # serial, then decode of chunk c beside the DiT of chunk c+1 (runtime/session.py): rank 0's DiT,
         # collectives included, runs on a producer thread while it decodes; the other ranks have no
         # decoder and follow in lock-step. Each mode warmed up like the DiT (decoder compilation,
@@ -592,8 +597,10 @@ def run(
     from ropesp.runtime.ranks import RankGroup, under_launcher
 
     res, mapping = resolved or resolve_rank(bench.run, default_model=False)
-    if bench.taehv:
-        check_taehv(bench.taehv, res.model.out_dim)  # before any rank starts
+    if bench.taehv:  # the decoders' weights before any rank starts
+        check_taehv(bench.taehv, res.model.out_dim)
+    if bench.vae and bench.vae != RANDOM_VAE:
+        check_vae(bench.vae)
     if res.world_size == 1 and "paper-sp" in bench.configs:
         # one rank: the paper's SP baseline degenerates to the reference configuration
         bench = dataclasses.replace(bench, configs=tuple(c for c in bench.configs if c != "paper-sp"))

@@ -132,10 +132,11 @@ def with_default_model(config: RunConfig) -> RunConfig:
     return config
 
 
-def _named(message: str, name: str, given: str) -> str:
-    """A loader's message about the path `given` ("checkpoint PATH: ...") as naming the parameter the
-    caller gave it by (`--checkpoint PATH: ...`)."""
-    for spelled in (f"{name} {given}", f"{name} {Path(given)}"):
+def _named(message: str, name: str, given: str, subject: str | None = None) -> str:
+    """A loader's message about the path `given` ("checkpoint PATH: ...", or `subject` PATH where the
+    loader calls it otherwise) as naming the parameter the caller gave it by (`--checkpoint PATH: ...`)."""
+    subject = subject or name
+    for spelled in (f"{subject} {given}", f"{subject} {Path(given)}"):
         rest = message[len(spelled) :]
         if message.startswith(spelled) and rest[:1] in ("", ":", " "):  # that path, not a longer one
             return arg(name, given) + rest
@@ -297,10 +298,8 @@ def _decoder(config: RunConfig, model_dir, latent_channels: int) -> tuple[str, s
             f"{arg('decoder', 'vae')} needs a Wan VAE: pass {arg('vae')} (a diffusers vae/ directory or "
             f"Wan2.1_VAE.pth) or {arg('model_dir')}, or use {arg('decoder', 'preview')}"
         )
-    if settings.vae and not os.path.exists(settings.vae):
-        raise ConfigError(
-            f"{arg('vae', settings.vae)} does not exist (a diffusers vae/ directory or Wan2.1_VAE.pth)"
-        )
+    if settings.vae:
+        check_vae(settings.vae)
     given = [n for n in ("vae_compile", "vae_fast", "vae_cudnn", "decode_device") if getattr(settings, n)]
     if decoder != "vae" and given:
         name = given[0]
@@ -316,6 +315,25 @@ def _decoder(config: RunConfig, model_dir, latent_channels: int) -> tuple[str, s
         if settings.vae_cudnn:
             require("cudnn", arg("vae_cudnn"))
     return decoder, (vae if decoder == "vae" else None)
+
+
+def check_vae(vae: str) -> None:
+    """The Wan VAE's checkpoint exists, before any rank starts."""
+    if not os.path.exists(vae):
+        raise ConfigError(f"{arg('vae', vae)} does not exist (a diffusers vae/ directory or Wan2.1_VAE.pth)")
+
+
+def decoder_error(
+    exc: CheckpointError, *, vae: str | None, taehv: str | None, model_dir=None
+) -> CheckpointError:
+    """make_decoder's CheckpointError as naming the parameter its weights came by: --taehv, --vae or, for
+    the VAE of a model directory, --model-dir."""
+    if taehv is not None:
+        return CheckpointError(_named(str(exc), "taehv", taehv, "TAEHV checkpoint"))
+    if vae is not None:
+        subject = "VAE directory" if str(exc).startswith("VAE directory ") else "VAE checkpoint"
+        return CheckpointError(_named(str(exc), "vae", vae, subject))
+    return CheckpointError(f"{arg('model_dir', model_dir)}: {exc}")
 
 
 def check_taehv(taehv: str, latent_channels: int) -> None:
@@ -399,11 +417,8 @@ def stream_decoder(res: ResolvedPipeline, device: torch.device, *, decode: bool 
             taehv=res.taehv,
         )
     except CheckpointError as exc:
-        if res.taehv is not None:
-            source = arg("taehv", res.taehv)
-        else:
-            source = arg("vae", res.vae) if settings.vae else arg("model_dir", res.config.source.model_dir)
-        raise CheckpointError(f"{source}: {exc}") from None
+        vae = res.vae if settings.vae else None
+        raise decoder_error(exc, vae=vae, taehv=res.taehv, model_dir=res.config.source.model_dir) from None
 
 
 def load_model(

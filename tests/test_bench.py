@@ -204,6 +204,25 @@ def test_bench_times_the_tiny_decoder(tmp_path, capsys):
     assert f"--taehv {tmp_path / 'nope.pth'} does not exist" in capsys.readouterr().err
 
 
+def test_bench_names_the_wan_vae_it_cannot_read(tmp_path, capsys):
+    """--vae: a missing path refused before any rank starts, an unreadable file named by its flag (as
+    generate names it), one line each."""
+    args = ["bench", "--latent-frames", "3", "--latent-height", "4", "--latent-width", "4", "--repeat", "1"]
+    assert main([*args, "--vae", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.strip()
+        == f"ropesp: error: --vae {tmp_path / 'nope'} does not exist (a diffusers vae/ directory or Wan2.1_VAE.pth)"
+    )
+    (tmp_path / "bad.pth").write_bytes(b"nope")
+    assert main([*args, "--configs", "optimized", "--warmup", "0", "--vae", str(tmp_path / "bad.pth")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"ropesp: error: --vae {tmp_path / 'bad.pth'} could not be read")
+        and "Traceback" not in err
+    )
+
+
 def test_bench_alone_times_rank0_by_itself(tmp_path, capsys):
     js = tmp_path / "b.json"
     args = ["bench", "--latent-frames", "6", "--latent-height", "8", "--latent-width", "8", "--no-decode"]
