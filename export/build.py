@@ -24,6 +24,7 @@ import torch
 from ropesp import dtypes
 from ropesp import manifest as mf
 from ropesp.config import CacheConfig, VideoGeometry
+from ropesp.demo import with_default_weights
 from ropesp.errors import ConfigError, EngineError, arg
 from ropesp.export.segments import SEGMENTS, make_segments
 from ropesp.limits import check_rank_count
@@ -54,7 +55,8 @@ class BuildConfig:
     backend: str
     """onnx | tensorrt | aoti."""
     source: ModelSource = dataclasses.field(default_factory=ModelSource)
-    """A checkpoint (optionally with its model config) or a preset; None of them: refused."""
+    """A checkpoint (optionally with its model config) or a preset; none of them: the shipped demo weights
+    (refused where they are not installed)."""
     video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
     """Default latent size (else the preset's) and cache: the video's length (frames / max_frames) is the
     default video length and KV cache capacity (else the preset's), the rolling window the runtime's
@@ -104,6 +106,9 @@ class BuildConfig:
             raise ConfigError(
                 "`ropesp build` writes engines: give --checkpoint PATH or --preset NAME, not --engines"
             )
+        if not source.named:
+            source = with_default_weights(source)
+            object.__setattr__(self, "source", source)
         if source.checkpoint is None and source.preset is None and source.model_config is None:
             raise ConfigError(
                 f"give {arg('checkpoint')} PATH (optionally {arg('model_config')}) or {arg('preset')} NAME"

@@ -123,13 +123,10 @@ def check_precision(
 
 def with_default_model(config: RunConfig) -> RunConfig:
     """The embedded demo model where the settings name no model (ropesp.demo ships its weights)."""
-    if config.source.named:
-        return config
-    from ropesp.demo import default_checkpoint, has_default_weights
+    from ropesp.demo import with_default_weights
 
-    if has_default_weights():
-        return config.replace(checkpoint=str(default_checkpoint()))
-    return config
+    source = with_default_weights(config.source)
+    return config if source is config.source else config.replace(checkpoint=source.checkpoint)
 
 
 def _named(message: str, name: str, given: str, subject: str | None = None) -> str:

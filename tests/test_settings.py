@@ -14,6 +14,7 @@ import torch
 from ropesp.cli import build_parser
 from ropesp.cli.flags import add_flags, config_from_args
 from ropesp.config import CacheConfig, preset
+from ropesp.demo import default_checkpoint
 from ropesp.errors import ConfigError, python_names
 from ropesp.export.build import BuildConfig
 from ropesp.model.checkpoint import resolve_model, save_checkpoint
@@ -168,7 +169,16 @@ def test_build_config_takes_the_shared_sections(tmp_path):
         BuildConfig.of(str(tmp_path), "onnx", preset="tiny", world_size=0)
     with pytest.raises(ConfigError, match="`ropesp build` does not take --precision"):
         BuildConfig.of(str(tmp_path), "onnx", preset="tiny", precision="fp8")
-    with pytest.raises(ConfigError, match="give --checkpoint PATH"):
+    assert BuildConfig.of(str(tmp_path), "onnx").source == ModelSource(checkpoint=str(default_checkpoint()))
+
+
+def test_a_build_of_no_model_refused_where_the_demo_weights_are_missing(tmp_path, monkeypatch):
+    import ropesp.demo
+
+    monkeypatch.setattr(ropesp.demo, "has_default_weights", lambda: False)
+    with pytest.raises(
+        ConfigError, match=r"^give --checkpoint PATH \(optionally --model-config\) or --preset NAME$"
+    ):
         BuildConfig.of(str(tmp_path), "onnx")
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from ropesp.cli.flags import add_flags, given
-from ropesp.settings import BUILD_BACKENDS, BUILD_SECTIONS, SECTIONS
+from ropesp.settings import BUILD_BACKENDS, BUILD_SECTIONS, SECTIONS, ModelSource
 
 
 def add_parser(sub) -> None:
@@ -58,6 +60,10 @@ def run(args) -> None:
     settings = {}
     for cls in SECTIONS.values():
         settings.update(given(args, cls))
-    build(
-        BuildConfig.of(args.out, args.backend, autotune=args.autotune, overwrite=args.overwrite, **settings)
-    )
+    cfg = BuildConfig.of(args.out, args.backend, autotune=args.autotune, overwrite=args.overwrite, **settings)
+    if not any(settings.get(n) for n in ModelSource.names()):  # BuildConfig chose the shipped weights
+        print(
+            f"ropesp: no --checkpoint given: building the embedded demo model ({cfg.source.checkpoint})",
+            file=sys.stderr,
+        )
+    build(cfg)

@@ -9,10 +9,12 @@ discs, its prompt encoder and its quality metric.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ropesp.config import ModelConfig, demo
 from ropesp.demo.prompts import DemoTextEncoder, PromptError, parse
+from ropesp.settings import ModelSource
 
 DEFAULT_PROMPT = "a red square moving right"
 """What the demo model generates when no prompt is given."""
@@ -37,6 +39,7 @@ __all__ = [
     "is_demo_model",
     "own_text_encoder",
     "parse",
+    "with_default_weights",
 ]
 
 
@@ -50,6 +53,14 @@ def has_default_weights() -> bool:
     """Whether the package ships the trained demo weights (a source tree before training has none; then
     `ropesp generate` falls back to the random-weight default preset)."""
     return (default_checkpoint() / WEIGHTS_FILE).is_file()
+
+
+def with_default_weights(source: ModelSource) -> ModelSource:
+    """source, or the shipped demo weights where it names no model and they are installed (what
+    `ropesp generate`, `ropesp build` and `ropesp.Pipeline()` run without a model named)."""
+    if source.named or not has_default_weights():
+        return source
+    return dataclasses.replace(source, checkpoint=str(default_checkpoint()))
 
 
 def is_demo_model(cfg: ModelConfig) -> bool:
