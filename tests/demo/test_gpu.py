@@ -135,9 +135,9 @@ def fp32_long_score() -> float:
 def test_gpu_paths_keep_the_long_stream_score(fp32_long_score, overrides):
     """Over the long-stream score's streams (_long_score), where every chunk from the model's
     stream_from_frame on runs the stream adapter's blocks (merged, compiled, quantized with the rest), each
-    path's score within the tolerance of fp32 eager's long-stream score on the same GPU (the adapter from
-    frame 9: fp32 0.932, compile 0.930, FP8 GEMMs 0.909, FP8 GEMMs + attention 0.911 on an H100,
-    bench/RESULTS.md twenty-fourth session)."""
+    path's score within the tolerance of fp32 eager's long-stream score on the same GPU (the shipped
+    weights on an H100: fp32 0.958, compile 0.946, FP8 GEMMs 0.938, FP8 GEMMs + attention 0.932;
+    bench/RESULTS.md twenty-seventh and twenty-ninth sessions)."""
     from ropesp.plugins import attention_8bit, fp8
 
     if overrides.get("precision") == "fp8" and (why := fp8.fp8_unsupported_reason("cuda")):
