@@ -106,9 +106,8 @@ class BuildConfig:
             raise ConfigError(
                 "`ropesp build` writes engines: give --checkpoint PATH or --preset NAME, not --engines"
             )
-        if not source.named:
-            source = with_default_weights(source)
-            object.__setattr__(self, "source", source)
+        source = with_default_weights(source)
+        object.__setattr__(self, "source", source)
         if source.checkpoint is None and source.preset is None and source.model_config is None:
             raise ConfigError(
                 f"give {arg('checkpoint')} PATH (optionally {arg('model_config')}) or {arg('preset')} NAME"

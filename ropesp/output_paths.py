@@ -45,13 +45,9 @@ def _unwritable(directory: Path) -> str | None:
 def write_report(path: str, report: dict, indent: int = 1) -> None:
     """report as JSON at path, through a file beside it: a reader never finds half a report."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    try:
-        part.write_text(json.dumps(report, indent=indent))
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
+    write_together(
+        target.parent, {target.name: lambda part: part.write_text(json.dumps(report, indent=indent))}
+    )
 
 
 def write_together(directory: str | Path, writers: dict[str, Callable[[Path], object]]) -> None:
