@@ -122,7 +122,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     t = n // layout.slots
     qs, ks, vs = (x.view(b, layout.slots, t, h, d) for x in (q, k, v))  # [B, slots, T, H, D]
     out = torch.empty_like(qs)
-    for slots, seen in _groups(layout, q.device):
+    for slots, seen in _uncached_when_compiling(_groups)(layout, q.device):
         g, m = seen.shape
         qg = qs[:, slots].reshape(b * g, t, h, d)
         kg = ks[:, seen].reshape(b * g, m * t, h, d)  # [B, G, m, T, H, D] -> [B*G, m*T, H, D]
@@ -132,6 +132,12 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         )  # [B*G, H, T, D]
         out[:, slots] = o.transpose(1, 2).reshape(b, g, t, h, d)
     return out.view(b, n, h, d)
+
+
+def _uncached_when_compiling(fn):
+    """A functools.cache'd helper, or under torch.compile the function it wraps (Dynamo traces through
+    the cache and warns; the graph holds the result as constants either way)."""
+    return fn.__wrapped__ if torch.compiler.is_compiling() else fn
 
 
 @functools.cache
@@ -187,7 +193,7 @@ def segment_flow(
     if switch is not None:
         other, first = switch
         cross_b = model.cross_kv(other)
-        parts, inverse = _switch_parts(layout, first, chunk * ft, clean.device)
+        parts, inverse = _uncached_when_compiling(_switch_parts)(layout, first, chunk * ft, clean.device)
     on = None if gates is None else gates.on_tokens(slot_chunks, chunk, chunk * ft)  # [B, L]
     for i, block in enumerate(model.blocks):
         if gates is not None:

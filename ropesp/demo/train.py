@@ -172,6 +172,13 @@ class TrainConfig:
     """Steps between two log lines."""
 
 
+def compiled_flow():
+    """segment_flow through torch.compile: one graph per batch layout (window, sink, far, switch slot),
+    so the recompile limit is raised to hold a stream recipe's few dozen."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(segment_flow, dynamic=False)
+
+
 def model_config(recipe: TrainConfig) -> ModelConfig:
     """The architecture a recipe trains: its preset's, with the stream adapter it asks for."""
     cfg = preset(recipe.preset)[0]
@@ -301,7 +308,9 @@ def teacher_forcing_flow(
 class Trainer:
     """Model, EMA, optimizer and the world's data on one device."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, device: torch.device, compiled: bool = False) -> None:
+        """compiled: the training forward through torch.compile (the same function, fused: one graph
+        per batch layout; see `compiled_flow`)."""
         self.cfg, self.device = cfg, device
         if why := recipe_problem(cfg):
             raise ValueError(why)
@@ -407,6 +416,8 @@ class Trainer:
         if self.horizon_chunks < need:
             raise ValueError(f"--horizon {cfg.horizon}: at least {need * self.chunk} latent frames")
         self.layouts: dict[tuple, Layout] = {}
+        self.flow = compiled_flow() if compiled else segment_flow
+        """The training forward (segments.segment_flow, or its compiled form)."""
 
     def layout(self, window: int | None, sink: bool, far: bool, warm: int, supervised: int) -> Layout:
         """The (cached) segments.stream_layout of a sample."""
@@ -641,7 +652,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         with self.autocast():
-            flow = segment_flow(
+            flow = self.flow(
                 self.model,
                 batch.clean,
                 batch.noisy,
@@ -671,8 +682,8 @@ class Trainer:
         self.step += 1
         decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for k, v in self.model.state_dict().items():
-                self.ema[k].lerp_(v.float(), 1 - decay)
+            sd = self.model.state_dict()
+            torch._foreach_lerp_([self.ema[k] for k in sd], [v.float() for v in sd.values()], 1 - decay)
         per_chunk = err.view(err.shape[0], -1, self.chunk).mean(dim=2)  # [B, n]
         return loss, per_chunk.detach(), batch.idx, stream
 
@@ -859,6 +870,11 @@ def main(argv: list[str] | None = None) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda or cpu (default: cuda if any)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the training forward through torch.compile (same function; a graph per batch layout)",
+    )
     docs = field_docs(TrainConfig)
     for f in (
         "batch",
@@ -931,7 +947,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        trainer = Trainer(cfg, device)
+        trainer = Trainer(cfg, device, compiled=args.compile)
     except ValueError as exc:
         p.error(str(exc))
     if args.resume and args.init:
