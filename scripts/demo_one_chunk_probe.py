@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 
 from ropesp.demo import default_checkpoint
-from ropesp.demo.long_stream import frame_counts
+from ropesp.demo.long_stream import frame_counts, object_area
 from ropesp.demo.prompts import describe, parse, prompts_problem
+from ropesp.demo.score import EDGE, MIN_AREA, components, keyframes, label_pixels
 from ropesp.demo.train import TrainConfig, Trainer
+from ropesp.demo.world import COLOURS, SHAPES
 from ropesp.output_paths import output_file_problem
 
 
@@ -58,19 +60,58 @@ def probe(checkpoint: Path, prompt: str, batch: int, batches: int, seed: int) ->
     index = [describe(s) for s in trainer.specs].index(describe(spec))
     trainer.stream_spec_p = torch.nn.functional.one_hot(torch.tensor(index), len(trainer.specs)).float()
     held, scored, misses = 0, 0, Counter()
+    where: dict[str, Counter] = {}
     for _ in range(batches):
         sample = trainer.stream_batch()
         made, world = sample.clean[:, -sample.x0.shape[1] :], sample.x0  # [B, F, 16, h, w] each
         for i in range(made.shape[0]):
             truth = frame_counts(world[i : i + 1], spec.colour, spec.shape)
             ours = frame_counts(made[i : i + 1], spec.colour, spec.shape)
-            for w, g in zip(truth, ours, strict=True):
+            places = world_places(world[i : i + 1], spec.colour)
+            for w, g, place in zip(truth, ours, places, strict=True):
                 if w.holds(spec.count):
                     scored += 1
                     why = g.miss(spec.count)
                     held += why is None
                     misses[why or "held"] += 1
-    return {"prompt": prompt, "held": held, "scored": scored, "misses": dict(misses)}
+                    where.setdefault(place, Counter())[why or "held"] += 1
+    return {
+        "prompt": prompt,
+        "held": held,
+        "scored": scored,
+        "misses": dict(misses),
+        "where": {k: dict(v) for k, v in sorted(where.items())},
+    }
+
+
+def world_places(latents: torch.Tensor, colour: str) -> list[str]:
+    """Per keyframe of the world's latents [1, F, 16, h, w], where its objects of `colour` are: "touching"
+    (two or more in one component), else "border" (one within BORDER_PX of the frame's edge), else "free"."""
+    frames = keyframes(latents)
+    labels, _ = label_pixels(frames)
+    target = list(COLOURS).index(colour) + 1
+    h, w = labels.shape[1:]
+    one = min(object_area(shape, h, w) for shape in SHAPES)
+    out = []
+    for lab in labels:
+        comps = [c for c in components((lab == target) | (lab == EDGE)) if len(c) >= MIN_AREA]
+        if any(len(c) > 1.5 * one for c in comps):
+            out.append("touching")
+        elif any(
+            int(c[:, 0].min()) < BORDER_PX
+            or int(c[:, 1].min()) < BORDER_PX
+            or int(c[:, 0].max()) >= h - BORDER_PX
+            or int(c[:, 1].max()) >= w - BORDER_PX
+            for c in comps
+        ):
+            out.append("border")
+        else:
+            out.append("free")
+    return out
+
+
+BORDER_PX = 2
+"""An object this close (latent pixels) to the frame's edge counts as at the border (where it bounces)."""
 
 
 def main() -> None:
@@ -105,6 +146,9 @@ def main() -> None:
         print(
             f"{prompt}: {r['held'] / r['scored']:.3f} of {r['scored']} frames held {r['misses']}", flush=True
         )
+        for place, counts in r["where"].items():
+            n = sum(counts.values())
+            print(f"  {place}: {counts.get('held', 0) / n:.3f} of {n} {counts}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "results": results}, indent=1))
 

@@ -270,7 +270,8 @@ def test_fp8_gemm_emulation_refuses_a_json_path_without_its_directory(tmp_path):
 
 def test_one_chunk_probe_counts_the_frames_of_one_chunk_from_the_worlds_context(tmp_path):
     """scripts/demo_one_chunk_probe.py on the shipped weights: each sample's 3 supervised chunks (9
-    frames) generated from the world's context, scored where the world's frame holds; a scene the shipped
+    frames) generated from the world's context, scored where the world's frame holds (and split by where the
+    world's objects are: touching, at a border, free); a scene the shipped
     model holds over long streams (three squares bouncing along one axis: 0.97 over 120 frames) holds here;
     a bad flag is one line."""
     from ropesp.demo import default_checkpoint
@@ -279,6 +280,10 @@ def test_one_chunk_probe_counts_the_frames_of_one_chunk_from_the_worlds_context(
     r = probe.probe(default_checkpoint(), "three white squares bouncing", batch=2, batches=1, seed=0)
     assert 0 < r["scored"] <= 2 * 9 and sum(r["misses"].values()) == r["scored"]
     assert r["held"] == r["misses"].get("held", 0) and r["held"] / r["scored"] >= 0.9, r
+    # every scored frame placed once: its misses split by where the world's objects are
+    assert set(r["where"]) <= {"free", "border", "touching"}
+    assert sum(sum(c.values()) for c in r["where"].values()) == r["scored"]
+    assert sum(c.get("held", 0) for c in r["where"].values()) == r["held"]
     bad = subprocess.run(
         [
             sys.executable,
