@@ -233,6 +233,26 @@ def preset_of(cfg: ModelConfig) -> str | None:
     return next((name for name, (make, _) in PRESETS.items() if make() == base), None)
 
 
+def in_demo_family(cfg: ModelConfig) -> bool:
+    """Whether cfg is the demo model at any width or depth: its prompt input (the demo encoder's
+    text_len x text_dim), patches, position grid and head width, as `python -m ropesp.demo.train --dim
+    --num-layers` trains it. Such a model runs at the demo preset's sizes with the demo encoder."""
+    d = demo()
+    return (cfg.text_len, cfg.text_dim, cfg.patch_size, cfg.pos_grid, cfg.in_dim, cfg.out_dim) == (
+        d.text_len,
+        d.text_dim,
+        d.patch_size,
+        d.pos_grid,
+        d.in_dim,
+        d.out_dim,
+    ) and cfg.dim // cfg.num_heads == d.dim // d.num_heads
+
+
+def defaults_preset(cfg: ModelConfig) -> str | None:
+    """The preset whose sizes cfg runs at by default: its own, or "demo" for the demo family."""
+    return preset_of(cfg) or ("demo" if in_demo_family(cfg) else None)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Self-attention KV cache geometry, in latent frames (docs/MODEL.md section 4)."""

@@ -29,25 +29,29 @@ from ropesp.demo.world import COLOURS, SHAPES
 from ropesp.output_paths import output_file_problem
 
 
-def read_adapter(checkpoint: Path) -> tuple[int, int]:
-    """(stream_rank, stream_from_frame) of a demo checkpoint directory; ValueError if it has no adapter."""
+def read_adapter(checkpoint: Path) -> dict[str, int]:
+    """The TrainConfig fields of a demo checkpoint directory's model (adapter_rank, adapter_from, dim,
+    num_layers); ValueError if it has no adapter."""
     try:
         config = json.loads((checkpoint / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"no readable config.json ({type(exc).__name__})") from None
     if not config.get("stream_rank"):
         raise ValueError("its model has no stream adapter (stream_rank 0): probe one that streams")
-    return int(config["stream_rank"]), int(config["stream_from_frame"])
+    return {
+        "adapter_rank": int(config["stream_rank"]),
+        "adapter_from": int(config["stream_from_frame"]),
+        "dim": int(config["dim"]),
+        "num_layers": int(config["num_layers"]),
+    }
 
 
 def probe(checkpoint: Path, prompt: str, batch: int, batches: int, seed: int) -> dict:
     """{prompt, held, scored, misses}: generated frames that hold the prompt's objects, of those where
     the world's frame holds, and why the others miss (FrameCount.miss)."""
-    rank, first = read_adapter(checkpoint)
     cfg = TrainConfig(
         batch=batch,
-        adapter_rank=rank,
-        adapter_from=first,
+        **read_adapter(checkpoint),
         stream_prob=1.0,
         rollout_prob=1.0,
         stream_windows="9/3",

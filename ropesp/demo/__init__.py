@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ropesp.config import ModelConfig, demo
+from ropesp.config import ModelConfig, in_demo_family
 from ropesp.demo.prompts import DemoTextEncoder, PromptError, parse
 from ropesp.settings import ModelSource
 
@@ -64,9 +64,9 @@ def with_default_weights(source: ModelSource) -> ModelSource:
 
 
 def is_demo_model(cfg: ModelConfig) -> bool:
-    """True for the demo preset's architecture, with or without a stream adapter (text_dim 64 x 16
-    tokens: the DemoTextEncoder's output)."""
-    return cfg.without_stream_adapter() == demo()
+    """True for the demo model at any width or depth, with or without a stream adapter (text_dim 64 x 16
+    tokens: the DemoTextEncoder's output; ropesp.config.in_demo_family)."""
+    return in_demo_family(cfg)
 
 
 def own_text_encoder(cfg: ModelConfig) -> DemoTextEncoder | None:

@@ -90,6 +90,12 @@ class TrainConfig:
     """Recipe of a training run (defaults: the shipped model's)."""
 
     preset: str = "demo"
+    dim: int = 0
+    """Model width, a multiple of the preset's head width (32), its FFN as many times wider as the
+    preset's (0: the preset's 192). With --num-layers, a larger demo model, trained from scratch (--init
+    takes weights of the same size); the runtime runs it as the demo model."""
+    num_layers: int = 0
+    """Transformer blocks (0: the preset's 4)."""
     batch: int = 48
     """Videos per step."""
     lr: float = 5e-4
@@ -182,6 +188,15 @@ def compiled_flow():
 def model_config(recipe: TrainConfig) -> ModelConfig:
     """The architecture a recipe trains: its preset's, with the stream adapter it asks for."""
     cfg = preset(recipe.preset)[0]
+    if recipe.dim or recipe.num_layers:
+        dim, head = recipe.dim or cfg.dim, cfg.dim // cfg.num_heads
+        cfg = dataclasses.replace(
+            cfg,
+            dim=dim,
+            num_heads=dim // head,
+            ffn_dim=dim * cfg.ffn_dim // cfg.dim,
+            num_layers=recipe.num_layers or cfg.num_layers,
+        )
     if not recipe.adapter_rank:
         return cfg
     return dataclasses.replace(cfg, stream_rank=recipe.adapter_rank, stream_from_frame=recipe.adapter_from)
@@ -324,6 +339,9 @@ class Trainer:
                 f"--adapter-rank {cfg.adapter_rank} learns from stream batches only (short videos never "
                 f"reach --adapter-from): pass --stream-prob 1, not {cfg.stream_prob}"
             )
+        base = preset(cfg.preset)[0]
+        if cfg.dim % (head := base.dim // base.num_heads):
+            raise ValueError(f"--dim {cfg.dim}: a multiple of the model's head width {head}")
         self.model_cfg = model_config(cfg)
         defaults = preset(cfg.preset)[1]
         self.frames = cfg.frames
@@ -486,16 +504,21 @@ class Trainer:
             missing, unexpected = self.model.load_state_dict(sd, strict=False)
         except RuntimeError as exc:  # shape mismatches, e.g. an adapter of another rank
             lines = str(exc).strip().splitlines()
-            raise ValueError(f"--init {checkpoint}: {lines[-1].strip()}") from None
+            raise ValueError(f"--init {checkpoint}: {lines[-1].strip()} ({self.size})") from None
         if unexpected or set(missing) - fresh:
             raise ValueError(
-                f"--init {checkpoint} does not fit the {self.cfg.preset} model: missing "
+                f"--init {checkpoint} does not fit this recipe's model ({self.size}): missing "
                 f"{sorted(set(missing) - fresh)[:4]}, unexpected {sorted(unexpected)[:4]}"
             )
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.init_info = {"checkpoint": checkpoint.name, **info}
         if self.cfg.anchor > 0:
             self.anchor = [p.detach().clone() for p in self.model.parameters()]
+
+    @property
+    def size(self) -> str:
+        """The trained model's size, for messages: "demo, dim 192, 4 layers"."""
+        return f"{self.cfg.preset}, dim {self.model_cfg.dim}, {self.model_cfg.num_layers} layers"
 
     def load(self, src: Path) -> None:
         self.model.load_state_dict(load_file(src / "state_model.safetensors", device=str(self.device)))
@@ -753,6 +776,8 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 RECIPE_RANGES: dict[str, tuple[float, float, bool]] = {
+    "dim": (0, math.inf, False),
+    "num_layers": (0, math.inf, False),
     "batch": (1, math.inf, False),
     "lr": (0, math.inf, True),
     "lr_floor": (0, 1, False),
@@ -877,6 +902,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     docs = field_docs(TrainConfig)
     for f in (
+        "dim",
+        "num_layers",
         "batch",
         "lr",
         "lr_floor",

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ropesp.config import PRESETS, ModelConfig, PresetDefaults, preset, preset_of
+from ropesp.config import PRESETS, ModelConfig, PresetDefaults, defaults_preset, preset
 from ropesp.errors import CheckpointError, ConfigError, read_failure
 from ropesp.model.wan import RANDOM_WEIGHTS_SEED, CausalWanDiT, random_model
 from ropesp.settings import ModelSource
@@ -401,7 +401,8 @@ def resolve_model(
 ) -> tuple[ModelConfig, PresetDefaults]:
     """The model config of a source (peek_config's precedence for a checkpoint, then --model-config,
     then the preset: default_preset when source names none) and the sizes it runs at by default: those
-    of the preset whose model it is, else of source.preset, else Wan2.1-1.3B's. source.engines is the
+    of the preset whose model it is (the demo's for the demo family at any size), else of source.preset,
+    else Wan2.1-1.3B's. source.engines is the
     runtime's (it reads the manifest instead). Raises CheckpointError/ConfigError before any weights load."""
     if source.checkpoint:
         cfg = peek_config(source.checkpoint, source.model_config, source.preset)
@@ -409,7 +410,7 @@ def resolve_model(
         cfg = ModelConfig.from_json(source.model_config)
     else:
         return preset(source.preset or default_preset)
-    return cfg, preset(preset_of(cfg) or source.preset or "wan2.1-1.3b")[1]
+    return cfg, preset(defaults_preset(cfg) or source.preset or "wan2.1-1.3b")[1]
 
 
 def load_source(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str):

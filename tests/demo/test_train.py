@@ -433,3 +433,41 @@ def test_the_compiled_training_forward_is_the_eager_one(recipe):
     (loss_e, grad_e), (loss_c, grad_c) = results
     assert loss_e > 0 and abs(loss_c - loss_e) <= 5e-3 * loss_e
     assert float((grad_c - grad_e).norm()) <= 0.05 * float(grad_e.norm())
+
+
+def test_a_wider_deeper_demo_model_trains_exports_and_runs_as_the_demo_model(tmp_path, capsys):
+    """--dim/--num-layers: a larger demo model (the capacity the diagonal scenes ask for, bench/RESULTS.md
+    thirtieth session) is trained, exported and then run by the runtime as the demo model: its prompts
+    through the demo encoder, at the demo's 24 x 24 latents and 9 frames; a width that splits no head is
+    refused by flag, and shipped weights of another size by --init."""
+    import ropesp
+    from ropesp.demo import is_demo_model
+
+    trainer = _trainer(steps=1, dim=224, num_layers=5)
+    cfg = trainer.model_cfg
+    assert (cfg.dim, cfg.num_heads, cfg.ffn_dim, len(trainer.model.blocks)) == (224, 7, 896, 5)
+    trainer.run(tmp_path / "s")
+    out = export_weights(tmp_path / "s", tmp_path / "w")
+    res = resolve(RunConfig.of(checkpoint=str(out), device="cpu"))
+    assert res.model == cfg and is_demo_model(res.model) and not res.random_weights
+    assert (res.geometry.latent_height, res.geometry.latent_width, res.latent_frames) == (24, 24, 9)
+    with ropesp.Pipeline(checkpoint=str(out), device="cpu", decoder="none") as pipe:
+        video = pipe.generate("two blue discs bouncing", frames=9)
+    assert video.latents.shape == (1, 3, 16, 24, 24) and torch.isfinite(video.latents).all()
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--dim", "200", "--steps", "1"])
+    assert "--dim 200: a multiple of the model's head width 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--out",
+                str(tmp_path / "x"),
+                "--num-layers",
+                "5",
+                "--init",
+                str(default_checkpoint()),
+                "--init-base-only",
+            ]
+        )
+    assert "does not fit this recipe's model (demo, dim 192, 5 layers)" in capsys.readouterr().err
