@@ -49,6 +49,7 @@ import inspect
 import itertools
 import json
 import math
+import re
 import textwrap
 import time
 import types
@@ -485,12 +486,19 @@ class Trainer:
         """Start model and EMA from a checkpoint's weights (fresh optimizer and schedule): continues an
         exported run whose optimizer state is gone. base_only: leave the checkpoint's stream adapter out
         (a fresh adapter, or a fine-tune of the model under it). An adapter of a lower rank than the
-        recipe's grows into it (`grown`: the same function, more capacity to train)."""
+        recipe's grows into it (`grown`: the same function, more capacity to train); so does a model of
+        fewer blocks (--num-layers above the checkpoint's): its blocks first, then blocks that add nothing
+        (`silence_block`) until they have trained."""
         with safe_open(checkpoint / WEIGHTS_NAME, "pt", device=str(self.device)) as f:
             keys = [k for k in f.keys() if not (base_only and k.startswith("stream_adapter."))]
             sd = {k: f.get_tensor(k).float() for k in keys}
             info = f.metadata() or {}
         fresh = {k for k in self.model.state_dict() if k.startswith("stream_adapter.")}
+        depth = 1 + max((int(m.group(1)) for k in sd if (m := BLOCK_KEY.match(k))), default=-1)
+        added = range(depth, self.model_cfg.num_layers) if 0 < depth else range(0)
+        fresh |= {
+            k for k in self.model.state_dict() if (m := BLOCK_KEY.match(k)) and int(m.group(1)) in added
+        }
         if any(k.startswith("stream_adapter.") for k in sd) and not fresh:
             raise ValueError(
                 f"--init {checkpoint} holds a stream adapter: train it on with --adapter-rank (and "
@@ -510,8 +518,12 @@ class Trainer:
                 f"--init {checkpoint} does not fit this recipe's model ({self.size}): missing "
                 f"{sorted(set(missing) - fresh)[:4]}, unexpected {sorted(unexpected)[:4]}"
             )
+        for i in added:
+            silence_block(self.model.blocks[i])
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.init_info = {"checkpoint": checkpoint.name, **info}
+        if added:
+            self.init_info["grown_from_layers"] = str(depth)
         if self.cfg.anchor > 0:
             self.anchor = [p.detach().clone() for p in self.model.parameters()]
 
@@ -814,6 +826,21 @@ def recipe_problem(cfg: TrainConfig) -> str | None:
                 bound = f"in [{low}, {high}]" if not open_low else f"in ({low}, {high}]"
             return f"{recipe_flag(field)} {value}: must be {bound}"
     return None
+
+
+BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+"""A transformer block's weight key (its index: group 1)."""
+
+
+def silence_block(block: torch.nn.Module) -> None:
+    """Zero the three projections that write into the residual stream (self-attention out, cross-attention
+    out, the FFN's second linear), weights and biases: the block then passes its input on unchanged, bit
+    for bit, while its other weights keep their initialization, so the gradient reaches them as soon as
+    those projections move."""
+    with torch.no_grad():
+        for linear in (block.self_attn.o, block.cross_attn.o, block.ffn[2]):
+            linear.weight.zero_()
+            linear.bias.zero_()
 
 
 def grows(saved: torch.Tensor, own: torch.Tensor) -> bool:

@@ -458,16 +458,34 @@ def test_a_wider_deeper_demo_model_trains_exports_and_runs_as_the_demo_model(tmp
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--dim", "200", "--steps", "1"])
     assert "--dim 200: a multiple of the model's head width 32" in capsys.readouterr().err
+    shallower = ["--num-layers", "3", "--init", str(default_checkpoint()), "--init-base-only"]
     with pytest.raises(SystemExit):
-        main(
-            [
-                "--out",
-                str(tmp_path / "x"),
-                "--num-layers",
-                "5",
-                "--init",
-                str(default_checkpoint()),
-                "--init-base-only",
-            ]
-        )
-    assert "does not fit this recipe's model (demo, dim 192, 5 layers)" in capsys.readouterr().err
+        main(["--out", str(tmp_path / "x"), *shallower])
+    assert "does not fit this recipe's model (demo, dim 192, 3 layers)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "whole-model"])
+def test_a_deeper_model_grows_from_the_shipped_weights_as_the_same_function(adapter):
+    """--init from the shipped 4 blocks into --num-layers 6: the 2 added blocks pass their input on bit for
+    bit (their out projections zero), so the grown model's flow equals the shipped one's; one step then
+    moves what trains in them (the adapter's deltas, or the whole blocks)."""
+    from ropesp.demo.segments import segment_flow
+
+    recipe = dict(stream_prob=1.0, switch_prob=1.0, rollout_prob=0.0, ema=0.0)
+    if adapter:
+        recipe.update(adapter_rank=64, adapter_from=3)
+    base, deep = _trainer(**recipe), _trainer(num_layers=6, **recipe)
+    base.init_from(default_checkpoint(), base_only=not adapter)
+    deep.init_from(default_checkpoint(), base_only=not adapter)
+    assert deep.init_info["grown_from_layers"] == "4" and "grown_from_layers" not in base.init_info
+    b = base.stream_batch()
+    with torch.no_grad():
+        flows = [
+            segment_flow(t.model, b.clean, b.noisy, b.t, b.prompts, b.layout, b.chunks, b.switch, t.gates)
+            for t in (base, deep)
+        ]
+    assert torch.equal(flows[0], flows[1])
+    added = deep.model.stream_adapter[5] if adapter else deep.model.blocks[5]
+    before = {n: p.detach().clone() for n, p in added.named_parameters()}
+    deep.train_step(0.0)
+    assert any(not torch.equal(before[n], p) for n, p in added.named_parameters())
