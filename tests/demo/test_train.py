@@ -465,11 +465,14 @@ def test_a_wider_deeper_demo_model_trains_exports_and_runs_as_the_demo_model(tmp
 
 
 @pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "whole-model"])
-def test_a_deeper_model_grows_from_the_shipped_weights_as_the_same_function(adapter):
+def test_a_deeper_model_grows_from_the_shipped_weights_as_the_same_function(adapter, tmp_path):
     """--init from the shipped 4 blocks into --num-layers 6: the 2 added blocks pass their input on bit for
-    bit (their out projections zero), so the grown model's flow equals the shipped one's; one step then
-    moves what trains in them (the adapter's deltas, or the whole blocks)."""
+    bit (their out projections zero), so the grown model's flow equals the shipped one's, and so do the
+    runtime's latents from its export (a 6-block model with a stream adapter); one step then moves what
+    trains in them (the adapter's deltas, or the whole blocks)."""
+    from ropesp.demo.evaluate import generate_latents
     from ropesp.demo.segments import segment_flow
+    from ropesp.runtime.pipeline import build_session
 
     recipe = dict(stream_prob=1.0, switch_prob=1.0, rollout_prob=0.0, ema=0.0)
     if adapter:
@@ -485,6 +488,17 @@ def test_a_deeper_model_grows_from_the_shipped_weights_as_the_same_function(adap
             for t in (base, deep)
         ]
     assert torch.equal(flows[0], flows[1])
+    if adapter:
+        deep.save(tmp_path / "s")
+        grown = export_weights(tmp_path / "s", tmp_path / "w")
+        pairs = [("two white squares bouncing", 3)]
+        latents = [
+            generate_latents(build_session(RunConfig.of(checkpoint=str(c), device="cpu", frames=21)), pairs)[
+                0
+            ]
+            for c in (default_checkpoint(), grown)
+        ]
+        assert latents[0].shape[1] == 6 and torch.equal(latents[0], latents[1])  # frames 3-5: the adapter's
     added = deep.model.stream_adapter[5] if adapter else deep.model.blocks[5]
     before = {n: p.detach().clone() for n, p in added.named_parameters()}
     deep.train_step(0.0)
