@@ -495,6 +495,11 @@ class Trainer:
             info = f.metadata() or {}
         fresh = {k for k in self.model.state_dict() if k.startswith("stream_adapter.")}
         depth = 1 + max((int(m.group(1)) for k in sd if (m := BLOCK_KEY.match(k))), default=-1)
+        if depth > self.model_cfg.num_layers:
+            raise ValueError(
+                f"--init {checkpoint} has {depth} blocks, more than this recipe's model ({self.size}): "
+                f"pass --num-layers {depth} or more"
+            )
         added = range(depth, self.model_cfg.num_layers) if 0 < depth else range(0)
         fresh |= {
             k for k in self.model.state_dict() if (m := BLOCK_KEY.match(k)) and int(m.group(1)) in added

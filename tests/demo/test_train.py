@@ -461,7 +461,9 @@ def test_a_wider_deeper_demo_model_trains_exports_and_runs_as_the_demo_model(tmp
     shallower = ["--num-layers", "3", "--init", str(default_checkpoint()), "--init-base-only"]
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), *shallower])
-    assert "does not fit this recipe's model (demo, dim 192, 3 layers)" in capsys.readouterr().err
+    assert "has 4 blocks, more than this recipe's model (demo, dim 192, 3 layers): pass --num-layers 4" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "whole-model"])
