@@ -494,7 +494,18 @@ class Trainer:
             sd = {k: f.get_tensor(k).float() for k in keys}
             info = f.metadata() or {}
         fresh = {k for k in self.model.state_dict() if k.startswith("stream_adapter.")}
+        if any(k.startswith("stream_adapter.") for k in sd) and not fresh:
+            raise ValueError(
+                f"--init {checkpoint} holds a stream adapter: train it on with --adapter-rank (and "
+                "--stream-prob 1), or fine-tune the model under it with --init-base-only"
+            )
+        width = sd["head.head.weight"].shape[1] if "head.head.weight" in sd else self.model_cfg.dim
         depth = 1 + max((int(m.group(1)) for k in sd if (m := BLOCK_KEY.match(k))), default=-1)
+        if width != self.model_cfg.dim:
+            raise ValueError(
+                f"--init {checkpoint} is a model of dim {width}, this recipe's is dim {self.model_cfg.dim}: "
+                f"pass --dim {width} (a wider model starts from scratch)"
+            )
         if depth > self.model_cfg.num_layers:
             raise ValueError(
                 f"--init {checkpoint} has {depth} blocks, more than this recipe's model ({self.size}): "
@@ -504,11 +515,6 @@ class Trainer:
         fresh |= {
             k for k in self.model.state_dict() if (m := BLOCK_KEY.match(k)) and int(m.group(1)) in added
         }
-        if any(k.startswith("stream_adapter.") for k in sd) and not fresh:
-            raise ValueError(
-                f"--init {checkpoint} holds a stream adapter: train it on with --adapter-rank (and "
-                "--stream-prob 1), or fine-tune the model under it with --init-base-only"
-            )
         own = self.model.state_dict()
         for key, value in sd.items():
             if key.startswith("stream_adapter.") and key in own and grows(value, own[key]):

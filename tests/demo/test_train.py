@@ -458,6 +458,16 @@ def test_a_wider_deeper_demo_model_trains_exports_and_runs_as_the_demo_model(tmp
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--dim", "200", "--steps", "1"])
     assert "--dim 200: a multiple of the model's head width 32" in capsys.readouterr().err
+    for flags, message in (
+        (["--num-layers", "6"], "holds a stream adapter: train it on with --adapter-rank"),
+        (
+            ["--dim", "256", "--init-base-only"],
+            "is a model of dim 192, this recipe's is dim 256: pass --dim 192",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "x"), "--init", str(default_checkpoint()), *flags])
+        assert message in capsys.readouterr().err
     shallower = ["--num-layers", "3", "--init", str(default_checkpoint()), "--init-base-only"]
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), *shallower])
