@@ -1,12 +1,13 @@
 """Steps per second of the demo trainer (ropesp.demo.train), eager against compiled, with where a step's
-time goes: drawing the batch (the world's videos, the model's own rollouts), forward + backward, and the
-optimizer with the EMA. Every phase is timed between device synchronizations (milliseconds, medians).
+time goes: drawing the batch (the world's videos, the model's own rollouts) and learning from it
+(forward, backward, optimizer, EMA). Each phase is timed between device synchronizations (milliseconds,
+medians).
 
-    python scripts/train_throughput.py --steps 30 --batch 96 --out tp.json
+    python scripts/train_throughput.py --steps 30 --recipe "--batch 96" --out tp.json
     python scripts/train_throughput.py --steps 30 --recipe "--stream-prob 1 --rollout-prob 0.75"
 
-`--recipe` takes the trainer's own flags (python -m ropesp.demo.train --help); `--compiled` lists the
-variants (eager, compiled).
+`--recipe` takes the trainer's own flags (python -m ropesp.demo.train --help); `--variants` lists what
+runs (eager, compiled).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def recipe(text: str) -> TrainConfig:
 
 
 def timed_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
-    """Median milliseconds per phase over `steps` steps after `warmup` untimed ones."""
+    """Median milliseconds per phase over `steps` steps after `warmup` untimed ones: drawing the batch
+    (`Trainer.draw`) and learning from it (`Trainer.learn`: forward, backward, optimizer, EMA)."""
     dev = trainer.device
 
     def sync() -> float:
@@ -40,40 +42,17 @@ def timed_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
             torch.cuda.synchronize(dev)
         return time.perf_counter()
 
-    phases: dict[str, list[float]] = {"batch": [], "forward_backward": [], "optimizer_ema": [], "step": []}
-    draw = {True: trainer.stream_batch, False: trainer.video_batch}
-    original = (trainer.stream_batch, trainer.video_batch)
-    marks: dict[str, float] = {}
-
-    def timing(stream: bool):
-        def inner():
-            marks["start"] = sync()
-            batch = draw[stream]()
-            marks["drawn"] = sync()
-            return batch
-
-        return inner
-
-    trainer.stream_batch, trainer.video_batch = timing(True), timing(False)
-    backward = torch.Tensor.backward
-
-    def timed_backward(tensor, *args, **kwargs):
-        backward(tensor, *args, **kwargs)
-        marks["backward"] = sync()
-
-    torch.Tensor.backward = timed_backward
-    try:
-        for i in range(warmup + steps):
-            trainer.train_step(1.0)
-            end = sync()
-            if i >= warmup:
-                phases["batch"].append(marks["drawn"] - marks["start"])
-                phases["forward_backward"].append(marks["backward"] - marks["drawn"])
-                phases["optimizer_ema"].append(end - marks["backward"])
-                phases["step"].append(end - marks["start"])
-    finally:
-        torch.Tensor.backward = backward
-        trainer.stream_batch, trainer.video_batch = original
+    phases: dict[str, list[float]] = {"batch": [], "learn": [], "step": []}
+    for i in range(warmup + steps):
+        start = sync()
+        batch, stream = trainer.draw()
+        drawn = sync()
+        trainer.learn(batch, stream, 1.0)
+        end = sync()
+        if i >= warmup:
+            phases["batch"].append(drawn - start)
+            phases["learn"].append(end - drawn)
+            phases["step"].append(end - start)
     out = {k: round(1000 * statistics.median(v), 2) for k, v in phases.items()}
     out["steps_per_s"] = round(1000 / out["step"], 2)
     return out
@@ -88,14 +67,22 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
+    variants = args.variants.split(",")
+    if unknown := set(variants) - {"eager", "compiled"}:
+        p.error(f"--variants {args.variants}: unknown {sorted(unknown)}; choose from eager, compiled")
+    if args.steps < 1 or args.warmup < 0:
+        p.error(f"--steps {args.steps} / --warmup {args.warmup}: at least 1 timed step, warm-up >= 0")
     cfg = recipe(args.recipe)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
-    for variant in args.variants.split(","):
+    for variant in variants:
         start = time.perf_counter()
-        trainer = Trainer(cfg, device, compiled=variant == "compiled")
+        try:
+            trainer = Trainer(cfg, device, compiled=variant == "compiled")
+        except ValueError as exc:
+            p.error(f"--recipe {args.recipe!r}: {exc}")
         row = {"variant": variant, **timed_steps(trainer, args.steps, args.warmup)}
         row["wall_s"] = round(time.perf_counter() - start, 1)
         rows.append(row)

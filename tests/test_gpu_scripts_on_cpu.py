@@ -299,3 +299,40 @@ def test_one_chunk_probe_counts_the_frames_of_one_chunk_from_the_worlds_context(
     )
     assert bad.returncode == 2 and "--prompt: prompt 'x'" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def test_train_throughput_times_a_steps_phases(tmp_path):
+    """scripts/train_throughput.py on the CPU (eager only: compiling takes a minute here): the recipe
+    string reaches the trainer, each phase is timed (a step at least its learning), and the JSON names
+    device and torch; a bad variant or recipe is one line."""
+    script = _script_module("train_throughput")
+    cfg = script.recipe("--batch 2 --stream-prob 1 --rollout-prob 1 --dim 64 --num-layers 1")
+    assert (cfg.batch, cfg.stream_prob, cfg.rollout_prob, cfg.dim, cfg.num_layers) == (2, 1.0, 1.0, 64, 1)
+    out = tmp_path / "tp.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "train_throughput.py"),
+            "--steps", "2", "--warmup", "1", "--variants", "eager", "--device", "cpu",
+            "--recipe", "--batch 2 --dim 64 --num-layers 1", "--out", str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["device"] == "cpu" and result["torch"] and row["variant"] == "eager"
+    assert 0 < row["batch"] and 0 < row["learn"] and row["step"] >= row["learn"]
+    assert row["steps_per_s"] == round(1000 / row["step"], 2)
+    for flags, message in (
+        (["--variants", "eager,fast"], "--variants eager,fast: unknown ['fast']"),
+        (["--recipe", "--dim 200"], "--recipe '--dim 200': --dim 200: a multiple of"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, str(SCRIPTS / "train_throughput.py"), "--device", "cpu", *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

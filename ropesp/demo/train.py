@@ -692,8 +692,18 @@ class Trainer:
     def train_step(self, elapsed: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """One optimizer step: (loss, per-chunk loss [B, n], sampler step of each chunk [B, n], whether
         the batch came from streams)."""
+        return self.learn(*self.draw(), elapsed)
+
+    def draw(self) -> tuple[Batch, bool]:
+        """The next batch (with the model's own context where the recipe asks) and whether it came
+        from streams."""
         stream = self.cfg.stream_prob > 0 and self.coin(self.cfg.stream_prob)
-        batch = self.stream_batch() if stream else self.video_batch()
+        return (self.stream_batch() if stream else self.video_batch()), stream
+
+    def learn(
+        self, batch: Batch, stream: bool, elapsed: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Forward, backward, optimizer and EMA on one batch (`train_step`'s result)."""
         lr = self.lr_at(elapsed)
         for group in self.opt.param_groups:
             group["lr"] = lr

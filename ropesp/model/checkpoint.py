@@ -402,8 +402,8 @@ def resolve_model(
     """The model config of a source (peek_config's precedence for a checkpoint, then --model-config,
     then the preset: default_preset when source names none) and the sizes it runs at by default: those
     of the preset whose model it is (the demo's for the demo family at any size), else of source.preset,
-    else Wan2.1-1.3B's. source.engines is the
-    runtime's (it reads the manifest instead). Raises CheckpointError/ConfigError before any weights load."""
+    else Wan2.1-1.3B's. source.engines is the runtime's (it reads the manifest instead). Raises
+    CheckpointError/ConfigError before any weights load."""
     if source.checkpoint:
         cfg = peek_config(source.checkpoint, source.model_config, source.preset)
     elif source.model_config:
