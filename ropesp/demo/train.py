@@ -180,8 +180,9 @@ class TrainConfig:
 
 
 def compiled_flow():
-    """segment_flow through torch.compile: one graph per batch layout (window, sink, far, switch slot),
-    so the recompile limit is raised to hold a stream recipe's few dozen."""
+    """segment_flow through torch.compile: one graph per batch layout (window, sink, far, switch slot)
+    and grad mode (training, rollouts), so the recompile limit is raised to hold a stream recipe's few
+    dozen."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(segment_flow, dynamic=False)
 
@@ -325,8 +326,8 @@ class Trainer:
     """Model, EMA, optimizer and the world's data on one device."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, compiled: bool = False) -> None:
-        """compiled: the training forward through torch.compile (the same function, fused: one graph
-        per batch layout; see `compiled_flow`)."""
+        """compiled: the training forward and the rollouts' sampling forwards through torch.compile (the
+        same function, fused: a graph per batch layout and grad mode; see `compiled_flow`)."""
         self.cfg, self.device = cfg, device
         if why := recipe_problem(cfg):
             raise ValueError(why)
@@ -436,7 +437,8 @@ class Trainer:
             raise ValueError(f"--horizon {cfg.horizon}: at least {need * self.chunk} latent frames")
         self.layouts: dict[tuple, Layout] = {}
         self.flow = compiled_flow() if compiled else segment_flow
-        """The training forward (segments.segment_flow, or its compiled form)."""
+        """The model's forward over a batch layout, for training and for the rollouts
+        (segments.segment_flow, or its compiled form)."""
 
     def layout(self, window: int | None, sink: bool, far: bool, warm: int, supervised: int) -> Layout:
         """The (cached) segments.stream_layout of a sample."""
@@ -666,7 +668,7 @@ class Trainer:
         sigmas = self.step_sigmas
         for i, t in enumerate(self.step_t):
             with self.autocast():
-                flow = segment_flow(
+                flow = self.flow(
                     self.model,
                     clean,
                     x,
@@ -946,7 +948,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run the training forward through torch.compile (same function; a graph per batch layout)",
+        help="run the model's forwards through torch.compile (same function; a graph per batch layout)",
     )
     docs = field_docs(TrainConfig)
     for f in (
