@@ -1057,6 +1057,11 @@ def main(argv: list[str] | None = None) -> None:
                "the state there before is unchanged\n")  # fmt: skip
     except KeyboardInterrupt:
         p.exit(130, f"{p.prog}: interrupted while saving; --out {args.out} keeps the state before\n")
+    except RuntimeError as exc:
+        if not (args.compile and isinstance(exc, torch._dynamo.exc.BackendCompilerFailed)):
+            raise
+        why = str(exc).strip().splitlines()[0]
+        p.exit(1, f"{p.prog}: error: --compile: torch.compile failed ({why}); train without --compile\n")
     print(f"saved step {trainer.step} to {args.out} ({trainer.elapsed_before:.0f} s of training)", flush=True)
 
 

@@ -4,6 +4,9 @@ checkpoint the normal loader runs; longer videos and wider windows; bad recipes 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import fields
 
@@ -277,6 +280,24 @@ def test_an_out_path_under_a_file_is_refused_before_training(tmp_path, capsys):
     assert exc.value.code == 2
     assert f"--out {blocker / 's'}: {blocker} is a file, not a directory" in capsys.readouterr().err
     assert blocker.read_text() == "x"
+
+
+def test_a_compile_that_fails_is_one_line_naming_the_flag(tmp_path):
+    """--compile where torch.compile cannot build (here: no C++ compiler for Inductor's CPU kernels) is one
+    line naming the flag, exit 1, no traceback, no half-written state."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler")}
+    out = tmp_path / "s"
+    args = ["--out", str(out), "--compile", "--batch", "1", "--steps", "1", "--device", "cpu"]
+    r = subprocess.run(
+        [sys.executable, "-m", "ropesp.demo.train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "error: --compile: torch.compile failed (" in r.stderr and "train without --compile" in r.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
