@@ -3,7 +3,7 @@
 # for the shipped size on short videos and on streams and for a wider, deeper model; then every
 # GPU-marked test but the demo model's scores (tests/demo/test_gpu.py) in the time left
 set -uo pipefail
-export GIT_COMMIT=114a389
+export GIT_COMMIT=4a5bc44
 RES=$OUT . scripts/gpu_setup.sh >$OUT/setup.log 2>&1
 export PYTHONPATH=/tmp/site
 S='--stream-prob 1 --stream-windows 9/3 --rollout-prob 0.75 --edge-weight 6'

@@ -5,7 +5,7 @@
 # frame 3 on like the rest), 200 s each, scored on the 32 pairs and the long streams of the page's window;
 # beside them the compiled-forward GPU tests; then the trainer's throughput, eager against compiled
 set -uo pipefail
-export GIT_COMMIT=114a389
+export GIT_COMMIT=4a5bc44
 F='--init ropesp/demo/weights --adapter-from 3 --adapter-rank 64 --stream-prob 1 --lr 3e-4 --edge-weight 6 --warmup 100 --stream-windows 9/3,9/3,6/0,12/3 --switch-prob 0.15 --rollout-prob 0.75 --step-weights 1,1,1,3 --motion-weights 1,3,1,1'
 mkdir -p $OUT/train
 ( OUT=$OUT/train RES=/tmp/r30 TRAIN_S=200 LONG_S=90 bash scripts/issue39_gpu.sh \
