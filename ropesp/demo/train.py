@@ -188,10 +188,13 @@ def compiled_flow():
 
 
 def model_config(recipe: TrainConfig) -> ModelConfig:
-    """The architecture a recipe trains: its preset's, with the stream adapter it asks for."""
+    """The architecture a recipe trains: its preset's at the recipe's width and depth, with the stream
+    adapter it asks for; ValueError naming --dim for a width of no whole heads."""
     cfg = preset(recipe.preset)[0]
     if recipe.dim or recipe.num_layers:
         dim, head = recipe.dim or cfg.dim, cfg.dim // cfg.num_heads
+        if dim % head:
+            raise ValueError(f"--dim {dim}: a multiple of the model's head width {head}")
         cfg = dataclasses.replace(
             cfg,
             dim=dim,
@@ -341,9 +344,6 @@ class Trainer:
                 f"--adapter-rank {cfg.adapter_rank} learns from stream batches only (short videos never "
                 f"reach --adapter-from): pass --stream-prob 1, not {cfg.stream_prob}"
             )
-        base = preset(cfg.preset)[0]
-        if cfg.dim % (head := base.dim // base.num_heads):
-            raise ValueError(f"--dim {cfg.dim}: a multiple of the model's head width {head}")
         self.model_cfg = model_config(cfg)
         defaults = preset(cfg.preset)[1]
         self.frames = cfg.frames
