@@ -49,7 +49,6 @@ import inspect
 import itertools
 import json
 import math
-import re
 import textwrap
 import time
 import types
@@ -77,6 +76,7 @@ from ropesp.demo.world import (
     take,
     to_device,
 )
+from ropesp.model.checkpoint import block_index
 from ropesp.model.rope import RopeTables, rotate_pairs
 from ropesp.model.wan import CausalWanDiT, LowRankDelta, init_weights, timestep_sinusoid
 from ropesp.output_paths import output_dir_problem, write_together
@@ -502,7 +502,7 @@ class Trainer:
                 "--stream-prob 1), or fine-tune the model under it with --init-base-only"
             )
         width = sd["head.head.weight"].shape[1] if "head.head.weight" in sd else self.model_cfg.dim
-        depth = 1 + max((int(m.group(1)) for k in sd if (m := BLOCK_KEY.match(k))), default=-1)
+        depth = 1 + max((i for k in sd if (i := block_index(k)) is not None), default=-1)
         if width != self.model_cfg.dim:
             raise ValueError(
                 f"--init {checkpoint} is a model of dim {width}, this recipe's is dim {self.model_cfg.dim}: "
@@ -514,9 +514,7 @@ class Trainer:
                 f"pass --num-layers {depth} or more"
             )
         added = range(depth, self.model_cfg.num_layers) if 0 < depth else range(0)
-        fresh |= {
-            k for k in self.model.state_dict() if (m := BLOCK_KEY.match(k)) and int(m.group(1)) in added
-        }
+        fresh |= {k for k in self.model.state_dict() if block_index(k) in added}
         own = self.model.state_dict()
         for key, value in sd.items():
             if key.startswith("stream_adapter.") and key in own and grows(value, own[key]):
@@ -849,10 +847,6 @@ def recipe_problem(cfg: TrainConfig) -> str | None:
                 bound = f"in [{low}, {high}]" if not open_low else f"in ({low}, {high}]"
             return f"{recipe_flag(field)} {value}: must be {bound}"
     return None
-
-
-BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
-"""A transformer block's weight key (its index: group 1)."""
 
 
 def silence_block(block: torch.nn.Module) -> None:

@@ -71,12 +71,19 @@ DIFFUSERS_NAMES: dict[str, str] = {
     },
 }
 _FROM_DIFFUSERS = {hf: wan for wan, hf in DIFFUSERS_NAMES.items()}
-_BLOCK_PREFIX = re.compile(r"blocks\.(\d+)\.")
+BLOCK_PREFIX = re.compile(r"blocks\.(\d+)\.")
+"""The prefix of a transformer block's weight key (`blocks.3.`; the block's index: group 1)."""
+
+
+def block_index(key: str) -> int | None:
+    """The transformer block a weight key belongs to (`blocks.3.ffn.0.weight` -> 3), None for others."""
+    m = BLOCK_PREFIX.match(key)
+    return int(m.group(1)) if m else None
 
 
 def _rename(key: str, table: dict[str, str]) -> str:
     """Rename one key by the longest table entry that is a dotted prefix of it; unknown keys pass."""
-    m = _BLOCK_PREFIX.match(key)
+    m = BLOCK_PREFIX.match(key)
     generic = "blocks.*." + key[m.end() :] if m else key
     for src in sorted(table, key=len, reverse=True):
         if generic == src or generic.startswith(src + "."):
@@ -228,7 +235,7 @@ def infer_config(state_dict: StateDict) -> ModelConfig:
         if _expected_shapes(cfg) == shapes:
             return cfg
     dim = shapes.get("patch_embedding.weight", ("?",))[0]
-    layers = len({m.group(1) for k in shapes if (m := _BLOCK_PREFIX.match(k))})
+    layers = len({block_index(k) for k in shapes} - {None})
     raise CheckpointError(
         f"the checkpoint ({len(shapes)} tensors, dim {dim}, {layers} blocks) matches none of the "
         f"presets {sorted(PRESETS)}; pass --model-config with its config.json"
